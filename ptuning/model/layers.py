@@ -1,0 +1,154 @@
+"""The ChatGLM-6B block, leaf modules first: 2D rotary embedding, attention, MLP, block.
+
+Shapes: B batch, S new tokens, T cached + new tokens, P prefix length, N heads, D head size,
+H = N·D hidden size, I inner size.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.modeling_layers import GradientCheckpointingLayer
+
+from .config import ChatGLMConfig
+
+# The original block takes num_layers=28 as a default argument and the model never passes its own
+# layer count, so every ChatGLM-6B model scales its residuals by sqrt(2 * 28).
+RESIDUAL_ALPHA = math.sqrt(2 * 28)
+
+
+def rotary_inv_freq(head_dim: int, base: float = 10000.0) -> torch.Tensor:
+    """Inverse frequencies of one half of a head (size R = D/2), rounded to float16 as the original."""
+    rot = head_dim // 2
+    inv = 1.0 / (base ** (torch.arange(0, rot, 2, dtype=torch.float32) / rot))
+    return inv.half().float()  # (R/2,)
+
+
+def rotary_tables(position_ids: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype):
+    """cos/sin for the 2D rotary embedding of a whole head.
+
+    Args:
+        position_ids: ``[B, 2, S]``; row 0 rotates the first half of each head, row 1 the second.
+        inv_freq: ``[R/2]`` float32.
+        dtype: activation dtype. For float16 the angles are formed in float16, as the original does.
+
+    Returns:
+        ``cos``, ``sin``: ``[B, 1, S, D]`` in ``dtype``.
+    """
+    if dtype == torch.float16:
+        angle = position_ids.half()[..., None] * inv_freq.half()  # (B, 2, S, R/2)
+    else:
+        angle = position_ids.float()[..., None] * inv_freq  # (B, 2, S, R/2)
+    angle = torch.cat([angle, angle], dim=-1)  # (B, 2, S, R)
+    angle = torch.cat([angle[:, 0], angle[:, 1]], dim=-1)  # (B, S, D)
+    return angle.cos().to(dtype)[:, None], angle.sin().to(dtype)[:, None]
+
+
+def rotate_halves(x: torch.Tensor) -> torch.Tensor:
+    """``rotate_half`` applied to each half of the head: quarters [a, b, c, d] -> [-b, a, -d, c]."""
+    a, b, c, d = x.chunk(4, dim=-1)
+    return torch.cat([-b, a, -d, c], dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` ``[B, N, S, D]`` with tables ``[B, 1, S, D]``."""
+    return x * cos + rotate_halves(x) * sin
+
+
+class SelfAttention(nn.Module):
+    """Multi-head attention with a per-head fused qkv projection and an optional read-only prefix.
+
+    The qkv output ``[B, S, 3H]`` is laid out per head as ``[N, 3D]`` (q, k, v of head n are next to
+    each other), as in the original checkpoint.
+    """
+
+    def __init__(self, config: ChatGLMConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.head_dim
+        self.query_key_value = nn.Linear(config.hidden_size, 3 * config.hidden_size)
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rotary: tuple[torch.Tensor, torch.Tensor],
+        attn_mask: torch.Tensor | None,
+        prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
+        cache=None,
+        uniform_rows: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """
+        Args:
+            x: ``[B, S, H]`` normalised input.
+            rotary: cos, sin ``[B, 1, S, D]``.
+            attn_mask: ``[B, 1, S, P + T]`` bool, True = may attend (SDPA convention), or None.
+            prefix: this layer's prefix keys and values ``[B, N, P, D]`` (not rotated, not cached).
+            cache: a transformers ``Cache``; receives the rotated keys and the values of the new tokens.
+            uniform_rows: ``[B, 1, S, 1]`` bool: rows whose keys are all masked. The original fills masked
+                scores with -10000, so such a row attends uniformly; a zero query reproduces that.
+        """
+        bsz, seq, _ = x.shape
+        qkv = self.query_key_value(x).view(bsz, seq, self.num_heads, 3 * self.head_dim)  # (B, S, N, 3D)
+        qkv = qkv.transpose(1, 2)  # (B, N, S, 3D)
+        q, k, v = qkv.split(self.head_dim, dim=-1)  # each (B, N, S, D)
+        cos, sin = rotary
+        q = apply_rotary(q, cos, sin)
+        k = apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)  # (B, N, T, D)
+        if prefix is not None:
+            k = torch.cat([prefix[0], k], dim=2)  # (B, N, P + T, D)
+            v = torch.cat([prefix[1], v], dim=2)
+        if uniform_rows is not None:
+            q = q.masked_fill(uniform_rows, 0.0)
+        ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, N, S, D)
+        ctx = ctx.transpose(1, 2).reshape(bsz, seq, -1)  # (B, S, H)
+        return self.dense(ctx)
+
+
+class GLU(nn.Module):
+    """The original's MLP (named GLU there, but without a gate): Linear -> tanh-GELU -> Linear."""
+
+    def __init__(self, config: ChatGLMConfig):
+        super().__init__()
+        self.dense_h_to_4h = nn.Linear(config.hidden_size, config.inner_hidden_size)
+        self.dense_4h_to_h = nn.Linear(config.inner_hidden_size, config.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(x), approximate="tanh"))
+
+
+class GLMBlock(GradientCheckpointingLayer):
+    """One transformer layer. The residuals add the *normalised* input scaled by sqrt(56)."""
+
+    def __init__(self, config: ChatGLMConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
+        self.attention = SelfAttention(config, layer_idx)
+        self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
+        self.mlp = GLU(config)
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        prefix_key: torch.Tensor | None = None,
+        prefix_value: torch.Tensor | None = None,
+        *,
+        rotary: tuple[torch.Tensor, torch.Tensor],
+        attn_mask: torch.Tensor | None,
+        cache=None,
+        uniform_rows: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``hidden`` ``[B, S, H]`` -> ``[B, S, H]``. The prefix tensors are positional so that gradient
+        checkpointing passes them through as inputs and their gradients reach the prefix encoder."""
+        x = self.input_layernorm(hidden)
+        prefix = None if prefix_key is None else (prefix_key, prefix_value)
+        attn = self.attention(x, rotary, attn_mask, prefix=prefix, cache=cache, uniform_rows=uniform_rows)
+        hidden = RESIDUAL_ALPHA * x + attn
+        m = self.post_attention_layernorm(hidden)
+        return RESIDUAL_ALPHA * m + self.mlp(m)

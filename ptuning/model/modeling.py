@@ -1,0 +1,314 @@
+"""ChatGLM-6B (v1) with a P-Tuning v2 prefix, on transformers 5.
+
+Parameter names equal the original checkpoint keys, so real ``chatglm-6b`` weights and P-Tuning v2
+prefixes load without a mapping. Shapes: B batch, S new tokens, T = cached + new tokens, P prefix
+length, L layers, N heads, D head size, H hidden size, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.utils.deprecation import deprecate_kwarg
+
+from .config import ChatGLMConfig
+from .layers import GLMBlock, rotary_inv_freq, rotary_tables
+from .masks import build_masks, extend_step_masks
+from .prefix import PrefixEncoder
+
+
+class ChatGLMPreTrainedModel(PreTrainedModel):
+    config_class = ChatGLMConfig
+    base_model_prefix = "transformer"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["GLMBlock"]
+    _keep_in_fp32_modules = ["prefix_encoder"]
+    _supports_sdpa = True
+    _keys_to_ignore_on_load_unexpected = [r"rotary_emb\.inv_freq"]
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, PrefixEncoder):
+            # the original leaves the prefix at PyTorch's defaults (embedding N(0, 1))
+            for sub in module.modules():
+                if sub is not module and hasattr(sub, "reset_parameters"):
+                    sub.reset_parameters()
+        elif isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=0.02)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+
+class ChatGLMModel(ChatGLMPreTrainedModel):
+    """The transformer (checkpoint prefix ``transformer.``): embeddings, blocks, final norm, prefix."""
+
+    def __init__(self, config: ChatGLMConfig):
+        super().__init__(config)
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(GLMBlock(config, i) for i in range(config.num_layers))
+        self.final_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
+        if config.pre_seq_len is not None:
+            self.prefix_encoder = PrefixEncoder(config)
+            self.prefix_dropout = nn.Dropout(config.prefix_dropout)
+        else:
+            self.prefix_encoder = None
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.word_embeddings
+
+    def set_input_embeddings(self, value):
+        self.word_embeddings = value
+
+    def prefix_key_values(self, batch_size: int, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per-layer prefix keys and values, each ``[B, N, P, D]`` in ``dtype`` (not rotated)."""
+        cfg = self.config
+        kv = self.prefix_encoder().to(dtype)  # (P, 2LH)
+        kv = kv[None].expand(batch_size, -1, -1)  # (B, P, 2LH)
+        if self.training and self.prefix_dropout.p > 0:
+            kv = self.prefix_dropout(kv)  # independent per batch row, as the original
+        kv = kv.view(batch_size, cfg.pre_seq_len, 2 * cfg.num_layers, cfg.num_attention_heads, cfg.head_dim)
+        kv = kv.permute(2, 0, 3, 1, 4)  # (2L, B, N, P, D)
+        return [(kv[2 * i], kv[2 * i + 1]) for i in range(cfg.num_layers)]
+
+    def _masks_and_positions(self, input_ids, attention_mask, position_ids, past: int, batch: int, seq: int):
+        """Returns ``hidden`` ``[B, 1, S, T]`` bool (True = hidden) or None, and ``[B, 2, S]`` positions."""
+        cfg = self.config
+        if attention_mask is not None and attention_mask.dim() == 4:
+            if attention_mask.dtype != torch.bool:
+                raise ValueError(
+                    f"a 4D attention_mask must be bool with True = hidden (the original's format), got {attention_mask.dtype}"
+                )
+            if tuple(attention_mask.shape) != (batch, 1, seq, past + seq):
+                raise ValueError(
+                    f"attention_mask has shape {tuple(attention_mask.shape)}, expected "
+                    f"{(batch, 1, seq, past + seq)} ([batch, 1, new tokens, cached + new tokens])"
+                )
+            hidden = attention_mask
+            if position_ids is None:
+                raise ValueError("position_ids [B, 2, S] are required with a 4D attention_mask")
+            return hidden, position_ids
+        padding = None
+        if attention_mask is not None:
+            if tuple(attention_mask.shape) != (batch, past + seq):
+                raise ValueError(
+                    f"2D attention_mask has shape {tuple(attention_mask.shape)}, expected {(batch, past + seq)} "
+                    "([batch, cached + new tokens], 1 = real token)"
+                )
+            padding = attention_mask
+        if past == 0:
+            if input_ids is None:
+                raise ValueError("input_ids are needed to build ChatGLM's mask and positions")
+            hidden, built_positions = build_masks(
+                input_ids,
+                bos_token_id=cfg.bos_token_id,
+                mask_token_id=cfg.mask_token_id,
+                gmask_token_id=cfg.gmask_token_id,
+                padding_mask=padding,
+            )
+            return hidden, built_positions if position_ids is None else position_ids
+        if position_ids is None:
+            raise ValueError(
+                "position_ids [B, 2, S] are required when a cache is passed (generate() supplies them)"
+            )
+        if seq == 1 and (padding is None or bool(padding.all())):
+            return None, position_ids
+        ids = input_ids if input_ids is not None else torch.zeros(batch, seq, dtype=torch.long)
+        return extend_step_masks(ids, past, padding_mask=padding), position_ids
+
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        """
+        Args:
+            input_ids: ``[B, S]``.
+            attention_mask: None (built from the ids as the original model does), the HF padding mask
+                ``[B, T]`` (1 = real token; pads hidden, positions start at the first real token, as the
+                original tokenizer builds them), or the original bool ``[B, 1, S, T]`` (True = hidden).
+            position_ids: ``[B, 2, S]`` (position, block position), or None to build them.
+            cache: a transformers ``Cache`` holding rotated keys and values of earlier tokens (never the
+                prefix, which is its own input to every layer).
+        """
+        if inputs_embeds is None:
+            inputs_embeds = self.word_embeddings(input_ids)  # (B, S, H)
+        batch, seq = inputs_embeds.shape[:2]
+        use_cache = use_cache if use_cache is not None else self.config.use_cache
+        if self.gradient_checkpointing and self.training:
+            use_cache = False
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        if not use_cache:
+            cache = None
+        past = cache.get_seq_length() if cache is not None else 0
+
+        hidden_mask, position_ids = self._masks_and_positions(
+            input_ids, attention_mask, position_ids, past, batch, seq
+        )
+        dtype = inputs_embeds.dtype
+        inv_freq = rotary_inv_freq(self.config.head_dim).to(inputs_embeds.device)
+        rotary = rotary_tables(position_ids, inv_freq, dtype)
+
+        prefix = None
+        uniform_rows = None
+        attn_mask = None
+        if self.prefix_encoder is not None:
+            prefix = self.prefix_key_values(batch, dtype)
+        if hidden_mask is not None:
+            attn_mask = ~hidden_mask  # (B, 1, S, T) True = may attend
+            if prefix is not None:
+                visible = attn_mask.new_ones(batch, 1, seq, self.config.pre_seq_len)
+                attn_mask = torch.cat([visible, attn_mask], dim=-1)  # (B, 1, S, P + T)
+            else:
+                full = hidden_mask.all(dim=-1, keepdim=True)  # (B, 1, S, 1)
+                if bool(full.any()):
+                    uniform_rows = full
+                    attn_mask = attn_mask | full
+
+        hidden = inputs_embeds
+        all_hidden = [hidden] if output_hidden_states else None
+        for i, layer in enumerate(self.layers):
+            pk, pv = prefix[i] if prefix is not None else (None, None)
+            hidden = layer(
+                hidden, pk, pv, rotary=rotary, attn_mask=attn_mask, cache=cache, uniform_rows=uniform_rows
+            )
+            if all_hidden is not None and i < len(self.layers) - 1:
+                all_hidden.append(hidden)
+        hidden = self.final_layernorm(hidden)
+        if all_hidden is not None:
+            all_hidden.append(hidden)
+        return BaseModelOutputWithPast(
+            last_hidden_state=hidden,
+            cache=cache,
+            hidden_states=tuple(all_hidden) if all_hidden is not None else None,
+        )
+
+
+class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
+    """ChatGLM-6B with its output projection ``lm_head`` (untied), loss and ``generate()`` support."""
+
+    def __init__(self, config: ChatGLMConfig):
+        super().__init__(config)
+        self.transformer = ChatGLMModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.transformer.word_embeddings
+
+    def set_input_embeddings(self, value):
+        self.transformer.word_embeddings = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        logits_to_keep: int = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        """Logits ``[B, S, V]`` (the last ``logits_to_keep`` positions when > 0) and, with ``labels``
+        ``[B, S]`` (-100 = ignored), the next-token loss averaged over all target tokens of the batch."""
+        out = self.transformer(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+        )
+        hidden = out.last_hidden_state
+        if logits_to_keep and labels is None:
+            hidden = hidden[:, -logits_to_keep:]
+        logits = self.lm_head(hidden)  # (B, S, V)
+        loss = None
+        if labels is not None:
+            loss = causal_lm_loss(logits, labels)
+        return CausalLMOutputWithPast(
+            loss=loss, logits=logits, cache=out.cache, hidden_states=out.hidden_states
+        )
+
+    # ---- generation: the original's 2D positions and masks on top of transformers' generate ----
+
+    def generate(self, inputs=None, generation_config=None, **kwargs):
+        """transformers ``generate`` with ChatGLM's masks and 2D positions.
+
+        ``input_ids`` alone decode as the original model does (pads visible); an HF padding mask
+        ``[B, S]`` or the original tokenizer's bool ``[B, 1, S, S]`` mask hide the pads as the original
+        tokenizer's batches do. A 4D mask is reduced to its padding (its last row), which is exact for
+        masks the tokenizer builds.
+        """
+        mask = kwargs.get("attention_mask")
+        if mask is not None and mask.dim() == 4:
+            kwargs["attention_mask"] = (~mask[:, 0, -1, :]).long()  # (B, S): 1 = real token
+        return super().generate(inputs, generation_config=generation_config, **kwargs)
+
+    def _prepare_attention_mask_for_generation(self, inputs_tensor, generation_config, model_kwargs):
+        # The original never derives a padding mask from pad ids: without a mask, pads stay visible.
+        # (An all-ones mask is dropped by generate() before the first forward.)
+        return torch.ones(inputs_tensor.shape[:2], dtype=torch.long, device=inputs_tensor.device)
+
+    def _prepare_position_ids_for_generation(self, inputs_tensor, model_kwargs):
+        input_ids = model_kwargs.get("input_ids", inputs_tensor)
+        cfg = self.config
+        _, positions = build_masks(
+            input_ids,
+            bos_token_id=cfg.bos_token_id,
+            mask_token_id=cfg.mask_token_id,
+            gmask_token_id=cfg.gmask_token_id,
+            padding_mask=model_kwargs.get("attention_mask"),
+        )
+        return positions  # (B, 2, S)
+
+    def _update_model_kwargs_for_generation(self, outputs, model_kwargs, is_encoder_decoder=False, num_new_tokens=1):
+        positions = model_kwargs.pop("position_ids", None)
+        model_kwargs = super()._update_model_kwargs_for_generation(
+            outputs, model_kwargs, is_encoder_decoder=is_encoder_decoder, num_new_tokens=num_new_tokens
+        )
+        if positions is not None:
+            # new tokens keep the mask position (row 0) and count up inside the block (row 1)
+            step = torch.arange(1, num_new_tokens + 1, device=positions.device)
+            new = positions[..., -1:].expand(-1, -1, num_new_tokens).clone()  # (B, 2, n)
+            new[:, 1] += step
+            model_kwargs["position_ids"] = torch.cat([positions, new], dim=-1)
+        return model_kwargs
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of logits at 0..S-2 against labels at 1..S-1, in float32, averaged over every
+    non-ignored (-100) token of the batch."""
+    shift_logits = logits[:, :-1].float()  # (B, S-1, V)
+    shift_labels = labels[:, 1:].to(logits.device)  # (B, S-1)
+    return F.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), ignore_index=-100
+    )
