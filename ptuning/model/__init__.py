@@ -2,10 +2,13 @@
 
 from .config import ChatGLMConfig, tiny_config
 from .modeling import ChatGLMForConditionalGeneration, ChatGLMModel, causal_lm_loss
-from .prefix import PrefixEncoder, is_prefix_param, mark_only_prefix_trainable, prefix_state_dict
+from .loading import CheckpointError
+from .prefix import PrefixEncoder, cast_backbone, is_prefix_param, mark_only_prefix_trainable, prefix_state_dict
 
 __all__ = [
     "ChatGLMConfig",
+    "CheckpointError",
+    "cast_backbone",
     "ChatGLMForConditionalGeneration",
     "ChatGLMModel",
     "PrefixEncoder",

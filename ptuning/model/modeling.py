@@ -7,6 +7,9 @@ length, L layers, N heads, D head size, H hidden size, V vocabulary.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -17,8 +20,9 @@ from transformers.utils.deprecation import deprecate_kwarg
 
 from .config import ChatGLMConfig
 from .layers import GLMBlock, rotary_inv_freq, rotary_tables
+from .loading import IGNORED_KEYS, CheckpointError, iter_shards, save_weights
 from .masks import build_masks, extend_step_masks
-from .prefix import PrefixEncoder
+from .prefix import PrefixEncoder, cast_backbone, is_prefix_param
 
 
 class ChatGLMPreTrainedModel(PreTrainedModel):
@@ -61,7 +65,13 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         else:
             self.prefix_encoder = None
         self.gradient_checkpointing = False
+        self._inv_freq_by_device: dict[torch.device, torch.Tensor] = {}
         self.post_init()
+
+    def _inv_freq(self, device: torch.device) -> torch.Tensor:
+        if device not in self._inv_freq_by_device:
+            self._inv_freq_by_device[device] = rotary_inv_freq(self.config.head_dim).to(device)
+        return self._inv_freq_by_device[device]
 
     def get_input_embeddings(self):
         return self.word_embeddings
@@ -163,7 +173,7 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
             input_ids, attention_mask, position_ids, past, batch, seq
         )
         dtype = inputs_embeds.dtype
-        inv_freq = rotary_inv_freq(self.config.head_dim).to(inputs_embeds.device)
+        inv_freq = self._inv_freq(inputs_embeds.device)
         rotary = rotary_tables(position_ids, inv_freq, dtype)
 
         prefix = None
@@ -209,6 +219,91 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         self.transformer = ChatGLMModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        *,
+        dtype: torch.dtype | str | None = None,
+        torch_dtype: torch.dtype | str | None = None,
+        device: torch.device | str | None = None,
+        **config_overrides,
+    ) -> ChatGLMForConditionalGeneration:
+        """Loads a ChatGLM-6B folder (``config.json`` + weights in any supported layout).
+
+        The backbone is cast to ``dtype`` (default: the config's ``torch_dtype``, else float32); the
+        prefix encoder stays float32. ``config_overrides`` (e.g. ``pre_seq_len=128``) update the config;
+        a prefix that the checkpoint lacks is freshly initialised. Missing backbone keys, shape
+        mismatches and unknown keys raise :class:`CheckpointError` naming the key and both shapes.
+        """
+        path = Path(path)
+        config_file = path / "config.json"
+        if not config_file.is_file():
+            raise CheckpointError(f"{path}: no config.json (expected a ChatGLM-6B model folder)")
+        try:
+            config = ChatGLMConfig.from_pretrained(str(path), **config_overrides)
+        except Exception as err:  # noqa: BLE001 - surface the config problem with its file
+            raise CheckpointError(f"{config_file}: {str(err).strip().splitlines()[-1].strip()}") from None
+        dtype = dtype or torch_dtype or config.dtype or torch.float32
+        if isinstance(dtype, str):
+            dtype = getattr(torch, dtype)
+        with torch.device("meta"):
+            model = cls(config)
+        expected = model.state_dict()
+        loaded: set[str] = set()
+        unexpected: list[str] = []
+        for file, shard in iter_shards(path):
+            part = {}
+            for key, tensor in shard.items():
+                if IGNORED_KEYS.match(key):
+                    continue
+                if key not in expected:
+                    unexpected.append(f"{key} ({file.name})")
+                    continue
+                if tuple(tensor.shape) != tuple(expected[key].shape):
+                    raise CheckpointError(
+                        f"{file}: '{key}' has shape {list(tensor.shape)} but the model built from "
+                        f"{config_file} expects {list(expected[key].shape)}"
+                    )
+                part[key] = tensor.to(torch.float32 if is_prefix_param(key) else dtype)
+            model.load_state_dict(part, strict=False, assign=True)
+            loaded.update(part)
+            del shard, part
+        if unexpected:
+            hint = " (the checkpoint has a prefix: pass pre_seq_len)" if any(is_prefix_param(k) for k in unexpected) else ""
+            raise CheckpointError(f"{path}: unexpected key(s) {', '.join(unexpected[:5])}{hint}")
+        missing = [k for k in expected if k not in loaded]
+        if "lm_head.weight" in missing and "transformer.word_embeddings.weight" in loaded:
+            model.lm_head.weight = model.transformer.word_embeddings.weight  # the original ties them
+            missing.remove("lm_head.weight")
+        backbone_missing = [k for k in missing if not is_prefix_param(k)]
+        if backbone_missing:
+            raise CheckpointError(
+                f"{path}: missing key(s) {', '.join(backbone_missing[:5])}"
+                + (f" and {len(backbone_missing) - 5} more" if len(backbone_missing) > 5 else "")
+            )
+        if missing:  # a fresh prefix for a base checkpoint
+            encoder = model.transformer.prefix_encoder
+            encoder.to_empty(device="cpu")
+            model._init_weights(encoder)
+            encoder.float()
+        model.name_or_path = str(path)
+        model.config.dtype = dtype
+        cast_backbone(model, dtype)
+        if device is not None:
+            model.to(device)
+        return model.eval()
+
+    def save_pretrained(
+        self, save_directory: str | os.PathLike, *, safe_serialization: bool = True, max_shard_size: int | None = None, **_
+    ) -> None:
+        """Writes ``config.json`` and the weights under the original keys (sharded above ``max_shard_size`` bytes)."""
+        save_directory = Path(save_directory)
+        save_directory.mkdir(parents=True, exist_ok=True)
+        self.config.architectures = [type(self).__name__]
+        self.config.save_pretrained(str(save_directory))
+        save_weights(self.state_dict(), save_directory, safe=safe_serialization, max_shard_bytes=max_shard_size)
 
     def get_input_embeddings(self):
         return self.transformer.word_embeddings

@@ -71,3 +71,12 @@ def prefix_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         for name, tensor in model.state_dict().items()
         if is_prefix_param(name)
     }
+
+
+def cast_backbone(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Casts every parameter to ``dtype`` except the prefix encoder, which stays float32."""
+    for name, param in model.named_parameters():
+        target = torch.float32 if is_prefix_param(name) else dtype
+        if param.is_floating_point() and param.dtype != target:
+            param.data = param.data.to(target)
+    return model

@@ -1,0 +1,118 @@
+"""Reading and writing ChatGLM-6B weight folders in every layout the original and HF use.
+
+A folder holds ``config.json`` and one of: ``model.safetensors``; sharded safetensors with
+``model.safetensors.index.json``; ``pytorch_model.bin``; sharded ``pytorch_model-*.bin`` with
+``pytorch_model.bin.index.json``. ``.bin`` files are read with ``torch.load(weights_only=True)`` only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+SAFE_SINGLE = "model.safetensors"
+SAFE_INDEX = "model.safetensors.index.json"
+BIN_SINGLE = "pytorch_model.bin"
+BIN_INDEX = "pytorch_model.bin.index.json"
+
+# Stored by the original checkpoint but recomputed by the model.
+IGNORED_KEYS = re.compile(r".*rotary_emb\.inv_freq$")
+
+
+class CheckpointError(ValueError):
+    """A weights folder or file that cannot be loaded into the model; the message names what and why."""
+
+
+def weight_files(folder: str | os.PathLike) -> list[Path]:
+    """The weight files of ``folder`` in load order, whichever layout it uses."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: not a directory (expected a model folder with config.json and weights)")
+    for index_name in (SAFE_INDEX, BIN_INDEX):
+        index = folder / index_name
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                raise CheckpointError(f"{index}: not a valid index (expected a JSON object with 'weight_map'): {err}") from None
+            files = sorted(set(weight_map.values()))
+            missing = [f for f in files if not (folder / f).is_file()]
+            if missing:
+                raise CheckpointError(f"{index}: lists shard(s) that are missing from {folder}: {', '.join(missing)}")
+            return [folder / f for f in files]
+    for single in (SAFE_SINGLE, BIN_SINGLE):
+        if (folder / single).is_file():
+            return [folder / single]
+    raise CheckpointError(
+        f"{folder}: no weights found (expected {SAFE_SINGLE}, {SAFE_INDEX}, {BIN_SINGLE} or {BIN_INDEX})"
+    )
+
+
+def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """One weights file as a state dict: safetensors, or a pickle read with ``weights_only=True``."""
+    path = Path(path)
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(str(path))
+        state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # noqa: BLE001 - any reader failure is a bad file for the user
+        raise CheckpointError(f"{path}: cannot read weights ({type(err).__name__}: {err})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: expected a state dict, found {type(state).__name__}")
+    return state
+
+
+def iter_shards(folder: str | os.PathLike) -> Iterator[tuple[Path, dict[str, torch.Tensor]]]:
+    """Yields ``(file, state_dict)`` for every shard of ``folder``, one at a time (bounded memory)."""
+    for path in weight_files(folder):
+        yield path, read_weights(path)
+
+
+def save_weights(
+    state: dict[str, torch.Tensor],
+    folder: str | os.PathLike,
+    *,
+    safe: bool = True,
+    max_shard_bytes: int | None = None,
+) -> list[Path]:
+    """Writes ``state`` as one file or as shards plus an index, in the HF/original layout."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous() for k, v in state.items()}
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if max_shard_bytes is not None and shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = tensor
+        size += nbytes
+
+    def write(part: dict[str, torch.Tensor], path: Path) -> None:
+        if safe:
+            save_file(part, str(path), metadata={"format": "pt"})
+        else:
+            torch.save(part, str(path))
+
+    if len(shards) == 1:
+        path = folder / (SAFE_SINGLE if safe else BIN_SINGLE)
+        write(shards[0], path)
+        return [path]
+    total = len(shards)
+    stem, ext = ("model", "safetensors") if safe else ("pytorch_model", "bin")
+    weight_map, paths = {}, []
+    for i, part in enumerate(shards, start=1):
+        name = f"{stem}-{i:05d}-of-{total:05d}.{ext}"
+        write(part, folder / name)
+        paths.append(folder / name)
+        weight_map.update({key: name for key in part})
+    index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())}, "weight_map": weight_map}
+    (folder / (SAFE_INDEX if safe else BIN_INDEX)).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return paths
