@@ -1,0 +1,1 @@
+"""Evaluation of a prefix-tuned model: metrics over generated text."""
