@@ -261,3 +261,14 @@ def test_inputs_without_sop_give_a_clear_error():
     model = ChatGLMForConditionalGeneration(tiny_config())
     with pytest.raises(ValueError, match=r"rows \[0\] contain no <sop>"):
         model(torch.tensor([[5, 6, 7, 991]]))
+
+
+def test_beam_search_and_several_sequences_per_prompt():
+    model = ChatGLMForConditionalGeneration.from_pretrained(PTUNING)
+    ids, _ = batch(model.config, rows=2, target=0)
+    ids = ids[:, :-1]
+    beams = model.generate(ids, max_new_tokens=4, num_beams=3, do_sample=False, num_return_sequences=2)
+    assert beams.shape == (4, ids.shape[1] + 4)
+    greedy = model.generate(ids, max_new_tokens=4, do_sample=False)
+    single = model.generate(ids, max_new_tokens=4, num_beams=1, do_sample=False, num_return_sequences=1)
+    assert torch.equal(greedy, single)

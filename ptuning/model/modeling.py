@@ -385,6 +385,16 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         )
         return positions  # (B, 2, S)
 
+    def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
+        # our position ids are [B, 2, S]: batch first (transformers assumes dim 1 for 3D positions)
+        positions = model_kwargs.pop("position_ids", None)
+        input_ids, model_kwargs = super()._expand_inputs_for_generation(
+            expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs
+        )
+        if positions is not None:
+            model_kwargs["position_ids"] = positions.repeat_interleave(expand_size, dim=0)
+        return input_ids, model_kwargs
+
     def _update_model_kwargs_for_generation(self, outputs, model_kwargs, is_encoder_decoder=False, num_new_tokens=1):
         positions = model_kwargs.pop("position_ids", None)
         model_kwargs = super()._update_model_kwargs_for_generation(
