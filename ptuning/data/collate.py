@@ -1,0 +1,135 @@
+"""Batching with dynamic padding: each batch is padded to its own longest row.
+
+* Training batches are RIGHT-padded, as the original P-Tuning v2 script pads (it padded every row to
+  ``max_source_length + max_target_length``; the longest row of the batch is enough, because right
+  pads come after ``<eop>``, are never attended to by a real token in the causal part, and carry
+  label -100). They hold ``input_ids`` and ``labels`` only: the model builds its mask and positions
+  from the ids.
+* Generation batches are LEFT-padded, so that every prompt ends at the last column where decoding
+  continues. They hold ``input_ids`` and the padding mask ``attention_mask`` ``[B, S]`` (1 = real
+  token), from which the model builds the original tokenizer's mask and positions.
+
+:class:`LengthGroupedSampler` optionally orders rows so that a batch holds rows of similar lengths,
+which keeps the padding small.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils.data import Sampler
+
+from .config import DataConfig
+from .features import IGNORE_INDEX
+
+
+@dataclass
+class TrainingCollator:
+    """Right-pads training rows to the batch's longest.
+
+    Attributes:
+        pad_token_id: fills ``input_ids``.
+        label_pad_id: fills ``labels``: -100 (ignored by the loss), or the pad id when
+            ``ignore_pad_token_for_loss`` is off, as the original.
+    """
+
+    pad_token_id: int
+    label_pad_id: int = IGNORE_INDEX
+
+    @classmethod
+    def from_config(cls, tokenizer, cfg: DataConfig) -> TrainingCollator:
+        pad = tokenizer.pad_token_id
+        return cls(pad_token_id=pad, label_pad_id=IGNORE_INDEX if cfg.ignore_pad_token_for_loss else pad)
+
+    def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """Rows with ``input_ids`` and ``labels`` -> ``input_ids`` and ``labels`` ``[B, S]`` int64."""
+        longest = max(len(row["input_ids"]) for row in rows)
+        input_ids = torch.full((len(rows), longest), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(rows), longest), self.label_pad_id, dtype=torch.long)
+        for i, row in enumerate(rows):
+            length = len(row["input_ids"])
+            input_ids[i, :length] = torch.as_tensor(row["input_ids"])
+            labels[i, :length] = torch.as_tensor(row["labels"])
+        return {"input_ids": input_ids, "labels": labels}
+
+
+@dataclass
+class GenerationCollator:
+    """Left-pads prompt rows to the batch's longest.
+
+    Attributes:
+        pad_token_id: fills ``input_ids``.
+    """
+
+    pad_token_id: int
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer) -> GenerationCollator:
+        return cls(pad_token_id=tokenizer.pad_token_id)
+
+    def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        """Rows with ``input_ids`` (and optionally ``reference``) -> a batch.
+
+        Returns:
+            ``input_ids`` ``[B, S]`` int64, ``attention_mask`` ``[B, S]`` int64 (1 = real token), and
+            ``reference`` (list of B strings) when the rows have it.
+        """
+        longest = max(len(row["input_ids"]) for row in rows)
+        input_ids = torch.full((len(rows), longest), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), longest), dtype=torch.long)
+        for i, row in enumerate(rows):
+            start = longest - len(row["input_ids"])
+            input_ids[i, start:] = torch.as_tensor(row["input_ids"])
+            attention_mask[i, start:] = 1
+        batch: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if "reference" in rows[0]:
+            batch["reference"] = [row["reference"] for row in rows]
+        return batch
+
+
+class LengthGroupedSampler(Sampler[int]):
+    """A random order of row indices in which neighbours have similar lengths.
+
+    Each epoch the indices are shuffled, cut into mega-batches of ``batch_size * mega_batch_mult`` and
+    each mega-batch is sorted longest first; the mega-batch holding the longest row goes first, so a
+    batch that does not fit in memory fails on the first step rather than hours in.
+
+    Args:
+        lengths: length of every row, e.g. ``[len(ids) for ids in dataset["input_ids"]]``.
+        batch_size: the per-device batch size.
+        mega_batch_mult: mega-batch size in batches (larger: tighter grouping, less randomness).
+        seed: base seed; epoch ``e`` uses ``seed + e`` (see :meth:`set_epoch`).
+    """
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, mega_batch_mult: int = 50, seed: int = 0):
+        if batch_size < 1 or mega_batch_mult < 1:
+            raise ValueError(
+                f"batch_size and mega_batch_mult must be >= 1, got {batch_size}, {mega_batch_mult}"
+            )
+        self.lengths = list(lengths)
+        self.mega_batch_size = batch_size * mega_batch_mult
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Use another order for ``epoch`` (the same for every process given the same seed)."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self) -> Iterator[int]:
+        if not self.lengths:
+            return iter(())
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(len(self.lengths), generator=generator).tolist()
+        megas = [
+            sorted(order[start : start + self.mega_batch_size], key=lambda i: -self.lengths[i])
+            for start in range(0, len(order), self.mega_batch_size)
+        ]
+        longest = max(range(len(megas)), key=lambda m: self.lengths[megas[m][0]])
+        megas[0], megas[longest] = megas[longest], megas[0]
+        return iter([index for mega in megas for index in mega])

@@ -1,0 +1,71 @@
+"""Configuration of the data pipeline: which files, which columns, how long, how strict."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class DataConfig:
+    """Where the data is and how rows become model features.
+
+    Attributes:
+        train_file, validation_file, test_file: local ``.json`` / ``.jsonl`` / ``.csv`` files (None: no
+            such split).
+        prompt_column, response_column: column names of the query and the answer.
+        history_column: column of earlier ``[query, response]`` turns (chat data), or None.
+        source_prefix: text put in front of every prompt (after the history template).
+        max_source_length: prompt budget: training keeps ``max_source_length - 1`` prompt tokens,
+            evaluation ``max_source_length - 2``, as the original P-Tuning v2 script.
+        max_target_length: response budget: training keeps ``max_target_length - 2`` response tokens.
+        max_train_samples, max_eval_samples: keep only the first N rows of the train / eval splits.
+        ignore_pad_token_for_loss: pad positions of the labels are -100 (ignored by the loss) rather
+            than the pad id.
+        preprocessing_num_workers: processes for tokenization (None: in this process).
+        skip_bad_rows: skip malformed rows (counted and reported once) instead of stopping at the first.
+        overwrite_cache: recompute the cached features instead of reusing them.
+        cache_dir: where normalized files and cached features go (None: the ``datasets`` cache).
+    """
+
+    train_file: str | None = None
+    validation_file: str | None = None
+    test_file: str | None = None
+    prompt_column: str = "content"
+    response_column: str = "summary"
+    history_column: str | None = None
+    source_prefix: str = ""
+    max_source_length: int = 64
+    max_target_length: int = 64
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+    ignore_pad_token_for_loss: bool = True
+    preprocessing_num_workers: int | None = None
+    skip_bad_rows: bool = False
+    overwrite_cache: bool = False
+    cache_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        # evaluation keeps max_source_length - 2 prompt tokens, training max_target_length - 2 response ones
+        if self.max_source_length < 2:
+            raise ValueError(f"max_source_length must be >= 2, got {self.max_source_length}")
+        if self.max_target_length < 2:
+            raise ValueError(f"max_target_length must be >= 2, got {self.max_target_length}")
+        for name in ("max_train_samples", "max_eval_samples", "preprocessing_num_workers"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be a positive integer or None, got {value}")
+        if self.prompt_column == self.response_column:
+            raise ValueError(f"prompt_column and response_column are both {self.prompt_column!r}")
+
+    def file_for(self, split: str) -> str:
+        """The file of ``split`` (``train``, ``validation`` or ``test``).
+
+        Raises:
+            ValueError: unknown split, or no file configured for it.
+        """
+        files = {"train": self.train_file, "validation": self.validation_file, "test": self.test_file}
+        if split not in files:
+            raise ValueError(f"unknown split {split!r}: expected one of {sorted(files)}")
+        if files[split] is None:
+            raise ValueError(f"no {split}_file configured")
+        return files[split]
