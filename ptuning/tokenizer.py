@@ -234,9 +234,10 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
         return {**self._text_vocab, **self._added_tokens_encoder}
 
     def _convert_token_to_id(self, token: str) -> int:
-        image = _IMAGE_TOKEN.fullmatch(token)
-        if image is not None and int(image.group(1)) < self.num_image_tokens:
-            return int(image.group(1))
+        if self.num_image_tokens and token.startswith("<image_"):
+            image = _IMAGE_TOKEN.fullmatch(token)
+            if image is not None and int(image.group(1)) < self.num_image_tokens:
+                return int(image.group(1))
         return self.sp.piece_to_id(token) + self.num_image_tokens
 
     def _convert_id_to_token(self, index: int) -> str:
