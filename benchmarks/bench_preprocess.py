@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
             assert dataset.num_rows == args.lines
             results.append(("full path: read, check, load, tokenize, features", workers, elapsed))
 
-    print(f"{args.lines:,} ADGEN-format lines, {mean_chars:.1f} characters per line (content + summary), ")
+    print(f"{args.lines:,} ADGEN-format lines, {mean_chars:.1f} characters per line (content + summary)")
     print(f"tokenizer {args.tokenizer} (vocabulary {len(tokenizer):,})\n")
     print("| stage | processes | seconds | lines/s |")
     print("| --- | --- | --- | --- |")
