@@ -170,7 +170,7 @@ def test_ignore_pad_token_for_loss():
 def test_eval_features_keep_two_fewer_prompt_tokens_and_the_full_reference():
     cfg = DataConfig(max_source_length=4, max_target_length=2, source_prefix="P")
     out = preprocess_eval(batch({"content": "abcdef", "summary": "a long reference"}), CharTokenizer(), cfg)
-    assert out == {"input_ids": [[80, 97, GMASK, BOS]], "reference": ["a long reference"]}
+    assert out == {"prompt": ["Pabcdef"], "input_ids": [[80, 97, GMASK, BOS]], "reference": ["a long reference"]}
 
 
 def test_features_with_the_real_tokenizer(tok):
@@ -314,7 +314,7 @@ def test_build_datasets_on_the_bundled_sample(tok, tmp_path):
     first = json.loads((SAMPLE / "train.json").read_text(encoding="utf-8").split("\n")[0])
     assert train[0] == {key: value[0] for key, value in preprocess_train(batch(first), tok, cfg).items()}
     dev = build_datasets(cfg, tok, "validation")
-    assert dev.num_rows == 5 and dev.column_names == ["input_ids", "reference"]
+    assert dev.num_rows == 5 and dev.column_names == ["prompt", "input_ids", "reference"]
     assert dev[0]["input_ids"][-2:] == [GMASK, BOS]
     again = build_datasets(cfg, tok, "train")
     assert again.cache_files == train.cache_files  # reused from the datasets cache
@@ -538,3 +538,16 @@ def test_check_command_process_exits_without_traceback(tmp_path):
         == f"error: {bad}, line 1: 'summary' is empty. Fix the data, or set skip_bad_rows to skip bad rows."
     )
     assert "Traceback" not in result.stderr
+
+
+def test_build_datasets_training_features_for_the_validation_file(tok, tmp_path):
+    cfg = DataConfig(
+        train_file=str(SAMPLE / "train.json"),
+        validation_file=str(SAMPLE / "dev.json"),
+        max_eval_samples=4,
+        cache_dir=str(tmp_path / "cache"),
+    )
+    dev = build_datasets(cfg, tok, "validation", features="train")
+    assert dev.num_rows == 4 and dev.column_names == ["input_ids", "labels"]
+    with pytest.raises(ValueError, match="unknown features"):
+        build_datasets(cfg, tok, "validation", features="both")

@@ -73,10 +73,13 @@ def preprocess_eval(examples: dict[str, list[Any]], tokenizer, cfg: DataConfig) 
     """Generation features of a batch of rows.
 
     Returns:
-        ``input_ids``: unpadded prompt ids ending in ``[gMASK] <sop>``; ``reference``: the response text.
+        ``input_ids``: unpadded prompt ids ending in ``[gMASK] <sop>``; ``reference``: the response text;
+        ``prompt``: the rendered prompt text (for prediction files).
     """
-    prompts = _encode(tokenizer, render_prompts(examples, cfg))
+    texts = render_prompts(examples, cfg)
+    prompts = _encode(tokenizer, texts)
     return {
+        "prompt": texts,
         "input_ids": [
             tokenizer.build_inputs_with_special_tokens(prompt[: cfg.max_source_length - 2])
             for prompt in prompts

@@ -319,14 +319,16 @@ def load_rows(path: str | os.PathLike, cfg: DataConfig) -> datasets.Dataset:
     )
 
 
-def build_datasets(cfg: DataConfig, tokenizer, split: str) -> datasets.Dataset:
+def build_datasets(cfg: DataConfig, tokenizer, split: str, features: str | None = None) -> datasets.Dataset:
     """Load, check and featurize one split.
 
     Args:
         cfg: the data configuration.
         tokenizer: a :class:`~ptuning.tokenizer.ChatGLMTokenizer`.
         split: ``"train"`` (training features: ``input_ids``, ``labels``) or ``"validation"`` /
-            ``"test"`` (generation features: ``input_ids``, ``reference``).
+            ``"test"`` (generation features: ``input_ids``, ``reference``, ``prompt``).
+        features: ``"train"`` or ``"eval"`` to choose the features regardless of the split (e.g. the
+            validation loss during training needs training features of the validation file).
 
     Returns:
         The featurized split; the first ``max_train_samples`` / ``max_eval_samples`` rows only when set.
@@ -342,7 +344,9 @@ def build_datasets(cfg: DataConfig, tokenizer, split: str) -> datasets.Dataset:
     limit = cfg.max_train_samples if split == "train" else cfg.max_eval_samples
     if limit is not None and limit < len(dataset):
         dataset = dataset.select(range(limit))
-    featurize = preprocess_train if split == "train" else preprocess_eval
+    if features not in (None, "train", "eval"):
+        raise ValueError(f"unknown features {features!r}: expected 'train' or 'eval'")
+    featurize = preprocess_train if (features or ("train" if split == "train" else "eval")) == "train" else preprocess_eval
     return dataset.map(
         partial(featurize, tokenizer=tokenizer, cfg=cfg),
         batched=True,

@@ -1,0 +1,30 @@
+"""Evaluate a prefix: ``python evaluate.py [prefix_checkpoint=...] [model.path=...] [data.test_file=...]``.
+
+Across processes: ``accelerate launch evaluate.py ...`` (predictions are gathered back in input order).
+"""
+
+from __future__ import annotations
+
+import hydra
+from omegaconf import DictConfig
+
+from hydra_entry import CONF_DIR, fail, to_object
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    from ptuning.config import ConfigError
+    from ptuning.data import DataError
+    from ptuning.evaluation.run import run
+    from ptuning.model.loading import CheckpointError
+    from ptuning.training.tracking import make_tracker
+
+    try:
+        job = to_object(cfg)
+        run(job, tracker=make_tracker(job))
+    except (ConfigError, DataError, CheckpointError) as err:
+        fail(str(err))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,160 @@
+"""Typed configuration of every job. Entry scripts compose YAML with Hydra and convert it once into
+these dataclasses; the library takes only these (it never imports Hydra)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .data.config import DataConfig
+
+DTYPES = ("float32", "bfloat16", "float16")
+MIXED_PRECISION = ("no", "bf16", "fp16")
+SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial")
+
+# The built-in default: a tiny ChatGLM and the tokenizer of the bundled sample, shipped in data/.
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+BUILTIN_MODEL = PROJECT_ROOT / "data" / "tiny-chatglm"
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message names the key, the value and what is allowed."""
+
+
+def _need(ok: bool, key: str, value, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r}: expected {allowed}")
+
+
+@dataclass
+class ModelConfig:
+    """``model.*``: the frozen backbone and the prefix."""
+
+    path: str | None = None  # a ChatGLM-6B folder; null = the built-in tiny model (data/tiny-chatglm)
+    name: str = "tiny"  # a label recorded in checkpoints and logs
+    pre_seq_len: int = 16
+    prefix_projection: bool = False
+    dtype: str = "float32"  # backbone dtype: float32 / bfloat16 / float16 (the prefix is always float32)
+    gradient_checkpointing: bool = False
+    quantization_bit: int = 0  # 0 (none), 8 or 4: weight-only quantized frozen backbone
+
+    def validate(self) -> None:
+        _need(self.pre_seq_len > 0, "model.pre_seq_len", self.pre_seq_len, "a positive integer")
+        _need(self.dtype in DTYPES, "model.dtype", self.dtype, " / ".join(DTYPES))
+        _need(
+            self.quantization_bit in (0, 4, 8), "model.quantization_bit", self.quantization_bit, "0, 4 or 8"
+        )
+        if self.path is not None:
+            p = Path(self.path).expanduser()
+            _need(
+                p.is_dir(), "model.path", self.path, "an existing ChatGLM-6B folder (config.json + weights)"
+            )
+
+    @property
+    def resolved_path(self) -> Path:
+        return Path(self.path).expanduser() if self.path is not None else BUILTIN_MODEL
+
+
+@dataclass
+class TrainConfig:
+    """``train.*``: the optimisation loop, checkpoints and evaluation during training."""
+
+    output_dir: str = "outputs/default"
+    max_steps: int = 300
+    per_device_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 2e-2
+    weight_decay: float = 0.0
+    lr_scheduler: str = "linear"
+    warmup_steps: int = 0
+    max_grad_norm: float | None = 1.0
+    mixed_precision: str = "no"  # no / bf16 / fp16 (fp16 uses loss scaling)
+    seed: int = 42
+    logging_steps: int = 10
+    eval_steps: int | None = None  # null = only at the end
+    save_steps: int = 100
+    save_total_limit: int | None = 3
+    resume_from: str | None = None  # null / latest / a checkpoint folder
+    overwrite: bool = False  # allow a new run in an output_dir that already holds checkpoints
+    eval_generation: bool = True  # generate on the validation set at the end and compute BLEU/ROUGE
+    max_new_tokens: int = 64
+    eval_batch_size: int = 16
+    plot: bool = True  # write loss.png at the end
+
+    def validate(self) -> None:
+        for key in (
+            "max_steps",
+            "per_device_batch_size",
+            "gradient_accumulation_steps",
+            "logging_steps",
+            "save_steps",
+            "eval_batch_size",
+            "max_new_tokens",
+        ):
+            value = getattr(self, key)
+            _need(isinstance(value, int) and value > 0, f"train.{key}", value, "a positive integer")
+        _need(self.learning_rate > 0, "train.learning_rate", self.learning_rate, "a positive number")
+        _need(self.warmup_steps >= 0, "train.warmup_steps", self.warmup_steps, "0 or more")
+        _need(
+            self.lr_scheduler in SCHEDULERS, "train.lr_scheduler", self.lr_scheduler, " / ".join(SCHEDULERS)
+        )
+        _need(
+            self.mixed_precision in MIXED_PRECISION,
+            "train.mixed_precision",
+            self.mixed_precision,
+            " / ".join(MIXED_PRECISION),
+        )
+        _need(
+            self.max_grad_norm is None or self.max_grad_norm > 0,
+            "train.max_grad_norm",
+            self.max_grad_norm,
+            "null or a positive number",
+        )
+        _need(
+            self.eval_steps is None or self.eval_steps > 0,
+            "train.eval_steps",
+            self.eval_steps,
+            "null or a positive integer",
+        )
+        _need(
+            self.save_total_limit is None or self.save_total_limit > 0,
+            "train.save_total_limit",
+            self.save_total_limit,
+            "null or a positive integer",
+        )
+
+
+@dataclass
+class LoggerConfig:
+    """``logger.*``: wandb (offline when no API key is configured) or nothing."""
+
+    backend: str = "none"  # none / wandb
+    project: str = "ptuning"
+    entity: str | None = None
+    run_name: str | None = None
+    mode: str | None = None  # online / offline / disabled; null = online with an API key, else offline
+
+    def validate(self) -> None:
+        _need(self.backend in ("none", "wandb"), "logger.backend", self.backend, "none / wandb")
+        _need(
+            self.mode in (None, "online", "offline", "disabled"),
+            "logger.mode",
+            self.mode,
+            "null / online / offline / disabled",
+        )
+
+
+@dataclass
+class TrainJobConfig:
+    """Everything ``python train.py`` needs."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+
+    def validate(self) -> TrainJobConfig:
+        self.model.validate()
+        self.train.validate()
+        self.logger.validate()
+        return self

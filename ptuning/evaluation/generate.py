@@ -1,0 +1,117 @@
+"""Batched generation shared by evaluation, training-time evaluation and chat."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class GenerationSettings:
+    """``generation.*``: greedy by default so metrics are reproducible. The original's sampling settings
+    are ``do_sample=true top_p=0.7 temperature=0.95``."""
+
+    max_new_tokens: int = 64
+    do_sample: bool = False
+    top_p: float = 0.7
+    temperature: float = 0.95
+    num_beams: int = 1
+
+    def kwargs(self) -> dict:
+        out = dict(max_new_tokens=self.max_new_tokens, do_sample=self.do_sample, num_beams=self.num_beams)
+        if self.do_sample:
+            out.update(top_p=self.top_p, temperature=self.temperature)
+        return out
+
+
+def left_pad(rows: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``input_ids`` and the HF padding mask ``[B, S]`` (1 = real token), padded on the left."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
+        mask[i, width - len(row) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def strip_generated(ids: list[int], eos_id: int, pad_id: int) -> list[int]:
+    """The generated ids up to (not including) the first ``<eop>``, pads dropped."""
+    out = []
+    for t in ids:
+        if t == eos_id:
+            break
+        if t != pad_id:
+            out.append(t)
+    return out
+
+
+@torch.no_grad()
+def generate_ids(
+    model, prompts: list[list[int]], settings: GenerationSettings, *, pad_id: int, eos_id: int
+) -> list[list[int]]:
+    """Generates for prompt ids (each ending in ``[gMASK] <sop>``); returns the new ids of each row."""
+    device = next(model.parameters()).device
+    ids, mask = left_pad(prompts, pad_id, device)
+    out = model.generate(
+        ids, attention_mask=mask, eos_token_id=eos_id, pad_token_id=pad_id, **settings.kwargs()
+    )
+    return [strip_generated(row[ids.shape[1] :].tolist(), eos_id, pad_id) for row in out]
+
+
+def batched(items: list, size: int) -> Iterator[list]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+@torch.no_grad()
+def stream_ids(
+    model, prompt: list[int], settings: GenerationSettings, *, pad_id: int, eos_id: int
+) -> Iterator[int]:
+    """Yields new token ids one by one for a single prompt (for chat), using the KV cache."""
+    from threading import Thread
+
+    from transformers.generation.streamers import BaseStreamer
+
+    class _Queue(BaseStreamer):
+        def __init__(self):
+            import queue
+
+            self.queue = queue.Queue()
+            self.first = True
+
+        def put(self, value):
+            if self.first:  # the prompt
+                self.first = False
+                return
+            for t in value.flatten().tolist():
+                self.queue.put(t)
+
+        def end(self):
+            self.queue.put(None)
+
+    device = next(model.parameters()).device
+    ids = torch.tensor([prompt], device=device)
+    streamer = _Queue()
+    errors: list[BaseException] = []
+
+    def work():
+        try:
+            model.generate(
+                ids, streamer=streamer, eos_token_id=eos_id, pad_token_id=pad_id, **settings.kwargs()
+            )
+        except BaseException as err:  # noqa: BLE001 - re-raised in the caller's thread
+            errors.append(err)
+            streamer.end()
+
+    thread = Thread(target=work, daemon=True)
+    thread.start()
+    while (token := streamer.queue.get()) is not None:
+        if token == eos_id:
+            break
+        yield token
+    thread.join()
+    if errors:
+        raise errors[0]

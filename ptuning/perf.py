@@ -1,0 +1,53 @@
+"""The performance measures shared by the training loop and the benchmarks.
+
+FLOPs per trained token of a frozen backbone with a prefix: ``4·N + 12·L·d·(S + P)``, where N counts
+the matmul weights a token passes through (per layer ``3d² + d² + 2·d·inner``, times L, plus the output
+projection ``d·vocab``; embeddings excluded): forward 2N and backward to the activations 2N (no weight
+gradients for a frozen backbone); attention forward ``4·L·d·(S+P)``, backward twice that.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+
+import torch
+
+
+def matmul_weights(config) -> int:
+    """N: the matmul weights one token passes through (embeddings excluded)."""
+    d, inner = config.hidden_size, config.inner_hidden_size
+    return config.num_layers * (3 * d * d + d * d + 2 * d * inner) + d * config.vocab_size
+
+
+def train_flops_per_token(config, seq_len: int, prefix_len: int | None = None) -> float:
+    """FLOPs of one trained token: ``4·N + 12·L·d·(S + P)``."""
+    prefix_len = config.pre_seq_len or 0 if prefix_len is None else prefix_len
+    return 4 * matmul_weights(config) + 12 * config.num_layers * config.hidden_size * (seq_len + prefix_len)
+
+
+def matmul_peak_flops(
+    dtype: torch.dtype = torch.float32, size: int = 2048, device="cpu", repeats: int = 5
+) -> float:
+    """FLOP/s of a large square matmul in ``dtype`` on ``device`` (best of ``repeats``)."""
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    a @ b  # warm-up
+    sync()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        sync()
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+def peak_memory_mib(device="cpu") -> float:
+    """Peak memory of this process: CUDA allocator peak on a GPU, else peak RSS."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 1024

@@ -1,0 +1,223 @@
+"""Prefix-only checkpoints: atomic writes, pruning, resume state, and the original P-Tuning v2 format.
+
+A checkpoint folder ``checkpoint-{step}/`` holds
+
+* ``prefix.safetensors``: the prefix encoder's weights under ``transformer.prefix_encoder.*``;
+* ``prefix_config.json``: what they fit (pre_seq_len, prefix_projection, layers, width, heads), the base
+  model and a fingerprint of its config;
+* ``training_state.pt``: optimizer, scheduler, step, RNG states and data position, for exact resume.
+
+It is written to a temporary folder and renamed, so a crash never leaves a half-written checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..model.loading import CheckpointError, read_weights
+from ..model.prefix import PREFIX_MODULE, is_prefix_param, prefix_state_dict
+
+PREFIX_FILE = "prefix.safetensors"
+META_FILE = "prefix_config.json"
+STATE_FILE = "training_state.pt"
+ORIGINAL_FILE = "pytorch_model.bin"
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+FIT_KEYS = ("pre_seq_len", "prefix_projection", "num_layers", "hidden_size", "num_attention_heads")
+# Config keys that decide what a backbone computes (not ids or bookkeeping).
+FINGERPRINT_KEYS = (
+    "vocab_size",
+    "hidden_size",
+    "num_layers",
+    "num_attention_heads",
+    "inner_hidden_size",
+    "layernorm_epsilon",
+    "position_encoding_2d",
+)
+
+
+def config_fingerprint(config) -> str:
+    blob = json.dumps({k: getattr(config, k) for k in FINGERPRINT_KEYS}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def prefix_metadata(config, base_model: str, weights_sha256: str | None = None) -> dict:
+    meta = {k: getattr(config, k) for k in FIT_KEYS}
+    meta.update(base_model=base_model, base_config_fingerprint=config_fingerprint(config))
+    if weights_sha256 is not None:
+        meta["base_weights_sha256"] = weights_sha256
+    return meta
+
+
+def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints of ``output_dir``, oldest first."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    found = [
+        (int(m.group(1)), p)
+        for p in output_dir.iterdir()
+        if (m := CHECKPOINT_RE.match(p.name)) and p.is_dir()
+    ]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    found = list_checkpoints(output_dir)
+    return found[-1] if found else None
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(
+    output_dir: str | os.PathLike,
+    step: int,
+    model: torch.nn.Module,
+    meta: dict,
+    training_state: dict | None = None,
+    save_total_limit: int | None = None,
+) -> Path:
+    """Writes ``checkpoint-{step}`` atomically and prunes the oldest beyond ``save_total_limit``.
+
+    Raises:
+        CheckpointError: the prefix is not finite (nothing is written), or the write failed (the previous
+            checkpoints are untouched; the temporary folder is removed).
+    """
+    output_dir = Path(output_dir)
+    state = prefix_state_dict(model)
+    bad = [k for k, v in state.items() if not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(f"step {step}: the prefix has non-finite values ({', '.join(bad)}); not saved")
+    final = output_dir / f"checkpoint-{step}"
+    tmp = output_dir / f".tmp-checkpoint-{step}"
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        save_file(
+            {k: v.contiguous() for k, v in state.items()}, str(tmp / PREFIX_FILE), metadata={"format": "pt"}
+        )
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        if training_state is not None:
+            torch.save(training_state, tmp / STATE_FILE)
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if final.exists():  # a re-save of the same step (resume after a crash right after saving)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(output_dir)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(
+            f"{final}: writing the checkpoint failed ({err.strerror or err}); earlier checkpoints are intact"
+        ) from None
+    if save_total_limit is not None:
+        for old in list_checkpoints(output_dir)[:-save_total_limit]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def capture_rng() -> dict:
+    return {"python": random.getstate(), "torch": torch.get_rng_state()}
+
+
+def restore_rng(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+
+
+def load_training_state(checkpoint: str | os.PathLike) -> dict:
+    path = Path(checkpoint) / STATE_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing; {checkpoint} cannot be resumed (it holds no training state)")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def read_prefix(checkpoint: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """Prefix weights (full ``transformer.prefix_encoder.*`` keys) and metadata of a checkpoint folder:
+    ours (``prefix.safetensors``) or the original P-Tuning v2 script's (``pytorch_model.bin``)."""
+    checkpoint = Path(checkpoint)
+    if (checkpoint / PREFIX_FILE).is_file():
+        state = load_file(str(checkpoint / PREFIX_FILE))
+        meta_path = checkpoint / META_FILE
+        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else None
+    elif (checkpoint / ORIGINAL_FILE).is_file():
+        state = read_weights(checkpoint / ORIGINAL_FILE)
+        meta = None
+    elif checkpoint.is_dir():
+        raise CheckpointError(
+            f"{checkpoint}: no {PREFIX_FILE} (ours) or {ORIGINAL_FILE} (original P-Tuning v2)"
+        )
+    else:
+        raise CheckpointError(f"{checkpoint}: not a checkpoint folder")
+    prefix = {k: v for k, v in state.items() if is_prefix_param(k)}
+    if not prefix:
+        raise CheckpointError(f"{checkpoint}: holds no {PREFIX_MODULE}.* weights")
+    prefix = {(k if k.startswith(PREFIX_MODULE) else f"transformer.{k}"): v for k, v in prefix.items()}
+    return prefix, meta
+
+
+def load_prefix(model: torch.nn.Module, checkpoint: str | os.PathLike) -> dict | None:
+    """Loads a prefix checkpoint into ``model``; a prefix that does not fit is an error naming both values."""
+    prefix, meta = read_prefix(checkpoint)
+    config = model.config
+    if meta is not None:
+        for key in FIT_KEYS:
+            if key in meta and meta[key] != getattr(config, key):
+                raise CheckpointError(
+                    f"{checkpoint}: the prefix was trained with {key}={meta[key]} but the model has "
+                    f"{key}={getattr(config, key)}"
+                )
+    if config.pre_seq_len is None:
+        raise CheckpointError(
+            f"{checkpoint}: holds a prefix but the model has no prefix encoder (pre_seq_len=null)"
+        )
+    expected = {k: v for k, v in model.state_dict().items() if is_prefix_param(k)}
+    if set(prefix) != set(expected):
+        hint = "prefix_projection" if len(prefix) != len(expected) else "keys"
+        raise CheckpointError(
+            f"{checkpoint}: prefix keys {sorted(prefix)} do not fit the model's {sorted(expected)} (check {hint})"
+        )
+    for key, tensor in prefix.items():
+        if tuple(tensor.shape) != tuple(expected[key].shape):
+            raise CheckpointError(
+                f"{checkpoint}: '{key}' has shape {list(tensor.shape)} but the model expects "
+                f"{list(expected[key].shape)} (pre_seq_len={config.pre_seq_len}, num_layers={config.num_layers}, "
+                f"hidden_size={config.hidden_size})"
+            )
+    encoder = model.get_submodule(PREFIX_MODULE)
+    encoder.load_state_dict({k[len(PREFIX_MODULE) + 1 :]: v.float() for k, v in prefix.items()})
+    return meta
+
+
+def infer_prefix_shape(prefix: dict[str, torch.Tensor]) -> dict:
+    """pre_seq_len and prefix_projection of a prefix state dict (for checkpoints without metadata)."""
+    emb = prefix[f"{PREFIX_MODULE}.embedding.weight"]
+    return {"pre_seq_len": emb.shape[0], "prefix_projection": f"{PREFIX_MODULE}.trans.0.weight" in prefix}
+
+
+def export_original(checkpoint: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """Writes the prefix as the original P-Tuning v2 script saved it: ``pytorch_model.bin`` with the
+    ``transformer.prefix_encoder.*`` keys (and our metadata beside it)."""
+    prefix, meta = read_prefix(checkpoint)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.save({k: v.clone() for k, v in prefix.items()}, out_dir / ORIGINAL_FILE)
+    if meta is not None:
+        (out_dir / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    return out_dir / ORIGINAL_FILE

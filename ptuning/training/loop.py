@@ -1,0 +1,389 @@
+"""The training loop: accelerate for devices and processes, a deterministic batch plan, prefix-only
+checkpoints with exact resume.
+
+The loss of an optimizer step is the mean over every target token of its global batch (all processes,
+all accumulation micro-steps), so one process and several give the same update for the same global batch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs, gather_object, set_seed
+from transformers import get_scheduler
+
+from ..build import base_model_name, load_model, load_tokenizer, weights_digest
+from ..config import TrainJobConfig
+from ..model import mark_only_prefix_trainable
+from ..model.loading import CheckpointError
+from ..perf import matmul_peak_flops, peak_memory_mib, train_flops_per_token
+from .checkpoint import (
+    capture_rng,
+    latest_checkpoint,
+    list_checkpoints,
+    load_prefix,
+    load_training_state,
+    prefix_metadata,
+    restore_rng,
+    save_checkpoint,
+)
+
+LOG_FILE = "train_log.jsonl"
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot start or go on; the message says why and what to do."""
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    step: int
+    checkpoint: Path | None
+    train_loss: float | None = None
+    eval_loss: float | None = None
+    metrics: dict = field(default_factory=dict)
+
+
+class BatchPlan:
+    """Which examples form global micro-batch ``k``: epoch ``k // per_epoch`` shuffles all examples with
+    ``seed + epoch`` and cuts them into global micro-batches (the incomplete last one is dropped).
+    Resuming needs only ``k``."""
+
+    def __init__(self, num_examples: int, global_batch: int, seed: int):
+        self.per_epoch = num_examples // global_batch
+        if self.per_epoch == 0:
+            raise TrainingError(
+                f"the training set has {num_examples} examples, fewer than one global batch "
+                f"({global_batch} = per_device_batch_size x processes)"
+            )
+        self.num_examples, self.global_batch, self.seed = num_examples, global_batch, seed
+        self._epoch, self._perm = -1, None
+
+    def __call__(self, k: int) -> list[int]:
+        epoch, pos = divmod(k, self.per_epoch)
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(self.seed + epoch)
+            self._epoch, self._perm = epoch, torch.randperm(self.num_examples, generator=g).tolist()
+        return self._perm[pos * self.global_batch : (pos + 1) * self.global_batch]
+
+
+def target_count(labels: list[int]) -> int:
+    """Tokens that the loss scores: labels at positions 1.. that are not -100."""
+    return sum(1 for t in labels[1:] if t != -100)
+
+
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross-entropy in float32 (the model's loss times its target count)."""
+    return F.cross_entropy(
+        logits[:, :-1].float().reshape(-1, logits.size(-1)),
+        labels[:, 1:].reshape(-1),
+        ignore_index=-100,
+        reduction="sum",
+    )
+
+
+def process_group_kwargs() -> list:
+    """gloo for several processes on a machine without CUDA (accelerate would otherwise pick a backend
+    that needs GPUs, e.g. for DeepSpeed)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
+        return [InitProcessGroupKwargs(backend="gloo")]
+    return []
+
+
+def make_accelerator(cfg: TrainJobConfig) -> Accelerator:
+    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, kwargs_handlers=process_group_kwargs())
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world != accelerator.num_processes:
+        raise TrainingError(
+            f"launched as {world} processes but accelerate runs {accelerator.num_processes}: the processes would "
+            "train without synchronising gradients (on a machine without GPUs launch with --num_processes N "
+            "without --multi_gpu, or set --cpu)"
+        )
+    return accelerator
+
+
+def resolve_resume(cfg: TrainJobConfig) -> Path | None:
+    """The checkpoint to resume from, or None for a fresh run. Refuses to start over existing checkpoints."""
+    out = Path(cfg.train.output_dir)
+    resume = cfg.train.resume_from
+    if resume is None:
+        if list_checkpoints(out) and not cfg.train.overwrite:
+            raise TrainingError(
+                f"{out} already holds checkpoints ({list_checkpoints(out)[-1].name}): resume with "
+                "train.resume_from=latest, choose another train.output_dir, or set train.overwrite=true"
+            )
+        return None
+    if resume == "latest":
+        found = latest_checkpoint(out)
+        if found is None:
+            raise TrainingError(f"train.resume_from=latest: {out} holds no checkpoint-N folder to resume")
+        return found
+    path = Path(resume)
+    if not path.is_dir():
+        raise TrainingError(f"train.resume_from={resume!r}: no such checkpoint folder")
+    return path
+
+
+class RunLog:
+    """``train_log.jsonl`` (main process only): one JSON object per log or eval step."""
+
+    def __init__(self, path: Path, enabled: bool, keep_until_step: int | None):
+        self.path, self.enabled = path, enabled
+        if enabled and path.exists():
+            # resuming: drop what the interrupted run logged after its checkpoint
+            kept = [
+                line
+                for line in path.read_text().splitlines()
+                if line.strip()
+                and keep_until_step is not None
+                and json.loads(line).get("step", 0) <= keep_until_step
+            ]
+            path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, record: dict) -> None:
+        if self.enabled:
+            with open(self.path, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+    def records(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+
+def run(cfg: TrainJobConfig, *, trackers=None) -> TrainResult:
+    """Trains the prefix as ``cfg`` says. ``trackers``: an optional :class:`ptuning.training.tracking.Tracker`."""
+    from ..data import TrainingCollator, build_datasets  # imported here: it pulls in datasets
+
+    cfg.validate()
+    accelerator = make_accelerator(cfg)
+    out = Path(cfg.train.output_dir)
+    resume = resolve_resume(cfg)
+    main = accelerator.is_main_process
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+    set_seed(cfg.train.seed)
+
+    model = load_model(cfg.model)
+    tokenizer = load_tokenizer(cfg.model, vocab_size=model.config.vocab_size)
+    trainable, total = mark_only_prefix_trainable(model)
+    if cfg.model.gradient_checkpointing:
+        model.activation_checkpointing_enable()
+    meta = prefix_metadata(
+        model.config,
+        base_model_name(cfg.model),
+        weights_digest(cfg.model.resolved_path) if cfg.model.path is None else None,
+    )
+    with accelerator.main_process_first():
+        train_ds = build_datasets(cfg.data, tokenizer, "train")
+        eval_ds = (build_datasets(cfg.data, tokenizer, "validation", features="train")
+                   if cfg.data.validation_file else None)
+    collate = TrainingCollator.from_config(tokenizer, cfg.data)
+    targets = [target_count(lab) for lab in train_ds["labels"]]
+    world, rank, bs = accelerator.num_processes, accelerator.process_index, cfg.train.per_device_batch_size
+    plan = BatchPlan(len(train_ds), bs * world, cfg.train.seed)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay)
+    scheduler = get_scheduler(
+        cfg.train.lr_scheduler,
+        optimizer,
+        num_warmup_steps=cfg.train.warmup_steps,
+        num_training_steps=cfg.train.max_steps,
+    )
+    model, optimizer = accelerator.prepare(model, optimizer)
+    raw = accelerator.unwrap_model(model)
+
+    step, micro = 0, 0
+    if resume is not None:
+        load_prefix(raw, resume)
+        state = load_training_state(resume)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step, micro = state["step"], state["micro_batch"]
+        restore_rng(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
+        accelerator.print(f"resumed from {resume} at step {step}")
+    log = RunLog(out / LOG_FILE, main, keep_until_step=step if resume is not None else None)
+    if main and resume is None:
+        (out / LOG_FILE).write_text("")
+        (out / "run_config.json").write_text(
+            json.dumps(asdict(cfg), indent=2, ensure_ascii=False, default=str) + "\n"
+        )
+
+    device = accelerator.device
+    peak = matmul_peak_flops(
+        torch.bfloat16 if cfg.train.mixed_precision == "bf16" else torch.float32, device=device
+    )
+    if trackers is not None and main:
+        trackers.start(asdict(cfg), out)
+    accelerator.print(
+        f"training {trainable:,} of {total:,} parameters ({100 * trainable / total:.3f}%) on {world} process(es), "
+        f"{len(train_ds)} examples, {cfg.train.max_steps} steps"
+    )
+
+    def save(at_step: int) -> Path | None:
+        rng = gather_object([capture_rng()])
+        path = None
+        if main:
+            state = {
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "step": at_step,
+                "micro_batch": micro,
+                "rng": rng,
+                "world_size": world,
+            }
+            path = save_checkpoint(out, at_step, raw, meta, state, cfg.train.save_total_limit)
+        accelerator.wait_for_everyone()
+        return path
+
+    def evaluate_loss() -> float | None:
+        if eval_ds is None:
+            return None
+        model.eval()
+        loss_sum = torch.zeros((), device=device)
+        count = torch.zeros((), device=device)
+        n = len(eval_ds)
+        mine = list(range(rank, n, world))
+        with torch.no_grad():
+            for start in range(0, len(mine), cfg.train.eval_batch_size):
+                batch = collate([eval_ds[i] for i in mine[start : start + cfg.train.eval_batch_size]])
+                ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
+                with accelerator.autocast():
+                    logits = model(input_ids=ids).logits
+                loss_sum += token_loss_sum(logits, labels)
+                count += (labels[:, 1:] != -100).sum()
+        stats = accelerator.reduce(torch.stack([loss_sum, count.float()]), "sum")
+        model.train()
+        return (stats[0] / stats[1]).item()
+
+    progress = None
+    if main:
+        from tqdm.auto import tqdm
+
+        progress = tqdm(total=cfg.train.max_steps, initial=step, desc="train", dynamic_ncols=True)
+    window_loss, window_steps, window_tokens, window_samples = 0.0, 0, 0, 0
+    window_start = time.perf_counter()
+    last_checkpoint = latest_checkpoint(out) if resume is not None else None
+    train_loss = eval_loss = None
+    skipped = 0
+    model.train()
+    while step < cfg.train.max_steps:
+        step += 1
+        batches = [plan(micro + a) for a in range(cfg.train.gradient_accumulation_steps)]
+        micro += len(batches)
+        global_targets = sum(targets[i] for b in batches for i in b)
+        local_loss = torch.zeros((), device=device)
+        local_tokens = 0
+        for a, indices in enumerate(batches):
+            batch = collate([train_ds[i] for i in indices[rank * bs : (rank + 1) * bs]])
+            ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
+            sync = a == len(batches) - 1
+            with nullcontext() if sync else accelerator.no_sync(model):
+                with accelerator.autocast():
+                    logits = model(input_ids=ids).logits
+                loss_sum = token_loss_sum(logits, labels)
+                # DDP averages gradients over processes: scale so the update is the global token mean
+                accelerator.backward(loss_sum * (world / max(global_targets, 1)))
+            local_loss += loss_sum.detach()
+            local_tokens += ids.numel()
+        if cfg.train.max_grad_norm is not None:
+            grad_norm = accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm)
+        else:
+            grad_norm = torch.linalg.vector_norm(
+                torch.stack([p.grad.norm() for p in params if p.grad is not None])
+            )
+        grad_norm = float(grad_norm)
+        stats = accelerator.reduce(
+            torch.tensor([local_loss.item(), float(local_tokens)], device=device), "sum"
+        )
+        step_loss = stats[0].item() / max(global_targets, 1)
+        if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
+            if cfg.train.mixed_precision == "fp16":
+                optimizer.step()  # the loss scaler skips it and lowers the scale
+                optimizer.zero_grad(set_to_none=True)
+                skipped += 1
+                log.write({"step": step, "skipped_nonfinite_steps": skipped})
+                continue
+            last = latest_checkpoint(out)
+            raise TrainingError(
+                f"step {step}: non-finite {'loss' if not math.isfinite(step_loss) else 'gradient norm'} "
+                f"(loss={step_loss}, grad_norm={grad_norm}); last good checkpoint: {last or 'none'}"
+            )
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        window_loss += step_loss
+        window_steps += 1
+        window_tokens += int(stats[1].item())
+        window_samples += bs * world * len(batches)
+        train_loss = step_loss
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(loss=f"{step_loss:.4f}")
+        if step % cfg.train.logging_steps == 0 or step == cfg.train.max_steps:
+            elapsed = time.perf_counter() - window_start
+            tokens_per_s = window_tokens / elapsed
+            seq = window_tokens / max(window_samples, 1)
+            achieved = train_flops_per_token(raw.config, int(round(seq))) * tokens_per_s
+            record = {
+                "step": step,
+                "loss": window_loss / window_steps,
+                "learning_rate": scheduler.get_last_lr()[0],
+                "grad_norm": grad_norm,
+                "tokens_per_s": tokens_per_s,
+                "samples_per_s": window_samples / elapsed,
+                "peak_memory_mib": peak_memory_mib(device),
+                "matmul_peak_fraction": achieved / peak,
+                "skipped_nonfinite_steps": skipped,
+            }
+            log.write(record)
+            if trackers is not None and main:
+                trackers.log(record, step)
+            window_loss, window_steps, window_tokens, window_samples = 0.0, 0, 0, 0
+            window_start = time.perf_counter()
+        if cfg.train.eval_steps and step % cfg.train.eval_steps == 0 and step != cfg.train.max_steps:
+            eval_loss = evaluate_loss()
+            if eval_loss is not None:
+                log.write({"step": step, "eval_loss": eval_loss})
+                if trackers is not None and main:
+                    trackers.log({"eval_loss": eval_loss}, step)
+        if step % cfg.train.save_steps == 0 or step == cfg.train.max_steps:
+            try:
+                last_checkpoint = save(step)
+            except CheckpointError as err:
+                raise TrainingError(str(err)) from None
+    if progress is not None:
+        progress.close()
+
+    eval_loss = evaluate_loss()
+    metrics: dict = {}
+    if eval_loss is not None:
+        log.write({"step": step, "eval_loss": eval_loss})
+    if cfg.train.eval_generation and cfg.data.validation_file:
+        from ..evaluation.run import evaluate_model
+
+        metrics = evaluate_model(raw, tokenizer, cfg.data, cfg.train, accelerator)
+        log.write({"step": step, **{f"eval_{k}": v for k, v in metrics.items()}})
+    if trackers is not None and main:
+        trackers.log({"eval_loss": eval_loss, **{f"eval_{k}": v for k, v in metrics.items()}}, step)
+    if main:
+        if cfg.train.plot:
+            from .plot import plot_losses
+
+            plot_losses(log.records(), out / "loss.png")
+        if trackers is not None:
+            trackers.finish()
+    accelerator.wait_for_everyone()
+    return TrainResult(out, step, last_checkpoint, train_loss, eval_loss, metrics)

@@ -1,0 +1,39 @@
+"""Train a P-Tuning v2 prefix: ``python train.py [conf=ptuning_adgen] [key=value ...]``.
+
+Launch on several processes or GPUs with ``accelerate launch [--config_file conf/accelerate/...] train.py``.
+"""
+
+from __future__ import annotations
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from hydra_entry import CONF_DIR, fail, to_object
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
+def main(cfg: DictConfig) -> None:
+    from ptuning.config import ConfigError
+    from ptuning.data import DataError
+    from ptuning.model.loading import CheckpointError
+    from ptuning.training import TrainingError, run
+    from ptuning.training.tracking import make_tracker
+
+    try:
+        job = to_object(cfg)
+        if not job.train.output_dir:
+            job.train.output_dir = HydraConfig.get().runtime.output_dir
+        result = run(job, trackers=make_tracker(job))
+    except (ConfigError, DataError, CheckpointError, TrainingError) as err:
+        fail(str(err))
+    line = f"done: step {result.step}, checkpoint {result.checkpoint}"
+    if result.eval_loss is not None:
+        line += f", eval loss {result.eval_loss:.4f}"
+    if result.metrics:
+        line += ", " + ", ".join(f"{k} {v:.2f}" for k, v in result.metrics.items() if isinstance(v, float))
+    print(line)
+
+
+if __name__ == "__main__":
+    main()
