@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-from ptuning.config import ConfigError, TrainJobConfig
+from ptuning.config import ConfigError, ModelConfig, TrainJobConfig
 from ptuning.evaluation.run import EvaluateJobConfig
 
 CONF_DIR = str(Path(__file__).resolve().parent / "conf")
@@ -25,14 +25,22 @@ HINTS = {
 }
 
 
+def _model_without_path() -> ModelConfig:
+    # model.path has no default in the schema: each model/*.yaml sets it (null = built-in), and
+    # chatglm_6b.yaml leaves it missing so that the user must give it
+    return ModelConfig(path=MISSING)
+
+
 @dataclass
 class TrainSchema(TrainJobConfig):
     run_name: str = "default"
+    model: ModelConfig = field(default_factory=_model_without_path)
 
 
 @dataclass
 class EvaluateSchema(EvaluateJobConfig):
     run_name: str = "evaluate"
+    model: ModelConfig = field(default_factory=_model_without_path)
 
 
 def register() -> None:

@@ -16,6 +16,7 @@ from hydra_entry import CONF_DIR, fail, to_object
 def main(cfg: DictConfig) -> None:
     from ptuning.config import ConfigError
     from ptuning.data import DataError
+    from ptuning.evaluation.metrics import METRIC_NAMES
     from ptuning.model.loading import CheckpointError
     from ptuning.training import TrainingError, run
     from ptuning.training.tracking import make_tracker
@@ -31,8 +32,11 @@ def main(cfg: DictConfig) -> None:
     if result.eval_loss is not None:
         line += f", eval loss {result.eval_loss:.4f}"
     if result.metrics:
-        line += ", " + ", ".join(f"{k} {v:.2f}" for k, v in result.metrics.items() if isinstance(v, float))
+        line += ", " + ", ".join(f"{k} {result.metrics[k]:.2f}" for k in METRIC_NAMES)
     print(line)
+    if result.baseline_metrics and result.metrics:
+        gains = ", ".join(f"{k} {result.baseline_metrics[k]:.2f} -> {result.metrics[k]:.2f}" for k in METRIC_NAMES)
+        print(f"untuned -> tuned prefix on {job.data.validation_file}: {gains}")
 
 
 if __name__ == "__main__":

@@ -1,10 +1,12 @@
 """Builds the built-in backbone ``data/tiny-chatglm``: a ChatGLM-6B-architecture model of hidden size 128,
 4 layers, pretrained (all weights) on the bundled sample.
 
-Like the real ChatGLM-6B before P-Tuning on ADGEN, the backbone is a *chat* model: asked with an
-attribute string it writes the ad, but wrapped in a chatty opening and closing (``好的，为您写一段文案：...
-希望您喜欢！``), so its untuned answers score poorly against ADGEN's bare summaries. P-Tuning v2 then has
-real work to do: the prefix teaches the frozen model the task's concise format.
+Like the real ChatGLM-6B before P-Tuning on ADGEN, the backbone is a *chat* model: asked with an ADGEN
+attribute string (``类型#上衣*材质#棉*...``) it writes the ad wrapped in a chatty opening and closing
+(``好的，为您写一段广告文案：... 希望您喜欢！``), so its untuned answers score poorly against ADGEN's bare
+summaries. It also knows bare ad copy, which it writes for a plain list of values (``上衣，棉``). P-Tuning
+v2 then has real work to do: the prefix teaches the frozen model to answer ADGEN prompts in the task's
+concise format, without the chat wrapping.
 
 Deterministic (seeded). Run from the repository root: ``python data/make_tiny_model.py`` (about 2 minutes
 on 2 CPU cores). It writes ``config.json``, ``model.safetensors`` and the tokenizer files.
@@ -43,6 +45,11 @@ def example(tokenizer: ChatGLMTokenizer, prompt: str, answer: str) -> tuple[list
     return ids, [-100] * (len(a) + 1) + ids[len(a) + 1:]
 
 
+def values_text(content: str) -> str:
+    """``类型#上衣*材质#棉`` -> ``上衣，棉``: the attribute values alone."""
+    return "，".join(part.split("#", 1)[1] for part in content.split("*") if "#" in part)
+
+
 def examples(tokenizer: ChatGLMTokenizer) -> list[tuple[list[int], list[int]]]:
     rows = [json.loads(line) for line in open(ROOT / "data" / "adgen_sample" / "train.json", encoding="utf-8")]
     g = torch.Generator().manual_seed(SEED)
@@ -51,6 +58,7 @@ def examples(tokenizer: ChatGLMTokenizer) -> list[tuple[list[int], list[int]]]:
         opening = OPENINGS[int(torch.randint(len(OPENINGS), (1,), generator=g))]
         closing = CLOSINGS[int(torch.randint(len(CLOSINGS), (1,), generator=g))]
         out.append(example(tokenizer, row["content"], opening + row["summary"] + closing))
+        out.append(example(tokenizer, values_text(row["content"]), row["summary"]))
     return out
 
 

@@ -31,6 +31,7 @@ def load_model(cfg: ModelConfig, **overrides) -> ChatGLMForConditionalGeneration
         dtype=getattr(torch, cfg.dtype),
         pre_seq_len=cfg.pre_seq_len,
         prefix_projection=cfg.prefix_projection,
+        prefix_dropout=cfg.prefix_dropout,
         **overrides,
     )
 

@@ -34,12 +34,14 @@ class ModelConfig:
     name: str = "tiny"  # a label recorded in checkpoints and logs
     pre_seq_len: int = 16
     prefix_projection: bool = False
+    prefix_dropout: float = 0.1  # dropout on the prefix keys/values in training, as the original
     dtype: str = "float32"  # backbone dtype: float32 / bfloat16 / float16 (the prefix is always float32)
     gradient_checkpointing: bool = False
     quantization_bit: int = 0  # 0 (none), 8 or 4: weight-only quantized frozen backbone
 
     def validate(self) -> None:
         _need(self.pre_seq_len > 0, "model.pre_seq_len", self.pre_seq_len, "a positive integer")
+        _need(0.0 <= self.prefix_dropout < 1.0, "model.prefix_dropout", self.prefix_dropout, "a probability in [0, 1)")
         _need(self.dtype in DTYPES, "model.dtype", self.dtype, " / ".join(DTYPES))
         _need(
             self.quantization_bit in (0, 4, 8), "model.quantization_bit", self.quantization_bit, "0, 4 or 8"
@@ -76,7 +78,9 @@ class TrainConfig:
     save_total_limit: int | None = 3
     resume_from: str | None = None  # null / latest / a checkpoint folder
     overwrite: bool = False  # allow a new run in an output_dir that already holds checkpoints
+    init_prefix_from: str | None = None  # start from this prefix (ours or the original's checkpoint-N)
     eval_generation: bool = True  # generate on the validation set at the end and compute BLEU/ROUGE
+    eval_before_training: bool = False  # also score the untuned prefix first (step 0), to see what tuning gained
     max_new_tokens: int = 64
     eval_batch_size: int = 16
     plot: bool = True  # write loss.png at the end

@@ -31,8 +31,9 @@ def matmul_peak_flops(
     dtype: torch.dtype = torch.float32, size: int = 2048, device="cpu", repeats: int = 5
 ) -> float:
     """FLOP/s of a large square matmul in ``dtype`` on ``device`` (best of ``repeats``)."""
-    a = torch.randn(size, size, device=device).to(dtype)
-    b = torch.randn(size, size, device=device).to(dtype)
+    g = torch.Generator().manual_seed(0)  # its own generator: measuring must not move the training RNG
+    a = torch.randn(size, size, generator=g).to(device=device, dtype=dtype)
+    b = torch.randn(size, size, generator=g).to(device=device, dtype=dtype)
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     a @ b  # warm-up
     sync()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import struct
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -27,3 +28,29 @@ def parity_sets() -> list[Path]:
 
 def read_cases(folder: Path) -> dict:
     return json.loads((folder / "cases.json").read_text())
+
+
+def read_wandb_history(run_file: Path) -> list[dict]:
+    """The logged rows of a wandb ``.wandb`` run file (a LevelDB-style log of protobuf records), as dicts."""
+    from wandb.proto import wandb_internal_pb2
+
+    raw = Path(run_file).read_bytes()
+    assert raw[:4] == b":W&B", run_file
+    block, pos, chunks, rows = 32768, 7, b"", []
+    while pos + 7 <= len(raw):
+        left = block - pos % block
+        if left < 7:  # block trailer
+            pos += left
+            continue
+        _, length, kind = struct.unpack("<IHB", raw[pos:pos + 7])
+        data, pos = raw[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind in (1, 2):  # full / first
+            chunks = data
+        elif kind in (3, 4):  # middle / last
+            chunks += data
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(chunks)
+            if record.WhichOneof("record_type") == "history":
+                rows.append({"/".join(i.nested_key) or i.key: json.loads(i.value_json) for i in record.history.item})
+    return rows

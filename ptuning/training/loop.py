@@ -25,6 +25,7 @@ from ..build import base_model_name, load_model, load_tokenizer, weights_digest
 from ..config import TrainJobConfig
 from ..model import mark_only_prefix_trainable
 from ..model.loading import CheckpointError
+from ..evaluation.metrics import METRIC_NAMES
 from ..perf import matmul_peak_flops, peak_memory_mib, train_flops_per_token
 from .checkpoint import (
     capture_rng,
@@ -52,6 +53,7 @@ class TrainResult:
     train_loss: float | None = None
     eval_loss: float | None = None
     metrics: dict = field(default_factory=dict)
+    baseline_metrics: dict = field(default_factory=dict)  # the untuned prefix (eval_before_training)
 
 
 class BatchPlan:
@@ -176,6 +178,8 @@ def run(cfg: TrainJobConfig, *, trackers=None) -> TrainResult:
 
     model = load_model(cfg.model)
     tokenizer = load_tokenizer(cfg.model, vocab_size=model.config.vocab_size)
+    if cfg.train.init_prefix_from and resume is None:
+        load_prefix(model, cfg.train.init_prefix_from)
     trainable, total = mark_only_prefix_trainable(model)
     if cfg.model.gradient_checkpointing:
         model.activation_checkpointing_enable()
@@ -266,6 +270,14 @@ def run(cfg: TrainJobConfig, *, trackers=None) -> TrainResult:
         stats = accelerator.reduce(torch.stack([loss_sum, count.float()]), "sum")
         model.train()
         return (stats[0] / stats[1]).item()
+
+    baseline: dict = {}
+    if cfg.train.eval_before_training and cfg.data.validation_file and resume is None:
+        from ..evaluation.run import evaluate_model
+
+        baseline = evaluate_model(raw, tokenizer, cfg.data, cfg.train, accelerator)
+        log.write({"step": 0, **{f"eval_{k}": v for k, v in baseline.items()}})
+        accelerator.print("untuned prefix: " + ", ".join(f"{k} {baseline[k]:.2f}" for k in METRIC_NAMES))
 
     progress = None
     if main:
@@ -386,4 +398,4 @@ def run(cfg: TrainJobConfig, *, trackers=None) -> TrainResult:
         if trackers is not None:
             trackers.finish()
     accelerator.wait_for_everyone()
-    return TrainResult(out, step, last_checkpoint, train_loss, eval_loss, metrics)
+    return TrainResult(out, step, last_checkpoint, train_loss, eval_loss, metrics, baseline)

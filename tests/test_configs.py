@@ -1,0 +1,122 @@
+"""Every config file composes into the typed dataclasses; mistakes fail at compose time naming the key."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+
+from hydra_entry import CONF_DIR, EvaluateSchema, TrainSchema, to_object
+from ptuning.config import ConfigError
+
+from .common import ROOT
+
+CONF = Path(CONF_DIR)
+GROUPS = ["model", "data", "train", "logger"]
+
+
+def compose_train(overrides=()):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose("train", overrides=list(overrides))
+
+
+def test_default_composes_to_typed_config():
+    job = to_object(compose_train(["train.output_dir=/tmp/x"]))
+    assert isinstance(job, TrainSchema)
+    assert job.model.path is None and job.model.pre_seq_len == 16
+    assert job.data.train_file == "data/adgen_sample/train.json"
+    job.validate()
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_every_group_option_composes(group):
+    for option in sorted((CONF / group).glob("*.yaml")):
+        cfg = compose_train([f"{group}={option.stem}", "train.output_dir=/tmp/x", "model.path=/tmp",
+                             "data.train_file=a.json"])
+        job = to_object(cfg)
+        assert isinstance(job, TrainSchema), option
+
+
+@pytest.mark.parametrize("preset", sorted(p.stem for p in (CONF / "conf").glob("*.yaml")))
+def test_every_preset_composes(preset):
+    cfg = compose_train([f"conf={preset}", "model.path=/tmp", "train.output_dir=/tmp/x", "data.train_file=a.json"])
+    job = to_object(cfg)
+    assert job.run_name == preset
+    assert job.model.pre_seq_len == 128
+
+
+def test_ptuning_adgen_is_the_original_recipe():
+    job = to_object(compose_train(["conf=ptuning_adgen", "model.path=/m", "train.output_dir=/tmp/x"]))
+    assert (job.model.pre_seq_len, job.train.learning_rate) == (128, 2e-2)
+    assert (job.data.max_source_length, job.data.max_target_length) == (64, 64)
+    assert (job.train.per_device_batch_size, job.train.gradient_accumulation_steps) == (1, 16)
+    assert (job.train.max_steps, job.train.logging_steps, job.train.save_steps) == (3000, 10, 1000)
+    assert job.data.train_file == "data/AdvertiseGen/train.json"
+    chat = to_object(compose_train(["conf=ptuning_chat", "model.path=/m", "data.train_file=t.json",
+                                    "train.output_dir=/tmp/x"]))
+    assert (chat.data.max_source_length, chat.data.max_target_length, chat.train.learning_rate) == (256, 256, 1e-2)
+    assert chat.data.history_column == "history"
+
+
+def test_missing_model_path_is_one_line():
+    with pytest.raises(ConfigError, match=r"^model.path is required: set model.path=/path/to/chatglm-6b"):
+        to_object(compose_train(["conf=ptuning_adgen", "train.output_dir=/tmp/x"]))
+
+
+@pytest.mark.parametrize("override", ["model.pre_seq_lne=8", "train.learnig_rate=1", "bogus=1"])
+def test_misspelled_key_fails_at_compose_time(override):
+    with pytest.raises(ConfigCompositionException, match=override.split("=")[0].split(".")[-1]):
+        compose_train([override])
+
+
+def test_wrong_type_fails_naming_the_key():
+    with pytest.raises(ConfigCompositionException, match="pre_seq_len"):
+        compose_train(["model.pre_seq_len=abc"])
+
+
+def test_evaluate_config_composes():
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("evaluate", overrides=["prefix_checkpoint=/tmp/c", "generation.do_sample=true"])
+    job = to_object(cfg)
+    assert isinstance(job, EvaluateSchema)
+    assert job.generation.do_sample and job.generation.top_p == 0.7 and job.generation.temperature == 0.95
+    job.validate()
+
+
+def test_accelerate_and_deepspeed_configs_load():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    files = sorted((CONF / "accelerate").glob("*.yaml"))
+    assert files
+    for path in files:
+        config = load_config_from_file(str(path))
+        assert config.num_processes >= 1, path
+        data = yaml.safe_load(path.read_text())
+        if data.get("deepspeed_config", {}).get("deepspeed_config_file"):
+            ds = ROOT / data["deepspeed_config"]["deepspeed_config_file"]
+            assert ds.is_file(), ds
+
+
+def test_train_py_without_model_path_exits_with_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "train.py", "conf=ptuning_adgen", f"train.output_dir={tmp_path}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: model.path is required: set model.path=/path/to/chatglm-6b"), proc.stderr
+    assert "python train.py" in last
+
+
+def test_every_yaml_is_covered():
+    # each yaml under conf/ is composed above: the primary configs, groups, presets, accelerate files
+    covered = {"train.yaml", "evaluate.yaml"}
+    for path in CONF.rglob("*.yaml"):
+        rel = path.relative_to(CONF)
+        assert rel.name in covered or rel.parts[0] in GROUPS + ["conf", "accelerate"], rel
+    assert OmegaConf.load(CONF / "train.yaml").defaults is not None
