@@ -1,44 +1,268 @@
-"""``python evaluate.py``: generate over a data set with a prefix checkpoint and score BLEU-4 / ROUGE."""
+"""``python evaluate.py``: generate over a data set with a prefix checkpoint and score BLEU-4 / ROUGE.
+
+The job loads the base model and a prefix (ours or the original P-Tuning v2 format), generates for every
+row of ``data.test_file`` in batches (left padding, KV cache), across processes when launched with
+``accelerate launch``, and writes ``generated_predictions.jsonl`` and ``metrics.json`` into an output
+folder that is never a training output or checkpoint folder.
+"""
 
 from __future__ import annotations
 
 import json
+import os
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-
-import torch
 
 from ..config import ConfigError, LoggerConfig, ModelConfig
 from ..data.config import DataConfig
 from .generate import GenerationSettings, batched, generate_ids
+from .metrics import METRIC_NAMES
+
+PREDICTIONS_FILE = "generated_predictions.jsonl"
+METRICS_FILE = "metrics.json"
+DEFAULT_RUN = Path("outputs") / "default"
+# Files that mark a folder as a checkpoint, a training run or a model: evaluation never writes there.
+CHECKPOINT_MARKERS = ("prefix.safetensors", "prefix_config.json", "training_state.pt", "pytorch_model.bin")
+RUN_MARKERS = ("train_log.jsonl", "run_config.json", "config.json", "model.safetensors")
 
 
 @dataclass
 class EvaluateJobConfig:
-    """Everything ``python evaluate.py`` needs."""
+    """Everything ``python evaluate.py`` needs.
+
+    Attributes:
+        model: the base model (``model.path``; null = the built-in tiny model). ``pre_seq_len`` and
+            ``prefix_projection`` are taken from the checkpoint.
+        data: the data file (``data.test_file``, or ``data.validation_file`` with ``split=validation``)
+            and its column keys.
+        logger: ``logger=wandb`` logs the metrics and a predictions table.
+        generation: decoding settings (greedy by default).
+        prefix_checkpoint: a checkpoint folder of ours or of the original P-Tuning v2 script, or a
+            training output folder (its latest checkpoint); null = the latest checkpoint of
+            ``outputs/default``.
+        batch_size: prompts per ``generate()`` call on each process.
+        output_dir: where the predictions and metrics go; null = ``eval-<checkpoint name>`` beside the
+            checkpoint.
+        split: ``test`` or ``validation``: which data file to evaluate.
+        seed: seeds sampling (``generation.do_sample=true``); greedy decoding does not use it.
+    """
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     generation: GenerationSettings = field(default_factory=GenerationSettings)
-    # a checkpoint folder of ours or of the original P-Tuning v2 script; null = the latest checkpoint of
-    # the built-in default training run (outputs/default)
     prefix_checkpoint: str | None = None
     batch_size: int = 16
-    output_dir: str | None = None  # null = <checkpoint>/../eval-<checkpoint name>
-    split: str = "test"  # test / validation: which data file to evaluate
+    output_dir: str | None = None
+    split: str = "test"
+    seed: int = 42
 
     def validate(self) -> EvaluateJobConfig:
-        if self.batch_size <= 0:
-            raise ConfigError(f"batch_size={self.batch_size}: expected a positive integer")
-        if self.generation.max_new_tokens <= 0:
-            raise ConfigError(
-                f"generation.max_new_tokens={self.generation.max_new_tokens}: expected a positive integer"
-            )
+        """Checks the values that the composed config cannot check by type.
+
+        Raises:
+            ConfigError: naming the key, the value and what is allowed.
+        """
+        if not isinstance(self.batch_size, int) or self.batch_size <= 0:
+            raise ConfigError(f"batch_size={self.batch_size!r}: expected a positive integer")
         if self.split not in ("test", "validation"):
             raise ConfigError(f"split={self.split!r}: expected test / validation")
+        if getattr(self.data, f"{self.split}_file") is None:
+            raise ConfigError(f"data.{self.split}_file is not set: set data.{self.split}_file=/path/to/dev.json")
+        self.generation.validate()
         self.logger.validate()
         return self
+
+
+# ---- where to read and where to write ----
+
+
+def resolve_checkpoint(prefix_checkpoint: str | None) -> Path:
+    """The checkpoint folder to evaluate.
+
+    Args:
+        prefix_checkpoint: a checkpoint folder (ours or the original's), a training output folder (its
+            latest ``checkpoint-N``), or None for the latest checkpoint of ``outputs/default``.
+
+    Raises:
+        ConfigError: nothing to evaluate there; the message says what to run or set.
+    """
+    from ..training.checkpoint import latest_checkpoint
+
+    if prefix_checkpoint is None:
+        found = latest_checkpoint(DEFAULT_RUN)
+        if found is None:
+            raise ConfigError(
+                f"prefix_checkpoint is not set and {DEFAULT_RUN} holds no checkpoint: run `python train.py` "
+                "first or set prefix_checkpoint=/path/to/checkpoint-N"
+            )
+        return found
+    path = Path(prefix_checkpoint).expanduser()
+    if not path.exists():
+        raise ConfigError(f"prefix_checkpoint={prefix_checkpoint}: no such folder")
+    if not path.is_dir():
+        raise ConfigError(f"prefix_checkpoint={prefix_checkpoint}: not a folder (expected a checkpoint-N folder)")
+    if not any((path / name).is_file() for name in CHECKPOINT_MARKERS):
+        # a training output folder: its newest checkpoint, as with the default
+        found = latest_checkpoint(path)
+        if found is not None:
+            return found
+    return path
+
+
+def _why_not_writable(folder: Path) -> str | None:
+    """Why evaluation must not write into ``folder`` (an existing folder), or None when it may."""
+    from ..training.checkpoint import list_checkpoints
+
+    if any((folder / name).exists() for name in CHECKPOINT_MARKERS):
+        return "it is a checkpoint folder"
+    if list_checkpoints(folder):
+        return "it is a training output folder (it holds checkpoint-N folders)"
+    if any((folder / name).exists() for name in RUN_MARKERS):
+        return "it holds training outputs or model files"
+    return None
+
+
+def resolve_output_dir(checkpoint: Path, output_dir: str | None) -> Path:
+    """The evaluation's output folder: ``output_dir`` or ``eval-<checkpoint name>`` beside the checkpoint.
+
+    Raises:
+        ConfigError: the folder is, or lies inside, a checkpoint, or is a training output / model folder:
+            evaluation files there could overwrite or be mistaken for training outputs.
+    """
+    default = checkpoint.parent / f"eval-{checkpoint.name}"
+    out = Path(output_dir).expanduser() if output_dir else default
+    resolved = out.resolve()
+    why = None
+    if resolved.exists() and not resolved.is_dir():
+        why = "it exists and is not a folder"
+    elif resolved == checkpoint.resolve() or checkpoint.resolve() in resolved.parents:
+        why = "it is inside the checkpoint being evaluated"
+    elif resolved.is_dir():
+        why = _why_not_writable(resolved)
+    if why is None:
+        for parent in resolved.parents:
+            if any((parent / name).is_file() for name in CHECKPOINT_MARKERS):
+                why = f"it is inside the checkpoint folder {parent}"
+                break
+    if why is not None:
+        raise ConfigError(
+            f"output_dir={out}: {why}; evaluation never writes into training outputs or checkpoints "
+            f"(leave output_dir unset for {default}, or choose a new folder)"
+        )
+    return out
+
+
+# ---- generation ----
+
+
+def _gather(accelerator, items: list) -> list:
+    """Every process's ``items`` concatenated in process order."""
+    # a ptuning.distributed.Collectives also syncs processes that accelerate could not set up
+    if hasattr(accelerator, "gather_objects"):
+        return accelerator.gather_objects(items)
+    from accelerate.utils import gather_object
+
+    return gather_object(items)
+
+
+def predict(
+    model,
+    tokenizer,
+    data_cfg: DataConfig,
+    settings,
+    accelerator=None,
+    *,
+    split: str = "validation",
+    batch_size: int | None = None,
+    progress: bool = True,
+    examples: list[dict] | None = None,
+) -> tuple[dict, list[dict]]:
+    """Generates for every example of ``split`` and scores the predictions.
+
+    Each process takes every ``num_processes``-th example; the predictions are gathered back in input
+    order on every process, so every process returns the same result.
+
+    Args:
+        model: a ChatGLM with its prefix loaded.
+        tokenizer: its tokenizer.
+        data_cfg: where ``split`` is and how its rows become prompts.
+        settings: a :class:`GenerationSettings`, or a training config (its ``max_new_tokens`` and
+            ``eval_batch_size``, greedy).
+        accelerator: an ``Accelerator`` (or anything with ``num_processes``, ``process_index`` and,
+            optionally, ``gather_objects``); None = this process alone.
+        split: the data split to read when ``examples`` is not given.
+        batch_size: prompts per ``generate()`` call (default: the training config's, else 16).
+        progress: show a progress bar with ETA on the main process.
+        examples: generation features (``prompt``, ``input_ids``, ``reference``) built beforehand.
+
+    Returns:
+        The metrics (the four scores, ``num_samples``, ``num_empty_predictions``, ``new_tokens``,
+        ``generation_s``, ``new_tokens_per_s``) and the predictions ``[{"prompt", "labels", "predict"}]``
+        in input order.
+    """
+    from .metrics import compute_metrics
+
+    if not isinstance(settings, GenerationSettings):
+        batch_size = batch_size or settings.eval_batch_size
+        settings = GenerationSettings(max_new_tokens=settings.max_new_tokens)
+    batch_size = batch_size or 16
+    if examples is None:
+        from ..data import build_datasets
+
+        examples = build_datasets(data_cfg, tokenizer, split).to_list()
+    world = accelerator.num_processes if accelerator is not None else 1
+    rank = accelerator.process_index if accelerator is not None else 0
+    mine = list(range(rank, len(examples), world))
+    # longest prompts first: batches of similar length waste less on padding, and the ETA errs on the
+    # safe side
+    mine.sort(key=lambda i: -len(examples[i]["input_ids"]))
+    was_training = model.training
+    model.eval()
+    bar = None
+    if progress and rank == 0:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(mine), desc="generate", unit="example", dynamic_ncols=True)
+    outputs: list[tuple[int, str]] = []
+    new_tokens = 0
+    start = time.perf_counter()
+    try:
+        for chunk in batched(mine, batch_size):
+            ids = generate_ids(
+                model,
+                [examples[i]["input_ids"] for i in chunk],
+                settings,
+                pad_id=tokenizer.pad_token_id,
+                eos_id=tokenizer.eos_token_id,
+            )
+            new_tokens += sum(len(x) for x in ids)
+            outputs += [(i, tokenizer.decode(x, skip_special_tokens=True).strip()) for i, x in zip(chunk, ids)]
+            if bar is not None:
+                bar.update(len(chunk))
+                bar.set_postfix(tokens_per_s=f"{new_tokens / (time.perf_counter() - start):.1f}")
+    finally:
+        if bar is not None:
+            bar.close()
+        model.train(was_training)
+    elapsed = time.perf_counter() - start
+    if accelerator is not None and world > 1:
+        outputs = _gather(accelerator, outputs)
+        counts = _gather(accelerator, [(new_tokens, elapsed)])
+        new_tokens = sum(n for n, _ in counts)
+        # the processes run side by side: the run took as long as the slowest one
+        elapsed = max(t for _, t in counts)
+    by_index = dict(outputs)
+    rows = [
+        {"prompt": ex["prompt"], "labels": ex["reference"], "predict": by_index[i]}
+        for i, ex in enumerate(examples)
+    ]
+    metrics = compute_metrics([r["predict"] for r in rows], [r["labels"] for r in rows])
+    metrics["new_tokens"] = new_tokens
+    metrics["generation_s"] = elapsed
+    metrics["new_tokens_per_s"] = new_tokens / elapsed if elapsed > 0 else 0.0
+    return metrics, rows
 
 
 def evaluate_model(
@@ -52,10 +276,7 @@ def evaluate_model(
     batch_size: int | None = None,
     progress: bool = True,
 ) -> dict:
-    """Generates for every example of ``split`` and scores it. ``settings``: a :class:`GenerationSettings`
-    or a training config (its ``max_new_tokens`` / ``eval_batch_size``, greedy). Work is split across the
-    processes of ``accelerator``; predictions come back in input order. Returns the metrics; with
-    ``return_predictions`` semantics provided by :func:`predict`."""
+    """The metrics of :func:`predict` alone (training-time evaluation)."""
     metrics, _ = predict(
         model,
         tokenizer,
@@ -69,121 +290,104 @@ def evaluate_model(
     return metrics
 
 
-def predict(
-    model,
-    tokenizer,
-    data_cfg: DataConfig,
-    settings,
-    accelerator=None,
-    *,
-    split: str = "validation",
-    batch_size: int | None = None,
-    progress: bool = True,
-) -> tuple[dict, list[dict]]:
-    """Metrics and the predictions ``[{"prompt", "labels", "predict"}]`` in input order."""
-    from ..data import build_datasets
-    from .metrics import compute_metrics
-
-    if not isinstance(settings, GenerationSettings):
-        batch_size = batch_size or settings.eval_batch_size
-        settings = GenerationSettings(max_new_tokens=settings.max_new_tokens)
-    batch_size = batch_size or 16
-    examples = build_datasets(data_cfg, tokenizer, split).to_list()
-    world = accelerator.num_processes if accelerator is not None else 1
-    rank = accelerator.process_index if accelerator is not None else 0
-    mine = list(range(rank, len(examples), world))
-    # longest prompts first: less padding per batch, and the ETA errs on the safe side
-    mine.sort(key=lambda i: -len(examples[i]["input_ids"]))
-    was_training = model.training
-    model.eval()
-    bar = None
-    if progress and rank == 0:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(mine), desc="generate", dynamic_ncols=True)
-    outputs: list[tuple[int, str]] = []
-    new_tokens = 0
-    for chunk in batched(mine, batch_size):
-        ids = generate_ids(
-            model,
-            [examples[i]["input_ids"] for i in chunk],
-            settings,
-            pad_id=tokenizer.pad_token_id,
-            eos_id=tokenizer.eos_token_id,
-        )
-        new_tokens += sum(len(x) for x in ids)
-        outputs += [(i, tokenizer.decode(x, skip_special_tokens=True).strip()) for i, x in zip(chunk, ids)]
-        if bar is not None:
-            bar.update(len(chunk))
-    if bar is not None:
-        bar.close()
-    model.train(was_training)
-    if accelerator is not None and world > 1:
-        from accelerate.utils import gather_object
-
-        outputs = gather_object(outputs)
-        new_tokens = sum(gather_object([new_tokens]))
-    by_index = dict(outputs)
-    rows = [
-        {"prompt": ex["prompt"], "labels": ex["reference"], "predict": by_index[i]}
-        for i, ex in enumerate(examples)
-    ]
-    metrics = compute_metrics([r["predict"] for r in rows], [r["labels"] for r in rows])
-    metrics["new_tokens"] = new_tokens
-    return metrics, rows
+# ---- the job ----
 
 
-def default_checkpoint() -> Path:
-    from ..training.checkpoint import latest_checkpoint
+def _write_atomic(path: Path, text: str) -> None:
+    # a crash or Ctrl-C while writing leaves the previous file (or none), never half a file
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
-    found = latest_checkpoint(Path("outputs") / "default")
-    if found is None:
-        raise ConfigError(
-            "prefix_checkpoint is not set and outputs/default holds no checkpoint: run `python train.py` "
-            "first or set prefix_checkpoint=/path/to/checkpoint-N"
-        )
-    return found
+
+def write_outputs(out: Path, rows: list[dict], metrics: dict) -> None:
+    """Writes ``generated_predictions.jsonl`` (UTF-8, not escaped, input order) and ``metrics.json``.
+
+    Raises:
+        ConfigError: the folder cannot be created or written.
+    """
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        _write_atomic(out / PREDICTIONS_FILE, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        _write_atomic(out / METRICS_FILE, json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
+    except OSError as err:
+        raise ConfigError(f"output_dir={out}: cannot write ({err.strerror or err})") from None
 
 
 def run(cfg: EvaluateJobConfig, *, tracker=None) -> dict:
-    """Loads the model and the prefix, evaluates, writes ``generated_predictions.jsonl`` and ``metrics.json``."""
-    import time
+    """Loads the model and the prefix, evaluates, writes the predictions and metrics (main process).
 
+    Args:
+        cfg: the job.
+        tracker: a :class:`~ptuning.training.tracking.WandbTracker` for the metrics and a predictions
+            table, or None.
+
+    Returns:
+        ``metrics.json``'s content plus ``output_dir``.
+
+    Raises:
+        ConfigError, DataError, CheckpointError: user mistakes, with a one-line message.
+    """
     from accelerate import Accelerator
+    from accelerate.utils import set_seed
 
     from ..build import load_model, load_tokenizer
-    from ..training.loop import process_group_kwargs
+    from ..data import build_datasets
     from ..training.checkpoint import infer_prefix_shape, load_prefix, read_prefix
+    from ..training.loop import process_group_kwargs
 
     cfg.validate()
-    checkpoint = Path(cfg.prefix_checkpoint) if cfg.prefix_checkpoint else default_checkpoint()
+    checkpoint = resolve_checkpoint(cfg.prefix_checkpoint)
+    out = resolve_output_dir(checkpoint, cfg.output_dir)
     prefix, meta = read_prefix(checkpoint)
-    shape = {k: meta[k] for k in ("pre_seq_len", "prefix_projection")} if meta else infer_prefix_shape(prefix)
-    cfg.model.pre_seq_len, cfg.model.prefix_projection = shape["pre_seq_len"], shape["prefix_projection"]
+    # the prefix decides the model's prefix shape; an original-format checkpoint has no metadata
+    shape = meta if meta and "pre_seq_len" in meta else infer_prefix_shape(prefix)
+    cfg.model.pre_seq_len = shape["pre_seq_len"]
+    cfg.model.prefix_projection = shape.get("prefix_projection", False)
     cfg.model.validate()
-    out = Path(cfg.output_dir) if cfg.output_dir else checkpoint.parent / f"eval-{checkpoint.name}"
-    if out.resolve() == checkpoint.resolve():
-        raise ConfigError(f"output_dir={out}: is the checkpoint folder; evaluation never writes into it")
+    data_file = getattr(cfg.data, f"{cfg.split}_file")
 
     accelerator = Accelerator(kwargs_handlers=process_group_kwargs())
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world != accelerator.num_processes:
+        raise ConfigError(
+            f"launched as {world} processes but accelerate runs {accelerator.num_processes}: every process "
+            "would evaluate everything (on a machine without GPUs launch with --num_processes N without "
+            "--multi_gpu, or add --cpu)"
+        )
+    set_seed(cfg.seed, device_specific=True)
     model = load_model(cfg.model, device=accelerator.device)
     tokenizer = load_tokenizer(cfg.model, vocab_size=model.config.vocab_size)
     load_prefix(model, checkpoint)
-    start = time.perf_counter()
-    metrics, rows = predict(
-        model, tokenizer, cfg.data, cfg.generation, accelerator, split=cfg.split, batch_size=cfg.batch_size
+    with accelerator.main_process_first():  # one process fills the datasets cache, the others reuse it
+        examples = build_datasets(cfg.data, tokenizer, cfg.split).to_list()
+    accelerator.print(
+        f"evaluating {checkpoint} on {data_file} ({len(examples)} examples) with {accelerator.num_processes} "
+        f"process(es), batch_size={cfg.batch_size}, {'sampling' if cfg.generation.do_sample else 'greedy'}"
     )
-    elapsed = time.perf_counter() - start
-    metrics["new_tokens_per_s"] = metrics["new_tokens"] / elapsed
-    metrics["checkpoint"] = str(checkpoint)
+    metrics, rows = predict(
+        model,
+        tokenizer,
+        cfg.data,
+        cfg.generation,
+        accelerator,
+        batch_size=cfg.batch_size,
+        examples=examples,
+    )
+    metrics.update(
+        checkpoint=str(checkpoint),
+        data_file=str(data_file),
+        batch_size=cfg.batch_size,
+        num_processes=accelerator.num_processes,
+        generation=asdict(cfg.generation),
+    )
     if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        with open(out / "generated_predictions.jsonl", "w", encoding="utf-8") as fh:
-            for row in rows:
-                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
+        write_outputs(out, rows, metrics)
         print(format_table(metrics))
-        print(f"wrote {out / 'generated_predictions.jsonl'} and {out / 'metrics.json'}")
+        print(f"wrote {out / PREDICTIONS_FILE} and {out / METRICS_FILE}")
         if tracker is not None:
             tracker.start(asdict(cfg), out, job_type="evaluate")
             tracker.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, 0)
@@ -193,14 +397,15 @@ def run(cfg: EvaluateJobConfig, *, tracker=None) -> dict:
                 [[r["prompt"], r["labels"], r["predict"]] for r in rows],
             )
             tracker.finish()
+    accelerator.wait_for_everyone()
     metrics["output_dir"] = str(out)
     return metrics
 
 
 def format_table(metrics: dict) -> str:
-    names = ["bleu-4", "rouge-1", "rouge-2", "rouge-l"]
-    head = "| " + " | ".join(names) + " | samples | empty | new tokens/s |"
-    rule = "|" + "---|" * (len(names) + 3)
-    row = "| " + " | ".join(f"{metrics[n]:.2f}" for n in names)
+    """The four scores, the sample counts and the throughput as a one-row Markdown table."""
+    head = "| " + " | ".join(METRIC_NAMES) + " | samples | empty | new tokens/s |"
+    rule = "|" + "---|" * (len(METRIC_NAMES) + 3)
+    row = "| " + " | ".join(f"{metrics[n]:.2f}" for n in METRIC_NAMES)
     row += f" | {metrics['num_samples']} | {metrics['num_empty_predictions']} | {metrics['new_tokens_per_s']:.1f} |"
     return "\n".join([head, rule, row])

@@ -18,13 +18,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs, gather_object, set_seed
+from accelerate.utils import InitProcessGroupKwargs, set_seed
 from transformers import get_scheduler
 
 from ..build import base_model_name, load_model, load_tokenizer, weights_digest
 from ..config import TrainJobConfig
 from ..model import mark_only_prefix_trainable
 from ..model.loading import CheckpointError
+from ..distributed import Collectives, LaunchError
 from ..evaluation.metrics import METRIC_NAMES
 from ..perf import matmul_peak_flops, peak_memory_mib, train_flops_per_token
 from .checkpoint import (
@@ -102,16 +103,12 @@ def process_group_kwargs() -> list:
     return []
 
 
-def make_accelerator(cfg: TrainJobConfig) -> Accelerator:
+def make_accelerator(cfg: TrainJobConfig) -> tuple[Accelerator, Collectives]:
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, kwargs_handlers=process_group_kwargs())
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world != accelerator.num_processes:
-        raise TrainingError(
-            f"launched as {world} processes but accelerate runs {accelerator.num_processes}: the processes would "
-            "train without synchronising gradients (on a machine without GPUs launch with --num_processes N "
-            "without --multi_gpu, or set --cpu)"
-        )
-    return accelerator
+    try:
+        return accelerator, Collectives(accelerator)
+    except LaunchError as err:
+        raise TrainingError(str(err)) from None
 
 
 def resolve_resume(cfg: TrainJobConfig) -> Path | None:
@@ -168,10 +165,10 @@ def run(cfg: TrainJobConfig, *, trackers=None) -> TrainResult:
     from ..data import TrainingCollator, build_datasets  # imported here: it pulls in datasets
 
     cfg.validate()
-    accelerator = make_accelerator(cfg)
+    accelerator, comm = make_accelerator(cfg)
     out = Path(cfg.train.output_dir)
     resume = resolve_resume(cfg)
-    main = accelerator.is_main_process
+    main = comm.is_main_process
     if main:
         out.mkdir(parents=True, exist_ok=True)
     set_seed(cfg.train.seed)
@@ -194,7 +191,7 @@ def run(cfg: TrainJobConfig, *, trackers=None) -> TrainResult:
                    if cfg.data.validation_file else None)
     collate = TrainingCollator.from_config(tokenizer, cfg.data)
     targets = [target_count(lab) for lab in train_ds["labels"]]
-    world, rank, bs = accelerator.num_processes, accelerator.process_index, cfg.train.per_device_batch_size
+    world, rank, bs = comm.num_processes, comm.process_index, cfg.train.per_device_batch_size
     plan = BatchPlan(len(train_ds), bs * world, cfg.train.seed)
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -236,7 +233,7 @@ def run(cfg: TrainJobConfig, *, trackers=None) -> TrainResult:
     )
 
     def save(at_step: int) -> Path | None:
-        rng = gather_object([capture_rng()])
+        rng = comm.gather_objects([capture_rng()])
         path = None
         if main:
             state = {
@@ -248,7 +245,7 @@ def run(cfg: TrainJobConfig, *, trackers=None) -> TrainResult:
                 "world_size": world,
             }
             path = save_checkpoint(out, at_step, raw, meta, state, cfg.train.save_total_limit)
-        accelerator.wait_for_everyone()
+        comm.barrier()
         return path
 
     def evaluate_loss() -> float | None:
@@ -267,7 +264,7 @@ def run(cfg: TrainJobConfig, *, trackers=None) -> TrainResult:
                     logits = model(input_ids=ids).logits
                 loss_sum += token_loss_sum(logits, labels)
                 count += (labels[:, 1:] != -100).sum()
-        stats = accelerator.reduce(torch.stack([loss_sum, count.float()]), "sum")
+        stats = comm.sum(torch.stack([loss_sum, count.float()]))
         model.train()
         return (stats[0] / stats[1]).item()
 
@@ -275,7 +272,7 @@ def run(cfg: TrainJobConfig, *, trackers=None) -> TrainResult:
     if cfg.train.eval_before_training and cfg.data.validation_file and resume is None:
         from ..evaluation.run import evaluate_model
 
-        baseline = evaluate_model(raw, tokenizer, cfg.data, cfg.train, accelerator)
+        baseline = evaluate_model(raw, tokenizer, cfg.data, cfg.train, comm)
         log.write({"step": 0, **{f"eval_{k}": v for k, v in baseline.items()}})
         accelerator.print("untuned prefix: " + ", ".join(f"{k} {baseline[k]:.2f}" for k in METRIC_NAMES))
 
@@ -309,6 +306,7 @@ def run(cfg: TrainJobConfig, *, trackers=None) -> TrainResult:
                 accelerator.backward(loss_sum * (world / max(global_targets, 1)))
             local_loss += loss_sum.detach()
             local_tokens += ids.numel()
+        comm.average_gradients(params)  # no-op unless accelerate could not set up DDP itself
         if cfg.train.max_grad_norm is not None:
             grad_norm = accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm)
         else:
@@ -316,9 +314,7 @@ def run(cfg: TrainJobConfig, *, trackers=None) -> TrainResult:
                 torch.stack([p.grad.norm() for p in params if p.grad is not None])
             )
         grad_norm = float(grad_norm)
-        stats = accelerator.reduce(
-            torch.tensor([local_loss.item(), float(local_tokens)], device=device), "sum"
-        )
+        stats = comm.sum(torch.tensor([local_loss.item(), float(local_tokens)], device=device))
         step_loss = stats[0].item() / max(global_targets, 1)
         if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
             if cfg.train.mixed_precision == "fp16":
@@ -386,7 +382,7 @@ def run(cfg: TrainJobConfig, *, trackers=None) -> TrainResult:
     if cfg.train.eval_generation and cfg.data.validation_file:
         from ..evaluation.run import evaluate_model
 
-        metrics = evaluate_model(raw, tokenizer, cfg.data, cfg.train, accelerator)
+        metrics = evaluate_model(raw, tokenizer, cfg.data, cfg.train, comm)
         log.write({"step": step, **{f"eval_{k}": v for k, v in metrics.items()}})
     if trackers is not None and main:
         trackers.log({"eval_loss": eval_loss, **{f"eval_{k}": v for k, v in metrics.items()}}, step)
@@ -397,5 +393,5 @@ def run(cfg: TrainJobConfig, *, trackers=None) -> TrainResult:
             plot_losses(log.records(), out / "loss.png")
         if trackers is not None:
             trackers.finish()
-    accelerator.wait_for_everyone()
+    comm.barrier()
     return TrainResult(out, step, last_checkpoint, train_loss, eval_loss, metrics, baseline)

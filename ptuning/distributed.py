@@ -1,0 +1,88 @@
+"""Collectives that work however the processes were launched.
+
+``accelerate launch --multi_gpu`` on a machine without GPUs starts several processes and a process group,
+but accelerate then reports ``DistributedType.NO``: its ``reduce``/``gather`` and DDP wrapping silently do
+nothing, so each process would train alone. :class:`Collectives` detects that case and does the
+synchronisation with ``torch.distributed`` directly (gloo), so the run stays correct.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+from accelerate import Accelerator
+from accelerate.utils import DistributedType
+
+
+class LaunchError(RuntimeError):
+    """Processes were started in a way that cannot synchronise."""
+
+
+class Collectives:
+    """Sum-reduce, gather and barrier across the processes of a run."""
+
+    def __init__(self, accelerator: Accelerator):
+        self.accelerator = accelerator
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0")) if self.world > 1 else 0
+        # accelerate thinks it is alone although several processes run: sync by hand
+        self.manual = self.world > 1 and accelerator.distributed_type == DistributedType.NO
+        if self.manual and not dist.is_initialized():
+            raise LaunchError(
+                f"launched as {self.world} processes but no process group exists: the processes would train "
+                "without synchronising (use `accelerate launch --multi_gpu --num_processes N` or a config from "
+                "conf/accelerate/)"
+            )
+        if not self.manual and self.world != accelerator.num_processes:
+            raise LaunchError(
+                f"launched as {self.world} processes but accelerate runs {accelerator.num_processes}: the "
+                "processes would train without synchronising"
+            )
+
+    @property
+    def num_processes(self) -> int:
+        return self.world if self.manual else self.accelerator.num_processes
+
+    @property
+    def process_index(self) -> int:
+        return self.rank if self.manual else self.accelerator.process_index
+
+    @property
+    def is_main_process(self) -> bool:
+        return self.process_index == 0
+
+    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.manual:
+            tensor = tensor.clone()
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+            return tensor
+        return self.accelerator.reduce(tensor, "sum")
+
+    def gather_objects(self, items: list) -> list:
+        """Concatenation of every process's ``items``, in process order."""
+        if self.manual:
+            out: list = [None] * self.world
+            dist.all_gather_object(out, items)
+            return [x for part in out for x in part]
+        if self.accelerator.num_processes == 1:
+            return list(items)
+        from accelerate.utils import gather_object
+
+        return gather_object(items)
+
+    def average_gradients(self, params) -> None:
+        """Mean of each gradient over processes (what DDP does); only needed when syncing by hand."""
+        if not self.manual:
+            return
+        for p in params:
+            if p.grad is not None:
+                dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+                p.grad /= self.world
+
+    def barrier(self) -> None:
+        if self.manual:
+            dist.barrier()
+        else:
+            self.accelerator.wait_for_everyone()
