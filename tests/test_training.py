@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 
 import pytest
 import torch
@@ -175,8 +176,13 @@ def test_wandb_offline_records_metrics(tmp_path, monkeypatch):
     run(cfg, trackers=make_tracker(cfg))
     runs = list((tmp_path / "run" / "wandb").glob("offline-run-*/*.wandb"))
     assert len(runs) == 1
-    history = read_wandb_history(runs[0])
-    logged = [row for row in history if "loss" in row]
+    deadline = time.time() + 60  # wandb's service process may still be flushing the file after finish()
+    while True:
+        history = read_wandb_history(runs[0])
+        logged = [row for row in history if "loss" in row]
+        if len(logged) == 6 or time.time() > deadline:
+            break
+        time.sleep(0.5)
     assert [row["_step"] for row in logged] == [1, 2, 3, 4, 5, 6]
     assert logged[0]["loss"] == pytest.approx(losses(tmp_path / "run")[1])
     for key in ("learning_rate", "grad_norm", "tokens_per_s", "matmul_peak_fraction"):
