@@ -135,6 +135,32 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         ids = input_ids if input_ids is not None else torch.zeros(batch, seq, dtype=torch.long)
         return extend_step_masks(ids, past, padding_mask=padding), position_ids
 
+    def _cache_as_prefix(self, cache: Cache, attention_mask, seq: int):
+        """Reads a cache that arrives with a whole prompt and no positions as a prefix.
+
+        peft's prefix tuning (``PeftModelForCausalLM.forward``) passes its P virtual tokens' keys and values,
+        un-rotated like ours and laid out ``[B, N, P, D]`` per layer, as a pre-filled cache, and prepends P ones
+        to a 2D mask. Read as earlier tokens they would shift every position and make the prompt causal; they
+        are a prefix: always visible, and the masks and 2D positions come from the real ids alone. They go to
+        every layer as its read-only prefix (after ours, if the model has one), which also keeps them under
+        gradient checkpointing, where the layers drop caches. Returns the per-layer ``(key, value)`` and the
+        mask without its prefix columns.
+        """
+        length = cache.get_seq_length()
+        layers = list(getattr(cache, "layers", ()))
+        if len(layers) != self.config.num_layers:
+            raise ValueError(f"a prefix cache needs {self.config.num_layers} layers, got {len(layers)}")
+        if attention_mask is not None:
+            if attention_mask.dim() != 2 or attention_mask.shape[1] != length + seq:
+                raise ValueError(
+                    f"with a prefix cache of {length} entries the attention_mask must be 2D [batch, {length} + {seq}], "
+                    f"got {tuple(attention_mask.shape)}"
+                )
+            if not bool(attention_mask[:, :length].bool().all()):
+                raise ValueError("the attention_mask hides part of the prefix cache; a prefix is always visible")
+            attention_mask = attention_mask[:, length:]
+        return [(layer.keys, layer.values) for layer in layers], attention_mask
+
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
@@ -155,7 +181,9 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
                 original tokenizer builds them), or the original bool ``[B, 1, S, T]`` (True = hidden).
             position_ids: ``[B, 2, S]`` (position, block position), or None to build them.
             cache: a transformers ``Cache`` holding rotated keys and values of earlier tokens (never the
-                prefix, which is its own input to every layer).
+                prefix, which is its own input to every layer). A non-empty cache given with several
+                ``input_ids`` and no ``position_ids`` is a prefix instead (peft's prefix tuning), see
+                :meth:`_cache_as_prefix`; the returned cache then holds the new tokens only.
         """
         if inputs_embeds is None:
             inputs_embeds = self.word_embeddings(input_ids)  # (B, S, H)
@@ -163,6 +191,11 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         use_cache = use_cache if use_cache is not None else self.config.use_cache
         if self.gradient_checkpointing and self.training:
             use_cache = False
+        cached_prefix = None
+        if cache is not None and position_ids is None and input_ids is not None and seq > 1 and cache.get_seq_length():
+            # peft's prefix tuning: its virtual tokens arrive as a cache, see _cache_as_prefix
+            cached_prefix, attention_mask = self._cache_as_prefix(cache, attention_mask, seq)
+            cache = None
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
         if not use_cache:
@@ -181,10 +214,16 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         attn_mask = None
         if self.prefix_encoder is not None:
             prefix = self.prefix_key_values(batch, dtype)
+        if cached_prefix is not None:
+            cached_prefix = [(k.to(dtype), v.to(dtype)) for k, v in cached_prefix]
+            prefix = cached_prefix if prefix is None else [
+                (torch.cat([pk, ck], dim=2), torch.cat([pv, cv], dim=2))
+                for (pk, pv), (ck, cv) in zip(prefix, cached_prefix, strict=True)
+            ]
         if hidden_mask is not None:
             attn_mask = ~hidden_mask  # (B, 1, S, T) True = may attend
             if prefix is not None:
-                visible = attn_mask.new_ones(batch, 1, seq, self.config.pre_seq_len)
+                visible = attn_mask.new_ones(batch, 1, seq, prefix[0][0].shape[2])
                 attn_mask = torch.cat([visible, attn_mask], dim=-1)  # (B, 1, S, P + T)
             else:
                 full = hidden_mask.all(dim=-1, keepdim=True)  # (B, 1, S, 1)
@@ -363,6 +402,16 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         tokenizer's batches do. A 4D mask is reduced to its padding (its last row), which is exact for
         masks the tokenizer builds.
         """
+        # peft's generate() installs its own prepare_inputs_for_generation; for prompt learning it adds its
+        # virtual-token count to our [B, 2, S] positions and hands the prefix under a name that generate's own
+        # cache overrides, so the result would be silently wrong: refuse, and say what works instead.
+        peft_owner = getattr(self.__dict__.get("prepare_inputs_for_generation"), "__self__", None)
+        if getattr(getattr(peft_owner, "active_peft_config", None), "is_prompt_learning", False):
+            raise NotImplementedError(
+                "generate() through a peft prompt-learning adapter is not supported for ChatGLM (peft shifts its 2D "
+                "position ids): load the adapter as a native prefix (ptuning.interop.peft.load_peft_prefix, or "
+                "`python -m ptuning.export from-peft`) and generate with the model itself"
+            )
         mask = kwargs.get("attention_mask")
         if mask is not None and mask.dim() == 4:
             kwargs["attention_mask"] = (~mask[:, 0, -1, :]).long()  # (B, S): 1 = real token
