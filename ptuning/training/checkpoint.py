@@ -21,10 +21,11 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from ..model.loading import CheckpointError, read_weights
+from ..model.loading import CheckpointError, load_failure, read_weights
 from ..model.prefix import PREFIX_MODULE, is_prefix_param, prefix_state_dict
+from .faults import kill_point
 
 PREFIX_FILE = "prefix.safetensors"
 META_FILE = "prefix_config.json"
@@ -117,6 +118,7 @@ def save_checkpoint(
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
+        kill_point("save-write", step)  # test-only: a SIGKILL between writing the files and the rename
         if final.exists():  # a re-save of the same step (resume after a crash right after saving)
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -145,7 +147,22 @@ def load_training_state(checkpoint: str | os.PathLike) -> dict:
     path = Path(checkpoint) / STATE_FILE
     if not path.is_file():
         raise CheckpointError(f"{path}: missing; {checkpoint} cannot be resumed (it holds no training state)")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        with torch.serialization.safe_globals(_deepspeed_state_classes()):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - a truncated or foreign file is the user's to replace
+        raise CheckpointError(f"{path}: cannot read the training state ({load_failure(err)})") from None
+
+
+def _deepspeed_state_classes() -> list:
+    """The few DeepSpeed classes a ZeRO optimizer state holds; allowed by the weights-only unpickler."""
+    try:
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
+    except ImportError:
+        return []
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
 
 
 def read_prefix(checkpoint: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict | None]:
@@ -153,9 +170,8 @@ def read_prefix(checkpoint: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
     ours (``prefix.safetensors``) or the original P-Tuning v2 script's (``pytorch_model.bin``)."""
     checkpoint = Path(checkpoint)
     if (checkpoint / PREFIX_FILE).is_file():
-        state = load_file(str(checkpoint / PREFIX_FILE))
-        meta_path = checkpoint / META_FILE
-        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else None
+        state = read_weights(checkpoint / PREFIX_FILE)  # unreadable or truncated: a one-line CheckpointError
+        meta = _read_meta(checkpoint / META_FILE)
     elif (checkpoint / ORIGINAL_FILE).is_file():
         state = read_weights(checkpoint / ORIGINAL_FILE)
         meta = None
@@ -169,7 +185,24 @@ def read_prefix(checkpoint: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
     if not prefix:
         raise CheckpointError(f"{checkpoint}: holds no {PREFIX_MODULE}.* weights")
     prefix = {(k if k.startswith(PREFIX_MODULE) else f"transformer.{k}"): v for k, v in prefix.items()}
+    bad = [k for k, v in prefix.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        # a NaN/inf prefix makes every generated token garbage: refuse it here rather than evaluate it
+        raise CheckpointError(f"{checkpoint}: the prefix has non-finite values in {', '.join(bad)}; not loaded")
     return prefix, meta
+
+
+def _read_meta(path: Path) -> dict | None:
+    """``prefix_config.json`` as a dict, None when absent; unreadable is a CheckpointError naming the file."""
+    if not path.is_file():
+        return None
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path}: not valid JSON ({err}); expected the prefix metadata object") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: expected a JSON object of prefix metadata, found {type(meta).__name__}")
+    return meta
 
 
 def load_prefix(model: torch.nn.Module, checkpoint: str | os.PathLike) -> dict | None:

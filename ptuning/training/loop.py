@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs, set_seed
+from accelerate.utils import DistributedType, InitProcessGroupKwargs, set_seed
 from transformers import get_scheduler
 
 from ..build import base_model_name, load_model, load_tokenizer, weights_digest
@@ -38,6 +38,7 @@ from .checkpoint import (
     restore_rng,
     save_checkpoint,
 )
+from .faults import kill_point
 
 LOG_FILE = "train_log.jsonl"
 
@@ -111,6 +112,44 @@ def make_accelerator(cfg: TrainJobConfig) -> tuple[Accelerator, Collectives]:
         raise TrainingError(str(err)) from None
 
 
+def gathered(params, deepspeed: bool):
+    """Full values of ``params`` inside the block, also when ZeRO-3 partitions them (a collective)."""
+    if deepspeed:
+        import deepspeed as ds
+
+        return ds.zero.GatheredParameters(list(params), modifier_rank=None)
+    return nullcontext()
+
+
+def configure_deepspeed(accelerator: Accelerator, cfg: TrainJobConfig, world: int) -> None:
+    """Fills the DeepSpeed config's batch / accumulation / clipping from the training keys; a value the user
+    set that contradicts them is an error naming both."""
+    plugin = accelerator.state.deepspeed_plugin
+    ds = plugin.deepspeed_config
+    wanted = {
+        "train_micro_batch_size_per_gpu": cfg.train.per_device_batch_size,
+        "gradient_accumulation_steps": cfg.train.gradient_accumulation_steps,
+        "train_batch_size": cfg.train.per_device_batch_size * cfg.train.gradient_accumulation_steps * world,
+        "gradient_clipping": cfg.train.max_grad_norm or 0.0,
+    }
+    keys = {"train_micro_batch_size_per_gpu": "train.per_device_batch_size",
+            "gradient_accumulation_steps": "train.gradient_accumulation_steps",
+            "train_batch_size": "train.per_device_batch_size x gradient_accumulation_steps x processes",
+            "gradient_clipping": "train.max_grad_norm"}
+    for key, value in wanted.items():
+        have = ds.get(key, "auto")
+        if have != "auto" and float(have) != float(value):
+            raise TrainingError(
+                f"DeepSpeed config {getattr(plugin, 'hf_ds_config_file', None) or os.environ.get('ACCELERATE_DEEPSPEED_CONFIG_FILE', '')}: "
+                f"{key}={have} conflicts with {keys[key]} ({value}); set it to \"auto\" or make them agree"
+            )
+        ds[key] = value
+    for precision in ("fp16", "bf16"):
+        section = ds.get(precision, {})
+        if section.get("enabled") == "auto":
+            section["enabled"] = cfg.train.mixed_precision == precision
+
+
 def resolve_resume(cfg: TrainJobConfig) -> Path | None:
     """The checkpoint to resume from, or None for a fresh run. Refuses to start over existing checkpoints."""
     out = Path(cfg.train.output_dir)
@@ -136,18 +175,26 @@ def resolve_resume(cfg: TrainJobConfig) -> Path | None:
 class RunLog:
     """``train_log.jsonl`` (main process only): one JSON object per log or eval step."""
 
-    def __init__(self, path: Path, enabled: bool, keep_until_step: int | None):
+    def __init__(self, path: Path, enabled: bool, keep_until_step: int | None, end_step: int | None = None):
         self.path, self.enabled = path, enabled
         if enabled and path.exists():
-            # resuming: drop what the interrupted run logged after its checkpoint
-            kept = [
-                line
-                for line in path.read_text().splitlines()
-                if line.strip()
-                and keep_until_step is not None
-                and json.loads(line).get("step", 0) <= keep_until_step
-            ]
-            path.write_text("".join(line + "\n" for line in kept))
+            # resuming: drop what the interrupted run logged after its checkpoint, including the end-of-run
+            # evaluation when it resumes from the final step (that evaluation runs again), and a last line
+            # torn by a kill
+            kept = []
+            for line in path.read_text().splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                at = record.get("step", 0)
+                after_final_save = at == end_step and "loss" not in record
+                if keep_until_step is not None and (at < keep_until_step or (at == keep_until_step and not after_final_save)):
+                    kept.append(line)
+            # through a temporary file: a kill during this rewrite must not lose the log
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, path)
 
     def write(self, record: dict) -> None:
         if self.enabled:
@@ -175,7 +222,10 @@ def run(cfg: TrainJobConfig, *, trackers=None) -> TrainResult:
 
     model = load_model(cfg.model)
     tokenizer = load_tokenizer(cfg.model, vocab_size=model.config.vocab_size)
-    if cfg.train.init_prefix_from and resume is None:
+    # before accelerate.prepare: ZeRO-3 partitions the parameters there
+    if resume is not None:
+        load_prefix(model, resume)
+    elif cfg.train.init_prefix_from:
         load_prefix(model, cfg.train.init_prefix_from)
     trainable, total = mark_only_prefix_trainable(model)
     if cfg.model.gradient_checkpointing:
@@ -202,19 +252,30 @@ def run(cfg: TrainJobConfig, *, trackers=None) -> TrainResult:
         num_warmup_steps=cfg.train.warmup_steps,
         num_training_steps=cfg.train.max_steps,
     )
+    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+    if deepspeed:
+        configure_deepspeed(accelerator, cfg, world)
     model, optimizer = accelerator.prepare(model, optimizer)
     raw = accelerator.unwrap_model(model)
 
     step, micro = 0, 0
     if resume is not None:
-        load_prefix(raw, resume)
         state = load_training_state(resume)
-        optimizer.load_state_dict(state["optimizer"])
+        if state.get("world_size", 1) != world:
+            raise TrainingError(
+                f"{resume} was written by {state.get('world_size', 1)} process(es); resume it with the same number "
+                f"(now {world}) so the data order and optimizer state line up"
+            )
+        if deepspeed:
+            optimizer.optimizer.load_state_dict(state["optimizer"])  # the ZeRO optimizer picks its own part
+        else:
+            optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step, micro = state["step"], state["micro_batch"]
         restore_rng(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
         accelerator.print(f"resumed from {resume} at step {step}")
-    log = RunLog(out / LOG_FILE, main, keep_until_step=step if resume is not None else None)
+    log = RunLog(out / LOG_FILE, main, keep_until_step=step if resume is not None else None,
+                 end_step=cfg.train.max_steps)
     if main and resume is None:
         (out / LOG_FILE).write_text("")
         (out / "run_config.json").write_text(
@@ -234,17 +295,21 @@ def run(cfg: TrainJobConfig, *, trackers=None) -> TrainResult:
 
     def save(at_step: int) -> Path | None:
         rng = comm.gather_objects([capture_rng()])
+        # ZeRO partitions the optimizer state: keep every rank's part
+        shards = comm.gather_objects([optimizer.state_dict()]) if deepspeed else None
         path = None
-        if main:
-            state = {
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "step": at_step,
-                "micro_batch": micro,
-                "rng": rng,
-                "world_size": world,
-            }
-            path = save_checkpoint(out, at_step, raw, meta, state, cfg.train.save_total_limit)
+        with gathered(raw.transformer.prefix_encoder.parameters(), deepspeed):
+            if main:
+                state = {
+                    "optimizer": shards if deepspeed else optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "step": at_step,
+                    "micro_batch": micro,
+                    "rng": rng,
+                    "world_size": world,
+                    "skipped_nonfinite_steps": skipped,
+                }
+                path = save_checkpoint(out, at_step, raw, meta, state, cfg.train.save_total_limit)
         comm.barrier()
         return path
 
@@ -264,6 +329,7 @@ def run(cfg: TrainJobConfig, *, trackers=None) -> TrainResult:
                     logits = model(input_ids=ids).logits
                 loss_sum += token_loss_sum(logits, labels)
                 count += (labels[:, 1:] != -100).sum()
+                kill_point("eval", step)  # test-only: SIGKILL during an evaluation
         stats = comm.sum(torch.stack([loss_sum, count.float()]))
         model.train()
         return (stats[0] / stats[1]).item()
@@ -285,7 +351,8 @@ def run(cfg: TrainJobConfig, *, trackers=None) -> TrainResult:
     window_start = time.perf_counter()
     last_checkpoint = latest_checkpoint(out) if resume is not None else None
     train_loss = eval_loss = None
-    skipped = 0
+    # a resumed run goes on counting: the metric covers the whole run
+    skipped = state.get("skipped_nonfinite_steps", 0) if resume is not None else 0
     model.train()
     while step < cfg.train.max_steps:
         step += 1
@@ -298,16 +365,30 @@ def run(cfg: TrainJobConfig, *, trackers=None) -> TrainResult:
             batch = collate([train_ds[i] for i in indices[rank * bs : (rank + 1) * bs]])
             ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
             sync = a == len(batches) - 1
-            with nullcontext() if sync else accelerator.no_sync(model):
+            # DDP and DeepSpeed average gradients over processes: scale so the update is the global token mean
+            scale = world / max(global_targets, 1)
+            if deepspeed:
                 with accelerator.autocast():
                     logits = model(input_ids=ids).logits
                 loss_sum = token_loss_sum(logits, labels)
-                # DDP averages gradients over processes: scale so the update is the global token mean
-                accelerator.backward(loss_sum * (world / max(global_targets, 1)))
+                model.set_gradient_accumulation_boundary(sync)
+                model.backward(loss_sum * scale, scale_wrt_gas=False)
+                if sync:
+                    model.step()  # clips with the config's gradient_clipping, then the optimizer step
+            else:
+                with nullcontext() if sync else accelerator.no_sync(model):
+                    with accelerator.autocast():
+                        logits = model(input_ids=ids).logits
+                    loss_sum = token_loss_sum(logits, labels)
+                    accelerator.backward(loss_sum * scale)
             local_loss += loss_sum.detach()
             local_tokens += ids.numel()
         comm.average_gradients(params)  # no-op unless accelerate could not set up DDP itself
-        if cfg.train.max_grad_norm is not None:
+        kill_point("step", step)  # test-only: SIGKILL with the gradients computed, the update not applied
+        if deepspeed:
+            grad_norm = model.get_global_grad_norm()
+            grad_norm = float("nan") if grad_norm is None else grad_norm
+        elif cfg.train.max_grad_norm is not None:
             grad_norm = accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm)
         else:
             grad_norm = torch.linalg.vector_norm(
@@ -318,7 +399,11 @@ def run(cfg: TrainJobConfig, *, trackers=None) -> TrainResult:
         step_loss = stats[0].item() / max(global_targets, 1)
         if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
             if cfg.train.mixed_precision == "fp16":
-                optimizer.step()  # the loss scaler skips it and lowers the scale
+                # skipped and counted. A loss scaler (fp16 on a GPU) must see the overflow: its step skips
+                # the update and lowers the scale. Without one (accelerate has none on a CPU; DeepSpeed
+                # scales inside model.step()) a step would apply the non-finite gradients: drop them.
+                if accelerator.scaler is not None:
+                    optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 skipped += 1
                 log.write({"step": step, "skipped_nonfinite_steps": skipped})
@@ -328,9 +413,10 @@ def run(cfg: TrainJobConfig, *, trackers=None) -> TrainResult:
                 f"step {step}: non-finite {'loss' if not math.isfinite(step_loss) else 'gradient norm'} "
                 f"(loss={step_loss}, grad_norm={grad_norm}); last good checkpoint: {last or 'none'}"
             )
-        optimizer.step()
+        if not deepspeed:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
 
         window_loss += step_loss
         window_steps += 1
@@ -372,6 +458,7 @@ def run(cfg: TrainJobConfig, *, trackers=None) -> TrainResult:
                 last_checkpoint = save(step)
             except CheckpointError as err:
                 raise TrainingError(str(err)) from None
+            kill_point("saved", step)  # test-only: SIGKILL right after a checkpoint
     if progress is not None:
         progress.close()
 

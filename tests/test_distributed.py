@@ -1,0 +1,119 @@
+"""Several processes give the same prefix as one process with the same global batch (gloo on CPU):
+data parallel, two nodes on loopback, DeepSpeed ZeRO-2 and ZeRO-3."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from .common import ROOT
+
+pytestmark = pytest.mark.multiproc
+
+FAST = [
+    "data.max_train_samples=64", "train.max_steps=4", "train.eval_generation=false",
+    "train.eval_before_training=false", "train.plot=false", "train.logging_steps=1", "train.save_steps=2",
+    "train.eval_steps=null", "model.prefix_dropout=0", "train.save_total_limit=null",
+]
+ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env():
+    out = dict(os.environ)
+    out["OMP_NUM_THREADS"] = "1"
+    return out
+
+
+def launch(args, out_dir, *overrides, check=True):
+    cmd = [*args, "train.py", *FAST, f"train.output_dir={out_dir}", f"data.cache_dir={out_dir}/.cache", *overrides]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env())
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def prefix(out_dir, step=4):
+    return load_file(str(out_dir / f"checkpoint-{step}" / "prefix.safetensors"))
+
+
+def max_diff(a, b):
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    out = tmp_path_factory.mktemp("single")
+    launch([sys.executable], out, "train.per_device_batch_size=8")
+    return out
+
+
+def test_two_processes_equal_one(single, tmp_path):
+    proc = launch([*ACCELERATE, "--multi_gpu", "--num_processes", "2", "--main_process_port", str(free_port())],
+                  tmp_path, "train.per_device_batch_size=4")
+    assert "on 2 process(es)" in proc.stdout
+    assert max_diff(prefix(single), prefix(tmp_path)) <= 1e-5
+    # only the main process writes files
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == [
+        "checkpoint-2", "checkpoint-4", "run_config.json", "train_log.jsonl"]
+
+
+def test_two_nodes_on_loopback_equal_one(single, tmp_path):
+    port = str(free_port())
+    procs = [
+        subprocess.Popen(
+            [*ACCELERATE, "--multi_gpu", "--num_machines", "2", "--num_processes", "2", "--machine_rank", str(rank),
+             "--main_process_ip", "127.0.0.1", "--main_process_port", port, "train.py", *FAST,
+             f"train.output_dir={tmp_path}", f"data.cache_dir={tmp_path}/.cache{rank}",
+             "train.per_device_batch_size=4"],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(),
+        )
+        for rank in (0, 1)
+    ]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-3000:]
+    assert max_diff(prefix(single), prefix(tmp_path)) <= 1e-5
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_zero_equals_one_process_and_resumes_exactly(single, tmp_path, stage):
+    config = ROOT / "conf" / "accelerate" / f"deepspeed_zero{stage}.yaml"
+    args = [*ACCELERATE, "--config_file", str(config), "--main_process_port", str(free_port())]
+    launch(args, tmp_path / "full", "train.per_device_batch_size=4")
+    assert max_diff(prefix(single), prefix(tmp_path / "full")) <= 1e-5
+    # resume from checkpoint-2 of the same run: bitwise the same final prefix
+    import shutil
+
+    shutil.copytree(tmp_path / "full" / "checkpoint-2", tmp_path / "cut" / "checkpoint-2")
+    proc = launch(args, tmp_path / "cut", "train.per_device_batch_size=4", "train.resume_from=latest")
+    assert "resumed from" in proc.stdout
+    a, b = prefix(tmp_path / "full"), prefix(tmp_path / "cut")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_deepspeed_config_conflicting_with_training_keys_is_named(tmp_path):
+    ds = tmp_path / "ds.json"
+    ds.write_text('{"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": 2, '
+                  '"gradient_accumulation_steps": "auto", "train_batch_size": "auto", "gradient_clipping": "auto"}')
+    cfg = tmp_path / "acc.yaml"
+    cfg.write_text(
+        "compute_environment: LOCAL_MACHINE\ndistributed_type: DEEPSPEED\n"
+        f"deepspeed_config:\n  deepspeed_config_file: {ds}\n  zero3_init_flag: false\n"
+        "num_processes: 2\nnum_machines: 1\nmachine_rank: 0\nuse_cpu: false\n"
+    )
+    proc = launch([*ACCELERATE, "--config_file", str(cfg), "--main_process_port", str(free_port())],
+                  tmp_path / "out", "train.per_device_batch_size=4", check=False)
+    assert proc.returncode != 0
+    assert "train_micro_batch_size_per_gpu=2 conflicts with train.per_device_batch_size (4)" in proc.stderr
