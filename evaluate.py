@@ -8,7 +8,7 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from hydra_entry import CONF_DIR, fail, to_object
+from hydra_entry import CONF_DIR, check_overrides, fail, to_object
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="evaluate")
@@ -27,4 +27,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    check_overrides("evaluate")  # a bad override: one line, before Hydra's multi-line report
     main()

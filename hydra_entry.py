@@ -6,6 +6,7 @@ into the typed dataclasses of ``ptuning.config`` and call the library.
 
 from __future__ import annotations
 
+import difflib
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,6 +61,65 @@ def to_object(cfg: DictConfig, schema=None):
         raise ConfigError(str(err).splitlines()[0]) from None
     except ValueError as err:  # a dataclass __post_init__ check
         raise ConfigError(str(err)) from None
+
+
+def check_overrides(config_name: str, args: list[str] | None = None) -> None:
+    """Composes the command line's overrides before Hydra runs the job, so that a misspelled key, a value of
+    the wrong type or an unknown option ends as one ``error:`` line naming it. (Hydra's own report spans
+    several lines and ends with a hint about HYDRA_FULL_ERROR, and it exits 1.)"""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+
+    args = sys.argv[1:] if args is None else args
+    if any(arg.startswith("-") for arg in args):
+        return  # --help, --cfg, --multirun...: Hydra's own modes, left to Hydra
+    # hydra.* overrides configure Hydra itself (run dir, logging), which compose() does not accept
+    overrides = [arg for arg in args if not arg.lstrip("+~").startswith("hydra")]
+    try:
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            compose(config_name, overrides=overrides)
+    except (HydraException, OmegaConfBaseException) as err:
+        fail(_compose_error_line(err, config_name))
+
+
+def _known_keys(config_name: str) -> list[str]:
+    """Every dotted key of the config composed without overrides."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        tree = OmegaConf.to_container(compose(config_name), resolve=False, throw_on_missing=False)
+    keys: list[str] = []
+
+    def walk(node: dict, prefix: str) -> None:
+        for key, value in node.items():
+            keys.append(prefix + str(key))
+            if isinstance(value, dict):
+                walk(value, f"{prefix}{key}.")
+
+    walk(tree, "")
+    return keys
+
+
+def _compose_error_line(err: Exception, config_name: str) -> str:
+    """One line out of a Hydra composition error: the override or key at fault and what was expected."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    cause = err.__cause__
+    if isinstance(cause, OmegaConfBaseException) and getattr(cause, "full_key", None):
+        key = cause.full_key
+        reason = str(cause).splitlines()[0].strip()
+        if reason.startswith("Key ") and " not in " in reason:  # a key the schema does not have
+            known = _known_keys(config_name)
+            close = difflib.get_close_matches(key, known, n=1)
+            if close:
+                return f"{key}: no such key (did you mean {close[0]}?)"
+            parent = key.rpartition(".")[0]
+            siblings = [k for k in known if k.rpartition(".")[0] == parent]
+            return f"{key}: no such key (expected one of {', '.join(siblings)})"
+        return f"{key}: {reason}"
+    options = [line for line in str(err).splitlines() if line.startswith("\t") and "provider=" not in line]
+    if options:  # an unknown option of a config group: list the ones there are
+        return f"{lines[0]} (available: {', '.join(o.strip() for o in options)})"
+    return ": ".join(lines[:2]) if lines else type(err).__name__
 
 
 def fail(message: str) -> None:

@@ -9,7 +9,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from hydra_entry import CONF_DIR, fail, to_object
+from hydra_entry import CONF_DIR, check_overrides, fail, to_object
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
@@ -40,4 +40,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    check_overrides("train")  # a bad override: one line, before Hydra's multi-line report
     main()

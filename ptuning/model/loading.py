@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +28,23 @@ IGNORED_KEYS = re.compile(r".*rotary_emb\.inv_freq$")
 
 class CheckpointError(ValueError):
     """A weights folder or file that cannot be loaded into the model; the message names what and why."""
+
+
+def load_failure(err: BaseException) -> str:
+    """One line saying why a reader refused a file (torch and safetensors messages span many lines)."""
+    text = str(err)
+    if isinstance(err, pickle.UnpicklingError):
+        # torch.load(weights_only=True) met an object that is not a tensor or plain container: name it
+        # and say that nothing ran (the generic advice to pass weights_only=False is exactly wrong here)
+        detail = next((line for line in text.splitlines() if "GLOBAL" in line or "global" in line), "")
+        return (
+            f"it holds Python objects that the safe loader (torch.load weights_only=True) refuses, "
+            f"so nothing in it was run{': ' + detail.strip() if detail else ''}"
+        )
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    if len(first) > 160:  # torch appends paragraphs of advice: the first sentence says what is wrong
+        first = first.split(". ")[0]
+    return f"{type(err).__name__}: {first[:300]}"
 
 
 def weight_files(folder: str | os.PathLike) -> list[Path]:
@@ -62,7 +80,7 @@ def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:  # noqa: BLE001 - any reader failure is a bad file for the user
-        raise CheckpointError(f"{path}: cannot read weights ({type(err).__name__}: {err})") from None
+        raise CheckpointError(f"{path}: cannot read weights ({load_failure(err)})") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: expected a state dict, found {type(state).__name__}")
     return state

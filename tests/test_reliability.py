@@ -1,0 +1,333 @@
+"""Reliability: killed runs resume exactly, numerical and storage faults stop cleanly, loading is safe,
+runs are deterministic. (Bad user inputs: tests/test_bad_inputs.py.)
+
+The kill test runs the built-in default training as ``python train.py`` subprocesses and kills them with
+SIGKILL at exact moments through the test-only hook ``PTUNING_TEST_KILL_AT`` (ptuning/training/faults.py):
+the process sends itself SIGKILL there, so the moment is exact and the death as abrupt as a pre-emption.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ptuning.build import load_model, load_tokenizer
+from ptuning.config import BUILTIN_MODEL, ModelConfig
+from ptuning.model.loading import CheckpointError, read_weights, save_weights
+from ptuning.training import TrainingError
+from ptuning.training import checkpoint as checkpoint_module
+from ptuning.training import loop as loop_module
+from ptuning.training.checkpoint import list_checkpoints, prefix_metadata, save_checkpoint
+from ptuning.training.faults import ENV as KILL_ENV
+from ptuning.training.loop import RunLog, resolve_resume
+
+from .bad_inputs.recipes import Payload
+from .common import ROOT
+from .test_training import job
+from .test_training import train as train_with_baseline
+
+
+def train(tmp_path, *overrides):
+    """test_training's in-process run without the untuned-prefix generation first (not needed here)."""
+    return train_with_baseline(tmp_path, "train.eval_before_training=false", *overrides)
+
+# A short default run: checkpoints at 3, 6, 9 and 10 (two kept), evaluations at 4 and 8 and at the end.
+KILL_RUN = [
+    "data.max_train_samples=64", "data.max_eval_samples=8", "train.max_steps=10", "train.per_device_batch_size=4",
+    "train.save_steps=3", "train.save_total_limit=2", "train.eval_steps=4", "train.logging_steps=1",
+    "train.eval_generation=false", "train.eval_before_training=false", "train.plot=false",
+]
+# Wall-clock measurements differ between any two runs; everything else in the log must not.
+TIMING_KEYS = {"tokens_per_s", "samples_per_s", "peak_memory_mib", "matmul_peak_fraction", "eval_generation_s",
+               "eval_new_tokens_per_s"}
+
+
+def train_cli(out: Path, cache: Path, *extra: str, kill: str | None = None) -> subprocess.CompletedProcess:
+    """``python train.py`` with the kill run's settings; ``kill`` = ``point@step`` to SIGKILL it there."""
+    env = {k: v for k, v in os.environ.items() if k != KILL_ENV}
+    if kill is not None:
+        env[KILL_ENV] = kill
+    args = [sys.executable, "train.py", *KILL_RUN, f"train.output_dir={out}", f"data.cache_dir={cache}", *extra]
+    return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def log_records(out: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines() if line.strip()]
+    return [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in rows]
+
+
+def checkpoint_names(out: Path) -> list[str]:
+    return [p.name for p in list_checkpoints(out)]
+
+
+def assert_same_checkpoint(a: Path, b: Path) -> None:
+    """Bitwise the same prefix and optimizer state (float32 on CPU, one process)."""
+    pa, pb = load_file(str(a / "prefix.safetensors")), load_file(str(b / "prefix.safetensors"))
+    assert pa.keys() == pb.keys()
+    assert all(torch.equal(pa[k], pb[k]) for k in pa), f"{a} and {b} hold different prefixes"
+    sa = torch.load(a / "training_state.pt", weights_only=True)
+    sb = torch.load(b / "training_state.pt", weights_only=True)
+    assert (sa["step"], sa["micro_batch"], sa["scheduler"]) == (sb["step"], sb["micro_batch"], sb["scheduler"])
+    for key, state in sa["optimizer"]["state"].items():
+        for name, value in state.items():
+            assert torch.equal(value, sb["optimizer"]["state"][key][name]), f"optimizer {key}.{name} differs"
+
+
+def test_killed_anywhere_resumes_exactly(tmp_path):
+    """One uninterrupted run, and one killed five times (at a different moment each time) and resumed."""
+    cache = tmp_path / "cache"
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    done = train_cli(full, cache)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert checkpoint_names(full) == ["checkpoint-9", "checkpoint-10"]
+
+    def killed(*extra, at):
+        proc = train_cli(cut, cache, *extra, kill=at)
+        assert proc.returncode == -signal.SIGKILL, (at, proc.returncode, proc.stderr[-3000:])
+        assert "Traceback" not in proc.stderr
+
+    resume = "train.resume_from=latest"
+    # 1. inside the write of the first checkpoint: its files are complete in the temporary folder, not
+    # renamed. There is nothing to resume (resume_from=latest says so), and the run restarts fresh, which
+    # is allowed because the folder holds no checkpoint.
+    killed(at="save-write@3")
+    assert sorted(p.name for p in (cut / ".tmp-checkpoint-3").iterdir()) == [
+        "prefix.safetensors", "prefix_config.json", "training_state.pt"]
+    assert checkpoint_names(cut) == []
+    with pytest.raises(TrainingError, match=rf"^train.resume_from=latest: {cut} holds no checkpoint-N folder"):
+        resolve_resume(job(cut, resume))
+    assert resolve_resume(job(cut)) is None
+    # 2. in the middle of step 5 (gradients computed, not applied), after checkpoint-3
+    killed(at="step@5")
+    assert checkpoint_names(cut) == ["checkpoint-3"] and not (cut / ".tmp-checkpoint-3").exists()
+    with open(cut / "train_log.jsonl", "a") as fh:  # as if the kill had also torn the log's last line
+        fh.write('{"step": 5, "loss": 2.1')
+    # 3. during the evaluation after step 8 (checkpoint-6 is the latest)
+    killed(resume, at="eval@8")
+    assert checkpoint_names(cut) == ["checkpoint-3", "checkpoint-6"]
+    # 4. right after checkpoint-9 is in place (and checkpoint-3 pruned)
+    killed(resume, at="saved@9")
+    assert checkpoint_names(cut) == ["checkpoint-6", "checkpoint-9"]
+    # 5. during the final evaluation, after the last checkpoint
+    killed(resume, at="eval@10")
+    assert checkpoint_names(cut) == ["checkpoint-9", "checkpoint-10"]
+    # and the last restart finishes
+    proc = train_cli(cut, cache, resume)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "done: step 10" in proc.stdout
+
+    for name in ("checkpoint-9", "checkpoint-10"):
+        assert_same_checkpoint(full / name, cut / name)
+    assert log_records(cut) == log_records(full)
+    assert [r["step"] for r in log_records(full) if "loss" in r] == list(range(1, 11))
+    assert [r["step"] for r in log_records(full) if "eval_loss" in r] == [4, 8, 10]
+    assert not list(cut.glob(".tmp-*"))
+
+
+def test_runlog_resume_drops_later_records_and_the_final_evaluation(tmp_path):
+    path = tmp_path / "train_log.jsonl"
+    rows = [{"step": 3, "loss": 1.0}, {"step": 4, "loss": 0.9}, {"step": 4, "eval_loss": 1.1},
+            {"step": 5, "loss": 0.8}, {"step": 6, "loss": 0.7}, {"step": 6, "eval_loss": 1.0}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 7, "lo')
+    # resumed from checkpoint-4 of a 6-step run: step 4's evaluation came before that save, it stays
+    assert RunLog(path, True, keep_until_step=4, end_step=6).records() == rows[:3]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    # resumed from the final checkpoint-6: the end-of-run evaluation is redone, so its record goes
+    assert RunLog(path, True, keep_until_step=6, end_step=6).records() == rows[:5]
+
+
+# ---- numerical faults ----
+
+
+def poison_loss(monkeypatch, steps: set[int], how: str = "loss"):
+    """Makes the loss (``how="loss"``) or only its gradient (``how="grad"``) non-finite at ``steps``."""
+    real = loop_module.token_loss_sum
+    calls = {"n": 0}
+
+    def poisoned(logits, labels):
+        calls["n"] += 1  # one call per micro-batch: with no accumulation, the step number
+        value = real(logits, labels)
+        if calls["n"] not in steps:
+            return value
+        if how == "loss":
+            return value * float("nan")
+        # sqrt at 0 has an infinite slope: the loss value stays finite, its gradient is not
+        return value + (logits.sum() * 0.0).abs().sqrt()
+
+    monkeypatch.setattr(loop_module, "token_loss_sum", poisoned)
+
+
+def test_nonfinite_gradient_stops_naming_step_and_last_checkpoint(tmp_path, monkeypatch):
+    poison_loss(monkeypatch, {5}, how="grad")
+    with pytest.raises(TrainingError, match=r"^step 5: non-finite gradient norm \(loss=[0-9.]+, grad_norm=nan\); "
+                                            r"last good checkpoint: .*checkpoint-3$"):
+        train(tmp_path)
+    assert checkpoint_names(tmp_path) == ["checkpoint-3"]
+
+
+def test_nonfinite_before_any_checkpoint_says_none(tmp_path, monkeypatch):
+    poison_loss(monkeypatch, {1})
+    with pytest.raises(TrainingError, match=r"^step 1: non-finite loss .*last good checkpoint: none$"):
+        train(tmp_path)
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_fp16_skips_and_counts_nonfinite_steps_across_a_resume(tmp_path, monkeypatch):
+    # accelerate has no loss scaler on a CPU (fp16 autocast is a no-op there): the loop's own skip is tested;
+    # with a scaler (GPU) the same branch lets the scaler skip the update and lower the scale
+    poison_loss(monkeypatch, {2, 5})
+    real_save = loop_module.save_checkpoint
+    seen = {}
+
+    def save_then_stop(output_dir, step, model, meta, state, limit):
+        seen["prefix_at_3"] = model.transformer.prefix_encoder.embedding.weight.detach().clone()
+        real_save(output_dir, step, model, meta, state, limit)
+        raise Interrupted
+
+    monkeypatch.setattr(loop_module, "save_checkpoint", save_then_stop)
+    with pytest.raises(Interrupted):
+        train(tmp_path, "train.mixed_precision=fp16")
+    monkeypatch.setattr(loop_module, "save_checkpoint", real_save)
+    assert torch.isfinite(seen["prefix_at_3"]).all()  # the skipped step 2 did not apply its NaN gradients
+    result = train(tmp_path, "train.mixed_precision=fp16", "train.resume_from=latest")
+    assert result.step == 6 and result.checkpoint == tmp_path / "checkpoint-6"
+    rows = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 3, 4, 6]
+    skips = [(r["step"], r["skipped_nonfinite_steps"]) for r in rows if "loss" not in r and "skipped_nonfinite_steps" in r]
+    assert skips == [(2, 1), (5, 2)]
+    # the count survived the resume: the metric covers the whole run
+    assert [r["skipped_nonfinite_steps"] for r in rows if "loss" in r] == [0, 1, 1, 2]
+    assert all(torch.isfinite(v).all() for v in load_file(str(result.checkpoint / "prefix.safetensors")).values())
+
+
+def test_a_nonfinite_prefix_is_never_written(tmp_path):
+    model = load_model(ModelConfig())
+    meta = prefix_metadata(model.config, "builtin:tiny-chatglm")
+    save_checkpoint(tmp_path, 3, model, meta)
+    with torch.no_grad():
+        model.transformer.prefix_encoder.embedding.weight[0, 0] = float("inf")
+    with pytest.raises(CheckpointError, match=r"step 6: the prefix has non-finite values "
+                                              r"\(transformer\.prefix_encoder\.embedding\.weight\); not saved"):
+        save_checkpoint(tmp_path, 6, model, meta)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-3"]
+
+
+# ---- storage faults ----
+
+
+@pytest.mark.parametrize(("writer", "code"), [("save_file", errno.ENOSPC), ("torch.save", errno.EACCES)])
+def test_failing_write_keeps_the_previous_checkpoint_and_stops(tmp_path, monkeypatch, writer, code):
+    # tests run as root, which a read-only folder would not stop: the write itself fails instead
+    before = {}
+
+    def failing(*args, **kwargs):
+        before.update({p.name: p.read_bytes() for p in (tmp_path / "checkpoint-3").iterdir()})
+        raise OSError(code, os.strerror(code))
+
+    calls = {"n": 0}
+    real = checkpoint_module.save_file if writer == "save_file" else checkpoint_module.torch.save
+
+    def second_call_fails(*args, **kwargs):
+        calls["n"] += 1
+        return real(*args, **kwargs) if calls["n"] == 1 else failing()
+
+    if writer == "save_file":
+        monkeypatch.setattr(checkpoint_module, "save_file", second_call_fails)
+    else:
+        monkeypatch.setattr(checkpoint_module.torch, "save", second_call_fails)
+    with pytest.raises(TrainingError, match=rf"checkpoint-6: writing the checkpoint failed \({os.strerror(code)}\); "
+                                            r"earlier checkpoints are intact$"):
+        train(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir() if "checkpoint" in p.name) == ["checkpoint-3"]
+    assert {p.name: p.read_bytes() for p in (tmp_path / "checkpoint-3").iterdir()} == before
+    if code == errno.ENOSPC:  # once space is back, it resumes from the intact checkpoint
+        monkeypatch.undo()
+        assert train(tmp_path, "train.resume_from=latest").step == 6
+
+
+# ---- safe loading ----
+
+
+def test_bin_weights_load_with_weights_only_and_a_pickle_payload_never_runs(tmp_path, monkeypatch):
+    folder = tmp_path / "bin-model"
+    folder.mkdir()
+    for name in ("config.json", "ice_text.model"):
+        (folder / name).write_bytes((BUILTIN_MODEL / name).read_bytes())
+    save_weights(load_file(str(BUILTIN_MODEL / "model.safetensors")), folder, safe=False, max_shard_bytes=1_000_000)
+    calls = []
+    real_load = torch.load
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("weights_only"))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", spy)
+    load_model(ModelConfig(path=str(folder)))
+    assert len(calls) > 1 and all(flag is True for flag in calls)
+    marker = tmp_path / "PAYLOAD_RAN"
+    torch.save({"transformer.word_embeddings.weight": Payload(marker)}, folder / "evil.bin")
+    with pytest.raises(CheckpointError, match=r"evil\.bin: cannot read weights \(it holds Python objects that "
+                                              r"the safe loader .* refuses, so nothing in it was run"):
+        read_weights(folder / "evil.bin")
+    assert not marker.exists()
+
+
+def test_auto_map_never_imports_remote_code(tmp_path):
+    folder = tmp_path / "remote-code-model"
+    folder.mkdir()
+    for name in ("model.safetensors", "ice_text.model"):
+        (folder / name).write_bytes((BUILTIN_MODEL / name).read_bytes())
+    marker = tmp_path / "REMOTE_CODE_RAN"
+    for module in ("configuration_chatglm", "modeling_chatglm", "tokenization_chatglm"):
+        (folder / f"{module}.py").write_text(f"open({str(marker)!r}, 'w').write({module!r})\n")
+    config = json.loads((BUILTIN_MODEL / "config.json").read_text())
+    config["auto_map"] = {
+        "AutoConfig": "configuration_chatglm.ChatGLMConfig",
+        "AutoModel": "modeling_chatglm.ChatGLMForConditionalGeneration",
+    }
+    (folder / "config.json").write_text(json.dumps(config))
+    tokenizer_config = json.loads((BUILTIN_MODEL / "tokenizer_config.json").read_text())
+    tokenizer_config["auto_map"] = {"AutoTokenizer": ["tokenization_chatglm.ChatGLMTokenizer", None]}
+    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    cfg = ModelConfig(path=str(folder))
+    model = load_model(cfg)
+    load_tokenizer(cfg, vocab_size=model.config.vocab_size)
+    assert not marker.exists()
+    assert not any(name.endswith(("configuration_chatglm", "modeling_chatglm", "tokenization_chatglm"))
+                   for name in sys.modules)
+
+
+def test_data_files_are_never_unpickled():
+    # the data pipeline reads bytes as UTF-8 text and parses JSON / CSV only; nothing in it can unpickle
+    # (the bad-input corpus feeds it pickles too: tests/test_bad_inputs.py, data-pickle-*)
+    unsafe = re.compile(r"\b(pickle|dill|marshal|joblib)\b|torch\.load|\beval\(|\bexec\(")
+    for path in sorted((ROOT / "ptuning" / "data").glob("*.py")):
+        found = unsafe.search(path.read_text())
+        assert found is None, f"{path.name} uses {found.group(0)}"
+
+
+# ---- determinism ----
+
+
+def test_same_seed_same_loss_curve(tmp_path):
+    train(tmp_path / "a", "train.max_steps=4")
+    train(tmp_path / "b", "train.max_steps=4")
+    a, b = log_records(tmp_path / "a"), log_records(tmp_path / "b")
+    assert [r["step"] for r in a if "loss" in r] == [1, 2, 3, 4]
+    assert a == b  # losses, learning rates, gradient norms and evaluation losses, exactly
+    pa = load_file(str(tmp_path / "a" / "checkpoint-4" / "prefix.safetensors"))
+    pb = load_file(str(tmp_path / "b" / "checkpoint-4" / "prefix.safetensors"))
+    assert all(torch.equal(pa[k], pb[k]) for k in pa)
