@@ -188,7 +188,8 @@ class Interrupted(Exception):
 def test_fp16_skips_and_counts_nonfinite_steps_across_a_resume(tmp_path, monkeypatch):
     # accelerate has no loss scaler on a CPU (fp16 autocast is a no-op there): the loop's own skip is tested;
     # with a scaler (GPU) the same branch lets the scaler skip the update and lower the scale
-    poison_loss(monkeypatch, {2, 5})
+    # step 3 is skipped and is a save step: its checkpoint is still written
+    poison_loss(monkeypatch, {3, 5})
     real_save = loop_module.save_checkpoint
     seen = {}
 
@@ -201,15 +202,15 @@ def test_fp16_skips_and_counts_nonfinite_steps_across_a_resume(tmp_path, monkeyp
     with pytest.raises(Interrupted):
         train(tmp_path, "train.mixed_precision=fp16")
     monkeypatch.setattr(loop_module, "save_checkpoint", real_save)
-    assert torch.isfinite(seen["prefix_at_3"]).all()  # the skipped step 2 did not apply its NaN gradients
+    assert torch.isfinite(seen["prefix_at_3"]).all()  # the skipped step 3 did not apply its NaN gradients
     result = train(tmp_path, "train.mixed_precision=fp16", "train.resume_from=latest")
     assert result.step == 6 and result.checkpoint == tmp_path / "checkpoint-6"
     rows = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows if "loss" in r] == [1, 3, 4, 6]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 4, 6]
     skips = [(r["step"], r["skipped_nonfinite_steps"]) for r in rows if "loss" not in r and "skipped_nonfinite_steps" in r]
-    assert skips == [(2, 1), (5, 2)]
+    assert skips == [(3, 1), (5, 2)]
     # the count survived the resume: the metric covers the whole run
-    assert [r["skipped_nonfinite_steps"] for r in rows if "loss" in r] == [0, 1, 1, 2]
+    assert [r["skipped_nonfinite_steps"] for r in rows if "loss" in r] == [0, 0, 1, 2]
     assert all(torch.isfinite(v).all() for v in load_file(str(result.checkpoint / "prefix.safetensors")).values())
 
 

@@ -407,6 +407,13 @@ def run(cfg: TrainJobConfig, *, trackers=None) -> TrainResult:
                 optimizer.zero_grad(set_to_none=True)
                 skipped += 1
                 log.write({"step": step, "skipped_nonfinite_steps": skipped})
+                if step % cfg.train.save_steps == 0 or step == cfg.train.max_steps:
+                    # the checkpoint schedule holds whether or not this step updated (else a skipped last
+                    # step would leave the run without its final checkpoint)
+                    try:
+                        last_checkpoint = save(step)
+                    except CheckpointError as err:
+                        raise TrainingError(str(err)) from None
                 continue
             last = latest_checkpoint(out)
             raise TrainingError(
