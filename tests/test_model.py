@@ -272,3 +272,17 @@ def test_beam_search_and_several_sequences_per_prompt():
     greedy = model.generate(ids, max_new_tokens=4, do_sample=False)
     single = model.generate(ids, max_new_tokens=4, num_beams=1, do_sample=False, num_return_sequences=1)
     assert torch.equal(greedy, single)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_target_only_loss_equals_full_logits_loss(reduction):
+    config = tiny_config(pre_seq_len=4)
+    model = ChatGLMForConditionalGeneration(config).eval()
+    ids, labels = batch(config)
+    full = model(ids, labels=labels, loss_reduction=reduction)
+    lean = model(ids, labels=labels, loss_reduction=reduction, return_logits=False)
+    assert lean.logits is None and full.logits is not None
+    assert torch.allclose(full.loss, lean.loss, rtol=1e-6, atol=1e-6)
+    if reduction == "sum":
+        count = (labels[:, 1:] != -100).sum()
+        assert torch.allclose(full.loss, model(ids, labels=labels).loss * count, rtol=1e-6)

@@ -154,15 +154,15 @@ def poison_loss(monkeypatch, steps: set[int], how: str = "loss"):
     real = loop_module.token_loss_sum
     calls = {"n": 0}
 
-    def poisoned(logits, labels):
+    def poisoned(model, ids, labels):
         calls["n"] += 1  # one call per micro-batch: with no accumulation, the step number
-        value = real(logits, labels)
+        value = real(model, ids, labels)
         if calls["n"] not in steps:
             return value
         if how == "loss":
             return value * float("nan")
         # sqrt at 0 has an infinite slope: the loss value stays finite, its gradient is not
-        return value + (logits.sum() * 0.0).abs().sqrt()
+        return value + (value * 0.0).abs().sqrt()
 
     monkeypatch.setattr(loop_module, "token_loss_sum", poisoned)
 

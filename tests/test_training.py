@@ -154,9 +154,9 @@ def test_nonfinite_loss_stops_naming_step_and_checkpoint(tmp_path, monkeypatch):
     real = loop_module.token_loss_sum
     calls = {"n": 0}
 
-    def poisoned(logits, labels):
+    def poisoned(model, ids, labels):
         calls["n"] += 1
-        value = real(logits, labels)
+        value = real(model, ids, labels)
         return value * float("nan") if calls["n"] == 5 else value
 
     monkeypatch.setattr(loop_module, "token_loss_sum", poisoned)

@@ -368,10 +368,15 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         logits_to_keep: int = 0,
+        loss_reduction: str = "mean",
+        return_logits: bool = True,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """Logits ``[B, S, V]`` (the last ``logits_to_keep`` positions when > 0) and, with ``labels``
-        ``[B, S]`` (-100 = ignored), the next-token loss averaged over all target tokens of the batch."""
+        ``[B, S]`` (-100 = ignored), the next-token loss over all target tokens of the batch: their mean,
+        or their sum with ``loss_reduction="sum"``. With ``return_logits=False`` the output projection
+        runs only at the positions that predict a target (training needs nothing else; the prompt's
+        logits are most of the memory and a large share of the compute)."""
         out = self.transformer(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -382,12 +387,15 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
             output_hidden_states=output_hidden_states,
         )
         hidden = out.last_hidden_state
-        if logits_to_keep and labels is None:
-            hidden = hidden[:, -logits_to_keep:]
-        logits = self.lm_head(hidden)  # (B, S, V)
-        loss = None
-        if labels is not None:
-            loss = causal_lm_loss(logits, labels)
+        logits = loss = None
+        if labels is not None and not return_logits:
+            loss = target_token_loss(self.lm_head, hidden, labels, loss_reduction)
+        else:
+            if logits_to_keep and labels is None:
+                hidden = hidden[:, -logits_to_keep:]
+            logits = self.lm_head(hidden)  # (B, S, V)
+            if labels is not None:
+                loss = causal_lm_loss(logits, labels, loss_reduction)
         return CausalLMOutputWithPast(
             loss=loss, logits=logits, cache=out.cache, hidden_states=out.hidden_states
         )
@@ -458,11 +466,21 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         return model_kwargs
 
 
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of logits at 0..S-2 against labels at 1..S-1, in float32, averaged over every
-    non-ignored (-100) token of the batch."""
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of logits at 0..S-2 against labels at 1..S-1, in float32, averaged (or summed) over
+    every non-ignored (-100) token of the batch."""
     shift_logits = logits[:, :-1].float()  # (B, S-1, V)
     shift_labels = labels[:, 1:].to(logits.device)  # (B, S-1)
     return F.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), ignore_index=-100
+        shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), ignore_index=-100,
+        reduction=reduction,
     )
+
+
+def target_token_loss(lm_head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, reduction: str = "mean"):
+    """:func:`causal_lm_loss` computed from the final hidden states ``[B, S, H]``, projecting only the
+    T positions whose next label is a target."""
+    targets = labels[:, 1:].to(hidden.device)  # (B, S-1)
+    keep = targets != -100
+    logits = lm_head(hidden[:, :-1][keep]).float()  # (T, V)
+    return F.cross_entropy(logits, targets[keep], reduction=reduction)

@@ -16,7 +16,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, InitProcessGroupKwargs, set_seed
 from transformers import get_scheduler
@@ -86,14 +85,10 @@ def target_count(labels: list[int]) -> int:
     return sum(1 for t in labels[1:] if t != -100)
 
 
-def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed next-token cross-entropy in float32 (the model's loss times its target count)."""
-    return F.cross_entropy(
-        logits[:, :-1].float().reshape(-1, logits.size(-1)),
-        labels[:, 1:].reshape(-1),
-        ignore_index=-100,
-        reduction="sum",
-    )
+def token_loss_sum(model, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross-entropy (float32) over the batch's target tokens: the model's loss times
+    its target count. Logits are formed only where a target is predicted."""
+    return model(input_ids=ids, labels=labels, loss_reduction="sum", return_logits=False).loss
 
 
 def process_group_kwargs() -> list:
@@ -326,8 +321,7 @@ def run(cfg: TrainJobConfig, *, trackers=None) -> TrainResult:
                 batch = collate([eval_ds[i] for i in mine[start : start + cfg.train.eval_batch_size]])
                 ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
                 with accelerator.autocast():
-                    logits = model(input_ids=ids).logits
-                loss_sum += token_loss_sum(logits, labels)
+                    loss_sum += token_loss_sum(model, ids, labels)
                 count += (labels[:, 1:] != -100).sum()
                 kill_point("eval", step)  # test-only: SIGKILL during an evaluation
         stats = comm.sum(torch.stack([loss_sum, count.float()]))
@@ -369,8 +363,7 @@ def run(cfg: TrainJobConfig, *, trackers=None) -> TrainResult:
             scale = world / max(global_targets, 1)
             if deepspeed:
                 with accelerator.autocast():
-                    logits = model(input_ids=ids).logits
-                loss_sum = token_loss_sum(logits, labels)
+                    loss_sum = token_loss_sum(model, ids, labels)
                 model.set_gradient_accumulation_boundary(sync)
                 model.backward(loss_sum * scale, scale_wrt_gas=False)
                 if sync:
@@ -378,8 +371,7 @@ def run(cfg: TrainJobConfig, *, trackers=None) -> TrainResult:
             else:
                 with nullcontext() if sync else accelerator.no_sync(model):
                     with accelerator.autocast():
-                        logits = model(input_ids=ids).logits
-                    loss_sum = token_loss_sum(logits, labels)
+                        loss_sum = token_loss_sum(model, ids, labels)
                     accelerator.backward(loss_sum * scale)
             local_loss += loss_sum.detach()
             local_tokens += ids.numel()
