@@ -60,7 +60,15 @@ def to_object(cfg: DictConfig, schema=None):
     except OmegaConfBaseException as err:
         raise ConfigError(str(err).splitlines()[0]) from None
     except ValueError as err:  # a dataclass __post_init__ check
-        raise ConfigError(str(err)) from None
+        raise ConfigError(_qualified(str(err), cfg)) from None
+
+
+def _qualified(message: str, cfg: DictConfig) -> str:
+    """``max_source_length must be ...`` -> ``data.max_source_length must be ...``: a section's own check
+    knows its field name, not where the field sits in the command line's keys."""
+    name = message.split(" ", 1)[0]
+    sections = [key for key in cfg if isinstance(cfg._get_node(key), DictConfig) and name in cfg._get_node(key)]
+    return f"{sections[0]}.{message}" if len(sections) == 1 else message
 
 
 def check_overrides(config_name: str, args: list[str] | None = None) -> None:
