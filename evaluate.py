@@ -1,6 +1,11 @@
 """Evaluate a prefix: ``python evaluate.py [prefix_checkpoint=...] [model.path=...] [data.test_file=...]``.
 
-Across processes: ``accelerate launch evaluate.py ...`` (predictions are gathered back in input order).
+With no arguments it evaluates the latest checkpoint of the built-in default run (``outputs/default``) on
+the bundled dev set and writes ``generated_predictions.jsonl`` and ``metrics.json`` to
+``outputs/default/eval-checkpoint-N/``. Across processes: ``accelerate launch --num_processes N
+evaluate.py ...`` on N GPUs, ``accelerate launch --multi_gpu --num_processes N evaluate.py ...`` on a
+machine without GPUs (gloo; accelerate's ``--cpu`` launcher starts a single process). Predictions are
+gathered back in input order and only the main process writes.
 """
 
 from __future__ import annotations

@@ -19,6 +19,30 @@ class GenerationSettings:
     temperature: float = 0.95
     num_beams: int = 1
 
+    def validate(self, prefix: str = "generation.") -> GenerationSettings:
+        """Checks the values before any model is loaded.
+
+        Args:
+            prefix: how the keys are named in messages (``generation.`` for the Hydra job, ``--`` for
+                command-line flags).
+
+        Raises:
+            ConfigError: naming the key, the value and what is allowed.
+        """
+        from ..config import ConfigError
+
+        def need(ok: bool, key: str, allowed: str) -> None:
+            if not ok:
+                # flags spell the field names with hyphens
+                name = key.replace("_", "-") if prefix.startswith("-") else key
+                raise ConfigError(f"{prefix}{name}={getattr(self, key)!r}: expected {allowed}")
+
+        need(isinstance(self.max_new_tokens, int) and self.max_new_tokens > 0, "max_new_tokens", "a positive integer")
+        need(isinstance(self.num_beams, int) and self.num_beams >= 1, "num_beams", "an integer >= 1")
+        need(0.0 < self.top_p <= 1.0, "top_p", "a number in (0, 1]")
+        need(self.temperature > 0.0, "temperature", "a positive number")
+        return self
+
     def kwargs(self) -> dict:
         out = dict(max_new_tokens=self.max_new_tokens, do_sample=self.do_sample, num_beams=self.num_beams)
         if self.do_sample:
@@ -70,10 +94,21 @@ def batched(items: list, size: int) -> Iterator[list]:
 def stream_ids(
     model, prompt: list[int], settings: GenerationSettings, *, pad_id: int, eos_id: int
 ) -> Iterator[int]:
-    """Yields new token ids one by one for a single prompt (for chat), using the KV cache."""
-    from threading import Thread
+    """Yields new token ids one by one for a single prompt (for chat), using the KV cache.
 
+    Closing the generator early (``break``, an exception, Ctrl-C in the consumer) stops the generation
+    thread at its next step instead of letting it run on to ``max_new_tokens``.
+    """
+    from threading import Event, Thread
+
+    from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
     from transformers.generation.streamers import BaseStreamer
+
+    stop = Event()
+
+    class _Stop(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), stop.is_set(), dtype=torch.bool, device=input_ids.device)
 
     class _Queue(BaseStreamer):
         def __init__(self):
@@ -100,7 +135,12 @@ def stream_ids(
     def work():
         try:
             model.generate(
-                ids, streamer=streamer, eos_token_id=eos_id, pad_token_id=pad_id, **settings.kwargs()
+                ids,
+                streamer=streamer,
+                eos_token_id=eos_id,
+                pad_token_id=pad_id,
+                stopping_criteria=StoppingCriteriaList([_Stop()]),
+                **settings.kwargs(),
             )
         except BaseException as err:  # noqa: BLE001 - re-raised in the caller's thread
             errors.append(err)
@@ -108,10 +148,13 @@ def stream_ids(
 
     thread = Thread(target=work, daemon=True)
     thread.start()
-    while (token := streamer.queue.get()) is not None:
-        if token == eos_id:
-            break
-        yield token
-    thread.join()
+    try:
+        while (token := streamer.queue.get()) is not None:
+            if token == eos_id:
+                break
+            yield token
+    finally:
+        stop.set()
+        thread.join()
     if errors:
         raise errors[0]

@@ -68,8 +68,14 @@ class EvaluateJobConfig:
             raise ConfigError(f"batch_size={self.batch_size!r}: expected a positive integer")
         if self.split not in ("test", "validation"):
             raise ConfigError(f"split={self.split!r}: expected test / validation")
-        if getattr(self.data, f"{self.split}_file") is None:
-            raise ConfigError(f"data.{self.split}_file is not set: set data.{self.split}_file=/path/to/dev.json")
+        data_file = getattr(self.data, f"{self.split}_file")
+        if data_file is None:
+            raise ConfigError(
+                f"data.{self.split}_file is not set: set data.{self.split}_file=/path/to/dev.json"
+            )
+        if not Path(data_file).expanduser().is_file():
+            # checked here so that the mistake costs no model loading
+            raise ConfigError(f"data.{self.split}_file={data_file}: no such file")
         self.generation.validate()
         self.logger.validate()
         return self
@@ -78,12 +84,13 @@ class EvaluateJobConfig:
 # ---- where to read and where to write ----
 
 
-def resolve_checkpoint(prefix_checkpoint: str | None) -> Path:
+def resolve_checkpoint(prefix_checkpoint: str | None, key: str = "prefix_checkpoint") -> Path:
     """The checkpoint folder to evaluate.
 
     Args:
         prefix_checkpoint: a checkpoint folder (ours or the original's), a training output folder (its
             latest ``checkpoint-N``), or None for the latest checkpoint of ``outputs/default``.
+        key: how the setting is named in messages (``--prefix-checkpoint`` for the chat command).
 
     Raises:
         ConfigError: nothing to evaluate there; the message says what to run or set.
@@ -94,15 +101,15 @@ def resolve_checkpoint(prefix_checkpoint: str | None) -> Path:
         found = latest_checkpoint(DEFAULT_RUN)
         if found is None:
             raise ConfigError(
-                f"prefix_checkpoint is not set and {DEFAULT_RUN} holds no checkpoint: run `python train.py` "
-                "first or set prefix_checkpoint=/path/to/checkpoint-N"
+                f"{key} is not set and {DEFAULT_RUN} holds no checkpoint: run `python train.py` "
+                f"first or set {key}=/path/to/checkpoint-N"
             )
         return found
     path = Path(prefix_checkpoint).expanduser()
     if not path.exists():
-        raise ConfigError(f"prefix_checkpoint={prefix_checkpoint}: no such folder")
+        raise ConfigError(f"{key}={prefix_checkpoint}: no such folder")
     if not path.is_dir():
-        raise ConfigError(f"prefix_checkpoint={prefix_checkpoint}: not a folder (expected a checkpoint-N folder)")
+        raise ConfigError(f"{key}={prefix_checkpoint}: not a folder (expected a checkpoint-N folder)")
     if not any((path / name).is_file() for name in CHECKPOINT_MARKERS):
         # a training output folder: its newest checkpoint, as with the default
         found = latest_checkpoint(path)
@@ -238,7 +245,10 @@ def predict(
                 eos_id=tokenizer.eos_token_id,
             )
             new_tokens += sum(len(x) for x in ids)
-            outputs += [(i, tokenizer.decode(x, skip_special_tokens=True).strip()) for i, x in zip(chunk, ids)]
+            outputs += [
+                (i, tokenizer.decode(x, skip_special_tokens=True).strip())
+                for i, x in zip(chunk, ids, strict=True)
+            ]
             if bar is not None:
                 bar.update(len(chunk))
                 bar.set_postfix(tokens_per_s=f"{new_tokens / (time.perf_counter() - start):.1f}")
@@ -335,7 +345,8 @@ def run(cfg: EvaluateJobConfig, *, tracker=None) -> dict:
     from accelerate.utils import set_seed
 
     from ..build import load_model, load_tokenizer
-    from ..data import build_datasets
+    from ..data import DataError, build_datasets
+    from ..distributed import Collectives, LaunchError
     from ..training.checkpoint import infer_prefix_shape, load_prefix, read_prefix
     from ..training.loop import process_group_kwargs
 
@@ -348,43 +359,54 @@ def run(cfg: EvaluateJobConfig, *, tracker=None) -> dict:
     cfg.model.pre_seq_len = shape["pre_seq_len"]
     cfg.model.prefix_projection = shape.get("prefix_projection", False)
     cfg.model.validate()
+    # made by every process before any work: an unwritable folder fails at once, and on all processes alike
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"output_dir={out}: cannot create ({err.strerror or err})") from None
+    if not os.access(out, os.W_OK):
+        raise ConfigError(f"output_dir={out}: not writable")
     data_file = getattr(cfg.data, f"{cfg.split}_file")
 
     accelerator = Accelerator(kwargs_handlers=process_group_kwargs())
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world != accelerator.num_processes:
-        raise ConfigError(
-            f"launched as {world} processes but accelerate runs {accelerator.num_processes}: every process "
-            "would evaluate everything (on a machine without GPUs launch with --num_processes N without "
-            "--multi_gpu, or add --cpu)"
-        )
-    set_seed(cfg.seed, device_specific=True)
+    try:
+        comm = Collectives(accelerator)
+    except LaunchError as err:
+        raise ConfigError(str(err)) from None
+    main = comm.is_main_process
+    set_seed(cfg.seed + comm.process_index)  # sampling: a different stream on each process
     model = load_model(cfg.model, device=accelerator.device)
     tokenizer = load_tokenizer(cfg.model, vocab_size=model.config.vocab_size)
     load_prefix(model, checkpoint)
-    with accelerator.main_process_first():  # one process fills the datasets cache, the others reuse it
+    # The main process fills the datasets cache first, the others then read it. A data error is raised
+    # only after the barrier, so that every process reaches it and then fails with the same message.
+    if not main:
+        comm.barrier()
+    examples, error = None, None
+    try:
         examples = build_datasets(cfg.data, tokenizer, cfg.split).to_list()
-    accelerator.print(
-        f"evaluating {checkpoint} on {data_file} ({len(examples)} examples) with {accelerator.num_processes} "
-        f"process(es), batch_size={cfg.batch_size}, {'sampling' if cfg.generation.do_sample else 'greedy'}"
-    )
+    except DataError as err:
+        error = err
+    if main:
+        comm.barrier()
+    if error is not None:
+        raise error
+    if main:
+        print(
+            f"evaluating {checkpoint} on {data_file} ({len(examples)} examples) with {comm.num_processes} "
+            f"process(es), batch_size={cfg.batch_size}, {'sampling' if cfg.generation.do_sample else 'greedy'}"
+        )
     metrics, rows = predict(
-        model,
-        tokenizer,
-        cfg.data,
-        cfg.generation,
-        accelerator,
-        batch_size=cfg.batch_size,
-        examples=examples,
+        model, tokenizer, cfg.data, cfg.generation, comm, batch_size=cfg.batch_size, examples=examples
     )
     metrics.update(
         checkpoint=str(checkpoint),
         data_file=str(data_file),
         batch_size=cfg.batch_size,
-        num_processes=accelerator.num_processes,
+        num_processes=comm.num_processes,
         generation=asdict(cfg.generation),
     )
-    if accelerator.is_main_process:
+    if main:
         write_outputs(out, rows, metrics)
         print(format_table(metrics))
         print(f"wrote {out / PREDICTIONS_FILE} and {out / METRICS_FILE}")
@@ -397,7 +419,7 @@ def run(cfg: EvaluateJobConfig, *, tracker=None) -> dict:
                 [[r["prompt"], r["labels"], r["predict"]] for r in rows],
             )
             tracker.finish()
-    accelerator.wait_for_everyone()
+    comm.barrier()
     metrics["output_dir"] = str(out)
     return metrics
 

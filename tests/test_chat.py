@@ -1,0 +1,149 @@
+"""``python -m ptuning.chat``: multi-turn history with the training template, clear / exit, streaming that
+prints multi-byte characters whole, stopping an answer early, fitting the model's context."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from ptuning.build import base_model_name, load_model, load_tokenizer
+from ptuning.chat import BOT_PREFIX, USER_PREFIX, ChatSession, IncrementalDecoder
+from ptuning.config import ModelConfig
+from ptuning.data import build_prompt
+from ptuning.evaluation.generate import GenerationSettings
+from ptuning.training.checkpoint import export_original, prefix_metadata, save_checkpoint
+
+from .common import ROOT
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """In-process model runs of this module use one intra-op thread, restored afterwards.
+
+    The tiny model's ops take microseconds; on a small shared CPU a second thread that must wait for a
+    core makes every op wait for a scheduler slice (measured: 10 to 40x slower when the machine is busy).
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer(ModelConfig())
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model(ModelConfig())
+
+
+@pytest.fixture(scope="module")
+def original_checkpoint(tmp_path_factory, model):
+    """The model's (untrained) prefix saved as ours, then exported in the original P-Tuning v2 format."""
+    base = tmp_path_factory.mktemp("chat")
+    ours = save_checkpoint(
+        base / "run", 1, model, prefix_metadata(model.config, base_model_name(ModelConfig()))
+    )
+    export_original(ours, base / "orig")
+    (base / "orig" / "prefix_config.json").unlink()
+    return base / "orig"
+
+
+def test_two_turns_clear_and_exit_through_stdin(original_checkpoint):
+    q1, q2, q3 = "类型#裙*颜色#黑色*裙型#百褶裙", "再写一段", "上衣，棉"
+    stdin = f"{q1}\n{q2}\n\nclear\n{q3}\nexit\nnever read\n"
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ptuning.chat",
+            "--prefix-checkpoint",
+            str(original_checkpoint),
+            "--max-new-tokens",
+            "24",
+            "--show-prompt",
+        ],
+        input=stdin,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    prompts = [json.loads(line) for line in proc.stderr.splitlines() if line.startswith("{")]
+    assert [p["turn"] for p in prompts] == [0, 1, 2]  # the blank line is no turn; nothing after exit
+    # an answer may hold newlines: it runs from the bot's label to the next input prompt
+    answers = [a.strip() for a in re.findall(f"{BOT_PREFIX}(.*?)\n{USER_PREFIX}", proc.stdout, re.S)]
+    assert len(answers) == 3
+    # turn 1 carries turn 0 as history, in the template training and evaluation use
+    assert prompts[0]["prompt"] == q1
+    assert prompts[1]["prompt"] == build_prompt(q2, [(q1, answers[0])])
+    assert prompts[1]["prompt"].startswith(
+        f"[Round 0]\n问：{q1}\n答：{answers[0]}\n[Round 1]\n问：{q2}\n答："
+    )
+    # after clear the conversation starts over
+    assert "(conversation cleared)" in proc.stdout
+    assert prompts[2]["prompt"] == q3
+    assert "never read" not in proc.stdout + proc.stderr
+    assert f"prefix {original_checkpoint}" in proc.stdout
+
+
+def test_incremental_decoding_prints_whole_characters(tokenizer):
+    # 龘 and the emoji have no piece in the small vocabulary: they are spelled as 3 and 4 byte pieces
+    text = "这条黑色龘裙😀，好 看\n的  A字裙"
+    ids = tokenizer.convert_tokens_to_ids(tokenizer.tokenize(text))
+    assert len(ids) > 15
+    decoder = IncrementalDecoder(tokenizer)
+    pieces = [decoder.push(i) for i in ids]
+    assert "".join(pieces) + decoder.flush() == tokenizer.decode(ids) == text
+    assert not any("\ufffd" in p for p in pieces)
+    assert "龘" in pieces and "😀" in pieces  # each printed once, complete
+
+
+def test_history_drops_oldest_turns_to_fit_the_context(tokenizer):
+    fake = SimpleNamespace(config=SimpleNamespace(max_sequence_length=120))
+    session = ChatSession(fake, tokenizer, GenerationSettings(max_new_tokens=40))
+    session.history = [("类型#裙*颜色#黑色", "这条黑色裙子，值得入手。")] * 4
+    prompt, ids, dropped = session.prepare("再来一个")
+    assert dropped > 0 and len(ids) <= 80
+    assert prompt == build_prompt("再来一个", session.history[dropped:])
+    from ptuning.config import ConfigError
+
+    with pytest.raises(ConfigError, match="at most 80 fit with --max-new-tokens 40"):
+        session.prepare("裙" * 200)
+
+
+def test_stopping_an_answer_early_ends_generation_and_keeps_no_history(model, tokenizer):
+    session = ChatSession(model, tokenizer, GenerationSettings(max_new_tokens=400))
+    before = threading.active_count()
+    prompt, ids, _ = session.prepare("类型#裙*颜色#黑色")
+    answer = session.reply("类型#裙*颜色#黑色", ids)
+    next(answer)
+    answer.close()
+    assert threading.active_count() == before  # the generation thread stopped and was joined
+    assert session.history == []
+    full = "".join(session.reply("类型#裙*颜色#黑色", ids))
+    assert session.history == [("类型#裙*颜色#黑色", full.strip())]
+
+
+def test_bad_prefix_path_is_one_line(capsys):
+    from ptuning.chat import main
+
+    assert main(["--prefix-checkpoint", "/no/such/checkpoint"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: --prefix-checkpoint=/no/such/checkpoint: no such folder"]
+    assert main(["--no-prefix", "--top-p", "1.5"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --top-p=1.5: expected a number in (0, 1]"

@@ -1,0 +1,273 @@
+"""``python evaluate.py`` end to end on a briefly trained prefix: files, input order, one vs two processes,
+the original checkpoint format, where outputs may go, user mistakes, wandb."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from accelerate.state import AcceleratorState, GradientState, PartialState
+from hydra import compose, initialize_config_dir
+
+from hydra_entry import CONF_DIR, to_object
+from ptuning.config import ConfigError
+from ptuning.evaluation.metrics import METRIC_NAMES
+from ptuning.evaluation.run import resolve_checkpoint, resolve_output_dir, run
+from ptuning.training import export_original
+from ptuning.training import run as train_run
+
+from .common import ROOT, read_wandb_history
+from .test_configs import compose_train
+
+DEV = ROOT / "data" / "adgen_sample" / "dev.json"
+# Few rows and short answers keep every run at a few seconds; 21 rows split unevenly over 2 processes
+# and over batches of 4, so gathering and batching are both exercised.
+SMALL = ["data.max_eval_samples=21", "generation.max_new_tokens=24", "batch_size=4"]
+SCORES = (*METRIC_NAMES, "num_samples", "num_empty_predictions", "new_tokens")
+
+
+def reset_accelerate() -> None:
+    # accelerate keeps process-wide singletons; each in-process job must start from scratch
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
+def subprocess_env() -> dict:
+    env = dict(os.environ)
+    # CPU only, one thread per process: identical numbers everywhere, and no thread oversubscription on
+    # the small shared CI machines (two processes x several threads each is many times slower)
+    env.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", WANDB_MODE="disabled")
+    return env
+
+
+def evaluate_py(*overrides, launcher=(sys.executable,)) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [*launcher, "evaluate.py", *overrides],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=subprocess_env(),
+    )
+
+
+def compose_evaluate(overrides) -> object:
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return to_object(compose("evaluate", overrides=list(overrides)))
+
+
+def folder_digest(folder) -> dict:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+def read_jsonl(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """In-process model runs of this module use one intra-op thread, restored afterwards.
+
+    The tiny model's ops take microseconds; on a small shared CPU a second thread that must wait for a
+    core makes every op wait for a scheduler slice (measured: 10 to 40x slower when the machine is busy).
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A prefix trained for 6 steps: ``run/checkpoint-3`` and ``run/checkpoint-6``."""
+    base = tmp_path_factory.mktemp("eval")
+    overrides = [
+        f"train.output_dir={base / 'run'}",
+        f"data.cache_dir={base / 'cache'}",
+        "data.max_train_samples=64",
+        "data.max_eval_samples=8",
+        "train.max_steps=6",
+        "train.per_device_batch_size=4",
+        "train.save_steps=3",
+        "train.save_total_limit=null",
+        "train.eval_generation=false",
+        "train.eval_before_training=false",
+        "train.eval_steps=null",
+        "train.plot=false",
+    ]
+    reset_accelerate()
+    result = train_run(to_object(compose_train(overrides)))
+    assert result.checkpoint == base / "run" / "checkpoint-6"
+    return base
+
+
+@pytest.fixture(scope="module")
+def single(trained):
+    """``python evaluate.py`` in one process, default output folder."""
+    checkpoint = trained / "run" / "checkpoint-6"
+    before = folder_digest(checkpoint)
+    proc = evaluate_py(f"prefix_checkpoint={checkpoint}", f"data.cache_dir={trained / 'cache'}", *SMALL)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert folder_digest(checkpoint) == before  # the checkpoint is read, never written
+    return proc, trained / "run" / "eval-checkpoint-6"
+
+
+def test_files_in_input_order_beside_the_checkpoint(single, trained):
+    proc, out = single
+    assert sorted(p.name for p in out.iterdir()) == ["generated_predictions.jsonl", "metrics.json"]
+    assert not (trained / "run" / "checkpoint-6" / "generated_predictions.jsonl").exists()
+    raw = (out / "generated_predictions.jsonl").read_text(encoding="utf-8")
+    assert "\\u" not in raw and "类型#" in raw  # UTF-8, not escaped
+    rows = [json.loads(line) for line in raw.splitlines()]
+    source = [json.loads(line) for line in DEV.read_text(encoding="utf-8").splitlines()[:21]]
+    assert [list(r) for r in rows] == [["prompt", "labels", "predict"]] * 21
+    assert [r["prompt"] for r in rows] == [s["content"] for s in source]
+    assert [r["labels"] for r in rows] == [s["summary"] for s in source]
+    assert all(isinstance(r["predict"], str) for r in rows)
+    assert sum(1 for r in rows if r["predict"].strip()) > 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in METRIC_NAMES:
+        assert 0.0 <= metrics[key] <= 100.0, key
+    assert metrics["num_samples"] == 21 and metrics["num_processes"] == 1
+    assert metrics["new_tokens"] > 0 and metrics["new_tokens_per_s"] > 0
+    assert metrics["checkpoint"].endswith("checkpoint-6")
+    # the short table on stdout
+    assert "| bleu-4 | rouge-1 | rouge-2 | rouge-l |" in proc.stdout
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.multiproc
+def test_two_processes_give_the_same_predictions_and_metrics(single, trained):
+    _, out = single
+    two = trained / "two"
+    # On a machine without GPUs, `--cpu` / MULTI_CPU configs start one process (accelerate's simple launcher);
+    # torchrun through --multi_gpu starts two, and the job syncs them over gloo.
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    proc = evaluate_py(
+        f"prefix_checkpoint={trained / 'run'}",  # a run folder: its latest checkpoint
+        f"data.cache_dir={trained / 'cache'}",
+        f"output_dir={two}",
+        *SMALL,
+        launcher=launcher,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert read_jsonl(two / "generated_predictions.jsonl") == read_jsonl(out / "generated_predictions.jsonl")
+    one_metrics = json.loads((out / "metrics.json").read_text())
+    two_metrics = json.loads((two / "metrics.json").read_text())
+    assert two_metrics["num_processes"] == 2
+    assert {k: two_metrics[k] for k in SCORES} == {k: one_metrics[k] for k in SCORES}
+    assert proc.stdout.count("| bleu-4 |") == 1  # only the main process reports and writes
+
+
+def test_original_format_checkpoint_gives_identical_predictions(single, trained):
+    _, out = single
+    orig = trained / "orig"
+    export_original(trained / "run" / "checkpoint-6", orig)
+    (orig / "prefix_config.json").unlink()  # as the original script left it: pytorch_model.bin only
+    cfg = compose_evaluate([f"prefix_checkpoint={orig}", f"data.cache_dir={trained / 'cache'}", *SMALL])
+    reset_accelerate()
+    metrics = run(cfg)
+    assert metrics["output_dir"] == str(trained / "eval-orig")
+    assert read_jsonl(trained / "eval-orig" / "generated_predictions.jsonl") == read_jsonl(
+        out / "generated_predictions.jsonl"
+    )
+    assert sorted(p.name for p in orig.iterdir()) == ["pytorch_model.bin"]
+
+
+def test_output_dir_is_never_a_checkpoint_or_training_folder(trained):
+    run_dir = trained / "run"
+    checkpoint = run_dir / "checkpoint-6"
+    assert resolve_output_dir(checkpoint, None) == run_dir / "eval-checkpoint-6"
+    assert resolve_output_dir(checkpoint, str(trained / "new")) == trained / "new"
+    refused = {
+        str(checkpoint): "inside the checkpoint being evaluated",
+        str(checkpoint / "eval"): "inside the checkpoint being evaluated",
+        str(run_dir / "checkpoint-3"): "it is a checkpoint folder",
+        str(run_dir / "checkpoint-3" / "sub"): "inside the checkpoint folder",
+        str(run_dir): "training output folder",
+        str(ROOT / "data" / "tiny-chatglm"): "training outputs or model files",
+        str(run_dir / "train_log.jsonl"): "not a folder",
+    }
+    for output_dir, why in refused.items():
+        with pytest.raises(ConfigError, match=why):
+            resolve_output_dir(checkpoint, output_dir)
+    assert not (checkpoint / "eval").exists() and not (run_dir / "checkpoint-3" / "sub").exists()
+
+
+def test_default_checkpoint_is_the_latest_of_outputs_default(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=r"outputs/default holds no checkpoint: run `python train.py`"):
+        resolve_checkpoint(None)
+    for step in (3, 10, 6):
+        (tmp_path / "outputs" / "default" / f"checkpoint-{step}").mkdir(parents=True)
+    assert resolve_checkpoint(None).name == "checkpoint-10"
+    assert resolve_checkpoint("outputs/default").name == "checkpoint-10"
+    with pytest.raises(ConfigError, match="no such folder"):
+        resolve_checkpoint("outputs/other")
+
+
+def test_missing_checkpoint_exits_with_one_line(trained):
+    proc = evaluate_py("prefix_checkpoint=/no/such/checkpoint", f"output_dir={trained / 'mistake'}")
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: prefix_checkpoint=/no/such/checkpoint: no such folder"], proc.stderr
+    assert not (trained / "mistake").exists()
+
+
+def test_data_mistakes_name_the_key_or_line(trained):
+    from ptuning.data import DataError
+
+    base = [f"prefix_checkpoint={trained / 'run'}", f"output_dir={trained / 'mistake'}"]
+    with pytest.raises(ConfigError, match="data.test_file=missing.json: no such file"):
+        run(compose_evaluate([*base, "data.test_file=missing.json"]))
+    with pytest.raises(ConfigError, match="data.test_file is not set"):
+        run(compose_evaluate([*base, "data.test_file=null"]))
+    with pytest.raises(ConfigError, match=r"generation.top_p=0.0: expected a number in \(0, 1\]"):
+        run(compose_evaluate([*base, "generation.top_p=0"]))
+    reset_accelerate()
+    with pytest.raises(DataError, match="dev.json, line 1: no column 'question'"):
+        run(compose_evaluate([*base, f"data.cache_dir={trained / 'cache'}", "data.prompt_column=question"]))
+
+
+def test_wandb_offline_logs_metrics_and_predictions_table(trained, tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc key: offline
+    from ptuning.training.tracking import make_tracker
+
+    cfg = compose_evaluate(
+        [
+            f"prefix_checkpoint={trained / 'run' / 'checkpoint-3'}",
+            f"data.cache_dir={trained / 'cache'}",
+            f"output_dir={tmp_path / 'out'}",
+            "data.max_eval_samples=4",
+            "generation.max_new_tokens=8",
+            "logger=wandb",
+        ]
+    )
+    reset_accelerate()
+    metrics = run(cfg, tracker=make_tracker(cfg))
+    runs = list((tmp_path / "out" / "wandb").glob("offline-run-*/*.wandb"))
+    assert len(runs) == 1
+    # wandb's service process may still be appending the records when finish() has returned
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            history = read_wandb_history(runs[0])
+        except Exception:  # a record cut in the middle of being written: read again
+            history = []
+        logged = {k: v for row in history for k, v in row.items()}
+        if "bleu-4" in logged or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert logged["bleu-4"] == pytest.approx(metrics["bleu-4"]), history
+    assert logged["predictions/_type"] == "table-file" and logged["predictions/nrows"] == 4
