@@ -51,8 +51,9 @@ class IncrementalDecoder:
         return self._advance(text)
 
     def flush(self) -> str:
-        """The text still held back at the end of the answer (e.g. a byte sequence left incomplete)."""
-        return self._advance(self._decode())
+        """The text still held back at the end of the answer. A byte sequence the model never completed
+        is no character: it is dropped rather than shown as U+FFFD."""
+        return self._advance(self._decode().rstrip("\ufffd"))
 
     def _advance(self, text: str) -> str:
         if text.startswith(self.printed):
@@ -66,8 +67,8 @@ class IncrementalDecoder:
 
     @property
     def text(self) -> str:
-        """The whole answer so far."""
-        return self._decode()
+        """The whole answer printed so far."""
+        return self.printed
 
 
 class ChatSession:
@@ -198,6 +199,8 @@ def load(args: argparse.Namespace):
     dtype = args.dtype
     if dtype == "auto":
         dtype = "bfloat16" if device.type == "cuda" else "float32"
+    if args.model_path is not None and not Path(args.model_path).expanduser().is_dir():
+        raise ConfigError(f"--model-path={args.model_path}: no such folder (expected a ChatGLM-6B folder)")
     cfg = ModelConfig(path=args.model_path, dtype=dtype)
     cfg.validate()
     checkpoint = None

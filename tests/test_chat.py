@@ -111,6 +111,10 @@ def test_incremental_decoding_prints_whole_characters(tokenizer):
     assert "".join(pieces) + decoder.flush() == tokenizer.decode(ids) == text
     assert not any("\ufffd" in p for p in pieces)
     assert "龘" in pieces and "😀" in pieces  # each printed once, complete
+    # an answer that ends inside a character (the model stopped after 2 of its 3 bytes) drops the remainder
+    cut = IncrementalDecoder(tokenizer)
+    shown = [cut.push(i) for i in ids[:3]]
+    assert shown == ["这条黑色", "", ""] and cut.flush() == "" and cut.text == "这条黑色"
 
 
 def test_history_drops_oldest_turns_to_fit_the_context(tokenizer):
@@ -145,5 +149,7 @@ def test_bad_prefix_path_is_one_line(capsys):
     assert main(["--prefix-checkpoint", "/no/such/checkpoint"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["error: --prefix-checkpoint=/no/such/checkpoint: no such folder"]
+    assert main(["--model-path", "/no/such/model"]) == 2
+    assert capsys.readouterr().err.startswith("error: --model-path=/no/such/model: no such folder")
     assert main(["--no-prefix", "--top-p", "1.5"]) == 2
     assert capsys.readouterr().err.strip() == "error: --top-p=1.5: expected a number in (0, 1]"
