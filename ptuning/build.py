@@ -25,15 +25,32 @@ def weights_digest(folder: Path) -> str:
 
 
 def load_model(cfg: ModelConfig, **overrides) -> ChatGLMForConditionalGeneration:
-    """The frozen backbone in ``cfg.dtype`` with a float32 prefix of ``cfg.pre_seq_len``."""
-    return ChatGLMForConditionalGeneration.from_pretrained(
+    """The frozen backbone in ``cfg.dtype`` with a float32 prefix of ``cfg.pre_seq_len``.
+
+    With ``cfg.quantization_bit`` 8 or 4 the block linears are quantized at load time and the rest of the
+    backbone is 16-bit (bfloat16 when ``cfg.dtype`` is float32), see :mod:`ptuning.model.quantization`.
+    """
+    dtype = getattr(torch, cfg.dtype)
+    device = None
+    if cfg.quantization_bit:
+        if dtype == torch.float32:
+            dtype = torch.bfloat16  # load straight in 16 bits: a float32 copy of the real model would not fit
+        # quantize on the target device (a GPU when there is one) one linear at a time, so the 16-bit backbone
+        # never has to fit there; NF4 of ChatGLM-6B takes seconds on a GPU and tens of minutes on a CPU
+        device = overrides.pop("device", None) or ("cuda" if torch.cuda.is_available() else None)
+    model = ChatGLMForConditionalGeneration.from_pretrained(
         cfg.resolved_path,
-        dtype=getattr(torch, cfg.dtype),
+        dtype=dtype,
         pre_seq_len=cfg.pre_seq_len,
         prefix_projection=cfg.prefix_projection,
         prefix_dropout=cfg.prefix_dropout,
         **overrides,
     )
+    if cfg.quantization_bit:
+        from .model.quantization import quantize_backbone  # imports torchao only when asked for
+
+        quantize_backbone(model, cfg.quantization_bit, device=device)
+    return model
 
 
 def load_tokenizer(cfg: ModelConfig, vocab_size: int | None = None):

@@ -1,0 +1,285 @@
+"""Memory of P-Tuning v2 training from the model shape alone: weight bytes and the peak of a train step at
+fp32 / bf16 / int8 / int4 (``python -m ptuning.memory``).
+
+The estimate counts the tensors a train step holds at its peak, which is the start of the backward pass
+(the loss's gradient against the vocabulary), when every saved activation is still alive:
+
+* **weights**: exactly as :func:`ptuning.model.quantization.weight_bytes` counts them (torchao int8 = 1 byte
+  per weight + a float32 scale and an int8 zero point per output channel; NF4 = half a byte per weight +
+  an int8 scale per 64 weights + the scales' own scales); biases, norms, embeddings and ``lm_head`` in the
+  compute dtype (float32 for fp32, else 16-bit); the prefix in float32;
+* **prefix training state**: its gradient and AdamW's two moments (float32);
+* **activations** autograd saves per block for the gradient of the input only (the backbone is frozen):
+  both layer-norm inputs and statistics, the query, the keys and values including the prefix, the attention
+  output and its log-sum-exp, the float attention mask SDPA builds, the GELU input; with gradient
+  checkpointing only each block's input, plus one block recomputed during the backward;
+* **logits**: for ``model(ids, labels=...)``, the ``[B, S, V]`` logits in the compute dtype (the output keeps
+  them) and three float32 ``[B, S-1, V]`` tensors of the loss (log-softmax output, its gradient and the
+  gradient of its input); when only the ``n`` positions per example that predict a target are projected
+  (``logit_positions``), the three float32 ``[B·n, V]`` tensors alone.
+
+Process overhead (the CUDA context or the CPU process's own RSS) is not included. The default shape is the
+real ChatGLM-6B with the original's P-Tuning v2 recipe (pre_seq_len 128, batch 1, 64 + 64 tokens).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import asdict, dataclass
+
+SETTINGS = ("fp32", "bf16", "int8", "int4")
+NF4_BLOCK = 64
+NF4_SCALER_BLOCKS = (256, 128, 64, 32, 16, 8, 4, 2, 1)
+GIB = 2**30
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the estimate needs: the architecture, the prefix and the batch. Defaults: real ChatGLM-6B."""
+
+    vocab: int = 130528
+    hidden: int = 4096
+    layers: int = 28
+    heads: int = 32
+    inner: int = 16384
+    pre_seq_len: int = 128
+    prefix_projection: bool = False
+    tied_embeddings: bool = False
+    batch: int = 1
+    seq: int = 128
+    checkpointing: bool = False
+    logit_positions: int | None = None  # project only this many positions per example to the vocabulary
+
+    @classmethod
+    def from_config(cls, config, **overrides) -> ModelShape:
+        """The shape of a :class:`~ptuning.model.ChatGLMConfig`; ``overrides`` set batch, seq, checkpointing..."""
+        values = dict(
+            vocab=config.vocab_size,
+            hidden=config.hidden_size,
+            layers=config.num_layers,
+            heads=config.num_attention_heads,
+            inner=config.inner_hidden_size,
+            pre_seq_len=config.pre_seq_len or 0,
+            prefix_projection=bool(config.prefix_projection),
+            tied_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+        )
+        values.update(overrides)
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """Bytes of each part of a train step's peak; ``total`` is their sum."""
+
+    setting: str
+    weights: int
+    prefix_state: int
+    activations: int
+    logits: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.prefix_state + self.activations + self.logits
+
+
+def compute_bytes(setting: str) -> int:
+    """Bytes per element of everything but the prefix: float32 for fp32, else 16-bit."""
+    if setting not in SETTINGS:
+        raise ValueError(f"setting {setting!r}: expected one of {', '.join(SETTINGS)}")
+    return 4 if setting == "fp32" else 2
+
+
+def _linear_weight_bytes(rows: int, cols: int, setting: str) -> int:
+    n = rows * cols
+    if setting == "int8":
+        return n + rows * (4 + 1)  # int8 codes, float32 scale and int8 zero point per output channel
+    if setting == "int4":
+        blocks = n // NF4_BLOCK
+        scaler_block = next(s for s in NF4_SCALER_BLOCKS if blocks % s == 0)
+        # codes two per byte, an int8 scale per block, a 16-bit factor per scaler block, the mean, the 16-entry table
+        return n // 2 + blocks + 2 * (blocks // scaler_block) + 2 + 2 * 16
+    return n * compute_bytes(setting)
+
+
+def prefix_bytes(shape: ModelShape) -> int:
+    """The prefix encoder's float32 parameters."""
+    if not shape.pre_seq_len:
+        return 0
+    kv = 2 * shape.layers * shape.hidden
+    if shape.prefix_projection:
+        h = shape.hidden
+        return 4 * (shape.pre_seq_len * h + h * h + h + h * kv + kv)
+    return 4 * shape.pre_seq_len * kv
+
+
+def weight_bytes(shape: ModelShape, setting: str) -> int:
+    """Bytes of every weight of the model at ``setting`` (fp32, bf16, int8 or int4)."""
+    c = compute_bytes(setting)
+    d, inner = shape.hidden, shape.inner
+    linears = [(3 * d, d), (d, d), (inner, d), (d, inner)]  # (out, in): qkv, dense, h->4h, 4h->h
+    per_layer = sum(_linear_weight_bytes(r, k, setting) + r * c for r, k in linears)  # weights + biases
+    per_layer += 2 * 2 * d * c  # two layer norms
+    embeddings = shape.vocab * d * c * (1 if shape.tied_embeddings else 2)
+    return shape.layers * per_layer + 2 * d * c + embeddings + prefix_bytes(shape)
+
+
+def _block_activation_bytes(shape: ModelShape, c: int) -> int:
+    """What autograd keeps for one block's backward to its input."""
+    b, s, d = shape.batch, shape.seq, shape.hidden
+    t, k = b * s, shape.pre_seq_len + s
+    return (
+        c * t * (2 * d + 4)  # two layer-norm inputs, their mean and rstd
+        + c * t * 2 * d  # query, attention output
+        + c * 2 * b * k * d  # keys and values, prefix included
+        + 4 * b * shape.heads * s  # attention log-sum-exp (float32)
+        + c * b * s * k  # the float mask SDPA makes of the bool mask
+        + c * t * shape.inner  # GELU input
+    )
+
+
+def estimate(shape: ModelShape, setting: str) -> Estimate:
+    """The peak of one train step (forward, backward, AdamW on the prefix) at ``setting``."""
+    c = compute_bytes(setting)
+    b, s, d = shape.batch, shape.seq, shape.hidden
+    t = b * s
+    block = _block_activation_bytes(shape, c)
+    prefix_kv = b * shape.pre_seq_len * 2 * shape.layers * d  # elements of the per-layer prefix keys/values
+    shared = (
+        c * 2 * t * shape.hidden // shape.heads  # rotary cos/sin tables
+        + b * s * (shape.pre_seq_len + s)  # the bool mask
+        + prefix_kv  # the prefix dropout's mask (bool)
+        + c * t * (d + 2)  # the final layer norm's input and statistics
+        + 8 * t  # the token ids the embedding keeps
+    )
+    if shape.checkpointing:
+        # each block keeps its input and the prefix tensors it was given; one block is recomputed at a time
+        activations = shared + shape.layers * c * t * d + c * prefix_kv + block
+    else:
+        activations = shared + shape.layers * block
+    if shape.logit_positions is None:
+        logits = c * t * shape.vocab + 3 * 4 * b * (s - 1) * shape.vocab
+    else:
+        logits = 3 * 4 * b * shape.logit_positions * shape.vocab
+    return Estimate(
+        setting=setting,
+        weights=weight_bytes(shape, setting),
+        prefix_state=3 * prefix_bytes(shape),
+        activations=activations,
+        logits=logits,
+    )
+
+
+def table(shape: ModelShape, settings=SETTINGS) -> str:
+    """A markdown table of the estimate at each setting (GiB)."""
+    rows = [
+        "| setting | weights GiB | prefix + AdamW GiB | activations GiB | logits + loss GiB | training peak GiB |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for setting in settings:
+        e = estimate(shape, setting)
+        rows.append(
+            f"| {setting} | {e.weights / GIB:.2f} | {e.prefix_state / GIB:.3f} | {e.activations / GIB:.3f} | "
+            f"{e.logits / GIB:.3f} | {e.total / GIB:.2f} |"
+        )
+    return "\n".join(rows)
+
+
+def _shape_from_args(args: argparse.Namespace) -> ModelShape:
+    if args.config:
+        from .model import ChatGLMConfig
+
+        config = ChatGLMConfig.from_pretrained(args.config)
+        base = ModelShape.from_config(config)
+    else:
+        base = ModelShape()
+    overrides = {
+        key: value
+        for key, value in dict(
+            pre_seq_len=args.pre_seq_len,
+            prefix_projection=args.prefix_projection,
+            tied_embeddings=args.tied_embeddings,
+            batch=args.batch,
+            seq=args.seq,
+            checkpointing=args.gradient_checkpointing,
+            logit_positions=args.logit_positions,
+        ).items()
+        if value is not None
+    }
+    values = asdict(base)
+    values.update(overrides)
+    return ModelShape(**values)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m ptuning.memory",
+        description="Estimated weight bytes and P-Tuning v2 training peak memory at fp32 / bf16 / int8 / int4, "
+        "from the model shape alone (default: the real ChatGLM-6B, pre_seq_len 128, batch 1, 64 + 64 tokens).",
+    )
+    parser.add_argument(
+        "--config", help="a ChatGLM config.json or model folder (default: the ChatGLM-6B shape)"
+    )
+    parser.add_argument("--pre-seq-len", type=int)
+    parser.add_argument("--prefix-projection", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument(
+        "--tied-embeddings",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="lm_head shares the word embeddings (default: separate, as ChatGLMConfig)",
+    )
+    parser.add_argument("--batch", type=int)
+    parser.add_argument("--seq", type=int, help="tokens per example (source + target)")
+    parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument(
+        "--logit-positions",
+        type=int,
+        help="project only this many positions per example (those that predict a target) to the vocabulary "
+        "(default: every position, and the logits kept, as model(ids, labels=...) does)",
+    )
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    args = parser.parse_args(argv)
+    shape = _shape_from_args(args)
+    for key in ("batch", "seq", "layers", "hidden", "heads", "inner", "vocab"):
+        if getattr(shape, key) <= 0:
+            parser.error(f"{key} must be positive, got {getattr(shape, key)}")
+    if shape.pre_seq_len < 0 or shape.seq < 2:
+        parser.error("pre_seq_len must be >= 0 and seq >= 2")
+    if shape.logit_positions is not None and not 0 < shape.logit_positions < shape.seq:
+        parser.error("logit_positions must be between 1 and seq - 1")
+    if args.json:
+        out = {s: {**asdict(estimate(shape, s)), "total": estimate(shape, s).total} for s in SETTINGS}
+        print(json.dumps({"shape": asdict(shape), "estimate_bytes": out}, indent=2))
+        return
+    print(
+        f"ChatGLM shape: vocab {shape.vocab}, hidden {shape.hidden}, {shape.layers} layers, {shape.heads} heads, "
+        f"inner {shape.inner}; pre_seq_len {shape.pre_seq_len}{' with projection' if shape.prefix_projection else ''}, "
+        f"batch {shape.batch} x {shape.seq} tokens, gradient checkpointing {'on' if shape.checkpointing else 'off'}, "
+        f"logits at {shape.logit_positions or 'all'} positions per example"
+    )
+    print()
+    print(table(shape))
+    print()
+    print("Tensors only: add the process overhead (CUDA context ~0.5 GiB; CPU process ~0.4 GiB RSS).")
+    print(
+        f"Parameters: {_param_count(shape) / 1e9:.2f} B (embeddings {'tied' if shape.tied_embeddings else 'separate'})."
+    )
+
+
+def _param_count(shape: ModelShape) -> float:
+    d, inner = shape.hidden, shape.inner
+    block = 4 * d * d + 2 * d * inner + 3 * d + d + inner + d + 4 * d
+    return (
+        shape.layers * block
+        + 2 * d
+        + shape.vocab * d * (1 if shape.tied_embeddings else 2)
+        + prefix_bytes(shape) / 4
+    )
+
+
+if __name__ == "__main__":
+    main()
+
+
+__all__ = ["SETTINGS", "Estimate", "ModelShape", "compute_bytes", "estimate", "math", "table", "weight_bytes"]

@@ -1,0 +1,342 @@
+"""peft in both directions (adapter export/import, peft's own prefix tuning and LoRA on our model) and the
+full-model export in the original layout."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from peft import LoraConfig, PeftConfig, PeftModel, PrefixTuningConfig, TaskType, get_peft_model
+from peft.utils import load_peft_weights, set_peft_model_state_dict
+from safetensors import safe_open
+
+from ptuning import export as export_cli
+from ptuning.build import load_model
+from ptuning.config import ModelConfig
+from ptuning.interop import export_full, export_peft, import_peft, load_peft_prefix, read_peft_adapter
+from ptuning.model import ChatGLMForConditionalGeneration, CheckpointError, tiny_config
+from ptuning.model.layers import rotary_inv_freq
+from ptuning.training.checkpoint import load_prefix, prefix_metadata, save_checkpoint
+
+from .common import ASSETS
+from .test_model import batch
+
+BASE = ASSETS / "parity" / "tiny-base"
+PTUNING = ASSETS / "parity" / "tiny-ptuning"
+KEY = "transformer.prefix_encoder.embedding.weight"
+
+
+def prefixed_model(projection=False, pre_seq_len=5, dropout=0.0):
+    """A tiny ChatGLM with random backbone and prefix (N(0, 1) embedding, as the original initialises it)."""
+    torch.manual_seed(1)
+    config = tiny_config(pre_seq_len=pre_seq_len, prefix_projection=projection, prefix_dropout=dropout)
+    return ChatGLMForConditionalGeneration(config).eval()
+
+
+def backbone_copy(model, **config_overrides):
+    """The same backbone with another prefix setting (none by default); prefix weights are not copied."""
+    values = {**model.config.to_dict(), "pre_seq_len": None, "prefix_projection": False, **config_overrides}
+    other = ChatGLMForConditionalGeneration(model.config.__class__.from_dict(values)).eval()
+    other.load_state_dict(
+        {k: v for k, v in model.state_dict().items() if "prefix_encoder" not in k}, strict=False
+    )
+    return other
+
+
+def logits(model, ids, mask=None):
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask).logits
+
+
+def padded_batch(config):
+    ids, labels = batch(config, rows=3, prompt=7, target=5)
+    mask = (ids != config.pad_token_id).long()
+    return ids, labels, mask
+
+
+# ---- peft adapter export / import ----
+
+
+@pytest.mark.parametrize("projection", [False, True])
+def test_peft_export_reads_with_peft_and_imports_to_identical_logits(tmp_path, projection):
+    model = prefixed_model(projection)
+    config = model.config
+    out = export_peft(model, tmp_path / "adapter", base_model_name_or_path="tiny")
+    assert sorted(p.name for p in out.iterdir()) == [
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ] or sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+
+    # peft's own readers
+    peft_config = PeftConfig.from_pretrained(str(out))
+    assert peft_config.peft_type == "PREFIX_TUNING" and peft_config.task_type == "CAUSAL_LM"
+    assert (peft_config.num_virtual_tokens, peft_config.token_dim, peft_config.num_layers) == (5, 64, 2)
+    assert (peft_config.num_attention_heads, peft_config.encoder_hidden_size) == (4, 64)
+    assert peft_config.prefix_projection is projection
+    raw = json.loads((out / "adapter_config.json").read_text())
+    for key in (
+        "num_virtual_tokens",
+        "token_dim",
+        "num_layers",
+        "num_attention_heads",
+        "encoder_hidden_size",
+        "prefix_projection",
+        "task_type",
+        "peft_type",
+    ):
+        assert key in raw, key
+    weights = load_peft_weights(str(out), device="cpu")
+    with torch.no_grad():
+        expected = model.transformer.prefix_encoder()
+    assert list(weights) == ["prompt_embeddings"]
+    assert weights["prompt_embeddings"].shape == (5, 2 * config.num_layers * config.hidden_size)
+    assert torch.equal(weights["prompt_embeddings"], expected)
+    # peft's state-dict loader accepts it on a peft model of our ChatGLM (inference mode, as from_pretrained)
+    peft_model = get_peft_model(
+        backbone_copy(model), PrefixTuningConfig(**{**peft_config.to_dict(), "inference_mode": True})
+    )
+    set_peft_model_state_dict(peft_model, weights)
+    assert torch.equal(peft_model.prompt_encoder["default"].embedding.weight, expected)
+
+    # back as a projection-free prefix: identical logits
+    ids, _, mask = padded_batch(config)
+    imported = backbone_copy(model, pre_seq_len=5, prefix_projection=False)
+    load_peft_prefix(imported, out)
+    assert torch.equal(logits(imported, ids, mask), logits(model, ids, mask))
+    # and through our checkpoint format
+    ckpt = import_peft(out, tmp_path / "ckpt", imported.config, base_model="tiny")
+    again = backbone_copy(model, pre_seq_len=5, prefix_projection=False)
+    load_prefix(again, ckpt)
+    assert torch.equal(logits(again, ids), logits(model, ids))
+
+
+def test_peft_from_pretrained_on_our_model_gives_our_logits(tmp_path):
+    model = prefixed_model()
+    export_peft(model, tmp_path / "adapter")
+    peft_model = PeftModel.from_pretrained(backbone_copy(model), str(tmp_path / "adapter")).eval()
+    ids, _, mask = padded_batch(model.config)
+    with torch.no_grad():
+        assert torch.equal(peft_model(input_ids=ids, attention_mask=mask).logits, logits(model, ids, mask))
+        assert torch.equal(peft_model(input_ids=ids).logits, logits(model, ids))
+
+
+def test_import_refuses_adapters_that_do_not_fit(tmp_path):
+    model = prefixed_model()
+    export_peft(model, tmp_path / "adapter")
+    with pytest.raises(CheckpointError, match="pre_seq_len=3"):
+        load_peft_prefix(backbone_copy(model, pre_seq_len=3), tmp_path / "adapter")
+    wider = ChatGLMForConditionalGeneration(tiny_config(hidden_size=128, pre_seq_len=5))
+    with pytest.raises(CheckpointError, match="token_dim=64 but the model has hidden_size=128"):
+        load_peft_prefix(wider, tmp_path / "adapter")
+    LoraConfig(r=2, target_modules=["query_key_value"]).save_pretrained(str(tmp_path / "lora"))
+    with pytest.raises(CheckpointError, match="LORA adapter"):
+        read_peft_adapter(tmp_path / "lora")
+
+
+# ---- peft as a client of our model ----
+
+
+def peft_twin(model):
+    """peft's prefix tuning on the backbone of ``model``, with the same prefix values."""
+    peft_model = get_peft_model(
+        backbone_copy(model),
+        PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=model.config.pre_seq_len),
+    )
+    with torch.no_grad():
+        peft_model.prompt_encoder["default"].embedding.weight.copy_(model.transformer.prefix_encoder())
+    return peft_model
+
+
+def test_peft_prompt_layout_is_ours():
+    model = prefixed_model()
+    peft_model = peft_twin(model)
+    cache = peft_model.get_prompt(batch_size=2)
+    ours = model.transformer.prefix_key_values(2, torch.float32)
+    assert len(cache.layers) == len(ours) == model.config.num_layers
+    for layer, (key, value) in zip(cache.layers, ours, strict=True):
+        assert torch.equal(layer.keys, key) and torch.equal(
+            layer.values, value
+        )  # [B, N, P, D], key 2l, value 2l+1
+
+
+def test_peft_prefix_tuning_equals_our_prefix_in_logits_loss_and_gradient():
+    model = prefixed_model()
+    peft_model = peft_twin(model)
+    ids, labels, mask = padded_batch(model.config)
+    peft_model.eval()
+    with torch.no_grad():
+        assert torch.equal(peft_model(input_ids=ids, attention_mask=mask).logits, logits(model, ids, mask))
+        assert torch.equal(peft_model(input_ids=ids).logits, logits(model, ids))
+
+    for m in (model, peft_model):
+        m.train()
+    model.transformer.requires_grad_(False)
+    model.lm_head.requires_grad_(False)
+    model.transformer.prefix_encoder.requires_grad_(True)
+    ours = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    theirs = peft_model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    assert torch.equal(ours, theirs)
+    ours.backward()
+    theirs.backward()
+    assert [n for n, p in peft_model.named_parameters() if p.grad is not None] == [
+        "prompt_encoder.default.embedding.weight"
+    ]
+    grad = peft_model.prompt_encoder["default"].embedding.weight.grad
+    assert torch.allclose(grad, model.transformer.prefix_encoder.embedding.weight.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_peft_prefix_with_gradient_checkpointing_and_with_our_own_prefix():
+    model = prefixed_model()
+    peft_model = peft_twin(model)
+    ids, labels, mask = padded_batch(model.config)
+    peft_model.train()
+    plain = peft_model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    peft_model.base_model.gradient_checkpointing_enable()
+    checkpointed = peft_model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    assert torch.equal(plain, checkpointed)  # the layers drop caches there; the prefix still counts
+    checkpointed.backward()
+    assert peft_model.prompt_encoder["default"].embedding.weight.grad.abs().sum() > 0
+    # both prefixes at once: ours first, then peft's
+    stacked = get_peft_model(
+        backbone_copy(model, pre_seq_len=3),
+        PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=2),
+    ).eval()
+    with torch.no_grad():
+        out = stacked(input_ids=ids, attention_mask=mask).logits
+    assert out.shape == (*ids.shape, model.config.vocab_size) and torch.isfinite(out).all()
+
+
+def test_generate_through_peft_prefix_is_refused_with_a_way_out():
+    peft_model = peft_twin(prefixed_model()).eval()
+    ids, _, _ = padded_batch(peft_model.config)
+    with pytest.raises(NotImplementedError, match="load_peft_prefix"):
+        peft_model.generate(input_ids=ids[:1], max_new_tokens=2)
+
+
+def test_lora_through_peft_trains_only_lora_weights():
+    """The documented alternative method: LoRA on query_key_value, through peft."""
+    model = backbone_copy(prefixed_model())
+    lora = get_peft_model(
+        model, LoraConfig(r=4, lora_alpha=8, target_modules=["query_key_value"], task_type=TaskType.CAUSAL_LM)
+    )
+    ids, labels, mask = padded_batch(model.config)
+    lora.train()
+    loss = lora(input_ids=ids, attention_mask=mask, labels=labels).loss
+    loss.backward()
+    with_grad = [n for n, p in lora.named_parameters() if p.grad is not None]
+    assert with_grad and all("lora_" in n for n in with_grad)
+    assert len(with_grad) == 2 * model.config.num_layers  # lora_A and lora_B of every query_key_value
+    assert all(p.grad is None for n, p in lora.named_parameters() if "lora_" not in n)
+
+
+# ---- full model in the original layout ----
+
+
+@pytest.mark.parametrize("source", [BASE, PTUNING])
+def test_full_export_round_trip_has_the_original_keys(tmp_path, source):
+    model = ChatGLMForConditionalGeneration.from_pretrained(source)
+    paths = export_full(model, tmp_path / "full", max_shard_bytes=120_000)
+    assert len(paths) > 1 and [p.name for p in paths][0] == f"pytorch_model-00001-of-{len(paths):05d}.bin"
+    index = json.loads((tmp_path / "full" / "pytorch_model.bin.index.json").read_text())
+    with safe_open(str(source / "model.safetensors"), "pt") as f:
+        original_keys = set(f.keys())
+        inv_freq = f.get_tensor("transformer.layers.0.attention.rotary_emb.inv_freq")
+    assert set(index["weight_map"]) == original_keys
+    shard = torch.load(
+        tmp_path / "full" / index["weight_map"]["transformer.layers.1.attention.rotary_emb.inv_freq"],
+        weights_only=True,
+    )
+    assert torch.equal(shard["transformer.layers.1.attention.rotary_emb.inv_freq"], inv_freq)
+    config = json.loads((tmp_path / "full" / "config.json").read_text())
+    original_config = json.loads((source / "config.json").read_text())
+    assert set(original_config) <= set(config)
+    assert {k: config[k] for k in original_config} == original_config
+    assert config["auto_map"]["AutoModel"] == "modeling_chatglm.ChatGLMForConditionalGeneration"
+
+    reloaded = ChatGLMForConditionalGeneration.from_pretrained(tmp_path / "full")
+    ids, _ = batch(model.config)
+    assert torch.equal(logits(reloaded, ids), logits(model, ids))
+
+
+def test_full_export_in_float16_and_of_a_quantized_model(tmp_path):
+    model = ChatGLMForConditionalGeneration.from_pretrained(PTUNING)
+    export_full(model, tmp_path / "half", dtype=torch.float16)
+    state = torch.load(tmp_path / "half" / "pytorch_model-00001-of-00001.bin", weights_only=True)
+    assert state["transformer.word_embeddings.weight"].dtype == torch.float16
+    assert state[KEY].dtype == torch.float32  # the prefix stays float32, as the original script saves it
+    assert torch.equal(
+        state["transformer.layers.0.attention.rotary_emb.inv_freq"], rotary_inv_freq(16).half()
+    )
+    assert json.loads((tmp_path / "half" / "config.json").read_text())["torch_dtype"] == "float16"
+    from ptuning.model.quantization import quantize_backbone
+
+    with pytest.raises(CheckpointError, match="quantized"):
+        export_full(quantize_backbone(model, 8), tmp_path / "q")
+
+
+# ---- the command line ----
+
+
+def test_export_command_line(tmp_path, capsys):
+    model = load_model(ModelConfig(pre_seq_len=4, prefix_dropout=0.0)).eval()
+    with torch.no_grad():
+        model.transformer.prefix_encoder.embedding.weight.normal_()
+    ckpt = save_checkpoint(tmp_path / "run", 7, model, prefix_metadata(model.config, "builtin:tiny-chatglm"))
+    ids, _ = batch(model.config)
+    expected = logits(model, ids)
+
+    assert export_cli.main(["peft", "--checkpoint", str(ckpt), "--out", str(tmp_path / "adapter")]) == 0
+    assert (
+        export_cli.main(
+            [
+                "from-peft",
+                "--adapter",
+                str(tmp_path / "adapter"),
+                "--out",
+                str(tmp_path / "back"),
+                "--model",
+                "data/tiny-chatglm",
+            ]
+        )
+        == 0
+    )
+    again = load_model(ModelConfig(pre_seq_len=4)).eval()
+    load_prefix(again, tmp_path / "back")
+    assert torch.equal(logits(again, ids), expected)
+
+    assert (
+        export_cli.main(
+            ["full", "--checkpoint", str(ckpt), "--out", str(tmp_path / "full"), "--max-shard-size", "300KB"]
+        )
+        == 0
+    )
+    full = tmp_path / "full"
+    assert len(list(full.glob("pytorch_model-*-of-*.bin"))) > 1
+    assert (full / "ice_text.model").is_file() and (full / "tokenizer_config.json").is_file()
+    assert torch.equal(logits(ChatGLMForConditionalGeneration.from_pretrained(full), ids), expected)
+
+    assert export_cli.main(["original", "--checkpoint", str(ckpt), "--out", str(tmp_path / "orig")]) == 0
+    assert list(torch.load(tmp_path / "orig" / "pytorch_model.bin", weights_only=True)) == [KEY]
+    # an original-format prefix records no sizes: the peft export then needs the base model
+    (tmp_path / "orig" / "prefix_config.json").unlink()
+    assert (
+        export_cli.main(["peft", "--checkpoint", str(tmp_path / "orig"), "--out", str(tmp_path / "a2")]) == 2
+    )
+    assert "give the base model" in capsys.readouterr().err
+    assert (
+        export_cli.main(
+            [
+                "peft",
+                "--checkpoint",
+                str(tmp_path / "orig"),
+                "--out",
+                str(tmp_path / "a2"),
+                "--model",
+                "data/tiny-chatglm",
+            ]
+        )
+        == 0
+    )
+    assert torch.equal(read_peft_adapter(tmp_path / "a2")[1], read_peft_adapter(tmp_path / "adapter")[1])
