@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 
+from .cache import PrefixRoomLayer
 from .config import ChatGLMConfig
 
 # The original block takes num_layers=28 as a default argument and the model never passes its own
@@ -102,8 +103,12 @@ class SelfAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)  # (B, N, T, D)
         if prefix is not None:
-            k = torch.cat([prefix[0], k], dim=2)  # (B, N, P + T, D)
-            v = torch.cat([prefix[1], v], dim=2)
+            layer = cache.layers[self.layer_idx] if cache is not None else None
+            if isinstance(layer, PrefixRoomLayer) and layer.prefix_length == prefix[0].shape[2]:
+                k, v = layer.with_prefix(*prefix)  # (B, N, P + T, D), a view: no copy of the cache
+            else:
+                k = torch.cat([prefix[0], k], dim=2)  # (B, N, P + T, D)
+                v = torch.cat([prefix[1], v], dim=2)
         if uniform_rows is not None:
             q = q.masked_fill(uniform_rows, 0.0)
         ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, N, S, D)

@@ -14,10 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.utils.deprecation import deprecate_kwarg
 
+from .cache import ChatGLMCache
 from .config import ChatGLMConfig
 from .layers import GLMBlock, rotary_inv_freq, rotary_tables
 from .loading import IGNORED_KEYS, CheckpointError, iter_shards, save_weights
@@ -197,7 +198,7 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
             cached_prefix, attention_mask = self._cache_as_prefix(cache, attention_mask, seq)
             cache = None
         if use_cache and cache is None:
-            cache = DynamicCache(config=self.config)
+            cache = ChatGLMCache(self.config)
         if not use_cache:
             cache = None
         past = cache.get_seq_length() if cache is not None else 0
@@ -423,6 +424,9 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         mask = kwargs.get("attention_mask")
         if mask is not None and mask.dim() == 4:
             kwargs["attention_mask"] = (~mask[:, 0, -1, :]).long()  # (B, S): 1 = real token
+        use_cache = kwargs.get("use_cache", getattr(generation_config, "use_cache", True))
+        if use_cache is not False and kwargs.get("cache") is None and kwargs.get("past_key_values") is None:
+            kwargs["cache"] = ChatGLMCache(self.config)  # no per-token concatenation, room for the prefix
         return super().generate(inputs, generation_config=generation_config, **kwargs)
 
     def _prepare_attention_mask_for_generation(self, inputs_tensor, generation_config, model_kwargs):
