@@ -286,3 +286,23 @@ def test_target_only_loss_equals_full_logits_loss(reduction):
     if reduction == "sum":
         count = (labels[:, 1:] != -100).sum()
         assert torch.allclose(full.loss, model(ids, labels=labels).loss * count, rtol=1e-6)
+
+
+def test_cache_buffers_grow_without_concatenating_and_keep_the_prefix_apart():
+    from ptuning.model.cache import ChatGLMCache, PrefixRoomLayer
+
+    model = ChatGLMForConditionalGeneration.from_pretrained(PTUNING)
+    ids, _ = batch(model.config, rows=2, target=0)
+    ids = ids[:, :-1]
+    cache = ChatGLMCache(model.config)
+    out = model.generate(ids, max_new_tokens=70, min_new_tokens=70, do_sample=False, cache=cache,
+                         eos_token_id=model.config.eos_token_id)
+    layer = cache.layers[0]
+    assert isinstance(layer, PrefixRoomLayer)
+    # the prompt and all generated tokens but the last are cached, never the prefix
+    assert cache.get_seq_length() == out.shape[1] - 1 == layer.keys.shape[2]
+    assert layer._k.shape[2] >= 4 + cache.get_seq_length()  # grown past its first 64 slots
+    assert layer.keys.data_ptr() == layer._k[:, :, 4:].data_ptr()  # a view of the buffer
+    plain = model.generate(ids, max_new_tokens=70, min_new_tokens=70, do_sample=False, use_cache=False,
+                           eos_token_id=model.config.eos_token_id)
+    assert torch.equal(out, plain)
