@@ -7,12 +7,12 @@ and the loss after 50 steps on the bundled sample, each setting measured in a fr
   target from ``<sop>`` to ``<eop>``, labels -100 on the prompt), the loss of ``model(ids, labels=...)``. Reported:
   weight bytes of the model, peak RSS of the process and its rise over the RSS before the model was built,
   the tensor peak that ``ptuning.memory`` estimates for the same shape (the rise also holds the allocator's
-  and the runtime's own memory), and the median step time.
+  and the runtime's own memory), and the step time (fastest and median over the rounds).
 * **Loss**: the built-in tiny model trained 50 steps on ``data/adgen_sample`` with the training loop
   (batch 8, the default recipe otherwise): the mean train loss of steps 41-50 and the dev loss after step 50.
   int8 must land within 3% and int4 within 8% of the bf16 run.
 
-    python benchmarks/bench_quantization.py [--steps 6] [--loss-steps 50] [--json out.json]
+    python benchmarks/bench_quantization.py [--steps 6] [--rounds 2] [--loss-steps 50] [--checkpointing] [--json out.json]
 
 Not a test: pytest collects ``tests/`` only.
 """
@@ -137,8 +137,7 @@ def child_train(setting: str, batch: int, seq: int, steps: int, checkpointing: b
         "weight_bytes": weight_bytes(model),
         "start_rss_mib": start_rss,
         "peak_rss_mib": peak_rss_mib(),
-        "step_s": statistics.median(times[1:]) if len(times) > 1 else times[0],
-        "tokens_per_s": batch * seq / (statistics.median(times[1:]) if len(times) > 1 else times[0]),
+        "step_times_s": times[1:] if len(times) > 1 else times,
         "estimate_weight_bytes": est.weights,
         "estimate_train_bytes": est.total,
         "loss": float(loss),
@@ -222,6 +221,7 @@ def main() -> None:
     parser.add_argument(
         "--checkpointing", action="store_true", help="also measure each setting with gradient checkpointing"
     )
+    parser.add_argument("--rounds", type=int, default=2, help="timing runs per setting, taken in turn")
     parser.add_argument("--json", type=Path, help="also write the measurements here")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -237,34 +237,49 @@ def main() -> None:
 
     import torch
 
-    train_rows, loss_rows = [], {}
-    for setting in args.settings:
-        for ckpt in (0, 1) if args.checkpointing else (0,):
-            shape = (setting, str(args.batch), str(args.seq))
-            row = run_child("train", *shape, str(args.steps), str(ckpt))
-            exact = run_child("train", *shape, "2", str(ckpt), env=EXACT_RSS_ENV)
-            row["exact_rise_mib"] = exact["peak_rss_mib"] - exact["start_rss_mib"]
-            train_rows.append(row)
-        if args.loss_steps:
-            loss_rows[setting] = run_child("loss", setting, str(args.loss_steps))
+    # Timing rounds go over the settings in turn, so that load from other processes on a shared machine
+    # touches them alike; a setting's step time is its fastest step over the rounds (the least disturbed).
+    cases = [
+        (setting, ckpt) for setting in args.settings for ckpt in ((0, 1) if args.checkpointing else (0,))
+    ]
+    train_rows = {}
+    for _ in range(args.rounds):
+        for setting, ckpt in cases:
+            row = run_child("train", setting, str(args.batch), str(args.seq), str(args.steps), str(ckpt))
+            if (setting, ckpt) in train_rows:
+                train_rows[setting, ckpt]["step_times_s"] += row["step_times_s"]
+                row = train_rows[setting, ckpt]
+            train_rows[setting, ckpt] = row
+    for (setting, ckpt), row in train_rows.items():
+        exact = run_child("train", setting, str(args.batch), str(args.seq), "2", str(ckpt), env=EXACT_RSS_ENV)
+        row["exact_rise_mib"] = exact["peak_rss_mib"] - exact["start_rss_mib"]
+        row["step_s"] = min(row["step_times_s"])
+        row["median_step_s"] = statistics.median(row["step_times_s"])
+        row["tokens_per_s"] = args.batch * args.seq / row["step_s"]
+    train_rows = list(train_rows.values())
+    loss_rows = {}
+    for setting in args.settings if args.loss_steps else ():
+        loss_rows[setting] = run_child("loss", setting, str(args.loss_steps))
 
     print(
         f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
         f"{torch.get_num_threads()} threads, torch {torch.__version__}, CPU\n"
     )
     print(
-        f"Bench configuration, train step batch {args.batch} x {args.seq} (median of {args.steps - 1} steps):\n"
+        f"Bench configuration, train step batch {args.batch} x {args.seq} (step s: fastest of {args.rounds} x "
+        f"{args.steps - 1} steps; median beside it):\n"
     )
     print(
         "| setting | ckpt | weight MiB | est. weight MiB | peak RSS MiB | RSS rise MiB | exact-malloc rise MiB "
-        "| est. tensor peak MiB | step s | tokens/s |"
+        "| est. tensor peak MiB | step s | median s | tokens/s |"
     )
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in train_rows:
         print(
             f"| {r['setting']} | {'yes' if r['checkpointing'] else 'no'} | {mib(r['weight_bytes'])} | "
             f"{mib(r['estimate_weight_bytes'])} | {r['peak_rss_mib']:,.0f} | {r['peak_rss_mib'] - r['start_rss_mib']:,.0f} | "
-            f"{r['exact_rise_mib']:,.0f} | {mib(r['estimate_train_bytes'])} | {r['step_s']:.3f} | {r['tokens_per_s']:,.0f} |"
+            f"{r['exact_rise_mib']:,.0f} | {mib(r['estimate_train_bytes'])} | {r['step_s']:.3f} | {r['median_step_s']:.3f} | "
+            f"{r['tokens_per_s']:,.0f} |"
         )
     print(
         "\nRSS rise: over the RSS before the model was built (default allocator); exact-malloc: the same in a run "
