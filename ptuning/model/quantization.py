@@ -171,8 +171,8 @@ def quantize_backbone(
         dtype: the 16-bit dtype of everything that stays unquantized (and of the dequantized matmuls).
             Default: the backbone's dtype when it is 16-bit, else bfloat16.
         device: quantize there, one linear at a time, then move the whole model there (the 16-bit block
-            weights never have to fit on the device together, and NF4 quantizes in seconds on a GPU where
-            a CPU takes tens of minutes for ChatGLM-6B). Default: where the weights are.
+            weights never have to fit on the device together; NF4 of ChatGLM-6B takes ~5 minutes on 2 CPU
+            cores, a GPU is much faster). Default: where the weights are.
 
     Returns:
         ``model``, with ``config.quantization_bit`` set to ``bits``.
