@@ -18,8 +18,9 @@ The estimate counts the tensors a train step holds at its peak, which is the sta
   gradient of its input); when only the ``n`` positions per example that predict a target are projected
   (``logit_positions``), the three float32 ``[B·n, V]`` tensors alone.
 
-Process overhead (the CUDA context or the CPU process's own RSS) is not included. The default shape is the
-real ChatGLM-6B with the original's P-Tuning v2 recipe (pre_seq_len 128, batch 1, 64 + 64 tokens).
+Process overhead (the CUDA context or the CPU process's own RSS) is not included. The command's default
+shape is the real ChatGLM-6B with the original's P-Tuning v2 recipe (pre_seq_len 128, batch 1, 64 + 64
+tokens) as our training loop runs it (logits only where a target is predicted).
 """
 
 from __future__ import annotations
@@ -203,12 +204,15 @@ def _shape_from_args(args: argparse.Namespace) -> ModelShape:
             batch=args.batch,
             seq=args.seq,
             checkpointing=args.gradient_checkpointing,
-            logit_positions=args.logit_positions,
         ).items()
         if value is not None
     }
     values = asdict(base)
     values.update(overrides)
+    # the training loop projects only the positions that predict a target: the second half of the
+    # default 64 + 64 recipe; 0 = every position, logits kept (a plain model(ids, labels=...) call)
+    positions = values["seq"] // 2 if args.logit_positions is None else args.logit_positions
+    values["logit_positions"] = positions or None
     return ModelShape(**values)
 
 
@@ -235,8 +239,9 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--logit-positions",
         type=int,
-        help="project only this many positions per example (those that predict a target) to the vocabulary "
-        "(default: every position, and the logits kept, as model(ids, labels=...) does)",
+        help="positions per example that predict a target, the only ones the training loop projects to the "
+        "vocabulary (default: half of --seq, as the 64 + 64 recipe; 0: every position, logits kept, as a plain "
+        "model(ids, labels=...) call)",
     )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
@@ -247,7 +252,7 @@ def main(argv=None) -> None:
     if shape.pre_seq_len < 0 or shape.seq < 2:
         parser.error("pre_seq_len must be >= 0 and seq >= 2")
     if shape.logit_positions is not None and not 0 < shape.logit_positions < shape.seq:
-        parser.error("logit_positions must be between 1 and seq - 1")
+        parser.error("--logit-positions must be 0 (all) or between 1 and seq - 1")
     if args.json:
         out = {s: {**asdict(estimate(shape, s)), "total": estimate(shape, s).total} for s in SETTINGS}
         print(json.dumps({"shape": asdict(shape), "estimate_bytes": out}, indent=2))

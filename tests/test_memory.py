@@ -165,10 +165,14 @@ def test_command_prints_the_real_model_table(capsys):
     assert list(rows)[1:] == ["fp32", "bf16", "int8", "int4"]
     # the README's numbers: real ChatGLM-6B, pre_seq_len 128, batch 1 x 128 tokens
     totals = {k: float(rows[k].rstrip(" |").rsplit("|", 1)[-1]) for k in ("fp32", "bf16", "int8", "int4")}
-    assert totals == {"fp32": 26.36, "bf16": 13.51, "int8": 8.26, "int4": 5.71}
+    assert totals == {"fp32": 26.21, "bf16": 13.38, "int8": 8.14, "int4": 5.59}
+    assert "logits at 64 positions" in out
     main(["--json", "--batch", "4", "--seq", "512", "--gradient-checkpointing", "--pre-seq-len", "64"])
     data = json.loads(capsys.readouterr().out)
     assert data["shape"]["batch"] == 4 and data["shape"]["checkpointing"] is True
+    assert data["shape"]["logit_positions"] == 256
+    main(["--json", "--logit-positions", "0"])
+    assert json.loads(capsys.readouterr().out)["shape"]["logit_positions"] is None
     est = data["estimate_bytes"]
     assert est["int4"]["total"] < est["int8"]["total"] < est["bf16"]["total"] < est["fp32"]["total"]
 
