@@ -259,6 +259,16 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         self.transformer = ChatGLMModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
+        self.store_lm_head_column_major()
+
+    def store_lm_head_column_major(self) -> None:
+        """Keeps ``lm_head.weight`` (shape ``[V, H]``, its checkpoint key and shape unchanged) stored
+        column-major. Decoding multiplies one row by it, and BLAS runs that matrix-vector product about
+        twice as fast over the transposed layout; it is the largest weight a token reads."""
+        weight = self.lm_head.weight
+        tied = weight is self.transformer.word_embeddings.weight
+        if weight.device.type != "meta" and not tied and weight.is_contiguous() and weight.dim() == 2:
+            weight.data = weight.data.t().contiguous().t()
 
     @classmethod
     def from_pretrained(
@@ -331,6 +341,7 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         model.name_or_path = str(path)
         model.config.dtype = dtype
         cast_backbone(model, dtype)
+        model.store_lm_head_column_major()
         if device is not None:
             model.to(device)
         return model.eval()
