@@ -259,12 +259,12 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         self.transformer = ChatGLMModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
-        self.store_lm_head_column_major()
 
     def store_lm_head_column_major(self) -> None:
-        """Keeps ``lm_head.weight`` (shape ``[V, H]``, its checkpoint key and shape unchanged) stored
-        column-major. Decoding multiplies one row by it, and BLAS runs that matrix-vector product about
-        twice as fast over the transposed layout; it is the largest weight a token reads."""
+        """Stores ``lm_head.weight`` (shape ``[V, H]``, its checkpoint key and shape unchanged) column-major.
+        Decoding multiplies one row by it, and BLAS runs that matrix-vector product about twice as fast
+        over the transposed layout; it is the largest weight a token reads. Done on the first
+        ``generate()`` rather than at load: DeepSpeed's engine needs contiguous parameters."""
         weight = self.lm_head.weight
         tied = weight is self.transformer.word_embeddings.weight
         if weight.device.type != "meta" and not tied and weight.is_contiguous() and weight.dim() == 2:
@@ -341,7 +341,6 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         model.name_or_path = str(path)
         model.config.dtype = dtype
         cast_backbone(model, dtype)
-        model.store_lm_head_column_major()
         if device is not None:
             model.to(device)
         return model.eval()
@@ -435,6 +434,7 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         mask = kwargs.get("attention_mask")
         if mask is not None and mask.dim() == 4:
             kwargs["attention_mask"] = (~mask[:, 0, -1, :]).long()  # (B, S): 1 = real token
+        self.store_lm_head_column_major()
         use_cache = kwargs.get("use_cache", getattr(generation_config, "use_cache", True))
         if use_cache is not False and kwargs.get("cache") is None and kwargs.get("past_key_values") is None:
             kwargs["cache"] = ChatGLMCache(self.config)  # no per-token concatenation, room for the prefix
