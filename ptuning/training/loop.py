@@ -22,10 +22,10 @@ from transformers import get_scheduler
 
 from ..build import base_model_name, load_model, load_tokenizer, weights_digest
 from ..config import TrainJobConfig
-from ..model import mark_only_prefix_trainable
-from ..model.loading import CheckpointError
 from ..distributed import Collectives, LaunchError
 from ..evaluation.metrics import METRIC_NAMES
+from ..model import mark_only_prefix_trainable
+from ..model.loading import CheckpointError
 from ..perf import matmul_peak_flops, peak_memory_mib, train_flops_per_token
 from .checkpoint import (
     capture_rng,
