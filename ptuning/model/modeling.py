@@ -426,7 +426,7 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         # cache overrides, so the result would be silently wrong: refuse, and say what works instead.
         peft_owner = getattr(self.__dict__.get("prepare_inputs_for_generation"), "__self__", None)
         if getattr(getattr(peft_owner, "active_peft_config", None), "is_prompt_learning", False):
-            raise NotImplementedError(
+            raise RuntimeError(
                 "generate() through a peft prompt-learning adapter is not supported for ChatGLM (peft shifts its 2D "
                 "position ids): load the adapter as a native prefix (ptuning.interop.peft.load_peft_prefix, or "
                 "`python -m ptuning.export from-peft`) and generate with the model itself"
