@@ -13,7 +13,7 @@ import os
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
-from accelerate.utils import DistributedType
+from accelerate.utils import DistributedType, InitProcessGroupKwargs
 
 
 class LaunchError(RuntimeError):
@@ -86,3 +86,21 @@ class Collectives:
             dist.barrier()
         else:
             self.accelerator.wait_for_everyone()
+
+
+def process_group_kwargs() -> list:
+    """gloo for several processes on a machine without CUDA (accelerate would otherwise pick a backend
+    that needs GPUs, e.g. for DeepSpeed)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
+        return [InitProcessGroupKwargs(backend="gloo")]
+    return []
+
+
+def start(**accelerator_kwargs) -> tuple[Accelerator, Collectives]:
+    """The ``Accelerator`` of this process and the :class:`Collectives` of the run.
+
+    Raises:
+        LaunchError: the processes were launched in a way that cannot synchronise.
+    """
+    accelerator = Accelerator(kwargs_handlers=process_group_kwargs(), **accelerator_kwargs)
+    return accelerator, Collectives(accelerator)

@@ -164,22 +164,12 @@ def resolve_output_dir(checkpoint: Path, output_dir: str | None) -> Path:
 # ---- generation ----
 
 
-def _gather(accelerator, items: list) -> list:
-    """Every process's ``items`` concatenated in process order."""
-    # a ptuning.distributed.Collectives also syncs processes that accelerate could not set up
-    if hasattr(accelerator, "gather_objects"):
-        return accelerator.gather_objects(items)
-    from accelerate.utils import gather_object
-
-    return gather_object(items)
-
-
 def predict(
     model,
     tokenizer,
     data_cfg: DataConfig,
     settings,
-    accelerator=None,
+    comm=None,
     *,
     split: str = "validation",
     batch_size: int | None = None,
@@ -197,8 +187,7 @@ def predict(
         data_cfg: where ``split`` is and how its rows become prompts.
         settings: a :class:`GenerationSettings`, or a training config (its ``max_new_tokens`` and
             ``eval_batch_size``, greedy).
-        accelerator: an ``Accelerator`` (or anything with ``num_processes``, ``process_index`` and,
-            optionally, ``gather_objects``); None = this process alone.
+        comm: the run's :class:`~ptuning.distributed.Collectives`; None = this process alone.
         split: the data split to read when ``examples`` is not given.
         batch_size: prompts per ``generate()`` call (default: the training config's, else 16).
         progress: show a progress bar with ETA on the main process.
@@ -219,8 +208,8 @@ def predict(
         from ..data import build_datasets
 
         examples = build_datasets(data_cfg, tokenizer, split).to_list()
-    world = accelerator.num_processes if accelerator is not None else 1
-    rank = accelerator.process_index if accelerator is not None else 0
+    world = comm.num_processes if comm is not None else 1
+    rank = comm.process_index if comm is not None else 0
     mine = list(range(rank, len(examples), world))
     # longest prompts first: batches of similar length waste less on padding, and the ETA errs on the
     # safe side
@@ -257,9 +246,9 @@ def predict(
             bar.close()
         model.train(was_training)
     elapsed = time.perf_counter() - start
-    if accelerator is not None and world > 1:
-        outputs = _gather(accelerator, outputs)
-        counts = _gather(accelerator, [(new_tokens, elapsed)])
+    if world > 1:
+        outputs = comm.gather_objects(outputs)
+        counts = comm.gather_objects([(new_tokens, elapsed)])
         new_tokens = sum(n for n, _ in counts)
         # the processes run side by side: the run took as long as the slowest one
         elapsed = max(t for _, t in counts)
@@ -280,7 +269,7 @@ def evaluate_model(
     tokenizer,
     data_cfg: DataConfig,
     settings,
-    accelerator=None,
+    comm=None,
     *,
     split: str = "validation",
     batch_size: int | None = None,
@@ -292,7 +281,7 @@ def evaluate_model(
         tokenizer,
         data_cfg,
         settings,
-        accelerator,
+        comm,
         split=split,
         batch_size=batch_size,
         progress=progress,
@@ -341,14 +330,12 @@ def run(cfg: EvaluateJobConfig, *, tracker=None) -> dict:
     Raises:
         ConfigError, DataError, CheckpointError: user mistakes, with a one-line message.
     """
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     from ..build import load_model, load_tokenizer
     from ..data import DataError, build_datasets
-    from ..distributed import Collectives, LaunchError
+    from ..distributed import LaunchError, start
     from ..training.checkpoint import infer_prefix_shape, load_prefix, read_prefix
-    from ..training.loop import process_group_kwargs
 
     cfg.validate()
     checkpoint = resolve_checkpoint(cfg.prefix_checkpoint)
@@ -368,9 +355,8 @@ def run(cfg: EvaluateJobConfig, *, tracker=None) -> dict:
         raise ConfigError(f"output_dir={out}: not writable")
     data_file = getattr(cfg.data, f"{cfg.split}_file")
 
-    accelerator = Accelerator(kwargs_handlers=process_group_kwargs())
     try:
-        comm = Collectives(accelerator)
+        accelerator, comm = start()
     except LaunchError as err:
         raise ConfigError(str(err)) from None
     main = comm.is_main_process

@@ -17,12 +17,12 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, InitProcessGroupKwargs, set_seed
+from accelerate.utils import DistributedType, set_seed
 from transformers import get_scheduler
 
 from ..build import base_model_name, load_model, load_tokenizer, weights_digest
 from ..config import TrainJobConfig
-from ..distributed import Collectives, LaunchError
+from ..distributed import Collectives, LaunchError, start
 from ..evaluation.metrics import METRIC_NAMES
 from ..model import mark_only_prefix_trainable
 from ..model.loading import CheckpointError
@@ -91,18 +91,9 @@ def token_loss_sum(model, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tens
     return model(input_ids=ids, labels=labels, loss_reduction="sum", return_logits=False).loss
 
 
-def process_group_kwargs() -> list:
-    """gloo for several processes on a machine without CUDA (accelerate would otherwise pick a backend
-    that needs GPUs, e.g. for DeepSpeed)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
-        return [InitProcessGroupKwargs(backend="gloo")]
-    return []
-
-
 def make_accelerator(cfg: TrainJobConfig) -> tuple[Accelerator, Collectives]:
-    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, kwargs_handlers=process_group_kwargs())
     try:
-        return accelerator, Collectives(accelerator)
+        return start(mixed_precision=cfg.train.mixed_precision)
     except LaunchError as err:
         raise TrainingError(str(err)) from None
 
