@@ -30,8 +30,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-BENCH = dict(hidden_size=512, num_attention_heads=8, num_layers=4, inner_hidden_size=2048, vocab_size=32000,
-             pre_seq_len=32, max_sequence_length=4096)
+from ptuning.perf import BENCH_SHAPE  # noqa: E402
+
+BENCH = dict(BENCH_SHAPE, max_sequence_length=4096)
 GPU_SHAPE = dict(hidden_size=4096, num_attention_heads=32, num_layers=28, inner_hidden_size=16384,
                  vocab_size=130528, pre_seq_len=128, max_sequence_length=2048)
 

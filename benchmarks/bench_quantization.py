@@ -34,19 +34,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from ptuning.perf import BENCH_SHAPE  # noqa: E402
+
 SETTINGS = ("fp32", "bf16", "int8", "int4")
 BENCH = dict(
-    vocab_size=32000,
-    hidden_size=512,
-    num_attention_heads=8,
-    num_layers=4,
-    inner_hidden_size=2048,
+    BENCH_SHAPE,
     max_sequence_length=2048,
     bos_token_id=31994,
     eos_token_id=31995,
     mask_token_id=31990,
     gmask_token_id=31991,
-    pre_seq_len=32,
     prefix_projection=False,
 )
 LOSS_TOLERANCE = {"int8": 0.03, "int4": 0.08}

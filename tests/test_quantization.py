@@ -11,22 +11,18 @@ from ptuning.build import load_model
 from ptuning.config import ModelConfig
 from ptuning.model import ChatGLMForConditionalGeneration, mark_only_prefix_trainable, tiny_config
 from ptuning.model.quantization import QuantizedLinear, block_linears, quantize_backbone, weight_bytes
+from ptuning.perf import BENCH_SHAPE
 
 from .test_model import batch
 
 # the performance issue's bench configuration
 BENCH = dict(
-    vocab_size=32000,
-    hidden_size=512,
-    num_attention_heads=8,
-    num_layers=4,
-    inner_hidden_size=2048,
+    BENCH_SHAPE,
     max_sequence_length=2048,
     bos_token_id=31994,
     eos_token_id=31995,
     mask_token_id=31990,
     gmask_token_id=31991,
-    pre_seq_len=32,
 )
 # relative distance of the prefix gradient from the bf16 model's, and of the first loss, per bit width
 TOLERANCE = {8: 0.01, 4: 0.05}
