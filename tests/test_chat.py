@@ -12,7 +12,6 @@ import threading
 from types import SimpleNamespace
 
 import pytest
-import torch
 
 from ptuning.build import base_model_name, load_model, load_tokenizer
 from ptuning.chat import BOT_PREFIX, USER_PREFIX, ChatSession, IncrementalDecoder
@@ -25,16 +24,8 @@ from .common import ROOT
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """In-process model runs of this module use one intra-op thread, restored afterwards.
-
-    The tiny model's ops take microseconds; on a small shared CPU a second thread that must wait for a
-    core makes every op wait for a scheduler slice (measured: 10 to 40x slower when the machine is busy).
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread_module):
+    """In-process model runs of this module use one intra-op thread (see ``one_thread_module``)."""
 
 
 @pytest.fixture(scope="module")

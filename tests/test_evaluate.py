@@ -11,7 +11,6 @@ import sys
 import time
 
 import pytest
-import torch
 from accelerate.state import AcceleratorState, GradientState, PartialState
 from hydra import compose, initialize_config_dir
 
@@ -72,16 +71,8 @@ def read_jsonl(path) -> list[dict]:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """In-process model runs of this module use one intra-op thread, restored afterwards.
-
-    The tiny model's ops take microseconds; on a small shared CPU a second thread that must wait for a
-    core makes every op wait for a scheduler slice (measured: 10 to 40x slower when the machine is busy).
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread_module):
+    """In-process model runs of this module use one intra-op thread (see ``one_thread_module``)."""
 
 
 @pytest.fixture(scope="module")
