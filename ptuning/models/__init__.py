@@ -1,0 +1,108 @@
+"""Model families and the one table that picks a family for a model folder.
+
+The family is read from the folder's ``config.json`` (``model_type``, ``architectures`` and the keys that
+tell ChatGLM-6B from ChatGLM2/3, which share ``model_type`` "chatglm"); remote code (``auto_map``, ``.py``
+files) is never looked at, let alone run. Nothing else in the toolkit branches on the model.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .base import Conversation, Family, PromptIds, PromptTemplate, TrainRow
+
+
+class UnsupportedModelError(ValueError):
+    """A model folder that no family handles; the message names ``architectures`` and what is supported."""
+
+
+@dataclass(frozen=True)
+class FamilyEntry:
+    """One row of the table: which configs a family takes and where its code lives."""
+
+    name: str
+    target: str  # "module:Class"
+    matches: Callable[[dict], bool]
+    architectures: tuple[str, ...]  # shown in messages
+
+    def load(self) -> Family:
+        module, cls = self.target.split(":")
+        return getattr(importlib.import_module(module), cls)()
+
+
+def _is_chatglm_v1(cfg: dict) -> bool:
+    return cfg.get("model_type") == "chatglm" and "inner_hidden_size" in cfg
+
+
+FAMILIES: list[FamilyEntry] = [
+    FamilyEntry("chatglm", "ptuning.models.chatglm.family:ChatGLMFamily", _is_chatglm_v1,
+                ("ChatGLM-6B (model_type chatglm, ChatGLMModel / ChatGLMForConditionalGeneration)",)),
+]
+
+
+def read_config(folder: str | Path) -> dict:
+    """The folder's ``config.json`` as a dict.
+
+    Raises:
+        UnsupportedModelError: no such folder, no ``config.json``, or not a JSON object (names the file).
+    """
+    folder = Path(folder)
+    path = folder / "config.json"
+    if not folder.is_dir():
+        raise UnsupportedModelError(f"{folder}: not a folder (expected a model folder with config.json and weights)")
+    if not path.is_file():
+        raise UnsupportedModelError(f"{folder}: no config.json (expected a model folder with config.json and weights)")
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UnsupportedModelError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(cfg, dict):
+        raise UnsupportedModelError(f"{path}: expected a JSON object, found {type(cfg).__name__}")
+    return cfg
+
+
+def supported() -> list[str]:
+    """Every architecture some family handles, for messages."""
+    return [arch for entry in FAMILIES for arch in entry.architectures]
+
+
+def family_for(folder: str | Path) -> Family:
+    """The family that handles the model in ``folder``.
+
+    Raises:
+        UnsupportedModelError: one line naming ``architectures`` / ``model_type`` and the supported list; for a
+            config that only points at remote code (``auto_map``), which supported layout to convert to.
+    """
+    cfg = read_config(folder)
+    for entry in FAMILIES:
+        if entry.matches(cfg):
+            return entry.load()
+    path = Path(folder) / "config.json"
+    arch = cfg.get("architectures")
+    what = f"architectures={arch!r}, model_type={cfg.get('model_type')!r}"
+    if cfg.get("auto_map"):
+        raise UnsupportedModelError(
+            f"{path}: {what} is defined only by remote code (auto_map), which is never run; convert the "
+            f"checkpoint to a transformers-native layout (e.g. with the model's official *-hf release) — "
+            f"supported: {'; '.join(supported())}"
+        )
+    raise UnsupportedModelError(f"{path}: no model family handles {what}; supported: {'; '.join(supported())}")
+
+
+__all__ = [
+    "FAMILIES",
+    "Conversation",
+    "Family",
+    "FamilyEntry",
+    "PromptIds",
+    "PromptTemplate",
+    "TrainRow",
+    "UnsupportedModelError",
+    "family_for",
+    "read_config",
+    "supported",
+]

@@ -1,0 +1,173 @@
+"""The seam between the toolkit and a model family.
+
+A family (ChatGLM-6B, ChatGLM2/3, transformers' own decoders) answers a few questions — load the model and
+the tokenizer from a folder, turn rows and conversations into token ids, the shape of its prefix, how long a
+sequence may be — and the training loop, evaluation, chat and the server ask only these. Nothing outside a
+family's package knows its specifics.
+
+The model a family loads (:meth:`Family.load_model`) is a transformers ``PreTrainedModel`` with
+``GenerationMixin`` that keeps these promises:
+
+* ``model.forward(input_ids [B, S], attention_mask [B, S] (1 = real token) | None, position_ids | None,
+  labels [B, S] | None (-100 = ignored), loss_reduction="mean" | "sum", return_logits=True,
+  prefix: PrefixKV | None, past_key_values, use_cache, ...)`` returns a ``CausalLMOutputWithPast``. With
+  labels the loss is the next-token cross-entropy in float32 over every target token of the batch (their
+  mean, or their sum); ``return_logits=False`` projects only the positions that predict a target.
+  Right-padded training batches need no mask (pads come after the end token and carry -100).
+* Its prefix encoder (if ``pre_seq_len``) is a :class:`~ptuning.prefix.PrefixEncoder` somewhere in the
+  module tree under the attribute name ``prefix_encoder`` (float32); :func:`ptuning.prefix.is_prefix_param`
+  finds it. ``prefix`` given to ``forward`` replaces the model's own prefix for that call (per-row
+  prefixes when serving); the prefix is never written into the cache.
+* ``model.generate(input_ids, attention_mask=...)`` works for left-padded batches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from torch import nn
+
+from ..prefix import PrefixShape
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class PromptIds:
+    """A prompt as token ids, with what had to go to fit its budget.
+
+    Attributes:
+        ids: the prompt, with the family's special tokens, ending where the answer starts.
+        dropped_turns: earlier turns left out (oldest first) to fit.
+        truncated_tokens: tokens cut from the current query itself (it alone did not fit).
+    """
+
+    ids: list[int]
+    dropped_turns: int = 0
+    truncated_tokens: int = 0
+
+
+@dataclass
+class TrainRow:
+    """One training row: ``input_ids`` and ``labels`` of the same length (-100 = not a target)."""
+
+    input_ids: list[int]
+    labels: list[int]
+    dropped_turns: int = 0
+    truncated_tokens: int = 0
+
+
+@dataclass
+class Conversation:
+    """A prompt–response–history row or a chat request, family-neutral.
+
+    Attributes:
+        query: the current user message.
+        history: earlier ``(user, assistant)`` turns, oldest first.
+        system: a system message (families whose template has none put it in front of the first query).
+        extra: family-specific messages (e.g. ChatGLM3's tool ``observation`` turns), as ``{"role", "content"}``
+            dicts in order; only families that understand them accept them.
+    """
+
+    query: str
+    history: Sequence[tuple[str, str]] = ()
+    system: str | None = None
+    extra: list[dict[str, Any]] = field(default_factory=list)
+
+
+class PromptTemplate(ABC):
+    """How one family turns conversations into token ids, for training, evaluation, chat and serving alike.
+
+    The truncation rule is the same everywhere: whole oldest turns go first; the current query's turn is
+    always kept; only if it alone does not fit is the query itself cut.
+    """
+
+    tokenizer: Any
+
+    @abstractmethod
+    def prompt(self, conversation: Conversation, max_tokens: int) -> PromptIds:
+        """The generation prompt (ending where the answer starts), at most ``max_tokens`` ids."""
+
+    @abstractmethod
+    def train_row(
+        self, conversation: Conversation, response: str, max_source_length: int, max_target_length: int
+    ) -> TrainRow:
+        """Prompt and response as one training row; the response (and the end token) are the targets."""
+
+    def generation_budget(self, max_source_length: int) -> int:
+        """The prompt budget of evaluation for a ``data.max_source_length`` (family-specific, as its
+        original P-Tuning v2 script)."""
+        return max_source_length
+
+    @property
+    @abstractmethod
+    def stop_token_ids(self) -> list[int]:
+        """Ids that end an answer."""
+
+    @property
+    def pad_token_id(self) -> int:
+        return self.tokenizer.pad_token_id
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Answer text of generated ids (special tokens dropped)."""
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True).strip()
+
+
+class Family(ABC):
+    """One model family. Subclasses are registered in :mod:`ptuning.models` by ``architectures`` /
+    ``model_type`` of ``config.json``."""
+
+    name: ClassVar[str]
+    #: what a user calls it in messages
+    label: ClassVar[str]
+
+    @abstractmethod
+    def load_model(self, folder: Path, *, dtype, pre_seq_len: int | None, prefix_projection: bool,
+                   prefix_dropout: float, device=None) -> nn.Module:
+        """The frozen backbone in ``dtype`` with a float32 prefix of ``pre_seq_len`` (None = no prefix).
+
+        Raises:
+            CheckpointError: the folder's config or weights cannot be loaded (names the file and key).
+        """
+
+    @abstractmethod
+    def load_tokenizer(self, folder: Path, model_config) -> Any:
+        """The tokenizer of the folder (checked against the model's vocabulary).
+
+        Raises:
+            ConfigError: no usable tokenizer files.
+        """
+
+    @abstractmethod
+    def template(self, tokenizer, model_config) -> PromptTemplate:
+        """The prompt template of this family."""
+
+    @abstractmethod
+    def prefix_shape(self, model_config, pre_seq_len: int, prefix_projection: bool) -> PrefixShape:
+        """The prefix that fits ``model_config``."""
+
+    @abstractmethod
+    def max_positions(self, model_config) -> int:
+        """The longest sequence (prompt + answer) the model's positions cover."""
+
+    def fingerprint_keys(self, model_config) -> dict:
+        """The config values that decide what the backbone computes (recorded with every checkpoint)."""
+        return {}
+
+    def fingerprint(self, model_config) -> str:
+        blob = json.dumps({"family": self.name, **self.fingerprint_keys(model_config)}, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def block_linear_names(self) -> tuple[str, ...]:
+        """Names (last attribute) of the per-layer linears that weight-only quantization replaces."""
+        return ()
+
+    def matmul_weights(self, model_config) -> int:
+        """Matmul weights one token passes through (embeddings excluded), for FLOP counts."""
+        return 0
