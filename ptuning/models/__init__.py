@@ -38,9 +38,19 @@ def _is_chatglm_v1(cfg: dict) -> bool:
     return cfg.get("model_type") == "chatglm" and "inner_hidden_size" in cfg
 
 
+#: ``architectures`` of transformers' own decoder classes that :mod:`ptuning.models.hf` serves
+HF_ARCHITECTURES = ("GlmForCausalLM", "Glm4ForCausalLM", "LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+
+
+def _is_transformers_decoder(cfg: dict) -> bool:
+    architectures = cfg.get("architectures") or []
+    return isinstance(architectures, list) and any(a in HF_ARCHITECTURES for a in architectures)
+
+
 FAMILIES: list[FamilyEntry] = [
     FamilyEntry("chatglm", "ptuning.models.chatglm.family:ChatGLMFamily", _is_chatglm_v1,
                 ("ChatGLM-6B (model_type chatglm, ChatGLMModel / ChatGLMForConditionalGeneration)",)),
+    FamilyEntry("hf", "ptuning.models.hf.family:HFFamily", _is_transformers_decoder, HF_ARCHITECTURES),
 ]
 
 
@@ -95,6 +105,7 @@ def family_for(folder: str | Path) -> Family:
 
 __all__ = [
     "FAMILIES",
+    "HF_ARCHITECTURES",
     "Conversation",
     "Family",
     "FamilyEntry",

@@ -26,7 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -71,6 +71,10 @@ class Conversation:
         query: the current user message.
         history: earlier ``(user, assistant)`` turns, oldest first.
         system: a system message (families whose template has none put it in front of the first query).
+        source_prefix: text put in front of the rendered prompt (``data.source_prefix``).
+        plain: a row of a data set without a history column (ADGEN): a family with a chat template renders it
+            as plain prompt -> response instead (the query as it is, after the tokenizer's own leading special
+            tokens). Chat requests and rows of data with a history column are not plain.
         extra: family-specific messages (e.g. ChatGLM3's tool ``observation`` turns), as ``{"role", "content"}``
             dicts in order; only families that understand them accept them.
     """
@@ -78,7 +82,30 @@ class Conversation:
     query: str
     history: Sequence[tuple[str, str]] = ()
     system: str | None = None
+    source_prefix: str = ""
+    plain: bool = False
     extra: list[dict[str, Any]] = field(default_factory=list)
+
+
+def drop_oldest_turns(
+    history: Sequence[tuple[str, str]], max_tokens: int, render: Callable[[Sequence[tuple[str, str]]], list[int]]
+) -> tuple[list[int] | None, int]:
+    """The one truncation rule's first half: whole oldest turns go first.
+
+    Args:
+        history: earlier ``(user, assistant)`` turns, oldest first.
+        max_tokens: the budget.
+        render: the prompt ids for a given (shortened) history, the current query always included.
+
+    Returns:
+        ``(ids, dropped)`` for the longest suffix of ``history`` that fits, or ``(None, len(history))`` when
+        even the current query alone does not fit (the caller then cuts the query).
+    """
+    for dropped in range(len(history) + 1):
+        ids = render(history[dropped:])
+        if len(ids) <= max_tokens:
+            return ids, dropped
+    return None, len(history)
 
 
 class PromptTemplate(ABC):
@@ -110,6 +137,10 @@ class PromptTemplate(ABC):
     def stop_token_ids(self) -> list[int]:
         """Ids that end an answer."""
 
+    def render_text(self, conversation: Conversation) -> str:
+        """The whole prompt as text (prediction files, ``--show-prompt``): its ids decoded, special tokens kept."""
+        return self.tokenizer.decode(self.prompt(conversation, 1 << 30).ids, skip_special_tokens=False)
+
     @property
     def pad_token_id(self) -> int:
         return self.tokenizer.pad_token_id
@@ -137,8 +168,8 @@ class Family(ABC):
         """
 
     @abstractmethod
-    def load_tokenizer(self, folder: Path, model_config) -> Any:
-        """The tokenizer of the folder (checked against the model's vocabulary).
+    def load_tokenizer(self, folder: Path, vocab_size: int | None = None) -> Any:
+        """The tokenizer of the folder (checked against the model's ``vocab_size`` when given).
 
         Raises:
             ConfigError: no usable tokenizer files.
