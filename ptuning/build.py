@@ -180,10 +180,11 @@ def init_prefix(loaded: Loaded, cfg: ModelConfig) -> None:
     dtype = next(p.dtype for n, p in model.named_parameters() if "prefix_encoder" not in n and p.is_floating_point())
     hidden = torch.zeros(1, shape.num_key_value_heads, 0, shape.head_dim, dtype=dtype, device=device)
     no_prefix = PrefixKV([hidden] * shape.num_layers, [hidden] * shape.num_layers)
-    out = model(input_ids=torch.tensor([ids], device=device), use_cache=True, prefix=no_prefix)
+    run = loaded.family.text_prefix_input(loaded.tokenizer, ids)
+    out = model(input_ids=torch.tensor([run], device=device), use_cache=True, prefix=no_prefix)
     cache = out.cache
-    keys = [layer.keys[0, :, -length:].float() for layer in cache.layers]  # (G, P, D) each
-    values = [layer.values[0, :, -length:].float() for layer in cache.layers]
+    keys = [layer.keys[0, :, :length].float() for layer in cache.layers]  # (G, P, D) each
+    values = [layer.values[0, :, :length].float() for layer in cache.layers]
     try:
         set_prefix_from_key_values(encoder, keys, values)
     except ValueError as err:

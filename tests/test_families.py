@@ -121,3 +121,47 @@ def test_a_row_without_history_keeps_the_original_truncation(template):
     row = template.train_row(Conversation(query=query), "好", 16, 8)
     ids = template.encode(query)
     assert row.input_ids[:15] == ids[:15] and row.truncated_tokens == len(ids) - 15 and row.dropped_turns == 0
+
+
+# ---- prefix initialisation (every family: model.prefix_init) ----
+
+
+def test_prefix_init_zeros_and_text():
+    import torch
+
+    from ptuning.build import load
+    from ptuning.prefix import PrefixKV, split_key_values
+
+    zeros = load(ModelConfig(pre_seq_len=6, prefix_init="zeros"))
+    assert torch.count_nonzero(zeros.model.transformer.prefix_encoder()) == 0
+    projected = load(ModelConfig(pre_seq_len=6, prefix_projection=True, prefix_init="zeros"))
+    encoder = projected.model.transformer.prefix_encoder
+    assert torch.count_nonzero(encoder()) == 0 and torch.count_nonzero(encoder.trans[0].weight) > 0
+
+    text = "类型#裙*颜色#黑色"
+    loaded = load(ModelConfig(pre_seq_len=6, prefix_init="text", prefix_init_text=text))
+    model, tokenizer = loaded.model, loaded.tokenizer
+    ids = tokenizer.convert_tokens_to_ids(tokenizer.tokenize(text))
+    assert len(ids) >= 6
+    # the frozen model's own keys and values of the text's first 6 tokens, computed independently
+    shape = model.transformer.prefix_encoder.shape
+    empty = torch.zeros(1, shape.num_key_value_heads, 0, shape.head_dim)
+    with torch.no_grad():
+        cache = model(input_ids=torch.tensor([ids[:6] + [tokenizer.gmask_token_id, tokenizer.bos_token_id]]), use_cache=True,
+                      prefix=PrefixKV([empty] * shape.num_layers, [empty] * shape.num_layers)).cache
+    keys, values = split_key_values(model.transformer.prefix_encoder()[None].detach(), shape)
+    for layer, k, v in zip(cache.layers, keys, values, strict=True):
+        assert torch.allclose(k[0], layer.keys[0, :, :6], atol=1e-6)
+        assert torch.allclose(v[0], layer.values[0, :, :6], atol=1e-6)
+    # a short text is repeated to fill the prefix
+    short = load(ModelConfig(pre_seq_len=6, prefix_init="text", prefix_init_text="裙"))
+    assert torch.count_nonzero(short.model.transformer.prefix_encoder()) > 0
+
+
+def test_prefix_init_checks_are_one_line():
+    with pytest.raises(ConfigError, match=r"model.prefix_init='ones': expected random / zeros / text"):
+        ModelConfig(prefix_init="ones").validate()
+    with pytest.raises(ConfigError, match=r"model.prefix_init_text=None: expected a non-empty text"):
+        ModelConfig(prefix_init="text").validate()
+    with pytest.raises(ConfigError, match=r"model.prefix_init='text': expected random or zeros with model.prefix_projection=true"):
+        ModelConfig(prefix_init="text", prefix_init_text="x", prefix_projection=True).validate()

@@ -214,6 +214,11 @@ class Family(ABC):
         blob = json.dumps({"family": self.name, **self.fingerprint_keys(model_config)}, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
+    def text_prefix_input(self, tokenizer, ids: list[int]) -> list[int]:
+        """The input that ``model.prefix_init=text`` runs to read the model's keys and values of the text
+        ``ids`` (they sit at its first ``len(ids)`` positions). Default: the ids themselves."""
+        return list(ids)
+
     def block_linear_names(self) -> tuple[str, ...]:
         """Names (last attribute) of the per-layer linears that weight-only quantization replaces."""
         return ()

@@ -69,6 +69,10 @@ class ChatGLMFamily(Family):
         blob = json.dumps(self.fingerprint_keys(model_config), sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
+    def text_prefix_input(self, tokenizer, ids: list[int]) -> list[int]:
+        # ChatGLM-6B reads a prompt only as ``text [gMASK] <sop>`` (its masks and 2D positions need both)
+        return tokenizer.build_inputs_with_special_tokens(list(ids))
+
     def block_linear_names(self) -> tuple[str, ...]:
         return ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
 
