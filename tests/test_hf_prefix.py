@@ -27,10 +27,10 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-from ptuning.model.loading import CheckpointError
 from ptuning.models.hf import attach_prefix, load_causal_lm, load_prefix_model, prefix_attention, prefix_shape
 from ptuning.models.hf.attention import prefixed_mask
 from ptuning.prefix import PrefixEncoder, PrefixKV, PrefixShape, mark_only_prefix_trainable, prefix_key_values
+from ptuning.weights import CheckpointError
 
 VOCAB = 96
 COMMON = dict(

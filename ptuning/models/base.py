@@ -19,6 +19,10 @@ The model a family loads (:meth:`Family.load_model`) is a transformers ``PreTrai
   finds it. ``prefix`` given to ``forward`` replaces the model's own prefix for that call (per-row
   prefixes when serving); the prefix is never written into the cache.
 * ``model.generate(input_ids, attention_mask=...)`` works for left-padded batches.
+* For decode loops of our own (evaluation, chat, the server): ``model.prompt_position_ids(input_ids,
+  attention_mask)`` gives the positions of a left-padded prompt batch in the family's own form (``[B, S]``,
+  or ChatGLM-6B's 2D ``[B, 2, S]``), and ``model.next_position_ids(last)`` the positions of the token after
+  one at ``last`` (the last column of those positions).
 """
 
 from __future__ import annotations
@@ -108,6 +112,25 @@ def drop_oldest_turns(
     return None, len(history)
 
 
+def cut_query_from_left(query: str, length: Callable[[str], int], max_tokens: int) -> int:
+    """The rule's second half: the smallest ``start`` such that the prompt with ``query[start:]`` fits.
+
+    The query is cut on characters and the whole prompt re-encoded, so the kept part tokenizes exactly as it
+    would in place. Its end (next to where the answer starts) stays.
+
+    Args:
+        length: prompt length in tokens for a given (cut) query.
+    """
+    lo, hi = 0, len(query)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if length(query[mid:]) <= max_tokens:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
 class PromptTemplate(ABC):
     """How one family turns conversations into token ids, for training, evaluation, chat and serving alike.
 
@@ -194,6 +217,11 @@ class Family(ABC):
     def fingerprint(self, model_config) -> str:
         blob = json.dumps({"family": self.name, **self.fingerprint_keys(model_config)}, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def text_prefix_input(self, tokenizer, ids: list[int]) -> list[int]:
+        """The input that ``model.prefix_init=text`` runs to read the model's keys and values of the text
+        ``ids`` (they sit at its first ``len(ids)`` positions). Default: the ids themselves."""
+        return list(ids)
 
     def block_linear_names(self) -> tuple[str, ...]:
         """Names (last attribute) of the per-layer linears that weight-only quantization replaces."""
