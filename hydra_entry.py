@@ -21,7 +21,8 @@ from ptuning.evaluation.run import EvaluateJobConfig
 CONF_DIR = str(Path(__file__).resolve().parent / "conf")
 
 HINTS = {
-    "model.path": "set model.path=/path/to/chatglm-6b (or run `python train.py` for the built-in tiny model)",
+    "model.path": "set model.path=/path/to/model-folder (chatglm-6b, glm-4-9b-chat-hf, Qwen3-8B, ...; or run "
+                  "`python train.py` for the built-in tiny model)",
     "data.train_file": "set data.train_file=/path/to/train.json",
 }
 

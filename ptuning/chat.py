@@ -79,13 +79,17 @@ class ChatSession:
         template: its family's prompt template (the one training and evaluation use).
         settings: generation settings for every answer.
         max_length: positions the model covers (prompt + answer must fit).
+        plain: every message is a plain prompt without history (``Conversation.plain``), as a prefix trained on
+            data without a history column (ADGEN) saw its prompts; families with a chat template then leave it
+            out.
     """
 
-    def __init__(self, model, template, settings: GenerationSettings, max_length: int = 2048):
+    def __init__(self, model, template, settings: GenerationSettings, max_length: int = 2048, plain: bool = False):
         self.model, self.template, self.settings = model, template, settings
         self.tokenizer = template.tokenizer
         self.history: list[tuple[str, str]] = []
         self.max_length = max_length
+        self.plain = plain
 
     def clear(self) -> None:
         """Forgets the conversation."""
@@ -110,9 +114,9 @@ class ChatSession:
                 f"--max-new-tokens {self.settings.max_new_tokens} leaves {budget} of the model's {self.max_length} "
                 "positions for the prompt"
             )
-        conversation = Conversation(query=query, history=list(self.history))
+        conversation = Conversation(query=query, history=list(self.history), plain=self.plain)
         prompt = self.template.prompt(conversation, budget)
-        kept = Conversation(query=query, history=list(self.history)[prompt.dropped_turns:])
+        kept = Conversation(query=query, history=list(self.history)[prompt.dropped_turns:], plain=self.plain)
         return self.template.render_text(kept), prompt.ids, prompt.dropped_turns, prompt.truncated_tokens
 
     def reply(self, query: str, ids: list[int]) -> Iterator[str]:
@@ -138,7 +142,8 @@ class ChatSession:
         rest = decoder.flush()
         if rest:
             yield rest
-        self.history.append((query, decoder.text.strip()))
+        if not self.plain:
+            self.history.append((query, decoder.text.strip()))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -156,6 +161,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "default: the latest checkpoint of outputs/default",
     )
     parser.add_argument("--no-prefix", action="store_true", help="chat with the base model alone")
+    parser.add_argument(
+        "--plain",
+        action="store_true",
+        help="send each message as a plain prompt without history or chat template, as a prefix trained on data "
+        "without a history column (ADGEN) saw its prompts",
+    )
     parser.add_argument("--max-new-tokens", type=int, default=256, help="answer length limit (default 256)")
     parser.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     parser.add_argument("--top-p", type=float, default=0.7, help="nucleus sampling mass (default 0.7)")
@@ -301,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
         from transformers import set_seed
 
         set_seed(args.seed)
-    session = ChatSession(loaded.model, loaded.template, settings, loaded.max_positions)
+    session = ChatSession(loaded.model, loaded.template, settings, loaded.max_positions, plain=args.plain)
     print(f"Chatting with {what}, {'sampling' if settings.do_sample else 'greedy decoding'}.")
     print(BANNER)
     try:

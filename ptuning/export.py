@@ -81,6 +81,32 @@ def _config_of(model_path: Path | None):
     return ChatGLMConfig.from_pretrained(str(model_path))
 
 
+def refuse_unsupported(kind: str, checkpoint: str | None = None, model_path: Path | None = None) -> None:
+    """Stops an export the model's family cannot carry (its one-line reason), before anything is written.
+
+    The family is the base model folder's, else the one recorded in the checkpoint's ``prefix_config.json``.
+
+    Raises:
+        CheckpointError: the family refuses ``kind``.
+    """
+    from .models import UnsupportedModelError, family_for, family_named
+
+    family = None
+    if model_path is not None and (model_path / "config.json").is_file():
+        try:
+            family = family_for(model_path)
+        except UnsupportedModelError as err:
+            raise CheckpointError(str(err)) from None
+    elif checkpoint is not None:
+        from .training.checkpoint import read_prefix
+
+        _, meta = read_prefix(checkpoint)
+        family = family_named((meta or {}).get("family"))
+    why = family.export_unsupported(kind) if family is not None else None
+    if why:
+        raise CheckpointError(f"{kind} export of a {family.label} prefix: {why}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ptuning.export", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="kind", required=True)
@@ -104,6 +130,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     try:
+        if args.kind == "from-peft":
+            refuse_unsupported(args.kind, model_path=Path(args.model).expanduser() if args.model else None)
+        else:
+            refuse_unsupported(args.kind, args.checkpoint, base_model_path(args.checkpoint, getattr(args, "model", None)))
         if args.kind == "peft":
             from .interop.peft import export_peft_checkpoint
 

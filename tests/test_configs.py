@@ -65,7 +65,7 @@ def test_ptuning_adgen_is_the_original_recipe():
 
 
 def test_missing_model_path_is_one_line():
-    with pytest.raises(ConfigError, match=r"^model.path is required: set model.path=/path/to/chatglm-6b"):
+    with pytest.raises(ConfigError, match=r"^model.path is required: set model.path=/path/to/model-folder \(chatglm-6b, "):
         to_object(compose_train(["conf=ptuning_adgen", "train.output_dir=/tmp/x"]))
 
 
@@ -109,7 +109,7 @@ def test_train_py_without_model_path_exits_with_one_line(tmp_path):
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: model.path is required: set model.path=/path/to/chatglm-6b"), proc.stderr
+    assert last.startswith("error: model.path is required: set model.path=/path/to/model-folder"), proc.stderr
     assert "python train.py" in last
 
 
@@ -120,3 +120,23 @@ def test_every_yaml_is_covered():
         rel = path.relative_to(CONF)
         assert rel.name in covered or rel.parts[0] in GROUPS + ["conf", "accelerate"], rel
     assert OmegaConf.load(CONF / "train.yaml").defaults is not None
+
+
+def test_tiny_glm4_composes_to_the_builtin_glm4():
+    job = to_object(compose_train(["model=tiny_glm4", "train.output_dir=/tmp/x"]))
+    job.validate()
+    assert job.model.path == "builtin:tiny-glm4" and job.model.resolved_path == ROOT / "data" / "tiny-glm4"
+    assert (job.model.pre_seq_len, job.data.history_column) == (16, None)
+
+
+@pytest.mark.parametrize(("preset", "model", "history"), [
+    ("glm4_adgen", "glm-4-9b-chat", None), ("glm4_chat", "glm-4-9b-chat", "history"),
+    ("qwen3_adgen", "qwen3", None), ("qwen3_chat", "qwen3", "history"),
+])
+def test_transformers_decoder_presets(preset, model, history):
+    job = to_object(compose_train([f"conf={preset}", "model.path=/m", "data.train_file=t.json",
+                                   "train.output_dir=/tmp/x"]))
+    assert (job.model.name, job.model.dtype, job.model.gradient_checkpointing) == (model, "bfloat16", True)
+    assert job.data.history_column == history and job.train.gradient_accumulation_steps == 16
+    with pytest.raises(ConfigError, match=r"^model.path is required"):
+        to_object(compose_train([f"conf={preset}", "data.train_file=t.json", "train.output_dir=/tmp/x"]))

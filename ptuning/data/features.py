@@ -19,11 +19,14 @@ from .config import DataConfig
 
 
 def conversations(examples: dict[str, list[Any]], cfg: DataConfig) -> list[Conversation]:
-    """Each row's query, history and ``source_prefix`` as a family-neutral :class:`Conversation`."""
+    """Each row's query, history and ``source_prefix`` as a family-neutral :class:`Conversation`; rows of data
+    without a history column (ADGEN) are ``plain`` (prompt -> response, no chat template)."""
     queries = examples[cfg.prompt_column]
     histories = examples[cfg.history_column] if cfg.history_column else [None] * len(queries)
+    plain = not cfg.history_column
     return [
-        Conversation(query=query, history=[tuple(turn) for turn in (history or ())], source_prefix=cfg.source_prefix)
+        Conversation(query=query, history=[tuple(turn) for turn in (history or ())], source_prefix=cfg.source_prefix,
+                     plain=plain)
         for query, history in zip(queries, histories, strict=True)
     ]
 

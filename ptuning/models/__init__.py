@@ -42,8 +42,14 @@ def _is_chatglm_v1(cfg: dict) -> bool:
 HF_ARCHITECTURES = ("GlmForCausalLM", "Glm4ForCausalLM", "LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 
 
+#: their ``model_type`` values, for configs that name no ``architectures`` (configs built in code)
+HF_MODEL_TYPES = ("glm", "glm4", "llama", "qwen2", "qwen3")
+
+
 def _is_transformers_decoder(cfg: dict) -> bool:
-    architectures = cfg.get("architectures") or []
+    architectures = cfg.get("architectures")
+    if not architectures:
+        return cfg.get("model_type") in HF_MODEL_TYPES
     return isinstance(architectures, list) and any(a in HF_ARCHITECTURES for a in architectures)
 
 
@@ -103,6 +109,14 @@ def family_for(folder: str | Path) -> Family:
     raise UnsupportedModelError(f"{path}: no model family handles {what}; supported: {'; '.join(supported())}")
 
 
+def family_named(name: str | None) -> Family | None:
+    """The family recorded under ``name`` (``prefix_config.json``'s ``family``), or None for an unknown name."""
+    for entry in FAMILIES:
+        if entry.name == name:
+            return entry.load()
+    return None
+
+
 def family_of(model_or_config) -> Family:
     """The family of a loaded model (recorded by :func:`ptuning.build.load_model`) or of a config object.
 
@@ -133,6 +147,7 @@ __all__ = [
     "TrainRow",
     "UnsupportedModelError",
     "family_for",
+    "family_named",
     "family_of",
     "read_config",
     "supported",

@@ -223,6 +223,11 @@ class Family(ABC):
         ``ids`` (they sit at its first ``len(ids)`` positions). Default: the ids themselves."""
         return list(ids)
 
+    def export_unsupported(self, kind: str) -> str | None:
+        """Why ``python -m ptuning.export <kind>`` (``peft``, ``from-peft``, ``original``, ``full``) cannot carry
+        this family's prefix, or None when it can."""
+        return None
+
     def block_linear_names(self) -> tuple[str, ...]:
         """Names (last attribute) of the per-layer linears that weight-only quantization replaces."""
         return ()

@@ -239,6 +239,19 @@ def load_prefix(model: torch.nn.Module, checkpoint: str | os.PathLike) -> dict |
             f"{checkpoint}: holds a prefix but the model has no prefix encoder (pre_seq_len=null)"
         ) from None
     have = encoder.shape.describe()
+    if meta is not None and meta.get("family"):
+        from ..models import UnsupportedModelError, family_named, family_of
+
+        try:
+            mine = family_of(model)
+        except UnsupportedModelError:
+            mine = None
+        if mine is not None and meta["family"] != mine.name:
+            theirs = family_named(meta["family"])
+            raise CheckpointError(
+                f"{checkpoint}: the prefix was trained on a {theirs.label if theirs else meta['family']} model "
+                f"({meta.get('base_model')}) but the model is a {mine.label} model"
+            )
     if meta is not None:
         for key, value in have.items():
             if key in meta and meta[key] != value:

@@ -113,6 +113,20 @@ class HFFamily(Family):
     def fingerprint_keys(self, model_config) -> dict:
         return {k: getattr(model_config, k) for k in FINGERPRINT_KEYS if getattr(model_config, k, None) is not None}
 
+    def export_unsupported(self, kind: str) -> str | None:
+        if kind in ("peft", "from-peft"):
+            return (
+                "peft's PREFIX_TUNING cannot carry the prefix of a transformers decoder as this toolkit applies it: "
+                "peft feeds the prefix as P cached tokens and shifts the rotary positions of the real tokens by P, "
+                "so the same values compute a different model"
+            )
+        if kind in ("original", "full"):
+            return (
+                f"'{kind}' writes ChatGLM-6B's original layout; the prefix of a transformers decoder stays in this "
+                "toolkit's checkpoint format (prefix.safetensors + prefix_config.json)"
+            )
+        return None
+
     def block_linear_names(self) -> tuple[str, ...]:
         return BLOCK_LINEARS
 

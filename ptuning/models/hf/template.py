@@ -20,7 +20,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ..base import IGNORE_INDEX, Conversation, PromptIds, PromptTemplate, TrainRow, drop_oldest_turns
+from ..base import (
+    IGNORE_INDEX,
+    Conversation,
+    PromptIds,
+    PromptTemplate,
+    TrainRow,
+    cut_query_from_left,
+    drop_oldest_turns,
+)
 
 # a marker that no tokenizer merges with its neighbours and no template rewrites
 _MARK = "\u2063\u2062\u2063"
@@ -129,14 +137,13 @@ class ChatTemplatePrompt(PromptTemplate):
         )
         if ids is not None:
             return PromptIds(ids, dropped)
-        # the current turn alone does not fit: keep the end of the query inside its frame
-        before, _, after = self._chat_text(conversation, [], _MARK).partition(_MARK)
-        head, tail = self.encode(before), self.encode(after)
-        body = self.encode(query)
-        room = max(0, max_tokens - len(head) - len(tail))
-        kept = body[len(body) - room:] if room else []
-        ids = (head + kept + tail)[-max_tokens:] if max_tokens > 0 else []
-        return PromptIds(ids, dropped, len(body) - len(kept))
+        # the current turn alone does not fit: keep the end of the query, re-rendered in its frame
+        start = cut_query_from_left(
+            query, lambda q: len(self.encode(self._chat_text(conversation, [], q))), max_tokens
+        )
+        ids = self.encode(self._chat_text(conversation, [], query[start:]))
+        ids = ids[-max_tokens:] if max_tokens > 0 else []
+        return PromptIds(ids, dropped, len(self.encode(query)) - len(self.encode(query[start:])))
 
     def render_text(self, conversation: Conversation) -> str:
         if conversation.plain:
