@@ -126,7 +126,7 @@ def main() -> None:
     where = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or platform.machine()
     print(f"{where}, {args.dtype}, {'published sizes' if args.real else 'bench shape'}, P={prefix}, "
           f"batch {args.batch} x {args.seq}, median of {args.steps} alternating steps, torch {torch.__version__}")
-    print(f"| architecture | step with prefix (s) | step with P = 0 (s) | ratio |")
+    print("| architecture | step with prefix (s) | step with P = 0 (s) | ratio |")
     print("|---|---|---|---|")
     for r in rows:
         print(f"| {r['arch']} | {r['prefix_s']:.4f} | {r['plain_s']:.4f} | {r['ratio']:.3f} |")
