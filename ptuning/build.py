@@ -24,6 +24,14 @@ def weights_digest(folder: Path) -> str:
     return digest.hexdigest()[:16]
 
 
+def base_metadata(cfg: ModelConfig, config) -> dict:
+    """How ``prefix_config.json`` describes the backbone ``cfg`` loads (``config``: its model config): the
+    name, the config fingerprint and, for the built-in model, a digest of its weights."""
+    from .training.checkpoint import prefix_metadata
+
+    return prefix_metadata(config, base_model_name(cfg), weights_digest(cfg.resolved_path) if cfg.path is None else None)
+
+
 def load_model(cfg: ModelConfig, **overrides) -> ChatGLMForConditionalGeneration:
     """The frozen backbone in ``cfg.dtype`` with a float32 prefix of ``cfg.pre_seq_len``.
 
@@ -68,4 +76,4 @@ def load_tokenizer(cfg: ModelConfig, vocab_size: int | None = None):
     return tokenizer
 
 
-__all__ = ["BUILTIN_MODEL", "base_model_name", "load_model", "load_tokenizer", "weights_digest"]
+__all__ = ["BUILTIN_MODEL", "base_metadata", "base_model_name", "load_model", "load_tokenizer", "weights_digest"]
