@@ -356,6 +356,17 @@ def test_attach_prefix_refuses_a_shape_that_does_not_fit():
         attach_prefix(plain, wrong)
 
 
+def test_a_model_with_prefix_pickles():
+    import pickle
+
+    model = with_prefix(plain_model("Qwen2ForCausalLM"))
+    again = pickle.loads(pickle.dumps(model))
+    assert type(again) is type(model)
+    ids, mask, _ = left_padded()
+    with torch.no_grad():
+        assert torch.equal(again(ids, attention_mask=mask).logits, model(ids, attention_mask=mask).logits)
+
+
 def test_prefix_dropout_only_in_training():
     model = with_prefix(plain_model("LlamaForCausalLM"), dropout=0.5)
     ids, _ = training_batch()

@@ -165,7 +165,7 @@ def test_two_processes_equal_one(single, tmp_path):
 
 @pytest.mark.multiproc
 def test_deepspeed_zero3_equals_one_process_and_resumes_exactly(single, tmp_path):
-    config = ROOT / "conf" / "accelerate" / "deepspeed_zero3.yaml"
+    config = ROOT / "launch" / "accelerate" / "deepspeed_zero3.yaml"
     args = [*ACCELERATE, "--config_file", str(config), "--main_process_port", str(free_port()), "train.py",
             "model=tiny_glm4", *FAST, "train.per_device_batch_size=4"]
 

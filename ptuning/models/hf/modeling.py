@@ -204,11 +204,11 @@ def prefix_class(cls: type) -> type:
     if issubclass(cls, PrefixCausalLM):
         return cls
     if cls not in _PREFIX_CLASSES:
-        _PREFIX_CLASSES[cls] = type(
-            f"{cls.__name__}WithPrefix",
-            (PrefixCausalLM, cls),
-            {"__module__": __name__, "__doc__": f"{cls.__name__} with a P-Tuning v2 prefix (see {__name__})."},
-        )
+        name = f"{cls.__name__}WithPrefix"
+        made = type(name, (PrefixCausalLM, cls),
+                    {"__module__": __name__, "__doc__": f"{cls.__name__} with a P-Tuning v2 prefix (see {__name__})."})
+        _PREFIX_CLASSES[cls] = made
+        globals().setdefault(name, made)  # found by name, so a model pickles (torch.save, process spawns)
     return _PREFIX_CLASSES[cls]
 
 
