@@ -240,8 +240,8 @@ def test_item01_pruning_and_latest_never_take_another_runs_checkpoints(tmp_path)
     from ptuning.evaluation.run import resolve_checkpoint
     from ptuning.training.checkpoint import latest_checkpoint, prefix_metadata, save_checkpoint
 
-    model = loop_module.load_model(ModelConfig())
-    base = prefix_metadata(model.config, "builtin:tiny-chatglm")
+    model = load_model(ModelConfig())
+    base = prefix_metadata(model, "builtin:tiny-chatglm")
     save_checkpoint(tmp_path, 800, model, {**base, "run_id": "old"})  # copied in from another run
     (tmp_path / "run_config.json").write_text(json.dumps({"run_id": "new"}))
     for step in (1, 2, 3):
@@ -376,7 +376,7 @@ def test_item17_a_small_model_on_cpu_runs_with_one_thread_unless_omp_num_threads
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
-        tiny = loop_module.load_model(ModelConfig()).config
+        tiny = load_model(ModelConfig()).config
         assert set_cpu_threads(tiny, "cpu") == 1 and torch.get_num_threads() == 1
         torch.set_num_threads(2)
         assert set_cpu_threads(tiny_config(**BENCH_SHAPE), "cpu") is None and torch.get_num_threads() == 2
