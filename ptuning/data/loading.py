@@ -400,6 +400,32 @@ def build_datasets(cfg: DataConfig, template, split: str, features: str | None =
     return featurized
 
 
+def check_positions(lengths: list[int], limit: int, path, hint: str, *, extra: int = 0, what: str = "rows") -> None:
+    """Refuses rows that would run past the positions the model was built for.
+
+    One behaviour for training and evaluation (chat and the server cut the prompt to fit instead, and say
+    so): a row longer than ``limit`` would use positions the model never saw, so its loss or its answer
+    would be silently wrong.
+
+    Args:
+        lengths: tokens of each row (training: prompt + response; generation: the prompt).
+        limit: the model's positions (``max_sequence_length`` / ``max_position_embeddings``).
+        path: the data file, for the message.
+        hint: which keys shorten the rows.
+        extra: tokens each row needs beyond its length (generation: ``max_new_tokens``).
+
+    Raises:
+        DataError: ``"<file>: N of M rows need more than the model's L positions (longest K ...); <hint>"``.
+    """
+    over = [n + extra for n in lengths if n + extra > limit]
+    if over:
+        plus = f", prompt + {extra} new tokens" if extra else ""
+        raise DataError(
+            f"{path}: {len(over)} of {len(lengths)} {what} need more than the model's {limit} positions "
+            f"(longest {max(over)} tokens{plus}); {hint}"
+        )
+
+
 def report_truncation(dataset: datasets.Dataset, path, cfg: DataConfig) -> tuple[int, int]:
     """Says once how many rows lost earlier turns to fit ``max_source_length``.
 
