@@ -1,0 +1,244 @@
+"""ChatGLM2/3 weights: the original keys <-> transformers' ``GlmForCausalLM``, shard by shard.
+
+N heads, G key/value groups, D head size, H hidden, F ffn_hidden_size, V padded vocabulary.
+
+| original key (``transformer.`` + ...)                    | ``GlmForCausalLM`` key                          |
+| --- | --- |
+| ``embedding.word_embeddings.weight`` [V, H]              | ``model.embed_tokens.weight``                   |
+| ``encoder.layers.i.input_layernorm.weight``              | ``model.layers.i.input_layernorm.weight``       |
+| ``encoder.layers.i.self_attention.query_key_value`` w/b  | rows N·D / G·D / G·D -> ``self_attn.q_proj`` / ``k_proj`` / ``v_proj`` |
+| ``encoder.layers.i.self_attention.dense.weight``         | ``model.layers.i.self_attn.o_proj.weight``      |
+| ``encoder.layers.i.post_attention_layernorm.weight``     | ``model.layers.i.post_attention_layernorm.weight`` |
+| ``encoder.layers.i.mlp.dense_h_to_4h.weight`` [2F, H]    | ``model.layers.i.mlp.gate_up_proj.weight``      |
+| ``encoder.layers.i.mlp.dense_4h_to_h.weight`` [H, F]     | ``model.layers.i.mlp.down_proj.weight``         |
+| ``encoder.final_layernorm.weight``                       | ``model.norm.weight``                           |
+| ``output_layer.weight`` [V, H]                           | ``lm_head.weight``                              |
+| ``rotary_pos_emb.inv_freq``                              | (recomputed; its values are never used)         |
+| ``prefix_encoder.*``                                     | the model's prefix encoder                      |
+
+The query/key/value rows are split, not interleaved per head (query head n is rows n·D .. n·D+D-1; the G key
+groups follow, then the G value groups), and SwiGLU's first half is the gate in both.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from ...model.loading import SAFE_INDEX, BIN_INDEX, CheckpointError, iter_shards, load_failure, weight_files
+
+ORIGINAL_PREFIX = "transformer.prefix_encoder."
+INV_FREQ = "transformer.rotary_pos_emb.inv_freq"
+
+_LAYER = re.compile(r"transformer\.encoder\.layers\.(\d+)\.(.+)")
+_LAYER_NAMES = {
+    "input_layernorm.weight": "input_layernorm.weight",
+    "post_attention_layernorm.weight": "post_attention_layernorm.weight",
+    "self_attention.dense.weight": "self_attn.o_proj.weight",
+    "mlp.dense_h_to_4h.weight": "mlp.gate_up_proj.weight",
+    "mlp.dense_4h_to_h.weight": "mlp.down_proj.weight",
+}
+_TOP_NAMES = {
+    "transformer.embedding.word_embeddings.weight": "model.embed_tokens.weight",
+    "transformer.encoder.final_layernorm.weight": "model.norm.weight",
+    "transformer.output_layer.weight": "lm_head.weight",
+}
+
+
+def is_original_prefix_key(key: str) -> bool:
+    return key.startswith(ORIGINAL_PREFIX)
+
+
+def glm_items(key: str, tensor: torch.Tensor, num_heads: int, num_groups: int, head_dim: int
+              ) -> list[tuple[str, torch.Tensor]] | None:
+    """The ``GlmForCausalLM`` entries of one original backbone entry (views, no copy), ``[]`` for a buffer
+    that is recomputed, or None for a key that is not part of the backbone."""
+    if key == INV_FREQ or key.endswith(".rotary_pos_emb.inv_freq"):
+        return []
+    if key in _TOP_NAMES:
+        return [(_TOP_NAMES[key], tensor)]
+    match = _LAYER.fullmatch(key)
+    if match is None:
+        return None
+    layer, rest = match.groups()
+    base = f"model.layers.{layer}."
+    if rest in _LAYER_NAMES:
+        return [(base + _LAYER_NAMES[rest], tensor)]
+    if rest in ("self_attention.query_key_value.weight", "self_attention.query_key_value.bias"):
+        kind = rest.rsplit(".", 1)[1]
+        sizes = [num_heads * head_dim, num_groups * head_dim, num_groups * head_dim]
+        if tensor.shape[0] != sum(sizes):
+            return [(f"{base}self_attn.query_key_value.{kind}", tensor)]  # reported as a shape mismatch
+        q, k, v = tensor.split(sizes, dim=0)
+        return [(f"{base}self_attn.{name}_proj.{kind}", part) for name, part in zip("qkv", (q, k, v), strict=True)]
+    return None
+
+
+def original_items(state: dict[str, torch.Tensor], num_heads: int, num_groups: int, head_dim: int
+                   ) -> Iterator[tuple[str, torch.Tensor]]:
+    """The original keys of a ``GlmForCausalLM`` backbone state dict (query/key/value rows concatenated),
+    in the original's order. Prefix keys are not included."""
+    inverse_top = {v: k for k, v in _TOP_NAMES.items()}
+    inverse_layer = {v: k for k, v in _LAYER_NAMES.items()}
+    yield inverse_top["model.embed_tokens.weight"], state["model.embed_tokens.weight"]
+    layers = sorted({int(k.split(".")[2]) for k in state if k.startswith("model.layers.")})
+    for i in layers:
+        glm = f"model.layers.{i}."
+        original = f"transformer.encoder.layers.{i}."
+        yield original + "input_layernorm.weight", state[glm + "input_layernorm.weight"]
+        for kind in ("weight", "bias"):
+            parts = [state.get(f"{glm}self_attn.{n}_proj.{kind}") for n in "qkv"]
+            if all(p is not None for p in parts):
+                yield f"{original}self_attention.query_key_value.{kind}", torch.cat(parts, dim=0)
+        for name in ("self_attn.o_proj.weight", "post_attention_layernorm.weight", "mlp.gate_up_proj.weight",
+                     "mlp.down_proj.weight"):
+            yield original + inverse_layer[name], state[glm + name]
+    yield inverse_top["model.norm.weight"], state["model.norm.weight"]
+    yield inverse_top["lm_head.weight"], state["lm_head.weight"]
+
+
+def rotary_inv_freq(head_dim: int, dtype: torch.dtype) -> torch.Tensor:
+    """The original's ``rotary_pos_emb.inv_freq`` buffer ``[D/4]`` (written back by exports; never read)."""
+    dim = head_dim // 2
+    return (1.0 / (10000 ** (torch.arange(0, dim, 2).to(dtype) / dim))).to(dtype)
+
+
+def load_backbone(model, folder: Path, config, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Loads an original folder's backbone into ``model`` (a ``GlmForCausalLM`` built on the meta device),
+    one shard at a time: each tensor is cast to ``dtype`` and assigned (no second copy of the model).
+
+    Args:
+        config: the model's ``GlmConfig`` (for the query/key/value split).
+
+    Returns:
+        The ``transformer.prefix_encoder.*`` tensors found in the folder (float32, original keys).
+
+    Raises:
+        CheckpointError: a key that is neither backbone nor prefix, a shape that does not fit the config, a
+            missing backbone key, or an unreadable file (each names the file and key).
+    """
+    expected = model.state_dict()
+    heads, groups, head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    loaded: set[str] = set()
+    prefix: dict[str, torch.Tensor] = {}
+    unexpected: list[str] = []
+    config_file = folder / "config.json"
+    for file, shard in iter_shards(folder):
+        part = {}
+        for key, tensor in shard.items():
+            if is_original_prefix_key(key):
+                prefix[key] = tensor.detach().to(torch.float32).clone()
+                continue
+            items = glm_items(key, tensor, heads, groups, head_dim)
+            if items is None:
+                unexpected.append(f"{key} ({file.name})")
+                continue
+            for name, value in items:
+                if name not in expected or tuple(value.shape) != tuple(expected[name].shape):
+                    want = list(expected[name].shape) if name in expected else "no such weight"
+                    raise CheckpointError(
+                        f"{file}: '{key}' has shape {list(tensor.shape)}, which does not fit the model built "
+                        f"from {config_file} (expected {want} for {name})"
+                    )
+                part[name] = value.to(dtype)
+        model.load_state_dict(part, strict=False, assign=True)
+        loaded.update(part)
+        del shard, part
+    if unexpected:
+        raise CheckpointError(f"{folder}: unexpected key(s) {', '.join(unexpected[:5])} (not a ChatGLM2/3 weight)")
+    missing = [k for k in expected if k not in loaded]
+    if missing:
+        names = list(dict.fromkeys(original_name(k) for k in missing))
+        raise CheckpointError(
+            f"{folder}: missing weight(s) {', '.join(names[:5])}" + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        )
+    return prefix
+
+
+def original_name(glm_key: str) -> str:
+    """The original key that holds a ``GlmForCausalLM`` weight (for messages)."""
+    inverse_top = {v: k for k, v in _TOP_NAMES.items()}
+    if glm_key in inverse_top:
+        return inverse_top[glm_key]
+    parts = glm_key.split(".", 3)  # model, layers, i, rest
+    if len(parts) == 4 and parts[1] == "layers":
+        rest = parts[3]
+        inverse_layer = {v: k for k, v in _LAYER_NAMES.items()}
+        if rest in inverse_layer:
+            rest = inverse_layer[rest]
+        elif rest.startswith("self_attn.") and rest.split(".")[1] in ("q_proj", "k_proj", "v_proj"):
+            rest = "self_attention.query_key_value." + rest.rsplit(".", 1)[1]
+        return f"transformer.encoder.layers.{parts[2]}.{rest}"
+    return glm_key
+
+
+def _index_files(folder: Path) -> dict[str, list[str]] | None:
+    for name in (SAFE_INDEX, BIN_INDEX):
+        index = folder / name
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                raise CheckpointError(f"{index}: not a valid index (expected a JSON object with 'weight_map'): {err}") from None
+            files: dict[str, list[str]] = {}
+            for key, file in weight_map.items():
+                files.setdefault(file, []).append(key)
+            return files
+    return None
+
+
+def read_original_prefix(folder: str | Path) -> dict[str, torch.Tensor]:
+    """Only the ``transformer.prefix_encoder.*`` tensors of a folder (float32, original keys).
+
+    Reads no other tensor: with an index only the shards it lists for prefix keys are opened; safetensors
+    files are read key by key; ``.bin`` files are memory-mapped (``torch.load(mmap=True, weights_only=True)``)
+    so only the prefix tensors are read from disk. A ChatGLM3 ``finetune_demo`` checkpoint (a whole 12 GB
+    model with the prefix inside) gives up its prefix this way.
+
+    Raises:
+        CheckpointError: unreadable files, or no prefix key at all.
+    """
+    folder = Path(folder)
+    index = _index_files(folder)
+    if index is not None:
+        files = [folder / f for f, keys in index.items() if any(is_original_prefix_key(k) for k in keys)]
+    else:
+        files = weight_files(folder)
+    prefix: dict[str, torch.Tensor] = {}
+    for path in files:
+        try:
+            if path.suffix == ".safetensors":
+                with safe_open(str(path), framework="pt") as handle:
+                    for key in handle.keys():  # noqa: SIM118 - safe_open has no __iter__
+                        if is_original_prefix_key(key):
+                            prefix[key] = handle.get_tensor(key).to(torch.float32)
+            else:
+                state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+                if not isinstance(state, dict):
+                    raise CheckpointError(f"{path}: expected a state dict, found {type(state).__name__}")
+                prefix.update({k: v.to(torch.float32).clone() for k, v in state.items() if is_original_prefix_key(k)})
+                del state
+        except CheckpointError:
+            raise
+        except Exception as err:  # noqa: BLE001 - any reader failure is a bad file for the user
+            raise CheckpointError(f"{path}: cannot read weights ({load_failure(err)})") from None
+    if not prefix:
+        raise CheckpointError(f"{folder}: no {ORIGINAL_PREFIX}* weights (not a P-Tuning v2 model or checkpoint)")
+    return prefix
+
+
+__all__ = [
+    "INV_FREQ",
+    "ORIGINAL_PREFIX",
+    "glm_items",
+    "is_original_prefix_key",
+    "load_backbone",
+    "original_items",
+    "read_original_prefix",
+    "rotary_inv_freq",
+]
