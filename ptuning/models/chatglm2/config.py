@@ -240,8 +240,12 @@ def chatglm_version(folder: Path, raw: dict) -> int:
     )
 
 
-def read_original_config(folder: str | Path, raw: dict | None = None) -> OriginalConfig:
+def read_original_config(folder: str | Path, raw: dict | None = None, version: int | None = None) -> OriginalConfig:
     """The checked :class:`OriginalConfig` of a ChatGLM2/3 folder.
+
+    Args:
+        raw: the ``config.json`` already read (None: read it).
+        version: 2 or 3 when the caller knows it (None: :func:`chatglm_version` decides).
 
     Raises:
         CheckpointError: no or unreadable ``config.json``, a value the mapping cannot represent, or a folder
@@ -256,7 +260,9 @@ def read_original_config(folder: str | Path, raw: dict | None = None) -> Origina
             raw = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
             raise CheckpointError(f"{path}: not valid JSON ({err})") from None
-    return parse_original_config(raw, path, chatglm_version(folder, raw))
+    if version is not None and version not in VERSIONS:
+        raise CheckpointError(f"chatglm_version {version!r}: expected 2 or 3")
+    return parse_original_config(raw, path, version or chatglm_version(folder, raw))
 
 
 def original_config_dict(config: GlmConfig, *, dtype: str | None = None, with_prefix: bool = True) -> dict:

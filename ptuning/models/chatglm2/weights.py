@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from ...model.loading import SAFE_INDEX, BIN_INDEX, CheckpointError, iter_shards, load_failure, weight_files
+from ...model.loading import BIN_INDEX, SAFE_INDEX, CheckpointError, iter_shards, load_failure, weight_files
 
 ORIGINAL_PREFIX = "transformer.prefix_encoder."
 INV_FREQ = "transformer.rotary_pos_emb.inv_freq"
