@@ -38,9 +38,15 @@ def _is_chatglm_v1(cfg: dict) -> bool:
     return cfg.get("model_type") == "chatglm" and "inner_hidden_size" in cfg
 
 
+def _is_chatglm2(cfg: dict) -> bool:
+    return cfg.get("model_type") == "chatglm" and "ffn_hidden_size" in cfg and "padded_vocab_size" in cfg
+
+
 FAMILIES: list[FamilyEntry] = [
     FamilyEntry("chatglm", "ptuning.models.chatglm.family:ChatGLMFamily", _is_chatglm_v1,
                 ("ChatGLM-6B (model_type chatglm, ChatGLMModel / ChatGLMForConditionalGeneration)",)),
+    FamilyEntry("chatglm2", "ptuning.models.chatglm2.family:ChatGLM2Family", _is_chatglm2,
+                ("ChatGLM2-6B / ChatGLM3-6B (model_type chatglm with ffn_hidden_size and padded_vocab_size)",)),
 ]
 
 
