@@ -145,7 +145,7 @@ def _check(path: Path, key: str, value: Any, kind: str) -> Any:
             "str": "a string",
             "id": "a token id (integer >= 0)",
         }[kind]
-        raise CheckpointError(f"{path}: {key!r} is {value!r}: expected {expected}")
+        raise CheckpointError(f"{path}: {key!r} is {json.dumps(value)}: expected {expected}")
     return value
 
 
@@ -170,7 +170,9 @@ def parse_original_config(raw: dict, path: Path, version: int) -> OriginalConfig
                 "quantization_bit": "the weights of this folder are quantized; load the full-precision "
                 "checkpoint and set model.quantization_bit instead",
             }.get(key, "the transformers Glm architecture this loader maps onto has no such variant")
-            raise CheckpointError(f"{path}: {key!r} is {raw[key]!r}, only {json.dumps(supported)} is supported ({why})")
+            raise CheckpointError(
+                f"{path}: {key!r} is {json.dumps(raw[key])}, only {json.dumps(supported)} is supported ({why})"
+            )
     values = {}
     for item in fields(OriginalConfig):
         if item.name in raw and item.name != "chatglm_version":
@@ -217,7 +219,7 @@ def chatglm_version(folder: Path, raw: dict) -> int:
     stated = raw.get("chatglm_version")
     if stated is not None:
         if stated not in VERSIONS:
-            raise CheckpointError(f"{path}: 'chatglm_version' is {stated!r}: expected 2 or 3")
+            raise CheckpointError(f"{path}: 'chatglm_version' is {json.dumps(stated)}: expected 2 or 3")
         return stated
     tokenizer_config: dict = {}
     tok_path = folder / "tokenizer_config.json"

@@ -30,7 +30,15 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from ...model.loading import BIN_INDEX, SAFE_INDEX, CheckpointError, iter_shards, load_failure, weight_files
+from ...model.loading import (
+    BIN_INDEX,
+    SAFE_INDEX,
+    CheckpointError,
+    iter_shards,
+    load_failure,
+    save_weights,
+    weight_files,
+)
 
 ORIGINAL_PREFIX = "transformer.prefix_encoder."
 INV_FREQ = "transformer.rotary_pos_emb.inv_freq"
@@ -177,6 +185,61 @@ def original_name(glm_key: str) -> str:
     return glm_key
 
 
+def original_state_dict(model, dtype: torch.dtype | None = None, *, with_prefix: bool = True
+                        ) -> dict[str, torch.Tensor]:
+    """A loaded ChatGLM2/3 model's weights under the original keys, in the original's order: backbone in
+    ``dtype`` (default: its own), the ``rotary_pos_emb.inv_freq`` buffer written back, and with
+    ``with_prefix`` the prefix encoder float32 as ``transformer.prefix_encoder.*``.
+
+    Raises:
+        CheckpointError: the backbone is quantized (export the full-precision model).
+    """
+    from ...prefix import is_prefix_param
+
+    state = {k: v for k, v in model.state_dict().items() if not is_prefix_param(k)}
+    if any(not v.is_floating_point() for k, v in state.items() if k.endswith(".weight")):
+        raise CheckpointError(
+            "the model's backbone is quantized: export from the full-precision model (load it without quantization_bit)"
+        )
+    config = model.config
+    dtype = dtype or state["model.embed_tokens.weight"].dtype
+    out = {}
+    for key, tensor in original_items(state, config.num_attention_heads, config.num_key_value_heads, config.head_dim):
+        out[key] = tensor.detach().to(device="cpu", dtype=dtype).contiguous()
+        if key == "transformer.embedding.word_embeddings.weight":
+            out[INV_FREQ] = rotary_inv_freq(config.head_dim, dtype)
+    encoder = getattr(model, "prefix_encoder", None)
+    if with_prefix and encoder is not None:
+        for key, tensor in encoder.state_dict().items():
+            out[ORIGINAL_PREFIX + key] = tensor.detach().to(device="cpu", dtype=torch.float32).contiguous()
+    return out
+
+
+def save_original(model, folder: str | Path, *, dtype: torch.dtype | None = None, safe: bool = False,
+                  max_shard_bytes: int | None = 2 * 10**9, with_prefix: bool = True, tokenizer=None) -> list[Path]:
+    """Writes a model as an original ChatGLM2/3 folder: ``config.json`` with the original keys (and
+    ``chatglm_version``), the weights under the original keys (``pytorch_model-0000N-of-0000M.bin`` + index as
+    the published folders, or safetensors with ``safe``), and the tokenizer when given. With ``with_prefix``
+    and a prefix, ``pre_seq_len`` / ``prefix_projection`` and ``transformer.prefix_encoder.*`` are included:
+    the whole-model P-Tuning layout the original code loads in one piece.
+
+    Returns:
+        The weight files written.
+    """
+    from .config import original_config_dict
+
+    folder = Path(folder)
+    state = original_state_dict(model, dtype, with_prefix=with_prefix)
+    saved = state["transformer.embedding.word_embeddings.weight"].dtype
+    has_prefix = with_prefix and getattr(model, "prefix_encoder", None) is not None
+    config = original_config_dict(model.config, dtype=str(saved).removeprefix("torch."), with_prefix=has_prefix)
+    paths = save_weights(state, folder, safe=safe, max_shard_bytes=max_shard_bytes)
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    return paths
+
+
 def _index_files(folder: Path) -> dict[str, list[str]] | None:
     for name in (SAFE_INDEX, BIN_INDEX):
         index = folder / name
@@ -239,6 +302,8 @@ __all__ = [
     "is_original_prefix_key",
     "load_backbone",
     "original_items",
+    "original_state_dict",
     "read_original_prefix",
     "rotary_inv_freq",
+    "save_original",
 ]
