@@ -63,7 +63,7 @@ def reference(cfg: dict, w: dict, ids, mask2d=None, positions=None, labels=None)
     """The README's computation in float64 (upstream conventions; prefix set, no cache)."""
     w = {k: t.double() for k, t in w.items()}
     b, s = ids.shape
-    h, n, d = cfg["hidden_size"], cfg["num_attention_heads"], cfg["kv_channels"]
+    n, d = cfg["num_attention_heads"], cfg["kv_channels"]
     groups = cfg["multi_query_group_num"] if cfg.get("multi_query_attention", True) else n
     eps, layers, length = 1e-5, cfg["num_layers"], cfg["pre_seq_len"]
     positions = torch.arange(s).expand(b, s) if positions is None else positions
