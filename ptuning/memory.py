@@ -4,7 +4,7 @@ fp32 / bf16 / int8 / int4 (``python -m ptuning.memory``).
 The estimate counts the tensors a train step holds at its peak, which is the start of the backward pass
 (the loss's gradient against the vocabulary), when every saved activation is still alive:
 
-* **weights**: exactly as :func:`ptuning.model.quantization.weight_bytes` counts them (torchao int8 = 1 byte
+* **weights**: exactly as :func:`ptuning.quantization.weight_bytes` counts them (torchao int8 = 1 byte
   per weight + a float32 scale and an int8 zero point per output channel; NF4 = half a byte per weight +
   an int8 scale per 64 weights + the scales' own scales); biases, norms, embeddings and ``lm_head`` in the
   compute dtype (float32 for fp32, else 16-bit); the prefix in float32;
@@ -86,8 +86,8 @@ class ModelShape:
 
     @classmethod
     def from_config(cls, config, **overrides) -> ModelShape:
-        """The shape of a :class:`~ptuning.model.ChatGLMConfig` or of a ChatGLM2/3 ``GlmConfig`` (the loaded
-        model's); ``overrides`` set batch, seq, checkpointing..."""
+        """The shape of a :class:`~ptuning.models.chatglm.ChatGLMConfig` or of a ChatGLM2/3 ``GlmConfig`` (the
+        loaded model's); ``overrides`` set batch, seq, checkpointing..."""
         if hasattr(config, "intermediate_size"):  # GlmConfig (ChatGLM2/3 mapped onto GlmForCausalLM)
             values = dict(
                 architecture="glm",
@@ -287,7 +287,7 @@ def _config_shape(path: str) -> ModelShape:
         from .models.chatglm2.config import parse_original_config
 
         return ModelShape.from_config(parse_original_config(raw, folder / "config.json", 3).glm_config())
-    from .model import ChatGLMConfig
+    from .models.chatglm import ChatGLMConfig
 
     return ModelShape.from_config(ChatGLMConfig.from_pretrained(str(folder)))
 

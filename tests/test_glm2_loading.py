@@ -11,11 +11,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import ptuning.models.chatglm2.weights as weights_module
-from ptuning.model.loading import CheckpointError
+import ptuning.weights as weights_module
 from ptuning.models import family_for
 from ptuning.models.chatglm2.family import ChatGLM2Family, load_model
 from ptuning.models.chatglm2.weights import read_original_prefix, save_original
+from ptuning.weights import CheckpointError
 
 from .common import ASSETS
 
@@ -140,7 +140,7 @@ def test_remote_code_is_never_run(tmp_path, ids, source):
         (folder / name).write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
     family = family_for(folder)
     model = family.load_model(folder, pre_seq_len=4, prefix_projection=False, prefix_dropout=0.0)
-    family.load_tokenizer(folder, model.config)
+    family.load_tokenizer(folder, model.config.vocab_size)
     assert not marker.exists()
     with torch.no_grad():
         assert torch.equal(model(ids).logits, source(ids).logits)

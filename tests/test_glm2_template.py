@@ -77,10 +77,20 @@ def test_chatglm2_long_query_is_cut_keeping_the_frame(glm2):
     assert len(out.ids) <= 30 and out.dropped_turns == 1
     assert out.truncated_tokens == len(full) - len(out.ids) > 0
     assert out.ids[:2] == [1001, 1003]
-    assert tok.decode(out.ids, skip_special_tokens=True).startswith("[Round 1]\n\n问：这件")
-    assert tok.decode(out.ids, skip_special_tokens=True).endswith("\n\n答：")
+    text = tok.decode(out.ids, skip_special_tokens=True)  # cut from the left: the query's end stays
+    assert text.startswith("[Round 1]\n\n问：") and text.endswith("文艺气息浓厚。\n\n答：")
+    assert not text.startswith("[Round 1]\n\n问：这件")
     with pytest.raises(ValueError, match="budget of 5"):
-        glm2.prompt(Conversation(query), 5)
+        glm2.prompt(Conversation(query, history=[("a", "b")]), 5)
+    # without history the first tokens stay, as the original's tokenizer truncation
+    alone = glm2.prompt(Conversation(query), 30)
+    assert alone.ids == full[:30] and alone.truncated_tokens == len(full) - 30
+
+
+def test_chatglm2_source_prefix_goes_in_front_of_the_prompt(glm2):
+    ids = glm2.prompt(Conversation("毛衣", source_prefix="广告："), 100).ids
+    assert ids == [1001, 1003, *glm2.tokenizer.sp_encode("广告：[Round 1]\n\n问：毛衣\n\n答：")]
+    assert glm2.render_text(Conversation("毛衣", source_prefix="广告：")) == "广告：[Round 1]\n\n问：毛衣\n\n答："
 
 
 def test_chatglm2_system_and_tool_turns(glm2):
@@ -133,7 +143,13 @@ def test_chatglm3_truncation_drops_oldest_turn_then_cuts_query(glm3):
     alone = glm3.prompt(Conversation(conv.query, system="你是导购"), 1000).ids
     out = glm3.prompt(conv, len(alone) - 3)
     assert (out.dropped_turns, out.truncated_tokens, len(out.ids)) == (2, 3, len(alone) - 3)
-    assert out.ids[-1] == 1007 and out.ids[:5] == alone[:5]
+    # with history the query is cut from the left: its end stays next to <|assistant|>
+    assert out.ids[-4:] == alone[-4:] and out.ids[:5] == alone[:5]
+    query = glm3.tokenizer.sp_encode(conv.query)
+    assert out.ids[out.ids.index(1006) + 3:-1] == query[3:]
+    # without history the first tokens stay (the original evaluation kept the first max_input_length ids)
+    short = glm3.prompt(Conversation(conv.query, system="你是导购"), len(alone) - 3)
+    assert short.ids[short.ids.index(1006) + 3:-1] == query[:-3] and short.truncated_tokens == 3
     with pytest.raises(ValueError, match="budget of 4"):
         glm3.prompt(conv, 4)
 

@@ -14,6 +14,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from ptuning.model.loading import CheckpointError
 from transformers import (
     Glm4Config,
     Glm4ForCausalLM,
@@ -27,7 +28,6 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-from ptuning.model.loading import CheckpointError
 from ptuning.models.hf import attach_prefix, load_causal_lm, load_prefix_model, prefix_attention, prefix_shape
 from ptuning.models.hf.attention import prefixed_mask
 from ptuning.prefix import PrefixEncoder, PrefixKV, PrefixShape, mark_only_prefix_trainable, prefix_key_values

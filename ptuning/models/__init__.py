@@ -39,7 +39,9 @@ def _is_chatglm_v1(cfg: dict) -> bool:
 
 
 def _is_chatglm2(cfg: dict) -> bool:
-    return cfg.get("model_type") == "chatglm" and "ffn_hidden_size" in cfg and "padded_vocab_size" in cfg
+    # an original ChatGLM2/3 folder, or the GlmConfig it is loaded as (which records chatglm_version)
+    original = cfg.get("model_type") == "chatglm" and "ffn_hidden_size" in cfg and "padded_vocab_size" in cfg
+    return original or (cfg.get("model_type") == "glm" and cfg.get("chatglm_version") in (2, 3))
 
 
 FAMILIES: list[FamilyEntry] = [
@@ -99,6 +101,37 @@ def family_for(folder: str | Path) -> Family:
     raise UnsupportedModelError(f"{path}: no model family handles {what}; supported: {'; '.join(supported())}")
 
 
+def family_named(name: str) -> Family:
+    """The family recorded as ``family`` in a checkpoint's ``prefix_config.json``.
+
+    Raises:
+        UnsupportedModelError: no family of that name.
+    """
+    for entry in FAMILIES:
+        if entry.name == name:
+            return entry.load()
+    raise UnsupportedModelError(f"no model family named {name!r}; known: {', '.join(e.name for e in FAMILIES)}")
+
+
+def family_of(model_or_config) -> Family:
+    """The family of a loaded model (recorded by :func:`ptuning.build.load_model`) or of a config object.
+
+    Raises:
+        UnsupportedModelError: no family handles the config.
+    """
+    family = getattr(model_or_config, "ptuning_family", None)
+    if isinstance(family, Family):
+        return family
+    config = getattr(model_or_config, "config", model_or_config)
+    raw = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    for entry in FAMILIES:
+        if entry.matches(raw):
+            return entry.load()
+    raise UnsupportedModelError(
+        f"no model family handles a config with model_type={raw.get('model_type')!r}; supported: {'; '.join(supported())}"
+    )
+
+
 __all__ = [
     "FAMILIES",
     "Conversation",
@@ -109,6 +142,8 @@ __all__ = [
     "TrainRow",
     "UnsupportedModelError",
     "family_for",
+    "family_named",
+    "family_of",
     "read_config",
     "supported",
 ]

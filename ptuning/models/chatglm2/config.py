@@ -26,7 +26,7 @@ from typing import Any
 
 from transformers import GlmConfig
 
-from ...model.loading import CheckpointError
+from ...weights import CheckpointError
 
 VERSIONS = (2, 3)
 ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|observation|>")

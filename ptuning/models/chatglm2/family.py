@@ -3,6 +3,8 @@ with the generic prefix (:func:`ptuning.models.hf.attach_prefix`), their tokeniz
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -11,17 +13,20 @@ from transformers import GlmForCausalLM
 from transformers.models.glm.modeling_glm import GlmRotaryEmbedding
 
 from ...config import ConfigError
-from ...model.loading import CheckpointError
 from ...prefix import PrefixShape
+from ...weights import CheckpointError
 from ..base import Family
 from ..hf.modeling import attach_prefix
 from .config import read_original_config
 from .rotary import ChatGLM2RotaryEmbedding
 from .template import ChatGLM2Template, ChatGLM3Template
 from .tokenizer import ChatGLM2Tokenizer
-from .weights import ORIGINAL_PREFIX, load_backbone
+from .weights import ORIGINAL_PREFIX, load_backbone, save_original
 
 BLOCK_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj")
+# files of an original folder that its code and demos need beside the weights
+COMPANION_NAMES = ("tokenizer.model", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json",
+                   "LICENSE", "MODEL_LICENSE")
 
 
 def rotary_for(config) -> GlmRotaryEmbedding:
@@ -132,21 +137,22 @@ class ChatGLM2Family(Family):
         return load_model(folder, dtype=dtype, pre_seq_len=pre_seq_len, prefix_projection=prefix_projection,
                           prefix_dropout=prefix_dropout, device=device)
 
-    def load_tokenizer(self, folder: Path, model_config) -> ChatGLM2Tokenizer:
-        """``tokenizer.model`` of the folder with ChatGLM2's or ChatGLM3's special tokens.
+    def load_tokenizer(self, folder: Path, vocab_size: int | None = None) -> ChatGLM2Tokenizer:
+        """``tokenizer.model`` of the folder with ChatGLM2's or ChatGLM3's special tokens (the version decided as
+        for the model, :func:`ptuning.models.chatglm2.config.chatglm_version`).
 
         Raises:
-            ConfigError: no ``tokenizer.model``, or more tokens than the model's embedding rows.
+            ConfigError: no ``tokenizer.model``, an undecidable version, or more tokens than the model's
+                embedding rows.
         """
         folder = Path(folder)
         try:
-            tokenizer = ChatGLM2Tokenizer.from_pretrained(folder, chatglm_version=model_config.chatglm_version)
+            tokenizer = ChatGLM2Tokenizer.from_pretrained(folder)
         except (FileNotFoundError, ValueError) as err:
             raise ConfigError(str(err)) from None
-        if len(tokenizer) > model_config.vocab_size:
+        if vocab_size is not None and len(tokenizer) > vocab_size:
             raise ConfigError(
-                f"{folder}: the tokenizer has {len(tokenizer)} tokens but the model's padded_vocab_size is "
-                f"{model_config.vocab_size}"
+                f"{folder}: the tokenizer has {len(tokenizer)} tokens but the model's padded_vocab_size is {vocab_size}"
             )
         return tokenizer
 
@@ -168,6 +174,29 @@ class ChatGLM2Family(Family):
 
     def block_linear_names(self) -> tuple[str, ...]:
         return BLOCK_LINEARS
+
+    def original_prefix_key(self, local_key: str) -> str:
+        """``transformer.prefix_encoder.*``: ChatGLM2's ``ptuning/main.py`` saves and loads these keys."""
+        return ORIGINAL_PREFIX + local_key
+
+    def export_full(self, model, out_dir: Path, *, dtype, max_shard_bytes: int, companions_from: Path | None = None):
+        """The model (prefix inside, with ``pre_seq_len`` in ``config.json``) as an original folder:
+        ``pytorch_model-0000N-of-0000M.bin`` + index as the published ``chatglm2-6b``, which the original code
+        (and a ChatGLM3 ``finetune_demo`` reader) loads in one piece. ``companions_from``: the base folder
+        whose tokenizer and code files are copied beside it, its ``auto_map`` kept in ``config.json`` (as data:
+        nothing is run here)."""
+        out_dir = Path(out_dir)
+        paths = save_original(model, out_dir, dtype=dtype, safe=False, max_shard_bytes=max_shard_bytes)
+        if companions_from is not None:
+            source = Path(companions_from)
+            for path in sorted(source.iterdir()):
+                if path.is_file() and (path.suffix == ".py" or path.name in COMPANION_NAMES):
+                    shutil.copy2(path, out_dir / path.name)
+            base = json.loads((source / "config.json").read_text(encoding="utf-8"))
+            if base.get("auto_map"):
+                written = json.loads((out_dir / "config.json").read_text(encoding="utf-8"))
+                (out_dir / "config.json").write_text(json.dumps({**written, "auto_map": base["auto_map"]}, indent=2) + "\n")
+        return paths
 
     def matmul_weights(self, model_config) -> int:
         c = model_config

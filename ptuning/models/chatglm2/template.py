@@ -23,7 +23,10 @@ not its own ``<|assistant|>``. ADGEN rows are one user turn and the answer (the 
 conversion). Answers end at eos, ``<|user|>`` or ``<|observation|>`` (the original ``chat()``).
 
 Both follow the toolkit's one truncation rule: the oldest whole turns go first, the current query's turn is
-always kept, and only if it alone does not fit is the query itself cut (the originals cut the text's end).
+always kept, and only if it alone does not fit is the query itself cut, from the left (its end, next to the
+answer, stays). A prompt without earlier turns keeps its first tokens instead, as both originals cut it.
+``Conversation.source_prefix`` goes in front of the prompt text (ChatGLM2, as its ``main.py``) or of the
+query's text (ChatGLM3).
 """
 
 from __future__ import annotations
@@ -33,7 +36,15 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from ..base import IGNORE_INDEX, Conversation, PromptIds, PromptTemplate, TrainRow
+from ..base import (
+    IGNORE_INDEX,
+    Conversation,
+    PromptIds,
+    PromptTemplate,
+    TrainRow,
+    cut_query_from_left,
+    drop_oldest_turns,
+)
 from .tokenizer import ChatGLM2Tokenizer
 
 TOOL_CALL_NAME = "tool_call"
@@ -45,6 +56,7 @@ class ChatGLM2Template(PromptTemplate):
 
     def __init__(self, tokenizer: ChatGLM2Tokenizer):
         self.tokenizer = tokenizer
+        self.head = [tokenizer.gmask_token_id, tokenizer.sop_token_id]
 
     def _query(self, conversation: Conversation) -> tuple[str, list[tuple[str, str]]]:
         if conversation.extra:
@@ -58,34 +70,32 @@ class ChatGLM2Template(PromptTemplate):
                 query = f"{conversation.system}\n{query}"
         return query, history
 
-    def _ids(self, query: str, history: list[tuple[str, str]]) -> list[int]:
-        return self.tokenizer.build_inputs_with_special_tokens(self.tokenizer.sp_encode(
-            self.tokenizer.build_prompt(query, history)))
+    def _ids(self, prefix: str, query: str, history: list[tuple[str, str]]) -> list[int]:
+        return self.head + self.tokenizer.sp_encode(prefix + self.tokenizer.build_prompt(query, history))
 
     def prompt(self, conversation: Conversation, max_tokens: int) -> PromptIds:
-        """``[gMASK] sop`` + the ``[Round N]`` prompt, at most ``max_tokens`` ids.
+        """``[gMASK] sop`` + ``source_prefix`` + the ``[Round N]`` prompt, at most ``max_tokens`` ids.
+
+        Without history, the first tokens stay (as the original's tokenizer truncation; the ADGEN recipe's
+        numbers depend on it). With history, whole oldest turns go first, then the current query is cut from
+        the left (its end, next to ``答：``, stays).
 
         Raises:
-            ValueError: ``max_tokens`` does not hold even the current turn's frame with an empty query.
+            ValueError: ``max_tokens`` does not hold the current turn's frame with an empty query.
         """
         query, history = self._query(conversation)
-        for dropped in range(len(history) + 1):
-            ids = self._ids(query, history[dropped:])
-            if len(ids) <= max_tokens:
-                return PromptIds(ids, dropped_turns=dropped)
-        # the current turn alone is too long: keep as many leading characters of the query as fit
-        full = len(ids)
-        low, high = 0, len(query)
-        if len(self._ids("", [])) > max_tokens:
+        pre = conversation.source_prefix
+        if not history:
+            ids = self._ids(pre, query, [])
+            return PromptIds(ids[:max_tokens], 0, max(0, len(ids) - max_tokens))
+        ids, dropped = drop_oldest_turns(history, max_tokens, lambda kept: self._ids(pre, query, list(kept)))
+        if ids is not None:
+            return PromptIds(ids, dropped)
+        start = cut_query_from_left(query, lambda q: len(self._ids(pre, q, [])), max_tokens)
+        ids = self._ids(pre, query[start:], [])
+        if len(ids) > max_tokens:
             raise ValueError(f"a prompt budget of {max_tokens} tokens does not hold ChatGLM2's prompt frame")
-        while low < high:
-            middle = (low + high + 1) // 2
-            if len(self._ids(query[:middle], [])) <= max_tokens:
-                low = middle
-            else:
-                high = middle - 1
-        ids = self._ids(query[:low], [])
-        return PromptIds(ids, dropped_turns=len(history), truncated_tokens=full - len(ids))
+        return PromptIds(ids, dropped, len(self._ids(pre, query, [])) - len(ids))
 
     def train_row(self, conversation: Conversation, response: str, max_source_length: int,
                   max_target_length: int) -> TrainRow:
@@ -100,6 +110,10 @@ class ChatGLM2Template(PromptTemplate):
             dropped_turns=prompt.dropped_turns,
             truncated_tokens=prompt.truncated_tokens,
         )
+
+    def render_text(self, conversation: Conversation) -> str:
+        query, history = self._query(conversation)
+        return conversation.source_prefix + self.tokenizer.build_prompt(query, history)
 
     @property
     def stop_token_ids(self) -> list[int]:
@@ -214,7 +228,7 @@ class ChatGLM3Template(PromptTemplate):
             flags += [message["role"] == "assistant" and bool(message.get("loss", True))] * len(ids)
         tail.append(tok.glm_tokens["<|assistant|>"])
         flags.append(False)
-        return system, turns, head, tok.sp_encode(conversation.query), tail, flags
+        return system, turns, head, tok.sp_encode(conversation.source_prefix + conversation.query), tail, flags
 
     def _fit(self, conversation: Conversation, max_tokens: int) -> tuple[list[int], list[bool], int, int]:
         system, turns, head, query, tail, tail_flags = self._parts(conversation)
@@ -230,7 +244,9 @@ class ChatGLM3Template(PromptTemplate):
                 f"tool turns ({fixed} tokens)"
             )
         truncated = max(0, len(query) - room)
-        query = query[:room]
+        # without history the first tokens stay (as the original's evaluation cut); with history the
+        # query's end, next to the answer, stays
+        query = query[:room] if not turns else (query[len(query) - room:] if room else [])
         ids, flags = start + system, [False] * (len(start) + len(system))
         for turn_ids, turn_flags in turns[dropped:]:
             ids, flags = ids + turn_ids, flags + turn_flags

@@ -28,17 +28,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
-from ...model.loading import (
-    BIN_INDEX,
-    SAFE_INDEX,
-    CheckpointError,
-    iter_shards,
-    load_failure,
-    save_weights,
-    weight_files,
-)
+from ...weights import CheckpointError, iter_shards, read_matching, save_weights
 
 ORIGINAL_PREFIX = "transformer.prefix_encoder."
 INV_FREQ = "transformer.rotary_pos_emb.inv_freq"
@@ -195,9 +186,10 @@ def original_state_dict(model, dtype: torch.dtype | None = None, *, with_prefix:
         CheckpointError: the backbone is quantized (export the full-precision model).
     """
     from ...prefix import is_prefix_param
+    from ...quantization import is_quantized
 
     state = {k: v for k, v in model.state_dict().items() if not is_prefix_param(k)}
-    if any(not v.is_floating_point() for k, v in state.items() if k.endswith(".weight")):
+    if is_quantized(model):
         raise CheckpointError(
             "the model's backbone is quantized: export from the full-precision model (load it without quantization_bit)"
         )
@@ -240,59 +232,18 @@ def save_original(model, folder: str | Path, *, dtype: torch.dtype | None = None
     return paths
 
 
-def _index_files(folder: Path) -> dict[str, list[str]] | None:
-    for name in (SAFE_INDEX, BIN_INDEX):
-        index = folder / name
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as err:
-                raise CheckpointError(f"{index}: not a valid index (expected a JSON object with 'weight_map'): {err}") from None
-            files: dict[str, list[str]] = {}
-            for key, file in weight_map.items():
-                files.setdefault(file, []).append(key)
-            return files
-    return None
-
-
 def read_original_prefix(folder: str | Path) -> dict[str, torch.Tensor]:
-    """Only the ``transformer.prefix_encoder.*`` tensors of a folder (float32, original keys).
-
-    Reads no other tensor: with an index only the shards it lists for prefix keys are opened; safetensors
-    files are read key by key; ``.bin`` files are memory-mapped (``torch.load(mmap=True, weights_only=True)``)
-    so only the prefix tensors are read from disk. A ChatGLM3 ``finetune_demo`` checkpoint (a whole 12 GB
-    model with the prefix inside) gives up its prefix this way.
+    """Only the ``transformer.prefix_encoder.*`` tensors of a folder (float32, original keys), reading no
+    other tensor (:func:`ptuning.weights.read_matching`): a ChatGLM3 ``finetune_demo`` checkpoint (a whole
+    12 GB model with the prefix inside) gives up its prefix this way.
 
     Raises:
         CheckpointError: unreadable files, or no prefix key at all.
     """
-    folder = Path(folder)
-    index = _index_files(folder)
-    if index is not None:
-        files = [folder / f for f, keys in index.items() if any(is_original_prefix_key(k) for k in keys)]
-    else:
-        files = weight_files(folder)
-    prefix: dict[str, torch.Tensor] = {}
-    for path in files:
-        try:
-            if path.suffix == ".safetensors":
-                with safe_open(str(path), framework="pt") as handle:
-                    for key in handle.keys():  # noqa: SIM118 - safe_open has no __iter__
-                        if is_original_prefix_key(key):
-                            prefix[key] = handle.get_tensor(key).to(torch.float32)
-            else:
-                state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-                if not isinstance(state, dict):
-                    raise CheckpointError(f"{path}: expected a state dict, found {type(state).__name__}")
-                prefix.update({k: v.to(torch.float32).clone() for k, v in state.items() if is_original_prefix_key(k)})
-                del state
-        except CheckpointError:
-            raise
-        except Exception as err:  # noqa: BLE001 - any reader failure is a bad file for the user
-            raise CheckpointError(f"{path}: cannot read weights ({load_failure(err)})") from None
+    prefix = read_matching(folder, is_original_prefix_key)
     if not prefix:
         raise CheckpointError(f"{folder}: no {ORIGINAL_PREFIX}* weights (not a P-Tuning v2 model or checkpoint)")
-    return prefix
+    return {k: v.to(torch.float32) for k, v in prefix.items()}
 
 
 __all__ = [

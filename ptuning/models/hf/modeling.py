@@ -36,8 +36,8 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.utils.deprecation import deprecate_kwarg
 
-from ...model.loading import CheckpointError
 from ...prefix import PrefixEncoder, PrefixKV, PrefixShape, prefix_key_values, reset_prefix
+from ...weights import CheckpointError
 from .attention import register
 
 IGNORE_INDEX = -100
