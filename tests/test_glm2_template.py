@@ -3,13 +3,15 @@ and the one truncation rule (oldest whole turns first, the current query cut onl
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
-from ptuning.models.base import IGNORE_INDEX, Conversation
+from ptuning.models.base import IGNORE_INDEX, Conversation, conversation_from_messages
 from ptuning.models.chatglm2.template import (
+    TOOL_DEFINITION_PREFIX,
     ChatGLM2Template,
     ChatGLM3Template,
-    conversation_from_messages,
     tool_call_text,
 )
 from ptuning.models.chatglm2.tokenizer import ChatGLM2Tokenizer
@@ -152,6 +154,11 @@ def test_chatglm3_truncation_drops_oldest_turn_then_cuts_query(glm3):
     assert short.ids[short.ids.index(1006) + 3:-1] == query[:-3] and short.truncated_tokens == 3
     with pytest.raises(ValueError, match="budget of 4"):
         glm3.prompt(conv, 4)
+    # a system message that alone is too long loses its end
+    long_system = Conversation("毛衣", system="你是导购" * 30)
+    out = glm3.prompt(long_system, 40)
+    assert len(out.ids) == 40 and out.ids[2] == 1005 and out.truncated_tokens > 0
+    assert out.ids[-1] == 1007 and glm3.tokenizer.sp_encode("毛衣") == out.ids[-1 - len(glm3.tokenizer.sp_encode("毛衣")):-1]
 
 
 def test_chatglm3_tool_row(glm3):
@@ -164,9 +171,11 @@ def test_chatglm3_tool_row(glm3):
     ]
     tools = [{"name": "get_weather", "parameters": {"city": "string"}}]
     conv, answer = conversation_from_messages(messages, tools)
-    assert answer == "北京3度" and conv.query == "北京天气" and conv.system.startswith("Answer the following")
+    assert answer == "北京3度" and conv.query == "北京天气" and conv.tools == tools and conv.system is None
     assert tool_call_text({"city": "北京"}) == "```python\ntool_call(city='北京')\n```"
     row = glm3.train_row(conv, answer, 1000, 100)
+    definition = TOOL_DEFINITION_PREFIX + json.dumps(tools, indent=4, ensure_ascii=False)
+    assert row.input_ids[2:3 + len(nl) + len(tok.sp_encode(definition))] == [1005, *nl, *tok.sp_encode(definition)]
     call = [1007, *tok.sp_encode("get_weather\n"), *tok.sp_encode(tool_call_text({"city": "北京"}))]
     observation = [1008, *nl, *tok.sp_encode('{"temp": 3}')]
     final = nl + tok.sp_encode("北京3度")
@@ -179,10 +188,13 @@ def test_chatglm3_tool_row(glm3):
 
 
 def test_chatglm3_conversation_layouts_refused(glm3):
-    with pytest.raises(ValueError, match="end with an assistant"):
+    with pytest.raises(ValueError, match="assistant's answer"):
         conversation_from_messages([{"role": "user", "content": "x"}])
     with pytest.raises(ValueError, match="role 'robot'"):
-        conversation_from_messages([{"role": "robot", "content": "x"}, {"role": "assistant", "content": "y"}])
+        glm3.prompt(conversation_from_messages([{"role": "user", "content": "q"}, {"role": "robot", "content": "x"},
+                                                {"role": "assistant", "content": "y"}])[0], 100)
+    with pytest.raises(ValueError, match="ChatGLM3"):
+        ChatGLM2Template(glm3.tokenizer).prompt(Conversation("q", tools=[{"name": "f"}]), 100)
     with pytest.raises(ValueError, match="alternate"):
         conversation_from_messages([{"role": "assistant", "content": "x"}, {"role": "user", "content": "y"},
                                     {"role": "assistant", "content": "z"}])

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .base import Conversation, Family, PromptIds, PromptTemplate, TrainRow
+from .base import Conversation, Family, PromptIds, PromptTemplate, TrainRow, conversation_from_messages
 
 
 class UnsupportedModelError(ValueError):
@@ -141,6 +141,7 @@ __all__ = [
     "PromptTemplate",
     "TrainRow",
     "UnsupportedModelError",
+    "conversation_from_messages",
     "family_for",
     "family_named",
     "family_of",

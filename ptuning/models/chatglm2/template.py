@@ -15,8 +15,9 @@ Generation prompt: ``a`` with the same budget; answers end at eos.
 message per turn, ``<|role|>`` + ids of ``metadata + "\\n"`` + ids of the content
 (``tokenizer.build_single_message``); the prompt ends with ``<|assistant|>``. Order: the system message, the
 earlier turns (user, assistant), the current user query, then the tool turns of the current exchange
-(``Conversation.extra``: the assistant's tool calls and the ``observation`` messages answering them), then
-the answer. The loss is on assistant messages only — every one of them, earlier turns and tool calls
+(``Conversation.extra``: the assistant's tool calls and the ``observation`` messages answering them, or
+``finetune_demo``'s ``tool`` entries, expanded the same way), then the answer; ``Conversation.tools`` go into
+the system message (``finetune_demo``'s tool prompt). The loss is on assistant messages only — every one of them, earlier turns and tool calls
 included, as the original: a token is a target when the token before it belongs to an assistant message,
 so each assistant message teaches its text and the token that follows it (the next role token or eos) but
 not its own ``<|assistant|>``. ADGEN rows are one user turn and the answer (the ``finetune_demo`` README's
@@ -59,8 +60,8 @@ class ChatGLM2Template(PromptTemplate):
         self.head = [tokenizer.gmask_token_id, tokenizer.sop_token_id]
 
     def _query(self, conversation: Conversation) -> tuple[str, list[tuple[str, str]]]:
-        if conversation.extra:
-            raise ValueError("ChatGLM2-6B has no tool or observation turns (Conversation.extra); use ChatGLM3-6B")
+        if conversation.extra or conversation.tools is not None:
+            raise ValueError("ChatGLM2-6B has no tools or tool / observation turns; use ChatGLM3-6B")
         history = [(str(q), str(a)) for q, a in conversation.history]
         query = conversation.query
         if conversation.system:  # no system role: in front of the first query
@@ -163,39 +164,6 @@ def expand_messages(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def conversation_from_messages(messages: Sequence[dict[str, Any]], tools: Any = None) -> tuple[Conversation, str]:
-    """A ``finetune_demo`` row (``conversations`` [+ ``tools``]) as a :class:`Conversation` and its answer.
-
-    The last message must be the assistant's answer; the last user message before it is the query; the
-    tool turns between them become ``extra``; earlier turns must be user / assistant pairs (after an
-    optional system message, which ``tools`` extends as the original does).
-
-    Raises:
-        ValueError: a layout this cannot express (names what).
-    """
-    items = expand_messages(messages)
-    if not items or items[-1]["role"] != "assistant":
-        raise ValueError("a ChatGLM3 training conversation must end with an assistant message")
-    system = None
-    if items[0]["role"] == "system":
-        system = items.pop(0)["content"]
-    if tools is not None:
-        definition = TOOL_DEFINITION_PREFIX + json.dumps(tools, indent=4, ensure_ascii=False)
-        system = definition if system is None else f"{definition}\n{system}"
-    answer = items.pop()["content"]
-    users = [i for i, m in enumerate(items) if m["role"] == "user"]
-    if not users:
-        raise ValueError("a ChatGLM3 training conversation needs a user message before the answer")
-    last = users[-1]
-    history, earlier = [], items[:last]
-    if len(earlier) % 2 or any(m["role"] != r for m, r in zip(earlier, ["user", "assistant"] * len(earlier), strict=False)):
-        raise ValueError("turns before the last user message must alternate user, assistant (tool turns only in the last exchange)")
-    for q, a in zip(earlier[::2], earlier[1::2], strict=True):
-        history.append((q["content"], a["content"]))
-    extra = items[last + 1:]
-    return Conversation(query=items[last]["content"], history=history, system=system, extra=extra), answer
-
-
 class ChatGLM3Template(PromptTemplate):
     """ChatGLM3-6B's role-token conversations (see the module)."""
 
@@ -212,7 +180,11 @@ class ChatGLM3Template(PromptTemplate):
         """(system ids, per earlier turn (ids, in-assistant flags), user-role head ids, query ids, and the
         tail: extra messages + ``<|assistant|>`` with their flags)."""
         tok = self.tokenizer
-        system = self._message("system", conversation.system) if conversation.system else []
+        system_text = conversation.system
+        if conversation.tools is not None:  # the finetune_demo's tool system prompt, in front of the system text
+            definition = TOOL_DEFINITION_PREFIX + json.dumps(conversation.tools, indent=4, ensure_ascii=False)
+            system_text = definition if not system_text else f"{definition}\n{system_text}"
+        system = self._message("system", system_text) if system_text else []
         turns = []
         for query, answer in conversation.history:
             user, assistant = self._message("user", str(query)), self._message("assistant", str(answer))
@@ -238,12 +210,20 @@ class ChatGLM3Template(PromptTemplate):
         while dropped < len(turns) and fixed + len(query) + sum(len(t[0]) for t in turns[dropped:]) > max_tokens:
             dropped += 1
         room = max_tokens - fixed - sum(len(t[0]) for t in turns[dropped:])
+        cut_system = 0
+        want = min(len(query), max_tokens // 2)
+        if room < want and system:  # a system message (e.g. long tool definitions) that leaves the query less
+            # than half the budget loses its end, so that the query keeps up to half
+            header = 1 + len(self.tokenizer.sp_encode("\n"))
+            cut_system = max(0, min(want - room, len(system) - header))
+            system = system[: len(system) - cut_system]
+            room += cut_system
         if room < 0:
             raise ValueError(
-                f"a prompt budget of {max_tokens} tokens does not hold the system message and the current exchange's "
-                f"tool turns ({fixed} tokens)"
+                f"a prompt budget of {max_tokens} tokens does not hold the current exchange's tool turns "
+                f"({fixed - len(system)} tokens with an empty query)"
             )
-        truncated = max(0, len(query) - room)
+        truncated = max(0, len(query) - room) + cut_system
         # without history the first tokens stay (as the original's evaluation cut); with history the
         # query's end, next to the answer, stays
         query = query[:room] if not turns else (query[len(query) - room:] if room else [])
@@ -257,8 +237,11 @@ class ChatGLM3Template(PromptTemplate):
     def prompt(self, conversation: Conversation, max_tokens: int) -> PromptIds:
         """``[gMASK] sop`` + messages + ``<|assistant|>``, at most ``max_tokens`` ids.
 
+        A system message that leaves the current query less than half the budget loses its end, so that the
+        query keeps up to half (counted in ``truncated_tokens``).
+
         Raises:
-            ValueError: the system message and tool turns alone exceed ``max_tokens``.
+            ValueError: the current exchange's tool turns alone exceed ``max_tokens``.
         """
         ids, _, dropped, truncated = self._fit(conversation, max_tokens)
         return PromptIds(ids, dropped_turns=dropped, truncated_tokens=truncated)
@@ -290,7 +273,6 @@ __all__ = [
     "TOOL_DEFINITION_PREFIX",
     "ChatGLM2Template",
     "ChatGLM3Template",
-    "conversation_from_messages",
     "expand_messages",
     "tool_call_text",
 ]
