@@ -175,7 +175,8 @@ def weight_bytes(shape: ModelShape, setting: str) -> int:
         per_layer = sum(_linear_weight_bytes(r, k, setting) for r, k in linears)
         per_layer += (q + 2 * kv) * c + 2 * d * c  # the query/key/value biases, two RMSNorm weights
         embeddings = shape.vocab * d * c * (1 if shape.tied_embeddings else 2)
-        return shape.layers * per_layer + d * c + embeddings + prefix_bytes(shape)
+        rotary = 2 * 4 * (shape.dim // 4)  # the rotary module's two float32 inverse-frequency buffers
+        return shape.layers * per_layer + d * c + embeddings + rotary + prefix_bytes(shape)
     linears = [(3 * d, d), (d, d), (inner, d), (d, inner)]  # (out, in): qkv, dense, h->4h, 4h->h
     per_layer = sum(_linear_weight_bytes(r, k, setting) + r * c for r, k in linears)  # weights + biases
     per_layer += 2 * 2 * d * c  # two layer norms

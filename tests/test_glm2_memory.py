@@ -13,7 +13,10 @@ from ptuning.memory import PRESETS, ModelShape, estimate, main, prefix_bytes, we
 from ptuning.models.chatglm2.config import OriginalConfig
 from ptuning.models.chatglm2.family import prefix_shape, rotary_for
 from ptuning.models.hf.modeling import attach_prefix
+from ptuning.models.chatglm2.family import BLOCK_LINEARS
 from ptuning.prefix import cast_backbone, mark_only_prefix_trainable
+from ptuning.quantization import quantize_backbone
+from ptuning.quantization import weight_bytes as measured_weight_bytes
 
 from .common import ASSETS
 
@@ -29,9 +32,19 @@ def glm_model(setting: str, projection: bool):
     model.model.rotary_emb = rotary_for(config)
     attach_prefix(model, prefix_shape(config, 8, projection), 0.1)
     model.config.pre_seq_len, model.config.prefix_projection = 8, projection
-    cast_backbone(model, DTYPES[setting])
+    cast_backbone(model, DTYPES.get(setting, torch.bfloat16))
+    if setting in ("int8", "int4"):
+        quantize_backbone(model, int(setting[3]), linear_names=BLOCK_LINEARS)
     mark_only_prefix_trainable(model)
     return model.train()
+
+
+@pytest.mark.parametrize("projection", [False, True])
+@pytest.mark.parametrize("setting", ["fp32", "bf16", "int8", "int4"])
+def test_weight_bytes_are_exact(setting, projection):
+    model = glm_model(setting, projection)
+    shape = ModelShape.from_config(model.config)
+    assert measured_weight_bytes(model) == weight_bytes(shape, setting)
 
 
 @pytest.mark.parametrize("projection", [False, True])
@@ -40,7 +53,6 @@ def test_weight_bytes_and_saved_activations(setting, projection):
     model = glm_model(setting, projection)
     shape = ModelShape.from_config(model.config, batch=2, seq=128)
     assert shape.architecture == "glm" and shape.kv_width == 2 * 2 * 2 * 32
-    assert sum(p.numel() * p.element_size() for p in model.parameters()) == weight_bytes(shape, setting)
     assert sum(p.numel() * 4 for p in model.prefix_encoder.parameters()) == prefix_bytes(shape)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     saved = {}
