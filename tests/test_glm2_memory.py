@@ -11,9 +11,8 @@ from transformers import GlmForCausalLM
 
 from ptuning.memory import PRESETS, ModelShape, estimate, main, prefix_bytes, weight_bytes
 from ptuning.models.chatglm2.config import OriginalConfig
-from ptuning.models.chatglm2.family import prefix_shape, rotary_for
+from ptuning.models.chatglm2.family import BLOCK_LINEARS, prefix_shape, rotary_for
 from ptuning.models.hf.modeling import attach_prefix
-from ptuning.models.chatglm2.family import BLOCK_LINEARS
 from ptuning.prefix import cast_backbone, mark_only_prefix_trainable
 from ptuning.quantization import quantize_backbone
 from ptuning.quantization import weight_bytes as measured_weight_bytes
