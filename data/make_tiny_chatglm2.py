@@ -10,7 +10,7 @@ also knows the bare ad copy, which it writes for a plain list of the values. P-T
 frozen model the task's concise format.
 
 Deterministic (seeded). Run from the repository root after ``data/make_chatglm2_tokenizer.py``:
-``python data/make_tiny_chatglm2.py`` (both; about 2 minutes each on 2 CPU cores) or ``--version 2``.
+``python data/make_tiny_chatglm2.py`` (both; a few minutes each on 2 CPU cores) or ``--version 2``.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from ptuning.model.loading import CheckpointError
+from ptuning.weights import CheckpointError
 from transformers import (
     Glm4Config,
     Glm4ForCausalLM,
