@@ -255,3 +255,11 @@ def test_chat_turns_use_the_family_template(version):
         tok = loaded.tokenizer
         assert ids[2] == tok.glm_tokens["<|user|>"] and ids[-1] == tok.glm_tokens["<|assistant|>"]
         assert ids.count(tok.glm_tokens["<|assistant|>"]) == 2  # the earlier answer and the new one
+
+
+def test_missing_model_path_names_the_recipes_model():
+    from ptuning.config import ConfigError
+
+    for preset, name in (("ptuning_adgen_chatglm2", "chatglm2-6b"), ("ptuning_chatglm3", "chatglm3-6b")):
+        with pytest.raises(ConfigError, match=rf"^model.path is required: set model.path=/path/to/{name} "):
+            to_object(compose_train([f"conf={preset}", "train.output_dir=/tmp/x"]))
