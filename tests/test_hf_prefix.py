@@ -14,7 +14,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from ptuning.weights import CheckpointError
 from transformers import (
     Glm4Config,
     Glm4ForCausalLM,
@@ -31,6 +30,7 @@ from transformers import (
 from ptuning.models.hf import attach_prefix, load_causal_lm, load_prefix_model, prefix_attention, prefix_shape
 from ptuning.models.hf.attention import prefixed_mask
 from ptuning.prefix import PrefixEncoder, PrefixKV, PrefixShape, mark_only_prefix_trainable, prefix_key_values
+from ptuning.weights import CheckpointError
 
 VOCAB = 96
 COMMON = dict(
