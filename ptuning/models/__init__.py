@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .base import Conversation, Family, PromptIds, PromptTemplate, TrainRow
+from .base import Conversation, Family, PromptIds, PromptTemplate, TrainRow, conversation_from_messages
 
 
 class UnsupportedModelError(ValueError):
@@ -38,6 +38,12 @@ def _is_chatglm_v1(cfg: dict) -> bool:
     return cfg.get("model_type") == "chatglm" and "inner_hidden_size" in cfg
 
 
+def _is_chatglm2(cfg: dict) -> bool:
+    # an original ChatGLM2/3 folder, or the GlmConfig it is loaded as (which records chatglm_version)
+    original = cfg.get("model_type") == "chatglm" and "ffn_hidden_size" in cfg and "padded_vocab_size" in cfg
+    return original or (cfg.get("model_type") == "glm" and cfg.get("chatglm_version") in (2, 3))
+
+
 #: ``architectures`` of transformers' own decoder classes that :mod:`ptuning.models.hf` serves
 HF_ARCHITECTURES = ("GlmForCausalLM", "Glm4ForCausalLM", "LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 
@@ -56,6 +62,9 @@ def _is_transformers_decoder(cfg: dict) -> bool:
 FAMILIES: list[FamilyEntry] = [
     FamilyEntry("chatglm", "ptuning.models.chatglm.family:ChatGLMFamily", _is_chatglm_v1,
                 ("ChatGLM-6B (model_type chatglm, ChatGLMModel / ChatGLMForConditionalGeneration)",)),
+    FamilyEntry("chatglm2", "ptuning.models.chatglm2.family:ChatGLM2Family", _is_chatglm2,
+                ("ChatGLM2-6B / ChatGLM3-6B (model_type chatglm with ffn_hidden_size and padded_vocab_size)",)),
+    # last: a ChatGLM2/3 model loaded onto GlmForCausalLM (model_type glm with chatglm_version) is chatglm2's
     FamilyEntry("hf", "ptuning.models.hf.family:HFFamily", _is_transformers_decoder, HF_ARCHITECTURES),
 ]
 
@@ -109,12 +118,16 @@ def family_for(folder: str | Path) -> Family:
     raise UnsupportedModelError(f"{path}: no model family handles {what}; supported: {'; '.join(supported())}")
 
 
-def family_named(name: str | None) -> Family | None:
-    """The family recorded under ``name`` (``prefix_config.json``'s ``family``), or None for an unknown name."""
+def family_named(name: str) -> Family:
+    """The family recorded as ``family`` in a checkpoint's ``prefix_config.json``.
+
+    Raises:
+        UnsupportedModelError: no family of that name.
+    """
     for entry in FAMILIES:
         if entry.name == name:
             return entry.load()
-    return None
+    raise UnsupportedModelError(f"no model family named {name!r}; known: {', '.join(e.name for e in FAMILIES)}")
 
 
 def family_of(model_or_config) -> Family:
@@ -146,6 +159,7 @@ __all__ = [
     "PromptTemplate",
     "TrainRow",
     "UnsupportedModelError",
+    "conversation_from_messages",
     "family_for",
     "family_named",
     "family_of",
