@@ -21,7 +21,7 @@ def main(cfg: DictConfig) -> None:
     from ptuning.config import ConfigError
     from ptuning.data import DataError
     from ptuning.evaluation.run import run
-    from ptuning.model.loading import CheckpointError
+    from ptuning.weights import CheckpointError
     from ptuning.training.tracking import make_tracker
 
     try:

@@ -17,7 +17,7 @@ def main(cfg: DictConfig) -> None:
     from ptuning.config import ConfigError
     from ptuning.data import DataError
     from ptuning.evaluation.metrics import METRIC_NAMES
-    from ptuning.model.loading import CheckpointError
+    from ptuning.weights import CheckpointError
     from ptuning.training import TrainingError, run
     from ptuning.training.tracking import make_tracker
 

@@ -43,12 +43,8 @@ GPU_SHAPE = dict(hidden_size=4096, num_attention_heads=32, num_layers=28, inner_
 def build(shape: dict, device: str, dtype: str, prefix: int | None):
     import torch
 
-    from ptuning.model import (
-        ChatGLMForConditionalGeneration,
-        cast_backbone,
-        mark_only_prefix_trainable,
-        tiny_config,
-    )
+    from ptuning.models.chatglm import ChatGLMForConditionalGeneration, tiny_config
+    from ptuning.prefix import cast_backbone, mark_only_prefix_trainable
 
     torch.manual_seed(0)
     cfg = tiny_config(**{**shape, "pre_seq_len": prefix or None})

@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from ptuning.data import DataConfig, build_datasets, read_rows  # noqa: E402
-from ptuning.tokenizer import ChatGLMTokenizer  # noqa: E402
+from ptuning.models.chatglm.tokenizer import ChatGLMTokenizer  # noqa: E402
 
 
 def load_generator():

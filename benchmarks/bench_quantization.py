@@ -88,8 +88,9 @@ def child_train(setting: str, batch: int, seq: int, steps: int, checkpointing: b
     import torch
 
     from ptuning.memory import ModelShape, estimate
-    from ptuning.model import ChatGLMForConditionalGeneration, mark_only_prefix_trainable, tiny_config
-    from ptuning.model.quantization import _torchao, quantize_backbone, weight_bytes
+    from ptuning.models.chatglm import ChatGLMForConditionalGeneration, tiny_config
+    from ptuning.prefix import mark_only_prefix_trainable
+    from ptuning.quantization import _torchao, quantize_backbone, weight_bytes
 
     # The RSS rise is compared with the estimate of the tensors: first load what every setting loads anyway
     # (torchao's modules, and the kernels' code pages, touched by one step of a small model of this dtype)

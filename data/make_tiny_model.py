@@ -25,8 +25,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from ptuning.model import ChatGLMForConditionalGeneration, tiny_config  # noqa: E402
-from ptuning.tokenizer import ChatGLMTokenizer  # noqa: E402
+from ptuning.models.chatglm import ChatGLMForConditionalGeneration, tiny_config  # noqa: E402
+from ptuning.models.chatglm.tokenizer import ChatGLMTokenizer  # noqa: E402
 
 OUT = ROOT / "data" / "tiny-chatglm"
 SEED = 1234

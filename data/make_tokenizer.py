@@ -12,7 +12,7 @@ The SentencePiece model is laid out like the real ``ice_text.model`` of chatglm-
   130000..130007.
 
 With the default ``--vocab-size 990`` the specials land on 990..997 (``[MASK]`` 990, ``[gMASK]`` 991,
-``<sop>`` 994, ``<eop>`` 995): the ids of ``ptuning.model.tiny_config()`` and of the parity models, and
+``<sop>`` 994, ``<eop>`` 995): the ids of ``ptuning.models.chatglm.tiny_config()`` and of the parity models, and
 the total vocabulary is 998. The result is deterministic for a given corpus. Run from the repository
 root after ``data/make_adgen_sample.py``::
 

@@ -1,10 +1,10 @@
-"""Interactive chat with a prefix-tuned ChatGLM: ``python -m ptuning.chat`` or ``ptuning-chat``.
+"""Interactive chat with a prefix-tuned model of any supported family: ``python -m ptuning.chat`` or ``ptuning-chat``.
 
 The base model (``--model-path``, default the built-in tiny model) and a prefix checkpoint
 (``--prefix-checkpoint``, ours or the original P-Tuning v2 format; default the latest checkpoint of
-``outputs/default``) are loaded once. Every turn is rendered with :func:`ptuning.data.build_prompt` (the
-template training and evaluation use) over the conversation so far, and the answer is streamed token by
-token with the same generation code as ``evaluate.py``. Type ``clear`` to start a new conversation and
+``outputs/default``) are loaded once. Every turn is rendered by the model family's prompt template (the one
+training and evaluation use) over the conversation so far, and the answer is streamed token by token with
+the same generation code as ``evaluate.py``. Type ``clear`` to start a new conversation and
 ``exit`` to quit.
 """
 
@@ -22,7 +22,7 @@ from .evaluation.generate import GenerationSettings
 
 BANNER = "Type a message and press Enter; `clear` starts a new conversation, `exit` quits."
 USER_PREFIX = "You: "
-BOT_PREFIX = "ChatGLM: "
+BOT_PREFIX = "Assistant: "
 CLEAR, EXIT = "clear", "exit"
 
 
@@ -75,47 +75,45 @@ class ChatSession:
     """A conversation: the history of ``(query, response)`` turns and how a new turn becomes model input.
 
     Args:
-        model: a ChatGLM (with its prefix loaded, or without a prefix).
-        tokenizer: its tokenizer.
+        model: a model of any family (with its prefix loaded, or without a prefix).
+        template: its family's prompt template (the one training and evaluation use).
         settings: generation settings for every answer.
+        max_length: positions the model covers (prompt + answer must fit).
     """
 
-    def __init__(self, model, tokenizer, settings: GenerationSettings):
-        self.model, self.tokenizer, self.settings = model, tokenizer, settings
+    def __init__(self, model, template, settings: GenerationSettings, max_length: int = 2048):
+        self.model, self.template, self.settings = model, template, settings
+        self.tokenizer = template.tokenizer
         self.history: list[tuple[str, str]] = []
-        # prompt + answer must fit the positions the model was built for
-        self.max_length = int(getattr(model.config, "max_sequence_length", 2048) or 2048)
+        self.max_length = max_length
 
     def clear(self) -> None:
         """Forgets the conversation."""
         self.history = []
 
-    def encode(self, prompt: str) -> list[int]:
-        """Prompt ids as training and evaluation build them: the text's pieces, then ``[gMASK] <sop>``."""
-        pieces = self.tokenizer.convert_tokens_to_ids(self.tokenizer.tokenize(prompt))
-        return self.tokenizer.build_inputs_with_special_tokens(pieces)
+    def prepare(self, query: str) -> tuple[str, list[int], int, int]:
+        """The prompt text and ids for ``query`` after the history, how many old turns were dropped and how
+        many tokens were cut from the query itself.
 
-    def prepare(self, query: str) -> tuple[str, list[int], int]:
-        """The prompt text and ids for ``query`` after the history, and how many old turns were dropped.
-
-        The oldest turns are left out when the prompt and ``max_new_tokens`` would not fit the model's
-        ``max_sequence_length``.
+        The rule of training and evaluation: the oldest turns are left out when the prompt and
+        ``max_new_tokens`` would not fit the model's positions; the current query is always kept, cut from
+        the left only if it alone does not fit.
 
         Raises:
-            ConfigError: the query alone is too long.
+            ConfigError: ``max_new_tokens`` leaves no room for a prompt.
         """
-        from .data import build_prompt
+        from .models import Conversation
 
         budget = self.max_length - self.settings.max_new_tokens
-        for dropped in range(len(self.history) + 1):
-            prompt = build_prompt(query, self.history[dropped:])
-            ids = self.encode(prompt)
-            if len(ids) <= budget:
-                return prompt, ids, dropped
-        raise ConfigError(
-            f"the message is {len(ids)} tokens; at most {budget} fit with --max-new-tokens "
-            f"{self.settings.max_new_tokens} (the model takes {self.max_length} positions)"
-        )
+        if budget < 8:
+            raise ConfigError(
+                f"--max-new-tokens {self.settings.max_new_tokens} leaves {budget} of the model's {self.max_length} "
+                "positions for the prompt"
+            )
+        conversation = Conversation(query=query, history=list(self.history))
+        prompt = self.template.prompt(conversation, budget)
+        kept = Conversation(query=query, history=list(self.history)[prompt.dropped_turns:])
+        return self.template.render_text(kept), prompt.ids, prompt.dropped_turns, prompt.truncated_tokens
 
     def reply(self, query: str, ids: list[int]) -> Iterator[str]:
         """Streams the answer to ``query`` (prepared as ``ids``) as printable text pieces; when the answer is
@@ -127,8 +125,8 @@ class ChatSession:
             self.model,
             ids,
             self.settings,
-            pad_id=self.tokenizer.pad_token_id,
-            eos_id=self.tokenizer.eos_token_id,
+            pad_id=self.template.pad_token_id,
+            stop_ids=self.template.stop_token_ids,
         )
         try:
             for token in tokens:
@@ -146,10 +144,10 @@ class ChatSession:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="ptuning-chat",
-        description="Chat with ChatGLM and a P-Tuning v2 prefix. " + BANNER,
+        description="Chat with a model and a P-Tuning v2 prefix. " + BANNER,
     )
     parser.add_argument(
-        "--model-path", default=None, help="a ChatGLM-6B folder (default: the built-in tiny model)"
+        "--model-path", default=None, help="a model folder of any supported family, or builtin:<name> (default: the built-in tiny ChatGLM-6B)"
     )
     parser.add_argument(
         "--prefix-checkpoint",
@@ -181,14 +179,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def load(args: argparse.Namespace):
-    """The model (prefix loaded), its tokenizer, and a description of what was loaded.
+    """The loaded model (prefix loaded, with its family's tokenizer and template) and a description of it.
 
     Raises:
         ConfigError, CheckpointError: a path or value that cannot work.
     """
     import torch
 
-    from .build import load_model, load_tokenizer
+    from .build import load
     from .config import ModelConfig
     from .evaluation.run import resolve_checkpoint
     from .training.checkpoint import infer_prefix_shape, load_prefix, read_prefix
@@ -199,27 +197,28 @@ def load(args: argparse.Namespace):
     dtype = args.dtype
     if dtype == "auto":
         dtype = "bfloat16" if device.type == "cuda" else "float32"
-    if args.model_path is not None and not Path(args.model_path).expanduser().is_dir():
-        raise ConfigError(f"--model-path={args.model_path}: no such folder (expected a ChatGLM-6B folder)")
+    if args.model_path is not None and not args.model_path.startswith("builtin:") and not Path(args.model_path).expanduser().is_dir():
+        raise ConfigError(f"--model-path={args.model_path}: no such folder (expected a model folder)")
     cfg = ModelConfig(path=args.model_path, dtype=dtype)
-    cfg.validate()
+    try:
+        cfg.validate()
+    except ConfigError as err:
+        raise ConfigError(str(err).replace("model.path=", "--model-path=", 1)) from None
     checkpoint = None
+    pre_seq_len = None  # no prefix encoder at all
     if not args.no_prefix:
         checkpoint = resolve_checkpoint(args.prefix_checkpoint, key="--prefix-checkpoint")
         prefix, meta = read_prefix(checkpoint)
         shape = meta if meta and "pre_seq_len" in meta else infer_prefix_shape(prefix)
-        cfg.pre_seq_len = shape["pre_seq_len"]
+        pre_seq_len = cfg.pre_seq_len = shape["pre_seq_len"]
         cfg.prefix_projection = shape.get("prefix_projection", False)
-    else:
-        cfg.pre_seq_len = None  # no prefix encoder at all
-    model = load_model(cfg, device=device)
-    tokenizer = load_tokenizer(cfg, vocab_size=model.config.vocab_size)
+    loaded = load(cfg, device=device, pre_seq_len=pre_seq_len, init=False)
     if checkpoint is not None:
-        load_prefix(model, checkpoint)
-    model.eval()
-    name = "the built-in tiny model" if cfg.path is None else str(Path(cfg.path))
+        load_prefix(loaded.model, checkpoint)
+    loaded.model.eval()
+    name = "the built-in tiny model" if cfg.path is None else str(cfg.path)
     what = f"{name} + prefix {checkpoint}" if checkpoint is not None else f"{name} (no prefix)"
-    return model, tokenizer, what
+    return loaded, what
 
 
 def chat_loop(session: ChatSession, *, read=input, out=sys.stdout, err=sys.stderr, show_prompt=False) -> None:
@@ -248,12 +247,14 @@ def chat_loop(session: ChatSession, *, read=input, out=sys.stdout, err=sys.stder
             out.write("(conversation cleared)\n")
             continue
         try:
-            prompt, ids, dropped = session.prepare(query)
+            prompt, ids, dropped, cut = session.prepare(query)
         except ConfigError as error:
             err.write(f"error: {error}\n")
             continue
         if dropped:
             err.write(f"(left out the oldest {dropped} turn(s) to fit the model's context)\n")
+        if cut:
+            err.write(f"(the message is too long: its first {cut} token(s) were left out to fit the model's context)\n")
         if show_prompt:
             err.write(
                 json.dumps({"turn": turn, "prompt": prompt, "prompt_tokens": len(ids)}, ensure_ascii=False)
@@ -283,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         The exit status: 0, or 2 after a one-line ``error: ...`` on stderr for a user mistake.
     """
     args = parse_args(argv)
-    from .model.loading import CheckpointError
+    from .weights import CheckpointError
 
     try:
         settings = GenerationSettings(
@@ -292,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
             top_p=args.top_p,
             temperature=args.temperature,
         ).validate(prefix="--")
-        model, tokenizer, what = load(args)
+        loaded, what = load(args)
     except (ConfigError, CheckpointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -300,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         from transformers import set_seed
 
         set_seed(args.seed)
-    session = ChatSession(model, tokenizer, settings)
+    session = ChatSession(loaded.model, loaded.template, settings, loaded.max_positions)
     print(f"Chatting with {what}, {'sampling' if settings.do_sample else 'greedy decoding'}.")
     print(BANNER)
     try:

@@ -10,11 +10,20 @@ from .data.config import DataConfig
 
 DTYPES = ("float32", "bfloat16", "float16")
 MIXED_PRECISION = ("no", "bf16", "fp16")
+PREFIX_INITS = ("random", "zeros", "text")
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial")
 
 # The built-in default: a tiny ChatGLM and the tokenizer of the bundled sample, shipped in data/.
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 BUILTIN_MODEL = PROJECT_ROOT / "data" / "tiny-chatglm"
+# model.path=builtin:<name> names a bundled model folder data/<name> (resolved from the project, not the
+# working folder).
+BUILTIN_SCHEME = "builtin:"
+
+
+def builtin_models() -> list[str]:
+    """Names of the bundled model folders (``data/tiny-*`` with a ``config.json``)."""
+    return sorted(p.name for p in (PROJECT_ROOT / "data").glob("tiny-*") if (p / "config.json").is_file())
 
 
 class ConfigError(ValueError):
@@ -30,11 +39,13 @@ def _need(ok: bool, key: str, value, allowed: str) -> None:
 class ModelConfig:
     """``model.*``: the frozen backbone and the prefix."""
 
-    path: str | None = None  # a ChatGLM-6B folder; null = the built-in tiny model (data/tiny-chatglm)
+    path: str | None = None  # a model folder (any supported family); null = the built-in tiny ChatGLM-6B
     name: str = "tiny"  # a label recorded in checkpoints and logs
     pre_seq_len: int = 16
     prefix_projection: bool = False
     prefix_dropout: float = 0.1  # dropout on the prefix keys/values in training, as the original
+    prefix_init: str = "random"  # random (the original) / zeros / text (the frozen model's keys/values of a text)
+    prefix_init_text: str | None = None  # the text of prefix_init=text
     dtype: str = "float32"  # backbone dtype: float32 / bfloat16 / float16 (the prefix is always float32)
     gradient_checkpointing: bool = False
     quantization_bit: int = 0  # 0 (none), 8 or 4: weight-only quantized frozen backbone
@@ -42,19 +53,45 @@ class ModelConfig:
     def validate(self) -> None:
         _need(self.pre_seq_len > 0, "model.pre_seq_len", self.pre_seq_len, "a positive integer")
         _need(0.0 <= self.prefix_dropout < 1.0, "model.prefix_dropout", self.prefix_dropout, "a probability in [0, 1)")
+        _need(self.prefix_init in PREFIX_INITS, "model.prefix_init", self.prefix_init, " / ".join(PREFIX_INITS))
+        if self.prefix_init == "text":
+            _need(bool(self.prefix_init_text), "model.prefix_init_text", self.prefix_init_text,
+                  "a non-empty text with model.prefix_init=text")
+            _need(not self.prefix_projection, "model.prefix_init", self.prefix_init,
+                  "random or zeros with model.prefix_projection=true (text sets the prefix embedding itself)")
         _need(self.dtype in DTYPES, "model.dtype", self.dtype, " / ".join(DTYPES))
         _need(
             self.quantization_bit in (0, 4, 8), "model.quantization_bit", self.quantization_bit, "0, 4 or 8"
         )
-        if self.path is not None:
+        if self.path is not None and str(self.path).startswith(BUILTIN_SCHEME):
+            _need(
+                self.resolved_path.is_dir(), "model.path", self.path,
+                "a built-in model (" + ", ".join(f"{BUILTIN_SCHEME}{n}" for n in builtin_models()) + ") or a model folder",
+            )
+        elif self.path is not None:
             p = Path(self.path).expanduser()
             _need(
-                p.is_dir(), "model.path", self.path, "an existing ChatGLM-6B folder (config.json + weights)"
+                p.is_dir(), "model.path", self.path, "an existing model folder (config.json + weights)"
             )
 
     @property
     def resolved_path(self) -> Path:
-        return Path(self.path).expanduser() if self.path is not None else BUILTIN_MODEL
+        """The model folder: ``model.path`` (relative to the working folder), a bundled ``builtin:<name>``
+        (``data/<name>`` of the project, wherever the command runs), or the built-in tiny ChatGLM-6B."""
+        if self.path is None:
+            return BUILTIN_MODEL
+        if str(self.path).startswith(BUILTIN_SCHEME):
+            return PROJECT_ROOT / "data" / str(self.path)[len(BUILTIN_SCHEME):]
+        return Path(self.path).expanduser()
+
+    @property
+    def base_model_name(self) -> str:
+        """How checkpoints name the base model: ``builtin:<name>`` or the folder's absolute path."""
+        if self.path is None:
+            return BUILTIN_SCHEME + BUILTIN_MODEL.name
+        if str(self.path).startswith(BUILTIN_SCHEME):
+            return str(self.path)
+        return str(Path(self.path).expanduser().resolve())
 
 
 @dataclass

@@ -17,8 +17,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from .config import BUILTIN_MODEL
-from .model.loading import CheckpointError
+from .config import BUILTIN_SCHEME, PROJECT_ROOT, ModelConfig
+from .weights import CheckpointError
 
 DTYPES = ("float16", "bfloat16", "float32")
 
@@ -33,8 +33,8 @@ def base_model_path(checkpoint: str | None, model: str | None) -> Path | None:
 
     _, meta = read_prefix(checkpoint)
     recorded = (meta or {}).get("base_model")
-    if recorded == "builtin:tiny-chatglm":
-        return BUILTIN_MODEL
+    if recorded and recorded.startswith(BUILTIN_SCHEME):
+        return ModelConfig(path=recorded).resolved_path
     if recorded and Path(recorded).is_dir():
         return Path(recorded)
     return None
@@ -52,14 +52,23 @@ def parse_size(text: str) -> int:
 
 def load_with_prefix(model_path: Path, checkpoint: str | None, dtype=None):
     """The base model with the checkpoint's prefix loaded (or no prefix without a checkpoint)."""
-    from .model import ChatGLMForConditionalGeneration
+    import torch
+
+    from .build import load_model
     from .training.checkpoint import infer_prefix_shape, load_prefix, read_prefix
 
+    if dtype is None:  # the base model's own dtype (float16 for the published checkpoints)
+        from .models import read_config
+
+        raw = read_config(model_path)
+        dtype = getattr(torch, str(raw.get("torch_dtype") or raw.get("dtype") or "float32"))
+    cfg = ModelConfig(path=str(model_path), dtype=str(dtype).removeprefix("torch."))
     if checkpoint is None:
-        return ChatGLMForConditionalGeneration.from_pretrained(model_path, dtype=dtype)
+        return load_model(cfg, pre_seq_len=None)
     prefix, meta = read_prefix(checkpoint)
     shape = {k: meta[k] for k in ("pre_seq_len", "prefix_projection")} if meta else infer_prefix_shape(prefix)
-    model = ChatGLMForConditionalGeneration.from_pretrained(model_path, dtype=dtype, **shape)
+    cfg.pre_seq_len, cfg.prefix_projection = shape["pre_seq_len"], shape["prefix_projection"]
+    model = load_model(cfg)
     load_prefix(model, checkpoint)
     return model
 
@@ -67,7 +76,7 @@ def load_with_prefix(model_path: Path, checkpoint: str | None, dtype=None):
 def _config_of(model_path: Path | None):
     if model_path is None:
         return None
-    from .model import ChatGLMConfig
+    from .models.chatglm import ChatGLMConfig
 
     return ChatGLMConfig.from_pretrained(str(model_path))
 
@@ -137,7 +146,8 @@ def main(argv=None) -> int:
             recorded = None
             if model_path is not None:
                 resolved = model_path.resolve()
-                recorded = "builtin:tiny-chatglm" if resolved == BUILTIN_MODEL.resolve() else str(resolved)
+                builtin = resolved.parent == (PROJECT_ROOT / "data").resolve() and resolved.name.startswith("tiny-")
+                recorded = BUILTIN_SCHEME + resolved.name if builtin else str(resolved)
             out = import_peft(args.adapter, args.out, _config_of(model_path), base_model=recorded)
             print(f"wrote the prefix checkpoint {out} (prefix.safetensors, prefix_config.json)")
     except CheckpointError as err:

@@ -4,7 +4,7 @@ fp32 / bf16 / int8 / int4 (``python -m ptuning.memory``).
 The estimate counts the tensors a train step holds at its peak, which is the start of the backward pass
 (the loss's gradient against the vocabulary), when every saved activation is still alive:
 
-* **weights**: exactly as :func:`ptuning.model.quantization.weight_bytes` counts them (torchao int8 = 1 byte
+* **weights**: exactly as :func:`ptuning.quantization.weight_bytes` counts them (torchao int8 = 1 byte
   per weight + a float32 scale and an int8 zero point per output channel; NF4 = half a byte per weight +
   an int8 scale per 64 weights + the scales' own scales); biases, norms, embeddings and ``lm_head`` in the
   compute dtype (float32 for fp32, else 16-bit); the prefix in float32;
@@ -55,7 +55,7 @@ class ModelShape:
 
     @classmethod
     def from_config(cls, config, **overrides) -> ModelShape:
-        """The shape of a :class:`~ptuning.model.ChatGLMConfig`; ``overrides`` set batch, seq, checkpointing..."""
+        """The shape of a :class:`~ptuning.models.chatglm.ChatGLMConfig`; ``overrides`` set batch, seq, checkpointing..."""
         values = dict(
             vocab=config.vocab_size,
             hidden=config.hidden_size,
@@ -189,7 +189,7 @@ def table(shape: ModelShape, settings=SETTINGS) -> str:
 
 def _shape_from_args(args: argparse.Namespace) -> ModelShape:
     if args.config:
-        from .model import ChatGLMConfig
+        from .models.chatglm import ChatGLMConfig
 
         config = ChatGLMConfig.from_pretrained(args.config)
         base = ModelShape.from_config(config)

@@ -32,6 +32,21 @@ def train_flops_per_token(config, seq_len: int, prefix_len: int | None = None) -
     return 4 * matmul_weights(config) + 12 * config.num_layers * config.hidden_size * (seq_len + prefix_len)
 
 
+def model_train_flops_per_token(model, seq_len: int) -> float:
+    """:func:`train_flops_per_token` of a loaded model of any family: ``4·N + 12·L·(N_h·D)·(S + P)`` with N
+    from the family (:meth:`~ptuning.models.base.Family.matmul_weights`) and the attention width, layers and
+    prefix length from the model's prefix encoder."""
+    from .models import family_of
+    from .prefix import prefix_module_name
+
+    shape = model.get_submodule(prefix_module_name(model)).shape
+    config = model.config
+    heads = getattr(config, "num_attention_heads", shape.num_key_value_heads)
+    width = heads * shape.head_dim
+    weights = family_of(model).matmul_weights(config)
+    return 4 * weights + 12 * shape.num_layers * width * (seq_len + shape.pre_seq_len)
+
+
 def matmul_peak_flops(
     dtype: torch.dtype = torch.float32, size: int = 2048, device="cpu", repeats: int = 5
 ) -> float:

@@ -60,6 +60,7 @@ class PrefixShape:
             "num_layers": self.num_layers,
             "num_key_value_heads": self.num_key_value_heads,
             "head_dim": self.head_dim,
+            "hidden_size": self.hidden_size,
         }
 
 
@@ -113,6 +114,13 @@ class PrefixKV:
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.keys[i], self.values[i]
 
+    def __iter__(self):
+        """``(keys, values)`` of each layer in order."""
+        return iter(zip(self.keys, self.values, strict=True))
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
 
 def split_key_values(kv: torch.Tensor, shape: PrefixShape) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """``[B, P, K]`` -> per-layer keys and values ``[B, G, P, D]`` (views, no copy)."""
@@ -125,12 +133,12 @@ def split_key_values(kv: torch.Tensor, shape: PrefixShape) -> tuple[list[torch.T
 def prefix_key_values(
     encoder: PrefixEncoder, batch_size: int, dtype: torch.dtype, dropout: nn.Module | None = None
 ) -> PrefixKV:
-    """The encoder's prefix for a batch: computed in float32, dropped out per batch row in training (as the
-    original: ``p`` of ``dropout``), then cast to the backbone's ``dtype``."""
-    kv = encoder()[None].expand(batch_size, -1, -1)  # (B, P, K)
+    """The encoder's prefix for a batch: computed in float32, cast to the backbone's ``dtype``, then dropped
+    out independently per batch row in training (``dropout.p``; the original's order: cast, view, dropout)."""
+    kv = encoder().to(dtype)[None].expand(batch_size, -1, -1)  # (B, P, K)
     if dropout is not None and dropout.training and dropout.p > 0:
         kv = dropout(kv)  # independent per batch row
-    keys, values = split_key_values(kv.to(dtype), encoder.shape)
+    keys, values = split_key_values(kv, encoder.shape)
     return PrefixKV(keys, values)
 
 

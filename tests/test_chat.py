@@ -16,8 +16,8 @@ import pytest
 from ptuning.build import base_model_name, load_model, load_tokenizer
 from ptuning.chat import BOT_PREFIX, USER_PREFIX, ChatSession, IncrementalDecoder
 from ptuning.config import ModelConfig
-from ptuning.data import build_prompt
 from ptuning.evaluation.generate import GenerationSettings
+from ptuning.models.chatglm.template import ChatGLMTemplate, build_prompt
 from ptuning.training.checkpoint import export_original, prefix_metadata, save_checkpoint
 
 from .common import ROOT
@@ -43,7 +43,7 @@ def original_checkpoint(tmp_path_factory, model):
     """The model's (untrained) prefix saved as ours, then exported in the original P-Tuning v2 format."""
     base = tmp_path_factory.mktemp("chat")
     ours = save_checkpoint(
-        base / "run", 1, model, prefix_metadata(model.config, base_model_name(ModelConfig()))
+        base / "run", 1, model, prefix_metadata(model, base_model_name(ModelConfig()))
     )
     export_original(ours, base / "orig")
     (base / "orig" / "prefix_config.json").unlink()
@@ -109,22 +109,26 @@ def test_incremental_decoding_prints_whole_characters(tokenizer):
 
 
 def test_history_drops_oldest_turns_to_fit_the_context(tokenizer):
-    fake = SimpleNamespace(config=SimpleNamespace(max_sequence_length=120))
-    session = ChatSession(fake, tokenizer, GenerationSettings(max_new_tokens=40))
+    session = ChatSession(SimpleNamespace(), ChatGLMTemplate(tokenizer), GenerationSettings(max_new_tokens=40), 120)
     session.history = [("类型#裙*颜色#黑色", "这条黑色裙子，值得入手。")] * 4
-    prompt, ids, dropped = session.prepare("再来一个")
-    assert dropped > 0 and len(ids) <= 80
+    prompt, ids, dropped, cut = session.prepare("再来一个")
+    assert dropped > 0 and len(ids) <= 80 and cut == 0
     assert prompt == build_prompt("再来一个", session.history[dropped:])
+    # a message that alone does not fit keeps its last tokens and its [Round 0] turn, as training does
+    prompt, ids, dropped, cut = session.prepare("裙" * 200)
+    assert dropped == 4 and cut > 0 and len(ids) <= 80
+    text = tokenizer.decode(ids[:-2])
+    assert text.startswith("[Round 0]\n问：裙") and text.endswith("裙\n答：")
     from ptuning.config import ConfigError
 
-    with pytest.raises(ConfigError, match="at most 80 fit with --max-new-tokens 40"):
-        session.prepare("裙" * 200)
+    with pytest.raises(ConfigError, match="--max-new-tokens 118 leaves 2 of the model's 120 positions"):
+        ChatSession(SimpleNamespace(), ChatGLMTemplate(tokenizer), GenerationSettings(max_new_tokens=118), 120).prepare("a")
 
 
 def test_stopping_an_answer_early_ends_generation_and_keeps_no_history(model, tokenizer):
-    session = ChatSession(model, tokenizer, GenerationSettings(max_new_tokens=400))
+    session = ChatSession(model, ChatGLMTemplate(tokenizer), GenerationSettings(max_new_tokens=400), 2048)
     before = threading.active_count()
-    prompt, ids, _ = session.prepare("类型#裙*颜色#黑色")
+    prompt, ids, _, _ = session.prepare("类型#裙*颜色#黑色")
     answer = session.reply("类型#裙*颜色#黑色", ids)
     next(answer)
     answer.close()

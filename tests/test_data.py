@@ -19,15 +19,15 @@ from ptuning.data import (
     LengthGroupedSampler,
     TrainingCollator,
     build_datasets,
-    build_prompt,
     exit_on_data_error,
     preprocess_eval,
     preprocess_train,
     read_rows,
 )
 from ptuning.data.__main__ import main as check_main
-from ptuning.model.masks import build_masks
-from ptuning.tokenizer import ChatGLMTokenizer
+from ptuning.models.chatglm.masks import build_masks
+from ptuning.models.chatglm.template import ChatGLMTemplate, build_prompt
+from ptuning.models.chatglm.tokenizer import ChatGLMTokenizer
 
 from .common import ROOT, parity_sets
 
@@ -122,7 +122,7 @@ def test_config_checks():
 
 def test_train_features_follow_the_original_rules():
     cfg = DataConfig(max_source_length=8, max_target_length=8)
-    out = preprocess_train(batch({"content": "abc", "summary": "xy"}), CharTokenizer(), cfg)
+    out = preprocess_train(batch({"content": "abc", "summary": "xy"}), ChatGLMTemplate(CharTokenizer()), cfg)
     assert out["input_ids"] == [[97, 98, 99, GMASK, BOS, 120, 121, EOS]]
     assert out["labels"] == [[-100, -100, -100, -100, BOS, 120, 121, EOS]]
 
@@ -134,7 +134,7 @@ def test_train_truncation_at_both_limits():
         {"content": "ab", "summary": "uv"},  # exactly at both limits: unchanged
         {"content": "a", "summary": "u"},
     )
-    out = preprocess_train(rows, CharTokenizer(), cfg)
+    out = preprocess_train(rows, ChatGLMTemplate(CharTokenizer()), cfg)
     assert out["input_ids"] == [
         [97, 98, GMASK, BOS, 117, 118, EOS],
         [97, 98, GMASK, BOS, 117, 118, EOS],
@@ -147,17 +147,17 @@ def test_train_truncation_at_both_limits():
 def test_history_and_source_prefix_go_into_the_prompt():
     cfg = DataConfig(history_column="history", source_prefix="P:", max_source_length=100)
     row = {"content": "q1", "summary": "r", "history": [["q0", "r0"]]}
-    out = preprocess_train(batch(row), CharTokenizer(), cfg)
+    out = preprocess_train(batch(row), ChatGLMTemplate(CharTokenizer()), cfg)
     prompt = "P:[Round 0]\n问：q0\n答：r0\n[Round 1]\n问：q1\n答："
     assert out["input_ids"] == [ords(prompt) + [GMASK, BOS] + ords("r") + [EOS]]
-    empty = preprocess_train(batch({**row, "history": []}), CharTokenizer(), cfg)
+    empty = preprocess_train(batch({**row, "history": []}), ChatGLMTemplate(CharTokenizer()), cfg)
     assert empty["input_ids"][0][:4] == ords("P:q1")
 
 
 def test_ignore_pad_token_for_loss():
     row = batch({"content": "a", "summary": "x\x03y"})  # a literal pad id inside the response
-    kept = preprocess_train(row, CharTokenizer(), DataConfig(ignore_pad_token_for_loss=False))
-    dropped = preprocess_train(row, CharTokenizer(), DataConfig(ignore_pad_token_for_loss=True))
+    kept = preprocess_train(row, ChatGLMTemplate(CharTokenizer()), DataConfig(ignore_pad_token_for_loss=False))
+    dropped = preprocess_train(row, ChatGLMTemplate(CharTokenizer()), DataConfig(ignore_pad_token_for_loss=True))
     assert kept["labels"] == [[-100, -100, BOS, 120, PAD, 121, EOS]]
     assert dropped["labels"] == [[-100, -100, BOS, 120, -100, 121, EOS]]
     features = [{"input_ids": [1, 2], "labels": [-100, 2]}, {"input_ids": [1, 2, 3], "labels": [-100, 2, 3]}]
@@ -169,26 +169,27 @@ def test_ignore_pad_token_for_loss():
 
 def test_eval_features_keep_two_fewer_prompt_tokens_and_the_full_reference():
     cfg = DataConfig(max_source_length=4, max_target_length=2, source_prefix="P")
-    out = preprocess_eval(batch({"content": "abcdef", "summary": "a long reference"}), CharTokenizer(), cfg)
-    assert out == {"prompt": ["Pabcdef"], "input_ids": [[80, 97, GMASK, BOS]], "reference": ["a long reference"]}
+    out = preprocess_eval(batch({"content": "abcdef", "summary": "a long reference"}), ChatGLMTemplate(CharTokenizer()), cfg)
+    assert out == {"prompt": ["Pabcdef"], "input_ids": [[80, 97, GMASK, BOS]], "reference": ["a long reference"],
+                   "dropped_turns": [0], "truncated_tokens": [5]}
 
 
 def test_features_with_the_real_tokenizer(tok):
     line = json.loads((SAMPLE / "train.json").read_text(encoding="utf-8").split("\n")[0])
     cfg = DataConfig(max_source_length=10, max_target_length=6)
-    out = preprocess_train(batch(line), tok, cfg)
+    out = preprocess_train(batch(line), ChatGLMTemplate(tok), cfg)
     prompt = tok.encode(line["content"], add_special_tokens=False)
     response = tok.encode(line["summary"], add_special_tokens=False)
     assert len(prompt) > 9 and len(response) > 4
     assert out["input_ids"] == [prompt[:9] + [GMASK, BOS] + response[:4] + [EOS]]
     assert out["labels"] == [[-100] * 10 + [BOS] + response[:4] + [EOS]]
-    evaluated = preprocess_eval(batch(line), tok, cfg)
+    evaluated = preprocess_eval(batch(line), ChatGLMTemplate(tok), cfg)
     assert evaluated["input_ids"] == [prompt[:8] + [GMASK, BOS]]
     # the features' fast path encodes exactly as tokenizer.encode
     texts = ["问：你好\n答：", "a  <sop> b [gMASK]\t", "   ", "龘"]
     for text in texts:
         [ids] = preprocess_eval(
-            batch({"content": text, "summary": "x"}), tok, DataConfig(max_source_length=100)
+            batch({"content": text, "summary": "x"}), ChatGLMTemplate(tok), DataConfig(max_source_length=100)
         )["input_ids"]
         assert ids == tok.encode(text)
 
@@ -212,7 +213,7 @@ def test_train_batch_equals_the_parity_layout(folder):
         truncated += full
     assert truncated > 0
     tokenizer = TableTokenizer(table)
-    features = preprocess_train(batch(*rows), tokenizer, cfg)
+    features = preprocess_train(batch(*rows), ChatGLMTemplate(tokenizer), cfg)
     collated = TrainingCollator.from_config(tokenizer, cfg)(
         [
             {"input_ids": a, "labels": b}
@@ -309,14 +310,15 @@ def test_build_datasets_on_the_bundled_sample(tok, tmp_path):
         max_eval_samples=5,
         cache_dir=str(tmp_path),
     )
-    train = build_datasets(cfg, tok, "train")
-    assert train.num_rows == 2000 and train.column_names == ["input_ids", "labels"]
+    train = build_datasets(cfg, ChatGLMTemplate(tok), "train")
+    assert train.num_rows == 2000
+    assert train.column_names == ["input_ids", "labels", "dropped_turns", "truncated_tokens"]
     first = json.loads((SAMPLE / "train.json").read_text(encoding="utf-8").split("\n")[0])
-    assert train[0] == {key: value[0] for key, value in preprocess_train(batch(first), tok, cfg).items()}
-    dev = build_datasets(cfg, tok, "validation")
-    assert dev.num_rows == 5 and dev.column_names == ["prompt", "input_ids", "reference"]
+    assert train[0] == {key: value[0] for key, value in preprocess_train(batch(first), ChatGLMTemplate(tok), cfg).items()}
+    dev = build_datasets(cfg, ChatGLMTemplate(tok), "validation")
+    assert dev.num_rows == 5 and dev.column_names[:3] == ["prompt", "input_ids", "reference"]
     assert dev[0]["input_ids"][-2:] == [GMASK, BOS]
-    again = build_datasets(cfg, tok, "train")
+    again = build_datasets(cfg, ChatGLMTemplate(tok), "train")
     assert again.cache_files == train.cache_files  # reused from the datasets cache
 
 
@@ -334,8 +336,8 @@ def test_build_datasets_in_worker_processes_and_with_history_csv(tok, tmp_path):
         max_train_samples=30,
         cache_dir=str(tmp_path),
     )
-    single = build_datasets(cfg, tok, "train")
-    parallel = build_datasets(DataConfig(**{**vars(cfg), "preprocessing_num_workers": 2}), tok, "train")
+    single = build_datasets(cfg, ChatGLMTemplate(tok), "train")
+    parallel = build_datasets(DataConfig(**{**vars(cfg), "preprocessing_num_workers": 2}), ChatGLMTemplate(tok), "train")
     assert single.num_rows == parallel.num_rows == 30
     assert single["input_ids"] == parallel["input_ids"]
 
@@ -350,9 +352,9 @@ def test_build_datasets_in_worker_processes_and_with_history_csv(tok, tmp_path):
 def test_a_changed_file_is_not_served_from_the_cache(tok, tmp_path):
     path = write_jsonl(tmp_path / "d.json", [{"content": "a", "summary": "b"}])
     cfg = DataConfig(validation_file=str(path), cache_dir=str(tmp_path / "cache"))
-    assert build_datasets(cfg, tok, "validation")["reference"] == ["b"]
+    assert build_datasets(cfg, ChatGLMTemplate(tok), "validation")["reference"] == ["b"]
     write_jsonl(path, [{"content": "a", "summary": "c"}])
-    assert build_datasets(cfg, tok, "validation")["reference"] == ["c"]
+    assert build_datasets(cfg, ChatGLMTemplate(tok), "validation")["reference"] == ["c"]
 
 
 # ---- loading: bad input, one test per problem ----
@@ -496,10 +498,10 @@ def test_build_datasets_skips_bad_rows(tok, tmp_path):
         tmp_path / "mixed.json", ['{"content": "a", "summary": "b"}', "{", '{"content": "c", "summary": "d"}']
     )
     cfg = DataConfig(validation_file=str(path), skip_bad_rows=True, cache_dir=str(tmp_path / "cache"))
-    assert build_datasets(cfg, tok, "validation")["reference"] == ["b", "d"]
+    assert build_datasets(cfg, ChatGLMTemplate(tok), "validation")["reference"] == ["b", "d"]
     with pytest.raises(DataError, match=r"mixed\.json, line 2: malformed JSON"):
         build_datasets(
-            DataConfig(validation_file=str(path), cache_dir=str(tmp_path / "cache")), tok, "validation"
+            DataConfig(validation_file=str(path), cache_dir=str(tmp_path / "cache")), ChatGLMTemplate(tok), "validation"
         )
 
 
@@ -547,7 +549,7 @@ def test_build_datasets_training_features_for_the_validation_file(tok, tmp_path)
         max_eval_samples=4,
         cache_dir=str(tmp_path / "cache"),
     )
-    dev = build_datasets(cfg, tok, "validation", features="train")
-    assert dev.num_rows == 4 and dev.column_names == ["input_ids", "labels"]
+    dev = build_datasets(cfg, ChatGLMTemplate(tok), "validation", features="train")
+    assert dev.num_rows == 4 and dev.column_names[:2] == ["input_ids", "labels"]
     with pytest.raises(ValueError, match="unknown features"):
-        build_datasets(cfg, tok, "validation", features="both")
+        build_datasets(cfg, ChatGLMTemplate(tok), "validation", features="both")

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from ptuning.model import ChatGLMForConditionalGeneration
+from ptuning.models.chatglm import ChatGLMForConditionalGeneration
 
 from .common import ROOT
 

@@ -15,8 +15,8 @@ from ptuning import export as export_cli
 from ptuning.build import load_model
 from ptuning.config import ModelConfig
 from ptuning.interop import export_full, export_peft, import_peft, load_peft_prefix, read_peft_adapter
-from ptuning.model import ChatGLMForConditionalGeneration, CheckpointError, tiny_config
-from ptuning.model.layers import rotary_inv_freq
+from ptuning.models.chatglm import ChatGLMForConditionalGeneration, CheckpointError, tiny_config
+from ptuning.models.chatglm.layers import rotary_inv_freq
 from ptuning.training.checkpoint import load_prefix, prefix_metadata, save_checkpoint
 
 from .common import ASSETS
@@ -270,7 +270,7 @@ def test_full_export_in_float16_and_of_a_quantized_model(tmp_path):
         state["transformer.layers.0.attention.rotary_emb.inv_freq"], rotary_inv_freq(16).half()
     )
     assert json.loads((tmp_path / "half" / "config.json").read_text())["torch_dtype"] == "float16"
-    from ptuning.model.quantization import quantize_backbone
+    from ptuning.quantization import quantize_backbone
 
     with pytest.raises(CheckpointError, match="quantized"):
         export_full(quantize_backbone(model, 8), tmp_path / "q")

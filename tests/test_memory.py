@@ -18,9 +18,10 @@ import pytest
 import torch
 
 from ptuning.memory import ModelShape, estimate, main, weight_bytes
-from ptuning.model import ChatGLMForConditionalGeneration, mark_only_prefix_trainable, tiny_config
-from ptuning.model.quantization import quantize_backbone
-from ptuning.model.quantization import weight_bytes as measured_weight_bytes
+from ptuning.models.chatglm import ChatGLMForConditionalGeneration, tiny_config
+from ptuning.prefix import mark_only_prefix_trainable
+from ptuning.quantization import quantize_backbone
+from ptuning.quantization import weight_bytes as measured_weight_bytes
 
 from .common import ROOT
 from .test_quantization import bench_model

@@ -8,14 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ptuning.model import (
-    ChatGLMForConditionalGeneration,
-    CheckpointError,
-    mark_only_prefix_trainable,
-    prefix_state_dict,
-    tiny_config,
-)
-from ptuning.model.loading import save_weights
+from ptuning.models.chatglm import ChatGLMForConditionalGeneration, CheckpointError, tiny_config
+from ptuning.prefix import mark_only_prefix_trainable, prefix_state_dict
+from ptuning.weights import save_weights
 
 from .common import ASSETS
 
@@ -289,7 +284,7 @@ def test_target_only_loss_equals_full_logits_loss(reduction):
 
 
 def test_cache_buffers_grow_without_concatenating_and_keep_the_prefix_apart():
-    from ptuning.model.cache import ChatGLMCache, PrefixRoomLayer
+    from ptuning.models.chatglm.cache import ChatGLMCache, PrefixRoomLayer
 
     model = ChatGLMForConditionalGeneration.from_pretrained(PTUNING)
     ids, _ = batch(model.config, rows=2, target=0)

@@ -6,8 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ptuning.model import ChatGLMForConditionalGeneration
-from ptuning.model.masks import build_masks
+from ptuning.models.chatglm import ChatGLMForConditionalGeneration
+from ptuning.models.chatglm.masks import build_masks
 
 from .common import parity_sets, read_cases
 

@@ -9,9 +9,10 @@ from torch import nn
 from ptuning import memory
 from ptuning.build import load_model
 from ptuning.config import ModelConfig
-from ptuning.model import ChatGLMForConditionalGeneration, mark_only_prefix_trainable, tiny_config
-from ptuning.model.quantization import QuantizedLinear, block_linears, quantize_backbone, weight_bytes
+from ptuning.models.chatglm import ChatGLMForConditionalGeneration, tiny_config
 from ptuning.perf import BENCH_SHAPE
+from ptuning.prefix import mark_only_prefix_trainable
+from ptuning.quantization import QuantizedLinear, block_linears, quantize_backbone, weight_bytes
 
 from .test_model import batch
 

@@ -23,13 +23,13 @@ from safetensors.torch import load_file
 
 from ptuning.build import load_model, load_tokenizer
 from ptuning.config import BUILTIN_MODEL, ModelConfig
-from ptuning.model.loading import CheckpointError, read_weights, save_weights
 from ptuning.training import TrainingError
 from ptuning.training import checkpoint as checkpoint_module
 from ptuning.training import loop as loop_module
 from ptuning.training.checkpoint import list_checkpoints, prefix_metadata, save_checkpoint
 from ptuning.training.faults import ENV as KILL_ENV
 from ptuning.training.loop import RunLog, resolve_resume
+from ptuning.weights import CheckpointError, read_weights, save_weights
 
 from .bad_inputs.recipes import Payload
 from .common import ROOT

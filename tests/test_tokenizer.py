@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ptuning.model.masks import build_masks
-from ptuning.tokenizer import ChatGLMTokenizer, decode_whitespace, encode_whitespace
+from ptuning.models.chatglm.masks import build_masks
+from ptuning.models.chatglm.tokenizer import ChatGLMTokenizer, decode_whitespace, encode_whitespace
 
 from .common import ROOT, parity_sets
 

@@ -12,10 +12,11 @@ from accelerate.state import AcceleratorState, GradientState, PartialState
 from safetensors.torch import load_file
 
 from hydra_entry import to_object
+from ptuning.build import load_model
 from ptuning.config import ModelConfig
-from ptuning.model.loading import CheckpointError
 from ptuning.training import TrainingError, export_original, load_prefix, run
 from ptuning.training import loop as loop_module
+from ptuning.weights import CheckpointError
 
 from .common import read_wandb_history
 from .test_configs import compose_train
@@ -74,7 +75,7 @@ def test_run_writes_prefix_only_checkpoints_and_logs(tmp_path):
 
 def test_only_the_prefix_changes(tmp_path):
     result = train(tmp_path)
-    model = loop_module.load_model(ModelConfig())
+    model = load_model(ModelConfig())
     before = {k: v.clone() for k, v in model.state_dict().items()}
     load_prefix(model, result.checkpoint)
     after = model.state_dict()
@@ -131,7 +132,7 @@ def test_original_format_export_and_import(tmp_path):
     assert list(state) == ["transformer.prefix_encoder.embedding.weight"]
     # the original script's checkpoint: pytorch_model.bin with the prefix keys, no metadata
     (tmp_path / "orig" / "prefix_config.json").unlink()
-    model = loop_module.load_model(ModelConfig())
+    model = load_model(ModelConfig())
     load_prefix(model, tmp_path / "orig")
     assert torch.equal(model.transformer.prefix_encoder.embedding.weight, prefix_of(result.checkpoint)[
         "transformer.prefix_encoder.embedding.weight"])
@@ -142,10 +143,10 @@ def test_original_format_export_and_import(tmp_path):
 
 def test_prefix_that_does_not_fit_names_both_values(tmp_path):
     result = train(tmp_path, "train.max_steps=3")
-    model = loop_module.load_model(ModelConfig(pre_seq_len=8))
+    model = load_model(ModelConfig(pre_seq_len=8))
     with pytest.raises(CheckpointError, match="pre_seq_len=16 but the model has pre_seq_len=8"):
         load_prefix(model, result.checkpoint)
-    model = loop_module.load_model(ModelConfig(prefix_projection=True))
+    model = load_model(ModelConfig(prefix_projection=True))
     with pytest.raises(CheckpointError, match="prefix_projection=False but the model has prefix_projection=True"):
         load_prefix(model, result.checkpoint)
 

@@ -4,7 +4,6 @@ from .collate import GenerationCollator, LengthGroupedSampler, TrainingCollator
 from .config import DataConfig
 from .features import IGNORE_INDEX, preprocess_eval, preprocess_train, render_prompts
 from .loading import DataError, ReadReport, build_datasets, exit_on_data_error, load_rows, read_rows
-from .template import build_prompt
 
 __all__ = [
     "IGNORE_INDEX",
@@ -15,7 +14,6 @@ __all__ = [
     "ReadReport",
     "TrainingCollator",
     "build_datasets",
-    "build_prompt",
     "exit_on_data_error",
     "load_rows",
     "preprocess_eval",

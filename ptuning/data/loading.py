@@ -319,7 +319,7 @@ def load_rows(path: str | os.PathLike, cfg: DataConfig) -> datasets.Dataset:
     )
 
 
-def build_datasets(cfg: DataConfig, tokenizer, split: str, features: str | None = None) -> datasets.Dataset:
+def build_datasets(cfg: DataConfig, template, split: str, features: str | None = None) -> datasets.Dataset:
     """Load, check and featurize one split.
 
     Args:
@@ -347,14 +347,32 @@ def build_datasets(cfg: DataConfig, tokenizer, split: str, features: str | None 
     if features not in (None, "train", "eval"):
         raise ValueError(f"unknown features {features!r}: expected 'train' or 'eval'")
     featurize = preprocess_train if (features or ("train" if split == "train" else "eval")) == "train" else preprocess_eval
-    return dataset.map(
-        partial(featurize, tokenizer=tokenizer, cfg=cfg),
+    featurized = dataset.map(
+        partial(featurize, template=template, cfg=cfg),
         batched=True,
         num_proc=cfg.preprocessing_num_workers,
         remove_columns=dataset.column_names,
         load_from_cache_file=not cfg.overwrite_cache,
         desc=f"Tokenizing {split} ({Path(path).name})",
     )
+    report_truncation(featurized, path, cfg)
+    return featurized
+
+
+def report_truncation(dataset: datasets.Dataset, path, cfg: DataConfig) -> tuple[int, int]:
+    """Says once how many rows lost earlier turns to fit ``max_source_length``.
+
+    Returns:
+        ``(rows that lost turns, rows whose query itself was cut)``.
+    """
+    lost_turns = sum(1 for n in dataset["dropped_turns"] if n)
+    cut = sum(1 for n in dataset["truncated_tokens"] if n)
+    if lost_turns:
+        logger.warning(
+            "%s: %d of %d rows left out their oldest turns to fit data.max_source_length=%d (the current "
+            "question is always kept)", path, lost_turns, len(dataset), cfg.max_source_length,
+        )
+    return lost_turns, cut
 
 
 # ---- user-facing exit ----

@@ -61,11 +61,12 @@ def left_pad(rows: list[list[int]], pad_id: int, device=None) -> tuple[torch.Ten
     return ids.to(device), mask.to(device)
 
 
-def strip_generated(ids: list[int], eos_id: int, pad_id: int) -> list[int]:
-    """The generated ids up to (not including) the first ``<eop>``, pads dropped."""
+def strip_generated(ids: list[int], stop_ids, pad_id: int) -> list[int]:
+    """The generated ids up to (not including) the first stop id (e.g. ``<eop>``), pads dropped."""
+    stop = {stop_ids} if isinstance(stop_ids, int) else set(stop_ids)
     out = []
     for t in ids:
-        if t == eos_id:
+        if t in stop:
             break
         if t != pad_id:
             out.append(t)
@@ -74,15 +75,16 @@ def strip_generated(ids: list[int], eos_id: int, pad_id: int) -> list[int]:
 
 @torch.no_grad()
 def generate_ids(
-    model, prompts: list[list[int]], settings: GenerationSettings, *, pad_id: int, eos_id: int
+    model, prompts: list[list[int]], settings: GenerationSettings, *, pad_id: int, stop_ids: list[int]
 ) -> list[list[int]]:
-    """Generates for prompt ids (each ending in ``[gMASK] <sop>``); returns the new ids of each row."""
+    """Generates for prompt ids (each ending where the answer starts, e.g. ``[gMASK] <sop>``), left-padded
+    into one batch; returns the new ids of each row up to its first stop id."""
     device = next(model.parameters()).device
     ids, mask = left_pad(prompts, pad_id, device)
     out = model.generate(
-        ids, attention_mask=mask, eos_token_id=eos_id, pad_token_id=pad_id, **settings.kwargs()
+        ids, attention_mask=mask, eos_token_id=list(stop_ids), pad_token_id=pad_id, **settings.kwargs()
     )
-    return [strip_generated(row[ids.shape[1] :].tolist(), eos_id, pad_id) for row in out]
+    return [strip_generated(row[ids.shape[1] :].tolist(), stop_ids, pad_id) for row in out]
 
 
 def batched(items: list, size: int) -> Iterator[list]:
@@ -92,7 +94,7 @@ def batched(items: list, size: int) -> Iterator[list]:
 
 @torch.no_grad()
 def stream_ids(
-    model, prompt: list[int], settings: GenerationSettings, *, pad_id: int, eos_id: int
+    model, prompt: list[int], settings: GenerationSettings, *, pad_id: int, stop_ids: list[int]
 ) -> Iterator[int]:
     """Yields new token ids one by one for a single prompt (for chat), using the KV cache.
 
@@ -137,7 +139,7 @@ def stream_ids(
             model.generate(
                 ids,
                 streamer=streamer,
-                eos_token_id=eos_id,
+                eos_token_id=list(stop_ids),
                 pad_token_id=pad_id,
                 stopping_criteria=StoppingCriteriaList([_Stop()]),
                 **settings.kwargs(),
@@ -150,7 +152,7 @@ def stream_ids(
     thread.start()
     try:
         while (token := streamer.queue.get()) is not None:
-            if token == eos_id:
+            if token in stop_ids:
                 break
             yield token
     finally:

@@ -166,7 +166,7 @@ def resolve_output_dir(checkpoint: Path, output_dir: str | None) -> Path:
 
 def predict(
     model,
-    tokenizer,
+    template,
     data_cfg: DataConfig,
     settings,
     comm=None,
@@ -182,8 +182,8 @@ def predict(
     order on every process, so every process returns the same result.
 
     Args:
-        model: a ChatGLM with its prefix loaded.
-        tokenizer: its tokenizer.
+        model: a model of any family with its prefix loaded.
+        template: its family's prompt template (prompt ids, stop ids, decoding).
         data_cfg: where ``split`` is and how its rows become prompts.
         settings: a :class:`GenerationSettings`, or a training config (its ``max_new_tokens`` and
             ``eval_batch_size``, greedy).
@@ -207,7 +207,7 @@ def predict(
     if examples is None:
         from ..data import build_datasets
 
-        examples = build_datasets(data_cfg, tokenizer, split).to_list()
+        examples = build_datasets(data_cfg, template, split).to_list()
     world = comm.num_processes if comm is not None else 1
     rank = comm.process_index if comm is not None else 0
     mine = list(range(rank, len(examples), world))
@@ -230,14 +230,11 @@ def predict(
                 model,
                 [examples[i]["input_ids"] for i in chunk],
                 settings,
-                pad_id=tokenizer.pad_token_id,
-                eos_id=tokenizer.eos_token_id,
+                pad_id=template.pad_token_id,
+                stop_ids=template.stop_token_ids,
             )
             new_tokens += sum(len(x) for x in ids)
-            outputs += [
-                (i, tokenizer.decode(x, skip_special_tokens=True).strip())
-                for i, x in zip(chunk, ids, strict=True)
-            ]
+            outputs += [(i, template.decode(x)) for i, x in zip(chunk, ids, strict=True)]
             if bar is not None:
                 bar.update(len(chunk))
                 bar.set_postfix(tokens_per_s=f"{new_tokens / (time.perf_counter() - start):.1f}")
@@ -266,7 +263,7 @@ def predict(
 
 def evaluate_model(
     model,
-    tokenizer,
+    template,
     data_cfg: DataConfig,
     settings,
     comm=None,
@@ -278,7 +275,7 @@ def evaluate_model(
     """The metrics of :func:`predict` alone (training-time evaluation)."""
     metrics, _ = predict(
         model,
-        tokenizer,
+        template,
         data_cfg,
         settings,
         comm,
@@ -332,7 +329,7 @@ def run(cfg: EvaluateJobConfig, *, tracker=None) -> dict:
     """
     from accelerate.utils import set_seed
 
-    from ..build import load_model, load_tokenizer
+    from ..build import load
     from ..data import DataError, build_datasets
     from ..distributed import LaunchError, start
     from ..training.checkpoint import infer_prefix_shape, load_prefix, read_prefix
@@ -361,8 +358,8 @@ def run(cfg: EvaluateJobConfig, *, tracker=None) -> dict:
         raise ConfigError(str(err)) from None
     main = comm.is_main_process
     set_seed(cfg.seed + comm.process_index)  # sampling: a different stream on each process
-    model = load_model(cfg.model, device=accelerator.device)
-    tokenizer = load_tokenizer(cfg.model, vocab_size=model.config.vocab_size)
+    loaded = load(cfg.model, device=accelerator.device, init=False)
+    model, template = loaded.model, loaded.template
     load_prefix(model, checkpoint)
     # The main process fills the datasets cache first, the others then read it. A data error is raised
     # only after the barrier, so that every process reaches it and then fails with the same message.
@@ -370,7 +367,7 @@ def run(cfg: EvaluateJobConfig, *, tracker=None) -> dict:
         comm.barrier()
     examples, error = None, None
     try:
-        examples = build_datasets(cfg.data, tokenizer, cfg.split).to_list()
+        examples = build_datasets(cfg.data, template, cfg.split).to_list()
     except DataError as err:
         error = err
     if main:
@@ -383,7 +380,7 @@ def run(cfg: EvaluateJobConfig, *, tracker=None) -> dict:
             f"process(es), batch_size={cfg.batch_size}, {'sampling' if cfg.generation.do_sample else 'greedy'}"
         )
     metrics, rows = predict(
-        model, tokenizer, cfg.data, cfg.generation, comm, batch_size=cfg.batch_size, examples=examples
+        model, template, cfg.data, cfg.generation, comm, batch_size=cfg.batch_size, examples=examples
     )
     metrics.update(
         checkpoint=str(checkpoint),

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from ..model.layers import rotary_inv_freq
-from ..model.loading import BIN_INDEX, CheckpointError
-from ..model.prefix import is_prefix_param
+from ..models.chatglm.layers import rotary_inv_freq
+from ..prefix import is_prefix_param
+from ..weights import BIN_INDEX, CheckpointError
 
 SHARD_NAME = "pytorch_model-{index:05d}-of-{total:05d}.bin"
 DEFAULT_MAX_SHARD_BYTES = 2 * 10**9  # the original's shards are about 1.7 GB each
@@ -76,7 +76,7 @@ def original_config(config, dtype: torch.dtype) -> dict:
 def original_state_dict(model, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The model's weights under the original keys, backbone in ``dtype`` (prefix float32, as the original
     P-Tuning v2 script saves it), with the per-layer ``rotary_emb.inv_freq`` buffers added."""
-    from ..model.quantization import is_quantized
+    from ..quantization import is_quantized
 
     if is_quantized(model):
         raise CheckpointError(
@@ -118,7 +118,7 @@ def export_full(
     """Writes ``model`` (backbone and prefix, if any) in the original layout.
 
     Args:
-        model: a :class:`~ptuning.model.ChatGLMForConditionalGeneration` (not quantized).
+        model: a :class:`~ptuning.models.chatglm.ChatGLMForConditionalGeneration` (not quantized).
         out_dir: the folder to write (created).
         dtype: the backbone's saved dtype (default: its current one; the original checkpoint is float16).
         max_shard_bytes: the largest shard; the layout is always sharded with an index, as the original's.

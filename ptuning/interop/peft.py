@@ -2,13 +2,13 @@
 
 peft keeps a prefix as ``prompt_embeddings`` ``[P, 2·L·H]``: the prefix encoder's *output*, whose row p
 viewed as ``[2·L, N, D]`` holds layer l's keys at 2l and values at 2l+1 — the layout of our
-:class:`~ptuning.model.PrefixEncoder` output, so the export is that output as it is. A prefix trained with
+:class:`~ptuning.models.chatglm.PrefixEncoder` output, so the export is that output as it is. A prefix trained with
 ``prefix_projection`` is exported as its MLP's output (what peft itself saves for such adapters), so it is
 read back as a projection-free prefix that computes the same keys and values.
 
 An exported adapter loads with ``peft.PeftConfig.from_pretrained`` / ``peft.utils.load_peft_weights`` and
 ``peft.PeftModel.from_pretrained(model, folder)`` on our model (peft feeds it as a pre-filled cache, which
-:class:`~ptuning.model.ChatGLMModel` reads as a prefix).
+:class:`~ptuning.models.chatglm.ChatGLMModel` reads as a prefix).
 """
 
 from __future__ import annotations
@@ -20,9 +20,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ..model.loading import CheckpointError
-from ..model.prefix import PREFIX_MODULE, PrefixEncoder
+from ..models.chatglm.modeling import prefix_shape
+from ..prefix import PrefixEncoder
 from ..training.checkpoint import META_FILE, PREFIX_FILE, prefix_metadata, read_prefix
+from ..weights import CheckpointError
+
+PREFIX_MODULE = "transformer.prefix_encoder"  # where ChatGLM-6B keeps its prefix encoder
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -31,7 +34,7 @@ EMBEDDING_KEY = f"{PREFIX_MODULE}.embedding.weight"
 
 def prefix_output(config, prefix: dict[str, torch.Tensor]) -> torch.Tensor:
     """The prefix encoder's output ``[P, 2·L·H]`` (float32) for prefix weights under the full checkpoint keys."""
-    encoder = PrefixEncoder(config)
+    encoder = PrefixEncoder(prefix_shape(config))
     local = {k[len(PREFIX_MODULE) + 1 :]: v.float() for k, v in prefix.items()}
     try:
         encoder.load_state_dict(local, strict=True)
@@ -110,7 +113,7 @@ def export_peft_checkpoint(
             raise CheckpointError(
                 f"{checkpoint}: an original-format prefix records no model sizes; give the base model (--model)"
             )
-        from ..model import ChatGLMConfig
+        from ..models.chatglm import ChatGLMConfig
 
         config = ChatGLMConfig(
             **{k: meta[k] for k in ("num_layers", "hidden_size", "num_attention_heads")},
@@ -208,7 +211,7 @@ def import_peft(
         base_model: recorded as the metadata's ``base_model`` (default: the adapter's ``base_model_name_or_path``).
     """
     adapter, emb = read_peft_adapter(adapter_dir)
-    from ..model import ChatGLMConfig
+    from ..models.chatglm import ChatGLMConfig
 
     if config is not None:
         _fit(adapter, config, adapter_dir)

@@ -93,6 +93,25 @@ def family_for(folder: str | Path) -> Family:
     raise UnsupportedModelError(f"{path}: no model family handles {what}; supported: {'; '.join(supported())}")
 
 
+def family_of(model_or_config) -> Family:
+    """The family of a loaded model (recorded by :func:`ptuning.build.load_model`) or of a config object.
+
+    Raises:
+        UnsupportedModelError: no family handles the config.
+    """
+    family = getattr(model_or_config, "ptuning_family", None)
+    if isinstance(family, Family):
+        return family
+    config = getattr(model_or_config, "config", model_or_config)
+    raw = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    for entry in FAMILIES:
+        if entry.matches(raw):
+            return entry.load()
+    raise UnsupportedModelError(
+        f"no model family handles a config with model_type={raw.get('model_type')!r}; supported: {'; '.join(supported())}"
+    )
+
+
 __all__ = [
     "FAMILIES",
     "Conversation",
@@ -103,6 +122,7 @@ __all__ = [
     "TrainRow",
     "UnsupportedModelError",
     "family_for",
+    "family_of",
     "read_config",
     "supported",
 ]

@@ -19,6 +19,10 @@ The model a family loads (:meth:`Family.load_model`) is a transformers ``PreTrai
   finds it. ``prefix`` given to ``forward`` replaces the model's own prefix for that call (per-row
   prefixes when serving); the prefix is never written into the cache.
 * ``model.generate(input_ids, attention_mask=...)`` works for left-padded batches.
+* For decode loops of our own (evaluation, chat, the server): ``model.prompt_position_ids(input_ids,
+  attention_mask)`` gives the positions of a left-padded prompt batch in the family's own form (``[B, S]``,
+  or ChatGLM-6B's 2D ``[B, 2, S]``), and ``model.next_position_ids(last)`` the positions of the token after
+  one at ``last`` (the last column of those positions).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -71,6 +75,7 @@ class Conversation:
         query: the current user message.
         history: earlier ``(user, assistant)`` turns, oldest first.
         system: a system message (families whose template has none put it in front of the first query).
+        source_prefix: text put in front of the rendered prompt (``data.source_prefix``).
         extra: family-specific messages (e.g. ChatGLM3's tool ``observation`` turns), as ``{"role", "content"}``
             dicts in order; only families that understand them accept them.
     """
@@ -78,7 +83,48 @@ class Conversation:
     query: str
     history: Sequence[tuple[str, str]] = ()
     system: str | None = None
+    source_prefix: str = ""
     extra: list[dict[str, Any]] = field(default_factory=list)
+
+
+def drop_oldest_turns(
+    history: Sequence[tuple[str, str]], max_tokens: int, render: Callable[[Sequence[tuple[str, str]]], list[int]]
+) -> tuple[list[int] | None, int]:
+    """The one truncation rule's first half: whole oldest turns go first.
+
+    Args:
+        history: earlier ``(user, assistant)`` turns, oldest first.
+        max_tokens: the budget.
+        render: the prompt ids for a given (shortened) history, the current query always included.
+
+    Returns:
+        ``(ids, dropped)`` for the longest suffix of ``history`` that fits, or ``(None, len(history))`` when
+        even the current query alone does not fit (the caller then cuts the query).
+    """
+    for dropped in range(len(history) + 1):
+        ids = render(history[dropped:])
+        if len(ids) <= max_tokens:
+            return ids, dropped
+    return None, len(history)
+
+
+def cut_query_from_left(query: str, length: Callable[[str], int], max_tokens: int) -> int:
+    """The rule's second half: the smallest ``start`` such that the prompt with ``query[start:]`` fits.
+
+    The query is cut on characters and the whole prompt re-encoded, so the kept part tokenizes exactly as it
+    would in place. Its end (next to where the answer starts) stays.
+
+    Args:
+        length: prompt length in tokens for a given (cut) query.
+    """
+    lo, hi = 0, len(query)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if length(query[mid:]) <= max_tokens:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
 
 
 class PromptTemplate(ABC):
@@ -110,6 +156,10 @@ class PromptTemplate(ABC):
     def stop_token_ids(self) -> list[int]:
         """Ids that end an answer."""
 
+    def render_text(self, conversation: Conversation) -> str:
+        """The whole prompt as text (prediction files, ``--show-prompt``): its ids decoded, special tokens kept."""
+        return self.tokenizer.decode(self.prompt(conversation, 1 << 30).ids, skip_special_tokens=False)
+
     @property
     def pad_token_id(self) -> int:
         return self.tokenizer.pad_token_id
@@ -137,8 +187,8 @@ class Family(ABC):
         """
 
     @abstractmethod
-    def load_tokenizer(self, folder: Path, model_config) -> Any:
-        """The tokenizer of the folder (checked against the model's vocabulary).
+    def load_tokenizer(self, folder: Path, vocab_size: int | None = None) -> Any:
+        """The tokenizer of the folder (checked against the model's ``vocab_size`` when given).
 
         Raises:
             ConfigError: no usable tokenizer files.
@@ -163,6 +213,11 @@ class Family(ABC):
     def fingerprint(self, model_config) -> str:
         blob = json.dumps({"family": self.name, **self.fingerprint_keys(model_config)}, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def text_prefix_input(self, tokenizer, ids: list[int]) -> list[int]:
+        """The input that ``model.prefix_init=text`` runs to read the model's keys and values of the text
+        ``ids`` (they sit at its first ``len(ids)`` positions). Default: the ids themselves."""
+        return list(ids)
 
     def block_linear_names(self) -> tuple[str, ...]:
         """Names (last attribute) of the per-layer linears that weight-only quantization replaces."""

@@ -12,7 +12,6 @@ It is written to a temporary folder and renamed, so a crash never leaves a half-
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -23,8 +22,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ..model.loading import CheckpointError, load_failure, read_weights
-from ..model.prefix import PREFIX_MODULE, is_prefix_param, prefix_state_dict
+from ..prefix import PREFIX_ATTRIBUTE, is_prefix_param, prefix_module_name, prefix_state_dict
+from ..weights import CheckpointError, load_failure, read_weights
 from .faults import kill_point
 
 PREFIX_FILE = "prefix.safetensors"
@@ -32,27 +31,38 @@ META_FILE = "prefix_config.json"
 STATE_FILE = "training_state.pt"
 ORIGINAL_FILE = "pytorch_model.bin"
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
-FIT_KEYS = ("pre_seq_len", "prefix_projection", "num_layers", "hidden_size", "num_attention_heads")
-# Config keys that decide what a backbone computes (not ids or bookkeeping).
-FINGERPRINT_KEYS = (
-    "vocab_size",
-    "hidden_size",
-    "num_layers",
-    "num_attention_heads",
-    "inner_hidden_size",
-    "layernorm_epsilon",
-    "position_encoding_2d",
-)
+# Sizes every prefix_config.json records (ptuning.prefix.PrefixShape.describe); checkpoints of earlier
+# versions recorded pre_seq_len, prefix_projection, num_layers, hidden_size and num_attention_heads.
+FIT_KEYS = ("pre_seq_len", "prefix_projection", "num_layers", "num_key_value_heads", "head_dim")
 
 
-def config_fingerprint(config) -> str:
-    blob = json.dumps({k: getattr(config, k) for k in FINGERPRINT_KEYS}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+def config_fingerprint(model_or_config) -> str:
+    """A hash of the config values that decide what the backbone computes (the family's choice of keys)."""
+    from ..models import family_of
+
+    config = getattr(model_or_config, "config", model_or_config)
+    return family_of(model_or_config).fingerprint(config)
 
 
-def prefix_metadata(config, base_model: str, weights_sha256: str | None = None) -> dict:
-    meta = {k: getattr(config, k) for k in FIT_KEYS}
-    meta.update(base_model=base_model, base_config_fingerprint=config_fingerprint(config))
+def prefix_metadata(model_or_config, base_model: str, weights_sha256: str | None = None, *, family=None) -> dict:
+    """What ``prefix_config.json`` records: the prefix's sizes (:data:`FIT_KEYS`), the family, the base model
+    and the fingerprint of its config (and of its weights, for the small built-in models).
+
+    Args:
+        model_or_config: the model (its prefix encoder gives the sizes) or its config (``pre_seq_len`` and
+            ``prefix_projection`` from the config).
+    """
+    from ..models import family_of
+    from ..prefix import prefix_module_name
+
+    family = family or family_of(model_or_config)
+    config = getattr(model_or_config, "config", model_or_config)
+    if isinstance(model_or_config, torch.nn.Module):
+        shape = model_or_config.get_submodule(prefix_module_name(model_or_config)).shape
+    else:
+        shape = family.prefix_shape(config, config.pre_seq_len, bool(getattr(config, "prefix_projection", False)))
+    meta = shape.describe()
+    meta.update(family=family.name, base_model=base_model, base_config_fingerprint=family.fingerprint(config))
     if weights_sha256 is not None:
         meta["base_weights_sha256"] = weights_sha256
     return meta
@@ -183,8 +193,7 @@ def read_prefix(checkpoint: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
         raise CheckpointError(f"{checkpoint}: not a checkpoint folder")
     prefix = {k: v for k, v in state.items() if is_prefix_param(k)}
     if not prefix:
-        raise CheckpointError(f"{checkpoint}: holds no {PREFIX_MODULE}.* weights")
-    prefix = {(k if k.startswith(PREFIX_MODULE) else f"transformer.{k}"): v for k, v in prefix.items()}
+        raise CheckpointError(f"{checkpoint}: holds no *.{PREFIX_ATTRIBUTE}.* weights")
     bad = [k for k, v in prefix.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         # a NaN/inf prefix makes every generated token garbage: refuse it here rather than evaluate it
@@ -205,43 +214,60 @@ def _read_meta(path: Path) -> dict | None:
     return meta
 
 
+def local_prefix_keys(prefix: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Prefix weights keyed inside the encoder (``embedding.weight``, ``trans.0.weight`` ...), whatever module
+    path the checkpoint stored them under (``transformer.prefix_encoder.`` for ChatGLM, ``prefix_encoder.``
+    for the others)."""
+    marker = f"{PREFIX_ATTRIBUTE}."
+    return {k[k.index(marker) + len(marker):]: v for k, v in prefix.items()}
+
+
 def load_prefix(model: torch.nn.Module, checkpoint: str | os.PathLike) -> dict | None:
-    """Loads a prefix checkpoint into ``model``; a prefix that does not fit is an error naming both values."""
+    """Loads a prefix checkpoint into ``model``; a prefix that does not fit is an error naming both values.
+
+    Returns:
+        The checkpoint's metadata (None for the original format, which has none).
+
+    Raises:
+        CheckpointError: unreadable, or it does not fit the model's prefix encoder.
+    """
     prefix, meta = read_prefix(checkpoint)
-    config = model.config
-    if meta is not None:
-        for key in FIT_KEYS:
-            if key in meta and meta[key] != getattr(config, key):
-                raise CheckpointError(
-                    f"{checkpoint}: the prefix was trained with {key}={meta[key]} but the model has "
-                    f"{key}={getattr(config, key)}"
-                )
-    if config.pre_seq_len is None:
+    try:
+        encoder = model.get_submodule(prefix_module_name(model))
+    except ValueError:
         raise CheckpointError(
             f"{checkpoint}: holds a prefix but the model has no prefix encoder (pre_seq_len=null)"
-        )
-    expected = {k: v for k, v in model.state_dict().items() if is_prefix_param(k)}
-    if set(prefix) != set(expected):
-        hint = "prefix_projection" if len(prefix) != len(expected) else "keys"
+        ) from None
+    have = encoder.shape.describe()
+    if meta is not None:
+        for key, value in have.items():
+            if key in meta and meta[key] != value:
+                raise CheckpointError(
+                    f"{checkpoint}: the prefix was trained with {key}={meta[key]} but the model has {key}={value}"
+                )
+    local = local_prefix_keys(prefix)
+    stored = dict(zip(local, prefix, strict=True))  # local key -> the key as the checkpoint stores it
+    expected = encoder.state_dict()
+    sizes = ", ".join(f"{k}={v}" for k, v in have.items() if k != "prefix_projection")
+    if set(local) != set(expected):
+        hint = "prefix_projection" if len(local) != len(expected) else "keys"
         raise CheckpointError(
             f"{checkpoint}: prefix keys {sorted(prefix)} do not fit the model's {sorted(expected)} (check {hint})"
         )
-    for key, tensor in prefix.items():
+    for key, tensor in local.items():
         if tuple(tensor.shape) != tuple(expected[key].shape):
             raise CheckpointError(
-                f"{checkpoint}: '{key}' has shape {list(tensor.shape)} but the model expects "
-                f"{list(expected[key].shape)} (pre_seq_len={config.pre_seq_len}, num_layers={config.num_layers}, "
-                f"hidden_size={config.hidden_size})"
+                f"{checkpoint}: '{stored[key]}' has shape {list(tensor.shape)} but the model expects "
+                f"{list(expected[key].shape)} ({sizes})"
             )
-    encoder = model.get_submodule(PREFIX_MODULE)
-    encoder.load_state_dict({k[len(PREFIX_MODULE) + 1 :]: v.float() for k, v in prefix.items()})
+    encoder.load_state_dict({k: v.float() for k, v in local.items()})
     return meta
 
 
 def infer_prefix_shape(prefix: dict[str, torch.Tensor]) -> dict:
     """pre_seq_len and prefix_projection of a prefix state dict (for checkpoints without metadata)."""
-    emb = prefix[f"{PREFIX_MODULE}.embedding.weight"]
-    return {"pre_seq_len": emb.shape[0], "prefix_projection": f"{PREFIX_MODULE}.trans.0.weight" in prefix}
+    local = local_prefix_keys(prefix)
+    return {"pre_seq_len": local["embedding.weight"].shape[0], "prefix_projection": "trans.0.weight" in local}
 
 
 def export_original(checkpoint: str | os.PathLike, out_dir: str | os.PathLike) -> Path:

@@ -20,13 +20,13 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 from transformers import get_scheduler
 
-from ..build import base_model_name, load_model, load_tokenizer, weights_digest
+from ..build import load, model_family, weights_digest
 from ..config import TrainJobConfig
 from ..distributed import Collectives, LaunchError, start
 from ..evaluation.metrics import METRIC_NAMES
-from ..model import mark_only_prefix_trainable
-from ..model.loading import CheckpointError
-from ..perf import matmul_peak_flops, peak_memory_mib, train_flops_per_token
+from ..perf import matmul_peak_flops, model_train_flops_per_token, peak_memory_mib
+from ..prefix import mark_only_prefix_trainable, prefix_module_name
+from ..weights import CheckpointError
 from .checkpoint import (
     capture_rng,
     latest_checkpoint,
@@ -198,6 +198,7 @@ def run(cfg: TrainJobConfig, *, trackers=None) -> TrainResult:
     from ..data import TrainingCollator, build_datasets  # imported here: it pulls in datasets
 
     cfg.validate()
+    model_family(cfg.model)  # a folder no family handles fails here, before anything is written
     accelerator, comm = make_accelerator(cfg)
     out = Path(cfg.train.output_dir)
     resume = resolve_resume(cfg)
@@ -206,8 +207,9 @@ def run(cfg: TrainJobConfig, *, trackers=None) -> TrainResult:
         out.mkdir(parents=True, exist_ok=True)
     set_seed(cfg.train.seed)
 
-    model = load_model(cfg.model)
-    tokenizer = load_tokenizer(cfg.model, vocab_size=model.config.vocab_size)
+    # the prefix starts as model.prefix_init says unless a checkpoint's prefix replaces it
+    loaded = load(cfg.model, init=resume is None and not cfg.train.init_prefix_from)
+    model, template = loaded.model, loaded.template
     # before accelerate.prepare: ZeRO-3 partitions the parameters there
     if resume is not None:
         load_prefix(model, resume)
@@ -216,16 +218,13 @@ def run(cfg: TrainJobConfig, *, trackers=None) -> TrainResult:
     trainable, total = mark_only_prefix_trainable(model)
     if cfg.model.gradient_checkpointing:
         model.activation_checkpointing_enable()
-    meta = prefix_metadata(
-        model.config,
-        base_model_name(cfg.model),
-        weights_digest(cfg.model.resolved_path) if cfg.model.path is None else None,
-    )
+    builtin = cfg.model.base_model_name.startswith("builtin:")
+    meta = prefix_metadata(model, cfg.model.base_model_name, weights_digest(cfg.model.resolved_path) if builtin else None)
     with accelerator.main_process_first():
-        train_ds = build_datasets(cfg.data, tokenizer, "train")
-        eval_ds = (build_datasets(cfg.data, tokenizer, "validation", features="train")
+        train_ds = build_datasets(cfg.data, template, "train")
+        eval_ds = (build_datasets(cfg.data, template, "validation", features="train")
                    if cfg.data.validation_file else None)
-    collate = TrainingCollator.from_config(tokenizer, cfg.data)
+    collate = TrainingCollator.from_config(template, cfg.data)
     targets = [target_count(lab) for lab in train_ds["labels"]]
     world, rank, bs = comm.num_processes, comm.process_index, cfg.train.per_device_batch_size
     plan = BatchPlan(len(train_ds), bs * world, cfg.train.seed)
@@ -284,7 +283,7 @@ def run(cfg: TrainJobConfig, *, trackers=None) -> TrainResult:
         # ZeRO partitions the optimizer state: keep every rank's part
         shards = comm.gather_objects([optimizer.state_dict()]) if deepspeed else None
         path = None
-        with gathered(raw.transformer.prefix_encoder.parameters(), deepspeed):
+        with gathered(raw.get_submodule(prefix_module_name(raw)).parameters(), deepspeed):
             if main:
                 state = {
                     "optimizer": shards if deepspeed else optimizer.state_dict(),
@@ -323,7 +322,7 @@ def run(cfg: TrainJobConfig, *, trackers=None) -> TrainResult:
     if cfg.train.eval_before_training and cfg.data.validation_file and resume is None:
         from ..evaluation.run import evaluate_model
 
-        baseline = evaluate_model(raw, tokenizer, cfg.data, cfg.train, comm)
+        baseline = evaluate_model(raw, template, cfg.data, cfg.train, comm)
         log.write({"step": 0, **{f"eval_{k}": v for k, v in baseline.items()}})
         accelerator.print("untuned prefix: " + ", ".join(f"{k} {baseline[k]:.2f}" for k in METRIC_NAMES))
 
@@ -420,7 +419,7 @@ def run(cfg: TrainJobConfig, *, trackers=None) -> TrainResult:
             elapsed = time.perf_counter() - window_start
             tokens_per_s = window_tokens / elapsed
             seq = window_tokens / max(window_samples, 1)
-            achieved = train_flops_per_token(raw.config, int(round(seq))) * tokens_per_s
+            achieved = model_train_flops_per_token(raw, int(round(seq))) * tokens_per_s
             record = {
                 "step": step,
                 "loss": window_loss / window_steps,
@@ -459,7 +458,7 @@ def run(cfg: TrainJobConfig, *, trackers=None) -> TrainResult:
     if cfg.train.eval_generation and cfg.data.validation_file:
         from ..evaluation.run import evaluate_model
 
-        metrics = evaluate_model(raw, tokenizer, cfg.data, cfg.train, comm)
+        metrics = evaluate_model(raw, template, cfg.data, cfg.train, comm)
         log.write({"step": step, **{f"eval_{k}": v for k, v in metrics.items()}})
     if trackers is not None and main:
         trackers.log({"eval_loss": eval_loss, **{f"eval_{k}": v for k, v in metrics.items()}}, step)

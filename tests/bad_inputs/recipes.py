@@ -20,8 +20,8 @@ from safetensors.torch import load_file, save_file
 
 from ptuning.build import load_model
 from ptuning.config import BUILTIN_MODEL, ModelConfig
-from ptuning.model.loading import save_weights
 from ptuning.training.checkpoint import META_FILE, PREFIX_FILE, STATE_FILE, prefix_metadata, save_checkpoint
+from ptuning.weights import save_weights
 
 PAYLOAD_MARKER = "PAYLOAD_RAN"
 EMBEDDING = "transformer.prefix_encoder.embedding.weight"

@@ -90,7 +90,7 @@ class PrefixRoomLayer(DynamicLayer):
 
 
 class ChatGLMCache(Cache):
-    """The generation cache of :class:`~ptuning.model.ChatGLMForConditionalGeneration`."""
+    """The generation cache of :class:`~ptuning.models.chatglm.ChatGLMForConditionalGeneration`."""
 
     def __init__(self, config):
         prefix = config.pre_seq_len or 0

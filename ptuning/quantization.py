@@ -131,17 +131,20 @@ class QuantizedLinear(nn.Linear):
         return f"{super().extra_repr()}, weight={kind}"
 
 
-def _is_block_linear(name: str, module: nn.Module) -> bool:
+def _is_block_linear(name: str, module: nn.Module, names: tuple[str, ...]) -> bool:
     return (
         isinstance(module, nn.Linear)
         and ".layers." in f".{name}"
-        and name.rsplit(".", 1)[-1] in QUANTIZED_LINEARS
+        and name.rsplit(".", 1)[-1] in names
+        and not is_prefix_param(name + ".weight")
     )
 
 
-def block_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
-    """The ``(name, module)`` of every block linear that :func:`quantize_backbone` quantizes."""
-    return [(name, m) for name, m in model.named_modules() if _is_block_linear(name, m)]
+def block_linears(model: nn.Module, names: tuple[str, ...] | None = None) -> list[tuple[str, nn.Linear]]:
+    """The ``(name, module)`` of every block linear that :func:`quantize_backbone` quantizes: the linears
+    inside ``...layers.N.`` whose last name is one of ``names`` (the family's; default ChatGLM-6B's)."""
+    names = names or QUANTIZED_LINEARS
+    return [(name, m) for name, m in model.named_modules() if _is_block_linear(name, m, names)]
 
 
 def _nf4(weight: torch.Tensor) -> torch.Tensor:
@@ -156,20 +159,27 @@ def _nf4(weight: torch.Tensor) -> torch.Tensor:
 
 
 def is_quantized(model: nn.Module) -> bool:
-    """True when any block linear holds a quantized weight."""
-    return any(type(m.weight) not in (nn.Parameter, torch.Tensor) for _, m in block_linears(model))
+    """True when any linear holds a quantized weight."""
+    return any(isinstance(m, QuantizedLinear) for m in model.modules())
 
 
 def quantize_backbone(
-    model: nn.Module, bits: int, *, dtype: torch.dtype | None = None, device: torch.device | str | None = None
+    model: nn.Module,
+    bits: int,
+    *,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    linear_names: tuple[str, ...] | None = None,
 ) -> nn.Module:
     """Quantizes the block linears of ``model`` in place to weight-only int8 (``bits=8``) or NF4 (``bits=4``).
 
     Args:
-        model: a :class:`~ptuning.model.ChatGLMForConditionalGeneration` (or its ``transformer``).
+        model: a :class:`~ptuning.models.chatglm.ChatGLMForConditionalGeneration` (or its ``transformer``).
         bits: 8 or 4.
         dtype: the 16-bit dtype of everything that stays unquantized (and of the dequantized matmuls).
             Default: the backbone's dtype when it is 16-bit, else bfloat16.
+        linear_names: the per-layer linears to quantize (the family's ``block_linear_names``; default
+            ChatGLM-6B's four).
         device: quantize there, one linear at a time, then move the whole model there (the 16-bit block
             weights never have to fit on the device together; NF4 of ChatGLM-6B takes ~5 minutes on 2 CPU
             cores, a GPU is much faster). Default: where the weights are.
@@ -182,9 +192,9 @@ def quantize_backbone(
     """
     if bits not in BITS:
         raise ValueError(f"quantization bits = {bits!r}: expected 8 (int8) or 4 (NF4)")
-    linears = block_linears(model)
+    linears = block_linears(model, linear_names)
     if not linears:
-        raise ValueError("the model has no ChatGLM block linears to quantize")
+        raise ValueError(f"the model has no block linears named {linear_names or QUANTIZED_LINEARS} to quantize")
     if is_quantized(model):
         raise ValueError("the model is already quantized")
     current = linears[0][1].weight.dtype

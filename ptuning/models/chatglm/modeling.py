@@ -18,12 +18,20 @@ from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.utils.deprecation import deprecate_kwarg
 
+from ...prefix import (
+    PrefixEncoder,
+    PrefixKV,
+    PrefixShape,
+    cast_backbone,
+    is_prefix_param,
+    prefix_key_values,
+    reset_prefix,
+)
+from ...weights import IGNORED_KEYS, CheckpointError, iter_shards, save_weights
 from .cache import ChatGLMCache
 from .config import ChatGLMConfig
 from .layers import GLMBlock, rotary_inv_freq, rotary_tables
-from .loading import IGNORED_KEYS, CheckpointError, iter_shards, save_weights
 from .masks import build_masks, extend_step_masks
-from .prefix import PrefixEncoder, cast_backbone, is_prefix_param
 
 
 class ChatGLMPreTrainedModel(PreTrainedModel):
@@ -37,10 +45,7 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, PrefixEncoder):
-            # the original leaves the prefix at PyTorch's defaults (embedding N(0, 1))
-            for sub in module.modules():
-                if sub is not module and hasattr(sub, "reset_parameters"):
-                    sub.reset_parameters()
+            reset_prefix(module)  # the original leaves the prefix at PyTorch's defaults (embedding N(0, 1))
         elif isinstance(module, nn.Linear):
             nn.init.normal_(module.weight, std=0.02)
             if module.bias is not None:
@@ -61,7 +66,7 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         self.layers = nn.ModuleList(GLMBlock(config, i) for i in range(config.num_layers))
         self.final_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
         if config.pre_seq_len is not None:
-            self.prefix_encoder = PrefixEncoder(config)
+            self.prefix_encoder = PrefixEncoder(prefix_shape(config))
             self.prefix_dropout = nn.Dropout(config.prefix_dropout)
         else:
             self.prefix_encoder = None
@@ -80,16 +85,10 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
     def set_input_embeddings(self, value):
         self.word_embeddings = value
 
-    def prefix_key_values(self, batch_size: int, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per-layer prefix keys and values, each ``[B, N, P, D]`` in ``dtype`` (not rotated)."""
-        cfg = self.config
-        kv = self.prefix_encoder().to(dtype)  # (P, 2LH)
-        kv = kv[None].expand(batch_size, -1, -1)  # (B, P, 2LH)
-        if self.training and self.prefix_dropout.p > 0:
-            kv = self.prefix_dropout(kv)  # independent per batch row, as the original
-        kv = kv.view(batch_size, cfg.pre_seq_len, 2 * cfg.num_layers, cfg.num_attention_heads, cfg.head_dim)
-        kv = kv.permute(2, 0, 3, 1, 4)  # (2L, B, N, P, D)
-        return [(kv[2 * i], kv[2 * i + 1]) for i in range(cfg.num_layers)]
+    def prefix_key_values(self, batch_size: int, dtype: torch.dtype) -> PrefixKV:
+        """Per-layer prefix keys and values, each ``[B, N, P, D]`` in ``dtype`` (not rotated), dropped out
+        per batch row in training, as the original."""
+        return prefix_key_values(self.prefix_encoder, batch_size, dtype, self.prefix_dropout)
 
     def _masks_and_positions(self, input_ids, attention_mask, position_ids, past: int, batch: int, seq: int):
         """Returns ``hidden`` ``[B, 1, S, T]`` bool (True = hidden) or None, and ``[B, 2, S]`` positions."""
@@ -172,6 +171,7 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
+        prefix: PrefixKV | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
         """
@@ -185,6 +185,8 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
                 prefix, which is its own input to every layer). A non-empty cache given with several
                 ``input_ids`` and no ``position_ids`` is a prefix instead (peft's prefix tuning), see
                 :meth:`_cache_as_prefix`; the returned cache then holds the new tokens only.
+            prefix: per-layer prefix keys/values ``[B, N, P, D]`` with an optional ``[B, P]`` visibility mask,
+                used instead of the model's own prefix for this call (several prefixes in one batch).
         """
         if inputs_embeds is None:
             inputs_embeds = self.word_embeddings(input_ids)  # (B, S, H)
@@ -210,32 +212,19 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         inv_freq = self._inv_freq(inputs_embeds.device)
         rotary = rotary_tables(position_ids, inv_freq, dtype)
 
-        prefix = None
-        uniform_rows = None
-        attn_mask = None
-        if self.prefix_encoder is not None:
+        if prefix is None and self.prefix_encoder is not None:
             prefix = self.prefix_key_values(batch, dtype)
+        if prefix is not None:
+            prefix = PrefixKV([k.to(dtype) for k in prefix.keys], [v.to(dtype) for v in prefix.values], prefix.mask)
         if cached_prefix is not None:
-            cached_prefix = [(k.to(dtype), v.to(dtype)) for k, v in cached_prefix]
-            prefix = cached_prefix if prefix is None else [
-                (torch.cat([pk, ck], dim=2), torch.cat([pv, cv], dim=2))
-                for (pk, pv), (ck, cv) in zip(prefix, cached_prefix, strict=True)
-            ]
-        if hidden_mask is not None:
-            attn_mask = ~hidden_mask  # (B, 1, S, T) True = may attend
-            if prefix is not None:
-                visible = attn_mask.new_ones(batch, 1, seq, prefix[0][0].shape[2])
-                attn_mask = torch.cat([visible, attn_mask], dim=-1)  # (B, 1, S, P + T)
-            else:
-                full = hidden_mask.all(dim=-1, keepdim=True)  # (B, 1, S, 1)
-                if bool(full.any()):
-                    uniform_rows = full
-                    attn_mask = attn_mask | full
+            cached = PrefixKV([k.to(dtype) for k, _ in cached_prefix], [v.to(dtype) for _, v in cached_prefix])
+            prefix = cached if prefix is None else _concat_prefixes(prefix, cached)
+        attn_mask, uniform_rows = _attention_mask(hidden_mask, prefix, batch, seq, past)
 
         hidden = inputs_embeds
         all_hidden = [hidden] if output_hidden_states else None
         for i, layer in enumerate(self.layers):
-            pk, pv = prefix[i] if prefix is not None else (None, None)
+            pk, pv = prefix.layer(i) if prefix is not None else (None, None)
             hidden = layer(
                 hidden, pk, pv, rotary=rotary, attn_mask=attn_mask, cache=cache, uniform_rows=uniform_rows
             )
@@ -249,6 +238,61 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
             cache=cache,
             hidden_states=tuple(all_hidden) if all_hidden is not None else None,
         )
+
+
+def prefix_shape(config: ChatGLMConfig, pre_seq_len: int | None = None, prefix_projection: bool | None = None) -> PrefixShape:
+    """ChatGLM-6B's prefix: per layer keys and values for every head (no grouped-query attention); the
+    projection embedding is ``hidden_size`` wide. Defaults: the config's ``pre_seq_len`` / ``prefix_projection``."""
+    return PrefixShape(
+        num_layers=config.num_layers,
+        num_key_value_heads=config.num_attention_heads,
+        head_dim=config.head_dim,
+        pre_seq_len=config.pre_seq_len if pre_seq_len is None else pre_seq_len,
+        prefix_projection=config.prefix_projection if prefix_projection is None else prefix_projection,
+        hidden_size=config.hidden_size,
+        embedding_dim=config.hidden_size,
+    )
+
+
+def _concat_prefixes(first: PrefixKV, second: PrefixKV) -> PrefixKV:
+    """Two prefixes one after the other (ours, then peft's cached virtual tokens)."""
+    mask = None
+    if first.mask is not None or second.mask is not None:
+        batch = first.keys[0].shape[0]
+        ones = lambda p: torch.ones(batch, p, dtype=torch.bool, device=first.keys[0].device)  # noqa: E731
+        mask = torch.cat([first.mask if first.mask is not None else ones(first.length),
+                          second.mask if second.mask is not None else ones(second.length)], dim=1)
+    return PrefixKV(
+        [torch.cat([a, b], dim=2) for a, b in zip(first.keys, second.keys, strict=True)],
+        [torch.cat([a, b], dim=2) for a, b in zip(first.values, second.values, strict=True)],
+        mask,
+    )
+
+
+def _attention_mask(hidden_mask, prefix: PrefixKV | None, batch: int, seq: int, past: int):
+    """SDPA's bool mask ``[B, 1, S, P + T]`` (True = may attend) from ChatGLM's ``hidden`` mask ``[B, 1, S, T]``
+    (True = hidden; None = every key visible) and the prefix's columns, and the rows that see no key at all.
+
+    Prefix columns are visible to every row (the original) unless the prefix's own mask hides them. A row
+    with no visible key gets a zero query and attends uniformly, exactly like the original's -10000 fill.
+    """
+    if hidden_mask is None and (prefix is None or prefix.mask is None):
+        return None, None
+    device = prefix.keys[0].device if hidden_mask is None else hidden_mask.device
+    if hidden_mask is None:
+        attn_mask = torch.ones(batch, 1, seq, past + seq, dtype=torch.bool, device=device)
+    else:
+        attn_mask = ~hidden_mask  # (B, 1, S, T)
+    if prefix is not None:
+        if prefix.mask is None:
+            visible = attn_mask.new_ones(batch, 1, seq, prefix.length)
+        else:
+            visible = prefix.mask.to(device=device, dtype=torch.bool)[:, None, None, :].expand(batch, 1, seq, -1)
+        attn_mask = torch.cat([visible, attn_mask], dim=-1)  # (B, 1, S, P + T)
+    full = ~attn_mask.any(dim=-1, keepdim=True)  # (B, 1, S, 1)
+    if bool(full.any()):
+        return attn_mask | full, full
+    return attn_mask, None
 
 
 class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
@@ -381,13 +425,15 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         logits_to_keep: int = 0,
         loss_reduction: str = "mean",
         return_logits: bool = True,
+        prefix: PrefixKV | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """Logits ``[B, S, V]`` (the last ``logits_to_keep`` positions when > 0) and, with ``labels``
         ``[B, S]`` (-100 = ignored), the next-token loss over all target tokens of the batch: their mean,
         or their sum with ``loss_reduction="sum"``. With ``return_logits=False`` the output projection
         runs only at the positions that predict a target (training needs nothing else; the prompt's
-        logits are most of the memory and a large share of the compute)."""
+        logits are most of the memory and a large share of the compute). ``prefix`` replaces the model's own
+        prefix for this call (see :meth:`ChatGLMModel.forward`)."""
         out = self.transformer(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -396,6 +442,7 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
+            prefix=prefix,
         )
         hidden = out.last_hidden_state
         logits = loss = None
@@ -445,17 +492,29 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         # (An all-ones mask is dropped by generate() before the first forward.)
         return torch.ones(inputs_tensor.shape[:2], dtype=torch.long, device=inputs_tensor.device)
 
-    def _prepare_position_ids_for_generation(self, inputs_tensor, model_kwargs):
-        input_ids = model_kwargs.get("input_ids", inputs_tensor)
+    def prompt_position_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Positions ``[B, 2, S]`` of a (left-padded) prompt batch, as the original tokenizer builds them."""
         cfg = self.config
         _, positions = build_masks(
             input_ids,
             bos_token_id=cfg.bos_token_id,
             mask_token_id=cfg.mask_token_id,
             gmask_token_id=cfg.gmask_token_id,
-            padding_mask=model_kwargs.get("attention_mask"),
+            padding_mask=attention_mask,
         )
-        return positions  # (B, 2, S)
+        return positions
+
+    @staticmethod
+    def next_position_ids(last: torch.Tensor) -> torch.Tensor:
+        """Positions ``[B, 2, 1]`` of the token after one at ``last`` ``[B, 2, 1]``: the mask position stays,
+        the block position counts up (the original's ``prepare_inputs_for_generation``)."""
+        nxt = last.clone()
+        nxt[:, 1] += 1
+        return nxt
+
+    def _prepare_position_ids_for_generation(self, inputs_tensor, model_kwargs):
+        input_ids = model_kwargs.get("input_ids", inputs_tensor)
+        return self.prompt_position_ids(input_ids, model_kwargs.get("attention_mask"))  # (B, 2, S)
 
     def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
         # our position ids are [B, 2, S]: batch first (transformers assumes dim 1 for 3D positions)

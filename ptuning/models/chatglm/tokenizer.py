@@ -11,7 +11,7 @@ Compatible with the original ``tokenization_chatglm.py`` of ``THUDM/chatglm-6b``
   ``<eop>`` is eos, ``<pad>`` (id 3) is the padding token.
 * A model input is ``prompt [gMASK] <sop>`` (+ ``response <eop>``).
 * Padded batches are left-padded and carry the original's bool ``attention_mask`` ``[B, 1, S, S]``
-  (True = hidden) and ``position_ids`` ``[B, 2, S]``, built by :func:`ptuning.model.masks.build_masks`
+  (True = hidden) and ``position_ids`` ``[B, 2, S]``, built by :func:`ptuning.models.chatglm.masks.build_masks`
   on the padded rows with their padding mask.
 
 Loading reads only ``ice_text.model`` and ``tokenizer_config.json`` from a local folder; the ``auto_map``
@@ -31,7 +31,7 @@ import torch
 from transformers import AddedToken, PreTrainedTokenizer
 from transformers.utils import PaddingStrategy
 
-from .model.masks import build_masks
+from .masks import build_masks
 
 VOCAB_FILE = "ice_text.model"
 CONFIG_FILE = "tokenizer_config.json"

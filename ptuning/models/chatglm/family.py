@@ -1,0 +1,81 @@
+"""ChatGLM-6B (``THUDM/chatglm-6b``) as a model family: our own model code, the original's keys, tokenizer
+and prompt template."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from ...prefix import PrefixShape
+from ..base import Family
+from .config import ChatGLMConfig
+from .modeling import ChatGLMForConditionalGeneration, prefix_shape
+from .template import ChatGLMTemplate
+
+# Config keys that decide what the backbone computes (not ids or bookkeeping); the fingerprint recorded with
+# every checkpoint hashes exactly these, as checkpoints of earlier versions did.
+FINGERPRINT_KEYS = (
+    "vocab_size",
+    "hidden_size",
+    "num_layers",
+    "num_attention_heads",
+    "inner_hidden_size",
+    "layernorm_epsilon",
+    "position_encoding_2d",
+)
+
+
+class ChatGLMFamily(Family):
+    name = "chatglm"
+    label = "ChatGLM-6B"
+
+    def load_model(self, folder: Path, *, dtype, pre_seq_len, prefix_projection, prefix_dropout, device=None):
+        return ChatGLMForConditionalGeneration.from_pretrained(
+            folder,
+            dtype=dtype,
+            device=device,
+            pre_seq_len=pre_seq_len,
+            prefix_projection=prefix_projection,
+            prefix_dropout=prefix_dropout,
+        )
+
+    def load_tokenizer(self, folder: Path, vocab_size: int | None = None):
+        from ...config import ConfigError
+        from .tokenizer import ChatGLMTokenizer
+
+        if not (folder / "ice_text.model").is_file():
+            raise ConfigError(f"{folder}: no ice_text.model (the ChatGLM-6B tokenizer) in the model folder")
+        tokenizer = ChatGLMTokenizer.from_pretrained(str(folder))
+        if vocab_size is not None and len(tokenizer) > vocab_size:
+            raise ConfigError(
+                f"{folder}: the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {vocab_size}"
+            )
+        return tokenizer
+
+    def template(self, tokenizer, model_config) -> ChatGLMTemplate:
+        return ChatGLMTemplate(tokenizer)
+
+    def prefix_shape(self, model_config: ChatGLMConfig, pre_seq_len: int, prefix_projection: bool) -> PrefixShape:
+        return prefix_shape(model_config, pre_seq_len, prefix_projection)
+
+    def max_positions(self, model_config: ChatGLMConfig) -> int:
+        return int(model_config.max_sequence_length)
+
+    def fingerprint_keys(self, model_config) -> dict:
+        return {k: getattr(model_config, k) for k in FINGERPRINT_KEYS}
+
+    def fingerprint(self, model_config) -> str:
+        blob = json.dumps(self.fingerprint_keys(model_config), sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def text_prefix_input(self, tokenizer, ids: list[int]) -> list[int]:
+        # ChatGLM-6B reads a prompt only as ``text [gMASK] <sop>`` (its masks and 2D positions need both)
+        return tokenizer.build_inputs_with_special_tokens(list(ids))
+
+    def block_linear_names(self) -> tuple[str, ...]:
+        return ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
+
+    def matmul_weights(self, model_config) -> int:
+        d, inner = model_config.hidden_size, model_config.inner_hidden_size
+        return model_config.num_layers * (3 * d * d + d * d + 2 * d * inner) + d * model_config.vocab_size

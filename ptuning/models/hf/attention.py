@@ -1,0 +1,154 @@
+"""The prefix enters transformers' own decoders through the documented ``AttentionInterface``.
+
+:func:`register` adds an attention implementation named :data:`ATTENTION_NAME` to
+``transformers.AttentionInterface`` (and, so that the model still builds its causal / padding / sliding-window
+mask, transformers' SDPA mask function under the same name to ``AttentionMaskInterface``). A model whose
+``config._attn_implementation`` is that name calls :func:`prefix_attention` in every attention layer with the
+rotated keys and values of its tokens (after the ``Cache`` update) and the keyword arguments that the model's
+``forward`` was given: a :class:`~ptuning.prefix.PrefixKV` passed as ``prefix=`` reaches it there. For layer
+``module.layer_idx`` it puts that layer's prefix keys/values in front of the token keys/values, adds prefix
+columns to the mask the model built (visible, or as ``PrefixKV.mask`` says per row), and runs transformers' own
+SDPA attention on the result. Without a prefix it is transformers' SDPA attention, call for call.
+
+So the backbone's code is untouched, positions are not shifted by P (the model computes them from its tokens
+and cache alone), the prefix keys are not rotated, and the prefix is never written into the ``Cache``: exactly
+the prefix of the original P-Tuning v2 and of ChatGLM2's built-in ``pre_seq_len``.
+
+Shapes: B batch, N query heads, G key/value heads, S queries (new tokens), T token keys (cached + new),
+P prefix length, D head size.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from ...prefix import PrefixKV
+
+ATTENTION_NAME = "ptuning_prefix"
+
+
+def prefixed_mask(
+    mask: torch.Tensor | None,
+    prefix_mask: torch.Tensor | None,
+    *,
+    batch: int,
+    queries: int,
+    keys: int,
+    prefix_length: int,
+    causal: bool,
+    device: torch.device,
+) -> torch.Tensor | None:
+    """The mask over ``[prefix | tokens]`` for a mask the model built over the tokens alone.
+
+    Args:
+        mask: what the model built: bool ``[b, 1, S, T]`` (True = attend), an additive float mask of that
+            shape (0 = attend, a large negative value = hidden), or None. ``b`` is B or 1.
+        prefix_mask: ``[B, P]`` bool (True = visible), or None for every prefix column visible.
+        batch: B.
+        queries: S.
+        keys: T.
+        prefix_length: P.
+        causal: the layer is causal (``module.is_causal``).
+        device: where to build new masks.
+
+    Returns:
+        ``[B or 1, 1, S, P + T]`` in the dtype of ``mask`` (bool when it was None), or None when every query
+        sees every key. A None ``mask`` means what transformers' SDPA attention reads it as: for S > 1 on a causal
+        layer its ``is_causal`` (upper-left aligned: query i sees keys 0..i; transformers passes None only when
+        T == S, or when the keys beyond S are the unfilled slots of a static cache); otherwise no mask.
+    """
+    if mask is None:
+        if causal and queries > 1:
+            mask = torch.ones(queries, keys, dtype=torch.bool, device=device).tril()[None, None]  # (1, 1, S, T)
+        elif prefix_mask is None:
+            return None
+        else:
+            mask = torch.ones(1, 1, queries, keys, dtype=torch.bool, device=device)
+    if mask.dim() != 4 or mask.shape[-2:] != (queries, keys):
+        raise ValueError(
+            f"attention mask of shape {tuple(mask.shape)}; expected [batch, 1, {queries}, {keys}] "
+            "([batch, 1, queries, keys]) for a prefix"
+        )
+    if prefix_mask is None:
+        visible = torch.ones(mask.shape[0], 1, queries, prefix_length, dtype=torch.bool, device=mask.device)
+    else:
+        if tuple(prefix_mask.shape) != (batch, prefix_length):
+            raise ValueError(
+                f"PrefixKV.mask has shape {tuple(prefix_mask.shape)}; expected [batch, prefix length] = "
+                f"{[batch, prefix_length]}"
+            )
+        visible = prefix_mask.to(device=mask.device, dtype=torch.bool)[:, None, None, :]  # (B, 1, 1, P)
+        visible = visible.expand(batch, 1, queries, prefix_length)
+        mask = mask.expand(batch, -1, -1, -1)
+    if mask.dtype == torch.bool:
+        columns = visible
+    else:
+        hidden = torch.finfo(mask.dtype).min
+        columns = torch.zeros((), dtype=mask.dtype, device=mask.device).masked_fill(~visible, hidden)
+        columns = columns.expand(visible.shape)
+    return torch.cat([columns, mask], dim=-1)  # (B or 1, 1, S, P + T)
+
+
+def prefix_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    prefix: PrefixKV | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """Attention over the layer's prefix and the tokens (an ``AttentionInterface`` function).
+
+    Args:
+        module: the attention layer; ``module.layer_idx`` picks the prefix's layer.
+        query: ``[B, N, S, D]`` (rotated).
+        key: ``[B, G, T, D]`` (rotated, cached + new).
+        value: ``[B, G, T, D]``.
+        attention_mask: the mask the model built (see :func:`prefixed_mask`).
+        prefix: the prefix of every layer; keys/values ``[B or 1, G, P, D]``. None or P = 0: plain SDPA.
+
+    Returns:
+        ``([B, S, N, D], None)`` as transformers' attention functions.
+    """
+    if prefix is None or prefix.length == 0:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+        )
+    batch, _, queries, _ = query.shape
+    prefix_keys, prefix_values = prefix.layer(module.layer_idx)
+    length = prefix_keys.shape[2]
+    if prefix_keys.shape[1] != key.shape[1] or prefix_keys.shape[3] != key.shape[3]:
+        raise ValueError(
+            f"layer {module.layer_idx}: prefix keys of shape {tuple(prefix_keys.shape)} do not fit keys of shape "
+            f"{tuple(key.shape)} (expected [batch, {key.shape[1]} key/value heads, P, {key.shape[3]}])"
+        )
+    prefix_keys = prefix_keys.to(device=key.device, dtype=key.dtype).expand(batch, -1, -1, -1)
+    prefix_values = prefix_values.to(device=value.device, dtype=value.dtype).expand(batch, -1, -1, -1)
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    mask = prefixed_mask(
+        attention_mask, prefix.mask, batch=batch, queries=queries, keys=key.shape[2], prefix_length=length,
+        causal=causal, device=query.device,
+    )
+    key = torch.cat([prefix_keys, key], dim=2)  # (B, G, P + T, D)
+    value = torch.cat([prefix_values, value], dim=2)  # (B, G, P + T, D)
+    return sdpa_attention_forward(
+        module, query, key, value, mask, dropout=dropout, scaling=scaling, is_causal=False, **kwargs
+    )
+
+
+def register() -> str:
+    """Registers :func:`prefix_attention` and its mask function under :data:`ATTENTION_NAME` (idempotent).
+
+    Returns:
+        The name to set as a model's attention implementation (``model.set_attn_implementation(name)``).
+    """
+    AttentionInterface.register(ATTENTION_NAME, prefix_attention)
+    AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+    return ATTENTION_NAME
