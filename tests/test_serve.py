@@ -367,7 +367,7 @@ def test_chat_page_in_a_browser_streams_answers_with_history(web_server):
     try:
         driver.get(f"{web_server.url}/")  # redirects to the page
         wait = WebDriverWait(driver, 60)
-        box = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, f"#{IDS['message']} textarea"))
+        wait.until(lambda d: d.find_element(By.CSS_SELECTOR, f"#{IDS['message']} textarea"))
         assert "/ui" in driver.current_url
         # greedy decoding, so the page's answers can be compared with the API's
         temperature = driver.find_element(By.CSS_SELECTOR, "#temperature input[type=number]")

@@ -168,13 +168,13 @@ def load(args: argparse.Namespace, prefixes: list[tuple[str, str]]) -> Loaded:
 
 
 def base_name(args: argparse.Namespace) -> str:
+    """The base model's name in the API: ``--model-name``, else its folder's name (``tiny-chatglm`` for the
+    built-in model)."""
     if args.model_name:
         return args.model_name
-    if args.model_path is None:
-        return "tiny-chatglm"
-    if args.model_path.startswith("builtin:"):
-        return args.model_path.split(":", 1)[1]
-    return Path(args.model_path).expanduser().resolve().name or "base"
+    from ..config import ModelConfig
+
+    return ModelConfig(path=args.model_path).resolved_path.resolve().name or "base"
 
 
 def build_service(loaded: Loaded, name: str, *, max_batch_size: int, default_max_tokens: int):
