@@ -319,6 +319,37 @@ def test_64_streaming_clients_complete_and_memory_returns(server):
     assert after <= before * 1.05 + 16 * 2**20, (before, after)
 
 
+def test_command_line_mistakes_are_one_line_errors(checkpoints, tmp_path, capsys):
+    from ptuning.serve.cli import main
+
+    wrong = tmp_path / "wrong"
+    shutil.copytree(checkpoints["short"], wrong)
+    meta = json.loads((wrong / "prefix_config.json").read_text())
+    (wrong / "prefix_config.json").write_text(json.dumps({**meta, "num_layers": 3}))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cases = {
+            ("--prefix", "adgen"): "--prefix adgen: expected NAME=CHECKPOINT",
+            ("--prefix", "a=/no/such/run"): "--prefix a=/no/such/run: no such folder",
+            ("--prefix", f"a={checkpoints['short']}", "--prefix", f"a={checkpoints['long']}"): "the name 'a' is given twice",
+            ("--prefix", f"{BASE}={checkpoints['short']}"): f"'{BASE}' is the base model's name",
+            ("--prefix", f"x={empty}"): f"--prefix x: {empty}: no prefix.safetensors (ours) or pytorch_model.bin",
+            ("--prefix", f"x={wrong}"): "--prefix x: " + str(wrong) + ": the prefix was trained with num_layers=3 "
+                                        "but the model has num_layers=4",
+            ("--max-batch-size", "0"): "--max-batch-size=0: expected a positive integer",
+            ("--model-path", "/no/such/model"): "--model-path=/no/such/model: no such folder",
+            ("--port", str(port)): f"--host=127.0.0.1 --port={port}: cannot listen there (Address already in use)",
+        }
+        for args, message in cases.items():
+            assert main(list(args) if "--port" in args else [*args, "--port", "0"]) == 2, args
+            err = capsys.readouterr().err.strip().splitlines()
+            assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], (args, err)
+
+
 # ---- the chat page and shutdown: a second server without a key, the page on ----
 
 

@@ -167,7 +167,7 @@ def test_seeded_sampling_does_not_depend_on_the_batch(setup):
         engine = setup.engine(max_batch_size=8)
         mine = EngineRequest(setup.prompts[0], "p5proj", 12, temperature=0.9, top_p=0.8, seed=seed)
         others = [EngineRequest(p, name, 12, temperature=1.0, seed=100 + k)
-                  for k, (p, name) in enumerate(zip(setup.prompts[1:company + 1], ["p3", None, "p8"], strict=False))]
+                  for k, (p, name) in enumerate(zip(setup.prompts[1:company + 1], ["p3", None, "p8"] * 2, strict=False))]
         tokens, _ = drive(engine, [*others[:1], mine, *others[1:]], per_step=8)
         return tokens[1 if others else 0]
 
@@ -194,3 +194,17 @@ def test_bad_requests_are_refused(setup):
     assert engine.cancel(0) and not engine.cancel(0) and engine.free_slots == 1
     assert len(engine.step()) == 1  # the one left
     assert engine.cancel_all() == [1] and engine.active == 0
+
+
+def test_ids_the_tokenizer_cannot_decode_are_never_chosen(setup):
+    vocab = setup.base.get_input_embeddings().weight.shape[0]
+    limit = vocab // 3
+    engine = Engine(setup.base, setup.bank, max_batch_size=4, max_length=setup.max_length,
+                    pad_token_id=setup.pad_id, vocab_limit=limit)
+    requests = [EngineRequest(p, name, 16, temperature=t, seed=1)
+                for p, name, t in zip(setup.prompts, [None, "p3", "p8", None], [0.0, 0.0, 1.5, 2.0], strict=False)]
+    tokens, _ = drive(engine, requests, per_step=4)
+    chosen = [t for row in tokens.values() for t in row]
+    assert len(chosen) > 16 and max(chosen) < limit
+    unlimited, _ = drive(setup.engine(max_batch_size=4), requests, per_step=4)
+    assert max(t for row in unlimited.values() for t in row) >= limit  # the limit did change something

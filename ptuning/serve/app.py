@@ -77,8 +77,12 @@ def create_app(service: Service, *, api_key: str | None = None, web: bool = True
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": service.base_name, "prefixes": service.prefixes,
+        """``status`` ok (200) while the decode thread runs, else error (503); the model, the prefixes and
+        the scheduler's counts (``active`` rows, ``waiting`` requests, ``steps``, ``generated_tokens`` ...)."""
+        alive = service.scheduler.alive
+        body = {"status": "ok" if alive else "error", "model": service.base_name, "prefixes": service.prefixes,
                 **service.scheduler.stats()}
+        return JSONResponse(body, status_code=200 if alive else 503)
 
     def card(name: str) -> dict:
         entry = {"id": name, "object": "model", "created": service.created, "owned_by": "ptuning"}
@@ -104,8 +108,7 @@ def create_app(service: Service, *, api_key: str | None = None, web: bool = True
         generation = service.start([(ids, max_new)], prefix, req.sampling)
         ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if req.sampling.stream:
-            chunks = _chat_chunks(generation, ident, created, req.model, req.sampling.include_usage)
-            return _sse(chunks)
+            return _sse(_chat_chunks(generation, ident, created, req.model, req.sampling.include_usage), generation)
         choices = await _collect(generation, request)
         if choices is None:
             return Response(status_code=499)
@@ -126,7 +129,8 @@ def create_app(service: Service, *, api_key: str | None = None, web: bool = True
         generation = service.start(prompts, prefix, req.sampling)
         ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         if req.sampling.stream:
-            return _sse(_completion_chunks(generation, ident, created, req.model, req.sampling.include_usage))
+            return _sse(_completion_chunks(generation, ident, created, req.model, req.sampling.include_usage),
+                        generation)
         choices = await _collect(generation, request)
         if choices is None:
             return Response(status_code=499)
@@ -196,11 +200,14 @@ async def _collect(generation: Generation, request: Request):
     return work.result()
 
 
-def _sse(chunks: AsyncIterator[dict]) -> StreamingResponse:
+def _sse(chunks: AsyncIterator[dict], generation: Generation) -> StreamingResponse:
     async def body():
-        async for chunk in chunks:
-            yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
-        yield "data: [DONE]\n\n"
+        try:
+            async for chunk in chunks:
+                yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+            yield "data: [DONE]\n\n"
+        finally:
+            generation.cancel()  # the client went away mid-stream: free its slots now (finished ones are left)
 
     return StreamingResponse(body(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

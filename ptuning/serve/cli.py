@@ -139,14 +139,19 @@ def load(args: argparse.Namespace, prefixes: list[tuple[str, str]]) -> Loaded:
         cfg.validate()
     except ConfigError as err:
         raise ConfigError(str(err).replace("model.path=", "--model-path=", 1)) from None
-    # resolve every checkpoint before the (slow) model load, so a wrong path fails at once
-    checkpoints = [(name, resolve_checkpoint(path, key=f"--prefix {name}")) for name, path in prefixes]
+    # read every checkpoint before the (slow) model load, so a wrong path or file fails at once
+    checkpoints = []
+    for name, path in prefixes:
+        checkpoint = resolve_checkpoint(path, key=f"--prefix {name}")
+        try:
+            checkpoints.append((name, checkpoint, *read_prefix(checkpoint)))
+        except CheckpointError as err:
+            raise CheckpointError(f"--prefix {name}: {err}") from None
     loaded = load_folder(cfg, device=device, pre_seq_len=None, init=False)
     model, family = loaded.model, loaded.family
     model.eval()
     banks = {}
-    for name, checkpoint in checkpoints:
-        state, meta = read_prefix(checkpoint)
+    for name, checkpoint, state, meta in checkpoints:
         if meta and meta.get("family") not in (None, family.name):
             raise CheckpointError(f"--prefix {name}={checkpoint}: a prefix of the {meta['family']} family; the "
                                   f"model is {family.name}")
@@ -189,7 +194,7 @@ def build_service(loaded: Loaded, name: str, *, max_batch_size: int, default_max
     shape: PrefixShape = loaded.family.prefix_shape(model.config, 1, False)
     bank = PrefixBank(shape, loaded.prefixes, dtype=embeddings.dtype, device=embeddings.device)
     engine = Engine(model, bank, max_batch_size=max_batch_size, max_length=loaded.max_positions,
-                    pad_token_id=loaded.template.pad_token_id)
+                    pad_token_id=loaded.template.pad_token_id, vocab_limit=len(loaded.template.tokenizer))
     scheduler = Scheduler(engine, loaded.template.tokenizer)
     return Service(scheduler, loaded.template, base_name=name, prefixes=list(loaded.prefixes),
                    max_length=loaded.max_positions, default_max_tokens=default_max_tokens)
@@ -224,8 +229,13 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--prefix {name}=...: {name!r} is the base model's name; choose another "
                               "(or set --model-name)")
         sock = bind(args.host, args.port)
+    except (ConfigError, CheckpointError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    try:
         loaded = load(args, prefixes)
     except (ConfigError, CheckpointError) as error:
+        sock.close()
         print(f"error: {error}", file=sys.stderr)
         return 2
 

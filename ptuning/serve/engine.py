@@ -143,10 +143,12 @@ class Engine:
         max_batch_size: rows decoded together at most; ``add`` beyond it raises :class:`EngineFull`.
         max_length: prompt + new tokens at most (the family's ``max_positions``).
         pad_token_id: the id left pads carry (never attended to).
+        vocab_limit: ids from here on are never chosen: output rows the tokenizer has no piece for (real
+            checkpoints pad their vocabulary, e.g. ChatGLM-6B has 130528 rows for 130344 pieces); None = all.
     """
 
     def __init__(self, model, bank: PrefixBank, *, max_batch_size: int = 8, max_length: int = 2048,
-                 pad_token_id: int = 0):
+                 pad_token_id: int = 0, vocab_limit: int | None = None):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size={max_batch_size}: expected a positive integer")
         self.model = model
@@ -154,6 +156,7 @@ class Engine:
         self.max_batch_size = max_batch_size
         self.max_length = max_length
         self.pad_token_id = pad_token_id
+        self.vocab_limit = vocab_limit
         self.device = next(model.parameters()).device
         self._free = list(range(max_batch_size - 1, -1, -1))  # slot ids, the lowest taken first
         self._pending: list[_Row] = []  # added, not yet prefilled
@@ -289,6 +292,8 @@ class Engine:
 
     def _choose(self, rows: list[_Row], logits: torch.Tensor) -> list[int]:
         """Greedy for rows with temperature 0, else top-p sampling with the row's own generator."""
+        if self.vocab_limit is not None and logits.shape[-1] > self.vocab_limit:
+            logits[:, self.vocab_limit :] = float("-inf")
         tokens = logits.argmax(dim=-1).tolist()
         for i, row in enumerate(rows):
             req = row.request

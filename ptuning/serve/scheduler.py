@@ -175,47 +175,62 @@ class Scheduler:
 
     # ---- the thread ----
 
+    @property
+    def alive(self) -> bool:
+        """The decode thread is running."""
+        return self._thread is not None and self._thread.is_alive()
+
     def _run(self) -> None:
         while True:
-            with self._lock:
-                new, self._new = self._new, []
-                cancelled, self._cancelled = self._cancelled, []
-                stopping, drain = self._stopping, self._drain
-            self._waiting.extend(new)
-            for job in cancelled:
-                self._forget(job)
-            if stopping and not drain:
-                self._fail_all(503, "the server is shutting down")
-                return
-            self._admit()
-            if self.engine.active == 0:
-                if stopping and not self._waiting:
+            try:
+                if self._iteration():
                     return
-                self._wake.wait(self.idle_wait)
-                self._wake.clear()
+            except Exception:  # noqa: BLE001 - a bug here must fail the requests in flight, not hang them
+                log.exception("the decode loop failed; failing the requests in flight")
+                self._fail_all(500, "internal error in the decode loop")
+
+    def _iteration(self) -> bool:
+        """One round: take new and cancelled jobs, admit, step, deliver. Returns True when the thread ends."""
+        with self._lock:
+            new, self._new = self._new, []
+            cancelled, self._cancelled = self._cancelled, []
+            stopping, drain = self._stopping, self._drain
+        self._waiting.extend(new)
+        for job in cancelled:
+            self._forget(job)
+        if stopping and not drain:
+            self._fail_all(503, "the server is shutting down")
+            return True
+        self._admit()
+        if self.engine.active == 0:
+            if stopping and not self._waiting:
+                return True
+            self._wake.wait(self.idle_wait)
+            self._wake.clear()
+            return False
+        try:
+            outputs = self.engine.step()
+        except Exception as err:  # noqa: BLE001 - one bad step must not stop the server
+            log.exception("decode step failed")
+            failed = list(self._by_slot.values())
+            self.engine.cancel_all()
+            self._by_slot.clear()
+            for job in failed:
+                self._finish_with(job, Failure(job.index, 500, f"generation failed: {type(err).__name__}: {err}"))
+            return False
+        self.steps += 1
+        self.generated_tokens += len(outputs)
+        for out in outputs:
+            job = self._by_slot.get(out.slot)
+            if job is None:
                 continue
             try:
-                outputs = self.engine.step()
-            except Exception as err:  # noqa: BLE001 - one bad step must not stop the server
-                log.exception("decode step failed")
-                failed = list(self._by_slot.values())
-                self.engine.cancel_all()
-                self._by_slot.clear()
-                for job in failed:
-                    self._finish_with(job, Failure(job.index, 500, f"generation failed: {type(err).__name__}: {err}"))
-                continue
-            self.steps += 1
-            self.generated_tokens += len(outputs)
-            for out in outputs:
-                job = self._by_slot.get(out.slot)
-                if job is None:
-                    continue
-                try:
-                    self._deliver(job, out.token_id, out.finish_reason)
-                except Exception as err:  # noqa: BLE001 - a failure in one answer's text fails that answer only
-                    log.exception("delivering a token failed")
-                    self._end_row(job)
-                    self._finish_with(job, Failure(job.index, 500, f"decoding the answer failed: {err}"))
+                self._deliver(job, out.token_id, out.finish_reason)
+            except Exception as err:  # noqa: BLE001 - a failure in one answer's text fails that answer only
+                log.exception("delivering a token failed")
+                self._end_row(job)
+                self._finish_with(job, Failure(job.index, 500, f"decoding the answer failed: {err}"))
+        return False
 
     def _admit(self) -> None:
         while self._waiting and self.engine.free_slots:
@@ -226,6 +241,10 @@ class Scheduler:
                 job.slot = self.engine.add(job.request)
             except (KeyError, ValueError) as err:
                 self._finish_with(job, Failure(job.index, 400, str(err)))
+                continue
+            except Exception as err:  # noqa: BLE001 - this request fails, the others go on
+                log.exception("admitting a request failed")
+                self._finish_with(job, Failure(job.index, 500, f"admitting the request failed: {err}"))
                 continue
             job.decoder = IncrementalDecoder(self.tokenizer)
             self._by_slot[job.slot] = job
