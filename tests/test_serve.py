@@ -85,6 +85,11 @@ def test_models_are_listed_and_the_key_is_required(server, client):
     assert bare.status_code == 401
     assert bare.json()["error"]["message"].startswith("no API key given")
     assert health(server)["status"] == "ok"  # health needs no key
+    # the chat page asks for the key as its password
+    assert httpx.get(f"{server.url}/ui/config").status_code == 401
+    assert httpx.post(f"{server.url}/ui/login", data={"username": "me", "password": "nope"}).status_code == 400
+    login = httpx.post(f"{server.url}/ui/login", data={"username": "me", "password": KEY})
+    assert login.status_code == 200 and httpx.get(f"{server.url}/ui/config", cookies=login.cookies).status_code == 200
 
 
 @pytest.mark.slow
@@ -214,6 +219,7 @@ BAD = [
                               "tools": [{"type": "function", "function": {"name": "f"}}]},
      400, "tools", "unsupported_parameter"),
     ("/v1/completions", {"model": "short", "prompt": [1, 2, 3]}, 400, "prompt", "invalid_value"),
+    ("/v1/completions", {"model": "short", "prompt": ["a"] * 10, "n": 10}, 400, "n", "invalid_value"),
     ("/v1/completions", {"model": "short"}, 400, "prompt", "missing_required_parameter"),
     ("/v1/nothing-here", {}, 404, None, "not_found"),
 ]
@@ -504,3 +510,4 @@ def test_sigterm_finishes_requests_in_flight_cancels_the_rest_and_exits_zero(web
     assert took < 20, took
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{web_server.url}/health", timeout=5)
+

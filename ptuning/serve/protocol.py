@@ -23,6 +23,8 @@ from ..models.base import Conversation
 MAX_STOP = 4
 #: choices per prompt (``n``); each is one batch row
 MAX_N = 16
+#: choices of one request in all (prompts × ``n``)
+MAX_CHOICES = 64
 
 
 class APIError(Exception):
@@ -334,4 +336,7 @@ def parse_completion(body: dict) -> CompletionRequest:
     else:
         raise bad_request("prompt", "prompt: token-id prompts are not supported; send text (a string or a list "
                           "of strings)", "invalid_value")
+    if len(prompts) * parsed.n > MAX_CHOICES:
+        raise bad_request("n", f"n={parsed.n} for {len(prompts)} prompts: {len(prompts) * parsed.n} choices; at most "
+                          f"{MAX_CHOICES} in one request", "invalid_value")
     return CompletionRequest(parsed.model, prompts, _sampling(parsed, parsed.max_tokens))
