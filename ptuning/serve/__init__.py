@@ -8,6 +8,6 @@ frozen backbone.
 * :mod:`.app`: the FastAPI routes; :mod:`.web`: the Gradio page; :mod:`.cli`: ``ptuning-serve``.
 """
 
-from .engine import Engine, EngineFull, EngineRequest, PrefixBank, StepOutput
+from .engine import DecodeEngine, Engine, EngineFull, EngineRequest, PrefixBank, StepOutput
 
-__all__ = ["Engine", "EngineFull", "EngineRequest", "PrefixBank", "StepOutput"]
+__all__ = ["DecodeEngine", "Engine", "EngineFull", "EngineRequest", "PrefixBank", "StepOutput"]

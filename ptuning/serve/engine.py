@@ -28,13 +28,35 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
 from ..prefix import PrefixKV, PrefixShape, split_key_values
 
 STOP, LENGTH = "stop", "length"
+
+
+class DecodeEngine(Protocol):
+    """What the scheduler needs of an engine: any class with these members can replace :class:`Engine`
+    (e.g. a static-slot decode loop) without touching the scheduler or the server."""
+
+    max_batch_size: int
+
+    @property
+    def active(self) -> int: ...
+
+    @property
+    def free_slots(self) -> int: ...
+
+    def add(self, request: EngineRequest) -> int: ...
+
+    def step(self) -> list[StepOutput]: ...
+
+    def cancel(self, slot: int) -> bool: ...
+
+    def cancel_all(self) -> list[int]: ...
 
 
 class EngineFull(RuntimeError):
@@ -115,9 +137,10 @@ class PrefixBank:
             return None
         idx = torch.tensor(indices, device=self.kv.device)
         kv = self.kv.index_select(0, idx)[:, :width]  # (B, P, K)
-        mask = self.mask.index_select(0, idx)[:, :width]  # (B, P)
         keys, values = split_key_values(kv, self.shape)
-        return PrefixKV(keys, values, None if bool(mask.all()) else mask)
+        if all(self.lengths[i] == width for i in indices):
+            return PrefixKV(keys, values, None)  # every column visible to every row
+        return PrefixKV(keys, values, self.mask.index_select(0, idx)[:, :width])  # (B, P)
 
 
 @dataclass
@@ -130,11 +153,15 @@ class _Row:
     generated: int = 0
     last_token: int = 0
     position: torch.Tensor | None = None  # the position ids of the last token fed, batch dim 1
-    stops: list = field(default_factory=list)
 
 
 class Engine:
-    """Decodes many requests together on one frozen model.
+    """Decodes many requests together on one frozen model (a :class:`DecodeEngine`).
+
+    What it asks of the model is the family contract of :mod:`ptuning.models.base` only: ``forward`` with
+    ``prefix=``, ``cache=``, ``use_cache`` and ``logits_to_keep``, ``prompt_position_ids`` /
+    ``next_position_ids``, and a transformers ``Cache`` whose ``layers`` hold ``keys`` / ``values``
+    ``[B, G, T, D]`` (rows are appended, dropped and left-padded there).
 
     Args:
         model: a model of any family keeping the contract of :mod:`ptuning.models.base` (``prefix=`` per call,

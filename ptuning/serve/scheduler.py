@@ -25,7 +25,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from ..chat import IncrementalDecoder
-from .engine import STOP, Engine, EngineRequest
+from .engine import STOP, DecodeEngine, EngineRequest
 
 log = logging.getLogger("ptuning.serve")
 
@@ -113,12 +113,13 @@ class Scheduler:
     """Runs the engine in its own thread.
 
     Args:
-        engine: the engine (owned by the scheduler thread from :meth:`start` on).
+        engine: an :class:`~ptuning.serve.engine.Engine` or anything else with its API (owned by the scheduler
+            thread from :meth:`start` on).
         tokenizer: decodes the answers (``decode(ids, skip_special_tokens=True)``).
         idle_wait: seconds the thread sleeps when there is no work, between checks for new jobs.
     """
 
-    def __init__(self, engine: Engine, tokenizer, *, idle_wait: float = 0.5):
+    def __init__(self, engine: DecodeEngine, tokenizer, *, idle_wait: float = 0.5):
         self.engine = engine
         self.tokenizer = tokenizer
         self.idle_wait = idle_wait
