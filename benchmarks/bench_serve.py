@@ -8,7 +8,7 @@ The model: the bench shape (``ptuning.perf.BENCH_SHAPE``: ChatGLM-6B's architect
 4 layers, inner 2048, vocabulary 32000) with random weights, saved to a temporary folder with the built-in
 tokenizer, and four random prefixes of P = 32. The server runs in its own process (API only, float32 on a CPU,
 bfloat16 on a GPU, ``--max-batch-size 32``); the clients (asyncio + httpx on loopback, in this process) send
-completion requests of a ~64-token prompt for exactly 64 new tokens (``ignore_eos``), greedy, streamed.
+completion requests of an 81-token prompt for exactly 64 new tokens (``ignore_eos``), greedy, streamed.
 
 Measured: requests/s and generated tokens/s with 1, 8 and 32 concurrent clients (each client sends its next
 request when the previous one ends); 32 clients spread over the 4 prefixes against the same 32 on one prefix
@@ -70,12 +70,14 @@ def make_model(folder: Path) -> tuple[Path, list[Path]]:
 
 
 class ServerProcess:
-    def __init__(self, model_dir: Path, checkpoints: list[Path], device: str):
+    def __init__(self, model_dir: Path, checkpoints: list[Path], device: str, threads: int | None):
         args = [sys.executable, "-m", "ptuning.serve", "--model-path", str(model_dir), "--no-web", "--port", "0",
                 "--max-batch-size", "32", "--device", device, "--default-max-tokens", str(NEW_TOKENS)]
         for i, checkpoint in enumerate(checkpoints):
             args += ["--prefix", f"p{i}={checkpoint}"]
         env = dict(os.environ, PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false")
+        if threads:
+            env["OMP_NUM_THREADS"] = str(threads)
         self.proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
         for line in self.proc.stdout:
             found = re.search(r"listening on (http://\S+) ", line)
@@ -137,7 +139,7 @@ async def load(url: str, clients: int, total: int, models: list[str]) -> dict:
             "latency_median_s": statistics.median(r["end"] - r["start"] for r in results)}
 
 
-def machine(device: str) -> dict:
+def machine(device: str, threads: int | None) -> dict:
     import torch
 
     cpu = platform.processor() or "unknown"
@@ -149,8 +151,8 @@ def machine(device: str) -> dict:
     except OSError:
         pass
     info = {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "device": device,
-            "python": platform.python_version(), "server_threads": int(os.environ.get("OMP_NUM_THREADS", 0)) or
-            torch.get_num_threads()}
+            "python": platform.python_version(), "server_threads": threads or torch.get_num_threads(),
+            "load_average_after": os.getloadavg()[0]}
     if device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
@@ -161,13 +163,15 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--quick", action="store_true", help="fewer requests per measurement")
     parser.add_argument("--json", default=str(ROOT / "benchmarks" / "results-serve-cpu.json"))
+    parser.add_argument("--threads", type=int, default=None,
+                        help="the server's intra-op threads (default: torch's); 1 on a machine shared with other work")
     args = parser.parse_args()
     rounds = 1 if args.quick else 2  # requests per client in each measurement (at least 8 in all)
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         print("writing the bench-shape model and 4 prefixes ...", file=sys.stderr, flush=True)
         model_dir, checkpoints = make_model(Path(tmp))
         print("starting the server ...", file=sys.stderr, flush=True)
-        server = ServerProcess(model_dir, checkpoints, args.device)
+        server = ServerProcess(model_dir, checkpoints, args.device, args.threads)
         try:
             one, four = ["p0"], [f"p{i}" for i in range(PREFIXES)]
             asyncio.run(load(server.url, 8, 16, four))  # warm-up
@@ -183,7 +187,7 @@ def main() -> None:
                 rows[name] = asyncio.run(load(server.url, clients, total, models))
         finally:
             server.stop()
-    info = machine(args.device)
+    info = machine(args.device, args.threads)
     ratio = rows["32 clients, 4 prefixes"]["tokens_per_s"] / rows["32 clients, one prefix"]["tokens_per_s"]
     print(f"\nmachine: {info}")
     print(f"model: bench shape {BENCH_SHAPE}, {PREFIXES} prefixes; {NEW_TOKENS} new tokens per request, greedy\n")
