@@ -121,10 +121,12 @@ def load(args: argparse.Namespace, prefixes: list[tuple[str, str]]) -> Loaded:
     import torch
 
     from ..build import load as load_folder
+    from ..build import weights_digest
     from ..config import ModelConfig
     from ..evaluation.run import resolve_checkpoint
+    from ..perf import set_cpu_threads
     from ..prefix import PrefixEncoder
-    from ..training.checkpoint import infer_prefix_shape, load_prefix, read_prefix
+    from ..training.checkpoint import base_model_change, infer_prefix_shape, load_prefix, read_prefix
     from ..weights import CheckpointError
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -150,6 +152,11 @@ def load(args: argparse.Namespace, prefixes: list[tuple[str, str]]) -> Loaded:
     loaded = load_folder(cfg, device=device, pre_seq_len=None, init=False)
     model, family = loaded.model, loaded.family
     model.eval()
+    set_cpu_threads(model, device)  # one intra-op thread for a small model on a CPU (unless OMP_NUM_THREADS)
+    # how checkpoints describe this backbone (ptuning.build.base_metadata, without a prefix of its own)
+    current = {"base_model": cfg.base_model_name, "base_config_fingerprint": family.fingerprint(model.config)}
+    if cfg.base_model_name.startswith("builtin:"):
+        current["base_weights_sha256"] = weights_digest(cfg.resolved_path)
     banks = {}
     for name, checkpoint, state, meta in checkpoints:
         if meta and meta.get("family") not in (None, family.name):
@@ -163,6 +170,9 @@ def load(args: argparse.Namespace, prefixes: list[tuple[str, str]]) -> Loaded:
             load_prefix(holder, checkpoint)  # the checks evaluation and chat make
         except CheckpointError as err:
             raise CheckpointError(f"--prefix {name}: {err}") from None
+        changed = base_model_change(meta, current)
+        if changed:
+            print(f"warning: --prefix {name}: {checkpoint} {changed}", file=sys.stderr)
         with torch.no_grad():
             banks[name] = holder.prefix_encoder().float()  # (P, K)
     where = "the built-in tiny model" if cfg.path is None else str(cfg.path)

@@ -4,9 +4,8 @@ tokens into text for its request's asyncio queue.
 Requests arrive from the event loop (HTTP handlers, the web page) as :class:`Job` s, one per choice; the
 scheduler thread owns the engine (nothing else touches it). Between two steps it takes cancellations and new
 jobs, admits as many waiting jobs as there are free slots (first come, first served), and delivers every new
-token: incremental detokenisation (:class:`~ptuning.chat.IncrementalDecoder`: a character spelled by several
-byte pieces is sent whole; at the end the answer is the tokenizer's decoding of all its ids, as evaluation
-decodes it), stop strings (text is held back while it could still be the start of one; the
+token: incremental detokenisation (:class:`Detokenizer`: a character spelled by several byte pieces is sent
+whole; at the end the answer is the tokenizer's decoding of all its ids, as evaluation decodes it), stop strings (text is held back while it could still be the start of one; the
 answer ends before the first one found, and the row is cancelled at once), and leading / trailing whitespace
 (dropped, as the toolkit's evaluation strips answers). Events reach the job's :class:`Stream` through
 ``loop.call_soon_threadsafe``.
@@ -24,7 +23,6 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from ..chat import IncrementalDecoder
 from .engine import STOP, DecodeEngine, EngineRequest
 
 log = logging.getLogger("ptuning.serve")
@@ -74,6 +72,40 @@ class Stream:
             pass
 
 
+class Detokenizer:
+    """Text of ids arriving one at a time, each piece final, in time linear in the answer's length.
+
+    Each new id is decoded together with a few ids before it (``prefix_offset``): SentencePiece drops a leading
+    space at the start of what it decodes, so a window that starts a few ids back decodes the new text as the
+    whole answer would. Text ending in U+FFFD (a character whose byte pieces have not all arrived) is held
+    back until the next id completes it or shows it never will; such a byte sequence stays U+FFFD, as
+    ``tokenizer.decode`` of the whole answer (what evaluation writes) has it.
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.prefix_offset = 0  # the window's start
+        self.read_offset = 0  # ids up to here are in the text given out
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def push(self, token: int) -> str:
+        """Adds an id; returns the new final text (possibly empty)."""
+        self.ids.append(token)
+        before = self._decode(self.ids[self.prefix_offset : self.read_offset])
+        after = self._decode(self.ids[self.prefix_offset :])
+        if len(after) <= len(before) or after.endswith("\ufffd") or not after.startswith(before):
+            return ""
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        return after[len(before) :]
+
+    def whole(self) -> str:
+        """The answer decoded at once, as evaluation decodes it."""
+        return self._decode(self.ids)
+
+
 @dataclass(eq=False)
 class Job:
     """One choice of one request.
@@ -92,8 +124,9 @@ class Job:
     slot: int | None = None
     tokens: int = 0
     done: bool = False
-    decoder: IncrementalDecoder | None = None
-    sent: int = 0  # characters of the decoder's text already sent (after the leading whitespace)
+    decoder: Detokenizer | None = None
+    text: str = ""  # the answer's final text so far
+    sent: int = 0  # characters of ``text`` already sent (after the leading whitespace)
     start: int | None = None  # where the answer starts (leading whitespace skipped)
     submitted: float = field(default_factory=time.monotonic)
 
@@ -247,7 +280,7 @@ class Scheduler:
                 log.exception("admitting a request failed")
                 self._finish_with(job, Failure(job.index, 500, f"admitting the request failed: {err}"))
                 continue
-            job.decoder = IncrementalDecoder(self.tokenizer)
+            job.decoder = Detokenizer(self.tokenizer)
             self._by_slot[job.slot] = job
 
     def _forget(self, job: Job) -> None:
@@ -282,14 +315,15 @@ class Scheduler:
         """Sends the text ``token`` completes; ends the job on a stop id, a stop string or its length."""
         job.tokens += 1
         if reason != STOP:
-            job.decoder.push(token)
+            job.text += job.decoder.push(token)
         if reason is not None:
             del self._by_slot[job.slot]  # the engine freed the slot itself
-            # the whole answer decoded once more, as evaluation decodes it (a byte sequence the model never
-            # completed stays U+FFFD there too)
-            text = self.tokenizer.decode(job.decoder.ids, skip_special_tokens=True)
-        else:
-            text = job.decoder.text
+            # the whole answer decoded at once, as evaluation decodes it (what was held back comes out; a byte
+            # sequence the model never completed stays U+FFFD)
+            whole = job.decoder.whole()
+            if whole.startswith(job.text):
+                job.text = whole
+        text = job.text
         if job.start is None:
             stripped = len(text) - len(text.lstrip())
             if stripped == len(text):
