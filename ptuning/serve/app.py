@@ -54,7 +54,6 @@ def create_app(service: Service, *, api_key: str | None = None, web: bool = True
             service.scheduler.stop(drain=False, timeout=30)
 
     app = FastAPI(title="ptuning", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.service = service
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, err: APIError):
