@@ -1,7 +1,8 @@
 """``python -m ptuning.serve`` on the tiny model with three prefixes, driven with the official ``openai`` client
 over loopback: models, chat, completions, streaming, ``n``, stop strings; greedy answers equal to
 ``evaluate.py``'s predictions; mixed-prefix batching equal to serving alone; 64 streaming clients; bad input;
-disconnects; the API key; the chat page in headless Chromium; SIGTERM."""
+disconnects; the API key; the chat page in headless Chromium; SIGTERM. Then ChatGLM2-6B's and ChatGLM3-6B's tiny
+models (another family): equal to ``evaluate.py``, chat with history, mixed-prefix batches."""
 
 from __future__ import annotations
 
@@ -545,3 +546,57 @@ def test_sigterm_finishes_requests_in_flight_cancels_the_rest_and_exits_zero(web
     assert took < 30, took
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{web_server.url}/health", timeout=5)
+
+
+# ---- another family: ChatGLM2-6B / ChatGLM3-6B (their built-in tiny models: transformers' GlmForCausalLM with
+# the generic prefix, their own templates and stop ids) ----
+
+
+@pytest.fixture(scope="module", params=["tiny-chatglm2", "tiny-chatglm3"])
+def other_server(request, tmp_path_factory):
+    base = tmp_path_factory.mktemp("other")
+    path = f"builtin:{request.param}"
+    checkpoints = {"plain4": save_random_prefix(base / "plain4", 4, seed=4, model_path=path),
+                   "proj8": save_random_prefix(base / "proj8", 8, seed=5, model_path=path, projection=True,
+                                               scale=10.0)}
+    srv = Server("--model-path", path, *(f"--prefix={n}={p}" for n, p in checkpoints.items()), "--no-web",
+                 log=tmp_path_factory.mktemp("log") / "other.log")
+    yield request.param, srv, checkpoints
+    assert srv.stop() == 0, srv.errors()
+
+
+@pytest.mark.slow
+def test_another_family_matches_evaluate_streams_and_batches_prefixes(other_server, tmp_path):
+    from ptuning.evaluation.run import run
+
+    other, server, checkpoints = other_server
+    client = server.client()
+    assert [m.id for m in client.models.list().data] == [other, *checkpoints]
+    rows = 4
+    for name, checkpoint in checkpoints.items():
+        reset_accelerate()
+        run(compose_evaluate([f"model={other.replace('-', '_')}", f"prefix_checkpoint={checkpoint}",
+                              f"output_dir={tmp_path / name}", f"data.cache_dir={tmp_path / 'cache'}",
+                              f"data.max_eval_samples={rows}", "generation.max_new_tokens=24", "batch_size=4"]))
+        predictions = [r["predict"] for r in read_jsonl(tmp_path / name / "generated_predictions.jsonl")]
+        served = [client.completions.create(model=name, prompt=q, max_tokens=24, temperature=0).choices[0].text
+                  for q in QUERIES[:rows]]
+        assert served == predictions, name
+        # a row without history is one user turn (ChatGLM2's [Round 1], ChatGLM3's <|user|>): a chat turn is the
+        # same prompt
+        assert [greedy_chat(client, name, q) for q in QUERIES[:rows]] == predictions, name
+    # chat with a system message and history, streamed and not
+    messages = [{"role": "system", "content": "你是文案助手。"}, {"role": "user", "content": QUERIES[0]},
+                {"role": "assistant", "content": "这条裤子很好看。"}, {"role": "user", "content": "再写一段"}]
+    whole = client.chat.completions.create(model="proj8", messages=messages, max_tokens=32, temperature=0)
+    chunks = list(client.chat.completions.create(model="proj8", messages=messages, max_tokens=32, temperature=0,
+                                                 stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole.choices[0].message.content
+    assert whole.usage.prompt_tokens > 20
+    # rows of both prefixes and of the base model in one batch answer as they do alone
+    requests = [(name, q) for q in QUERIES for name in (other, *checkpoints)]
+    alone = [greedy_chat(client, name, q) for name, q in requests]
+    with ThreadPoolExecutor(len(requests)) as pool:
+        assert list(pool.map(lambda r: greedy_chat(client, *r), requests)) == alone
+    assert len({tuple(a for (n, _), a in zip(requests, alone, strict=True) if n == name)
+                for name in (other, *checkpoints)}) == 3
