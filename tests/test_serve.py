@@ -344,7 +344,7 @@ def test_command_line_mistakes_are_one_line_errors(checkpoints, tmp_path, capsys
             ("--prefix", "a=/no/such/run"): "--prefix a=/no/such/run: no such folder",
             ("--prefix", f"a={checkpoints['short']}", "--prefix", f"a={checkpoints['long']}"): "the name 'a' is given twice",
             ("--prefix", f"{BASE}={checkpoints['short']}"): f"'{BASE}' is the base model's name",
-            ("--prefix", f"x={empty}"): f"--prefix x: {empty}: no prefix.safetensors (ours) or pytorch_model.bin",
+            ("--prefix", f"x={empty}"): f"--prefix x: {empty}: no prefix.safetensors (ours),",
             ("--prefix", f"x={wrong}"): "--prefix x: " + str(wrong) + ": the prefix was trained with num_layers=3 "
                                         "but the model has num_layers=4",
             ("--max-batch-size", "0"): "--max-batch-size=0: expected a positive integer",
