@@ -157,6 +157,18 @@ class PrefixCausalLM:
             attentions=outputs.attentions,
         )
 
+    def prompt_position_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Positions ``[B, S]`` of a left-padded prompt batch: each row counts from 0 at its first real token
+        (pads 0), as ``generate()`` numbers them, so left pads never shift a row's rotary positions."""
+        if attention_mask is None:
+            return torch.arange(input_ids.shape[1], device=input_ids.device).expand(input_ids.shape[0], -1)
+        return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+
+    @staticmethod
+    def next_position_ids(last: torch.Tensor) -> torch.Tensor:
+        """Positions ``[B, 1]`` of the token after one at ``last`` ``[B, 1]``."""
+        return last + 1
+
     def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, **kwargs):
         """transformers' activation checkpointing, non-reentrant (the prefix is a keyword argument of every
         checkpointed layer, and reentrant checkpointing drops gradients of keyword-argument tensors).
