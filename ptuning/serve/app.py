@@ -122,7 +122,9 @@ def create_app(service: Service, *, api_key: str | None = None, web: bool = True
     async def completions(request: Request):
         req = parse_completion(parse_json(await request.body()))
         prefix = service.resolve(req.model)
-        prompts = [service.prompt(Conversation(query=text), req.sampling.max_tokens,
+        # a completion prompt is plain text (families with a chat template leave it out, as for data rows
+        # without history); /v1/chat/completions goes through the chat template
+        prompts = [service.prompt(Conversation(query=text, plain=True), req.sampling.max_tokens,
                                   param="prompt" if len(req.prompts) == 1 else f"prompt[{i}]")
                    for i, text in enumerate(req.prompts)]
         generation = service.start(prompts, prefix, req.sampling)

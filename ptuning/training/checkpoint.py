@@ -321,7 +321,7 @@ def load_prefix(model: torch.nn.Module, checkpoint: str | os.PathLike) -> dict |
             f"{checkpoint}: holds a prefix but the model has no prefix encoder (pre_seq_len=null)"
         ) from None
     have = encoder.shape.describe()
-    if meta is not None and meta.get("family"):
+    if meta is not None and meta.get("family") and hasattr(model, "config"):  # a whole model, not a bare encoder
         from ..models import UnsupportedModelError, family_named, family_of
 
         try:
