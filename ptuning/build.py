@@ -27,6 +27,8 @@ class Loaded:
     model: nn.Module
     tokenizer: object
     template: PromptTemplate
+    #: how the loaded prefix's training prompts were rendered ("plain" / "chat"), when its checkpoint says
+    prompt_format: str | None = None
 
     @property
     def max_positions(self) -> int:

@@ -229,13 +229,22 @@ def load(args: argparse.Namespace):
     loaded = load(cfg, device=device, pre_seq_len=pre_seq_len, init=False)
     set_cpu_threads(loaded.model, device)
     if checkpoint is not None:
-        changed = base_model_change(load_prefix(loaded.model, checkpoint), base_metadata(cfg, loaded.model))
+        trained = load_prefix(loaded.model, checkpoint)
+        changed = base_model_change(trained, base_metadata(cfg, loaded.model))
+        loaded.prompt_format = (trained or {}).get("prompt_format")
         if changed:
             print(f"warning: {checkpoint} {changed}", file=sys.stderr)
     loaded.model.eval()
     name = "the built-in tiny model" if cfg.path is None else str(cfg.path)
     what = f"{name} + prefix {checkpoint}" if checkpoint is not None else f"{name} (no prefix)"
     return loaded, what
+
+
+def plain_differs(template) -> bool:
+    """Whether the family renders a plain prompt differently from a one-message chat (a chat template)."""
+    from .models import Conversation
+
+    return template.prompt(Conversation(query="x", plain=True), 64).ids != template.prompt(Conversation(query="x"), 64).ids
 
 
 def chat_loop(session: ChatSession, *, read=input, out=sys.stdout, err=sys.stderr, show_prompt=False) -> None:
@@ -323,6 +332,9 @@ def main(argv: list[str] | None = None) -> int:
 
         set_seed(args.seed)
     session = ChatSession(loaded.model, loaded.template, settings, loaded.max_positions, plain=args.plain)
+    if getattr(loaded, "prompt_format", None) == "plain" and not args.plain and plain_differs(loaded.template):
+        print("note: this prefix was trained on plain prompts (rows without history); --plain sends every message "
+              "that way instead of through the chat template", file=sys.stderr)
     print(f"Chatting with {what}, {'sampling' if settings.do_sample else 'greedy decoding'}.")
     print(BANNER)
     try:

@@ -58,7 +58,7 @@ def test_tiny_glm4_run_learns_and_evaluate_reproduces_it(tuned, tmp_path):
     assert done["eval_rouge-l"] >= untuned["eval_rouge-l"] + 5, (untuned, done)
     assert "untuned -> tuned prefix" in proc.stdout
     meta = json.loads((out / "checkpoint-60" / "prefix_config.json").read_text())
-    assert (meta["family"], meta["base_model"]) == ("hf", "builtin:tiny-glm4")
+    assert (meta["family"], meta["base_model"], meta["prompt_format"]) == ("hf", "builtin:tiny-glm4", "plain")
     assert (meta["num_layers"], meta["num_key_value_heads"], meta["head_dim"], meta["pre_seq_len"]) == (4, 2, 32, 16)
     run("evaluate.py", "model.path=builtin:tiny-glm4", f"prefix_checkpoint={out / 'checkpoint-60'}",
         f"output_dir={tmp_path / 'eval'}", "data.max_eval_samples=32", f"data.cache_dir={tmp_path}/cache")
@@ -97,6 +97,8 @@ def test_chat_with_a_plain_prefix_and_with_the_chat_template(tuned):
         assert (prompts[1]["prompt_tokens"] > prompts[0]["prompt_tokens"]) == (not flags)
         answers = [line for line in proc.stdout.splitlines() if "Assistant: " in line]
         assert len(answers) == 2 and len(answers[0].split("Assistant: ", 1)[1]) > 5, proc.stdout
+        # the checkpoint says its prompts were plain: without --plain, chat says how to match them
+        assert ("note: this prefix was trained on plain prompts" in proc.stderr) == (not flags)
 
 
 @pytest.mark.slow

@@ -323,6 +323,8 @@ def _train(cfg: TrainJobConfig, trackers, where: _Progress) -> TrainResult:
     # the run's id marks its checkpoints as its own: a resumed run keeps the id of the run it continues
     run_id = (trained_meta or {}).get("run_id") if resume is not None else None
     meta["run_id"] = run_id = run_id or uuid.uuid4().hex[:12]
+    # how the prompts were rendered: chat (history / conversations, the chat template) or plain (ADGEN rows)
+    meta["prompt_format"] = "chat" if cfg.data.history_column or cfg.data.conversation_column else "plain"
     with accelerator.main_process_first():
         train_ds = build_datasets(cfg.data, template, "train")
         eval_ds = (build_datasets(cfg.data, template, "validation", features="train")
