@@ -100,10 +100,12 @@ class SelfAttention(nn.Module):
         bsz, seq, _ = x.shape
         qkv = self.query_key_value(x).view(bsz, seq, self.num_heads, 3 * self.head_dim)  # (B, S, N, 3D)
         qkv = qkv.transpose(1, 2)  # (B, N, S, 3D)
-        q, k, v = qkv.split(self.head_dim, dim=-1)  # each (B, N, S, D)
+        d = self.head_dim
         cos, sin = rotary
-        q = apply_rotary(q, cos, sin)
-        k = apply_rotary(k, cos, sin)
+        # q and k rotated together: one pass of the rotation's elementwise ops instead of two
+        qk = apply_rotary(qkv[..., : 2 * d].unflatten(-1, (2, d)), cos[..., None, :], sin[..., None, :])  # (B, N, S, 2, D)
+        q, k = qk.unbind(-2)  # each (B, N, S, D)
+        v = qkv[..., 2 * d :]  # (B, N, S, D)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)  # (B, N, T, D)
         read = slot_cache.update(self.layer_idx, k, v, prefix) if slot_cache is not None else None
