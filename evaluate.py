@@ -10,6 +10,9 @@ gathered back in input order and only the main process writes.
 
 from __future__ import annotations
 
+import os
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
@@ -33,4 +36,9 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     check_overrides("evaluate")  # a bad override: one line, before Hydra's multi-line report
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # Ctrl-C: predictions and metrics are written only at the end, whole
+        if int(os.environ.get("RANK", "0")) == 0:
+            print("\ninterrupted: nothing was written", file=sys.stderr)
+        sys.exit(130)

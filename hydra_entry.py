@@ -6,6 +6,7 @@ into the typed dataclasses of ``ptuning.config`` and call the library.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import sys
 from dataclasses import dataclass, field
@@ -15,8 +16,8 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-from ptuning.config import ConfigError, ModelConfig, TrainJobConfig
-from ptuning.evaluation.run import EvaluateJobConfig
+from ptuning.config import PROJECT_ROOT, ConfigError, ModelConfig, TrainJobConfig
+from ptuning.evaluation.run import EvaluateJobConfig, EvaluateModelConfig
 
 CONF_DIR = str(Path(__file__).resolve().parent / "conf")
 
@@ -41,17 +42,55 @@ class TrainSchema(TrainJobConfig):
 @dataclass
 class EvaluateSchema(EvaluateJobConfig):
     run_name: str = "evaluate"
-    model: ModelConfig = field(default_factory=_model_without_path)
+    model: EvaluateModelConfig = field(default_factory=lambda: EvaluateModelConfig(path=MISSING))
+
+
+def project_path(relative: str) -> str:
+    """``${project:data/...}`` in a config file: a file shipped with the project, found wherever the command
+    runs from. Relative to the working folder when it lies inside it (as the path reads in the project
+    folder), absolute otherwise. Paths given on the command line stay relative to the working folder."""
+    path = PROJECT_ROOT / relative
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
 
 
 def register() -> None:
     store = ConfigStore.instance()
     store.store(name="train_schema", node=TrainSchema)
     store.store(name="evaluate_schema", node=EvaluateSchema)
+    OmegaConf.register_new_resolver("project", project_path, replace=True)
+
+
+def unknown_keys(cfg: DictConfig) -> list[str]:
+    """Dotted keys of ``cfg`` that its typed schema does not have: Hydra's ``+key=value`` adds a key to a
+    structured config, and converting it to the dataclasses would then drop that key without a word."""
+    found: list[str] = []
+
+    def walk(node: DictConfig, prefix: str) -> None:
+        kind = OmegaConf.get_type(node)
+        known = {f.name for f in dataclasses.fields(kind)} if dataclasses.is_dataclass(kind) else None
+        for key in node.keys():
+            if key == "hydra":
+                continue
+            if known is not None and key not in known:
+                found.append(f"{prefix}{key}")
+                continue
+            child = node._get_node(key)
+            if isinstance(child, DictConfig):
+                walk(child, f"{prefix}{key}.")
+
+    walk(cfg, "")
+    return found
 
 
 def to_object(cfg: DictConfig, schema=None):
-    """The composed config as typed dataclasses; a missing mandatory key gets a one-line hint."""
+    """The composed config as typed dataclasses; a missing mandatory key gets a one-line hint, a key the
+    schema does not have (added with ``+``) is an error naming it."""
+    extra = unknown_keys(cfg)
+    if extra:
+        raise ConfigError(_no_such_key(extra[0], _walk_keys(cfg)))
     try:
         return OmegaConf.to_object(cfg)
     except MissingMandatoryValue as err:
@@ -85,9 +124,21 @@ def check_overrides(config_name: str, args: list[str] | None = None) -> None:
     overrides = [arg for arg in args if not arg.lstrip("+~").startswith("hydra")]
     try:
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-            compose(config_name, overrides=overrides)
+            cfg = compose(config_name, overrides=overrides)
     except (HydraException, OmegaConfBaseException) as err:
         fail(_compose_error_line(err, config_name))
+    extra = unknown_keys(cfg)
+    if extra:
+        fail(_no_such_key(extra[0], _known_keys(config_name)))
+
+
+def _no_such_key(key: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(key, known, n=1)
+    if close:
+        return f"{key}: no such key (did you mean {close[0]}?)"
+    parent = key.rpartition(".")[0]
+    siblings = [k for k in known if k.rpartition(".")[0] == parent]
+    return f"{key}: no such key (expected one of {', '.join(siblings)})"
 
 
 def _known_keys(config_name: str) -> list[str]:
@@ -95,7 +146,13 @@ def _known_keys(config_name: str) -> list[str]:
     from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        tree = OmegaConf.to_container(compose(config_name), resolve=False, throw_on_missing=False)
+        return _walk_keys(compose(config_name))
+
+
+def _walk_keys(cfg: DictConfig) -> list[str]:
+    """Every dotted key of ``cfg`` that its schema has."""
+    tree = OmegaConf.to_container(cfg, resolve=False, throw_on_missing=False)
+    extra = set(unknown_keys(cfg))
     keys: list[str] = []
 
     def walk(node: dict, prefix: str) -> None:
@@ -105,7 +162,7 @@ def _known_keys(config_name: str) -> list[str]:
                 walk(value, f"{prefix}{key}.")
 
     walk(tree, "")
-    return keys
+    return [k for k in keys if k.split(".")[0] != "hydra" and not any(k == e or k.startswith(e + ".") for e in extra)]
 
 
 def _compose_error_line(err: Exception, config_name: str) -> str:
@@ -116,13 +173,7 @@ def _compose_error_line(err: Exception, config_name: str) -> str:
         key = cause.full_key
         reason = str(cause).splitlines()[0].strip()
         if reason.startswith("Key ") and " not in " in reason:  # a key the schema does not have
-            known = _known_keys(config_name)
-            close = difflib.get_close_matches(key, known, n=1)
-            if close:
-                return f"{key}: no such key (did you mean {close[0]}?)"
-            parent = key.rpartition(".")[0]
-            siblings = [k for k in known if k.rpartition(".")[0] == parent]
-            return f"{key}: no such key (expected one of {', '.join(siblings)})"
+            return _no_such_key(key, _known_keys(config_name))
         return f"{key}: {reason}"
     options = [line for line in str(err).splitlines() if line.startswith("\t") and "provider=" not in line]
     if options:  # an unknown option of a config group: list the ones there are

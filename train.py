@@ -1,12 +1,16 @@
 """Train a P-Tuning v2 prefix: ``python train.py [conf=ptuning_adgen] [key=value ...]``.
 
-Launch on several processes or GPUs with ``accelerate launch [--config_file conf/accelerate/...] train.py``.
+Launch on several processes or GPUs with ``accelerate launch [--config_file launch/accelerate/...] train.py``.
 """
 
 from __future__ import annotations
 
+import os
+import sys
+
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from hydra_entry import CONF_DIR, check_overrides, fail, to_object
@@ -19,15 +23,26 @@ def main(cfg: DictConfig) -> None:
     from ptuning.evaluation.metrics import METRIC_NAMES
     from ptuning.weights import CheckpointError
     from ptuning.training import TrainingError, run
+    from ptuning.training.loop import TrainingInterrupted
     from ptuning.training.tracking import make_tracker
 
     try:
         job = to_object(cfg)
         if not job.train.output_dir:
-            job.train.output_dir = HydraConfig.get().runtime.output_dir
+            # a sweep's job writes into its own numbered folder, which Hydra made; a single run into
+            # outputs/<run_name>, made by the run once its inputs are checked
+            hydra_cfg = HydraConfig.get()
+            multirun = hydra_cfg.mode == RunMode.MULTIRUN
+            job.train.output_dir = hydra_cfg.runtime.output_dir if multirun else os.path.join("outputs", job.run_name)
         result = run(job, trackers=make_tracker(job))
     except (ConfigError, DataError, CheckpointError, TrainingError) as err:
         fail(str(err))
+    except TrainingInterrupted as interrupted:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"\n{interrupted}", file=sys.stderr)
+        sys.exit(130)  # 128 + SIGINT, as a shell reports Ctrl-C
+    if not result.main_process:
+        return  # only the main process reports
     line = f"done: step {result.step}, checkpoint {result.checkpoint}"
     if result.eval_loss is not None:
         line += f", eval loss {result.eval_loss:.4f}"
@@ -41,4 +56,8 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     check_overrides("train")  # a bad override: one line, before Hydra's multi-line report
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # before the run started (composing, imports)
+        print("\ninterrupted before training started", file=sys.stderr)
+        sys.exit(130)

@@ -29,7 +29,7 @@ def run(init: str, out: Path, model: str | None, text: str, extra: list[str]) ->
     if model:
         args.append(f"model.path={model}")
     if init == "text":
-        args.append(f"model.prefix_init_text={text}")
+        args.append(f"model.prefix_init_text='{text}'")  # quoted: Hydra's override grammar
     start = time.perf_counter()
     proc = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     if proc.returncode != 0:

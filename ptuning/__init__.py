@@ -21,4 +21,37 @@ def _drop_torchao_import_noise() -> None:
         logging.getLogger(name).addFilter(keep)
 
 
+def _drop_known_noise() -> None:
+    """Warnings that say nothing a user can act on, dropped by their exact text:
+
+    * DeepSpeed (ZeRO) calls ``torch.distributed.all_gather_into_tensor`` / ``reduce_scatter_tensor``,
+      which torch 2.13 deprecates with a FutureWarning on every call (about 3 per ZeRO-3 step);
+    * DeepSpeed logs ``Setting accelerator to CPU ...`` to stdout in every process on a machine without a
+      GPU, where CPU is the only choice;
+    * peft's prefix tuning passes its virtual tokens as ``past_key_values=``, which our model takes under
+      the name ``cache``: the rename's FutureWarning is ours and the caller (peft) cannot act on it;
+    * ``get_peft_model`` reads transformers' deprecated ``is_gradient_checkpointing``.
+    """
+    import warnings
+
+    warnings.filterwarnings(
+        "ignore",
+        message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated",
+        category=FutureWarning,
+    )
+    warnings.filterwarnings(
+        "ignore", message=r"`past_key_values` is deprecated .* for `ChatGLM[\w.]*`\. Use `cache` instead",
+        category=FutureWarning,
+    )
+    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+
+    def keep(record: logging.LogRecord) -> bool:
+        import torch
+
+        return not (str(record.msg).startswith("Setting accelerator to CPU") and not torch.cuda.is_available())
+
+    logging.getLogger("DeepSpeed").addFilter(keep)
+
+
 _drop_torchao_import_noise()
+_drop_known_noise()

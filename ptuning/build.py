@@ -58,6 +58,15 @@ def weights_digest(folder: Path) -> str:
     return digest.hexdigest()[:16]
 
 
+def base_metadata(cfg: ModelConfig, model: nn.Module) -> dict:
+    """How ``prefix_config.json`` describes the backbone ``cfg`` loads (``model``: the loaded model): the
+    name, the family, the config fingerprint and, for a built-in model, a digest of its weights."""
+    from .training.checkpoint import prefix_metadata
+
+    builtin = cfg.base_model_name.startswith("builtin:")
+    return prefix_metadata(model, cfg.base_model_name, weights_digest(cfg.resolved_path) if builtin else None)
+
+
 def load_model(cfg: ModelConfig, *, family: Family | None = None, **overrides) -> nn.Module:
     """The frozen backbone in ``cfg.dtype`` with a float32 prefix of ``cfg.pre_seq_len`` (random init; see
     :func:`init_prefix` for the other initialisations).
@@ -195,6 +204,7 @@ def init_prefix(loaded: Loaded, cfg: ModelConfig) -> None:
 __all__ = [
     "BUILTIN_MODEL",
     "Loaded",
+    "base_metadata",
     "base_model_name",
     "init_prefix",
     "load",

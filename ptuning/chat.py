@@ -31,7 +31,9 @@ class IncrementalDecoder:
 
     A Chinese character the tokenizer has no piece for is spelled as several byte pieces; decoding only
     some of them yields U+FFFD. The decoder re-decodes everything generated so far and holds back the
-    text while it ends in an incomplete character, so every printed piece is final.
+    text while it ends in an incomplete character, so every printed piece is final. A byte sequence that
+    the model left incomplete (another piece followed, or the answer ended) is no character: it is dropped
+    from the printed text and from :attr:`text`, which goes into the history.
     """
 
     def __init__(self, tokenizer):
@@ -48,12 +50,12 @@ class IncrementalDecoder:
         text = self._decode()
         if text.endswith("\ufffd"):
             return ""
-        return self._advance(text)
+        return self._advance(text.replace("\ufffd", ""))
 
     def flush(self) -> str:
         """The text still held back at the end of the answer. A byte sequence the model never completed
         is no character: it is dropped rather than shown as U+FFFD."""
-        return self._advance(self._decode().rstrip("\ufffd"))
+        return self._advance(self._decode().replace("\ufffd", ""))
 
     def _advance(self, text: str) -> str:
         if text.startswith(self.printed):
@@ -186,10 +188,11 @@ def load(args: argparse.Namespace):
     """
     import torch
 
-    from .build import load
+    from .build import base_metadata, load
     from .config import ModelConfig
     from .evaluation.run import resolve_checkpoint
-    from .training.checkpoint import infer_prefix_shape, load_prefix, read_prefix
+    from .perf import set_cpu_threads
+    from .training.checkpoint import base_model_change, infer_prefix_shape, load_prefix, read_prefix
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -213,8 +216,11 @@ def load(args: argparse.Namespace):
         pre_seq_len = cfg.pre_seq_len = shape["pre_seq_len"]
         cfg.prefix_projection = shape.get("prefix_projection", False)
     loaded = load(cfg, device=device, pre_seq_len=pre_seq_len, init=False)
+    set_cpu_threads(loaded.model, device)
     if checkpoint is not None:
-        load_prefix(loaded.model, checkpoint)
+        changed = base_model_change(load_prefix(loaded.model, checkpoint), base_metadata(cfg, loaded.model))
+        if changed:
+            print(f"warning: {checkpoint} {changed}", file=sys.stderr)
     loaded.model.eval()
     name = "the built-in tiny model" if cfg.path is None else str(cfg.path)
     what = f"{name} + prefix {checkpoint}" if checkpoint is not None else f"{name} (no prefix)"
@@ -281,7 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     """``ptuning-chat``: loads the model and the prefix, then chats on stdin / stdout.
 
     Returns:
-        The exit status: 0, or 2 after a one-line ``error: ...`` on stderr for a user mistake.
+        The exit status: 0, 2 after a one-line ``error: ...`` on stderr for a user mistake, or 130 after
+        Ctrl-C while loading.
     """
     args = parse_args(argv)
     from .weights import CheckpointError
@@ -297,6 +304,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, CheckpointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C while loading
+        print("\ninterrupted", file=sys.stderr)
+        return 130
     if args.seed is not None:
         from transformers import set_seed
 

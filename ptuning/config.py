@@ -98,7 +98,7 @@ class ModelConfig:
 class TrainConfig:
     """``train.*``: the optimisation loop, checkpoints and evaluation during training."""
 
-    output_dir: str = "outputs/default"
+    output_dir: str | None = "outputs/default"  # train.py: null = outputs/<run_name> (a sweep: its job folder)
     max_steps: int = 300
     per_device_batch_size: int = 8
     gradient_accumulation_steps: int = 1
@@ -114,7 +114,8 @@ class TrainConfig:
     save_steps: int = 100
     save_total_limit: int | None = 3
     resume_from: str | None = None  # null / latest / a checkpoint folder
-    overwrite: bool = False  # allow a new run in an output_dir that already holds checkpoints
+    overwrite: bool = False  # a new run in an output_dir that holds checkpoints: removes the old run's outputs
+    allow_base_model_change: bool = False  # resume a checkpoint on another base model than it was trained on
     init_prefix_from: str | None = None  # start from this prefix (ours or the original's checkpoint-N)
     eval_generation: bool = True  # generate on the validation set at the end and compute BLEU/ROUGE
     eval_before_training: bool = False  # also score the untuned prefix first (step 0), to see what tuning gained
@@ -123,6 +124,7 @@ class TrainConfig:
     plot: bool = True  # write loss.png at the end
 
     def validate(self) -> None:
+        _need(bool(self.output_dir), "train.output_dir", self.output_dir, "a folder")
         for key in (
             "max_steps",
             "per_device_batch_size",
@@ -198,4 +200,10 @@ class TrainJobConfig:
         self.model.validate()
         self.train.validate()
         self.logger.validate()
+        # checked here so that the mistake costs no model loading, and named by its key as evaluation does
+        for key in ("train_file", "validation_file"):
+            path = getattr(self.data, key)
+            _need(path is not None or key != "train_file", f"data.{key}", path, "a .json, .jsonl or .csv file")
+            if path is not None and not Path(path).expanduser().is_file():
+                raise ConfigError(f"data.{key}={path}: no such file")
         return self

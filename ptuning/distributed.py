@@ -33,7 +33,7 @@ class Collectives:
             raise LaunchError(
                 f"launched as {self.world} processes but no process group exists: the processes would train "
                 "without synchronising (use `accelerate launch --multi_gpu --num_processes N` or a config from "
-                "conf/accelerate/)"
+                "launch/accelerate/)"
             )
         if not self.manual and self.world != accelerator.num_processes:
             raise LaunchError(

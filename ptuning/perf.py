@@ -72,3 +72,34 @@ def peak_memory_mib(device="cpu") -> float:
         return torch.cuda.max_memory_allocated(device) / 2**20
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2**20 if sys.platform == "darwin" else rss / 1024
+
+
+# Below this many matmul weights per token (the built-in tiny model has 0.9 million, the bench configuration
+# 29 million) a CPU op takes microseconds and a second intra-op thread that waits for a core costs more than
+# it gives. The tiny default run's training step on 2 cores (benchmarks/bench_threads.py, side by side):
+# 1 thread 30 ms vs 2 threads 46 ms (median) at a load average of 2, 66 ms vs 1,274 ms at 4 to 8; with the
+# machine to itself 2 threads were at most ~25% faster.
+SMALL_MODEL_WEIGHTS = 4_000_000
+
+
+def set_cpu_threads(config, device="cpu") -> int | None:
+    """One intra-op thread for a small model on a CPU, unless ``OMP_NUM_THREADS`` chooses the count.
+
+    Args:
+        config: the model, or its config (its family's ``matmul_weights`` reads the sizes).
+        device: where the model runs; other devices are left alone.
+
+    Returns:
+        The thread count it set, or None when it left torch's setting alone.
+    """
+    import os
+
+    if torch.device(device).type != "cpu" or "OMP_NUM_THREADS" in os.environ:
+        return None
+    from .models import family_of
+
+    weights = family_of(config).matmul_weights(getattr(config, "config", config))
+    if weights >= SMALL_MODEL_WEIGHTS or torch.get_num_threads() == 1:
+        return None
+    torch.set_num_threads(1)
+    return 1

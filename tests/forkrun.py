@@ -4,13 +4,13 @@ interpreter start.
 ``python tests/forkrun.py jobs.json`` imports the heavy libraries (torch, transformers, datasets, Hydra,
 accelerate and the project) once, then forks one child process per job. The child runs the entry script
 as ``__main__`` exactly as ``python <script> <args>`` would: its own ``sys.argv``, environment, working
-directory (the repository root), stdout and stderr files and exit status. An uncaught exception goes
-through ``sys.excepthook`` (the traceback a user would see) and exits 1, as the interpreter does;
-``SystemExit`` exits with its code. The parent itself never computes anything, so no thread pool exists
-yet when it forks.
+directory (the repository root, or the job's ``cwd``), stdout and stderr files and exit status. An
+uncaught exception goes through ``sys.excepthook`` (the traceback a user would see) and exits 1, as the
+interpreter does; ``SystemExit`` exits with its code. The parent itself never computes anything, so no
+thread pool exists yet when it forks.
 
-Each job is ``{"script", "args", "env", "stdout", "stderr", "timeout"}``; the exit statuses (negative:
-killed by that signal) are printed as one JSON list on stdout.
+Each job is ``{"script", "args", "env", "cwd", "stdout", "stderr", "timeout"}`` (``env`` and ``cwd``
+optional); the exit statuses (negative: killed by that signal) are printed as one JSON list on stdout.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def preload() -> None:
 
 def child(job: dict) -> int:
     """Runs in the forked child: the entry script as ``__main__``; returns the exit status."""
-    os.chdir(ROOT)
+    os.chdir(job.get("cwd", ROOT))
     for fd, name in ((1, "stdout"), (2, "stderr")):
         target = os.open(job[name], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         os.dup2(target, fd)

@@ -148,3 +148,53 @@ def test_bad_prefix_path_is_one_line(capsys):
     assert capsys.readouterr().err.startswith("error: --model-path=/no/such/model: no such folder")
     assert main(["--no-prefix", "--top-p", "1.5"]) == 2
     assert capsys.readouterr().err.strip() == "error: --top-p=1.5: expected a number in (0, 1]"
+
+
+# ---- faults found by trying the toolkit as a user would (one test per kind, named by item) ----
+
+
+def test_item18_an_unfinished_character_stays_out_of_the_answer_and_the_history(model, tokenizer, monkeypatch):
+    import ptuning.evaluation.generate as generate_module
+
+    ids = tokenizer.convert_tokens_to_ids(tokenizer.tokenize("这条黑色龘裙😀，好"))
+    # 这条黑色, 2 of 龘's 3 bytes, 裙 (龘 never completes), then 2 of 😀's 4 bytes when --max-new-tokens cuts
+    answer_ids = ids[:3] + [ids[4]] + ids[5:7]
+    assert "\ufffd" in tokenizer.decode(answer_ids)
+    monkeypatch.setattr(generate_module, "stream_ids", lambda *args, **kwargs: (i for i in answer_ids))
+    session = ChatSession(model, ChatGLMTemplate(tokenizer), GenerationSettings(max_new_tokens=6), 2048)
+    _, prompt_ids, _, _ = session.prepare("类型#裙")
+    shown = "".join(session.reply("类型#裙", prompt_ids))
+    assert shown == "这条黑色裙"
+    assert session.history == [("类型#裙", "这条黑色裙")]
+    prompt, _, _, _ = session.prepare("再写一段")
+    assert "\ufffd" not in prompt and "答：这条黑色裙\n" in prompt
+
+
+def test_item03_chat_warns_in_one_line_when_the_prefix_was_trained_on_another_model(tmp_path, model, capsys):
+    import shutil
+
+    from ptuning.chat import load, parse_args
+    from ptuning.config import BUILTIN_MODEL
+
+    checkpoint = save_checkpoint(tmp_path / "run", 1, model,
+                                 prefix_metadata(model, base_model_name(ModelConfig())))
+    other = tmp_path / "other-model"
+    shutil.copytree(BUILTIN_MODEL, other)
+    capsys.readouterr()
+    load(parse_args(["--prefix-checkpoint", str(checkpoint), "--model-path", str(other), "--device", "cpu"]))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"warning: {checkpoint} was trained on builtin:tiny-chatglm "), err
+    assert f"but the model is {other.resolve()} (config fingerprint " in err[0]
+    load(parse_args(["--prefix-checkpoint", str(checkpoint), "--device", "cpu"]))  # the model it was trained on
+    assert capsys.readouterr().err == ""
+
+
+def test_item07_ctrl_c_while_the_chat_loads_exits_130_without_a_traceback(monkeypatch, capsys):
+    import ptuning.chat as chat_module
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(chat_module, "load", interrupted)
+    assert chat_module.main([]) == 130
+    assert capsys.readouterr().err.strip() == "interrupted"

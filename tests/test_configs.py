@@ -30,7 +30,7 @@ def test_default_composes_to_typed_config():
     job = to_object(compose_train(["train.output_dir=/tmp/x"]))
     assert isinstance(job, TrainSchema)
     assert job.model.path is None and job.model.pre_seq_len == 16
-    assert job.data.train_file == "data/adgen_sample/train.json"
+    assert job.data.train_file == "data/adgen_sample/train.json"  # tests run in the project folder
     job.validate()
 
 
@@ -92,7 +92,7 @@ def test_evaluate_config_composes():
 def test_accelerate_and_deepspeed_configs_load():
     from accelerate.commands.config.config_args import load_config_from_file
 
-    files = sorted((CONF / "accelerate").glob("*.yaml"))
+    files = sorted((ROOT / "launch" / "accelerate").glob("*.yaml"))
     assert files
     for path in files:
         config = load_config_from_file(str(path))
@@ -114,9 +114,22 @@ def test_train_py_without_model_path_exits_with_one_line(tmp_path):
 
 
 def test_every_yaml_is_covered():
-    # each yaml under conf/ is composed above: the primary configs, groups, presets, accelerate files
+    # each yaml under conf/ is composed above: the primary configs, groups, presets (accelerate's files,
+    # in launch/, are loaded above)
     covered = {"train.yaml", "evaluate.yaml"}
     for path in CONF.rglob("*.yaml"):
         rel = path.relative_to(CONF)
-        assert rel.name in covered or rel.parts[0] in GROUPS + ["conf", "accelerate"], rel
+        assert rel.name in covered or rel.parts[0] in GROUPS + ["conf"], rel
     assert OmegaConf.load(CONF / "train.yaml").defaults is not None
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("+train.max_stepz=3", "train.max_stepz: no such key (did you mean train.max_steps?)"),
+    ("+model.pre_seq_lne=8", "model.pre_seq_lne: no such key (did you mean model.pre_seq_len?)"),
+    ("++data.train_fil=a.json", "data.train_fil: no such key (did you mean data.train_file?)"),
+    ("+new.key=1", "new: no such key (expected one of model, data, train, logger, run_name)"),
+])
+def test_item05_a_key_added_with_plus_fails_like_one_without_it(override, message):
+    with pytest.raises(ConfigError) as err:
+        to_object(compose_train([override, "train.output_dir=/tmp/x"]))
+    assert str(err.value) == message

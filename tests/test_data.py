@@ -537,7 +537,7 @@ def test_check_command_process_exits_without_traceback(tmp_path):
     assert result.returncode == 2
     assert (
         result.stderr.strip()
-        == f"error: {bad}, line 1: 'summary' is empty. Fix the data, or set skip_bad_rows to skip bad rows."
+        == f"error: {bad}, line 1: 'summary' is empty. Fix the data, or set data.skip_bad_rows=true to skip bad rows."
     )
     assert "Traceback" not in result.stderr
 
@@ -553,3 +553,76 @@ def test_build_datasets_training_features_for_the_validation_file(tok, tmp_path)
     assert dev.num_rows == 4 and dev.column_names[:2] == ["input_ids", "labels"]
     with pytest.raises(ValueError, match="unknown features"):
         build_datasets(cfg, ChatGLMTemplate(tok), "validation", features="both")
+
+
+# ---- faults found by trying the toolkit as a user would (one test per kind, named by item) ----
+
+
+def test_item08_a_file_with_other_column_names_names_the_column_keys(tok, tmp_path):
+    csv_file = tmp_path / "mine.csv"
+    csv_file.write_text("input,output\n广告词,一段文案\n裙子,黑色\n", encoding="utf-8")
+    hint = ("no row has it: set data.prompt_column to this file (data.train_file)'s column. data.prompt_column "
+            "applies to data.train_file, data.validation_file and data.test_file alike, so they must use the same "
+            "column names")
+    expected = f"{csv_file}, line 2: no column 'content' (columns: 'input', 'output'); {hint}"
+    cfg = DataConfig(train_file=str(csv_file), cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(DataError) as err:
+        build_datasets(cfg, ChatGLMTemplate(tok), "train")
+    assert str(err.value) == expected
+    # skip_bad_rows cannot help when no row has the column: the same hint, not "no usable rows"
+    cfg.skip_bad_rows = True
+    with pytest.raises(DataError) as err:
+        build_datasets(cfg, ChatGLMTemplate(tok), "train")
+    assert str(err.value) == expected
+    # the training file fits the keys, the validation file does not: the message names the file's key
+    cfg = DataConfig(train_file=str(SAMPLE / "train.json"), validation_file=str(csv_file), max_train_samples=4,
+                     cache_dir=str(tmp_path / "cache"))
+    build_datasets(cfg, ChatGLMTemplate(tok), "train")
+    with pytest.raises(DataError, match=r"set data\.prompt_column to this file \(data\.validation_file\)'s column"):
+        build_datasets(cfg, ChatGLMTemplate(tok), "validation")
+    # some rows lack the column: those are bad rows, which skip_bad_rows may skip
+    partly = write_lines(tmp_path / "partly.json", ['{"content": "a", "summary": "b"}', '{"content": "c"}'])
+    with pytest.raises(DataError, match=r"line 2: no column 'summary' \(columns: 'content'\)\. Fix the data, or set "
+                                        r"data\.skip_bad_rows=true to skip bad rows\.$"):
+        read_rows(partly, DataConfig())
+    assert read_rows(partly, DataConfig(skip_bad_rows=True)).skipped == 1
+
+
+def test_item11_messages_read_as_sentences(tmp_path, caplog):
+    control = write_lines(tmp_path / "control.json", ['{"content": "a\tb", "summary": "s"}'])
+    with pytest.raises(DataError) as err:
+        read_rows(control, DataConfig())
+    assert "malformed JSON: Invalid control character at column 15." in str(err.value)
+    assert " at at " not in str(err.value)
+    unterminated = write_lines(tmp_path / "unterminated.json", ['{"content": "a'])
+    with pytest.raises(DataError, match=r"malformed JSON: Unterminated string starting at column 13\."):
+        read_rows(unterminated, DataConfig())
+    one_more = write_lines(tmp_path / "two.json", ["{", "{", '{"content": "a", "summary": "b"}'])
+    with pytest.raises(DataError, match=r"line 1: malformed JSON.* \(1 more bad row follows\)\."):
+        read_rows(one_more, DataConfig())
+    with caplog.at_level(logging.WARNING, logger="ptuning.data.loading"):
+        read_rows(write_lines(tmp_path / "one.json", ["{", '{"content": "a", "summary": "b"}']),
+                  DataConfig(skip_bad_rows=True))
+    assert "skipped 1 bad row of 2 (first at line 1" in caplog.records[0].getMessage()
+    with pytest.raises(DataError, match=r"no usable rows \(1 bad row skipped, first at line 1"):
+        read_rows(write_lines(tmp_path / "bad.json", ["{"]), DataConfig(skip_bad_rows=True))
+
+
+def test_item19_an_empty_history_trains_on_the_raw_question_as_the_readme_says(tok):
+    cfg = DataConfig(prompt_column="prompt", response_column="response", history_column="history",
+                     max_source_length=256)
+    batch = {"prompt": ["你好"], "response": ["好"], "history": [[]]}
+    features = preprocess_train(batch, ChatGLMTemplate(tok), cfg)
+    raw = preprocess_train({"prompt": ["你好"], "response": ["好"]}, ChatGLMTemplate(tok), DataConfig(prompt_column="prompt",
+                                                                                 response_column="response"))
+    assert features["input_ids"] == raw["input_ids"]  # not "[Round 0]\n问：你好\n答："
+    with_turn = preprocess_train({**batch, "history": [[["早", "早上好"]]]}, ChatGLMTemplate(tok), cfg)
+    prompt = build_prompt("你好", [("早", "早上好")])
+    assert prompt.endswith("[Round 1]\n问：你好\n答：")
+    ids = tok.convert_tokens_to_ids(tok.tokenize(prompt))
+    assert with_turn["input_ids"][0][: len(ids)] == ids
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    preset = readme.split("`conf=ptuning_chat` is the original `train_chat.sh`", 1)[1].split("\n\n", 1)[0]
+    assert "a row\nwhose history is empty trains on the raw question" in preset
+    assert "`[Round 0]\\n问：{question}\\n答：`" in preset
+    assert "raw question" in (ROOT / "conf" / "conf" / "ptuning_chat.yaml").read_text(encoding="utf-8")

@@ -4,6 +4,7 @@ data parallel, two nodes on loopback, DeepSpeed ZeRO-2 and ZeRO-3."""
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -89,7 +90,7 @@ def test_two_nodes_on_loopback_equal_one(single, tmp_path):
 
 @pytest.mark.parametrize("stage", [2, 3])
 def test_deepspeed_zero_equals_one_process_and_resumes_exactly(single, tmp_path, stage):
-    config = ROOT / "conf" / "accelerate" / f"deepspeed_zero{stage}.yaml"
+    config = ROOT / "launch" / "accelerate" / f"deepspeed_zero{stage}.yaml"
     args = [*ACCELERATE, "--config_file", str(config), "--main_process_port", str(free_port())]
     launch(args, tmp_path / "full", "train.per_device_batch_size=4")
     assert max_diff(prefix(single), prefix(tmp_path / "full")) <= 1e-5
@@ -117,3 +118,38 @@ def test_deepspeed_config_conflicting_with_training_keys_is_named(tmp_path):
                   tmp_path / "out", "train.per_device_batch_size=4", check=False)
     assert proc.returncode != 0
     assert "train_micro_batch_size_per_gpu=2 conflicts with train.per_device_batch_size (4)" in proc.stderr
+
+
+# ---- faults found by trying the toolkit as a user would (one test per kind, named by item) ----
+
+REPORTING = ["data.max_eval_samples=4", "train.eval_before_training=true", "train.eval_generation=true",
+             "train.max_new_tokens=4", "train.eval_batch_size=4", "train.eval_steps=2", "train.logging_steps=2"]
+
+
+def assert_only_the_main_process_reports(proc):
+    out, bars = proc.stdout, proc.stderr.replace("\r", "\n")
+    assert out.count("done: step 4, checkpoint ") == 1 and "checkpoint None" not in out, out
+    assert out.count("untuned -> tuned prefix on ") == 1 and out.count("untuned prefix: eval loss ") == 1, out
+    assert out.count("step 2: eval loss ") == 1, out
+    assert out.count("training 16,384 of ") == 1, out
+    # each progress bar is drawn once: the untuned and the tuned generation, and the training steps
+    assert len(re.findall(r"^generate:\s+0%", bars, re.M)) == 2, bars[-3000:]
+    assert len(re.findall(r"^train:\s+0%", bars, re.M)) == 1, bars[-3000:]
+
+
+def test_item12_two_processes_report_once(tmp_path):
+    proc = launch([*ACCELERATE, "--multi_gpu", "--num_processes", "2", "--main_process_port", str(free_port())],
+                  tmp_path, "train.per_device_batch_size=4", *REPORTING)
+    assert "on 2 process(es)" in proc.stdout
+    assert_only_the_main_process_reports(proc)
+
+
+def test_item12_item13_zero3_reports_once_without_known_noise(tmp_path):
+    config = ROOT / "launch" / "accelerate" / "deepspeed_zero3.yaml"
+    proc = launch([*ACCELERATE, "--config_file", str(config), "--main_process_port", str(free_port())], tmp_path,
+                  "train.per_device_batch_size=4", *REPORTING)
+    assert_only_the_main_process_reports(proc)
+    assert "FutureWarning" not in proc.stderr, proc.stderr[-3000:]
+    # the processes of the run say nothing about the accelerator; `accelerate launch` itself imports DeepSpeed
+    # before any of our code runs and may say it once
+    assert (proc.stdout + proc.stderr).count("Setting accelerator to CPU") <= 1, proc.stdout

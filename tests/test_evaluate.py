@@ -262,3 +262,47 @@ def test_wandb_offline_logs_metrics_and_predictions_table(trained, tmp_path, mon
         time.sleep(0.2)
     assert logged["bleu-4"] == pytest.approx(metrics["bleu-4"]), history
     assert logged["predictions/_type"] == "table-file" and logged["predictions/nrows"] == 4
+
+
+# ---- faults found by trying the toolkit as a user would (one test per kind, named by item) ----
+
+
+def test_item03_evaluation_warns_in_one_line_when_the_prefix_was_trained_on_another_model(trained, tmp_path, capsys):
+    import shutil
+
+    from ptuning.config import BUILTIN_MODEL
+
+    other = tmp_path / "other-model"  # the same model in another folder: another base model to the checkpoint
+    shutil.copytree(BUILTIN_MODEL, other)
+    checkpoint = trained / "run" / "checkpoint-6"
+    capsys.readouterr()
+    reset_accelerate()
+    run(compose_evaluate([f"prefix_checkpoint={checkpoint}", f"model.path={other}", f"output_dir={tmp_path / 'out'}",
+                          f"data.cache_dir={trained / 'cache'}", "data.max_eval_samples=2",
+                          "generation.max_new_tokens=2"]))
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1, warnings
+    assert warnings[0].startswith(f"warning: {checkpoint} was trained on builtin:tiny-chatglm (config fingerprint ")
+    assert f"but the model is {other.resolve()} (config fingerprint " in warnings[0]
+
+
+def test_item09_the_prefix_shape_is_the_checkpoints_and_another_given_value_is_an_error(trained, tmp_path):
+    from ptuning.weights import CheckpointError
+
+    checkpoint = trained / "run" / "checkpoint-6"
+    cfg = compose_evaluate([f"prefix_checkpoint={checkpoint}", f"output_dir={tmp_path / 'out'}"])
+    assert (cfg.model.pre_seq_len, cfg.model.prefix_projection) == (None, None)  # unset: the checkpoint's
+    for override, message in [("model.pre_seq_len=8", "pre_seq_len=16 but the model has pre_seq_len=8"),
+                              ("model.prefix_projection=true",
+                               "prefix_projection=False but the model has prefix_projection=True")]:
+        with pytest.raises(CheckpointError, match=rf"^{checkpoint}: the prefix was trained with {message} "):
+            run(compose_evaluate([f"prefix_checkpoint={checkpoint}", f"output_dir={tmp_path / 'out'}", override]))
+    # training says the same about the same checkpoint
+    from ptuning.build import load_model
+    from ptuning.config import ModelConfig
+    from ptuning.training import load_prefix
+
+    with pytest.raises(CheckpointError, match=rf"^{checkpoint}: the prefix was trained with pre_seq_len=16 but the "
+                                              r"model has pre_seq_len=8$"):
+        load_prefix(load_model(ModelConfig(pre_seq_len=8)), checkpoint)
+    assert not (tmp_path / "out").exists()

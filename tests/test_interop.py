@@ -340,3 +340,39 @@ def test_export_command_line(tmp_path, capsys):
         == 0
     )
     assert torch.equal(read_peft_adapter(tmp_path / "a2")[1], read_peft_adapter(tmp_path / "adapter")[1])
+
+
+# ---- faults found by trying the toolkit as a user would (one test per kind, named by item) ----
+
+
+def test_item13_the_documented_peft_path_raises_no_warning_of_ours():
+    # in a fresh interpreter: filters installed at import survive there (pytest restores its own after
+    # collecting a module)
+    import json
+    import subprocess
+    import sys
+
+    from .common import ROOT
+
+    script = """
+import json, warnings, torch
+from tests.test_interop import padded_batch, peft_twin, prefixed_model
+
+model = prefixed_model()
+ids, _, mask = padded_batch(model.config)
+
+def documented_path_warnings():
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        peft_twin(model)(input_ids=ids, attention_mask=mask)
+    return [str(w.message) for w in caught if issubclass(w.category, FutureWarning)]
+
+shown = documented_path_warnings()
+warnings.resetwarnings()  # without the filters ptuning installs, the noise is there
+warnings.simplefilter("always")
+print(json.dumps([shown, documented_path_warnings()]))
+"""
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with_filters, without = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert with_filters == []
+    assert any("`past_key_values` is deprecated" in text for text in without), without

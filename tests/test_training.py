@@ -156,9 +156,9 @@ def test_nonfinite_loss_stops_naming_step_and_checkpoint(tmp_path, monkeypatch):
     calls = {"n": 0}
 
     def poisoned(model, ids, labels):
-        calls["n"] += 1
+        calls["n"] += model.training  # training steps only (the untuned prefix's eval loss comes first)
         value = real(model, ids, labels)
-        return value * float("nan") if calls["n"] == 5 else value
+        return value * float("nan") if calls["n"] == 5 and model.training else value
 
     monkeypatch.setattr(loop_module, "token_loss_sum", poisoned)
     with pytest.raises(TrainingError, match=r"step 5: non-finite loss .*last good checkpoint: .*checkpoint-3"):
@@ -189,3 +189,212 @@ def test_wandb_offline_records_metrics(tmp_path, monkeypatch):
     for key in ("learning_rate", "grad_norm", "tokens_per_s", "matmul_peak_fraction"):
         assert key in logged[-1], key
     assert any("eval_loss" in row for row in history)
+
+
+# ---- faults found by trying the toolkit as a user would (one test per kind, named by item) ----
+
+
+def file_digests(folder):
+    import hashlib
+
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def checkpoint_names(folder):
+    return sorted((p.name for p in folder.glob("checkpoint-*")), key=lambda n: int(n.split("-")[1]))
+
+
+def test_item01_overwrite_removes_the_old_run_only_after_checks_and_keeps_the_new_checkpoints(tmp_path, capsys):
+    from .common import ROOT
+
+    train(tmp_path, "train.eval_before_training=false")  # the old run: checkpoint-3 and checkpoint-6
+    (tmp_path / "eval-checkpoint-6").mkdir()
+    (tmp_path / "eval-checkpoint-6" / "metrics.json").write_text("{}")
+    (tmp_path / "notes.txt").write_text("the user's own file")
+    before = file_digests(tmp_path)
+    # a start that fails (a data file without the response column) touches nothing
+    bad = ROOT / "tests" / "bad_inputs" / "data" / "missing_column.json"
+    from ptuning.data import DataError
+
+    with pytest.raises(DataError):
+        train(tmp_path, "train.overwrite=true", f"data.train_file={bad}")
+    assert file_digests(tmp_path) == before
+    capsys.readouterr()
+    # the new run saves every step and keeps 2: its own checkpoints stay, although their step numbers are
+    # lower than the old run's
+    result = train(tmp_path, "train.overwrite=true", "train.max_steps=3", "train.save_steps=1",
+                   "train.save_total_limit=2", "train.eval_before_training=false")
+    said = [line for line in capsys.readouterr().out.splitlines() if "removed" in line]
+    assert said == [f"train.overwrite=true: removed the previous run's checkpoint-3, checkpoint-6, eval-checkpoint-6, "
+                    f"run_config.json, train_log.jsonl from {tmp_path}"]
+    assert result.checkpoint == tmp_path / "checkpoint-3"
+    assert checkpoint_names(tmp_path) == ["checkpoint-2", "checkpoint-3"]
+    assert (tmp_path / "notes.txt").read_text() == "the user's own file"
+    assert loop_module.resolve_resume(job(tmp_path, "train.resume_from=latest")) == tmp_path / "checkpoint-3"
+    assert [r["step"] for r in map(json.loads, (tmp_path / "train_log.jsonl").read_text().splitlines())
+            if "loss" in r] == [1, 2, 3]
+
+
+def test_item01_pruning_and_latest_never_take_another_runs_checkpoints(tmp_path):
+    from ptuning.evaluation.run import resolve_checkpoint
+    from ptuning.training.checkpoint import latest_checkpoint, prefix_metadata, save_checkpoint
+
+    model = loop_module.load_model(ModelConfig())
+    base = prefix_metadata(model.config, "builtin:tiny-chatglm")
+    save_checkpoint(tmp_path, 800, model, {**base, "run_id": "old"})  # copied in from another run
+    (tmp_path / "run_config.json").write_text(json.dumps({"run_id": "new"}))
+    for step in (1, 2, 3):
+        save_checkpoint(tmp_path, step, model, {**base, "run_id": "new"}, save_total_limit=2)
+    assert checkpoint_names(tmp_path) == ["checkpoint-2", "checkpoint-3", "checkpoint-800"]
+    assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint-3"
+    assert resolve_checkpoint(str(tmp_path)) == tmp_path / "checkpoint-3"  # evaluate.py / chat on the run folder
+    assert loop_module.resolve_resume(job(tmp_path, "train.resume_from=latest")) == tmp_path / "checkpoint-3"
+    # a folder whose recorded run has no checkpoint there: resume refuses the others' instead of taking them
+    (tmp_path / "run_config.json").write_text(json.dumps({"run_id": "gone"}))
+    with pytest.raises(TrainingError, match=r"the checkpoints in .* \(checkpoint-2, checkpoint-3, checkpoint-800\) "
+                                            r"were not written by the run its run_config.json records"):
+        loop_module.resolve_resume(job(tmp_path, "train.resume_from=latest"))
+
+
+def test_item03_resume_on_another_base_model_is_refused_and_init_warns(tmp_path, capsys):
+    import shutil
+
+    from ptuning.config import BUILTIN_MODEL
+
+    other = tmp_path / "other-model"  # same architecture and shapes, another model folder
+    shutil.copytree(BUILTIN_MODEL, other)
+    run_dir = tmp_path / "run"
+    train(run_dir, "train.max_steps=3", "train.eval_before_training=false")
+    meta = json.loads((run_dir / "checkpoint-3" / "prefix_config.json").read_text())
+    fingerprint = meta["base_config_fingerprint"]
+    before = file_digests(run_dir)
+    with pytest.raises(TrainingError) as refused:
+        train(run_dir, "train.resume_from=latest", f"model.path={other}", "train.eval_before_training=false")
+    assert str(refused.value) == (
+        f"{run_dir / 'checkpoint-3'} was trained on builtin:tiny-chatglm (config fingerprint {fingerprint}, weights "
+        f"{meta['base_weights_sha256']}) but the model is {other.resolve()} (config fingerprint {fingerprint}): "
+        "resume on the model it was trained on, or set train.allow_base_model_change=true to go on with this one "
+        "on purpose")
+    assert file_digests(run_dir) == before
+    capsys.readouterr()
+    # on purpose: it goes on, says so in one line, and the next checkpoint names the model it now trains on
+    result = train(run_dir, "train.resume_from=latest", f"model.path={other}", "train.allow_base_model_change=true",
+                   "train.eval_before_training=false")
+    assert result.step == 6
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert warnings == ["warning: " + str(refused.value).rsplit(": resume on", 1)[0]]
+    assert json.loads((run_dir / "checkpoint-6" / "prefix_config.json").read_text())["base_model"] == str(other.resolve())
+    # a prefix to start from: a warning, no refusal
+    train(tmp_path / "init", f"train.init_prefix_from={run_dir / 'checkpoint-3'}", f"model.path={other}",
+          "train.max_steps=3", "train.eval_before_training=false")
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "was trained on builtin:tiny-chatglm" in warnings[0]
+
+
+def test_item07_ctrl_c_names_the_step_and_the_checkpoint_to_resume(tmp_path, monkeypatch):
+    from ptuning.training.loop import TrainingInterrupted
+
+    real = loop_module.token_loss_sum
+    calls = {"n": 0}
+
+    def interrupted_in_step_5(model, ids, labels):
+        calls["n"] += model.training
+        if calls["n"] == 5 and model.training:
+            raise KeyboardInterrupt
+        return real(model, ids, labels)
+
+    monkeypatch.setattr(loop_module, "token_loss_sum", interrupted_in_step_5)
+    with pytest.raises(TrainingInterrupted) as stopped:
+        train(tmp_path, "train.eval_before_training=false")
+    assert str(stopped.value) == (f"interrupted at step 4; last checkpoint {tmp_path / 'checkpoint-3'}; "
+                                  "continue with train.resume_from=latest")
+    calls["n"] = 4  # the next call is the 5th: Ctrl-C in the first step of a new run
+    with pytest.raises(TrainingInterrupted, match=r"^interrupted at step 0, before the first checkpoint: nothing to "
+                                                  r"resume, start the run again$"):
+        train(tmp_path / "early", "train.eval_before_training=false")
+
+
+def test_item14_console_shows_eval_loss_and_throughput_as_the_readme_says(tmp_path, capsys):
+    import re
+
+    from .common import ROOT
+
+    train(tmp_path, "train.eval_steps=2", "train.logging_steps=2", "train.eval_before_training=false")
+    captured = capsys.readouterr()
+    assert [line for line in captured.out.splitlines() if "eval loss" in line and line.startswith("step")] == [
+        f"step {n}: eval loss {loss:.4f}" for n, loss in
+        [(r["step"], r["eval_loss"]) for r in map(json.loads, (tmp_path / "train_log.jsonl").read_text().splitlines())
+         if "eval_loss" in r and r["step"] in (2, 4)]]
+    bar = captured.err.replace("\r", "\n").splitlines()[-1]
+    readme = (ROOT / "README.md").read_text()
+    logging_section = readme.split("## Logging", 1)[1].split("##", 1)[0]
+    shown = re.search(r"progress bar with the step's (.*?)`tokens_per_s`", logging_section, re.S).group(0)
+    keys = re.findall(r"`(\w+)`", shown)
+    assert keys == ["loss", "lr", "grad_norm", "tokens_per_s"]
+    for key in keys:
+        assert re.search(rf"\b{key}=[0-9]", bar), (key, bar)
+    assert "`step N: eval loss X`" in logging_section
+    # the checkpoints the README lists are the ones the default run keeps
+    default = to_object(compose_train(["train.output_dir=/tmp/x"])).train
+    kept = list(range(default.save_steps, default.max_steps + 1, default.save_steps))[-default.save_total_limit:]
+    assert f"checkpoint-{{{','.join(map(str, kept))}}}/" in readme
+
+
+def test_item15_the_untuned_baseline_reaches_wandb_and_the_loss_plot(tmp_path, monkeypatch):
+    from ptuning.training.plot import loss_curves
+    from ptuning.training.tracking import make_tracker
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc key: offline
+    cfg = job(tmp_path / "run", "logger=wandb", "train.eval_before_training=true", "train.max_new_tokens=8")
+    AcceleratorState._reset_state(True)
+    run(cfg, trackers=make_tracker(cfg))
+    records = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    baseline = next(r for r in records if r["step"] == 0)
+    assert math.isfinite(baseline["eval_loss"]) and "eval_rouge-l" in baseline
+    assert loss_curves(records)[1][0] == (0, baseline["eval_loss"])
+    wandb_file = next((tmp_path / "run" / "wandb").glob("offline-run-*/*.wandb"))
+    deadline = time.time() + 60
+    while True:
+        history = read_wandb_history(wandb_file)
+        first = next((row for row in history if row.get("_step") == 0), None)
+        if first is not None or time.time() > deadline:
+            break
+        time.sleep(0.5)
+    assert first is not None, history
+    assert first["eval_loss"] == pytest.approx(baseline["eval_loss"])
+    assert first["eval_rouge-l"] == pytest.approx(baseline["eval_rouge-l"])
+
+
+def test_item17_a_small_model_on_cpu_runs_with_one_thread_unless_omp_num_threads_says(tmp_path, monkeypatch):
+    from ptuning.models.chatglm import tiny_config
+    from ptuning.perf import BENCH_SHAPE, set_cpu_threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        tiny = loop_module.load_model(ModelConfig()).config
+        assert set_cpu_threads(tiny, "cpu") == 1 and torch.get_num_threads() == 1
+        torch.set_num_threads(2)
+        assert set_cpu_threads(tiny_config(**BENCH_SHAPE), "cpu") is None and torch.get_num_threads() == 2
+        assert set_cpu_threads(tiny, "cuda") is None and torch.get_num_threads() == 2
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        assert set_cpu_threads(tiny, "cpu") is None and torch.get_num_threads() == 2
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        # a training run: one thread while it runs, the caller's count afterwards
+        seen = []
+        real = loop_module.token_loss_sum
+
+        def spy(*args):
+            seen.append(torch.get_num_threads())
+            return real(*args)
+
+        monkeypatch.setattr(loop_module, "token_loss_sum", spy)
+        train(tmp_path, "train.max_steps=2", "train.eval_before_training=false")
+        assert seen and set(seen) == {1}
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

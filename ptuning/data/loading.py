@@ -90,7 +90,16 @@ def _json_line_records(text: str) -> Iterator[tuple[int, Any, str | None]]:
         try:
             yield number, json.loads(line), None
         except json.JSONDecodeError as err:
-            yield number, None, f"malformed JSON: {err.msg} at column {err.colno}"
+            yield number, None, f"malformed JSON: {_json_reason(err)} at column {err.colno}"
+
+
+def _json_reason(err: json.JSONDecodeError) -> str:
+    # some of json's messages end in "at" ("Invalid control character at"), followed by its own position
+    return err.msg.removesuffix(" at")
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def _json_array_records(path: Path, text: str) -> Iterator[tuple[int, Any, str | None]]:
@@ -111,7 +120,7 @@ def _json_array_records(path: Path, text: str) -> Iterator[tuple[int, Any, str |
             record, end = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as err:
             raise DataError(
-                f"{path}, line {err.lineno}: malformed JSON array: {err.msg} at column {err.colno}"
+                f"{path}, line {err.lineno}: malformed JSON array: {_json_reason(err)} at column {err.colno}"
             ) from None
         yield line, record, None
         pos = ws.match(text, end).end()
@@ -223,12 +232,27 @@ def _check_record(record: Any, cfg: DataConfig, from_csv: bool) -> tuple[dict[st
     return row, None
 
 
-def read_rows(path: str | os.PathLike, cfg: DataConfig) -> ReadReport:
+def _column_hint(column: str, cfg: DataConfig, key: str | None) -> str:
+    """What to set when no row of a file has ``column``: the key that names it, and that one key serves
+    every data file."""
+    setting = next(
+        f"data.{name}" for name in ("prompt_column", "response_column", "history_column")
+        if getattr(cfg, name) == column
+    )
+    which = f"this file ({key})" if key else "this file"
+    return (
+        f"no row has it: set {setting} to {which}'s column. {setting} applies to data.train_file, "
+        "data.validation_file and data.test_file alike, so they must use the same column names"
+    )
+
+
+def read_rows(path: str | os.PathLike, cfg: DataConfig, key: str | None = None) -> ReadReport:
     """Read and check every row of a ``.json`` / ``.jsonl`` / ``.csv`` file.
 
     Args:
         path: the file. JSON files hold one object per line, or one array of objects.
         cfg: columns to keep and ``skip_bad_rows``.
+        key: the setting that names the file (``data.validation_file``), for messages.
 
     Returns:
         The kept rows and what was skipped (reported once, as a warning, when anything was).
@@ -246,31 +270,45 @@ def read_rows(path: str | os.PathLike, cfg: DataConfig) -> ReadReport:
     records, from_csv = _records(path, raw)
     report = ReadReport(path=str(path), sha256=hashlib.sha256(raw).hexdigest())
     problems: list[tuple[int, str]] = []
+    columns_seen: set[str] = set()  # columns that at least one row has
+    objects = 0  # rows that are objects (have columns at all)
     for line, record, problem in records:
         row = None
         if problem is None:
+            if isinstance(record, dict):
+                objects += 1
+                columns_seen.update(record)
             row, problem = _check_record(record, cfg, from_csv)
         if problem is not None:
             problems.append((line, problem))
         else:
             report.rows.append(row)
-    if problems and not cfg.skip_bad_rows:
+    # a column that no row has is a setting to fix, not rows to skip
+    wanted = [cfg.prompt_column, cfg.response_column] + ([cfg.history_column] if cfg.history_column else [])
+    absent = next((c for c in wanted if c not in columns_seen), None) if objects and not report.rows else None
+    if problems and (absent is not None or not cfg.skip_bad_rows):
         line, problem = problems[0]
-        more = f" ({len(problems) - 1} more bad rows follow)" if len(problems) > 1 else ""
+        if absent is not None:
+            hint = _column_hint(absent, cfg, key)
+            if not problem.startswith(f"no column {absent!r}"):
+                line, problem = next((n, p) for n, p in problems if p.startswith(f"no column {absent!r}"))
+            raise DataError(f"{path}, line {line}: {problem}; {hint}")
+        more = len(problems) - 1
+        more = f" ({_plural(more, 'more bad row')} follow{'s' if more == 1 else ''})" if more else ""
         raise DataError(
-            f"{path}, line {line}: {problem}{more}. Fix the data, or set skip_bad_rows to skip bad rows."
+            f"{path}, line {line}: {problem}{more}. Fix the data, or set data.skip_bad_rows=true to skip bad rows."
         )
     if problems:
         report.skipped = len(problems)
         report.first_problem = "line {}: {}".format(*problems[0])
     if not report.rows:
-        detail = f" ({report.skipped} bad rows skipped, first at {report.first_problem})" if problems else ""
+        detail = f" ({_plural(report.skipped, 'bad row')} skipped, first at {report.first_problem})" if problems else ""
         raise DataError(f"{path}: no usable rows{detail}")
     if problems:
         logger.warning(
-            "%s: skipped %d bad rows of %d (first at %s)",
+            "%s: skipped %s of %d (first at %s)",
             path,
-            report.skipped,
+            _plural(report.skipped, "bad row"),
             report.skipped + len(report.rows),
             report.first_problem,
         )
@@ -291,7 +329,7 @@ def _features(cfg: DataConfig) -> datasets.Features:
     return datasets.Features(columns)
 
 
-def load_rows(path: str | os.PathLike, cfg: DataConfig) -> datasets.Dataset:
+def load_rows(path: str | os.PathLike, cfg: DataConfig, key: str | None = None) -> datasets.Dataset:
     """Check ``path`` and load its good rows as a ``datasets.Dataset`` (configured columns only).
 
     The normalized copy lives in ``<cache>/normalized/<key>.jsonl``, with the key a hash of the file's
@@ -300,9 +338,9 @@ def load_rows(path: str | os.PathLike, cfg: DataConfig) -> datasets.Dataset:
     Raises:
         DataError: see :func:`read_rows`.
     """
-    report = read_rows(path, cfg)
-    key = hashlib.sha256(json.dumps([NORMALIZED_VERSION, report.sha256, *_features(cfg)]).encode())
-    normalized = _cache_root(cfg) / "normalized" / f"{key.hexdigest()[:32]}.jsonl"
+    report = read_rows(path, cfg, key)
+    digest = hashlib.sha256(json.dumps([NORMALIZED_VERSION, report.sha256, *_features(cfg)]).encode())
+    normalized = _cache_root(cfg) / "normalized" / f"{digest.hexdigest()[:32]}.jsonl"
     if not normalized.exists():
         normalized.parent.mkdir(parents=True, exist_ok=True)
         partial_file = normalized.with_suffix(f".{os.getpid()}.tmp")
@@ -324,7 +362,7 @@ def build_datasets(cfg: DataConfig, template, split: str, features: str | None =
 
     Args:
         cfg: the data configuration.
-        tokenizer: a :class:`~ptuning.tokenizer.ChatGLMTokenizer`.
+        template: the model family's :class:`~ptuning.models.base.PromptTemplate`.
         split: ``"train"`` (training features: ``input_ids``, ``labels``) or ``"validation"`` /
             ``"test"`` (generation features: ``input_ids``, ``reference``, ``prompt``).
         features: ``"train"`` or ``"eval"`` to choose the features regardless of the split (e.g. the
@@ -340,20 +378,23 @@ def build_datasets(cfg: DataConfig, template, split: str, features: str | None =
         ValueError: unknown split or no file configured for it.
     """
     path = cfg.file_for(split)
-    dataset = load_rows(path, cfg)
+    dataset = load_rows(path, cfg, key=f"data.{split}_file")
     limit = cfg.max_train_samples if split == "train" else cfg.max_eval_samples
     if limit is not None and limit < len(dataset):
         dataset = dataset.select(range(limit))
     if features not in (None, "train", "eval"):
         raise ValueError(f"unknown features {features!r}: expected 'train' or 'eval'")
-    featurize = preprocess_train if (features or ("train" if split == "train" else "eval")) == "train" else preprocess_eval
+    kind = features or ("train" if split == "train" else "eval")
+    featurize = preprocess_train if kind == "train" else preprocess_eval
+    # a validation file is tokenized twice during training (loss and generation features): say which
+    purpose = "generation" if kind == "eval" else ("training" if split == "train" else "the eval loss")
     featurized = dataset.map(
         partial(featurize, template=template, cfg=cfg),
         batched=True,
         num_proc=cfg.preprocessing_num_workers,
         remove_columns=dataset.column_names,
         load_from_cache_file=not cfg.overwrite_cache,
-        desc=f"Tokenizing {split} ({Path(path).name})",
+        desc=f"Tokenizing {split} ({Path(path).name}) for {purpose}",
     )
     report_truncation(featurized, path, cfg)
     return featurized

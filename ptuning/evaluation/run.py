@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,12 +29,22 @@ RUN_MARKERS = ("train_log.jsonl", "run_config.json", "config.json", "model.safet
 
 
 @dataclass
+class EvaluateModelConfig(ModelConfig):
+    """``model.*`` of an evaluation. The prefix's shape is the checkpoint's: ``pre_seq_len`` and
+    ``prefix_projection`` stay None unless given, and a given value that differs from the checkpoint's is
+    the same error as in training."""
+
+    pre_seq_len: int | None = None
+    prefix_projection: bool | None = None
+
+
+@dataclass
 class EvaluateJobConfig:
     """Everything ``python evaluate.py`` needs.
 
     Attributes:
         model: the base model (``model.path``; null = the built-in tiny model). ``pre_seq_len`` and
-            ``prefix_projection`` are taken from the checkpoint.
+            ``prefix_projection`` are taken from the checkpoint (see :class:`EvaluateModelConfig`).
         data: the data file (``data.test_file``, or ``data.validation_file`` with ``split=validation``)
             and its column keys.
         logger: ``logger=wandb`` logs the metrics and a predictions table.
@@ -48,7 +59,7 @@ class EvaluateJobConfig:
         seed: seeds sampling (``generation.do_sample=true``); greedy decoding does not use it.
     """
 
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: EvaluateModelConfig = field(default_factory=EvaluateModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     generation: GenerationSettings = field(default_factory=GenerationSettings)
@@ -198,6 +209,7 @@ def predict(
         ``generation_s``, ``new_tokens_per_s``) and the predictions ``[{"prompt", "labels", "predict"}]``
         in input order.
     """
+    from ..training.faults import kill_point
     from .metrics import compute_metrics
 
     if not isinstance(settings, GenerationSettings):
@@ -225,7 +237,8 @@ def predict(
     new_tokens = 0
     start = time.perf_counter()
     try:
-        for chunk in batched(mine, batch_size):
+        for number, chunk in enumerate(batched(mine, batch_size)):
+            kill_point("generate", number)  # test-only: a signal before generating batch ``number``
             ids = generate_ids(
                 model,
                 [examples[i]["input_ids"] for i in chunk],
@@ -271,6 +284,7 @@ def evaluate_model(
     split: str = "validation",
     batch_size: int | None = None,
     progress: bool = True,
+    examples: list[dict] | None = None,
 ) -> dict:
     """The metrics of :func:`predict` alone (training-time evaluation)."""
     metrics, _ = predict(
@@ -282,6 +296,7 @@ def evaluate_model(
         split=split,
         batch_size=batch_size,
         progress=progress,
+        examples=examples,
     )
     return metrics
 
@@ -316,6 +331,9 @@ def write_outputs(out: Path, rows: list[dict], metrics: dict) -> None:
 def run(cfg: EvaluateJobConfig, *, tracker=None) -> dict:
     """Loads the model and the prefix, evaluates, writes the predictions and metrics (main process).
 
+    A small model on a CPU runs with one intra-op thread unless ``OMP_NUM_THREADS`` is set
+    (:func:`ptuning.perf.set_cpu_threads`); the thread count is restored on return.
+
     Args:
         cfg: the job.
         tracker: a :class:`~ptuning.training.tracking.WandbTracker` for the metrics and a predictions
@@ -327,12 +345,24 @@ def run(cfg: EvaluateJobConfig, *, tracker=None) -> dict:
     Raises:
         ConfigError, DataError, CheckpointError: user mistakes, with a one-line message.
     """
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        return _evaluate(cfg, tracker)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _evaluate(cfg: EvaluateJobConfig, tracker) -> dict:
     from accelerate.utils import set_seed
 
-    from ..build import load
+    from ..build import base_metadata, load
     from ..data import DataError, build_datasets
     from ..distributed import LaunchError, start
-    from ..training.checkpoint import infer_prefix_shape, load_prefix, read_prefix
+    from ..perf import set_cpu_threads
+    from ..training.checkpoint import base_model_change, infer_prefix_shape, load_prefix, read_prefix
+    from ..weights import CheckpointError
 
     cfg.validate()
     checkpoint = resolve_checkpoint(cfg.prefix_checkpoint)
@@ -340,8 +370,14 @@ def run(cfg: EvaluateJobConfig, *, tracker=None) -> dict:
     prefix, meta = read_prefix(checkpoint)
     # the prefix decides the model's prefix shape; an original-format checkpoint has no metadata
     shape = meta if meta and "pre_seq_len" in meta else infer_prefix_shape(prefix)
-    cfg.model.pre_seq_len = shape["pre_seq_len"]
-    cfg.model.prefix_projection = shape.get("prefix_projection", False)
+    for key, value in (("pre_seq_len", shape["pre_seq_len"]), ("prefix_projection", shape.get("prefix_projection", False))):
+        given = getattr(cfg.model, key)
+        if given is not None and given != value:
+            raise CheckpointError(
+                f"{checkpoint}: the prefix was trained with {key}={value} but the model has {key}={given} "
+                f"(model.{key}; leave it unset to take the checkpoint's)"
+            )
+        setattr(cfg.model, key, value)
     cfg.model.validate()
     # made by every process before any work: an unwritable folder fails at once, and on all processes alike
     try:
@@ -360,7 +396,10 @@ def run(cfg: EvaluateJobConfig, *, tracker=None) -> dict:
     set_seed(cfg.seed + comm.process_index)  # sampling: a different stream on each process
     loaded = load(cfg.model, device=accelerator.device, init=False)
     model, template = loaded.model, loaded.template
-    load_prefix(model, checkpoint)
+    set_cpu_threads(model, accelerator.device)
+    changed = base_model_change(load_prefix(model, checkpoint), base_metadata(cfg.model, model))
+    if changed and main:
+        print(f"warning: {checkpoint} {changed}", file=sys.stderr)
     # The main process fills the datasets cache first, the others then read it. A data error is raised
     # only after the barrier, so that every process reaches it and then fails with the same message.
     if not main:

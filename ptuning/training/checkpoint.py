@@ -4,10 +4,14 @@ A checkpoint folder ``checkpoint-{step}/`` holds
 
 * ``prefix.safetensors``: the prefix encoder's weights under ``transformer.prefix_encoder.*``;
 * ``prefix_config.json``: what they fit (pre_seq_len, prefix_projection, layers, width, heads), the base
-  model and a fingerprint of its config;
+  model and a fingerprint of its config, and the id of the training run that wrote it (``run_id``);
 * ``training_state.pt``: optimizer, scheduler, step, RNG states and data position, for exact resume.
 
 It is written to a temporary folder and renamed, so a crash never leaves a half-written checkpoint.
+
+A training output folder records its run's id in ``run_config.json``. A run prunes only its own
+checkpoints, and "the latest checkpoint" of a folder is the newest one its recorded run wrote, so a run
+never deletes or resumes from a checkpoint another run left there.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import os
 import random
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -29,6 +34,7 @@ from .faults import kill_point
 PREFIX_FILE = "prefix.safetensors"
 META_FILE = "prefix_config.json"
 STATE_FILE = "training_state.pt"
+RUN_FILE = "run_config.json"  # the training run's configuration and id, in its output folder
 ORIGINAL_FILE = "pytorch_model.bin"
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 # Sizes every prefix_config.json records (ptuning.prefix.PrefixShape.describe); checkpoints of earlier
@@ -81,8 +87,35 @@ def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def checkpoint_run_id(checkpoint: str | os.PathLike) -> str | None:
+    """The id of the run that wrote ``checkpoint`` (its ``prefix_config.json``), or None when it records none
+    (a checkpoint of the original script, or an unreadable one)."""
+    try:
+        meta = json.loads((Path(checkpoint) / META_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return meta.get("run_id") if isinstance(meta, dict) else None
+
+
+def folder_run_id(output_dir: str | os.PathLike) -> str | None:
+    """The run id that the training output folder records (``run_config.json``), or None."""
+    try:
+        record = json.loads((Path(output_dir) / RUN_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return record.get("run_id") if isinstance(record, dict) else None
+
+
+def run_checkpoints(output_dir: str | os.PathLike, run_id: str | None) -> list[Path]:
+    """The checkpoints of ``output_dir`` written by run ``run_id``, oldest first."""
+    return [p for p in list_checkpoints(output_dir) if checkpoint_run_id(p) == run_id]
+
+
 def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
-    found = list_checkpoints(output_dir)
+    """The newest checkpoint of the run that ``output_dir`` records in ``run_config.json``; in a folder that
+    records no run (checkpoints copied there by hand), the newest checkpoint. None when there is none."""
+    recorded = folder_run_id(output_dir)
+    found = list_checkpoints(output_dir) if recorded is None else run_checkpoints(output_dir, recorded)
     return found[-1] if found else None
 
 
@@ -102,7 +135,8 @@ def save_checkpoint(
     training_state: dict | None = None,
     save_total_limit: int | None = None,
 ) -> Path:
-    """Writes ``checkpoint-{step}`` atomically and prunes the oldest beyond ``save_total_limit``.
+    """Writes ``checkpoint-{step}`` atomically and prunes the oldest beyond ``save_total_limit``, counting
+    only the checkpoints of the same run (``meta["run_id"]``): another run's checkpoints are never removed.
 
     Raises:
         CheckpointError: the prefix is not finite (nothing is written), or the write failed (the previous
@@ -139,7 +173,7 @@ def save_checkpoint(
             f"{final}: writing the checkpoint failed ({err.strerror or err}); earlier checkpoints are intact"
         ) from None
     if save_total_limit is not None:
-        for old in list_checkpoints(output_dir)[:-save_total_limit]:
+        for old in run_checkpoints(output_dir, meta.get("run_id"))[:-save_total_limit]:
             shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -161,11 +195,18 @@ def load_training_state(checkpoint: str | os.PathLike) -> dict:
         with torch.serialization.safe_globals(_deepspeed_state_classes()):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - a truncated or foreign file is the user's to replace
-        raise CheckpointError(f"{path}: cannot read the training state ({load_failure(err)})") from None
+        why = load_failure(err)
+        if "deepspeed" in str(err) and "deepspeed" not in sys.modules:
+            why = "it was written by a DeepSpeed run: resume it under DeepSpeed with the same process count"
+        raise CheckpointError(f"{path}: cannot read the training state ({why})") from None
 
 
 def _deepspeed_state_classes() -> list:
-    """The few DeepSpeed classes a ZeRO optimizer state holds; allowed by the weights-only unpickler."""
+    """The few DeepSpeed classes a ZeRO optimizer state holds; allowed by the weights-only unpickler.
+    Empty unless this run uses DeepSpeed (imported by accelerate then): importing it costs seconds and
+    prints a warning about the accelerator it detects."""
+    if "deepspeed" not in sys.modules:
+        return []
     try:
         from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
         from deepspeed.runtime.zero.config import ZeroStageEnum
@@ -220,6 +261,33 @@ def local_prefix_keys(prefix: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     for the others)."""
     marker = f"{PREFIX_ATTRIBUTE}."
     return {k[k.index(marker) + len(marker):]: v for k, v in prefix.items()}
+
+
+def base_model_change(trained: dict | None, current: dict) -> str | None:
+    """How the backbone described by ``current`` differs from the one a prefix was trained on, or None.
+
+    Args:
+        trained: the checkpoint's ``prefix_config.json`` (None for the original script's checkpoints, which
+            record no base model: nothing to compare).
+        current: :func:`prefix_metadata` of the model the prefix goes into.
+
+    Returns:
+        ``"was trained on A (config fingerprint a) but the model is B (config fingerprint b)"``, or None
+        when the base model's name, config fingerprint and (where both record it) weights digest agree.
+    """
+    if not trained or "base_model" not in trained:
+        return None
+    keys = ("base_model", "base_config_fingerprint", "base_weights_sha256")
+    if all(trained.get(k) == current.get(k) for k in keys if k in trained and k in current):
+        return None
+
+    def name(meta: dict) -> str:
+        text = f"{meta.get('base_model')} (config fingerprint {meta.get('base_config_fingerprint')}"
+        if trained.get("base_weights_sha256") != current.get("base_weights_sha256") and meta.get("base_weights_sha256"):
+            text += f", weights {meta['base_weights_sha256']}"
+        return text + ")"
+
+    return f"was trained on {name(trained)} but the model is {name(current)}"
 
 
 def load_prefix(model: torch.nn.Module, checkpoint: str | os.PathLike) -> dict | None:

@@ -1,7 +1,8 @@
 """Test-only fault injection: lets the kill-and-resume tests stop a training process at an exact moment.
 
 ``PTUNING_TEST_KILL_AT=<point>@<step>`` (for example ``save-write@6``) makes the process send itself
-SIGKILL when it reaches ``point`` at training step ``step``. SIGKILL is what a pre-empted job gets: no
+SIGKILL when it reaches ``point`` at training step ``step``; ``PTUNING_TEST_KILL_SIGNAL=SIGINT`` sends that
+signal instead (Ctrl-C at an exact moment). SIGKILL is what a pre-empted job gets: no
 ``finally`` blocks, no buffer flushing, no ``atexit``; sending it from inside only makes the moment exact,
 which a test that watched files from outside could not guarantee (a checkpoint rename takes
 microseconds). The variable is read by ``tests/test_reliability.py`` only; unset, a call costs one
@@ -13,7 +14,8 @@ Points:
 * ``eval``: inside the evaluation loss, after its first batch (``step`` is the training step it follows);
 * ``save-write``: inside a checkpoint write: every file complete in the ``.tmp-checkpoint-N`` folder,
   not yet renamed to ``checkpoint-N``;
-* ``saved``: right after ``checkpoint-N`` is in place (and older ones pruned).
+* ``saved``: right after ``checkpoint-N`` is in place (and older ones pruned);
+* ``generate``: in evaluation, before generating batch ``step`` (counted from 0 on each process).
 """
 
 from __future__ import annotations
@@ -22,11 +24,13 @@ import os
 import signal
 
 ENV = "PTUNING_TEST_KILL_AT"
-POINTS = ("step", "eval", "save-write", "saved")
+SIGNAL_ENV = "PTUNING_TEST_KILL_SIGNAL"
+POINTS = ("step", "eval", "save-write", "saved", "generate")
 
 
 def kill_point(point: str, step: int) -> None:
-    """SIGKILLs this process when ``PTUNING_TEST_KILL_AT`` names ``point`` at ``step``."""
+    """SIGKILLs this process (or sends it ``PTUNING_TEST_KILL_SIGNAL``) when ``PTUNING_TEST_KILL_AT`` names
+    ``point`` at ``step``."""
     target = os.environ.get(ENV)
     if target and target == f"{point}@{step}":
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), getattr(signal, os.environ.get(SIGNAL_ENV, "SIGKILL")))

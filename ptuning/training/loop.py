@@ -10,7 +10,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import shutil
+import sys
 import time
+import uuid
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,26 +28,50 @@ from ..build import load, model_family, weights_digest
 from ..config import TrainJobConfig
 from ..distributed import Collectives, LaunchError, start
 from ..evaluation.metrics import METRIC_NAMES
-from ..perf import matmul_peak_flops, model_train_flops_per_token, peak_memory_mib
+from ..perf import matmul_peak_flops, model_train_flops_per_token, peak_memory_mib, set_cpu_threads
 from ..prefix import mark_only_prefix_trainable, prefix_module_name
 from ..weights import CheckpointError
 from .checkpoint import (
+    RUN_FILE,
+    base_model_change,
     capture_rng,
+    checkpoint_run_id,
+    folder_run_id,
     latest_checkpoint,
     list_checkpoints,
     load_prefix,
     load_training_state,
     prefix_metadata,
     restore_rng,
+    run_checkpoints,
     save_checkpoint,
 )
 from .faults import kill_point
 
 LOG_FILE = "train_log.jsonl"
+# checkpoint-N, an unfinished .tmp-checkpoint-N and evaluate.py's default eval-checkpoint-N folders
+PREVIOUS_RUN_RE = re.compile(r"^(\.tmp-|eval-)?checkpoint-\d+$")
 
 
 class TrainingError(RuntimeError):
     """A run that cannot start or go on; the message says why and what to do."""
+
+
+class TrainingInterrupted(Exception):
+    """Ctrl-C (SIGINT) stopped the run; the message says where and how to go on.
+
+    Attributes:
+        step: the last completed optimizer step.
+        checkpoint: the run's last checkpoint, or None when it wrote none yet.
+    """
+
+    def __init__(self, step: int, checkpoint: Path | None):
+        self.step, self.checkpoint = step, checkpoint
+        if checkpoint is None:
+            text = f"interrupted at step {step}, before the first checkpoint: nothing to resume, start the run again"
+        else:
+            text = f"interrupted at step {step}; last checkpoint {checkpoint}; continue with train.resume_from=latest"
+        super().__init__(text)
 
 
 @dataclass
@@ -55,6 +83,16 @@ class TrainResult:
     eval_loss: float | None = None
     metrics: dict = field(default_factory=dict)
     baseline_metrics: dict = field(default_factory=dict)  # the untuned prefix (eval_before_training)
+    main_process: bool = True  # False on the other processes of a run: only the main one reports
+
+
+@dataclass
+class _Progress:
+    """How far a run got: what an interruption reports."""
+
+    step: int = 0
+    checkpoint: Path | None = None
+    bar: object = None  # the progress bar, closed however the run ends
 
 
 class BatchPlan:
@@ -144,18 +182,49 @@ def resolve_resume(cfg: TrainJobConfig) -> Path | None:
         if list_checkpoints(out) and not cfg.train.overwrite:
             raise TrainingError(
                 f"{out} already holds checkpoints ({list_checkpoints(out)[-1].name}): resume with "
-                "train.resume_from=latest, choose another train.output_dir, or set train.overwrite=true"
+                "train.resume_from=latest, choose another train.output_dir, or set train.overwrite=true to remove "
+                "them and start over"
             )
         return None
     if resume == "latest":
         found = latest_checkpoint(out)
+        if found is None and list_checkpoints(out):
+            raise TrainingError(
+                f"train.resume_from=latest: the checkpoints in {out} ({_names(list_checkpoints(out))}) were not "
+                f"written by the run its {RUN_FILE} records; resume one on purpose with train.resume_from=<folder>"
+            )
         if found is None:
             raise TrainingError(f"train.resume_from=latest: {out} holds no checkpoint-N folder to resume")
         return found
     path = Path(resume)
     if not path.is_dir():
         raise TrainingError(f"train.resume_from={resume!r}: no such checkpoint folder")
+    recorded = folder_run_id(out)
+    if recorded is not None and checkpoint_run_id(path) != recorded and run_checkpoints(out, recorded):
+        raise TrainingError(
+            f"train.resume_from={resume}: {out} holds checkpoints of another run ({_names(run_checkpoints(out, recorded))}); "
+            "resume into the checkpoint's own folder or choose another train.output_dir"
+        )
     return path
+
+
+def _names(paths: list[Path]) -> str:
+    return ", ".join(p.name for p in paths)
+
+
+def clear_previous_run(out: Path) -> list[str]:
+    """``train.overwrite=true``: removes what an earlier run left in ``out`` (checkpoints, unfinished
+    checkpoint writes, the log, the loss plot, the run record and evaluations of its checkpoints);
+    returns the names removed. Anything else in the folder stays."""
+    removed = []
+    for path in sorted(out.iterdir()) if out.is_dir() else []:
+        if path.name in (LOG_FILE, "loss.png", RUN_FILE) or PREVIOUS_RUN_RE.match(path.name):
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+            removed.append(path.name)
+    return removed
 
 
 class RunLog:
@@ -194,7 +263,29 @@ class RunLog:
 
 
 def run(cfg: TrainJobConfig, *, trackers=None) -> TrainResult:
-    """Trains the prefix as ``cfg`` says. ``trackers``: an optional :class:`ptuning.training.tracking.Tracker`."""
+    """Trains the prefix as ``cfg`` says. ``trackers``: an optional :class:`ptuning.training.tracking.Tracker`.
+
+    Nothing in ``train.output_dir`` is written or removed before the config, the model and the data have
+    been checked. A small model on a CPU runs with one intra-op thread unless ``OMP_NUM_THREADS`` is set
+    (:func:`ptuning.perf.set_cpu_threads`); the thread count is restored on return.
+
+    Raises:
+        ConfigError, DataError, CheckpointError, TrainingError: a run that cannot start or go on.
+        TrainingInterrupted: Ctrl-C; says at which step it stopped and what to resume.
+    """
+    where = _Progress()
+    threads = torch.get_num_threads()
+    try:
+        return _train(cfg, trackers, where)
+    except KeyboardInterrupt:
+        raise TrainingInterrupted(where.step, where.checkpoint) from None
+    finally:
+        if where.bar is not None:
+            where.bar.close()
+        torch.set_num_threads(threads)
+
+
+def _train(cfg: TrainJobConfig, trackers, where: _Progress) -> TrainResult:
     from ..data import TrainingCollator, build_datasets  # imported here: it pulls in datasets
 
     cfg.validate()
@@ -203,27 +294,42 @@ def run(cfg: TrainJobConfig, *, trackers=None) -> TrainResult:
     out = Path(cfg.train.output_dir)
     resume = resolve_resume(cfg)
     main = comm.is_main_process
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
     set_seed(cfg.train.seed)
 
     # the prefix starts as model.prefix_init says unless a checkpoint's prefix replaces it
     loaded = load(cfg.model, init=resume is None and not cfg.train.init_prefix_from)
     model, template = loaded.model, loaded.template
+    set_cpu_threads(model, accelerator.device)
     # before accelerate.prepare: ZeRO-3 partitions the parameters there
+    trained_meta = None
     if resume is not None:
-        load_prefix(model, resume)
+        trained_meta = load_prefix(model, resume)
     elif cfg.train.init_prefix_from:
-        load_prefix(model, cfg.train.init_prefix_from)
+        trained_meta = load_prefix(model, cfg.train.init_prefix_from)
     trainable, total = mark_only_prefix_trainable(model)
     if cfg.model.gradient_checkpointing:
         model.activation_checkpointing_enable()
     builtin = cfg.model.base_model_name.startswith("builtin:")
     meta = prefix_metadata(model, cfg.model.base_model_name, weights_digest(cfg.model.resolved_path) if builtin else None)
+    changed = base_model_change(trained_meta, meta)
+    if changed and resume is not None and not cfg.train.allow_base_model_change:
+        raise TrainingError(
+            f"{resume} {changed}: resume on the model it was trained on, or set "
+            "train.allow_base_model_change=true to go on with this one on purpose"
+        )
+    if changed and main:
+        print(f"warning: {resume or cfg.train.init_prefix_from} {changed}", file=sys.stderr)
+    # the run's id marks its checkpoints as its own: a resumed run keeps the id of the run it continues
+    run_id = (trained_meta or {}).get("run_id") if resume is not None else None
+    meta["run_id"] = run_id = run_id or uuid.uuid4().hex[:12]
     with accelerator.main_process_first():
         train_ds = build_datasets(cfg.data, template, "train")
         eval_ds = (build_datasets(cfg.data, template, "validation", features="train")
                    if cfg.data.validation_file else None)
+        # generation features, built once for the evaluations before and after training
+        gen_examples = (build_datasets(cfg.data, template, "validation").to_list()
+                        if cfg.data.validation_file and (cfg.train.eval_generation or cfg.train.eval_before_training)
+                        else None)
     collate = TrainingCollator.from_config(template, cfg.data)
     targets = [target_count(lab) for lab in train_ds["labels"]]
     world, rank, bs = comm.num_processes, comm.process_index, cfg.train.per_device_batch_size
@@ -241,7 +347,8 @@ def run(cfg: TrainJobConfig, *, trackers=None) -> TrainResult:
     if deepspeed:
         configure_deepspeed(accelerator, cfg, world)
     model, optimizer = accelerator.prepare(model, optimizer)
-    raw = accelerator.unwrap_model(model)
+    # accelerate's unwrap_model imports DeepSpeed whenever it is installed (seconds, and a warning on stdout)
+    raw = accelerator.unwrap_model(model) if deepspeed else getattr(model, "module", model)
 
     step, micro = 0, 0
     if resume is not None:
@@ -258,25 +365,42 @@ def run(cfg: TrainJobConfig, *, trackers=None) -> TrainResult:
         scheduler.load_state_dict(state["scheduler"])
         step, micro = state["step"], state["micro_batch"]
         restore_rng(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
-        accelerator.print(f"resumed from {resume} at step {step}")
+        if main:
+            print(f"resumed from {resume} at step {step}")
+    where.step, where.checkpoint = step, resume
+    # everything is checked: from here on the run writes (the main process only)
+    if main:
+        created = not out.exists()
+        out.mkdir(parents=True, exist_ok=True)
+        if trackers is not None:
+            try:
+                trackers.start(asdict(cfg), out)
+            except Exception as err:  # noqa: BLE001 - the tracker's own failure (network, login), one line
+                if created:
+                    shutil.rmtree(out, ignore_errors=True)
+                reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                raise TrainingError(f"logger.backend={cfg.logger.backend}: the tracker did not start ({reason})") from None
+        removed = clear_previous_run(out) if resume is None and cfg.train.overwrite else []
+        if removed:
+            print(f"train.overwrite=true: removed the previous run's {', '.join(removed)} from {out}")
     log = RunLog(out / LOG_FILE, main, keep_until_step=step if resume is not None else None,
                  end_step=cfg.train.max_steps)
-    if main and resume is None:
-        (out / LOG_FILE).write_text("")
-        (out / "run_config.json").write_text(
-            json.dumps(asdict(cfg), indent=2, ensure_ascii=False, default=str) + "\n"
+    if main and (resume is None or folder_run_id(out) != run_id):
+        if resume is None:
+            (out / LOG_FILE).write_text("")
+        (out / RUN_FILE).write_text(
+            json.dumps({"run_id": run_id, **asdict(cfg)}, indent=2, ensure_ascii=False, default=str) + "\n"
         )
 
     device = accelerator.device
     peak = matmul_peak_flops(
         torch.bfloat16 if cfg.train.mixed_precision == "bf16" else torch.float32, device=device
     )
-    if trackers is not None and main:
-        trackers.start(asdict(cfg), out)
-    accelerator.print(
-        f"training {trainable:,} of {total:,} parameters ({100 * trainable / total:.3f}%) on {world} process(es), "
-        f"{len(train_ds)} examples, {cfg.train.max_steps} steps"
-    )
+    if main:
+        print(
+            f"training {trainable:,} of {total:,} parameters ({100 * trainable / total:.3f}%) on {world} "
+            f"process(es), {len(train_ds)} examples, {_count(cfg.train.max_steps, 'step')}"
+        )
 
     def save(at_step: int) -> Path | None:
         rng = comm.gather_objects([capture_rng()])
@@ -322,18 +446,24 @@ def run(cfg: TrainJobConfig, *, trackers=None) -> TrainResult:
     if cfg.train.eval_before_training and cfg.data.validation_file and resume is None:
         from ..evaluation.run import evaluate_model
 
-        baseline = evaluate_model(raw, template, cfg.data, cfg.train, comm)
-        log.write({"step": 0, **{f"eval_{k}": v for k, v in baseline.items()}})
-        accelerator.print("untuned prefix: " + ", ".join(f"{k} {baseline[k]:.2f}" for k in METRIC_NAMES))
+        baseline = evaluate_model(raw, template, cfg.data, cfg.train, comm, examples=gen_examples)
+        record = {"eval_loss": evaluate_loss(), **{f"eval_{k}": v for k, v in baseline.items()}}
+        log.write({"step": 0, **record})
+        if trackers is not None and main:
+            trackers.log(record, 0)
+        if main:
+            print(f"untuned prefix: eval loss {record['eval_loss']:.4f}, "
+                  + ", ".join(f"{k} {baseline[k]:.2f}" for k in METRIC_NAMES))
 
     progress = None
     if main:
         from tqdm.auto import tqdm
 
-        progress = tqdm(total=cfg.train.max_steps, initial=step, desc="train", dynamic_ncols=True)
+        progress = where.bar = tqdm(total=cfg.train.max_steps, initial=step, desc="train", dynamic_ncols=True)
     window_loss, window_steps, window_tokens, window_samples = 0.0, 0, 0, 0
     window_start = time.perf_counter()
-    last_checkpoint = latest_checkpoint(out) if resume is not None else None
+    shown: dict[str, str] = {}  # the progress bar's postfix
+    last_checkpoint = resume
     train_loss = eval_loss = None
     # a resumed run goes on counting: the metric covers the whole run
     skipped = state.get("skipped_nonfinite_steps", 0) if resume is not None else 0
@@ -396,6 +526,7 @@ def run(cfg: TrainJobConfig, *, trackers=None) -> TrainResult:
                         last_checkpoint = save(step)
                     except CheckpointError as err:
                         raise TrainingError(str(err)) from None
+                where.step, where.checkpoint = step, last_checkpoint
                 continue
             last = latest_checkpoint(out)
             raise TrainingError(
@@ -414,7 +545,9 @@ def run(cfg: TrainJobConfig, *, trackers=None) -> TrainResult:
         train_loss = step_loss
         if progress is not None:
             progress.update(1)
-            progress.set_postfix(loss=f"{step_loss:.4f}")
+            # tokens/s is the last logging window's (a single step's timing jitters too much to read)
+            shown.update(loss=f"{step_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", grad_norm=f"{grad_norm:.3f}")
+            progress.set_postfix(shown)
         if step % cfg.train.logging_steps == 0 or step == cfg.train.max_steps:
             elapsed = time.perf_counter() - window_start
             tokens_per_s = window_tokens / elapsed
@@ -434,6 +567,9 @@ def run(cfg: TrainJobConfig, *, trackers=None) -> TrainResult:
             log.write(record)
             if trackers is not None and main:
                 trackers.log(record, step)
+            if progress is not None:
+                shown["tokens_per_s"] = f"{tokens_per_s:,.0f}"
+                progress.set_postfix(shown)
             window_loss, window_steps, window_tokens, window_samples = 0.0, 0, 0, 0
             window_start = time.perf_counter()
         if cfg.train.eval_steps and step % cfg.train.eval_steps == 0 and step != cfg.train.max_steps:
@@ -442,12 +578,15 @@ def run(cfg: TrainJobConfig, *, trackers=None) -> TrainResult:
                 log.write({"step": step, "eval_loss": eval_loss})
                 if trackers is not None and main:
                     trackers.log({"eval_loss": eval_loss}, step)
+                if progress is not None:
+                    progress.write(f"step {step}: eval loss {eval_loss:.4f}")
         if step % cfg.train.save_steps == 0 or step == cfg.train.max_steps:
             try:
                 last_checkpoint = save(step)
             except CheckpointError as err:
                 raise TrainingError(str(err)) from None
             kill_point("saved", step)  # test-only: SIGKILL right after a checkpoint
+        where.step, where.checkpoint = step, last_checkpoint
     if progress is not None:
         progress.close()
 
@@ -458,7 +597,7 @@ def run(cfg: TrainJobConfig, *, trackers=None) -> TrainResult:
     if cfg.train.eval_generation and cfg.data.validation_file:
         from ..evaluation.run import evaluate_model
 
-        metrics = evaluate_model(raw, template, cfg.data, cfg.train, comm)
+        metrics = evaluate_model(raw, template, cfg.data, cfg.train, comm, examples=gen_examples)
         log.write({"step": step, **{f"eval_{k}": v for k, v in metrics.items()}})
     if trackers is not None and main:
         trackers.log({"eval_loss": eval_loss, **{f"eval_{k}": v for k, v in metrics.items()}}, step)
@@ -470,4 +609,8 @@ def run(cfg: TrainJobConfig, *, trackers=None) -> TrainResult:
         if trackers is not None:
             trackers.finish()
     comm.barrier()
-    return TrainResult(out, step, last_checkpoint, train_loss, eval_loss, metrics, baseline)
+    return TrainResult(out, step, last_checkpoint, train_loss, eval_loss, metrics, baseline, main)
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"

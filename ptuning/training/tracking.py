@@ -53,8 +53,21 @@ class WandbTracker:
 
 
 def make_tracker(cfg) -> WandbTracker | None:
-    """A tracker for ``cfg.logger`` (any job config with a ``logger`` field), or None."""
+    """A tracker for ``cfg.logger`` (any job config with a ``logger`` field), or None.
+
+    Called before the job loads anything or writes a file, so that a tracker that cannot work fails first.
+
+    Raises:
+        ConfigError: ``logger.mode=online`` without a wandb API key.
+    """
+    from ..config import ConfigError
+
     logger = cfg.logger
     if logger.backend != "wandb" or logger.mode == "disabled":
         return None
+    if logger.mode == "online" and not has_wandb_key():
+        raise ConfigError(
+            "logger.mode=online: no wandb API key is configured; log in with `wandb login` (or set "
+            "WANDB_API_KEY), or use logger.mode=offline and upload later with `wandb sync`"
+        )
     return WandbTracker(logger.project, logger.entity, logger.run_name, logger.mode)
