@@ -27,11 +27,13 @@ from ptuning.generation import (
     Request,
     Sampling,
     SlotCache,
+    packed_linears,
+    packing_available,
     run_to_end,
 )
 from ptuning.models.chatglm import ChatGLMForConditionalGeneration
 from ptuning.models.hf import attach_prefix, prefix_shape
-from ptuning.prefix import PrefixKV
+from ptuning.prefix import PrefixKV, cast_backbone
 
 from .common import ASSETS
 
@@ -391,3 +393,81 @@ def test_prefix_table_gathers_rows_and_drops_an_all_visible_mask():
     one = PrefixTable(PrefixKV([keys[0][:1]], [keys[0][:1]]))
     assert one.gather([0, 0, 0]).keys[0].shape[0] == 3
     assert PrefixTable(None).gather([0]) is None and PrefixTable(None).length == 0
+
+
+# ---------------------------------------------------------------- torch.compile of the step, and its fallback
+
+
+def test_compiled_step_gives_the_eager_ids_for_every_batch_and_length(chatglm):
+    """The traced step (dynamo with its eager backend: the tracing and the guards, without a C++ compile) serves
+    batches that shrink as rows stop and every length, without recompiling."""
+    import torch._dynamo
+
+    cfg = chatglm.config
+    prompts = chatglm_prompts(cfg)
+    stop = alone(chatglm, prompts[0], 10)[4]
+    requests = [Request(p, 10, stop_token_ids=[stop]) for p in prompts]
+    eager = run_to_end(Decoder(chatglm, max_batch_size=3, max_length=64), requests)
+    torch._dynamo.reset()
+    counts = torch._dynamo.utils.counters
+    counts.clear()
+    compiled = Decoder(chatglm, max_batch_size=3, max_length=64, compile=True, compile_options={"backend": "eager"})
+    assert run_to_end(compiled, requests) == eager
+    assert compiled._compiled is not None
+    again = Decoder(chatglm, max_batch_size=3, max_length=64, compile=True, compile_options={"backend": "eager"})
+    assert run_to_end(again, requests) == eager  # a new decoder reuses the compiled step
+    assert counts["stats"]["unique_graphs"] == 1
+    assert not counts["graph_break"]
+
+
+def test_a_failing_compile_falls_back_to_eager_with_a_warning(chatglm):
+    import torch._dynamo
+
+    def broken_backend(gm, example_inputs):
+        raise RuntimeError("no C++ compiler here")
+
+    torch._dynamo.reset()
+    prompts = chatglm_prompts(chatglm.config)
+    requests = [Request(p, 6) for p in prompts]
+    eager = run_to_end(Decoder(chatglm, max_batch_size=3, max_length=64), requests)
+    decoder = Decoder(chatglm, max_batch_size=3, max_length=64, compile=True,
+                      compile_options={"backend": broken_backend})
+    with pytest.warns(RuntimeWarning, match="the compiled decode step failed, decoding eagerly from now on"):
+        assert run_to_end(decoder, requests) == eager
+    assert decoder._compiled is None
+    torch._dynamo.reset()
+
+
+# ---------------------------------------------------------------- pre-packed linears
+
+
+@pytest.mark.skipif(not packing_available(torch.bfloat16), reason="oneDNN bfloat16 linears not available")
+def test_packed_linears_give_the_same_ids_and_restore_the_weights_bit_for_bit(chatglm):
+    cfg = chatglm.config
+    prompts = chatglm_prompts(cfg)
+    settings = GenerationSettings(max_new_tokens=8)
+    for dtype in (torch.bfloat16, torch.float32):
+        model = cast_backbone(copy.deepcopy(chatglm), dtype).eval()
+        model.requires_grad_(False)
+        dense = generate_ids(model, prompts, settings, pad_id=cfg.pad_token_id, stop_ids=[cfg.eos_token_id])
+        before = {k: (v.clone(), v.stride()) for k, v in model.state_dict().items()}
+        with packed_linears(model) as count:
+            # every block linear; a float32 lm_head stays column-major for MKL (one row is faster there)
+            assert count == 4 * cfg.num_layers + (dtype == torch.bfloat16)
+            assert model.transformer.layers[0].mlp.dense_h_to_4h.weight.numel() == 0  # no second copy
+            packed = generate_ids(model, prompts, settings, pad_id=cfg.pad_token_id, stop_ids=[cfg.eos_token_id])
+        assert packed == dense
+        for key, value in model.state_dict().items():
+            assert torch.equal(value, before[key][0]) and value.stride() == before[key][1], key
+
+
+def test_packed_linears_refuse_training_and_leave_tied_weights_alone():
+    model = hf_model("llama", 0)
+    with pytest.raises(RuntimeError, match="the model is in training mode"):
+        with packed_linears(model.train()):
+            pass
+    model.eval().requires_grad_(False)
+    model.lm_head.weight = model.model.embed_tokens.weight  # tied
+    with packed_linears(model) as count:
+        assert count == 7 * model.config.num_hidden_layers  # q, k, v, o, gate, up, down: not the tied lm_head
+        assert model.lm_head.weight.numel() > 0

@@ -21,6 +21,10 @@ class GenerationSettings:
     top_p: float = 0.7
     temperature: float = 0.95
     num_beams: int = 1
+    #: run the decode step through torch.compile: the first step waits for the compile (tens of seconds on a
+    #: small CPU; the compiled step is reused by later batches of the process). Off by default: on the project's
+    #: CPU it does not pay for its compile time (benchmarks/bench.py --compile)
+    compile: bool = False
 
     def validate(self, prefix: str = "generation.") -> GenerationSettings:
         """Checks the values before any model is loaded.
@@ -47,6 +51,7 @@ class GenerationSettings:
         return self
 
     def kwargs(self) -> dict:
+        """``generate()``'s keyword arguments (beam search)."""
         out = dict(max_new_tokens=self.max_new_tokens, do_sample=self.do_sample, num_beams=self.num_beams)
         if self.do_sample:
             out.update(top_p=self.top_p, temperature=self.temperature)
@@ -94,7 +99,8 @@ def _decoder(model, prompts: list[list[int]], settings: GenerationSettings, pad_
              prefix: PrefixKV | None) -> Decoder:
     longest = max(len(p) for p in prompts) + settings.max_new_tokens
     table = PrefixTable(prefix) if prefix is not None else None
-    return Decoder(model, max_batch_size=len(prompts), max_length=longest, prefixes=table, pad_token_id=pad_id)
+    return Decoder(model, max_batch_size=len(prompts), max_length=longest, prefixes=table, pad_token_id=pad_id,
+                   compile=settings.compile)
 
 
 @torch.no_grad()

@@ -2,6 +2,7 @@
 forward per token, sampling and stop handling on the side (:mod:`.cache`, :mod:`.sampling`, :mod:`.loop`)."""
 
 from .cache import SlotCache
+from .kernels import packed_linears, packing_available
 from .loop import (
     LENGTH,
     STOP,
@@ -30,6 +31,8 @@ __all__ = [
     "choose_tokens",
     "compute_dtype",
     "model_prefix",
+    "packed_linears",
+    "packing_available",
     "run_to_end",
     "stream",
     "top_p_probabilities",

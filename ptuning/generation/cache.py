@@ -44,6 +44,7 @@ class SlotCache:
         prefix_room: A, the longest prefix the loop will pass (0: no prefix).
         dtype: the keys' dtype (the backbone's compute dtype).
         device: where the buffers live.
+        static_buffers: mark the buffers' sizes static for ``torch.compile`` (a compiled step).
 
     Attributes:
         lengths: ``[R]`` int64 on ``device``, tokens held per row.
@@ -52,13 +53,14 @@ class SlotCache:
     """
 
     def __init__(self, *, num_layers: int, slots: int, num_key_value_heads: int, head_dim: int, capacity: int,
-                 prefix_room: int = 0, dtype: torch.dtype = torch.float32, device=None):
+                 prefix_room: int = 0, dtype: torch.dtype = torch.float32, device=None, static_buffers: bool = False):
         if slots < 1 or capacity < 1 or prefix_room < 0:
             raise ValueError(f"slots={slots}, capacity={capacity}, prefix_room={prefix_room}: expected slots >= 1, "
                              "capacity >= 1 and prefix_room >= 0")
         self.num_layers, self.slots = num_layers, slots
         self.heads, self.head_dim = num_key_value_heads, head_dim
         self.room, self.dtype = prefix_room, dtype
+        self.static_buffers = static_buffers
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.capacity = 0
         self.keys: list[torch.Tensor] = []
@@ -95,6 +97,10 @@ class SlotCache:
                 old_keys[i] = old_values[i] = None  # free as we go
             self.keys.append(keys)
             self.values.append(values)
+            if self.static_buffers:
+                # for torch.compile: the buffers' sizes are constants, never tied to a batch that happens to match
+                torch._dynamo.mark_static(keys)
+                torch._dynamo.mark_static(values)
         self.capacity = capacity
         self._columns = torch.arange(self.room + capacity, device=self.device)
         self._room_source = [None] * self.num_layers
@@ -147,12 +153,16 @@ class SlotCache:
         self._plan = {"first": first, "real": real, "rows": rows, "columns": columns, "counts": counts}
         self.mode = PREFILL
 
-    def begin_decode(self, prefix_length: int = 0, prefix_mask: torch.Tensor | None = None) -> None:
+    def begin_decode(self, prefix_length: int = 0, prefix_mask: torch.Tensor | None = None, *,
+                     traceable: bool = False) -> None:
         """The next forward feeds one token to each row ``0 .. rows-1``.
 
         Args:
             prefix_length: P of the prefix this step passes (at most the room).
             prefix_mask: ``[rows, P]`` bool (True = visible) or None (every prefix column visible).
+            traceable: the step runs under ``torch.compile``: every per-step value is a tensor (the write
+                columns ``[rows]``, the mask, whose last dimension is the width), nothing a Python number, so one
+                compiled step serves every length.
 
         Raises:
             ValueError: a longer prefix than the room.
@@ -165,11 +175,11 @@ class SlotCache:
         if longest > self.capacity:
             self.reserve(longest)
         width = self.room + longest
-        equal = min(lengths) + 1 == longest
+        equal = min(lengths) + 1 == longest and not traceable
         # rows of one length write into one column: a slice copy instead of a scatter
         write = self.room + lengths[0] if equal else self.lengths[:rows] + self.room  # int, or (B,)
         mask = None
-        if not equal or prefix_length < self.room or prefix_mask is not None:
+        if traceable or not equal or prefix_length < self.room or prefix_mask is not None:
             columns = self._columns[:width][None]  # (1, A + T)
             ends = torch.as_tensor(write, device=self.device).reshape(-1, 1) + 1  # (B or 1, 1)
             mask = ((columns < ends) & (columns >= self.room)).expand(rows, width).clone()  # (B, A + T)
@@ -178,9 +188,18 @@ class SlotCache:
             else:
                 mask[:, :prefix_length] = True
             mask = mask[:, None, None, :]  # (B, 1, 1, A + T)
-        self._plan = {"write": write, "width": width, "mask": mask, "prefix_length": prefix_length,
-                      "rows_index": self._all_rows[:rows]}
+        self._plan = {"write": write, "width": None if traceable else width, "mask": mask,
+                      "prefix_length": prefix_length, "rows_index": self._all_rows[:rows], "rooms_ready": False}
         self.mode = DECODE
+
+    def fill_rooms(self, prefix) -> None:
+        """Copies a decode step's prefix (a :class:`~ptuning.prefix.PrefixKV` or None) into every layer's room
+        now, so that the step itself does not (a compiled step: the check whether the room already holds it is
+        host logic)."""
+        if prefix is not None and self._plan["prefix_length"]:
+            for i, pair in enumerate(prefix):
+                self._fill_room(i, self.rows, pair)
+        self._plan["rooms_ready"] = True
 
     def end_step(self) -> None:
         """Counts the tokens of the forward that just ran."""
@@ -205,7 +224,8 @@ class SlotCache:
         plan = self._plan
         key = ("window", window)
         if key not in plan:
-            width, rows = plan["width"], self.rows
+            rows = plan["rows_index"].shape[0]
+            width = plan["width"] if plan["width"] is not None else plan["mask"].shape[-1]
             columns = self._columns[:width][None]  # (1, A + T)
             write = torch.as_tensor(plan["write"], device=self.device).reshape(-1, 1)  # (B or 1, 1)
             keep = (columns > write - window) | (columns < self.room)
@@ -243,7 +263,7 @@ class SlotCache:
             return None
         if self.mode != DECODE:
             raise RuntimeError("SlotCache.update outside a step: call begin_prefill or begin_decode first")
-        write, n = plan["write"], self.rows
+        write, n = plan["write"], key.shape[0]
         if isinstance(write, int):
             keys[:n, :, write:write + 1] = key
             values[:n, :, write:write + 1] = value
@@ -251,10 +271,11 @@ class SlotCache:
             rows = plan["rows_index"]
             keys[rows, :, write] = key[:, :, 0]  # (B, G, D) at each row's own column
             values[rows, :, write] = value[:, :, 0]
-        if prefix is not None and plan["prefix_length"]:
+        if prefix is not None and plan["prefix_length"] and not plan["rooms_ready"]:
             self._fill_room(layer_idx, n, prefix)
-        width = plan["width"]
-        return keys[:n, :, :width], values[:n, :, :width], plan["mask"]
+        mask = plan["mask"]
+        width = plan["width"] if plan["width"] is not None else mask.shape[-1]
+        return keys[:n, :, :width], values[:n, :, :width], mask
 
     def _fill_room(self, layer_idx: int, rows: int, prefix: tuple[torch.Tensor, torch.Tensor]) -> None:
         """Copies the prefix into the room unless the room already holds exactly this input: the same tensors

@@ -16,7 +16,8 @@ Shapes: R slots, B running rows, S prompt tokens, V vocabulary.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -156,13 +157,16 @@ class Decoder:
             a smaller value saves memory when the longest row is known).
         tokenizer: decodes answers for stop strings.
         pad_token_id: the id left pads carry in a prefill (never attended to).
-        step_fn: the decode forward ``(input_ids [B, 1], position_ids, prefix) -> logits [B, V]``; default an
-            eager call of the model (see :func:`ptuning.generation.compiled_step`).
+        compile: run the decode step through ``torch.compile`` (one compiled step for every batch size above
+            1 and every length: the per-step values are tensors); the first step then takes the compile time
+            (tens of seconds on a small CPU). If compiling or running the compiled step fails, a warning says so
+            and the step runs eagerly from then on.
+        compile_options: keyword arguments of ``torch.compile`` (e.g. ``backend``, ``mode``).
     """
 
     def __init__(self, model, *, max_batch_size: int = 8, max_length: int = 2048, prefixes: PrefixTable | None = None,
-                 capacity: int | None = None, tokenizer=None, pad_token_id: int = 0,
-                 step_fn: Callable | None = None):
+                 capacity: int | None = None, tokenizer=None, pad_token_id: int = 0, compile: bool = False,
+                 compile_options: dict | None = None):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size={max_batch_size}: expected a positive integer")
         self.model = model
@@ -178,11 +182,11 @@ class Decoder:
         self.cache = SlotCache(
             num_layers=layers, slots=max_batch_size, num_key_value_heads=groups, head_dim=head_dim,
             capacity=min(capacity or max_length, max_length), prefix_room=self.prefixes.length,
-            dtype=compute_dtype(model), device=self.device,
+            dtype=compute_dtype(model), device=self.device, static_buffers=compile,
         )
         # rows without a prefix must say so explicitly to a model that has its own
         self._empty_prefix = _empty_prefix(self.cache) if own is not None else None
-        self._step_fn = step_fn
+        self._compiled = torch.compile(self._traced_step, dynamic=True, **(compile_options or {})) if compile else None
         self._rows: list[_Row] = []  # running rows, in cache row order
         self._pending: list[_Row] = []
         self._next_handle = 0
@@ -308,15 +312,34 @@ class Decoder:
         positions = self.model.next_position_ids(self._positions[:n])
         self._positions[:n] = positions
         length = prefix.length if prefix is not None else 0
-        self.cache.begin_decode(length, prefix.mask if prefix is not None else None)
+        compiled = self._compiled is not None
+        self.cache.begin_decode(length, prefix.mask if prefix is not None else None, traceable=compiled)
+        tokens = self._tokens[:n]
         try:
-            if self._step_fn is not None:
-                logits = self._step_fn(self._tokens[:n], positions, prefix)
-            else:
-                logits = self._forward(self._tokens[:n], None, positions, prefix)
+            logits = None
+            if compiled:
+                self.cache.fill_rooms(prefix)
+                plan = self.cache._plan
+                # fresh tensors, not views of the slot-sized buffers: a view's base size would be a guard
+                inputs = (tokens.clone(), positions, prefix, plan["write"], plan["mask"], plan["rows_index"].clone())
+                try:
+                    logits = self._compiled(*inputs)
+                except Exception as err:  # noqa: BLE001 - the eager step below is the fallback
+                    warnings.warn(f"the compiled decode step failed, decoding eagerly from now on: "
+                                  f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}",
+                                  RuntimeWarning, stacklevel=2)
+                    self._compiled = None
+            if logits is None:  # the same step eagerly (writing a step's keys twice writes the same values)
+                logits = self._forward(tokens, None, positions, prefix)
         finally:
             self.cache.end_step()
         return self._advance(logits, 0)
+
+    def _traced_step(self, tokens, positions, prefix, write, mask, rows_index):
+        """The decode forward as ``torch.compile`` sees it: the step's per-row values come in as tensors."""
+        plan = self.cache._plan
+        plan["write"], plan["mask"], plan["rows_index"] = write, mask, rows_index
+        return self._forward(tokens, None, positions, prefix)
 
     def _advance(self, logits: torch.Tensor, first: int) -> list[StepOutput]:
         """Picks the tokens of rows ``first ..`` from their logits ``[n, V]``; finished rows leave."""
