@@ -27,6 +27,7 @@ from ptuning.generation import (
     Request,
     Sampling,
     SlotCache,
+    default_cache_dtype,
     packed_linears,
     packing_available,
     run_to_end,
@@ -451,9 +452,10 @@ def test_packed_linears_give_the_same_ids_and_restore_the_weights_bit_for_bit(ch
         model.requires_grad_(False)
         dense = generate_ids(model, prompts, settings, pad_id=cfg.pad_token_id, stop_ids=[cfg.eos_token_id])
         before = {k: (v.clone(), v.stride()) for k, v in model.state_dict().items()}
-        with packed_linears(model) as count:
-            # every block linear; a float32 lm_head stays column-major for MKL (one row is faster there)
-            assert count == 4 * cfg.num_layers + (dtype == torch.bfloat16)
+        with packed_linears(model, rows=1) as count:
+            assert count == (4 * cfg.num_layers + 1 if dtype == torch.bfloat16 else 0)  # float32: MKL at one row
+        with packed_linears(model, rows=3) as count:
+            assert count == 4 * cfg.num_layers + 1  # every block linear and the (column-major) lm_head
             assert model.transformer.layers[0].mlp.dense_h_to_4h.weight.numel() == 0  # no second copy
             packed = generate_ids(model, prompts, settings, pad_id=cfg.pad_token_id, stop_ids=[cfg.eos_token_id])
         assert packed == dense
@@ -468,6 +470,21 @@ def test_packed_linears_refuse_training_and_leave_tied_weights_alone():
             pass
     model.eval().requires_grad_(False)
     model.lm_head.weight = model.model.embed_tokens.weight  # tied
-    with packed_linears(model) as count:
+    with packed_linears(model, rows=2) as count:
         assert count == 7 * model.config.num_hidden_layers  # q, k, v, o, gate, up, down: not the tied lm_head
         assert model.lm_head.weight.numel() > 0
+
+
+@pytest.mark.parametrize("family", ["chatglm", "llama"])
+def test_a_bfloat16_model_keeps_a_float32_cache_on_a_cpu(family, chatglm):
+    model = copy.deepcopy(chatglm) if family == "chatglm" else hf_model("llama", 3)
+    cast_backbone(model, torch.bfloat16)
+    assert default_cache_dtype(model, "cpu") == torch.float32
+    assert default_cache_dtype(model, "cuda") == torch.bfloat16
+    prompts = chatglm_prompts(model.config) if family == "chatglm" else hf_prompts()
+    pad, stop = (model.config.pad_token_id, [model.config.eos_token_id]) if family == "chatglm" else (0, [2])
+    want = reference_ids(model, prompts, pad_id=pad, stop_ids=stop, max_new_tokens=8)
+    got = generate_ids(model, prompts, GenerationSettings(max_new_tokens=8), pad_id=pad, stop_ids=stop)
+    assert got == want  # bfloat16 everywhere but the attention over the cache: the same greedy answers here
+    decoder = Decoder(model, max_batch_size=2, max_length=32)
+    assert decoder.cache.keys[0].dtype == torch.float32

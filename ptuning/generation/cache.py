@@ -269,8 +269,8 @@ class SlotCache:
             values[:n, :, write:write + 1] = value
         else:
             rows = plan["rows_index"]
-            keys[rows, :, write] = key[:, :, 0]  # (B, G, D) at each row's own column
-            values[rows, :, write] = value[:, :, 0]
+            keys[rows, :, write] = key[:, :, 0].to(keys.dtype)  # (B, G, D) at each row's own column
+            values[rows, :, write] = value[:, :, 0].to(values.dtype)
         if prefix is not None and plan["prefix_length"] and not plan["rooms_ready"]:
             self._fill_room(layer_idx, n, prefix)
         mask = plan["mask"]

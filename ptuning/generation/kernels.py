@@ -4,12 +4,12 @@ A token at a time, decoding is a matrix-vector product per linear; how fast the 
 CPU decides the speed. ``torch.nn.functional.linear`` on a CPU runs MKL (float32) or oneDNN with a weight
 reordered at every call (bfloat16). oneDNN can instead take a weight reordered once into its own blocked
 layout (``torch.ops.mkldnn._reorder_linear_weight``, what ``torch.compile`` uses for a frozen CPU model) and
-run ``torch.ops.mkldnn._linear_pointwise`` on it. Measured on the project's 2-core AMD EPYC (one thread, best
-of 30, bench shape; ``benchmarks/bench.py`` repeats it): bfloat16 linears 1.5–2x faster at 1 and 8 rows;
-float32 block linears ~10–20 % faster, and the output projection at 8 rows 1.5x faster, but at one row MKL
-over the column-major float32 output projection (see
-:meth:`~ptuning.models.chatglm.ChatGLMForConditionalGeneration.store_lm_head_column_major`) stays faster, so a
-column-major float32 weight is left as it is.
+run ``torch.ops.mkldnn._linear_pointwise`` on it. Measured on the project's 2-core AMD EPYC (bench shape, one
+thread, CPU time of a decode step, best of 40): bfloat16 6.0 vs 8.9 ms at 1 row, 9.9 vs 13.3 ms at 8 rows;
+float32 14.4 vs 20.6 ms at 8 rows, but 10.1 vs 9.3 ms at one row, where MKL's matrix-vector product (over a
+column-major output projection, see
+:meth:`~ptuning.models.chatglm.ChatGLMForConditionalGeneration.store_lm_head_column_major`) is the faster one. So
+bfloat16 linears are always packed, float32 ones only for batches of more than one row.
 
 :func:`packed_linears` swaps the layout in and out: inside it, every eligible linear holds only its packed
 weight (the dense ``weight`` parameter is an empty placeholder: no second copy of the backbone) and calls
@@ -37,7 +37,7 @@ def packing_available(dtype: torch.dtype) -> bool:
     return dtype != torch.bfloat16 or torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
-def _eligible(module: nn.Module, shared: set[int]) -> bool:
+def _eligible(module: nn.Module, shared: set[int], rows: int) -> bool:
     weight = getattr(module, "weight", None)
     return (
         type(module) is nn.Linear
@@ -51,8 +51,7 @@ def _eligible(module: nn.Module, shared: set[int]) -> bool:
         and packing_available(weight.dtype)
         and id(weight) not in shared
         and "forward" not in module.__dict__ and not hasattr(module, "_hf_hook")  # no one else's forward wrapper
-        # a column-major float32 weight is faster with MKL at one row (the module docstring)
-        and not (weight.dtype == torch.float32 and not weight.is_contiguous() and weight.t().is_contiguous())
+        and (weight.dtype != torch.float32 or rows > 1)  # MKL is faster at one float32 row (the module docstring)
     )
 
 
@@ -76,12 +75,12 @@ def _packed_forward(module: nn.Linear, packed: torch.Tensor):
 
 @contextmanager
 def packed_linears(model: nn.Module, rows: int = 1) -> Iterator[int]:
-    """Runs the model's frozen CPU linears (float32 / bfloat16, untied, not quantized, not a column-major float32
-    weight) on oneDNN's pre-packed weights while inside. Nested use packs nothing more.
+    """Runs the model's frozen CPU linears (bfloat16, and float32 for ``rows`` > 1; untied, not quantized) on
+    oneDNN's pre-packed weights while inside. Nested use packs nothing more.
 
     Args:
         model: in eval mode.
-        rows: the batch the layout is chosen for (decode rows; any count works).
+        rows: the rows decoded together (any count works; it picks the layout, and at 1 float32 stays dense).
 
     Yields:
         The number of linears packed (0 when oneDNN is not available for the model's dtype).
@@ -96,7 +95,7 @@ def packed_linears(model: nn.Module, rows: int = 1) -> Iterator[int]:
     try:
         with torch.no_grad():
             for module in model.modules():
-                if getattr(module, "_ptuning_packed", False) or not _eligible(module, shared):
+                if getattr(module, "_ptuning_packed", False) or not _eligible(module, shared, rows):
                     continue
                 weight = module.weight
                 column_major = not weight.is_contiguous()

@@ -87,7 +87,7 @@ class SelfAttention(nn.Module):
         """
         Args:
             x: ``[B, S, H]`` normalised input.
-            rotary: cos, sin ``[B, 1, S, D]``.
+            rotary: cos, sin ``[B, 1, S, 1, D]`` (one table for q and k).
             attn_mask: ``[B, 1, S, P + T]`` bool, True = may attend (SDPA convention), or None.
             prefix: this layer's prefix keys and values ``[B, N, P, D]`` (not rotated, not cached).
             cache: a transformers ``Cache``; receives the rotated keys and the values of the new tokens.
@@ -103,7 +103,7 @@ class SelfAttention(nn.Module):
         d = self.head_dim
         cos, sin = rotary
         # q and k rotated together: one pass of the rotation's elementwise ops instead of two
-        qk = apply_rotary(qkv[..., : 2 * d].unflatten(-1, (2, d)), cos[..., None, :], sin[..., None, :])  # (B, N, S, 2, D)
+        qk = apply_rotary(qkv[..., : 2 * d].unflatten(-1, (2, d)), cos, sin)  # (B, N, S, 2, D)
         q, k = qk.unbind(-2)  # each (B, N, S, D)
         v = qkv[..., 2 * d :]  # (B, N, S, D)
         if cache is not None:
@@ -111,6 +111,9 @@ class SelfAttention(nn.Module):
         read = slot_cache.update(self.layer_idx, k, v, prefix) if slot_cache is not None else None
         if read is not None:  # a decode step: keys and values (B, N, P + T, D) of the slots, and their mask
             k, v, attn_mask = read
+            if k.dtype != q.dtype:  # a float32 cache of a 16-bit model (see ptuning.generation.default_cache_dtype)
+                ctx = F.scaled_dot_product_attention(q.to(k.dtype), k, v, attn_mask=attn_mask).to(q.dtype)
+                return self.dense(ctx.transpose(1, 2).reshape(bsz, seq, -1))
         elif prefix is not None:
             layer = cache.layers[self.layer_idx] if cache is not None else None
             if isinstance(layer, PrefixRoomLayer) and layer.prefix_length == prefix[0].shape[2]:

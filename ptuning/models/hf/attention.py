@@ -137,9 +137,12 @@ def prefix_attention(
             window = getattr(module, "sliding_window", None)
             if window:
                 mask = slot_cache.window_mask(window)
-            return sdpa_attention_forward(
-                module, query, key, value, mask, dropout=dropout, scaling=scaling, is_causal=False, **kwargs
+            # a float32 cache of a 16-bit model (see ptuning.generation.default_cache_dtype): attend in float32
+            out, weights = sdpa_attention_forward(
+                module, query.to(key.dtype), key, value, mask, dropout=dropout, scaling=scaling, is_causal=False,
+                **kwargs
             )
+            return out.to(query.dtype), weights
     if prefix is None or prefix.length == 0:
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
