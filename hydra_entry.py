@@ -95,7 +95,11 @@ def to_object(cfg: DictConfig, schema=None):
         return OmegaConf.to_object(cfg)
     except MissingMandatoryValue as err:
         key = err.full_key
-        raise ConfigError(f"{key} is required: {HINTS.get(key, f'set {key}=...')}") from None
+        hint = HINTS.get(key, f"set {key}=...")
+        name = OmegaConf.select(cfg, "model.name", default=None)
+        if key == "model.path" and name:  # the recipe's model (chatglm2-6b, chatglm3-6b, ...)
+            hint = hint.replace("/path/to/chatglm-6b", f"/path/to/{name}")
+        raise ConfigError(f"{key} is required: {hint}") from None
     except OmegaConfBaseException as err:
         raise ConfigError(str(err).splitlines()[0]) from None
     except ValueError as err:  # a dataclass __post_init__ check

@@ -1,10 +1,11 @@
 """Exports of a trained prefix: ``python -m ptuning.export {peft,original,full,from-peft} ...``.
 
 * ``peft``: a peft ``PREFIX_TUNING`` adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``).
-* ``original``: the original P-Tuning v2 script's prefix checkpoint (``pytorch_model.bin`` with the
-  ``transformer.prefix_encoder.*`` keys).
-* ``full``: backbone and prefix in the original ChatGLM-6B layout (``pytorch_model-0000N-of-0000M.bin`` +
-  index + original ``config.json``), with the base folder's code and tokenizer files copied beside them.
+* ``original``: the family's original P-Tuning v2 prefix checkpoint (``pytorch_model.bin`` with the
+  ``transformer.prefix_encoder.*`` keys, for ChatGLM-6B and ChatGLM2/3).
+* ``full``: backbone and prefix in the family's original layout (ChatGLM-6B, ChatGLM2/3:
+  ``pytorch_model-0000N-of-0000M.bin`` + index + original ``config.json``), with the base folder's code and
+  tokenizer files copied beside them.
 * ``from-peft``: a peft prefix adapter as one of our checkpoint folders (for ``train.init_prefix_from``,
   evaluation and the exports above).
 
@@ -122,7 +123,7 @@ def main(argv=None) -> int:
         elif args.kind == "full":
             import torch
 
-            from .interop.original import export_full
+            from .models import family_of
 
             model_path = base_model_path(args.checkpoint, args.model)
             if model_path is None:
@@ -131,9 +132,9 @@ def main(argv=None) -> int:
                 )
             dtype = getattr(torch, args.dtype) if args.dtype else None
             model = load_with_prefix(model_path, args.checkpoint, dtype)
-            paths = export_full(
+            paths = family_of(model).export_full(
                 model,
-                args.out,
+                Path(args.out),
                 dtype=dtype,
                 max_shard_bytes=parse_size(args.max_shard_size),
                 companions_from=model_path,

@@ -11,10 +11,11 @@ import json
 import os
 import pickle
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 SAFE_SINGLE = "model.safetensors"
@@ -90,6 +91,44 @@ def iter_shards(folder: str | os.PathLike) -> Iterator[tuple[Path, dict[str, tor
     """Yields ``(file, state_dict)`` for every shard of ``folder``, one at a time (bounded memory)."""
     for path in weight_files(folder):
         yield path, read_weights(path)
+
+
+def read_matching(folder: str | os.PathLike, keep: Callable[[str], bool]) -> dict[str, torch.Tensor]:
+    """Only the tensors of a weights folder whose keys ``keep`` accepts, reading no other tensor: with an index
+    only the shards it lists for such keys are opened, safetensors files are read key by key, ``.bin`` files
+    are memory-mapped (``torch.load(mmap=True, weights_only=True)``) so only those tensors come from disk.
+    E.g. the prefix of a 12 GB whole-model P-Tuning checkpoint.
+
+    Raises:
+        CheckpointError: no weights, or an unreadable file (names it).
+    """
+    folder = Path(folder)
+    files = weight_files(folder)
+    for index_name in (SAFE_INDEX, BIN_INDEX):
+        if (folder / index_name).is_file():
+            weight_map = json.loads((folder / index_name).read_text())["weight_map"]
+            wanted = {f for k, f in weight_map.items() if keep(k)}
+            files = [f for f in files if f.name in wanted]
+            break
+    found: dict[str, torch.Tensor] = {}
+    for path in files:
+        try:
+            if path.suffix == ".safetensors":
+                with safe_open(str(path), framework="pt") as handle:
+                    for key in handle.keys():  # noqa: SIM118 - safe_open has no __iter__
+                        if keep(key):
+                            found[key] = handle.get_tensor(key)
+            else:
+                state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+                if not isinstance(state, dict):
+                    raise CheckpointError(f"{path}: expected a state dict, found {type(state).__name__}")
+                found.update({k: v.clone() for k, v in state.items() if keep(k)})
+                del state
+        except CheckpointError:
+            raise
+        except Exception as err:  # noqa: BLE001 - any reader failure is a bad file for the user
+            raise CheckpointError(f"{path}: cannot read weights ({load_failure(err)})") from None
+    return found
 
 
 def save_weights(

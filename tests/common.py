@@ -9,16 +9,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 ASSETS = Path(__file__).resolve().parent / "assets"
 PARITY_DIRS = [ASSETS / "parity", ROOT.parent / "shared" / "parity"]
+GLM2_PARITY_DIRS = [ASSETS / "parity-glm2", ROOT.parent / "shared" / "parity-glm2"]
 
 
-def parity_sets() -> list[Path]:
-    """Every parity folder (``config.json`` + ``vectors.safetensors``), shipped copies first.
+def parity_sets(dirs: list[Path] = PARITY_DIRS) -> list[Path]:
+    """Every parity folder (``config.json`` + ``vectors.safetensors``) under ``dirs``, shipped copies first.
 
-    Sets that exist only beside the checkout (``../shared/parity``) are included too, so new sets of the
-    same format are tested without code changes.
+    Sets that exist only beside the checkout (``../shared/parity``, ``../shared/parity-glm2``) are included
+    too, so new sets of the same format are tested without code changes.
     """
     found: dict[str, Path] = {}
-    for base in PARITY_DIRS:
+    for base in dirs:
         if base.is_dir():
             for sub in sorted(base.iterdir()):
                 if (sub / "vectors.safetensors").is_file() and sub.name not in found:

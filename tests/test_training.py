@@ -240,8 +240,8 @@ def test_item01_pruning_and_latest_never_take_another_runs_checkpoints(tmp_path)
     from ptuning.evaluation.run import resolve_checkpoint
     from ptuning.training.checkpoint import latest_checkpoint, prefix_metadata, save_checkpoint
 
-    model = loop_module.load_model(ModelConfig())
-    base = prefix_metadata(model.config, "builtin:tiny-chatglm")
+    model = load_model(ModelConfig())
+    base = prefix_metadata(model, "builtin:tiny-chatglm")
     save_checkpoint(tmp_path, 800, model, {**base, "run_id": "old"})  # copied in from another run
     (tmp_path / "run_config.json").write_text(json.dumps({"run_id": "new"}))
     for step in (1, 2, 3):
@@ -376,7 +376,7 @@ def test_item17_a_small_model_on_cpu_runs_with_one_thread_unless_omp_num_threads
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
-        tiny = loop_module.load_model(ModelConfig()).config
+        tiny = load_model(ModelConfig()).config
         assert set_cpu_threads(tiny, "cpu") == 1 and torch.get_num_threads() == 1
         torch.set_num_threads(2)
         assert set_cpu_threads(tiny_config(**BENCH_SHAPE), "cpu") is None and torch.get_num_threads() == 2
@@ -398,3 +398,31 @@ def test_item17_a_small_model_on_cpu_runs_with_one_thread_unless_omp_num_threads
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_item04_rows_longer_than_the_models_positions_are_refused_in_training_and_evaluation(tmp_path):
+    from ptuning.data import DataError
+    from ptuning.evaluation.run import EvaluateJobConfig
+    from ptuning.evaluation.run import run as evaluate
+
+    # the built-in model covers 512 positions; a 1,023-token prompt and a 480-token response do not fit
+    rows = [{"content": "裙" * 1023, "summary": "好" * 480}] + [{"content": "裙子", "summary": "好"}] * 15
+    data = tmp_path / "long.json"
+    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    longer = ["data.max_source_length=1024", "data.max_target_length=480", f"data.train_file={data}",
+              f"data.validation_file={data}"]
+    with pytest.raises(DataError) as err:
+        train(tmp_path / "run", *longer)
+    message = str(err.value)
+    assert f"{data}: 1 of 16 rows need more than the model's 512 positions (longest 1" in message
+    assert "lower data.max_source_length / data.max_target_length" in message
+    # refused before anything was written (the folder holds only the test's data cache)
+    assert [p.name for p in (tmp_path / "run").iterdir()] == [".cache"]
+    # evaluation: the prompt and the tokens to generate must fit too
+    checkpoint = train(tmp_path / "ok").checkpoint
+    cfg = EvaluateJobConfig(prefix_checkpoint=str(checkpoint), output_dir=str(tmp_path / "eval"), split="validation")
+    cfg.data.validation_file, cfg.data.max_source_length = str(data), 1024
+    cfg.data.cache_dir = str(tmp_path / ".cache")
+    with pytest.raises(DataError, match=r"1 of 16 prompts need more than the model's 512 positions \(longest \d+ tokens, "
+                                        r"prompt \+ 64 new tokens\); lower data.max_source_length or generation.max_new_tokens"):
+        evaluate(cfg)

@@ -14,6 +14,11 @@ class DataConfig:
             such split).
         prompt_column, response_column: column names of the query and the answer.
         history_column: column of earlier ``[query, response]`` turns (chat data), or None.
+        conversation_column: column of chat-format rows instead of prompt / response / history: a list of
+            ``{"role", "content"}`` messages ending with the assistant's answer (ChatGLM3's ``finetune_demo``
+            format, ``conversations``; see :func:`ptuning.models.base.conversation_from_messages`), or None.
+        tools_column: with ``conversation_column``, the column of each row's tool definitions (``tools``; a
+            row without it offers none), or None.
         source_prefix: text put in front of every prompt (after the history template).
         max_source_length: prompt budget: training keeps ``max_source_length - 1`` prompt tokens,
             evaluation ``max_source_length - 2``, as the original P-Tuning v2 script.
@@ -33,6 +38,8 @@ class DataConfig:
     prompt_column: str = "content"
     response_column: str = "summary"
     history_column: str | None = None
+    conversation_column: str | None = None
+    tools_column: str | None = None
     source_prefix: str = ""
     max_source_length: int = 64
     max_target_length: int = 64
@@ -56,6 +63,10 @@ class DataConfig:
                 raise ValueError(f"{name} must be a positive integer or None, got {value}")
         if self.prompt_column == self.response_column:
             raise ValueError(f"prompt_column and response_column are both {self.prompt_column!r}")
+        if self.tools_column is not None and self.conversation_column is None:
+            raise ValueError("tools_column needs conversation_column (tools belong to chat-format rows)")
+        if self.conversation_column is not None and self.history_column is not None:
+            raise ValueError("history_column and conversation_column exclude each other (a conversation holds its history)")
 
     def file_for(self, split: str) -> str:
         """The file of ``split`` (``train``, ``validation`` or ``test``).

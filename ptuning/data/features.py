@@ -12,6 +12,7 @@ the :class:`~ptuning.data.config.DataConfig`.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from ..models.base import IGNORE_INDEX, Conversation, PromptTemplate
@@ -19,8 +20,17 @@ from .config import DataConfig
 
 
 def conversations(examples: dict[str, list[Any]], cfg: DataConfig) -> list[Conversation]:
-    """Each row's query, history and ``source_prefix`` as a family-neutral :class:`Conversation`."""
+    """Each row's query, history and ``source_prefix`` (and for chat-format rows system message, tool turns
+    and tools) as a family-neutral :class:`Conversation`."""
     queries = examples[cfg.prompt_column]
+    if cfg.conversation_column:
+        return [
+            Conversation(query=query, history=[tuple(turn) for turn in history], system=system or None,
+                         source_prefix=cfg.source_prefix, extra=json.loads(extra),
+                         tools=json.loads(tools) if tools else None)
+            for query, history, system, extra, tools in zip(
+                queries, examples["history"], examples["system"], examples["extra"], examples["tools"], strict=True)
+        ]
     histories = examples[cfg.history_column] if cfg.history_column else [None] * len(queries)
     return [
         Conversation(query=query, history=[tuple(turn) for turn in (history or ())], source_prefix=cfg.source_prefix)

@@ -210,10 +210,50 @@ def _parse_history(value: Any, column: str, from_csv: bool) -> tuple[list[list[s
     return [list(turn) for turn in value], None
 
 
+# the normalized columns of chat-format rows (``conversation_column``), besides prompt and response
+CHAT_COLUMNS = ("history", "system", "extra", "tools")
+
+
+def _check_conversation(record: dict, cfg: DataConfig, from_csv: bool) -> tuple[dict[str, Any] | None, str | None]:
+    """A chat-format row (``conversation_column`` [+ ``tools_column``]) normalized to the prompt, response,
+    history, system, extra and tools columns (the last three as JSON text), or the problem with it."""
+    from ..models.base import conversation_from_messages
+
+    column = cfg.conversation_column
+    if column not in record:
+        return None, f"no column {column!r} (columns: {', '.join(map(repr, record)) or 'none'})"
+    # a row without the tools column offers no tools (as finetune_demo's batch.get('tools'))
+    messages, tools = record[column], record.get(cfg.tools_column) if cfg.tools_column else None
+    if from_csv:
+        try:
+            messages = json.loads(messages)
+            tools = json.loads(tools) if tools and tools.strip() else None
+        except json.JSONDecodeError as err:
+            return None, f"{column!r} / {cfg.tools_column!r} must be JSON ({err})"
+    try:
+        conversation, answer = conversation_from_messages(messages, tools)
+    except ValueError as err:
+        return None, f"{column!r}: {err}"
+    for name, text in ((cfg.prompt_column, conversation.query), (cfg.response_column, answer)):
+        problem = _check_text(text, f"{column}: {'query' if name == cfg.prompt_column else 'answer'}")
+        if problem is not None:
+            return None, problem
+    return {
+        cfg.prompt_column: conversation.query,
+        cfg.response_column: answer,
+        "history": [list(turn) for turn in conversation.history],
+        "system": conversation.system or "",
+        "extra": json.dumps(conversation.extra, ensure_ascii=False),
+        "tools": json.dumps(tools, ensure_ascii=False) if tools is not None else "",
+    }, None
+
+
 def _check_record(record: Any, cfg: DataConfig, from_csv: bool) -> tuple[dict[str, Any] | None, str | None]:
     """The normalized row (configured columns only), or the problem with it."""
     if not isinstance(record, dict):
         return None, f"expected a JSON object, got a {type(record).__name__}"
+    if cfg.conversation_column:
+        return _check_conversation(record, cfg, from_csv)
     wanted = [cfg.prompt_column, cfg.response_column] + ([cfg.history_column] if cfg.history_column else [])
     for column in wanted:
         if column not in record:
@@ -326,6 +366,9 @@ def _features(cfg: DataConfig) -> datasets.Features:
     columns = {cfg.prompt_column: datasets.Value("string"), cfg.response_column: datasets.Value("string")}
     if cfg.history_column:
         columns[cfg.history_column] = datasets.List(datasets.List(datasets.Value("string")))
+    if cfg.conversation_column:
+        columns["history"] = datasets.List(datasets.List(datasets.Value("string")))
+        columns.update({name: datasets.Value("string") for name in CHAT_COLUMNS[1:]})
     return datasets.Features(columns)
 
 
@@ -398,6 +441,32 @@ def build_datasets(cfg: DataConfig, template, split: str, features: str | None =
     )
     report_truncation(featurized, path, cfg)
     return featurized
+
+
+def check_positions(lengths: list[int], limit: int, path, hint: str, *, extra: int = 0, what: str = "rows") -> None:
+    """Refuses rows that would run past the positions the model was built for.
+
+    One behaviour for training and evaluation (chat and the server cut the prompt to fit instead, and say
+    so): a row longer than ``limit`` would use positions the model never saw, so its loss or its answer
+    would be silently wrong.
+
+    Args:
+        lengths: tokens of each row (training: prompt + response; generation: the prompt).
+        limit: the model's positions (``max_sequence_length`` / ``max_position_embeddings``).
+        path: the data file, for the message.
+        hint: which keys shorten the rows.
+        extra: tokens each row needs beyond its length (generation: ``max_new_tokens``).
+
+    Raises:
+        DataError: ``"<file>: N of M rows need more than the model's L positions (longest K ...); <hint>"``.
+    """
+    over = [n + extra for n in lengths if n + extra > limit]
+    if over:
+        plus = f", prompt + {extra} new tokens" if extra else ""
+        raise DataError(
+            f"{path}: {len(over)} of {len(lengths)} {what} need more than the model's {limit} positions "
+            f"(longest {max(over)} tokens{plus}); {hint}"
+        )
 
 
 def report_truncation(dataset: datasets.Dataset, path, cfg: DataConfig) -> tuple[int, int]:

@@ -365,6 +365,7 @@ def _evaluate(cfg: EvaluateJobConfig, tracker) -> dict:
 
     from ..build import base_metadata, load
     from ..data import DataError, build_datasets
+    from ..data.loading import check_positions
     from ..distributed import LaunchError, start
     from ..perf import set_cpu_threads
     from ..training.checkpoint import base_model_change, infer_prefix_shape, load_prefix, read_prefix
@@ -413,6 +414,9 @@ def _evaluate(cfg: EvaluateJobConfig, tracker) -> dict:
     examples, error = None, None
     try:
         examples = build_datasets(cfg.data, template, cfg.split).to_list()
+        check_positions([len(x["input_ids"]) for x in examples], loaded.max_positions, data_file,
+                        "lower data.max_source_length or generation.max_new_tokens",
+                        extra=cfg.generation.max_new_tokens, what="prompts")
     except DataError as err:
         error = err
     if main:

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .base import Conversation, Family, PromptIds, PromptTemplate, TrainRow
+from .base import Conversation, Family, PromptIds, PromptTemplate, TrainRow, conversation_from_messages
 
 
 class UnsupportedModelError(ValueError):
@@ -38,9 +38,17 @@ def _is_chatglm_v1(cfg: dict) -> bool:
     return cfg.get("model_type") == "chatglm" and "inner_hidden_size" in cfg
 
 
+def _is_chatglm2(cfg: dict) -> bool:
+    # an original ChatGLM2/3 folder, or the GlmConfig it is loaded as (which records chatglm_version)
+    original = cfg.get("model_type") == "chatglm" and "ffn_hidden_size" in cfg and "padded_vocab_size" in cfg
+    return original or (cfg.get("model_type") == "glm" and cfg.get("chatglm_version") in (2, 3))
+
+
 FAMILIES: list[FamilyEntry] = [
     FamilyEntry("chatglm", "ptuning.models.chatglm.family:ChatGLMFamily", _is_chatglm_v1,
                 ("ChatGLM-6B (model_type chatglm, ChatGLMModel / ChatGLMForConditionalGeneration)",)),
+    FamilyEntry("chatglm2", "ptuning.models.chatglm2.family:ChatGLM2Family", _is_chatglm2,
+                ("ChatGLM2-6B / ChatGLM3-6B (model_type chatglm with ffn_hidden_size and padded_vocab_size)",)),
 ]
 
 
@@ -93,6 +101,18 @@ def family_for(folder: str | Path) -> Family:
     raise UnsupportedModelError(f"{path}: no model family handles {what}; supported: {'; '.join(supported())}")
 
 
+def family_named(name: str) -> Family:
+    """The family recorded as ``family`` in a checkpoint's ``prefix_config.json``.
+
+    Raises:
+        UnsupportedModelError: no family of that name.
+    """
+    for entry in FAMILIES:
+        if entry.name == name:
+            return entry.load()
+    raise UnsupportedModelError(f"no model family named {name!r}; known: {', '.join(e.name for e in FAMILIES)}")
+
+
 def family_of(model_or_config) -> Family:
     """The family of a loaded model (recorded by :func:`ptuning.build.load_model`) or of a config object.
 
@@ -121,7 +141,9 @@ __all__ = [
     "PromptTemplate",
     "TrainRow",
     "UnsupportedModelError",
+    "conversation_from_messages",
     "family_for",
+    "family_named",
     "family_of",
     "read_config",
     "supported",

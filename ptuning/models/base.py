@@ -83,6 +83,8 @@ class Conversation:
         source_prefix: text put in front of the rendered prompt (``data.source_prefix``).
         extra: family-specific messages (e.g. ChatGLM3's tool ``observation`` turns), as ``{"role", "content"}``
             dicts in order; only families that understand them accept them.
+        tools: tool definitions offered to the model (ChatGLM3 writes them into its system message); only
+            families that understand them accept them.
     """
 
     query: str
@@ -90,6 +92,46 @@ class Conversation:
     system: str | None = None
     source_prefix: str = ""
     extra: list[dict[str, Any]] = field(default_factory=list)
+    tools: Any = None
+
+
+def conversation_from_messages(messages: Sequence[Any], tools: Any = None) -> tuple[Conversation, str]:
+    """A chat-format row (a list of ``{"role", "content", ...}`` messages, as ChatGLM3's ``finetune_demo``
+    data) as a :class:`Conversation` and its answer.
+
+    The last message is the answer (role ``assistant``); the last ``user`` message before it is the query;
+    the messages between them (e.g. tool calls and their ``observation`` results) become ``extra`` as they
+    are; earlier messages are an optional leading ``system`` message and then ``user`` / ``assistant`` pairs.
+
+    Raises:
+        ValueError: a layout this cannot express, naming the message.
+    """
+    if not isinstance(messages, list | tuple) or not messages:
+        raise ValueError("expected a non-empty list of messages")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise ValueError(f"message {i} is not an object with a 'role'")
+        if message["role"] != "tool" and not isinstance(message.get("content"), str):
+            raise ValueError(f"message {i} ({message['role']}): 'content' must be a string")
+    items = list(messages)
+    if items[-1]["role"] != "assistant":
+        raise ValueError(f"the last message must be the assistant's answer, got role {items[-1]['role']!r}")
+    answer = items.pop()["content"]
+    system = items.pop(0)["content"] if items and items[0]["role"] == "system" else None
+    users = [i for i, m in enumerate(items) if m["role"] == "user"]
+    if not users:
+        raise ValueError("no user message before the answer")
+    last = users[-1]
+    earlier = items[:last]
+    roles = [m["role"] for m in earlier]
+    if roles != ["user", "assistant"] * (len(earlier) // 2):
+        raise ValueError(
+            f"messages before the last user message must alternate user, assistant; got {', '.join(roles)} "
+            "(tool turns only in the last exchange)"
+        )
+    history = [(q["content"], a["content"]) for q, a in zip(earlier[::2], earlier[1::2], strict=True)]
+    extra = [dict(m) for m in items[last + 1:]]
+    return Conversation(query=items[last]["content"], history=history, system=system, extra=extra, tools=tools), answer
 
 
 def drop_oldest_turns(
@@ -227,6 +269,24 @@ class Family(ABC):
     def block_linear_names(self) -> tuple[str, ...]:
         """Names (last attribute) of the per-layer linears that weight-only quantization replaces."""
         return ()
+
+    def original_prefix_key(self, local_key: str) -> str | None:
+        """The key under which the family's original P-Tuning v2 code saves a prefix weight (``local_key`` is
+        the key inside the encoder, e.g. ``embedding.weight``), for ``python -m ptuning.export original``;
+        None: the family has no original prefix format (export a peft adapter instead)."""
+        return None
+
+    def export_full(self, model: nn.Module, out_dir: Path, *, dtype, max_shard_bytes: int,
+                    companions_from: Path | None = None) -> list[Path]:
+        """Writes backbone and prefix as one model folder in the family's original layout (``python -m
+        ptuning.export full``). Returns the weight files.
+
+        Raises:
+            CheckpointError: the family has no original layout, or the model cannot be written (e.g. quantized).
+        """
+        from ..weights import CheckpointError
+
+        raise CheckpointError(f"{self.label} has no original full-model layout to export to")
 
     def matmul_weights(self, model_config) -> int:
         """Matmul weights one token passes through (embeddings excluded), for FLOP counts."""

@@ -28,7 +28,15 @@ import torch
 from safetensors.torch import save_file
 
 from ..prefix import PREFIX_ATTRIBUTE, is_prefix_param, prefix_module_name, prefix_state_dict
-from ..weights import CheckpointError, load_failure, read_weights
+from ..weights import (
+    BIN_INDEX,
+    SAFE_INDEX,
+    SAFE_SINGLE,
+    CheckpointError,
+    load_failure,
+    read_matching,
+    read_weights,
+)
 from .faults import kill_point
 
 PREFIX_FILE = "prefix.safetensors"
@@ -217,18 +225,24 @@ def _deepspeed_state_classes() -> list:
 
 
 def read_prefix(checkpoint: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict | None]:
-    """Prefix weights (full ``transformer.prefix_encoder.*`` keys) and metadata of a checkpoint folder:
-    ours (``prefix.safetensors``) or the original P-Tuning v2 script's (``pytorch_model.bin``)."""
+    """Prefix weights (full keys, as stored) and metadata of a checkpoint folder: ours
+    (``prefix.safetensors``), the original P-Tuning v2 script's (``pytorch_model.bin`` holding the prefix), or
+    a whole model with its prefix inside (e.g. a ChatGLM3 ``finetune_demo`` checkpoint: sharded safetensors
+    with ``transformer.prefix_encoder.*``), of which only the prefix tensors are read."""
     checkpoint = Path(checkpoint)
     if (checkpoint / PREFIX_FILE).is_file():
         state = read_weights(checkpoint / PREFIX_FILE)  # unreadable or truncated: a one-line CheckpointError
         meta = _read_meta(checkpoint / META_FILE)
     elif (checkpoint / ORIGINAL_FILE).is_file():
-        state = read_weights(checkpoint / ORIGINAL_FILE)
+        state = read_matching(checkpoint, is_prefix_param)  # memory-mapped: a whole model is not read
+        meta = None
+    elif checkpoint.is_dir() and any((checkpoint / name).is_file() for name in (SAFE_SINGLE, SAFE_INDEX, BIN_INDEX)):
+        state = read_matching(checkpoint, is_prefix_param)
         meta = None
     elif checkpoint.is_dir():
         raise CheckpointError(
-            f"{checkpoint}: no {PREFIX_FILE} (ours) or {ORIGINAL_FILE} (original P-Tuning v2)"
+            f"{checkpoint}: no {PREFIX_FILE} (ours), {ORIGINAL_FILE} (original P-Tuning v2) or model weights with "
+            f"a prefix inside"
         )
     else:
         raise CheckpointError(f"{checkpoint}: not a checkpoint folder")
@@ -339,9 +353,28 @@ def infer_prefix_shape(prefix: dict[str, torch.Tensor]) -> dict:
 
 
 def export_original(checkpoint: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
-    """Writes the prefix as the original P-Tuning v2 script saved it: ``pytorch_model.bin`` with the
-    ``transformer.prefix_encoder.*`` keys (and our metadata beside it)."""
+    """Writes the prefix as the family's original P-Tuning v2 script saved it: ``pytorch_model.bin`` with the
+    keys its code loads (``transformer.prefix_encoder.*`` for ChatGLM-6B and ChatGLM2/3; the family comes from
+    ``prefix_config.json``), and our metadata beside it.
+
+    Raises:
+        CheckpointError: unreadable, or the checkpoint's family has no original prefix format.
+    """
+    from ..models import UnsupportedModelError, family_named
+
     prefix, meta = read_prefix(checkpoint)
+    if meta is not None and meta.get("family"):
+        try:
+            family = family_named(meta["family"])
+        except UnsupportedModelError as err:
+            raise CheckpointError(f"{checkpoint}: {err}") from None
+        local = local_prefix_keys(prefix)
+        keys = {k: family.original_prefix_key(k) for k in local}
+        if None in keys.values():
+            raise CheckpointError(
+                f"{checkpoint}: {family.label} has no original P-Tuning v2 prefix format; export a peft adapter"
+            )
+        prefix = {keys[k]: v for k, v in local.items()}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.save({k: v.clone() for k, v in prefix.items()}, out_dir / ORIGINAL_FILE)

@@ -287,6 +287,7 @@ def run(cfg: TrainJobConfig, *, trackers=None) -> TrainResult:
 
 def _train(cfg: TrainJobConfig, trackers, where: _Progress) -> TrainResult:
     from ..data import TrainingCollator, build_datasets  # imported here: it pulls in datasets
+    from ..data.loading import check_positions
 
     cfg.validate()
     model_family(cfg.model)  # a folder no family handles fails here, before anything is written
@@ -330,6 +331,16 @@ def _train(cfg: TrainJobConfig, trackers, where: _Progress) -> TrainResult:
         gen_examples = (build_datasets(cfg.data, template, "validation").to_list()
                         if cfg.data.validation_file and (cfg.train.eval_generation or cfg.train.eval_before_training)
                         else None)
+    # every process checks the same rows, so all stop with the same message
+    limit = loaded.max_positions
+    shorten = "lower data.max_source_length / data.max_target_length (rows are cut to them)"
+    check_positions([len(x) for x in train_ds["input_ids"]], limit, cfg.data.train_file, shorten)
+    if eval_ds is not None:
+        check_positions([len(x) for x in eval_ds["input_ids"]], limit, cfg.data.validation_file, shorten)
+    if gen_examples is not None:
+        check_positions([len(x["input_ids"]) for x in gen_examples], limit, cfg.data.validation_file,
+                        "lower data.max_source_length or train.max_new_tokens", extra=cfg.train.max_new_tokens,
+                        what="prompts")
     collate = TrainingCollator.from_config(template, cfg.data)
     targets = [target_count(lab) for lab in train_ds["labels"]]
     world, rank, bs = comm.num_processes, comm.process_index, cfg.train.per_device_batch_size

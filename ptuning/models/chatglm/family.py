@@ -76,6 +76,14 @@ class ChatGLMFamily(Family):
     def block_linear_names(self) -> tuple[str, ...]:
         return ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
 
+    def original_prefix_key(self, local_key: str) -> str:
+        return f"transformer.prefix_encoder.{local_key}"
+
+    def export_full(self, model, out_dir: Path, *, dtype, max_shard_bytes: int, companions_from: Path | None = None):
+        from ...interop.original import export_full
+
+        return export_full(model, out_dir, dtype=dtype, max_shard_bytes=max_shard_bytes, companions_from=companions_from)
+
     def matmul_weights(self, model_config) -> int:
         d, inner = model_config.hidden_size, model_config.inner_hidden_size
         return model_config.num_layers * (3 * d * d + d * d + 2 * d * inner) + d * model_config.vocab_size
