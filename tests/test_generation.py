@@ -488,3 +488,22 @@ def test_a_bfloat16_model_keeps_a_float32_cache_on_a_cpu(family, chatglm):
     assert got == want  # bfloat16 everywhere but the attention over the cache: the same greedy answers here
     decoder = Decoder(model, max_batch_size=2, max_length=32)
     assert decoder.cache.keys[0].dtype == torch.float32
+
+
+@pytest.mark.parametrize("version", [2, 3])
+def test_chatglm2_and_3_greedy_ids_equal_generate_with_their_templates(version):
+    """ChatGLM2-6B / ChatGLM3-6B (transformers' GlmForCausalLM with the generic prefix): prompts of their own
+    templates, a prefix, rows of different lengths."""
+    from ptuning.build import load
+    from ptuning.config import ModelConfig
+    from ptuning.models import Conversation
+
+    loaded = load(ModelConfig(path=f"builtin:tiny-chatglm{version}", pre_seq_len=4))
+    model, template = loaded.model.eval(), loaded.template
+    with torch.no_grad():
+        model.prefix_encoder.embedding.weight.mul_(0.3)
+    prompts = [template.prompt(Conversation(query=q), 64).ids for q in ("类型#裙*颜色#黑色", "你好", "写一段广告词")]
+    pad, stops = template.pad_token_id, template.stop_token_ids
+    want = reference_ids(model, prompts, pad_id=pad, stop_ids=stops, max_new_tokens=10)
+    assert generate_ids(model, prompts, GenerationSettings(max_new_tokens=10), pad_id=pad, stop_ids=stops) == want
+    assert len({tuple(r) for r in want}) == len(want)
