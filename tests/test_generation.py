@@ -507,3 +507,13 @@ def test_chatglm2_and_3_greedy_ids_equal_generate_with_their_templates(version):
     want = reference_ids(model, prompts, pad_id=pad, stop_ids=stops, max_new_tokens=10)
     assert generate_ids(model, prompts, GenerationSettings(max_new_tokens=10), pad_id=pad, stop_ids=stops) == want
     assert len({tuple(r) for r in want}) == len(want)
+
+
+def test_ids_beyond_the_vocab_limit_are_never_chosen(chatglm):
+    prompts = chatglm_prompts(chatglm.config)
+    requests = [Request(p, 12, Sampling(temperature=t, seed=1)) for p, t in zip(prompts, (0.0, 1.5, 3.0), strict=True)]
+    free = run_to_end(Decoder(chatglm, max_batch_size=3, max_length=64), requests)
+    limit = 500
+    assert max(t for ids, _ in free for t in ids) >= limit  # the limit has something to change
+    limited = run_to_end(Decoder(chatglm, max_batch_size=3, max_length=64, vocab_limit=limit), requests)
+    assert max(t for ids, _ in limited for t in ids) < limit

@@ -178,16 +178,19 @@ class Decoder:
             and the step runs eagerly from then on.
         compile_options: keyword arguments of ``torch.compile`` (e.g. ``backend``, ``mode``).
         cache_dtype: the keys' and values' dtype in the cache (default :func:`default_cache_dtype`).
+        vocab_limit: ids from here on are never chosen (output rows the tokenizer has no piece for: real
+            checkpoints pad their vocabulary); None = every id.
     """
 
     def __init__(self, model, *, max_batch_size: int = 8, max_length: int = 2048, prefixes: PrefixTable | None = None,
                  capacity: int | None = None, tokenizer=None, pad_token_id: int = 0, compile: bool = False,
-                 compile_options: dict | None = None, cache_dtype: torch.dtype | None = None):
+                 compile_options: dict | None = None, cache_dtype: torch.dtype | None = None,
+                 vocab_limit: int | None = None):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size={max_batch_size}: expected a positive integer")
         self.model = model
         self.max_batch_size, self.max_length = max_batch_size, max_length
-        self.tokenizer, self.pad_token_id = tokenizer, pad_token_id
+        self.tokenizer, self.pad_token_id, self.vocab_limit = tokenizer, pad_token_id, vocab_limit
         own = model_prefix(model)
         self.prefixes = prefixes if prefixes is not None else PrefixTable(own)
         self.device = next(model.parameters()).device
@@ -361,6 +364,8 @@ class Decoder:
     def _advance(self, logits: torch.Tensor, first: int) -> list[StepOutput]:
         """Picks the tokens of rows ``first ..`` from their logits ``[n, V]``; finished rows leave."""
         rows = self._rows[first:]
+        if self.vocab_limit is not None and logits.shape[-1] > self.vocab_limit:
+            logits = logits[:, : self.vocab_limit]  # the ids beyond never chosen, greedy or sampled
         samplings = [r.request.sampling for r in rows]
         tokens = choose_tokens(logits, samplings, [r.generator for r in rows],
                                all(s.greedy for s in samplings))
