@@ -2,6 +2,7 @@
 
     python benchmarks/bench.py                 # CPU, the bench configuration; prints a table, writes JSON
     python benchmarks/bench.py --quick         # fewer repeats and a smaller scaling grid
+    python benchmarks/bench.py --only generate --profile --compile   # generation alone, profiled, compiled too
     python benchmarks/bench.py --device cuda --gpu-shape   # the real ChatGLM-6B shape (see benchmarks/gpu.sh)
 
 The bench configuration: ChatGLM-6B architecture with hidden 512, 8 heads, 4 layers, inner 2048, vocab
@@ -11,8 +12,14 @@ prefix for a batch of 4 x 256 tokens (128 prompt tokens ending in [gMASK], 128 t
 
 Train rows report tokens/s, the achieved FLOP/s by the shared formula (``ptuning.perf``:
 ``4·N + 12·L·d·(S + P)`` per token) and its fraction of a large matmul's FLOP/s measured in the same
-process with the same dtype and threads. Generation rows report new tokens/s and, for batch 1, the bound
-set by streaming the weights once per token: measured copy bandwidth / weight bytes.
+process with the same dtype and threads.
+
+Generation (greedy, 64 new tokens after a 64-token prompt) is measured per dtype in one process: transformers'
+``generate()`` and our decode loop (``ptuning.generation``, with the pre-packed linears that evaluation and chat
+use), at batch 1 and 8, in turns, the best of the rounds each. Rates are new tokens / time of the whole call
+(prefill included) and, for our loop, of the decode steps alone. The bound is streaming the weights once per
+token: a large copy's bandwidth (measured in the same rounds) / weight bytes. ``--profile`` splits a decode
+step into its linears alone, the bound and the rest, with torch.profiler's top operators.
 """
 
 from __future__ import annotations
@@ -216,9 +223,10 @@ def measure_generate(args) -> dict:
             ways[f"ours dense b{b}"] = lambda b=b: run_ours(b, packed=False)
     compile_s = None
     if args.compile:
-        # compiled once (the first call includes it), then timed with the others
+        # the first call of each batch size compiles (one graph for batch 1, one for larger batches), apart
         start = time.perf_counter()
-        run_ours(args.batch, packed=False, compiled=True)
+        for b in sizes:
+            run_ours(b, packed=False, compiled=True)
         compile_s = time.perf_counter() - start
         for b in sizes:
             ways[f"ours compiled b{b}"] = lambda b=b: run_ours(b, packed=False, compiled=True)
@@ -388,6 +396,8 @@ def main() -> None:
                         help="also time our decode loop with torch.compile (its compile time is reported apart)")
     parser.add_argument("--dense", action="store_true", help="also time our decode loop on the dense linears")
     parser.add_argument("--profile", action="store_true", help="profile a decode step of our loop (batch 1 and 8)")
+    parser.add_argument("--only", choices=["train", "generate"], default=None,
+                        help="measure only the train step (and its scaling) or only generation")
     parser.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
     parser.add_argument("--autocast", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)
@@ -430,6 +440,8 @@ def main() -> None:
             for seq in seqs:
                 plan[f"scaling S={seq} P={prefix}"] = ["--seq", str(seq), "--batch", str(1024 // seq),
                                                        "--prefix", str(prefix), "--repeats", "3"]
+    if args.only:
+        plan = {name: extra for name, extra in plan.items() if (args.only == "generate") == name.startswith("generate")}
     if args.profile:
         for dtype, b in (("float32", 1), ("float32", 8), (half, 1), (half, 8)):
             plan[f"profile {dtype}, batch {b}"] = ["--kind", "profile", "--dtype", dtype, "--batch", str(b)]
