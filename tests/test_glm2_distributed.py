@@ -19,7 +19,7 @@ MODEL = ["model=tiny_chatglm2", "model.pre_seq_len=8"]
 
 def test_deepspeed_zero3_equals_one_process_and_resumes_exactly(tmp_path):
     launch([sys.executable], tmp_path / "single", *MODEL, "train.per_device_batch_size=8")
-    config = ROOT / "conf" / "accelerate" / "deepspeed_zero3.yaml"
+    config = ROOT / "launch" / "accelerate" / "deepspeed_zero3.yaml"
     args = [*ACCELERATE, "--config_file", str(config), "--main_process_port", str(free_port())]
     proc = launch(args, tmp_path / "zero3", *MODEL, "train.per_device_batch_size=4")
     assert "on 2 process(es)" in proc.stdout

@@ -171,11 +171,11 @@ class PrefixCausalLM:
         )
 
     def prompt_position_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Positions ``[B, S]`` of a left-padded prompt batch: counted from each row's first real token (pads 0,
-        never attended to), as ``generate()`` counts them."""
+        """Positions ``[B, S]`` of a left-padded prompt batch: each row counts from 0 at its first real token
+        (pads 0), as ``generate()`` numbers them, so left pads never shift a row's rotary positions."""
         if attention_mask is None:
             return torch.arange(input_ids.shape[1], device=input_ids.device).expand(input_ids.shape[0], -1)
-        return (attention_mask.long().cumsum(dim=-1) - 1).clamp_min(0)
+        return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
 
     @staticmethod
     def next_position_ids(last: torch.Tensor) -> torch.Tensor:

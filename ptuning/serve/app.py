@@ -1,0 +1,251 @@
+"""The FastAPI app: OpenAI's ``/v1/models``, ``/v1/chat/completions`` and ``/v1/completions``, ``/health``, and
+the web page mounted at ``/ui``.
+
+Every error is OpenAI's body (:class:`~ptuning.serve.protocol.APIError`), also for unknown routes and faults.
+``stream: true`` answers with server-sent events in OpenAI's chunk format, ending with ``data: [DONE]``; a
+client that goes away (streaming or not) has its choices cancelled and their batch slots freed at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..models.base import Conversation
+from .protocol import APIError, parse_chat, parse_completion, parse_json
+from .scheduler import Delta, Failure, Finish
+from .service import Generation, Service, failure_error
+
+log = logging.getLogger("ptuning.serve")
+WEB_PATH = "/ui"
+
+
+def create_app(service: Service, *, api_key: str | None = None, web: bool = True,
+               on_startup=None) -> FastAPI:
+    """The server's ASGI app.
+
+    Args:
+        service: the model, its prefixes and the scheduler (started and stopped with the app's lifespan).
+        api_key: when set, ``/v1/*`` needs ``Authorization: Bearer <api_key>`` (else 401) and the web page asks
+            for it as its password.
+        web: mount the chat page at ``/ui`` (``/`` redirects there).
+        on_startup: called once the scheduler runs (the command prints where it listens).
+    """
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        service.scheduler.start()
+        if on_startup is not None:
+            on_startup()
+        try:
+            yield
+        finally:
+            # uvicorn has let in-flight requests finish (or cancelled them after its graceful timeout)
+            service.scheduler.stop(drain=False, timeout=30)
+
+    app = FastAPI(title="ptuning", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, err: APIError):
+        return JSONResponse(err.body(), status_code=err.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, err: StarletteHTTPException):
+        code = "not_found" if err.status_code == 404 else "method_not_allowed" if err.status_code == 405 else None
+        message = f"{request.method} {request.url.path}: {err.detail}"
+        return JSONResponse(APIError(err.status_code, message, code=code).body(), status_code=err.status_code)
+
+    @app.exception_handler(Exception)
+    async def _fault(request: Request, err: Exception):
+        log.exception("request failed")
+        body = APIError(500, f"internal error: {type(err).__name__}: {err}", type="server_error").body()
+        return JSONResponse(body, status_code=500)
+
+    if api_key is not None:
+        app.add_middleware(BearerAuth, api_key=api_key)
+
+    @app.get("/health")
+    async def health():
+        """``status`` ok (200) while the decode thread runs, else error (503); the model, the prefixes and
+        the scheduler's counts (``active`` rows, ``waiting`` requests, ``steps``, ``generated_tokens`` ...)."""
+        alive = service.scheduler.alive
+        body = {"status": "ok" if alive else "error", "model": service.base_name, "prefixes": service.prefixes,
+                **service.scheduler.stats()}
+        return JSONResponse(body, status_code=200 if alive else 503)
+
+    def card(name: str) -> dict:
+        entry = {"id": name, "object": "model", "created": service.created, "owned_by": "ptuning"}
+        if name != service.base_name:
+            entry.update(root=service.base_name, parent=service.base_name)
+        return entry
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [card(name) for name in service.model_names]}
+
+    @app.get("/v1/models/{name:path}")
+    async def model(name: str):
+        service.resolve(name)
+        return card(name)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        req = parse_chat(parse_json(await request.body()))
+        prefix = service.resolve(req.model)
+        ids, max_new = service.prompt(req.conversation, req.sampling.max_tokens,
+                                      max_tokens_name=req.sampling.max_tokens_param)
+        generation = service.start([(ids, max_new)], prefix, req.sampling)
+        ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        if req.sampling.stream:
+            return _sse(_chat_chunks(generation, ident, created, req.model, req.sampling.include_usage), generation)
+        choices = await _collect(generation, request)
+        if choices is None:
+            return Response(status_code=499)
+        return {
+            "id": ident, "object": "chat.completion", "created": created, "model": req.model,
+            "choices": [{"index": c.index, "message": {"role": "assistant", "content": c.text},
+                         "finish_reason": c.finish_reason, "logprobs": None} for c in choices],
+            "usage": _usage(generation), "system_fingerprint": None,
+        }
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        req = parse_completion(parse_json(await request.body()))
+        prefix = service.resolve(req.model)
+        prompts = [service.prompt(Conversation(query=text), req.sampling.max_tokens,
+                                  param="prompt" if len(req.prompts) == 1 else f"prompt[{i}]")
+                   for i, text in enumerate(req.prompts)]
+        generation = service.start(prompts, prefix, req.sampling)
+        ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        if req.sampling.stream:
+            return _sse(_completion_chunks(generation, ident, created, req.model, req.sampling.include_usage),
+                        generation)
+        choices = await _collect(generation, request)
+        if choices is None:
+            return Response(status_code=499)
+        return {
+            "id": ident, "object": "text_completion", "created": created, "model": req.model,
+            "choices": [{"index": c.index, "text": c.text, "finish_reason": c.finish_reason, "logprobs": None}
+                        for c in choices],
+            "usage": _usage(generation), "system_fingerprint": None,
+        }
+
+    if web:
+        from .web import mount_web
+
+        @app.get("/", include_in_schema=False)
+        async def root():
+            return RedirectResponse(f"{WEB_PATH}/")
+
+        app = mount_web(app, service, WEB_PATH, api_key=api_key)
+    return app
+
+
+class BearerAuth:
+    """ASGI middleware: ``/v1/*`` requests need ``Authorization: Bearer <api_key>``; others get OpenAI's 401."""
+
+    def __init__(self, app, api_key: str):
+        self.app, self.key = app, api_key.encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            header = dict(scope["headers"]).get(b"authorization", b"")
+            scheme, _, token = header.partition(b" ")
+            if scheme.lower() != b"bearer" or not secrets.compare_digest(token.strip(), self.key):
+                what = "no API key given (send Authorization: Bearer <key>)" if not header else "incorrect API key"
+                err = APIError(401, what, code="invalid_api_key")
+                response = JSONResponse(err.body(), status_code=401, headers={"WWW-Authenticate": "Bearer"})
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def _usage(generation: Generation) -> dict:
+    completion = generation.completion_tokens
+    return {"prompt_tokens": generation.prompt_tokens, "completion_tokens": completion,
+            "total_tokens": generation.prompt_tokens + completion}
+
+
+async def _collect(generation: Generation, request: Request):
+    """Waits for every choice; a client that disconnects first has them cancelled."""
+
+    async def disconnected():
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                return
+
+    work = asyncio.ensure_future(generation.wait())
+    watch = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not work.done():
+            work.cancel()
+            generation.cancel()
+    if not work.done() or work.cancelled():
+        return None  # the client is gone: nothing to answer
+    return work.result()
+
+
+def _sse(chunks: AsyncIterator[dict], generation: Generation) -> StreamingResponse:
+    async def body():
+        try:
+            async for chunk in chunks:
+                yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+            yield "data: [DONE]\n\n"
+        finally:
+            generation.cancel()  # the client went away mid-stream: free its slots now (finished ones are left)
+
+    return StreamingResponse(body(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def _chat_chunks(generation: Generation, ident: str, created: int, model: str, include_usage: bool):
+    def chunk(index: int, delta: dict, finish: str | None = None) -> dict:
+        return {"id": ident, "object": "chat.completion.chunk", "created": created, "model": model,
+                "system_fingerprint": None,
+                "choices": [{"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}]}
+
+    for job in generation.jobs:
+        yield chunk(job.index, {"role": "assistant", "content": ""})
+    async for event in generation.events():
+        if isinstance(event, Delta):
+            yield chunk(event.index, {"content": event.text})
+        elif isinstance(event, Finish):
+            yield chunk(event.index, {}, event.reason)
+        else:
+            yield failure_error(event).body()
+            return
+    if include_usage:
+        yield {"id": ident, "object": "chat.completion.chunk", "created": created, "model": model,
+               "choices": [], "usage": _usage(generation)}
+
+
+async def _completion_chunks(generation: Generation, ident: str, created: int, model: str, include_usage: bool):
+    def chunk(index: int, text: str, finish: str | None = None) -> dict:
+        return {"id": ident, "object": "text_completion", "created": created, "model": model,
+                "choices": [{"index": index, "text": text, "finish_reason": finish, "logprobs": None}]}
+
+    async for event in generation.events():
+        if isinstance(event, Delta):
+            yield chunk(event.index, event.text)
+        elif isinstance(event, Finish):
+            yield chunk(event.index, "", event.reason)
+        elif isinstance(event, Failure):
+            yield failure_error(event).body()
+            return
+    if include_usage:
+        yield {"id": ident, "object": "text_completion", "created": created, "model": model, "choices": [],
+               "usage": _usage(generation)}

@@ -1,0 +1,283 @@
+"""``python -m ptuning.serve`` / ``ptuning-serve``: one frozen backbone, any number of named prefixes, the OpenAI
+HTTP API and a chat page.
+
+    ptuning-serve --model-path /path/to/chatglm-6b \\
+        --prefix adgen=outputs/ptuning_adgen/checkpoint-3000 --prefix support=outputs/support
+
+Each ``--prefix NAME=CHECKPOINT`` (our format or the original P-Tuning v2's; a training output folder means its
+latest checkpoint) becomes a ``model`` of the API; the base model alone is served under its folder's name (or
+``--model-name``). The process exits 0 after SIGTERM or Ctrl-C once in-flight requests are finished (or
+cancelled after ``--shutdown-timeout`` seconds), and 2 after a one-line ``error: ...`` for a user mistake.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import signal
+import socket
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..config import ConfigError
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
+
+
+@dataclass
+class Loaded:
+    """What the server runs: the model (no prefix of its own), its family, template, and the prefixes'
+    keys and values ``name -> [P, K]``."""
+
+    family: object
+    model: object
+    template: object
+    max_positions: int
+    prefixes: dict
+    description: str
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="ptuning-serve",
+        description="Serve P-Tuning v2 prefixes of one frozen model over the OpenAI HTTP API, with a chat page.",
+    )
+    parser.add_argument("--model-path", default=None,
+                        help="a model folder of any supported family (default: the built-in tiny ChatGLM-6B)")
+    parser.add_argument("--prefix", action="append", default=[], metavar="NAME=CHECKPOINT",
+                        help="a prefix checkpoint served as model NAME (repeatable; ours or the original format; a "
+                             "training output folder means its latest checkpoint)")
+    parser.add_argument("--model-name", default=None,
+                        help="the base model's name in the API (default: the model folder's name)")
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                        help="backbone dtype (auto: bfloat16 on a GPU, float32 on a CPU)")
+    parser.add_argument("--quantization-bit", type=int, choices=[0, 4, 8], default=0,
+                        help="weight-only quantized backbone (8: int8 per channel, 4: NF4), as model.quantization_bit")
+    parser.add_argument("--device", default=None, help="e.g. cpu, cuda, cuda:1 (default: cuda when available)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 = any free port)")
+    parser.add_argument("--api-key", default=os.environ.get("PTUNING_API_KEY"),
+                        help="require 'Authorization: Bearer KEY' on /v1/* (default: $PTUNING_API_KEY, else none)")
+    parser.add_argument("--max-batch-size", type=int, default=16, help="requests decoded together (default 16)")
+    parser.add_argument("--default-max-tokens", type=int, default=256,
+                        help="answer length when a request sets no max_tokens (default 256)")
+    parser.add_argument("--shutdown-timeout", type=float, default=30.0,
+                        help="seconds in-flight requests get to finish after SIGTERM before they are cancelled")
+    parser.add_argument("--no-web", action="store_true", help="serve the API only, without the chat page")
+    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="warning",
+                        help="server log level; info also logs every request (default warning)")
+    return parser.parse_args(argv)
+
+
+def parse_prefixes(specs: list[str]) -> list[tuple[str, str]]:
+    """``NAME=CHECKPOINT`` pairs, checked: names unique and URL-safe.
+
+    Raises:
+        ConfigError: naming the flag value and what was expected.
+    """
+    out: list[tuple[str, str]] = []
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not path:
+            raise ConfigError(f"--prefix {spec}: expected NAME=CHECKPOINT (e.g. --prefix adgen=outputs/run/checkpoint-3000)")
+        if not NAME_RE.match(name):
+            raise ConfigError(f"--prefix {spec}: the name {name!r} must start with a letter or digit and hold only "
+                              "letters, digits and . _ : / - (at most 128)")
+        if any(name == seen for seen, _ in out):
+            raise ConfigError(f"--prefix {spec}: the name {name!r} is given twice")
+        out.append((name, path))
+    return out
+
+
+def check_args(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """Flag values that need no model, checked first. Raises :class:`ConfigError`."""
+    prefixes = parse_prefixes(args.prefix)
+    if args.max_batch_size < 1:
+        raise ConfigError(f"--max-batch-size={args.max_batch_size}: expected a positive integer")
+    if args.default_max_tokens < 1:
+        raise ConfigError(f"--default-max-tokens={args.default_max_tokens}: expected a positive integer")
+    if not 0 <= args.port <= 65535:
+        raise ConfigError(f"--port={args.port}: expected 0..65535")
+    if args.shutdown_timeout < 0:
+        raise ConfigError(f"--shutdown-timeout={args.shutdown_timeout}: expected a number >= 0")
+    if args.api_key is not None and not args.api_key.strip():
+        raise ConfigError("--api-key: empty (leave it out to serve without a key)")
+    if args.model_name is not None and not NAME_RE.match(args.model_name):
+        raise ConfigError(f"--model-name={args.model_name}: must start with a letter or digit and hold only "
+                          "letters, digits and . _ : / -")
+    return prefixes
+
+
+def load(args: argparse.Namespace, prefixes: list[tuple[str, str]]) -> Loaded:
+    """The base model (no prefix encoder: every prefix is an input of each call) and each prefix's keys and
+    values, computed once in float32.
+
+    Raises:
+        ConfigError, CheckpointError: a path or value that cannot work (one line naming the flag).
+    """
+    import torch
+
+    from ..build import load as load_folder
+    from ..build import weights_digest
+    from ..config import ModelConfig
+    from ..evaluation.run import resolve_checkpoint
+    from ..perf import set_cpu_threads
+    from ..prefix import PrefixEncoder
+    from ..training.checkpoint import base_model_change, infer_prefix_shape, load_prefix, read_prefix
+    from ..weights import CheckpointError
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device={args.device}: CUDA is not available on this machine")
+    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
+    if args.model_path is not None and not args.model_path.startswith("builtin:") and \
+            not Path(args.model_path).expanduser().is_dir():
+        raise ConfigError(f"--model-path={args.model_path}: no such folder (expected a model folder)")
+    cfg = ModelConfig(path=args.model_path, dtype=dtype, quantization_bit=args.quantization_bit)
+    try:
+        cfg.validate()
+    except ConfigError as err:
+        raise ConfigError(str(err).replace("model.path=", "--model-path=", 1)) from None
+    # read every checkpoint before the (slow) model load, so a wrong path or file fails at once
+    checkpoints = []
+    for name, path in prefixes:
+        checkpoint = resolve_checkpoint(path, key=f"--prefix {name}")
+        try:
+            checkpoints.append((name, checkpoint, *read_prefix(checkpoint)))
+        except CheckpointError as err:
+            raise CheckpointError(f"--prefix {name}: {err}") from None
+    loaded = load_folder(cfg, device=device, pre_seq_len=None, init=False)
+    model, family = loaded.model, loaded.family
+    model.eval()
+    set_cpu_threads(model, device)  # one intra-op thread for a small model on a CPU (unless OMP_NUM_THREADS)
+    # how checkpoints describe this backbone (ptuning.build.base_metadata, without a prefix of its own)
+    current = {"base_model": cfg.base_model_name, "base_config_fingerprint": family.fingerprint(model.config)}
+    if cfg.base_model_name.startswith("builtin:"):
+        current["base_weights_sha256"] = weights_digest(cfg.resolved_path)
+    banks = {}
+    for name, checkpoint, state, meta in checkpoints:
+        if meta and meta.get("family") not in (None, family.name):
+            raise CheckpointError(f"--prefix {name}={checkpoint}: a prefix of the {meta['family']} family; the "
+                                  f"model is {family.name}")
+        sizes = meta if meta and "pre_seq_len" in meta else infer_prefix_shape(state)
+        shape = family.prefix_shape(model.config, int(sizes["pre_seq_len"]), bool(sizes.get("prefix_projection")))
+        holder = torch.nn.Module()
+        holder.prefix_encoder = PrefixEncoder(shape)
+        try:
+            load_prefix(holder, checkpoint)  # the checks evaluation and chat make
+        except CheckpointError as err:
+            raise CheckpointError(f"--prefix {name}: {err}") from None
+        changed = base_model_change(meta, current)
+        if changed:
+            print(f"warning: --prefix {name}: {checkpoint} {changed}", file=sys.stderr)
+        with torch.no_grad():
+            banks[name] = holder.prefix_encoder().float()  # (P, K)
+    where = "the built-in tiny model" if cfg.path is None else str(cfg.path)
+    what = f"{where} ({family.name}, {dtype} on {device})"
+    if banks:
+        what += " with prefixes " + ", ".join(f"{n} (P={t.shape[0]})" for n, t in banks.items())
+    return Loaded(family, model, loaded.template, loaded.max_positions, banks, what)
+
+
+def base_name(args: argparse.Namespace) -> str:
+    """The base model's name in the API: ``--model-name``, else its folder's name (``tiny-chatglm`` for the
+    built-in model)."""
+    if args.model_name:
+        return args.model_name
+    from ..config import ModelConfig
+
+    return ModelConfig(path=args.model_path).resolved_path.resolve().name or "base"
+
+
+def build_service(loaded: Loaded, name: str, *, max_batch_size: int, default_max_tokens: int):
+    """The engine, scheduler and service over a loaded model."""
+    from ..prefix import PrefixShape
+    from .engine import Engine, PrefixBank
+    from .scheduler import Scheduler
+    from .service import Service
+
+    model = loaded.model
+    embeddings = model.get_input_embeddings().weight  # the activations' dtype, also of a quantized backbone
+    shape: PrefixShape = loaded.family.prefix_shape(model.config, 1, False)
+    bank = PrefixBank(shape, loaded.prefixes, dtype=embeddings.dtype, device=embeddings.device)
+    engine = Engine(model, bank, max_batch_size=max_batch_size, max_length=loaded.max_positions,
+                    pad_token_id=loaded.template.pad_token_id, vocab_limit=len(loaded.template.tokenizer))
+    scheduler = Scheduler(engine, loaded.template.tokenizer)
+    return Service(scheduler, loaded.template, base_name=name, prefixes=list(loaded.prefixes),
+                   max_length=loaded.max_positions, default_max_tokens=default_max_tokens)
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port`` (listening starts with the server).
+
+    Raises:
+        ConfigError: the address cannot be used (in use, not this machine's, no permission).
+    """
+    try:
+        info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(info[0], socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(info[4])
+    except OSError as err:
+        raise ConfigError(f"--host={host} --port={port}: cannot listen there ({err.strerror or err})") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``ptuning-serve``. Returns 0 after a clean shutdown, 2 after a one-line ``error: ...`` on stderr."""
+    args = parse_args(argv)
+    from ..weights import CheckpointError
+
+    try:
+        prefixes = check_args(args)
+        name = base_name(args)
+        if any(p == name for p, _ in prefixes):
+            raise ConfigError(f"--prefix {name}=...: {name!r} is the base model's name; choose another "
+                              "(or set --model-name)")
+        sock = bind(args.host, args.port)
+    except (ConfigError, CheckpointError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    try:
+        loaded = load(args, prefixes)
+    except (ConfigError, CheckpointError) as error:
+        sock.close()
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+    import uvicorn
+
+    from .app import WEB_PATH, create_app
+
+    service = build_service(loaded, name, max_batch_size=args.max_batch_size,
+                            default_max_tokens=args.default_max_tokens)
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+
+    def ready() -> None:
+        web = "" if args.no_web else f", chat page at http://{shown}:{port}{WEB_PATH}/"
+        print(f"serving {loaded.description}", flush=True)
+        print(f"listening on http://{shown}:{port} (OpenAI API at /v1{web})", flush=True)
+
+    app = create_app(service, api_key=args.api_key, web=not args.no_web, on_startup=ready)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    config = uvicorn.Config(app, log_level=args.log_level, access_log=args.log_level in ("debug", "info"),
+                            timeout_graceful_shutdown=args.shutdown_timeout, lifespan="on")
+    server = uvicorn.Server(config)
+    # uvicorn re-raises the signal that stopped it once it has shut down; a handler of ours turns that into a
+    # normal return (exit status 0) instead of death by the signal
+    previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        server.run(sockets=[sock])
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0 if server.started else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
