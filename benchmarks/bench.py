@@ -461,7 +461,18 @@ def main() -> None:
                   f"{r['peak_flops'] / 1e9:.1f} | {r['peak_fraction']:.2f} | {r['peak_memory_mib']:.0f} |")
     print_generation(rows)
     print_profiles(rows)
-    Path(args.json).write_text(json.dumps({"machine": info, "results": rows}, indent=2) + "\n")
+    info["load_average"] = [round(x, 2) for x in os.getloadavg()]  # the machine is shared: how busy it was
+    info["command"] = " ".join(["python", "benchmarks/bench.py", *sys.argv[1:]])
+    out = {"machine": info, "results": rows}
+    path = Path(args.json)
+    if args.only and path.is_file():
+        # a partial run replaces its own kind of rows in an existing file and keeps the others as they were
+        old = json.loads(path.read_text())
+        mine = ("generate", "profile") if args.only == "generate" else ("train", "scaling")
+        kept = {k: v for k, v in old.get("results", {}).items() if not k.startswith(mine)}
+        runs = {**old.get("runs", {}), args.only: info}
+        out = {"machine": old.get("machine", info), "runs": runs, "results": {**kept, **rows}}
+    path.write_text(json.dumps(out, indent=2) + "\n")
     print(f"\nwrote {args.json}")
 
 
