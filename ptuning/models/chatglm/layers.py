@@ -87,7 +87,7 @@ class SelfAttention(nn.Module):
         """
         Args:
             x: ``[B, S, H]`` normalised input.
-            rotary: cos, sin ``[B, 1, S, 1, D]`` (one table for q and k).
+            rotary: cos, sin ``[B, 1, S, D]``.
             attn_mask: ``[B, 1, S, P + T]`` bool, True = may attend (SDPA convention), or None.
             prefix: this layer's prefix keys and values ``[B, N, P, D]`` (not rotated, not cached).
             cache: a transformers ``Cache``; receives the rotated keys and the values of the new tokens.
@@ -100,12 +100,10 @@ class SelfAttention(nn.Module):
         bsz, seq, _ = x.shape
         qkv = self.query_key_value(x).view(bsz, seq, self.num_heads, 3 * self.head_dim)  # (B, S, N, 3D)
         qkv = qkv.transpose(1, 2)  # (B, N, S, 3D)
-        d = self.head_dim
+        q, k, v = qkv.split(self.head_dim, dim=-1)  # each (B, N, S, D)
         cos, sin = rotary
-        # q and k rotated together: one pass of the rotation's elementwise ops instead of two
-        qk = apply_rotary(qkv[..., : 2 * d].unflatten(-1, (2, d)), cos, sin)  # (B, N, S, 2, D)
-        q, k = qk.unbind(-2)  # each (B, N, S, D)
-        v = qkv[..., 2 * d :]  # (B, N, S, D)
+        q = apply_rotary(q, cos, sin)
+        k = apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)  # (B, N, T, D)
         read = slot_cache.update(self.layer_idx, k, v, prefix) if slot_cache is not None else None

@@ -222,7 +222,7 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
             )
         dtype = inputs_embeds.dtype
         inv_freq = self._inv_freq(inputs_embeds.device)
-        rotary = tuple(t.unsqueeze(-2) for t in rotary_tables(position_ids, inv_freq, dtype))  # (B, 1, S, 1, D)
+        rotary = rotary_tables(position_ids, inv_freq, dtype)
 
         if prefix is None and self.prefix_encoder is not None:
             prefix = self.prefix_key_values(batch, dtype)
