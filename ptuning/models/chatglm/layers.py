@@ -109,9 +109,7 @@ class SelfAttention(nn.Module):
         read = slot_cache.update(self.layer_idx, k, v, prefix) if slot_cache is not None else None
         if read is not None:  # a decode step: keys and values (B, N, P + T, D) of the slots, and their mask
             k, v, attn_mask = read
-            if k.dtype != q.dtype:  # a float32 cache of a 16-bit model (see ptuning.generation.default_cache_dtype)
-                ctx = F.scaled_dot_product_attention(q.to(k.dtype), k, v, attn_mask=attn_mask).to(q.dtype)
-                return self.dense(ctx.transpose(1, 2).reshape(bsz, seq, -1))
+            q = q.to(k.dtype)  # a float32 cache of a 16-bit model attends in float32 (ptuning.generation)
         elif prefix is not None:
             layer = cache.layers[self.layer_idx] if cache is not None else None
             if isinstance(layer, PrefixRoomLayer) and layer.prefix_length == prefix[0].shape[2]:
@@ -122,7 +120,7 @@ class SelfAttention(nn.Module):
         if uniform_rows is not None:
             q = q.masked_fill(uniform_rows, 0.0)
         ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, N, S, D)
-        ctx = ctx.transpose(1, 2).reshape(bsz, seq, -1)  # (B, S, H)
+        ctx = ctx.transpose(1, 2).reshape(bsz, seq, -1).to(x.dtype)  # (B, S, H)
         return self.dense(ctx)
 
 
