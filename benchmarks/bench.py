@@ -2,6 +2,7 @@
 
     python benchmarks/bench.py                 # CPU, the bench configuration; prints a table, writes JSON
     python benchmarks/bench.py --quick         # fewer repeats and a smaller scaling grid
+    python benchmarks/bench.py --only generate --profile --compile   # generation alone, profiled, compiled too
     python benchmarks/bench.py --device cuda --gpu-shape   # the real ChatGLM-6B shape (see benchmarks/gpu.sh)
 
 The bench configuration: ChatGLM-6B architecture with hidden 512, 8 heads, 4 layers, inner 2048, vocab
@@ -11,8 +12,14 @@ prefix for a batch of 4 x 256 tokens (128 prompt tokens ending in [gMASK], 128 t
 
 Train rows report tokens/s, the achieved FLOP/s by the shared formula (``ptuning.perf``:
 ``4·N + 12·L·d·(S + P)`` per token) and its fraction of a large matmul's FLOP/s measured in the same
-process with the same dtype and threads. Generation rows report new tokens/s and, for batch 1, the bound
-set by streaming the weights once per token: measured copy bandwidth / weight bytes.
+process with the same dtype and threads.
+
+Generation (greedy, 64 new tokens after a 64-token prompt) is measured per dtype in one process: transformers'
+``generate()`` and our decode loop (``ptuning.generation``, with the pre-packed linears that evaluation and chat
+use), at batch 1 and 8, in turns, the best of the rounds each. Rates are new tokens / time of the whole call
+(prefill included) and, for our loop, of the decode steps alone. The bound is streaming the weights once per
+token: a large copy's bandwidth (measured in the same rounds) / weight bytes. ``--profile`` splits a decode
+step into its linears alone, the bound and the rest, with torch.profiler's top operators.
 """
 
 from __future__ import annotations
@@ -145,39 +152,161 @@ def copy_bandwidth(device: str, mib: int = 512) -> float:
     return 2 * src.numel() * src.element_size() / best
 
 
+GEN_PROMPT, GEN_NEW = 64, 64  # prompt tokens (62 + [gMASK] <sop>) and new tokens of a generation row
+
+
+def generation_prompt(cfg, batch_size: int, device: str):
+    ids, _ = batch(cfg, batch_size, 2 * GEN_PROMPT, device)
+    prompt = ids[:, :GEN_PROMPT].clone()
+    prompt[:, GEN_PROMPT - 2], prompt[:, GEN_PROMPT - 1] = cfg.gmask_token_id, cfg.bos_token_id
+    return prompt
+
+
+def weight_bytes(model) -> int:
+    """Bytes a token streams: every weight but the embedding table (a token reads one row of it)."""
+    return sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "word_embeddings" not in n)
+
+
 def measure_generate(args) -> dict:
+    """transformers' ``generate()`` and our decode loop side by side, at batch 1 and ``args.batch``, in turns.
+
+    Every round times each way once (greedy, 64 new tokens after a 64-token prompt, no stop id), and a large
+    copy; the best round of each counts. Rates: new tokens / time of the whole call (prefill included, as the
+    issue's numbers), and for our loop also the decode steps alone (after the first token). The bound: copy
+    bandwidth / weight bytes, tokens per second of one row.
+    """
+    import contextlib
+
     import torch
+
+    from ptuning.generation import Decoder, Request, packed_linears
 
     shape = GPU_SHAPE if args.gpu_shape else BENCH
     model, cfg = build(shape, args.device, args.dtype, shape["pre_seq_len"])
     model.eval()
-    ids, _ = batch(cfg, args.batch, 2 * 64, args.device)
-    prompt = ids[:, :64].clone()  # 62 tokens, [gMASK], <sop>
-    prompt[:, 62], prompt[:, 63] = cfg.gmask_token_id, cfg.bos_token_id
-    new = 64
+    model.requires_grad_(False)
+    new = GEN_NEW
+    sizes = sorted({1, args.batch})
+    prompts = {b: generation_prompt(cfg, b, args.device) for b in sizes}
 
-    def run():
+    def run_generate(b):
         with torch.no_grad():
-            return model.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                                  eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id)
+            out = model.generate(prompts[b], max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                                 eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id)
+        assert out.shape[1] == GEN_PROMPT + new
 
-    run()
-    times = []
-    for _ in range(args.repeats):
-        sync(args.device)
+    def run_ours(b, packed: bool, compiled: bool = False):
+        """Returns (whole call s, decode steps s)."""
+        packing = packed_linears(model, rows=b) if packed else contextlib.nullcontext()
+        with packing:
+            decoder = Decoder(model, max_batch_size=b, max_length=GEN_PROMPT + new, compile=compiled)
+            start = time.perf_counter()
+            for row in prompts[b].tolist():
+                decoder.add(Request(row, new))
+            decoder.step()  # prefill: the first token of every row
+            sync(args.device)
+            first = time.perf_counter()
+            steps = 1
+            while decoder.active:
+                decoder.step()
+                steps += 1
+            sync(args.device)
+            end = time.perf_counter()
+        assert steps == new
+        return end - start, end - first
+
+    ways = {}
+    for b in sizes:
+        ways[f"generate() b{b}"] = lambda b=b: (run_generate(b), None)[1]
+        ways[f"ours b{b}"] = lambda b=b: run_ours(b, packed=True)
+        if args.dense:
+            ways[f"ours dense b{b}"] = lambda b=b: run_ours(b, packed=False)
+    compile_s = None
+    if args.compile:
+        # the first call of each batch size compiles (one graph for batch 1, one for larger batches), apart
         start = time.perf_counter()
-        out = run()
-        sync(args.device)
-        times.append(time.perf_counter() - start)
-    assert out.shape[1] == 64 + new
-    # decoding rate: the whole generate() (prefill included) over the new tokens
-    tokens_per_s = args.batch * new / statistics.median(times)
-    weight_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
-                       if "word_embeddings" not in n)  # a token reads one embedding row, every other weight
+        for b in sizes:
+            run_ours(b, packed=False, compiled=True)
+        compile_s = time.perf_counter() - start
+        for b in sizes:
+            ways[f"ours compiled b{b}"] = lambda b=b: run_ours(b, packed=False, compiled=True)
+    for fn in ways.values():  # warm-up
+        fn()
+    best = {name: float("inf") for name in ways}
+    best_decode = {name: float("inf") for name in ways}
+    bandwidth = 0.0
+    for _ in range(args.repeats):
+        for name, fn in ways.items():
+            sync(args.device)
+            start = time.perf_counter()
+            decode = fn()
+            sync(args.device)
+            best[name] = min(best[name], time.perf_counter() - start)
+            if decode is not None:
+                best_decode[name] = min(best_decode[name], decode[1])
+        bandwidth = max(bandwidth, copy_bandwidth(args.device))
+    weights = weight_bytes(model)
+    bound = bandwidth / weights
+    result = {"weight_bytes": weights, "copy_bandwidth": bandwidth, "bound_tokens_per_s": bound,
+              "compile_s": compile_s, "threads": torch.get_num_threads(), "ways": {}}
+    for name in ways:
+        b = int(name.rsplit("b", 1)[1])
+        row = {"batch": b, "tokens_per_s": b * new / best[name]}
+        if best_decode[name] < float("inf"):
+            row["decode_tokens_per_s"] = b * (new - 1) / best_decode[name]
+        row["bound_fraction"] = row["tokens_per_s"] / b / bound
+        if "decode_tokens_per_s" in row:
+            row["decode_bound_fraction"] = row["decode_tokens_per_s"] / b / bound
+        result["ways"][name] = row
+    return result
+
+
+def measure_profile(args) -> dict:
+    """Where a decode step of our loop goes (batch ``args.batch``): the step, the same linears alone (the same
+    kernels, the same input sizes), the bound, and torch.profiler's top operators over 20 steps."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from ptuning.generation import Decoder, Request, packed_linears
+
+    shape = GPU_SHAPE if args.gpu_shape else BENCH
+    model, cfg = build(shape, args.device, args.dtype, shape["pre_seq_len"])
+    model.eval()
+    model.requires_grad_(False)
+    b = args.batch
+    prompt = generation_prompt(cfg, b, args.device)
+    linears = [(m, n) for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+               and "prefix_encoder" not in name for n in [m.in_features]]
+    dtype = getattr(torch, args.dtype)
+    inputs = {n: torch.randn(b, 1, n, dtype=dtype, device=args.device) for _, n in linears}
     bandwidth = copy_bandwidth(args.device)
-    bound = bandwidth / weight_bytes
-    return {"tokens_per_s": tokens_per_s, "weight_bytes": weight_bytes, "copy_bandwidth": bandwidth,
-            "bound_tokens_per_s": bound, "bound_fraction": tokens_per_s / bound / args.batch}
+    weights = weight_bytes(model)
+    with packed_linears(model, rows=b), torch.no_grad():
+        decoder = Decoder(model, max_batch_size=b, max_length=GEN_PROMPT + 4 * GEN_NEW)
+        for row in prompt.tolist():
+            decoder.add(Request(row, 3 * GEN_NEW))
+        decoder.step()
+        for _ in range(5):
+            decoder.step()
+        step = linear = float("inf")
+        for _ in range(args.repeats * 5):
+            sync(args.device)
+            start = time.perf_counter()
+            decoder.step()
+            sync(args.device)
+            step = min(step, time.perf_counter() - start)
+            start = time.perf_counter()
+            for module, n in linears:
+                module(inputs[n])
+            sync(args.device)
+            linear = min(linear, time.perf_counter() - start)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(20):
+                decoder.step()
+        ops = sum(1 for e in prof.events() if e.cpu_parent is None) / 20
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
+    return {"batch": b, "step_s": step, "linears_s": linear, "bound_s": weights / bandwidth,
+            "top_level_ops_per_step": ops, "copy_bandwidth": bandwidth, "profile": table}
 
 
 # ---------------------------------------------------------------- the driver (runs each measurement alone)
@@ -209,6 +338,52 @@ def machine(device: str) -> dict:
     return info
 
 
+def print_generation(rows: dict) -> None:
+    """The generation table (both ways, both batches, per dtype) and the targets of the performance issue."""
+    gens = {name: r for name, r in rows.items() if "ways" in r}
+    if not gens:
+        return
+    print("\n| generation | way | new tokens/s (whole call) | decode tokens/s | x generate() | "
+          "fraction of bound (whole / decode) |")
+    print("|---|---|---|---|---|---|")
+    for name, r in gens.items():
+        ways = r["ways"]
+        for way, w in ways.items():
+            base = ways.get(f"generate() b{w['batch']}")
+            speedup = f"{w['tokens_per_s'] / base['tokens_per_s']:.2f}" if base else ""
+            decode = f"{w['decode_tokens_per_s']:.1f}" if "decode_tokens_per_s" in w else ""
+            fraction = f"{w['bound_fraction']:.2f}" + (f" / {w['decode_bound_fraction']:.2f}"
+                                                       if "decode_bound_fraction" in w else "")
+            print(f"| {name} | {way} | {w['tokens_per_s']:.1f} | {decode} | {speedup} | {fraction} |")
+        extra = f", compile {r['compile_s']:.1f} s" if r.get("compile_s") else ""
+        print(f"| {name} | bound (batch 1): {r['bound_tokens_per_s']:.1f} tokens/s = {r['copy_bandwidth'] / 1e9:.1f} "
+              f"GB/s copy / {r['weight_bytes'] / 2**20:.1f} MiB weights, {r['threads']} threads{extra} |||||")
+    print("\ntargets (our loop, whole call): batch 1 >= 0.7 of the bound; batch 8 >= 5x batch 1")
+    for name, r in gens.items():
+        ways = r["ways"]
+        one, eight = ways.get("ours b1"), ways.get("ours b8")
+        if one:
+            print(f"  {name}: batch 1 at {one['bound_fraction']:.2f} of the bound "
+                  f"(decode steps alone {one.get('decode_bound_fraction', 0):.2f})"
+                  + (f"; batch 8 = {eight['tokens_per_s'] / one['tokens_per_s']:.2f}x batch 1" if eight else ""))
+
+
+def print_profiles(rows: dict) -> None:
+    """Where a decode step goes: the step, its linears alone, the weight-streaming bound, operators."""
+    profiles = {name: r for name, r in rows.items() if "linears_s" in r}
+    if not profiles:
+        return
+    print("\n| profile | step ms | linears alone ms | bound ms | linears / bound | rest of the step ms | "
+          "top-level ops per step |")
+    print("|---|---|---|---|---|---|---|")
+    for name, r in profiles.items():
+        print(f"| {name} | {r['step_s'] * 1e3:.2f} | {r['linears_s'] * 1e3:.2f} | {r['bound_s'] * 1e3:.2f} | "
+              f"{r['linears_s'] / r['bound_s']:.2f} | {(r['step_s'] - r['linears_s']) * 1e3:.2f} | "
+              f"{r['top_level_ops_per_step']:.0f} |")
+    for name, r in profiles.items():
+        print(f"\n{name}: torch.profiler, 20 decode steps\n{r['profile']}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu")
@@ -216,7 +391,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--json", default=str(ROOT / "benchmarks" / "results.json"))
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--kind", default="train", choices=["train", "generate"], help=argparse.SUPPRESS)
+    parser.add_argument("--kind", default="train", choices=["train", "generate", "profile"], help=argparse.SUPPRESS)
+    parser.add_argument("--compile", action="store_true",
+                        help="also time our decode loop with torch.compile (its compile time is reported apart)")
+    parser.add_argument("--dense", action="store_true", help="also time our decode loop on the dense linears")
+    parser.add_argument("--profile", action="store_true", help="profile a decode step of our loop (batch 1 and 8)")
+    parser.add_argument("--only", choices=["train", "generate"], default=None,
+                        help="measure only the train step (and its scaling) or only generation")
     parser.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
     parser.add_argument("--autocast", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)
@@ -227,13 +408,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        result = measure_train(args) if args.kind == "train" else measure_generate(args)
+        measure = {"train": measure_train, "generate": measure_generate, "profile": measure_profile}[args.kind]
+        result = measure(args)
         print(json.dumps(result))
         return
 
     rep = ["--repeats", "3" if args.quick else "7"]
     common = ["--device", args.device, *(["--gpu-shape"] if args.gpu_shape else []), *rep]
     half = "bfloat16"
+    gen_flags = [*(["--compile"] if args.compile else []), *(["--dense"] if args.dense else [])]
     rows: dict[str, dict] = {}
     if args.gpu_shape:
         plan = {
@@ -241,8 +424,7 @@ def main() -> None:
             "train bf16, batch 1 x 128": ["--dtype", half, "--batch", "1", "--seq", "128"],
             "train bf16 + checkpointing, batch 16 x 128": ["--dtype", half, "--batch", "16", "--seq", "128",
                                                            "--checkpointing"],
-            "generate bf16, batch 1": ["--kind", "generate", "--dtype", half, "--batch", "1"],
-            "generate bf16, batch 8": ["--kind", "generate", "--dtype", half, "--batch", "8"],
+            "generate bf16": ["--kind", "generate", "--dtype", half, "--batch", "8", *gen_flags],
         }
     else:
         plan = {
@@ -250,15 +432,19 @@ def main() -> None:
             "train float32 + checkpointing": ["--checkpointing"],
             "train bf16 autocast (bf16 backbone)": ["--dtype", half, "--autocast"],
             "train bf16 autocast + checkpointing": ["--dtype", half, "--autocast", "--checkpointing"],
-            "generate float32, batch 1": ["--kind", "generate", "--batch", "1"],
-            "generate bf16, batch 1": ["--kind", "generate", "--dtype", half, "--batch", "1"],
-            "generate float32, batch 8": ["--kind", "generate", "--batch", "8"],
+            "generate float32": ["--kind", "generate", "--batch", "8", *gen_flags],
+            "generate bf16": ["--kind", "generate", "--dtype", half, "--batch", "8", *gen_flags],
         }
         seqs = [128, 512, 1024] if args.quick else [128, 256, 512, 1024]
         for prefix in ([0, 32] if args.quick else [0, 32, 128]):
             for seq in seqs:
                 plan[f"scaling S={seq} P={prefix}"] = ["--seq", str(seq), "--batch", str(1024 // seq),
                                                        "--prefix", str(prefix), "--repeats", "3"]
+    if args.only:
+        plan = {name: extra for name, extra in plan.items() if (args.only == "generate") == name.startswith("generate")}
+    if args.profile:
+        for dtype, b in (("float32", 1), ("float32", 8), (half, 1), (half, 8)):
+            plan[f"profile {dtype}, batch {b}"] = ["--kind", "profile", "--dtype", dtype, "--batch", str(b)]
     for name, extra in plan.items():
         print(f"measuring {name} ...", file=sys.stderr, flush=True)
         rows[name] = child([*common, *extra])
@@ -273,13 +459,20 @@ def main() -> None:
         elif "step_s" in r:
             print(f"| {name} | {r['step_s']:.3f} | {r['tokens_per_s']:.0f} | {r['achieved_flops'] / 1e9:.1f} | "
                   f"{r['peak_flops'] / 1e9:.1f} | {r['peak_fraction']:.2f} | {r['peak_memory_mib']:.0f} |")
-    print("\n| generation | new tokens/s | weight MiB | copy GB/s | bound tokens/s (batch 1) | fraction of bound |")
-    print("|---|---|---|---|---|---|")
-    for name, r in rows.items():
-        if "bound_tokens_per_s" in r:
-            print(f"| {name} | {r['tokens_per_s']:.1f} | {r['weight_bytes'] / 2**20:.1f} | "
-                  f"{r['copy_bandwidth'] / 1e9:.1f} | {r['bound_tokens_per_s']:.1f} | {r['bound_fraction']:.2f} |")
-    Path(args.json).write_text(json.dumps({"machine": info, "results": rows}, indent=2) + "\n")
+    print_generation(rows)
+    print_profiles(rows)
+    info["load_average"] = [round(x, 2) for x in os.getloadavg()]  # the machine is shared: how busy it was
+    info["command"] = " ".join(["python", "benchmarks/bench.py", *sys.argv[1:]])
+    out = {"machine": info, "results": rows}
+    path = Path(args.json)
+    if args.only and path.is_file():
+        # a partial run replaces its own kind of rows in an existing file and keeps the others as they were
+        old = json.loads(path.read_text())
+        mine = ("generate", "profile") if args.only == "generate" else ("train", "scaling")
+        kept = {k: v for k, v in old.get("results", {}).items() if not k.startswith(mine)}
+        runs = {**old.get("runs", {}), args.only: info}
+        out = {"machine": old.get("machine", info), "runs": runs, "results": {**kept, **rows}}
+    path.write_text(json.dumps(out, indent=2) + "\n")
     print(f"\nwrote {args.json}")
 
 

@@ -174,6 +174,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--top-p", type=float, default=0.7, help="nucleus sampling mass (default 0.7)")
     parser.add_argument("--temperature", type=float, default=0.95, help="sampling temperature (default 0.95)")
     parser.add_argument("--seed", type=int, default=None, help="seed for sampling")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the decode step (the first answer waits for the compile: tens of seconds "
+                             "on a CPU)")
     parser.add_argument(
         "--dtype",
         choices=["auto", "float32", "bfloat16", "float16"],
@@ -319,6 +322,7 @@ def main(argv: list[str] | None = None) -> int:
             do_sample=args.do_sample,
             top_p=args.top_p,
             temperature=args.temperature,
+            compile=args.compile,
         ).validate(prefix="--")
         loaded, what = load(args)
     except (ConfigError, CheckpointError) as error:
@@ -331,14 +335,21 @@ def main(argv: list[str] | None = None) -> int:
         from transformers import set_seed
 
         set_seed(args.seed)
+    import contextlib
+
+    from .generation import packed_linears
+
     session = ChatSession(loaded.model, loaded.template, settings, loaded.max_positions, plain=args.plain)
     if getattr(loaded, "prompt_format", None) == "plain" and not args.plain and plain_differs(loaded.template):
         print("note: this prefix was trained on plain prompts (rows without history); --plain sends every message "
               "that way instead of through the chat template", file=sys.stderr)
-    print(f"Chatting with {what}, {'sampling' if settings.do_sample else 'greedy decoding'}.")
+    print(f"Chatting with {what}, {'sampling' if settings.do_sample else 'greedy decoding'}"
+          + (", decode step compiled (the first answer waits for the compile)." if settings.compile else "."))
     print(BANNER)
     try:
-        chat_loop(session, show_prompt=args.show_prompt)
+        # on a CPU: oneDNN's pre-packed weights, the process only generates (a compiled step has its own kernels)
+        with contextlib.nullcontext() if settings.compile else packed_linears(loaded.model):
+            chat_loop(session, show_prompt=args.show_prompt)
     except KeyboardInterrupt:  # Ctrl-C at the input prompt: leave quietly
         print()
     return 0

@@ -7,6 +7,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ..generation import Decoder, PrefixTable, Request, Sampling, run_to_end, stream
+from ..prefix import PrefixKV
+
 
 @dataclass
 class GenerationSettings:
@@ -18,6 +21,10 @@ class GenerationSettings:
     top_p: float = 0.7
     temperature: float = 0.95
     num_beams: int = 1
+    #: run the decode step through torch.compile: the first step waits for the compile (tens of seconds on a
+    #: small CPU; the compiled step is reused by later batches of the process). Off by default: on the project's
+    #: CPU it does not pay for its compile time (benchmarks/bench.py --compile)
+    compile: bool = False
 
     def validate(self, prefix: str = "generation.") -> GenerationSettings:
         """Checks the values before any model is loaded.
@@ -44,6 +51,7 @@ class GenerationSettings:
         return self
 
     def kwargs(self) -> dict:
+        """``generate()``'s keyword arguments (beam search)."""
         out = dict(max_new_tokens=self.max_new_tokens, do_sample=self.do_sample, num_beams=self.num_beams)
         if self.do_sample:
             out.update(top_p=self.top_p, temperature=self.temperature)
@@ -73,18 +81,59 @@ def strip_generated(ids: list[int], stop_ids, pad_id: int) -> list[int]:
     return out
 
 
+def _requests(prompts: list[list[int]], settings: GenerationSettings, stop_ids, prefixed: bool) -> list[Request]:
+    """One request per prompt; sampled rows draw their seeds from torch's global generator, so a seeded run
+    repeats."""
+    requests = []
+    for i, prompt in enumerate(prompts):
+        sampling = Sampling()
+        if settings.do_sample:
+            seed = int(torch.randint(0, 2**62, (1,)))
+            sampling = Sampling(temperature=settings.temperature, top_p=settings.top_p, seed=seed)
+        requests.append(Request(list(prompt), settings.max_new_tokens, sampling, stop_token_ids=list(stop_ids),
+                                prefix=i if prefixed else 0))
+    return requests
+
+
+def _decoder(model, prompts: list[list[int]], settings: GenerationSettings, pad_id: int,
+             prefix: PrefixKV | None) -> Decoder:
+    longest = max(len(p) for p in prompts) + settings.max_new_tokens
+    table = PrefixTable(prefix) if prefix is not None else None
+    return Decoder(model, max_batch_size=len(prompts), max_length=longest, prefixes=table, pad_token_id=pad_id,
+                   compile=settings.compile)
+
+
 @torch.no_grad()
 def generate_ids(
-    model, prompts: list[list[int]], settings: GenerationSettings, *, pad_id: int, stop_ids: list[int]
+    model, prompts: list[list[int]], settings: GenerationSettings, *, pad_id: int, stop_ids: list[int],
+    prefix: PrefixKV | None = None,
 ) -> list[list[int]]:
-    """Generates for prompt ids (each ending where the answer starts, e.g. ``[gMASK] <sop>``), left-padded
-    into one batch; returns the new ids of each row up to its first stop id."""
-    device = next(model.parameters()).device
-    ids, mask = left_pad(prompts, pad_id, device)
-    out = model.generate(
-        ids, attention_mask=mask, eos_token_id=list(stop_ids), pad_token_id=pad_id, **settings.kwargs()
-    )
-    return [strip_generated(row[ids.shape[1] :].tolist(), stop_ids, pad_id) for row in out]
+    """Generates for prompt ids (each ending where the answer starts, e.g. ``[gMASK] <sop>``), all rows in one
+    batch; returns the new ids of each row up to its first stop id (pads dropped).
+
+    Greedy and sampled decoding run our decode loop (:mod:`ptuning.generation`: every row its own slot, so no
+    padding; a row that stops leaves the batch); beam search (``num_beams`` > 1) runs transformers'
+    ``generate()`` on the left-padded batch.
+
+    Args:
+        prefix: per-row prefixes instead of the model's own (per-layer keys/values ``[len(prompts), G, P, D]``
+            with an optional ``[len(prompts), P]`` visibility mask; batch 1: one prefix for every row).
+    """
+    if settings.num_beams > 1:
+        device = next(model.parameters()).device
+        ids, mask = left_pad(prompts, pad_id, device)
+        extra = {"prefix": prefix} if prefix is not None else {}
+        out = model.generate(
+            ids, attention_mask=mask, eos_token_id=list(stop_ids), pad_token_id=pad_id, **settings.kwargs(), **extra
+        )
+        return [strip_generated(row[ids.shape[1] :].tolist(), stop_ids, pad_id) for row in out]
+    prefixed = prefix is not None and prefix.length > 0 and prefix.keys[0].shape[0] > 1
+    if prefixed and prefix.keys[0].shape[0] != len(prompts):
+        raise ValueError(f"a prefix of batch {prefix.keys[0].shape[0]} for {len(prompts)} prompts: expected 1 or "
+                         f"{len(prompts)}")
+    decoder = _decoder(model, prompts, settings, pad_id, prefix)
+    results = run_to_end(decoder, _requests(prompts, settings, stop_ids, prefixed))
+    return [strip_generated(ids, stop_ids, pad_id) for ids, _ in results]
 
 
 def batched(items: list, size: int) -> Iterator[list]:
@@ -92,71 +141,15 @@ def batched(items: list, size: int) -> Iterator[list]:
         yield items[start : start + size]
 
 
-@torch.no_grad()
 def stream_ids(
     model, prompt: list[int], settings: GenerationSettings, *, pad_id: int, stop_ids: list[int]
 ) -> Iterator[int]:
-    """Yields new token ids one by one for a single prompt (for chat), using the KV cache.
+    """Yields new token ids one by one for a single prompt (for chat), from our decode loop.
 
-    Closing the generator early (``break``, an exception, Ctrl-C in the consumer) stops the generation
-    thread at its next step instead of letting it run on to ``max_new_tokens``.
+    The loop runs in the consumer's thread, one forward per token taken: closing the generator early
+    (``break``, an exception, Ctrl-C in the consumer) stops the generation at once.
     """
-    from threading import Event, Thread
-
-    from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
-    from transformers.generation.streamers import BaseStreamer
-
-    stop = Event()
-
-    class _Stop(StoppingCriteria):
-        def __call__(self, input_ids, scores, **kwargs):
-            return torch.full((input_ids.shape[0],), stop.is_set(), dtype=torch.bool, device=input_ids.device)
-
-    class _Queue(BaseStreamer):
-        def __init__(self):
-            import queue
-
-            self.queue = queue.Queue()
-            self.first = True
-
-        def put(self, value):
-            if self.first:  # the prompt
-                self.first = False
-                return
-            for t in value.flatten().tolist():
-                self.queue.put(t)
-
-        def end(self):
-            self.queue.put(None)
-
-    device = next(model.parameters()).device
-    ids = torch.tensor([prompt], device=device)
-    streamer = _Queue()
-    errors: list[BaseException] = []
-
-    def work():
-        try:
-            model.generate(
-                ids,
-                streamer=streamer,
-                eos_token_id=list(stop_ids),
-                pad_token_id=pad_id,
-                stopping_criteria=StoppingCriteriaList([_Stop()]),
-                **settings.kwargs(),
-            )
-        except BaseException as err:  # noqa: BLE001 - re-raised in the caller's thread
-            errors.append(err)
-            streamer.end()
-
-    thread = Thread(target=work, daemon=True)
-    thread.start()
-    try:
-        while (token := streamer.queue.get()) is not None:
-            if token in stop_ids:
-                break
-            yield token
-    finally:
-        stop.set()
-        thread.join()
-    if errors:
-        raise errors[0]
+    decoder = _decoder(model, [prompt], settings, pad_id, None)
+    (request,) = _requests([prompt], settings, stop_ids, False)
+    with torch.no_grad():
+        yield from stream(decoder, request)

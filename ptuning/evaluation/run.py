@@ -12,6 +12,7 @@ import json
 import os
 import sys
 import time
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -52,7 +53,7 @@ class EvaluateJobConfig:
         prefix_checkpoint: a checkpoint folder of ours or of the original P-Tuning v2 script, or a
             training output folder (its latest checkpoint); null = the latest checkpoint of
             ``outputs/default``.
-        batch_size: prompts per ``generate()`` call on each process.
+        batch_size: prompts decoded together on each process.
         output_dir: where the predictions and metrics go; null = ``eval-<checkpoint name>`` beside the
             checkpoint.
         split: ``test`` or ``validation``: which data file to evaluate.
@@ -200,7 +201,7 @@ def predict(
             ``eval_batch_size``, greedy).
         comm: the run's :class:`~ptuning.distributed.Collectives`; None = this process alone.
         split: the data split to read when ``examples`` is not given.
-        batch_size: prompts per ``generate()`` call (default: the training config's, else 16).
+        batch_size: prompts decoded together (default: the training config's, else 16).
         progress: show a progress bar with ETA on the main process.
         examples: generation features (``prompt``, ``input_ids``, ``reference``) built beforehand.
 
@@ -209,6 +210,7 @@ def predict(
         ``generation_s``, ``new_tokens_per_s``) and the predictions ``[{"prompt", "labels", "predict"}]``
         in input order.
     """
+    from ..generation import packed_linears
     from ..training.faults import kill_point
     from .metrics import compute_metrics
 
@@ -236,7 +238,10 @@ def predict(
     outputs: list[tuple[int, str]] = []
     new_tokens = 0
     start = time.perf_counter()
+    stack = ExitStack()
     try:
+        if not settings.compile:  # a CPU's faster linears while generating (a compiled step has its own kernels)
+            stack.enter_context(packed_linears(model, rows=batch_size))
         for number, chunk in enumerate(batched(mine, batch_size)):
             kill_point("generate", number)  # test-only: a signal before generating batch ``number``
             ids = generate_ids(
@@ -252,6 +257,7 @@ def predict(
                 bar.update(len(chunk))
                 bar.set_postfix(tokens_per_s=f"{new_tokens / (time.perf_counter() - start):.1f}")
     finally:
+        stack.close()
         if bar is not None:
             bar.close()
         model.train(was_training)
@@ -421,6 +427,8 @@ def _evaluate(cfg: EvaluateJobConfig, tracker) -> dict:
         print(
             f"evaluating {checkpoint} on {data_file} ({len(examples)} examples) with {comm.num_processes} "
             f"process(es), batch_size={cfg.batch_size}, {'sampling' if cfg.generation.do_sample else 'greedy'}"
+            + ("; generation.compile=true: the first decode step waits for torch.compile (tens of seconds on a CPU)"
+               if cfg.generation.compile else "")
         )
     metrics, rows = predict(
         model, template, cfg.data, cfg.generation, comm, batch_size=cfg.batch_size, examples=examples

@@ -19,10 +19,15 @@ The model a family loads (:meth:`Family.load_model`) is a transformers ``PreTrai
   finds it. ``prefix`` given to ``forward`` replaces the model's own prefix for that call (per-row
   prefixes when serving); the prefix is never written into the cache.
 * ``model.generate(input_ids, attention_mask=...)`` works for left-padded batches.
-* For decode loops of our own (evaluation, chat, the server): ``model.prompt_position_ids(input_ids,
-  attention_mask)`` gives the positions of a left-padded prompt batch in the family's own form (``[B, S]``,
-  or ChatGLM-6B's 2D ``[B, 2, S]``), and ``model.next_position_ids(last)`` the positions of the token after
-  one at ``last`` (the last column of those positions).
+* For decode loops of our own (:mod:`ptuning.generation`: evaluation, chat, the server):
+  ``model.prompt_position_ids(input_ids, attention_mask)`` gives the positions of a left-padded prompt batch in
+  the family's own form (``[B, S]``, or ChatGLM-6B's 2D ``[B, 2, S]``), and ``model.next_position_ids(last)``
+  the positions of the token after one at ``last`` (the last column of those positions);
+  ``model.prefix_key_values(batch_size, dtype)`` the model's own prefix (a ``PrefixKV``, None without one);
+  ``forward(..., slot_cache=SlotCache, use_cache=False)`` stores every layer's new keys and values in the
+  slot cache (the model's own cache off) and, in the cache's decode step (one token per row, explicit
+  ``position_ids``), attends over the prefix and each row's cached tokens with the cache's mask. A
+  ``prefix`` of length 0 means no prefix (not the model's own).
 """
 
 from __future__ import annotations

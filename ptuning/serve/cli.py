@@ -271,8 +271,12 @@ def main(argv: list[str] | None = None) -> int:
     # uvicorn re-raises the signal that stopped it once it has shut down; a handler of ours turns that into a
     # normal return (exit status 0) instead of death by the signal
     previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGTERM, signal.SIGINT)}
+    from ..generation import packed_linears
+
     try:
-        server.run(sockets=[sock])
+        # on a CPU: oneDNN's pre-packed weights for the backbone's linears (the process only generates)
+        with packed_linears(loaded.model, rows=args.max_batch_size):
+            server.run(sockets=[sock])
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

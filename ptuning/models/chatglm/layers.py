@@ -82,6 +82,7 @@ class SelfAttention(nn.Module):
         prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
         cache=None,
         uniform_rows: torch.Tensor | None = None,
+        slot_cache=None,
     ) -> torch.Tensor:
         """
         Args:
@@ -92,6 +93,9 @@ class SelfAttention(nn.Module):
             cache: a transformers ``Cache``; receives the rotated keys and the values of the new tokens.
             uniform_rows: ``[B, 1, S, 1]`` bool: rows whose keys are all masked. The original fills masked
                 scores with -10000, so such a row attends uniformly; a zero query reproduces that.
+            slot_cache: a :class:`~ptuning.generation.SlotCache` of a decode loop of our own (instead of
+                ``cache``): stores the new keys and values; in a decode step attention reads the prefix and the
+                row's cached tokens from it, with its mask (``attn_mask`` is then not used).
         """
         bsz, seq, _ = x.shape
         qkv = self.query_key_value(x).view(bsz, seq, self.num_heads, 3 * self.head_dim)  # (B, S, N, 3D)
@@ -102,7 +106,11 @@ class SelfAttention(nn.Module):
         k = apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)  # (B, N, T, D)
-        if prefix is not None:
+        read = slot_cache.update(self.layer_idx, k, v, prefix) if slot_cache is not None else None
+        if read is not None:  # a decode step: keys and values (B, N, P + T, D) of the slots, and their mask
+            k, v, attn_mask = read
+            q = q.to(k.dtype)  # a float32 cache of a 16-bit model attends in float32 (ptuning.generation)
+        elif prefix is not None:
             layer = cache.layers[self.layer_idx] if cache is not None else None
             if isinstance(layer, PrefixRoomLayer) and layer.prefix_length == prefix[0].shape[2]:
                 k, v = layer.with_prefix(*prefix)  # (B, N, P + T, D), a view: no copy of the cache
@@ -112,7 +120,7 @@ class SelfAttention(nn.Module):
         if uniform_rows is not None:
             q = q.masked_fill(uniform_rows, 0.0)
         ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, N, S, D)
-        ctx = ctx.transpose(1, 2).reshape(bsz, seq, -1)  # (B, S, H)
+        ctx = ctx.transpose(1, 2).reshape(bsz, seq, -1).to(x.dtype)  # (B, S, H)
         return self.dense(ctx)
 
 
@@ -148,12 +156,14 @@ class GLMBlock(GradientCheckpointingLayer):
         attn_mask: torch.Tensor | None,
         cache=None,
         uniform_rows: torch.Tensor | None = None,
+        slot_cache=None,
     ) -> torch.Tensor:
         """``hidden`` ``[B, S, H]`` -> ``[B, S, H]``. The prefix tensors are positional so that gradient
         checkpointing passes them through as inputs and their gradients reach the prefix encoder."""
         x = self.input_layernorm(hidden)
         prefix = None if prefix_key is None else (prefix_key, prefix_value)
-        attn = self.attention(x, rotary, attn_mask, prefix=prefix, cache=cache, uniform_rows=uniform_rows)
+        attn = self.attention(x, rotary, attn_mask, prefix=prefix, cache=cache, uniform_rows=uniform_rows,
+                              slot_cache=slot_cache)
         hidden = RESIDUAL_ALPHA * x + attn
         m = self.post_attention_layernorm(hidden)
         return RESIDUAL_ALPHA * m + self.mlp(m)

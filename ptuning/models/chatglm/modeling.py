@@ -172,6 +172,7 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         prefix: PrefixKV | None = None,
+        slot_cache=None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
         """
@@ -186,7 +187,10 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
                 ``input_ids`` and no ``position_ids`` is a prefix instead (peft's prefix tuning), see
                 :meth:`_cache_as_prefix`; the returned cache then holds the new tokens only.
             prefix: per-layer prefix keys/values ``[B, N, P, D]`` with an optional ``[B, P]`` visibility mask,
-                used instead of the model's own prefix for this call (several prefixes in one batch).
+                used instead of the model's own prefix for this call (several prefixes in one batch; P = 0: none).
+            slot_cache: a :class:`~ptuning.generation.SlotCache` of a decode loop of our own (then ``cache`` is not
+                used). In its prefill the masks and positions are built as without a cache; in its decode step
+                (one token per row) ``position_ids`` are required and the attention mask comes from the slots.
         """
         if inputs_embeds is None:
             inputs_embeds = self.word_embeddings(input_ids)  # (B, S, H)
@@ -194,6 +198,9 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         use_cache = use_cache if use_cache is not None else self.config.use_cache
         if self.gradient_checkpointing and self.training:
             use_cache = False
+        decoding = slot_cache is not None and slot_cache.mode == "decode"
+        if slot_cache is not None:
+            use_cache, cache = False, None
         cached_prefix = None
         if cache is not None and position_ids is None and input_ids is not None and seq > 1 and cache.get_seq_length():
             # peft's prefix tuning: its virtual tokens arrive as a cache, see _cache_as_prefix
@@ -205,28 +212,39 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
             cache = None
         past = cache.get_seq_length() if cache is not None else 0
 
-        hidden_mask, position_ids = self._masks_and_positions(
-            input_ids, attention_mask, position_ids, past, batch, seq
-        )
+        if decoding:
+            if position_ids is None:
+                raise ValueError("position_ids [B, 2, 1] are required in a decode step of a slot cache")
+            hidden_mask = None  # the slots' own mask, applied in every layer
+        else:
+            hidden_mask, position_ids = self._masks_and_positions(
+                input_ids, attention_mask, position_ids, past, batch, seq
+            )
         dtype = inputs_embeds.dtype
         inv_freq = self._inv_freq(inputs_embeds.device)
         rotary = rotary_tables(position_ids, inv_freq, dtype)
 
         if prefix is None and self.prefix_encoder is not None:
             prefix = self.prefix_key_values(batch, dtype)
-        if prefix is not None:
+        if prefix is not None and prefix.length == 0:
+            prefix = None  # an explicit "no prefix"
+        if prefix is not None and prefix.keys[0].dtype != dtype:
             prefix = PrefixKV([k.to(dtype) for k in prefix.keys], [v.to(dtype) for v in prefix.values], prefix.mask)
         if cached_prefix is not None:
             cached = PrefixKV([k.to(dtype) for k, _ in cached_prefix], [v.to(dtype) for _, v in cached_prefix])
             prefix = cached if prefix is None else _concat_prefixes(prefix, cached)
-        attn_mask, uniform_rows = _attention_mask(hidden_mask, prefix, batch, seq, past)
+        if decoding:
+            attn_mask = uniform_rows = None
+        else:
+            attn_mask, uniform_rows = _attention_mask(hidden_mask, prefix, batch, seq, past)
 
         hidden = inputs_embeds
         all_hidden = [hidden] if output_hidden_states else None
         for i, layer in enumerate(self.layers):
             pk, pv = prefix.layer(i) if prefix is not None else (None, None)
             hidden = layer(
-                hidden, pk, pv, rotary=rotary, attn_mask=attn_mask, cache=cache, uniform_rows=uniform_rows
+                hidden, pk, pv, rotary=rotary, attn_mask=attn_mask, cache=cache, uniform_rows=uniform_rows,
+                slot_cache=slot_cache,
             )
             if all_hidden is not None and i < len(self.layers) - 1:
                 all_hidden.append(hidden)
@@ -303,6 +321,12 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         self.transformer = ChatGLMModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
+
+    def prefix_key_values(self, batch_size: int, dtype: torch.dtype) -> PrefixKV | None:
+        """The model's own prefix for a batch (per layer ``[B, N, P, D]`` in ``dtype``), or None without one."""
+        if self.transformer.prefix_encoder is None:
+            return None
+        return self.transformer.prefix_key_values(batch_size, dtype)
 
     def store_lm_head_column_major(self) -> None:
         """Stores ``lm_head.weight`` (shape ``[V, H]``, its checkpoint key and shape unchanged) column-major.
@@ -426,6 +450,7 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         loss_reduction: str = "mean",
         return_logits: bool = True,
         prefix: PrefixKV | None = None,
+        slot_cache=None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """Logits ``[B, S, V]`` (the last ``logits_to_keep`` positions when > 0) and, with ``labels``
@@ -433,7 +458,7 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         or their sum with ``loss_reduction="sum"``. With ``return_logits=False`` the output projection
         runs only at the positions that predict a target (training needs nothing else; the prompt's
         logits are most of the memory and a large share of the compute). ``prefix`` replaces the model's own
-        prefix for this call (see :meth:`ChatGLMModel.forward`)."""
+        prefix for this call, ``slot_cache`` is a decode loop's cache (see :meth:`ChatGLMModel.forward`)."""
         out = self.transformer(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -443,6 +468,7 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
             prefix=prefix,
+            slot_cache=slot_cache,
         )
         hidden = out.last_hidden_state
         logits = loss = None

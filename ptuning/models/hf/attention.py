@@ -10,6 +10,11 @@ rotated keys and values of its tokens (after the ``Cache`` update) and the keywo
 columns to the mask the model built (visible, or as ``PrefixKV.mask`` says per row), and runs transformers' own
 SDPA attention on the result. Without a prefix it is transformers' SDPA attention, call for call.
 
+A decode loop of our own (:mod:`ptuning.generation`) calls the model with its own cache disabled and a
+:class:`~ptuning.generation.SlotCache` as the keyword argument ``slot_cache``, which reaches this function the same
+way: the new keys and values are stored in the slots; in a decode step the layer then attends over the slots
+(the prefix in front, each row's own tokens) with the slots' mask instead of the model's.
+
 So the backbone's code is untouched, positions are not shifted by P (the model computes them from its tokens
 and cache alone), the prefix keys are not rotated, and the prefix is never written into the ``Cache``: exactly
 the prefix of the original P-Tuning v2 and of ChatGLM2's built-in ``pre_seq_len``.
@@ -102,6 +107,7 @@ def prefix_attention(
     scaling: float | None = None,
     is_causal: bool | None = None,
     prefix: PrefixKV | None = None,
+    slot_cache=None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """Attention over the layer's prefix and the tokens (an ``AttentionInterface`` function).
@@ -113,10 +119,30 @@ def prefix_attention(
         value: ``[B, G, T, D]``.
         attention_mask: the mask the model built (see :func:`prefixed_mask`).
         prefix: the prefix of every layer; keys/values ``[B or 1, G, P, D]``. None or P = 0: plain SDPA.
+        slot_cache: a decode loop's :class:`~ptuning.generation.SlotCache` (the model's own cache disabled). In a
+            decode step the keys and values are the slots' (``[B, G, P + T, D]``) and so is the mask; a layer
+            with a sliding window (``module.sliding_window``) also hides the tokens outside it.
 
     Returns:
         ``([B, S, N, D], None)`` as transformers' attention functions.
     """
+    if slot_cache is not None:
+        layer_prefix = None
+        if prefix is not None and prefix.length:
+            pk, pv = prefix.layer(module.layer_idx)
+            layer_prefix = (pk.to(dtype=key.dtype), pv.to(dtype=value.dtype))
+        read = slot_cache.update(module.layer_idx, key, value, layer_prefix)
+        if read is not None:
+            key, value, mask = read
+            window = getattr(module, "sliding_window", None)
+            if window:
+                mask = slot_cache.window_mask(window)
+            # a float32 cache of a 16-bit model (see ptuning.generation.default_cache_dtype): attend in float32
+            out, weights = sdpa_attention_forward(
+                module, query.to(key.dtype), key, value, mask, dropout=dropout, scaling=scaling, is_causal=False,
+                **kwargs
+            )
+            return out.to(query.dtype), weights
     if prefix is None or prefix.length == 0:
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs

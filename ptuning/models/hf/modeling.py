@@ -103,6 +103,7 @@ class PrefixCausalLM:
         loss_reduction: str = "mean",
         return_logits: bool = True,
         prefix: PrefixKV | None = None,
+        slot_cache=None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """The backbone's forward with the prefix in every attention layer.
@@ -115,7 +116,11 @@ class PrefixCausalLM:
             logits_to_keep: as transformers: logits of the last ``logits_to_keep`` positions only (0 = all).
             return_logits: False with labels: no logits; the output projection runs only at the positions
                 that predict a target.
-            prefix: replaces the model's own prefix for this call (e.g. one prefix per row when serving).
+            prefix: replaces the model's own prefix for this call (e.g. one prefix per row when serving; P = 0:
+                none).
+            slot_cache: a decode loop's :class:`~ptuning.generation.SlotCache`: the model's own cache is disabled
+                and the slots reach every attention layer (see :mod:`ptuning.models.hf.attention`); in a decode
+                step the model builds no mask (the slots have their own) and ``position_ids`` are required.
             kwargs: passed to the backbone (and from there to every attention layer).
 
         Returns:
@@ -127,6 +132,14 @@ class PrefixCausalLM:
         if prefix is None:
             batch = (input_ids if input_ids is not None else inputs_embeds).shape[0]
             prefix = self.prefix_key_values(batch, self._compute_dtype())
+        if slot_cache is not None:
+            kwargs["slot_cache"] = slot_cache
+            use_cache, cache = False, None
+            if slot_cache.mode == "decode":
+                if position_ids is None:
+                    raise ValueError("position_ids [B, 1] are required in a decode step of a slot cache")
+                # a 4D mask is taken as it is: no mask is built for the step (the slots' mask applies)
+                attention_mask = _NO_MASK.to(device=slot_cache.device)
         outputs = self.base_model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -194,6 +207,9 @@ class PrefixCausalLM:
         if prefix is not None:
             model_kwargs["prefix"] = expand_prefix(prefix, expand_size)
         return input_ids, model_kwargs
+
+
+_NO_MASK = torch.ones(1, 1, 1, 1, dtype=torch.bool)
 
 
 def expand_prefix(prefix: PrefixKV, times: int) -> PrefixKV:

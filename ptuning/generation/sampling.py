@@ -1,0 +1,88 @@
+"""Choosing the next token of each row: greedy, or temperature / top-p sampling from the row's own generator.
+
+Sampling follows transformers' ``generate(do_sample=True, temperature=t, top_p=p)``: the logits are divided by
+``t``; top-p keeps the smallest set of most probable tokens whose probability reaches ``p`` (the most probable
+token always stays); the token is drawn from the renormalised rest. Each row draws from its own seeded
+``torch.Generator``, so a seeded answer does not depend on the other rows of the batch.
+
+Shapes: B rows, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How one row picks its tokens.
+
+    Attributes:
+        temperature: 0 = greedy (argmax); otherwise the logits are divided by it and a token is drawn.
+        top_p: nucleus sampling mass in (0, 1] (1 = the whole distribution).
+        seed: seeds the row's own generator (None: fresh entropy).
+    """
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def check(self) -> None:
+        """Raises ValueError naming the value and what is allowed."""
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature={self.temperature!r}: expected a number >= 0 (0 = greedy)")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p={self.top_p!r}: expected a number in (0, 1]")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def generator(self, device) -> torch.Generator | None:
+        """The row's own random stream (None when greedy)."""
+        if self.greedy:
+            return None
+        generator = torch.Generator(device=device)
+        generator.manual_seed(self.seed if self.seed is not None else secrets.randbits(63))
+        return generator
+
+
+def top_p_probabilities(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """Probabilities ``[..., V]`` after temperature and top-p (dropped tokens 0, not renormalised:
+    ``torch.multinomial`` normalises)."""
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p >= 1.0:
+        return probs
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    # drop a token once the tokens before it already reach top_p (the most probable one always stays)
+    drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
+    return probs.scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
+
+
+def choose_tokens(logits: torch.Tensor, samplings: list[Sampling], generators: list[torch.Generator | None],
+                  all_greedy: bool) -> torch.Tensor:
+    """The next token of every row.
+
+    Args:
+        logits: ``[B, V]``.
+        samplings: each row's settings.
+        generators: each row's generator (None for greedy rows).
+        all_greedy: every row is greedy (one argmax, nothing else).
+
+    Returns:
+        ``[B]`` int64 on the logits' device.
+    """
+    # max's indices are argmax's (the first maximum), and on a CPU several times faster for bfloat16 logits
+    # (31 vs 116 us a row of 32000 on the project's CPU)
+    tokens = logits.max(dim=-1).indices  # (B,)
+    if all_greedy:
+        return tokens
+    for i, (sampling, generator) in enumerate(zip(samplings, generators, strict=True)):
+        if sampling.greedy:
+            continue
+        probs = top_p_probabilities(logits[i], sampling.temperature, sampling.top_p)  # (V,)
+        tokens[i] = torch.multinomial(probs, 1, generator=generator)[0]
+    return tokens
