@@ -28,6 +28,7 @@ from ...prefix import (
     reset_prefix,
 )
 from ...weights import IGNORED_KEYS, CheckpointError, iter_shards, save_weights
+from ..loss import cross_entropy
 from .cache import ChatGLMCache
 from .config import ChatGLMConfig
 from .layers import GLMBlock, rotary_inv_freq, rotary_tables
@@ -553,8 +554,9 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = 
 
 def target_token_loss(lm_head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, reduction: str = "mean"):
     """:func:`causal_lm_loss` computed from the final hidden states ``[B, S, H]``, projecting only the
-    T positions whose next label is a target."""
+    T positions whose next label is a target (the loss is :func:`ptuning.models.loss.cross_entropy`, fused
+    when training)."""
     targets = labels[:, 1:].to(hidden.device)  # (B, S-1)
     keep = targets != -100
-    logits = lm_head(hidden[:, :-1][keep]).float()  # (T, V)
-    return F.cross_entropy(logits, targets[keep], reduction=reduction)
+    logits = lm_head(hidden[:, :-1][keep])  # (T, V), read only by the loss
+    return cross_entropy(logits, targets[keep], reduction)
