@@ -134,19 +134,21 @@ def measure_train(args) -> dict:
         step()
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    times = []
+    times, cpu_times = [], []
     for _ in range(args.repeats):
         sync(args.device)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         step()
         sync(args.device)
         times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
     step_s = statistics.median(times)
     tokens = args.batch * args.seq
     flops = train_flops_per_token(cfg, args.seq, prefix) * tokens / step_s
     peak_dtype = torch.bfloat16 if (args.autocast or args.dtype == "bfloat16") else torch.float32
     peak = matmul_peak_flops(peak_dtype, device=args.device)
-    return {"step_s": step_s, "best_step_s": min(times), "tokens_per_s": tokens / step_s, "achieved_flops": flops,
+    return {"step_s": step_s, "best_step_s": min(times), "cpu_s": statistics.median(cpu_times),
+            "threads": torch.get_num_threads(), "tokens_per_s": tokens / step_s, "achieved_flops": flops,
             "peak_flops": peak, "peak_fraction": flops / peak, "peak_memory_mib": peak_memory_mib(args.device)}
 
 
@@ -276,14 +278,18 @@ def machine(device: str) -> dict:
 
 
 SIDE_BY_SIDE = {"train float32": [], "train bf16 autocast (bf16 backbone)": ["--dtype", "bfloat16", "--autocast"]}
+# the same pair on one thread, compared by CPU seconds: the work itself, nearly free of other processes' load
+ONE_THREAD = {"train float32, 1 thread": ["--threads", "1"],
+              "train bf16 autocast, 1 thread": ["--dtype", "bfloat16", "--autocast", "--threads", "1"]}
 
 
 def side_by_side(common: list[str], rounds: int) -> dict[str, dict]:
     """The float32 and bf16 train steps in ``rounds`` alternating pairs of fresh processes. Each row is its best
     round (the median of that round's steps), with every round's median and their median."""
-    runs: dict[str, list[dict]] = {name: [] for name in SIDE_BY_SIDE}
+    pairs = {**SIDE_BY_SIDE, **ONE_THREAD}
+    runs: dict[str, list[dict]] = {name: [] for name in pairs}
     for r in range(rounds):
-        for name, extra in SIDE_BY_SIDE.items():
+        for name, extra in pairs.items():
             print(f"measuring {name}, round {r + 1}/{rounds} ...", file=sys.stderr, flush=True)
             runs[name].append(child([*common, *extra]))
     rows = {}
@@ -293,23 +299,30 @@ def side_by_side(common: list[str], rounds: int) -> dict[str, dict]:
             rows[name] = results[0]
             continue
         rounds_s = [r["step_s"] for r in good]
+        rounds_cpu = [r["cpu_s"] for r in good]
         rows[name] = {**min(good, key=lambda r: r["step_s"]), "rounds_step_s": rounds_s,
-                      "median_step_s": statistics.median(rounds_s)}
+                      "median_step_s": statistics.median(rounds_s), "rounds_cpu_s": rounds_cpu,
+                      "best_cpu_s": min(rounds_cpu), "median_cpu_s": statistics.median(rounds_cpu)}
     return rows
 
 
 def speedups(rows: dict[str, dict]) -> dict | None:
     """bf16 vs float32 (best vs best, median vs median) and vs the original's float32 step."""
     fp32, bf16 = (rows.get(name, {}) for name in SIDE_BY_SIDE)
-    if "step_s" not in fp32 or "step_s" not in bf16:
+    if "rounds_step_s" not in fp32 or "rounds_step_s" not in bf16:
         return None
-    return {
+    out = {
         "bf16_vs_fp32_best": fp32["step_s"] / bf16["step_s"],
         "bf16_vs_fp32_median": fp32["median_step_s"] / bf16["median_step_s"],
         "bf16_vs_original_fp32": [t / bf16["step_s"] for t in ORIGINAL_FP32_STEP_S],
         "target": TARGET_SPEEDUP,
         "rounds": len(bf16["rounds_step_s"]),
     }
+    fp32_1, bf16_1 = (rows.get(name, {}) for name in ONE_THREAD)
+    if "rounds_cpu_s" in fp32_1 and "rounds_cpu_s" in bf16_1:
+        out["bf16_vs_fp32_cpu_1_thread_best"] = fp32_1["best_cpu_s"] / bf16_1["best_cpu_s"]
+        out["bf16_vs_fp32_cpu_1_thread_median"] = fp32_1["median_cpu_s"] / bf16_1["median_cpu_s"]
+    return out
 
 
 def print_speedups(rows: dict[str, dict], summary: dict | None, repeats: str) -> None:
@@ -321,6 +334,12 @@ def print_speedups(rows: dict[str, dict], summary: dict | None, repeats: str) ->
           f"each the median of {repeats} steps): float32 best {fp32['step_s']:.3f} s / median "
           f"{fp32['median_step_s']:.3f} s, bf16 best {bf16['step_s']:.3f} s / median {bf16['median_step_s']:.3f} s: "
           f"{summary['bf16_vs_fp32_best']:.2f}x (best), {summary['bf16_vs_fp32_median']:.2f}x (median).")
+    if "bf16_vs_fp32_cpu_1_thread_best" in summary:
+        fp32_1, bf16_1 = (rows[name] for name in ONE_THREAD)
+        print(f"On one thread, by CPU seconds per step (the work, nearly free of other processes' load): float32 "
+              f"best {fp32_1['best_cpu_s']:.3f} s, bf16 best {bf16_1['best_cpu_s']:.3f} s: "
+              f"{summary['bf16_vs_fp32_cpu_1_thread_best']:.2f}x (best), "
+              f"{summary['bf16_vs_fp32_cpu_1_thread_median']:.2f}x (median).")
     verdict = "met" if lo >= summary["target"] else "missed"
     print(f"bf16 best vs the original's float32 step ({ORIGINAL_FP32_STEP_S[0]:.2f}-{ORIGINAL_FP32_STEP_S[1]:.2f} s, "
           f"its own measurement): {lo:.2f}-{hi:.2f}x; target {summary['target']:.0f}x: {verdict}.")
@@ -363,8 +382,13 @@ def main() -> None:
     parser.add_argument("--prefix", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--warmup", type=int, default=2, help=argparse.SUPPRESS)
     parser.add_argument("--repeats", type=int, default=7, help=argparse.SUPPRESS)
+    parser.add_argument("--threads", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
         measure = {"train": measure_train, "generate": measure_generate, "profile": measure_profile}[args.kind]
         result = measure(args)
         print(json.dumps(result))

@@ -7,8 +7,8 @@ Shapes: T target tokens, V vocabulary.
 exponential twice and allocates three ``[T, V]`` tensors per step; freshly allocated tensors that large are
 page-faulted in on every step (about 2 GB/s here). On the CPU bench configuration that was a fifth of the
 16-bit train step. :class:`FusedCrossEntropy` computes the loss and its gradient with respect to the logits
-in one sweep over blocks of rows that fit in cache, one exponential per logit, and writes the gradient into
-the logits tensor itself (which nothing needs after the loss); the backward only scales it.
+in one sweep over blocks of rows, one exponential per logit and four passes per block, and writes the
+gradient into the logits tensor itself (which nothing needs after the loss); the backward only scales it.
 """
 
 from __future__ import annotations
@@ -16,39 +16,38 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-# float32 elements per block of rows (2 MiB): a block stays in cache between its passes
-BLOCK_ELEMENTS = 1 << 19
+# float32 elements per block of rows (8 MiB): few enough blocks that each op is a large one, which matters
+# more than cache fit on a busy 2-core machine (every op is a parallel region both threads must reach)
+BLOCK_ELEMENTS = 1 << 21
 
 
 class FusedCrossEntropy(torch.autograd.Function):
-    """Summed cross-entropy of ``logits`` ``[T, V]`` (any float dtype) against ``targets`` ``[T]``, computed
-    in float32 as ``max + log(sum(exp(z - max))) - z[target]`` per row (log-softmax's formula).
+    """Summed cross-entropy of ``logits`` ``[T, V]`` (any float dtype) against ``targets`` ``[T]``, in float32.
 
-    The forward overwrites ``logits`` with the unscaled gradient ``softmax(z) - onehot(target)`` (rounded to
-    the logits' dtype) and returns it as a second output (``mark_dirty``); the backward multiplies it in
-    place by the incoming gradient. A second backward through the same graph therefore fails (autograd
-    reports the in-place change); nothing in training needs one.
+    Per block of rows: ``p = softmax(z)`` in float32 (one exponential per logit), and the loss
+    ``max(z) - z[target] + log(sum(exp(z - max)))`` (log-softmax's formula), the log of the sum read off the
+    largest probability (``1 / sum``), so it stays exact where ``p[target]`` underflows. The forward overwrites
+    ``logits`` with the unscaled gradient ``p - onehot(target)`` (rounded to the logits' dtype) and returns it as
+    a second output (``mark_dirty``); the backward multiplies it in place by the incoming gradient. A second
+    backward through the same graph therefore fails (autograd reports the in-place change); nothing in
+    training needs one.
     """
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, targets: torch.Tensor):
         rows, vocab = logits.shape
         step = max(1, BLOCK_ELEMENTS // vocab)
-        block = torch.empty(min(step, rows), vocab, dtype=torch.float32, device=logits.device)
         losses = torch.empty(rows, dtype=torch.float32, device=logits.device)
         for start in range(0, rows, step):
             z = logits[start : start + step]  # (C, V) in the logits' dtype
             t = targets[start : start + step, None]  # (C, 1)
-            p = block[: z.shape[0]]
-            p.copy_(z)
-            top = p.amax(dim=1, keepdim=True)  # (C, 1)
-            picked = p.gather(1, t)  # (C, 1)
-            p.sub_(top).exp_()
-            total = p.sum(dim=1, keepdim=True)  # (C, 1)
-            losses[start : start + step] = (top + total.log() - picked).squeeze(1)
-            p.div_(total)  # softmax
-            p.scatter_add_(1, t, p.new_full(t.shape, -1.0))  # softmax - onehot
+            p = torch.softmax(z, dim=1, dtype=torch.float32)  # (C, V)
+            top = z.amax(dim=1, keepdim=True).float()  # (C, 1)
+            log_sum = -p.amax(dim=1, keepdim=True).log()  # p at the max is exp(0) / sum
+            losses[start : start + step] = (top + log_sum - z.gather(1, t).float()).squeeze(1)
+            p.scatter_add_(1, t, torch.full(t.shape, -1.0, device=p.device))  # p - onehot
             z.copy_(p)
+            del p  # before the next block's two float32 tensors exist
         ctx.mark_dirty(logits)
         ctx.save_for_backward(logits)
         ctx.set_materialize_grads(False)
