@@ -153,8 +153,11 @@ LOAD_CHILD = textwrap.dedent(
 
 
 def test_loading_a_sharded_checkpoint_holds_the_weights_once(bench, tmp_path):
-    """The no-double-copy property of the full-size run, at 160 MB: float16 shards read as bfloat16."""
-    shape = dict(num_layers=8, hidden_size=768, num_attention_heads=8, inner_hidden_size=3072, vocab_size=16000)
+    """The no-double-copy property of the full-size run, at 320 MB: float16 shards read as bfloat16. The
+    embedding and lm_head shards (134 MB each) are large next to the weights, as at full size (up to 1.9 GB)."""
+    from ptuning.weights import CONVERT_SLICE_BYTES
+
+    shape = dict(num_layers=2, hidden_size=1024, num_attention_heads=8, inner_hidden_size=4096, vocab_size=65536)
     bench.write_checkpoint(tmp_path, shape)
     largest_shard = max(p.stat().st_size for p in tmp_path.glob("pytorch_model-*.bin"))
     proc = subprocess.run([sys.executable, "-c", LOAD_CHILD, str(tmp_path), str(SCRIPT.parent)],
@@ -164,7 +167,8 @@ def test_loading_a_sharded_checkpoint_holds_the_weights_once(bench, tmp_path):
     if not r["exact"]:
         pytest.skip("this kernel does not let a process reset its peak RSS (/proc/self/clear_refs)")
     rise = r["peak"] - r["before"]
-    # the bfloat16 weights, plus the pages of the one shard being converted (mapped, not copied), plus
-    # 10% for the allocator; a second copy of the weights would add another 100%
-    assert r["weights"] * 0.9 < rise <= r["weights"] * 1.1 + largest_shard
-    assert r["after"] - r["before"] < r["weights"] * 1.1
+    # the bfloat16 weights, a slice being converted and 5% for the runtime: neither a second copy of the
+    # weights nor a whole shard's file pages next to their converted copy
+    assert largest_shard > 0.3 * r["weights"]
+    assert r["weights"] * 0.9 < rise <= r["weights"] * 1.05 + 2 * CONVERT_SLICE_BYTES
+    assert r["after"] - r["before"] <= r["weights"] * 1.05

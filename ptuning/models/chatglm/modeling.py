@@ -27,7 +27,7 @@ from ...prefix import (
     prefix_key_values,
     reset_prefix,
 )
-from ...weights import IGNORED_KEYS, CheckpointError, iter_shards, save_weights
+from ...weights import IGNORED_KEYS, CheckpointError, converted, iter_shards, save_weights
 from ..loss import cross_entropy
 from .cache import ChatGLMCache
 from .config import ChatGLMConfig
@@ -349,6 +349,7 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         loaded: set[str] = set()
         unexpected: list[str] = []
         for file, shard in iter_shards(path):
+            mapped = file.suffix == ".bin"  # read_weights maps .bin files
             part = {}
             for key, tensor in shard.items():
                 if IGNORED_KEYS.match(key):
@@ -361,7 +362,7 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
                         f"{file}: '{key}' has shape {list(tensor.shape)} but the model built from "
                         f"{config_file} expects {list(expected[key].shape)}"
                     )
-                part[key] = tensor.to(torch.float32 if is_prefix_param(key) else dtype)
+                part[key] = converted(tensor, torch.float32 if is_prefix_param(key) else dtype, mapped=mapped)
             model.load_state_dict(part, strict=False, assign=True)
             loaded.update(part)
             del shard, part
