@@ -58,9 +58,9 @@ def swap_quarters(x: torch.Tensor) -> torch.Tensor:
 
 class _Rotary(torch.autograd.Function):
     """``y = x·cos + swap(x)·sin`` in three elementwise ops, and its transpose ``dx = g·cos − swap(g)·sin``
-    (``swap`` is its own transpose; the sine's signs flip with it) in three more. Written out as
-    ``chunk``/``neg``/``cat`` the same rotation costs eight ops forward and more backward, each a full pass
-    over ``q`` or ``k``; most of the non-matmul time of a 16-bit train step was there."""
+    (``swap`` is its own transpose; the sine's signs flip with it) in three more. Written out with
+    ``chunk``/``neg``/``cat`` the same rotation takes six ops forward and more backward, each a pass over ``q``
+    or ``k``."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
