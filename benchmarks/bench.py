@@ -20,6 +20,14 @@ use), at batch 1 and 8, in turns, the best of the rounds each. Rates are new tok
 (prefill included) and, for our loop, of the decode steps alone. The bound is streaming the weights once per
 token: a large copy's bandwidth (measured in the same rounds) / weight bytes. ``--profile`` splits a decode
 step into its linears alone, the bound and the rest, with torch.profiler's top operators.
+
+The float32 and bf16 train steps are measured side by side: ``--rounds`` alternating pairs of fresh
+processes (float32, bf16, float32, ...), each the median of its own steps; the table gives the best and
+the median round of each and their ratios, and the ratio to the original implementation's float32 step
+(:data:`ORIGINAL_FP32_STEP_S`). The machine is shared, so single rounds are noisy: compare best with best.
+A profile of the bf16 step on one thread (torch.profiler, op self-times; one thread, because two threads on
+a busy machine mostly profile their waits for each other) splits it into matmuls, attention, the loss and
+the rest, and gives the time its matmuls would take at the measured bf16 matmul peak.
 """
 
 from __future__ import annotations
@@ -42,6 +50,10 @@ from ptuning.perf import BENCH_SHAPE  # noqa: E402
 BENCH = dict(BENCH_SHAPE, max_sequence_length=4096)
 GPU_SHAPE = dict(hidden_size=4096, num_attention_heads=32, num_layers=28, inner_hidden_size=16384,
                  vocab_size=130528, pre_seq_len=128, max_sequence_length=2048)
+# The original ChatGLM-6B implementation's float32 train step on the bench configuration, from its own
+# measurement on this 2-core machine (its remote code is never run here, so it is not re-measured).
+ORIGINAL_FP32_STEP_S = (0.90, 0.94)
+TARGET_SPEEDUP = 4.0  # bf16 step vs the original's float32 step
 
 
 # ---------------------------------------------------------------- measurements (run in a child process)
@@ -86,10 +98,11 @@ def sync(device: str):
         torch.cuda.synchronize()
 
 
-def measure_train(args) -> dict:
+def train_step(args):
+    """The model, its config and one train step (forward + backward + AdamW on the prefix) as a closure."""
     import torch
 
-    from ptuning.perf import matmul_peak_flops, peak_memory_mib, train_flops_per_token
+    from ptuning.training.loop import token_loss_sum
 
     shape = GPU_SHAPE if args.gpu_shape else BENCH
     prefix = shape["pre_seq_len"] if args.prefix is None else args.prefix
@@ -105,34 +118,90 @@ def measure_train(args) -> dict:
     def step():
         with autocast:
             if prefix:
-                loss = model(input_ids=ids, labels=labels, loss_reduction="sum", return_logits=False).loss
+                loss = token_loss_sum(model, ids, labels)  # the training loop's own call
             else:  # no prefix: backward to the activations only, the same work the formula counts
                 embeds = model.transformer.word_embeddings(ids).detach().requires_grad_()
                 loss = model(inputs_embeds=embeds, input_ids=ids, labels=labels, loss_reduction="sum",
-                             return_logits=False).loss
+                             return_logits=False, use_cache=False).loss
         loss.backward()
         if optimizer is not None:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
+    return model, cfg, step
+
+
+def measure_train(args) -> dict:
+    import torch
+
+    from ptuning.perf import matmul_peak_flops, peak_memory_mib, train_flops_per_token
+
+    model, cfg, step = train_step(args)
+    prefix = cfg.pre_seq_len or 0
     for _ in range(args.warmup):
         step()
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    times = []
+    times, cpu_times = [], []
     for _ in range(args.repeats):
         sync(args.device)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         step()
         sync(args.device)
         times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
     step_s = statistics.median(times)
     tokens = args.batch * args.seq
     flops = train_flops_per_token(cfg, args.seq, prefix) * tokens / step_s
     peak_dtype = torch.bfloat16 if (args.autocast or args.dtype == "bfloat16") else torch.float32
     peak = matmul_peak_flops(peak_dtype, device=args.device)
-    return {"step_s": step_s, "tokens_per_s": tokens / step_s, "achieved_flops": flops, "peak_flops": peak,
-            "peak_fraction": flops / peak, "peak_memory_mib": peak_memory_mib(args.device)}
+    return {"step_s": step_s, "best_step_s": min(times), "cpu_s": statistics.median(cpu_times),
+            "threads": torch.get_num_threads(), "tokens_per_s": tokens / step_s, "achieved_flops": flops,
+            "peak_flops": peak, "peak_fraction": flops / peak, "peak_memory_mib": peak_memory_mib(args.device)}
+
+
+MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addbmm"}
+
+
+def _category(event) -> str:
+    """Which part of the step a profiled op belongs to: the op itself or the nearest range above it decides."""
+    node = event
+    while node is not None:
+        name = node.name
+        if name in MATMUL_OPS:
+            return "matmul"
+        if "scaled_dot_product" in name:
+            return "attention"
+        if name.startswith("FusedCrossEntropy") or "cross_entropy" in name or "log_softmax" in name:
+            return "loss"
+        node = node.cpu_parent
+    return "other"
+
+
+def measure_train_profile(args) -> dict:
+    """Self-times of every op of ``--repeats`` train steps (torch.profiler) summed into matmul / attention /
+    loss / other, per step; plus the matmuls' FLOPs and the time they would take at the measured peak."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from ptuning.perf import matmul_peak_flops
+
+    model, cfg, step = train_step(args)
+    for _ in range(args.warmup):
+        step()
+    with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
+        for _ in range(args.repeats):
+            step()
+    parts = {"matmul": 0.0, "attention": 0.0, "loss": 0.0, "other": 0.0}
+    matmul_flops = 0.0
+    for event in prof.events():
+        parts[_category(event)] += event.self_cpu_time_total / 1e6 / args.repeats
+        if event.name in MATMUL_OPS:
+            matmul_flops += (event.flops or 0) / args.repeats
+    peak_dtype = torch.bfloat16 if (args.autocast or args.dtype == "bfloat16") else torch.float32
+    peak = matmul_peak_flops(peak_dtype, device=args.device)
+    return {"parts_s": parts, "total_s": sum(parts.values()), "matmul_flops": matmul_flops, "peak_flops": peak,
+            "matmul_at_peak_s": matmul_flops / peak}
 
 
 def copy_bandwidth(device: str, mib: int = 512) -> float:
@@ -384,6 +453,93 @@ def print_profiles(rows: dict) -> None:
         print(f"\n{name}: torch.profiler, 20 decode steps\n{r['profile']}")
 
 
+SIDE_BY_SIDE = {"train float32": [], "train bf16 autocast (bf16 backbone)": ["--dtype", "bfloat16", "--autocast"]}
+# the same pair on one thread, compared by CPU seconds: the work itself, nearly free of other processes' load
+ONE_THREAD = {"train float32, 1 thread": ["--threads", "1"],
+              "train bf16 autocast, 1 thread": ["--dtype", "bfloat16", "--autocast", "--threads", "1"]}
+
+
+def side_by_side(common: list[str], rounds: int) -> dict[str, dict]:
+    """The float32 and bf16 train steps in ``rounds`` alternating pairs of fresh processes. Each row is its best
+    round (the median of that round's steps), with every round's median and their median."""
+    pairs = {**SIDE_BY_SIDE, **ONE_THREAD}
+    runs: dict[str, list[dict]] = {name: [] for name in pairs}
+    for r in range(rounds):
+        for name, extra in pairs.items():
+            print(f"measuring {name}, round {r + 1}/{rounds} ...", file=sys.stderr, flush=True)
+            runs[name].append(child([*common, *extra]))
+    rows = {}
+    for name, results in runs.items():
+        good = [r for r in results if "error" not in r]
+        if not good:
+            rows[name] = results[0]
+            continue
+        rounds_s = [r["step_s"] for r in good]
+        rounds_cpu = [r["cpu_s"] for r in good]
+        rows[name] = {**min(good, key=lambda r: r["step_s"]), "rounds_step_s": rounds_s,
+                      "median_step_s": statistics.median(rounds_s), "rounds_cpu_s": rounds_cpu,
+                      "best_cpu_s": min(rounds_cpu), "median_cpu_s": statistics.median(rounds_cpu)}
+    return rows
+
+
+def speedups(rows: dict[str, dict]) -> dict | None:
+    """bf16 vs float32 (best vs best, median vs median) and vs the original's float32 step."""
+    fp32, bf16 = (rows.get(name, {}) for name in SIDE_BY_SIDE)
+    if "rounds_step_s" not in fp32 or "rounds_step_s" not in bf16:
+        return None
+    out = {
+        "bf16_vs_fp32_best": fp32["step_s"] / bf16["step_s"],
+        "bf16_vs_fp32_median": fp32["median_step_s"] / bf16["median_step_s"],
+        "bf16_vs_original_fp32": [t / bf16["step_s"] for t in ORIGINAL_FP32_STEP_S],
+        "target": TARGET_SPEEDUP,
+        "rounds": len(bf16["rounds_step_s"]),
+    }
+    fp32_1, bf16_1 = (rows.get(name, {}) for name in ONE_THREAD)
+    if "rounds_cpu_s" in fp32_1 and "rounds_cpu_s" in bf16_1:
+        out["bf16_vs_fp32_cpu_1_thread_best"] = fp32_1["best_cpu_s"] / bf16_1["best_cpu_s"]
+        out["bf16_vs_fp32_cpu_1_thread_median"] = fp32_1["median_cpu_s"] / bf16_1["median_cpu_s"]
+    return out
+
+
+def print_speedups(rows: dict[str, dict], summary: dict | None, repeats: str) -> None:
+    if summary is None:
+        return
+    fp32, bf16 = (rows[name] for name in SIDE_BY_SIDE)
+    lo, hi = summary["bf16_vs_original_fp32"]
+    print(f"\nbf16 vs float32 train step, side by side ({summary['rounds']} alternating rounds of fresh processes, "
+          f"each the median of {repeats} steps): float32 best {fp32['step_s']:.3f} s / median "
+          f"{fp32['median_step_s']:.3f} s, bf16 best {bf16['step_s']:.3f} s / median {bf16['median_step_s']:.3f} s: "
+          f"{summary['bf16_vs_fp32_best']:.2f}x (best), {summary['bf16_vs_fp32_median']:.2f}x (median).")
+    if "bf16_vs_fp32_cpu_1_thread_best" in summary:
+        fp32_1, bf16_1 = (rows[name] for name in ONE_THREAD)
+        print(f"On one thread, by CPU seconds per step (the work, nearly free of other processes' load): float32 "
+              f"best {fp32_1['best_cpu_s']:.3f} s, bf16 best {bf16_1['best_cpu_s']:.3f} s: "
+              f"{summary['bf16_vs_fp32_cpu_1_thread_best']:.2f}x (best), "
+              f"{summary['bf16_vs_fp32_cpu_1_thread_median']:.2f}x (median).")
+    verdict = "met" if lo >= summary["target"] else "missed"
+    print(f"bf16 best vs the original's float32 step ({ORIGINAL_FP32_STEP_S[0]:.2f}-{ORIGINAL_FP32_STEP_S[1]:.2f} s, "
+          f"its own measurement): {lo:.2f}-{hi:.2f}x; target {summary['target']:.0f}x: {verdict}.")
+
+
+def print_profile(profile: dict | None) -> None:
+    if not profile or "parts_s" not in profile:
+        if profile:
+            print(f"\nprofile: error: {profile.get('error')}")
+        return
+    parts, total = profile["parts_s"], profile["total_s"]
+    print("\n| bf16 step on one thread, profiled (op self-time per step) | matmul | attention | loss | other | total |")
+    print("|---|---|---|---|---|---|")
+    cells = " | ".join(f"{parts[k]:.3f} s ({parts[k] / total:.0%})" for k in ("matmul", "attention", "loss", "other"))
+    print(f"| batch 4 x 256, bf16 autocast, bf16 backbone | {cells} | {total:.3f} s |")
+    floor = profile["matmul_at_peak_s"] + parts["attention"]
+    print(f"Its matmuls ({profile['matmul_flops'] / 1e9:.1f} GFLOP) take {parts['matmul']:.3f} s, "
+          f"{profile['matmul_at_peak_s']:.3f} s at this thread's measured bf16 matmul peak "
+          f"({profile['peak_flops'] / 1e9:.0f} GFLOP/s). Matmuls at that peak plus the attention as measured: "
+          f"{floor:.3f} s of one thread's work, {floor / 2:.3f} s on two threads at perfect scaling; 4x the "
+          f"original's float32 step needs {ORIGINAL_FP32_STEP_S[0] / TARGET_SPEEDUP:.3f}-"
+          f"{ORIGINAL_FP32_STEP_S[1] / TARGET_SPEEDUP:.3f} s.")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu")
@@ -391,13 +547,15 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--json", default=str(ROOT / "benchmarks" / "results.json"))
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--kind", default="train", choices=["train", "generate", "profile"], help=argparse.SUPPRESS)
+    parser.add_argument("--kind", default="train", choices=["train", "generate", "profile", "train-profile"], help=argparse.SUPPRESS)
     parser.add_argument("--compile", action="store_true",
                         help="also time our decode loop with torch.compile (its compile time is reported apart)")
     parser.add_argument("--dense", action="store_true", help="also time our decode loop on the dense linears")
     parser.add_argument("--profile", action="store_true", help="profile a decode step of our loop (batch 1 and 8)")
     parser.add_argument("--only", choices=["train", "generate"], default=None,
                         help="measure only the train step (and its scaling) or only generation")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="alternating float32 / bf16 train-step rounds (default 3, --quick 2)")
     parser.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
     parser.add_argument("--autocast", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)
@@ -406,9 +564,15 @@ def main() -> None:
     parser.add_argument("--prefix", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--warmup", type=int, default=2, help=argparse.SUPPRESS)
     parser.add_argument("--repeats", type=int, default=7, help=argparse.SUPPRESS)
+    parser.add_argument("--threads", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        measure = {"train": measure_train, "generate": measure_generate, "profile": measure_profile}[args.kind]
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        measure = {"train": measure_train, "generate": measure_generate, "profile": measure_profile,
+                   "train-profile": measure_train_profile}[args.kind]
         result = measure(args)
         print(json.dumps(result))
         return
@@ -427,11 +591,13 @@ def main() -> None:
             "generate bf16": ["--kind", "generate", "--dtype", half, "--batch", "8", *gen_flags],
         }
     else:
+        if args.only != "generate":
+            rows.update(side_by_side(common, args.rounds or (2 if args.quick else 3)))
         plan = {
-            "train float32": [],
             "train float32 + checkpointing": ["--checkpointing"],
-            "train bf16 autocast (bf16 backbone)": ["--dtype", half, "--autocast"],
             "train bf16 autocast + checkpointing": ["--dtype", half, "--autocast", "--checkpointing"],
+            "train bf16 step profiled, 1 thread": ["--kind", "train-profile", "--dtype", half, "--autocast", "--repeats", "3",
+                                                   "--threads", "1"],
             "generate float32": ["--kind", "generate", "--batch", "8", *gen_flags],
             "generate bf16": ["--kind", "generate", "--dtype", half, "--batch", "8", *gen_flags],
         }
@@ -459,11 +625,14 @@ def main() -> None:
         elif "step_s" in r:
             print(f"| {name} | {r['step_s']:.3f} | {r['tokens_per_s']:.0f} | {r['achieved_flops'] / 1e9:.1f} | "
                   f"{r['peak_flops'] / 1e9:.1f} | {r['peak_fraction']:.2f} | {r['peak_memory_mib']:.0f} |")
+    summary = speedups(rows)
+    print_speedups(rows, summary, rep[1])
+    print_profile(rows.get("train bf16 step profiled, 1 thread"))
     print_generation(rows)
     print_profiles(rows)
     info["load_average"] = [round(x, 2) for x in os.getloadavg()]  # the machine is shared: how busy it was
     info["command"] = " ".join(["python", "benchmarks/bench.py", *sys.argv[1:]])
-    out = {"machine": info, "results": rows}
+    out = {"machine": info, "speedups": summary, "results": rows}
     path = Path(args.json)
     if args.only and path.is_file():
         # a partial run replaces its own kind of rows in an existing file and keeps the others as they were
@@ -471,7 +640,8 @@ def main() -> None:
         mine = ("generate", "profile") if args.only == "generate" else ("train", "scaling")
         kept = {k: v for k, v in old.get("results", {}).items() if not k.startswith(mine)}
         runs = {**old.get("runs", {}), args.only: info}
-        out = {"machine": old.get("machine", info), "runs": runs, "results": {**kept, **rows}}
+        out = {"machine": old.get("machine", info), "runs": runs, "results": {**kept, **rows},
+               "speedups": summary if args.only == "train" else old.get("speedups")}
     path.write_text(json.dumps(out, indent=2) + "\n")
     print(f"\nwrote {args.json}")
 

@@ -16,7 +16,9 @@ The estimate counts the tensors a train step holds at its peak, which is the sta
 * **logits**: for ``model(ids, labels=...)``, the ``[B, S, V]`` logits in the compute dtype (the output keeps
   them) and three float32 ``[B, S-1, V]`` tensors of the loss (log-softmax output, its gradient and the
   gradient of its input); when only the ``n`` positions per example that predict a target are projected
-  (``logit_positions``), the three float32 ``[B·n, V]`` tensors alone.
+  (``logit_positions``, the training loop's call), the ``[B·n, V]`` logits in the compute dtype, which the
+  fused loss (:class:`ptuning.models.loss.FusedCrossEntropy`) overwrites with their gradient, and two
+  float32 tensors of its block of rows (the float32 copy and the softmax).
 
 Process overhead (the CUDA context or the CPU process's own RSS) is not included. The command's default
 shape is the real ChatGLM-6B with the original's P-Tuning v2 recipe (pre_seq_len 128, batch 1, 64 + 64
@@ -42,6 +44,7 @@ ARCHITECTURES = ("chatglm", "glm")
 NF4_BLOCK = 64
 NF4_SCALER_BLOCKS = (256, 128, 64, 32, 16, 8, 4, 2, 1)
 GIB = 2**30
+LOSS_BLOCK_ELEMENTS = 1 << 21  # ptuning.models.loss.BLOCK_ELEMENTS (this module imports no torch)
 
 
 @dataclass(frozen=True)
@@ -243,7 +246,9 @@ def estimate(shape: ModelShape, setting: str) -> Estimate:
     if shape.logit_positions is None:
         logits = c * t * shape.vocab + 3 * 4 * b * (s - 1) * shape.vocab
     else:
-        logits = 3 * 4 * b * shape.logit_positions * shape.vocab
+        rows = b * shape.logit_positions
+        block = min(rows, max(1, LOSS_BLOCK_ELEMENTS // shape.vocab))  # the fused loss's rows at a time
+        logits = c * rows * shape.vocab + 2 * 4 * block * shape.vocab  # + their float32 copy and softmax
     return Estimate(
         setting=setting,
         weights=weight_bytes(shape, setting),

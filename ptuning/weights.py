@@ -7,10 +7,13 @@ A folder holds ``config.json`` and one of: ``model.safetensors``; sharded safete
 
 from __future__ import annotations
 
+import ctypes
 import json
+import mmap
 import os
 import pickle
 import re
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -87,8 +90,52 @@ def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return state
 
 
+# bytes of a memory-mapped tensor converted (and its file pages released) at a time
+CONVERT_SLICE_BYTES = 16 * 2**20
+
+
+def _drop_file_pages(tensor: torch.Tensor) -> None:
+    """Tells the kernel this process no longer needs the pages wholly inside ``tensor``'s bytes (``madvise``
+    ``MADV_DONTNEED``). Only for a tensor read from a memory-mapped weights file (``torch.load(mmap=True)``
+    maps it privately and never writes to it): the pages leave the RSS and would be read from the file again
+    if touched. Pages shared with a neighbouring tensor are kept. A no-op where ``madvise`` is unavailable."""
+    if not sys.platform.startswith("linux") or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    page = mmap.PAGESIZE
+    begin = tensor.data_ptr()
+    start = -(-begin // page) * page
+    end = (begin + tensor.numel() * tensor.element_size()) // page * page
+    if end > start:
+        _libc().madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), mmap.MADV_DONTNEED)
+
+
+def _libc():
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc
+
+
+def converted(tensor: torch.Tensor, dtype: torch.dtype, *, mapped: bool) -> torch.Tensor:
+    """``tensor.to(dtype)`` for loading. For a tensor of a memory-mapped shard (``mapped``; what
+    :func:`read_weights` makes of ``.bin`` files) of another dtype, the copy is made in slices of
+    :data:`CONVERT_SLICE_BYTES`, each slice's file pages released once read (:func:`_drop_file_pages`): the
+    pages of a shard never pile up in memory next to their converted copy, so loading a checkpoint holds its
+    weights once (ChatGLM-6B: float16 shards of up to 1.9 GB read as bfloat16). A tensor already in ``dtype``
+    is returned as it is (its pages stay mapped: they are the weights)."""
+    if tensor.dtype == dtype or not mapped or not tensor.is_contiguous():
+        return tensor.to(dtype)
+    out = torch.empty(tensor.shape, dtype=dtype)
+    src, dst = tensor.view(-1), out.view(-1)
+    step = max(1, CONVERT_SLICE_BYTES // tensor.element_size())
+    for start in range(0, src.numel(), step):
+        dst[start : start + step].copy_(src[start : start + step])
+        _drop_file_pages(src[start : start + step])
+    return out
+
+
 def iter_shards(folder: str | os.PathLike) -> Iterator[tuple[Path, dict[str, torch.Tensor]]]:
-    """Yields ``(file, state_dict)`` for every shard of ``folder``, one at a time (bounded memory)."""
+    """Yields ``(file, state_dict)`` for every shard of ``folder``, one at a time (bounded memory). The tensors of
+    a ``.bin`` shard are memory-mapped (see :func:`converted`)."""
     for path in weight_files(folder):
         yield path, read_weights(path)
 

@@ -29,7 +29,7 @@ def rotary_inv_freq(head_dim: int, base: float = 10000.0) -> torch.Tensor:
 
 
 def rotary_tables(position_ids: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype):
-    """cos/sin for the 2D rotary embedding of a whole head.
+    """cos and signed sin for the 2D rotary embedding of a whole head (see :func:`apply_rotary`).
 
     Args:
         position_ids: ``[B, 2, S]``; row 0 rotates the first half of each head, row 1 the second.
@@ -37,26 +37,52 @@ def rotary_tables(position_ids: torch.Tensor, inv_freq: torch.Tensor, dtype: tor
         dtype: activation dtype. For float16 the angles are formed in float16, as the original does.
 
     Returns:
-        ``cos``, ``sin``: ``[B, 1, S, D]`` in ``dtype``.
+        ``cos`` ``[B, 1, S, D]`` and ``sin`` ``[B, 1, S, D]`` in ``dtype``, the sine negated in the first and
+        third quarters of the head (the signs of the original's ``rotate_half``, folded into the table).
     """
     if dtype == torch.float16:
         angle = position_ids.half()[..., None] * inv_freq.half()  # (B, 2, S, R/2)
     else:
         angle = position_ids.float()[..., None] * inv_freq  # (B, 2, S, R/2)
-    angle = torch.cat([angle, angle], dim=-1)  # (B, 2, S, R)
-    angle = torch.cat([angle[:, 0], angle[:, 1]], dim=-1)  # (B, S, D)
-    return angle.cos().to(dtype)[:, None], angle.sin().to(dtype)[:, None]
+    angle = angle.transpose(1, 2)  # (B, S, 2, R/2): one angle per pair of each half
+    cos = angle.cos()[..., None, :].expand(-1, -1, -1, 2, -1)  # (B, S, 2, 2, R/2)
+    sin = angle.sin()[..., None, :]
+    sin = torch.cat([-sin, sin], dim=-2)  # (B, S, 2, 2, R/2): -sin, +sin per half
+    return cos.flatten(2).to(dtype)[:, None], sin.flatten(2).to(dtype)[:, None]  # (B, 1, S, D) each
 
 
-def rotate_halves(x: torch.Tensor) -> torch.Tensor:
-    """``rotate_half`` applied to each half of the head: quarters [a, b, c, d] -> [-b, a, -d, c]."""
-    a, b, c, d = x.chunk(4, dim=-1)
-    return torch.cat([-b, a, -d, c], dim=-1)
+def swap_quarters(x: torch.Tensor) -> torch.Tensor:
+    """Quarters of the last dimension ``[a, b, c, d] -> [b, a, d, c]`` (one copy)."""
+    return x.unflatten(-1, (2, 2, -1)).flip(-2).flatten(-3)
+
+
+class _Rotary(torch.autograd.Function):
+    """``y = x·cos + swap(x)·sin`` in three elementwise ops, and its transpose ``dx = g·cos − swap(g)·sin``
+    (``swap`` is its own transpose; the sine's signs flip with it) in three more. Written out with
+    ``chunk``/``neg``/``cat`` the same rotation takes six ops forward and more backward, each a pass over ``q``
+    or ``k``."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(cos, sin)
+        return torch.addcmul(x * cos, swap_quarters(x), sin)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        cos, sin = ctx.saved_tensors
+        return torch.addcmul(grad * cos, swap_quarters(grad), sin, value=-1), None, None
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` ``[B, N, S, D]`` with tables ``[B, 1, S, D]``."""
-    return x * cos + rotate_halves(x) * sin
+    """Rotate ``x`` ``[B, N, S, D]`` with the tables of :func:`rotary_tables` (``[B, 1, S, D]``).
+
+    The original's ``x·cos + rotate_half(x)·sin`` per half of the head, with ``rotate_half([a, b]) = [-b, a]``:
+    quarters ``[a, b, c, d]`` become ``[a·c₁ − b·s₁, b·c₁ + a·s₁, c·c₂ − d·s₂, d·c₂ + c·s₂]``, where the
+    table's signed sine ``[-s₁, s₁, -s₂, s₂]`` multiplies ``[b, a, d, c]``.
+    """
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _Rotary.apply(x, cos, sin)
+    return torch.addcmul(x * cos, swap_quarters(x), sin)
 
 
 class SelfAttention(nn.Module):
@@ -164,6 +190,6 @@ class GLMBlock(GradientCheckpointingLayer):
         prefix = None if prefix_key is None else (prefix_key, prefix_value)
         attn = self.attention(x, rotary, attn_mask, prefix=prefix, cache=cache, uniform_rows=uniform_rows,
                               slot_cache=slot_cache)
-        hidden = RESIDUAL_ALPHA * x + attn
+        hidden = torch.add(attn, x, alpha=RESIDUAL_ALPHA)  # one pass: attn + sqrt(56)·x
         m = self.post_attention_layernorm(hidden)
-        return RESIDUAL_ALPHA * m + self.mlp(m)
+        return torch.add(self.mlp(m), m, alpha=RESIDUAL_ALPHA)

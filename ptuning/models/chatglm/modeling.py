@@ -27,7 +27,8 @@ from ...prefix import (
     prefix_key_values,
     reset_prefix,
 )
-from ...weights import IGNORED_KEYS, CheckpointError, iter_shards, save_weights
+from ...weights import IGNORED_KEYS, CheckpointError, converted, iter_shards, save_weights
+from ..loss import cross_entropy
 from .cache import ChatGLMCache
 from .config import ChatGLMConfig
 from .layers import GLMBlock, rotary_inv_freq, rotary_tables
@@ -372,6 +373,7 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         loaded: set[str] = set()
         unexpected: list[str] = []
         for file, shard in iter_shards(path):
+            mapped = file.suffix == ".bin"  # read_weights maps .bin files
             part = {}
             for key, tensor in shard.items():
                 if IGNORED_KEYS.match(key):
@@ -384,7 +386,7 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
                         f"{file}: '{key}' has shape {list(tensor.shape)} but the model built from "
                         f"{config_file} expects {list(expected[key].shape)}"
                     )
-                part[key] = tensor.to(torch.float32 if is_prefix_param(key) else dtype)
+                part[key] = converted(tensor, torch.float32 if is_prefix_param(key) else dtype, mapped=mapped)
             model.load_state_dict(part, strict=False, assign=True)
             loaded.update(part)
             del shard, part
@@ -579,8 +581,9 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = 
 
 def target_token_loss(lm_head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, reduction: str = "mean"):
     """:func:`causal_lm_loss` computed from the final hidden states ``[B, S, H]``, projecting only the
-    T positions whose next label is a target."""
+    T positions whose next label is a target (the loss is :func:`ptuning.models.loss.cross_entropy`, fused
+    when training)."""
     targets = labels[:, 1:].to(hidden.device)  # (B, S-1)
     keep = targets != -100
-    logits = lm_head(hidden[:, :-1][keep]).float()  # (T, V)
-    return F.cross_entropy(logits, targets[keep], reduction=reduction)
+    logits = lm_head(hidden[:, :-1][keep])  # (T, V), read only by the loss
+    return cross_entropy(logits, targets[keep], reduction)
