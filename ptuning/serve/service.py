@@ -160,8 +160,9 @@ class Service:
         """
         if conversation.system is not None and not self.template.renders_system:
             param = f"messages[{index if index is not None else 0}].role"
-            raise bad_request(param, f"{param}='system': {self.family_label}'s prompt template has no system "
-                              "message; leave it out or put its text into the first user message", "invalid_value")
+            raise bad_request(param, f"{param}: {self.family_label}'s prompt template has no system message (so "
+                              "no system or developer role); leave it out or put its text into the first user "
+                              "message", "invalid_value")
 
     def prompt(self, conversation: Conversation, max_tokens: int | None, *, param: str = "messages",
                max_tokens_name: str = "max_tokens", fit: bool = False) -> tuple[list[int], int]:
