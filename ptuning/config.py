@@ -26,6 +26,18 @@ def builtin_models() -> list[str]:
     return sorted(p.name for p in (PROJECT_ROOT / "data").glob("tiny-*") if (p / "config.json").is_file())
 
 
+def canonical_base_model(name: str) -> str:
+    """How checkpoints name a base model, whichever way it was given: ``builtin:<name>`` for a bundled model,
+    also when given (or recorded) as its folder ``data/<name>`` by any relative or absolute path; else the
+    folder's absolute path (symlinks resolved)."""
+    if name.startswith(BUILTIN_SCHEME):
+        return name
+    folder = Path(name).expanduser().resolve()
+    if folder.parent == (PROJECT_ROOT / "data").resolve() and folder.name in builtin_models():
+        return BUILTIN_SCHEME + folder.name
+    return str(folder)
+
+
 class ConfigError(ValueError):
     """A configuration value that cannot work; the message names the key, the value and what is allowed."""
 
@@ -86,12 +98,11 @@ class ModelConfig:
 
     @property
     def base_model_name(self) -> str:
-        """How checkpoints name the base model: ``builtin:<name>`` or the folder's absolute path."""
+        """How checkpoints name the base model: ``builtin:<name>`` (also for a bundled model given by its folder,
+        ``data/<name>``) or the folder's absolute path (see :func:`canonical_base_model`)."""
         if self.path is None:
             return BUILTIN_SCHEME + BUILTIN_MODEL.name
-        if str(self.path).startswith(BUILTIN_SCHEME):
-            return str(self.path)
-        return str(Path(self.path).expanduser().resolve())
+        return canonical_base_model(str(self.path))
 
 
 @dataclass

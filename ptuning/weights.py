@@ -16,6 +16,7 @@ import re
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -34,10 +35,15 @@ class CheckpointError(ValueError):
     """A weights folder or file that cannot be loaded into the model; the message names what and why."""
 
 
-def load_failure(err: BaseException) -> str:
-    """One line saying why a reader refused a file (torch and safetensors messages span many lines)."""
+def load_failure(err: BaseException, *, torch_file: bool = False) -> str:
+    """One line saying why a reader refused a file (torch and safetensors messages span many lines).
+
+    Args:
+        torch_file: ``err`` came from ``torch.load``: anything but a refused Python object means the file is
+            not a readable PyTorch checkpoint (torch's own text, about mmap or miniz, does not say so).
+    """
     text = str(err)
-    if isinstance(err, pickle.UnpicklingError):
+    if isinstance(err, pickle.UnpicklingError) and (not torch_file or re.search("global", text, re.I)):
         # torch.load(weights_only=True) met an object that is not a tensor or plain container: name it
         # and say that nothing ran (the generic advice to pass weights_only=False is exactly wrong here)
         detail = next((line for line in text.splitlines() if "GLOBAL" in line or "global" in line), "")
@@ -48,7 +54,30 @@ def load_failure(err: BaseException) -> str:
     first = next((line.strip() for line in text.splitlines() if line.strip()), "")
     if len(first) > 160:  # torch appends paragraphs of advice: the first sentence says what is wrong
         first = first.split(". ")[0]
+    if torch_file:
+        if isinstance(err, NotZipArchive):
+            return ("not a readable PyTorch checkpoint: not the zip archive torch.save writes (damaged, or another "
+                    "kind of file; one saved by torch < 1.6 must be saved again with a newer torch)")
+        return f"not a readable PyTorch checkpoint: damaged or cut short ({type(err).__name__}: {first[:160]})"
     return f"{type(err).__name__}: {first[:300]}"
+
+
+class NotZipArchive(ValueError):
+    """A ``.bin`` file that does not start as the zip archive torch.save writes."""
+
+
+def torch_load(path: str | os.PathLike) -> Any:
+    """``torch.load(weights_only=True, mmap=True)`` on the CPU.
+
+    Raises:
+        NotZipArchive: the file is not torch.save's zip archive (the only format that can be memory-mapped).
+        Exception: torch's, for a damaged archive or a refused object (see :func:`load_failure` with
+            ``torch_file=True``).
+    """
+    with open(path, "rb") as handle:
+        if handle.read(4) != b"PK\x03\x04":
+            raise NotZipArchive(str(path))
+    return torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
 
 
 def weight_files(folder: str | os.PathLike) -> list[Path]:
@@ -82,9 +111,10 @@ def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     try:
         if path.suffix == ".safetensors":
             return load_file(str(path))
-        state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        state = torch_load(path)
     except Exception as err:  # noqa: BLE001 - any reader failure is a bad file for the user
-        raise CheckpointError(f"{path}: cannot read weights ({load_failure(err)})") from None
+        why = load_failure(err, torch_file=path.suffix != ".safetensors")
+        raise CheckpointError(f"{path}: cannot read weights ({why})") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: expected a state dict, found {type(state).__name__}")
     return state
@@ -166,7 +196,7 @@ def read_matching(folder: str | os.PathLike, keep: Callable[[str], bool]) -> dic
                         if keep(key):
                             found[key] = handle.get_tensor(key)
             else:
-                state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+                state = torch_load(path)
                 if not isinstance(state, dict):
                     raise CheckpointError(f"{path}: expected a state dict, found {type(state).__name__}")
                 found.update({k: v.clone() for k, v in state.items() if keep(k)})
@@ -174,7 +204,8 @@ def read_matching(folder: str | os.PathLike, keep: Callable[[str], bool]) -> dic
         except CheckpointError:
             raise
         except Exception as err:  # noqa: BLE001 - any reader failure is a bad file for the user
-            raise CheckpointError(f"{path}: cannot read weights ({load_failure(err)})") from None
+            why = load_failure(err, torch_file=path.suffix != ".safetensors")
+            raise CheckpointError(f"{path}: cannot read weights ({why})") from None
     return found
 
 

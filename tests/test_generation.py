@@ -19,6 +19,7 @@ from ptuning.evaluation.generate import (
     strip_generated,
 )
 from ptuning.generation import (
+    ERROR,
     LENGTH,
     STOP,
     Decoder,
@@ -31,7 +32,10 @@ from ptuning.generation import (
     packed_linears,
     packing_available,
     run_to_end,
+    top_p_probabilities,
 )
+from ptuning.generation import loop as decode_loop
+from ptuning.generation.sampling import choose_tokens
 from ptuning.models.chatglm import ChatGLMForConditionalGeneration
 from ptuning.models.hf import attach_prefix, prefix_shape
 from ptuning.prefix import PrefixKV, cast_backbone
@@ -283,6 +287,63 @@ def test_seeded_rows_sample_the_same_whatever_else_is_in_the_batch(chatglm):
     # a top_p that keeps only the most probable token is greedy
     narrow = run([Request(prompts[0], 10, Sampling(temperature=0.9, top_p=1e-6, seed=1))])[0]
     assert narrow[0] == alone(chatglm, prompts[0], 10)
+
+
+@pytest.mark.parametrize("temperature", [1e-40, 1e-300, 5e-324, 1e-6])
+def test_a_tiny_temperature_draws_the_most_probable_token_without_overflow(temperature):
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 50, generator=g) * 30  # gaps far above any of these temperatures
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        probs = top_p_probabilities(logits.to(dtype), temperature, 0.7)
+        assert torch.isfinite(probs).all() and probs.dtype == torch.float32
+        assert torch.equal(probs.argmax(-1), logits.to(dtype).float().argmax(-1))
+        assert torch.equal(probs.max(-1).values, torch.ones(3))  # all the mass on the most probable token
+    samplings = [Sampling(temperature=temperature, seed=i) for i in range(3)]
+    tokens = choose_tokens(logits, samplings, [s.generator("cpu") for s in samplings], False)
+    assert tokens.tolist() == logits.argmax(-1).tolist()
+    # tokens tied for the top share the draw, as the limit of a shrinking temperature does
+    tied = torch.tensor([[1.0, 5.0, 5.0, -2.0]])
+    assert top_p_probabilities(tied, 1e-40, 1.0).tolist() == [[0.0, 0.5, 0.5, 0.0]]
+
+
+def test_a_row_whose_draw_fails_fails_alone(chatglm, monkeypatch):
+    logits = torch.randn(3, 20, generator=torch.Generator().manual_seed(1))
+    logits[1, 4] = float("nan")
+    samplings = [Sampling(temperature=0.8, seed=1), Sampling(temperature=0.8, seed=2), Sampling()]
+    failures: dict[int, str] = {}
+    tokens = choose_tokens(logits, samplings, [s.generator("cpu") for s in samplings], False, failures)
+    assert list(failures) == [1] and "not finite" in failures[1]
+    assert tokens[2] == logits[2].argmax()
+    with pytest.raises(ValueError, match="not finite"):  # without a record of failures, the error propagates
+        choose_tokens(logits, samplings, [s.generator("cpu") for s in samplings], False)
+    # in the decode loop: the poisoned row ends with finish reason "error" at once, the others as they would alone
+    real = decode_loop.choose_tokens
+
+    def poisoned(logits, samplings, *args):
+        logits = logits.clone()
+        for i, sampling in enumerate(samplings):
+            if sampling.temperature == 0.5:
+                logits[i, 0] = float("nan")
+        return real(logits, samplings, *args)
+
+    monkeypatch.setattr(decode_loop, "choose_tokens", poisoned)
+    prompts = chatglm_prompts(chatglm.config)
+    decoder = Decoder(chatglm, max_batch_size=3, max_length=64)
+    handles = [decoder.add(Request(prompts[0], 8)), decoder.add(Request(prompts[1], 8, Sampling(temperature=0.5))),
+               decoder.add(Request(prompts[2], 8, Sampling(temperature=0.9, seed=4)))]
+    got: dict[int, list] = {h: [] for h in handles}
+    while decoder.active:
+        for out in decoder.step():
+            got[out.handle].append(out)
+    bad = got[handles[1]]
+    assert len(bad) == 1 and bad[0].finish_reason == ERROR and "sampling failed" in bad[0].error
+    assert [o.token_id for o in got[handles[0]]] == alone(chatglm, prompts[0], 8)
+    sampled = run_to_end(Decoder(chatglm, max_batch_size=1, max_length=64),
+                         [Request(prompts[2], 8, Sampling(temperature=0.9, seed=4))])[0][0]
+    assert [o.token_id for o in got[handles[2]]] == sampled
+    with pytest.raises(RuntimeError, match="request 1: sampling failed"):
+        run_to_end(Decoder(chatglm, max_batch_size=2, max_length=64),
+                   [Request(prompts[0], 4), Request(prompts[1], 4, Sampling(temperature=0.5))])
 
 
 def test_generate_ids_sampling_repeats_under_the_global_seed(chatglm):

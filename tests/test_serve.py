@@ -223,6 +223,43 @@ BAD = [
     ("/v1/completions", {"model": "short", "prompt": ["a"] * 10, "n": 10}, 400, "n", "invalid_value"),
     ("/v1/completions", {"model": "short"}, 400, "prompt", "missing_required_parameter"),
     ("/v1/nothing-here", {}, 404, None, "not_found"),
+    # prompt + max_tokens just over the positions: the prompt fits, so max_tokens is named
+    ("/v1/completions", {"model": "short", "prompt": "hi", "max_tokens": 510}, 400, "max_tokens",
+     "context_length_exceeded"),
+    # fields OpenAI does not define, wherever they are, and fields this server cannot honour
+    ("/v1/chat/completions", {"model": "short", "messages": [{"role": "user", "content": "hi"}], "foo": "bar"},
+     400, "foo", "unknown_parameter"),
+    ("/v1/chat/completions", {"model": "short", "messages": [{"role": "user", "content": "hi", "zzz": 1}]},
+     400, "messages[0].zzz", "unknown_parameter"),
+    ("/v1/completions", {"model": "short", "prompt": "hi", "max_completion_tokens": 5}, 400,
+     "max_completion_tokens", "unknown_parameter"),
+    ("/v1/chat/completions", {"model": "short", "messages": [{"role": "user", "content": "hi", "name": "bob"}]},
+     400, "messages[0].name", "unsupported_parameter"),
+    # ChatGLM-6B's template has no system message: refused, not dropped
+    ("/v1/chat/completions", {"model": "short", "messages": [{"role": "system", "content": "be brief"},
+                                                             {"role": "user", "content": "hi"}]},
+     400, "messages[0].role", "invalid_value"),
+    # strict types: no coercion
+    ("/v1/chat/completions", {"model": "short", "messages": [{"role": "user", "content": "hi"}], "max_tokens": "10"},
+     400, "max_tokens", "invalid_type"),
+    ("/v1/chat/completions", {"model": "short", "messages": [{"role": "user", "content": "hi"}], "max_tokens": True},
+     400, "max_tokens", "invalid_type"),
+    ("/v1/chat/completions", {"model": "short", "messages": [{"role": "user", "content": "hi"}], "n": "2"},
+     400, "n", "invalid_type"),
+    ("/v1/chat/completions", {"model": "short", "messages": [{"role": "user", "content": "hi"}], "stream": "yes"},
+     400, "stream", "invalid_type"),
+    ("/v1/chat/completions", {"model": "short", "messages": [{"role": "user", "content": "hi"}], "stream": True,
+                              "stream_options": {"include_usage": "x"}},
+     400, "stream_options.include_usage", "invalid_type"),
+    # no character, no JSON
+    ("/v1/completions", b'{"model": "short", "prompt": "\\ud800"}', 400, "prompt", "invalid_value"),
+    ("/v1/chat/completions", b'{"model": "short", "messages": [{"role": "user", "content": "a\\udc00"}]}', 400,
+     "messages[0].content", "invalid_value"),
+    ("/v1/chat/completions", b"[" * 100_000 + b"]" * 100_000, 400, None, "invalid_json"),
+    ("/v1/chat/completions", b'{"model": "short", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 400,
+     None, "invalid_json"),
+    ("/v1/chat/completions", b'{"model": "short", "messages": [{"role": "user", "content": "hi"}], '
+                             b'"temperature": NaN}', 400, None, "invalid_json"),
 ]
 
 
@@ -248,6 +285,72 @@ def test_bad_input_gets_openai_error_bodies_and_spares_the_others(server, client
     assert err.value.param == "messages[0].role" and "expected one of" in err.value.message
     # the request running meanwhile was not disturbed
     assert other.result(timeout=120).usage.completion_tokens == 200
+
+
+def test_a_tiny_temperature_is_greedy_and_spares_the_rest_of_the_batch(client):
+    queries = QUERIES[:4]
+    alone = [greedy_chat(client, "short", q) for q in queries]
+
+    def tiny(query: str, temperature: float) -> str:
+        reply = client.chat.completions.create(model="short", messages=[{"role": "user", "content": query}],
+                                               max_tokens=24, temperature=temperature, seed=1)
+        return reply.choices[0].message.content
+
+    with ThreadPoolExecutor(8) as pool:  # decoded in the same batches
+        greedy = [pool.submit(greedy_chat, client, "short", q) for q in queries]
+        tinies = [pool.submit(tiny, q, t) for q, t in zip(queries, [1e-40, 1e-300, 5e-324, 1e-30], strict=True)]
+        assert [f.result() for f in greedy] == alone  # the greedy rows next to them are unaffected
+        assert [f.result() for f in tinies] == alone  # logits / temperature cannot overflow: as good as greedy
+
+
+def test_huge_requests_are_refused_early_while_health_answers_at_once(server):
+    auth = {"Authorization": f"Bearer {KEY}"}
+    latencies, stop = [], threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            began = time.monotonic()
+            assert httpx.get(f"{server.url}/health", timeout=60).status_code == 200
+            latencies.append(time.monotonic() - began)
+            time.sleep(0.02)
+
+    def post(case):
+        path, body = case
+        raw = json.dumps(body, ensure_ascii=False).encode()
+        began = time.monotonic()
+        reply = httpx.post(f"{server.url}/v1{path}", content=raw, headers=auth, timeout=120)
+        return reply, time.monotonic() - began
+
+    cases = [  # (path, body), status, param, code
+        (("/completions", {"model": "short", "prompt": "a" * (20 << 20)}), 413, None, "request_too_large"),
+        (("/chat/completions", {"model": "short", "messages": [{"role": "user", "content": "裙" * (1 << 20)}]}),
+         400, "messages", "context_length_exceeded"),  # 3 MB: refused by its characters, not tokenized
+        (("/completions", {"model": "short", "prompt": ["hi", "裙" * (1 << 20)]}), 400, "prompt[1]",
+         "context_length_exceeded"),
+        # 40000 characters could be 512 tokens (a token may stand for up to 80): tokenized, then refused
+        (("/completions", {"model": "short", "prompt": "裙好" * 20_000}), 400, "prompt", "context_length_exceeded"),
+    ]
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        with ThreadPoolExecutor(len(cases) * 2) as pool:
+            results = list(pool.map(post, [case for case, *_ in cases] * 2))
+    finally:
+        stop.set()
+        watcher.join()
+    for (reply, took), (_, status, param, code) in zip(results, cases * 2, strict=True):
+        assert reply.status_code == status, reply.text[:300]
+        error = reply.json()["error"]
+        assert (error["param"], error["code"]) == (param, code), error
+        assert took < 20, took
+    assert "(--max-request-bytes)" in results[0][0].json()["error"]["message"]
+    assert "characters cannot fit" in results[1][0].json()["error"]["message"]
+    assert "are in the prompt alone" in results[3][0].json()["error"]["message"]
+    assert len(latencies) > 3 and max(latencies) < 2.0, latencies
+    # a body sent as text/plain is still read as JSON, and ``user`` (no effect on the answer) is accepted
+    reply = httpx.post(f"{server.url}/v1/completions", headers={**auth, "Content-Type": "text/plain"}, timeout=60,
+                       content=json.dumps({"model": "short", "prompt": "hi", "max_tokens": 4, "user": "u1"}))
+    assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] <= 4
 
 
 def test_a_client_that_disconnects_frees_its_slot(server):
@@ -335,6 +438,12 @@ def test_command_line_mistakes_are_one_line_errors(checkpoints, tmp_path, capsys
     (wrong / "prefix_config.json").write_text(json.dumps({**meta, "num_layers": 3}))
     empty = tmp_path / "empty"
     empty.mkdir()
+    corrupt = tmp_path / "corrupt"  # the original format's file, damaged
+    corrupt.mkdir()
+    (corrupt / "pytorch_model.bin").write_bytes(b"this is not a checkpoint" * 40)
+    foreign = tmp_path / "foreign"  # a prefix of another family
+    shutil.copytree(checkpoints["short"], foreign)
+    (foreign / "prefix_config.json").write_text(json.dumps({**meta, "family": "hf", "base_model": "builtin:tiny-glm4"}))
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -350,11 +459,17 @@ def test_command_line_mistakes_are_one_line_errors(checkpoints, tmp_path, capsys
             ("--max-batch-size", "0"): "--max-batch-size=0: expected a positive integer",
             ("--model-path", "/no/such/model"): "--model-path=/no/such/model: no such folder",
             ("--port", str(port)): f"--host=127.0.0.1 --port={port}: cannot listen there (Address already in use)",
+            ("--max-request-bytes", "0"): "--max-request-bytes=0: expected a positive integer",
+            ("--prefix", f"x={corrupt}"): f"--prefix x: {corrupt / 'pytorch_model.bin'}: cannot read weights (not a "
+                                          "readable PyTorch checkpoint: ",
+            ("--prefix", f"x={foreign}"): f"--prefix x={foreign}: a prefix of a transformers decoder model "
+                                          "(builtin:tiny-glm4); the model is a ChatGLM-6B model",
         }
         for args, message in cases.items():
             assert main(list(args) if "--port" in args else [*args, "--port", "0"]) == 2, args
             err = capsys.readouterr().err.strip().splitlines()
             assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], (args, err)
+            assert "mmap" not in err[0]
     # a prefix trained on another backbone of the same shape loads, with a warning saying so
     from ptuning.serve.cli import load, parse_args, parse_prefixes
 
@@ -366,6 +481,24 @@ def test_command_line_mistakes_are_one_line_errors(checkpoints, tmp_path, capsys
     warning = capsys.readouterr().err.strip()
     assert warning.startswith(f"warning: --prefix x: {other} was trained on builtin:tiny-chatglm (config "
                               "fingerprint 0123456789abcdef"), warning
+    # the model it was trained on, named as builtin:tiny-chatglm or by its folder (any path): no warning
+    from ptuning.config import BUILTIN_MODEL
+
+    spec = f"x={checkpoints['short']}"
+    for path in ("builtin:tiny-chatglm", str(BUILTIN_MODEL), os.path.relpath(BUILTIN_MODEL),
+                 str(BUILTIN_MODEL.parent / ".." / "data" / BUILTIN_MODEL.name)):
+        load(parse_args(["--model-path", path, "--prefix", spec]), parse_prefixes([spec]))
+        assert capsys.readouterr().err.strip() == "", path
+    # ... but another model of the same shapes (other weights) is still told apart
+    retrained = tmp_path / "retrained"
+    shutil.copytree(checkpoints["short"], retrained)
+    (retrained / "prefix_config.json").write_text(json.dumps({**meta, "base_weights_sha256": "0" * 16}))
+    spec = f"x={retrained}"
+    load(parse_args(["--model-path", os.path.relpath(BUILTIN_MODEL), "--prefix", spec]), parse_prefixes([spec]))
+    warning = capsys.readouterr().err.strip()
+    assert warning.startswith(f"warning: --prefix x: {retrained} was trained on builtin:tiny-chatglm (config "
+                              f"fingerprint {meta['base_config_fingerprint']}, weights 0000000000000000) but the "
+                              "model is builtin:tiny-chatglm (config fingerprint "), warning
 
 
 def test_the_readme_lists_every_option_and_endpoint(capsys):
@@ -490,9 +623,10 @@ def test_chat_page_in_a_browser_streams_answers_with_history(web_server):
         shutil.rmtree(profile, ignore_errors=True)
 
 
-def test_sigterm_finishes_requests_in_flight_cancels_the_rest_and_exits_zero(web_server):
+def test_sigterm_finishes_requests_in_flight_answers_the_rest_503_and_exits_zero(web_server):
     url = f"{web_server.url}/v1/completions"
     done: dict[int, list[str]] = {}
+    plain: dict[int, httpx.Response | str] = {}
 
     def body(i: int, max_tokens: int) -> dict:
         return {"model": "long", "prompt": QUERIES[i % 8], "max_tokens": max_tokens, "ignore_eos": True,
@@ -508,8 +642,14 @@ def test_sigterm_finishes_requests_in_flight_cancels_the_rest_and_exits_zero(web
             lines.append(f"error: {err}")
         done[i] = lines
 
-    def start(indices, max_tokens):
-        threads = [threading.Thread(target=stream, args=(i, max_tokens)) for i in indices]
+    def whole(i: int, max_tokens: int) -> None:
+        try:
+            plain[i] = httpx.post(url, json=body(i, max_tokens), timeout=60)
+        except httpx.HTTPError as err:
+            plain[i] = f"error: {err}"
+
+    def start(indices, max_tokens, target=stream):
+        threads = [threading.Thread(target=target, args=(i, max_tokens)) for i in indices]
         for t in threads:
             t.start()
         return threads
@@ -529,7 +669,8 @@ def test_sigterm_finishes_requests_in_flight_cancels_the_rest_and_exits_zero(web
     assert queued / 4 * 480 * per_token > 7, per_token
     threads = start(range(4), in_flight)
     until(lambda h: h["active"] == 4)
-    threads += start(range(4, 4 + queued), 480)
+    threads += start(range(4, 4 + queued - 8), 480)
+    threads += start(range(4 + queued - 8, 4 + queued), 480, target=whole)  # 8 of them not streaming
     until(lambda h: h["waiting"] == queued)
     at_signal = health(web_server)
     web_server.proc.send_signal(signal.SIGTERM)
@@ -540,10 +681,29 @@ def test_sigterm_finishes_requests_in_flight_cancels_the_rest_and_exits_zero(web
         t.join(30)
     assert not any(t.is_alive() for t in threads)  # nobody hangs
     assert at_signal["active"] == 4 and at_signal["waiting"] == queued, at_signal
-    finished = {i for i, lines in done.items() if "data: [DONE]" in lines}
-    assert set(range(4)) <= finished  # what was being decoded got finished
-    assert len(finished) < 4 + queued  # the rest were cancelled after --shutdown-timeout
+
+    def finish(lines: list[str]) -> str | None:
+        events = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+        return next((e["choices"][0]["finish_reason"] for e in events if e.get("choices")
+                     and e["choices"][0]["finish_reason"]), None)
+
+    for i in range(4):  # what was being decoded got finished
+        assert finish(done[i]) == "length" and [line for line in done[i] if line][-1] == "data: [DONE]", done[i][-3:]
+    # the rest, cut off after --shutdown-timeout: a stream ends with OpenAI's error as its last event, then
+    # [DONE]; a plain request gets the error body with a 503
+    shutting_down = {"message": "the server is shutting down", "type": "server_error", "param": None,
+                     "code": "server_shutting_down"}
+    cut = [i for i in range(4, 4 + queued - 8) if finish(done[i]) is None]
+    assert cut, "no stream was cut off"
+    for i in cut:
+        lines = [line for line in done[i] if line]
+        assert lines[-2:] == [f"data: {json.dumps({'error': shutting_down})}", "data: [DONE]"], lines[-3:]
+    assert all(isinstance(r, httpx.Response) for r in plain.values()), plain
+    refused = [r for r in plain.values() if r.status_code != 200]
+    assert refused and all(r.status_code == 503 and r.json() == {"error": shutting_down} for r in refused)
     assert took < 30, took
+    log = web_server.log.read_text()
+    assert "Traceback" not in log and "CancelledError" not in log and "Cancel " not in log, log
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{web_server.url}/health", timeout=5)
 

@@ -208,3 +208,33 @@ def test_ids_the_tokenizer_cannot_decode_are_never_chosen(setup):
     assert len(chosen) > 16 and max(chosen) < limit
     unlimited, _ = drive(setup.engine(max_batch_size=4), requests, per_step=4)
     assert max(t for row in unlimited.values() for t in row) >= limit  # the limit did change something
+
+
+@pytest.mark.parametrize("model", ["tiny-chatglm", "tiny-glm4"])
+def test_answer_text_leaves_out_control_tokens_and_a_character_cut_at_the_end(model):
+    from ptuning.build import load
+    from ptuning.config import ModelConfig
+    from ptuning.serve.scheduler import Detokenizer
+
+    template = load(ModelConfig(path=f"builtin:{model}"), pre_seq_len=None, init=False).template
+    tokenizer = template.tokenizer
+
+    def encode(text: str) -> list[int]:
+        return tokenizer.encode(text, add_special_tokens=False)
+
+    rare = encode("龘")  # no piece of its own: spelled by its bytes
+    assert len(rare) >= 3 and "\ufffd" in tokenizer.decode(rare[:-1])
+    gmask = tokenizer.convert_tokens_to_ids("[gMASK]")
+    assert gmask in template.control_token_ids
+    full = encode("这条裙子很好看龘")
+    assert full[-2:] == rare[-2:]
+    cut = full[:-1]  # max_tokens ended the answer inside its last character
+    ids = cut[:2] + [gmask] + cut[2:]  # and the model wrote a control token on the way (with ignore_eos)
+    detok = Detokenizer(tokenizer, frozenset(template.control_token_ids))
+    streamed = "".join(detok.push(i) for i in ids)
+    assert detok.whole().strip() == streamed.strip() == "这条裙子很好看"
+    assert template.decode(cut) == "这条裙子很好看"  # evaluation drops the cut character too
+    # a character completed later is kept, and one never completed inside the answer stays U+FFFD
+    detok = Detokenizer(tokenizer, frozenset(template.control_token_ids))
+    text = "".join(detok.push(i) for i in full[:-1] + full)
+    assert detok.whole() == text and text.endswith("龘") and "\ufffd" in text

@@ -292,6 +292,29 @@ def test_item03_resume_on_another_base_model_is_refused_and_init_warns(tmp_path,
     assert len(warnings) == 1 and "was trained on builtin:tiny-chatglm" in warnings[0]
 
 
+def test_a_bundled_model_is_the_same_base_model_by_name_or_by_folder(tmp_path, monkeypatch):
+    from ptuning.config import BUILTIN_MODEL, PROJECT_ROOT
+    from ptuning.training.checkpoint import base_model_change
+
+    monkeypatch.chdir(PROJECT_ROOT / "data")
+    same_folder = ["builtin:tiny-chatglm", str(BUILTIN_MODEL), "tiny-chatglm", "./tiny-chatglm/",
+                   "../data/tiny-chatglm", str(PROJECT_ROOT / "tests" / ".." / "data" / "tiny-chatglm")]
+    # how checkpoints name it from now on, whichever way it is given
+    assert {ModelConfig(path=p).base_model_name for p in same_folder} == {"builtin:tiny-chatglm"}
+    trained = {"base_model": "builtin:tiny-chatglm", "base_config_fingerprint": "f" * 16, "base_weights_sha256": "d" * 16}
+    for path in same_folder:
+        current = {"base_model": path, "base_config_fingerprint": "f" * 16, "base_weights_sha256": "d" * 16}
+        assert base_model_change(trained, current) is None, path
+        assert base_model_change(current, trained) is None, path  # e.g. a checkpoint that recorded the folder
+    # another model of the same shapes: other weights, or another folder
+    other_weights = {**trained, "base_weights_sha256": "e" * 16}
+    assert "weights eeeeeeeeeeeeeeee" in base_model_change(trained, other_weights)
+    copy = {"base_model": str(tmp_path / "tiny-chatglm"), "base_config_fingerprint": "f" * 16}
+    assert base_model_change(trained, copy).endswith(f"but the model is {tmp_path / 'tiny-chatglm'} (config "
+                                                     f"fingerprint {'f' * 16})")
+    assert ModelConfig(path=str(tmp_path)).base_model_name == str(tmp_path.resolve())
+
+
 def test_item07_ctrl_c_names_the_step_and_the_checkpoint_to_resume(tmp_path, monkeypatch):
     from ptuning.training.loop import TrainingInterrupted
 

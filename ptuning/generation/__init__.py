@@ -4,6 +4,7 @@ forward per token, sampling and stop handling on the side (:mod:`.cache`, :mod:`
 from .cache import SlotCache
 from .kernels import packed_linears, packing_available
 from .loop import (
+    ERROR,
     LENGTH,
     STOP,
     Decoder,
@@ -20,6 +21,7 @@ from .loop import (
 from .sampling import Sampling, choose_tokens, top_p_probabilities
 
 __all__ = [
+    "ERROR",
     "LENGTH",
     "STOP",
     "Decoder",

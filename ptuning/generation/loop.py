@@ -26,7 +26,7 @@ from ..prefix import PrefixKV
 from .cache import SlotCache
 from .sampling import Sampling, choose_tokens
 
-STOP, LENGTH = "stop", "length"
+STOP, LENGTH, ERROR = "stop", "length", "error"
 
 
 class DecoderFull(RuntimeError):
@@ -139,9 +139,11 @@ class StepOutput:
         handle: what :meth:`Decoder.add` returned for the row.
         token_id: the new token.
         finish_reason: ``stop`` (a stop id — then ``token_id`` is that id — or a stop string), ``length``
-            (``max_new_tokens`` reached), or None (the row goes on). A finished row has left.
+            (``max_new_tokens`` reached), ``error`` (this row's token could not be drawn, see ``error``; the
+            token is meaningless), or None (the row goes on). A finished row has left.
         stop_string: the stop string found, if that ended the row.
         text_end: with a stop string, where it starts in the decoded answer (the answer is ``text[:text_end]``).
+        error: with finish reason ``error``, why (one line).
     """
 
     handle: int
@@ -149,6 +151,7 @@ class StepOutput:
     finish_reason: str | None
     stop_string: str | None = None
     text_end: int | None = None
+    error: str | None = None
 
 
 @dataclass
@@ -367,12 +370,17 @@ class Decoder:
         if self.vocab_limit is not None and logits.shape[-1] > self.vocab_limit:
             logits = logits[:, : self.vocab_limit]  # the ids beyond never chosen, greedy or sampled
         samplings = [r.request.sampling for r in rows]
+        failures: dict[int, str] = {}  # a row whose draw failed leaves with its own error; the others go on
         tokens = choose_tokens(logits, samplings, [r.generator for r in rows],
-                               all(s.greedy for s in samplings))
+                               all(s.greedy for s in samplings), failures)
         self._tokens[first:first + len(rows), 0] = tokens
         out, done = [], []
         for i, (row, token) in enumerate(zip(rows, tokens.tolist(), strict=True)):
             reason = stop_string = text_end = None
+            if i in failures:
+                out.append(StepOutput(row.handle, token, ERROR, error=failures[i]))
+                done.append(first + i)
+                continue
             if token in row.stop_ids:
                 reason = STOP
             else:
@@ -435,12 +443,18 @@ def run_to_end(decoder: Decoder, requests: Sequence[Request]) -> list[tuple[list
 
     Returns:
         Per request, in order: the new ids (without the stop id) and the finish reason.
+
+    Raises:
+        RuntimeError: a row's token could not be drawn (finish reason ``error``); the other rows are cancelled.
     """
     handles = [decoder.add(r) for r in requests]
     ids: dict[int, list[int]] = {h: [] for h in handles}
     reasons: dict[int, str] = {}
     while len(reasons) < len(handles):
         for token in decoder.step():
+            if token.finish_reason == ERROR:
+                decoder.cancel_all()
+                raise RuntimeError(f"request {handles.index(token.handle)}: {token.error}")
             if token.finish_reason != STOP or token.stop_string is not None:
                 ids[token.handle].append(token.token_id)
             if token.finish_reason is not None:
@@ -450,13 +464,19 @@ def run_to_end(decoder: Decoder, requests: Sequence[Request]) -> list[tuple[list
 
 def stream(decoder: Decoder, request: Request) -> Iterator[int]:
     """Yields a request's new ids one by one (a stop id ends it and is not yielded) from a decoder that runs no
-    other rows. Closing the generator cancels the row at once: no further forward runs."""
+    other rows. Closing the generator cancels the row at once: no further forward runs.
+
+    Raises:
+        RuntimeError: the row's token could not be drawn (finish reason ``error``).
+    """
     handle = decoder.add(request)
     try:
         while True:
             for token in decoder.step():
                 if token.handle != handle:
                     continue
+                if token.finish_reason == ERROR:
+                    raise RuntimeError(token.error)
                 if token.finish_reason == STOP and token.stop_string is None:
                     return
                 yield token.token_id

@@ -1,8 +1,10 @@
 """Choosing the next token of each row: greedy, or temperature / top-p sampling from the row's own generator.
 
 Sampling follows transformers' ``generate(do_sample=True, temperature=t, top_p=p)``: the logits are divided by
-``t``; top-p keeps the smallest set of most probable tokens whose probability reaches ``p`` (the most probable
-token always stays); the token is drawn from the renormalised rest. Each row draws from its own seeded
+``t`` (in float32, after subtracting the row's largest logit, so that no temperature, however small, overflows:
+a temperature far below the gaps between the logits draws among the most probable tokens only, i.e. greedily);
+top-p keeps the smallest set of most probable tokens whose probability reaches ``p`` (the most probable token
+always stays); the token is drawn from the renormalised rest. Each row draws from its own seeded
 ``torch.Generator``, so a seeded answer does not depend on the other rows of the batch.
 
 Shapes: B rows, V vocabulary.
@@ -52,8 +54,15 @@ class Sampling:
 
 def top_p_probabilities(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
     """Probabilities ``[..., V]`` after temperature and top-p (dropped tokens 0, not renormalised:
-    ``torch.multinomial`` normalises)."""
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    ``torch.multinomial`` normalises).
+
+    The row's largest logit is subtracted first (softmax does not change) and the temperature is at least
+    float32's smallest normal number, so ``logits / temperature`` cannot overflow to ``inf - inf``: the most
+    probable tokens always keep a probability of 1 before normalising, whatever the temperature.
+    """
+    logits = logits.float()
+    shifted = logits - logits.max(dim=-1, keepdim=True).values  # (..., V), <= 0, 0 at the maxima
+    probs = torch.softmax(shifted / max(float(temperature), _TINY), dim=-1)
     if top_p >= 1.0:
         return probs
     sorted_probs, order = probs.sort(dim=-1, descending=True)
@@ -62,8 +71,11 @@ def top_p_probabilities(logits: torch.Tensor, temperature: float, top_p: float) 
     return probs.scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
 
 
+_TINY = torch.finfo(torch.float32).tiny
+
+
 def choose_tokens(logits: torch.Tensor, samplings: list[Sampling], generators: list[torch.Generator | None],
-                  all_greedy: bool) -> torch.Tensor:
+                  all_greedy: bool, failures: dict[int, str] | None = None) -> torch.Tensor:
     """The next token of every row.
 
     Args:
@@ -71,6 +83,9 @@ def choose_tokens(logits: torch.Tensor, samplings: list[Sampling], generators: l
         samplings: each row's settings.
         generators: each row's generator (None for greedy rows).
         all_greedy: every row is greedy (one argmax, nothing else).
+        failures: when given, a sampled row whose draw fails (e.g. its logits hold NaN) is recorded here as
+            ``row -> why`` and keeps its argmax token, and the other rows go on; without it the error
+            propagates.
 
     Returns:
         ``[B]`` int64 on the logits' device.
@@ -83,6 +98,14 @@ def choose_tokens(logits: torch.Tensor, samplings: list[Sampling], generators: l
     for i, (sampling, generator) in enumerate(zip(samplings, generators, strict=True)):
         if sampling.greedy:
             continue
-        probs = top_p_probabilities(logits[i], sampling.temperature, sampling.top_p)  # (V,)
-        tokens[i] = torch.multinomial(probs, 1, generator=generator)[0]
+        try:
+            probs = top_p_probabilities(logits[i], sampling.temperature, sampling.top_p)  # (V,)
+            # checked here: on a GPU, multinomial over NaN is a device-side assert that no one can catch
+            if not bool(torch.isfinite(probs).all()):
+                raise ValueError("the row's logits are not finite (NaN or inf)")
+            tokens[i] = torch.multinomial(probs, 1, generator=generator)[0]
+        except (RuntimeError, ValueError) as err:  # this row's distribution is broken; the others are not
+            if failures is None:
+                raise
+            failures[i] = f"sampling failed: {str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}"
     return tokens

@@ -178,6 +178,15 @@ def cut_query_from_left(query: str, length: Callable[[str], int], max_tokens: in
     return lo
 
 
+def drop_incomplete_end(text: str) -> str:
+    """``text`` without the U+FFFD at its very end: decoded answer ids end in them when the answer was cut (by
+    ``max_new_tokens``) between the byte pieces of one character, which is then no character at all (a
+    SentencePiece byte fallback gives one U+FFFD per byte, a byte-level BPE one in all). The chat command, the
+    server and evaluation all drop them; a U+FFFD inside the answer (a byte sequence the model never
+    completed) stays, as the tokenizer decodes it."""
+    return text.rstrip("\ufffd")
+
+
 class PromptTemplate(ABC):
     """How one family turns conversations into token ids, for training, evaluation, chat and serving alike.
 
@@ -186,6 +195,9 @@ class PromptTemplate(ABC):
     """
 
     tokenizer: Any
+    #: the template writes ``Conversation.system`` into the prompt (its own system turn, or in front of the
+    #: first query); False: it has no place for one and leaves it out
+    renders_system: ClassVar[bool] = True
 
     @abstractmethod
     def prompt(self, conversation: Conversation, max_tokens: int) -> PromptIds:
@@ -216,8 +228,28 @@ class PromptTemplate(ABC):
         return self.tokenizer.pad_token_id
 
     def decode(self, ids: Sequence[int]) -> str:
-        """Answer text of generated ids (special tokens dropped)."""
-        return self.tokenizer.decode(list(ids), skip_special_tokens=True).strip()
+        """Answer text of generated ids (special tokens dropped, and a character cut off at the end: see
+        :func:`drop_incomplete_end`)."""
+        return drop_incomplete_end(self.tokenizer.decode(list(ids), skip_special_tokens=True)).strip()
+
+    @property
+    def control_token_ids(self) -> list[int]:
+        """Ids that are never answer text (the server leaves them out of its answers): the tokenizer's special
+        tokens."""
+        return list(getattr(self.tokenizer, "all_special_ids", []))
+
+    def max_chars_per_token(self) -> int | None:
+        """The most characters of prompt text one token can stand for (the longest vocabulary piece), or None
+        when that is unknown. A text of more than ``n`` times that many characters cannot fit in ``n``
+        tokens, which lets the server refuse a huge prompt without tokenizing it."""
+        tokenizer = self.tokenizer
+        try:
+            pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+        except Exception:  # noqa: BLE001 - a tokenizer without the usual API: no bound
+            return None
+        # a SentencePiece piece spells its characters (``▁`` one space; byte pieces ``<0xE4>`` more than
+        # theirs); a byte-level BPE piece has one character per byte, at least one per character it stands for
+        return max((len(p) for p in pieces if isinstance(p, str)), default=None)
 
 
 class Family(ABC):

@@ -4,6 +4,11 @@ the web page mounted at ``/ui``.
 Every error is OpenAI's body (:class:`~ptuning.serve.protocol.APIError`), also for unknown routes and faults.
 ``stream: true`` answers with server-sent events in OpenAI's chunk format, ending with ``data: [DONE]``; a
 client that goes away (streaming or not) has its choices cancelled and their batch slots freed at once.
+
+A request body over ``max_request_bytes`` is refused (413) before it is parsed; parsing, checking and
+tokenizing run in a worker thread, so a huge prompt never holds up the event loop (``/health``, streams).
+When the server stops, requests still unfinished after the shutdown timeout get a 503 body (code
+``server_shutting_down``), or, streaming, that error as their last event before ``data: [DONE]``.
 """
 
 from __future__ import annotations
@@ -17,8 +22,10 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..models.base import Conversation
@@ -28,10 +35,15 @@ from .service import Generation, Service, failure_error
 
 log = logging.getLogger("ptuning.serve")
 WEB_PATH = "/ui"
+#: the default of ``--max-request-bytes``
+MAX_REQUEST_BYTES = 4 << 20
+# a body announced or found to be over the limit is read on and dropped up to this much, so that the client
+# gets the 413 rather than a broken connection; beyond it the connection is closed
+_DRAIN_BYTES = 64 << 20
 
 
 def create_app(service: Service, *, api_key: str | None = None, web: bool = True,
-               on_startup=None) -> FastAPI:
+               on_startup=None, max_request_bytes: int = MAX_REQUEST_BYTES) -> FastAPI:
     """The server's ASGI app.
 
     Args:
@@ -40,6 +52,7 @@ def create_app(service: Service, *, api_key: str | None = None, web: bool = True
             for it as its password.
         web: mount the chat page at ``/ui`` (``/`` redirects there).
         on_startup: called once the scheduler runs (the command prints where it listens).
+        max_request_bytes: larger request bodies of the API get 413 ``request_too_large``.
     """
 
     @asynccontextmanager
@@ -98,13 +111,29 @@ def create_app(service: Service, *, api_key: str | None = None, web: bool = True
         service.resolve(name)
         return card(name)
 
+    def prepare_chat(raw: bytes):
+        req = parse_chat(parse_json(raw))
+        prefix = service.resolve(req.model)
+        service.check_system(req.conversation, req.system_index)
+        prompt = service.prompt(req.conversation, req.sampling.max_tokens,
+                                max_tokens_name=req.sampling.max_tokens_param)
+        return req, prefix, [prompt]
+
+    def prepare_completion(raw: bytes):
+        req = parse_completion(parse_json(raw))
+        prefix = service.resolve(req.model)
+        # a completion prompt is plain text (families with a chat template leave it out, as for data rows
+        # without history); /v1/chat/completions goes through the chat template
+        prompts = [service.prompt(Conversation(query=text, plain=True), req.sampling.max_tokens,
+                                  param="prompt" if len(req.prompts) == 1 else f"prompt[{i}]")
+                   for i, text in enumerate(req.prompts)]
+        return req, prefix, prompts
+
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        req = parse_chat(parse_json(await request.body()))
-        prefix = service.resolve(req.model)
-        ids, max_new = service.prompt(req.conversation, req.sampling.max_tokens,
-                                      max_tokens_name=req.sampling.max_tokens_param)
-        generation = service.start([(ids, max_new)], prefix, req.sampling)
+        raw = await read_body(request, max_request_bytes)
+        req, prefix, prompts = await run_in_threadpool(prepare_chat, raw)  # JSON, checks, tokenizing
+        generation = service.start(prompts, prefix, req.sampling)
         ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if req.sampling.stream:
             return _sse(_chat_chunks(generation, ident, created, req.model, req.sampling.include_usage), generation)
@@ -120,13 +149,8 @@ def create_app(service: Service, *, api_key: str | None = None, web: bool = True
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        req = parse_completion(parse_json(await request.body()))
-        prefix = service.resolve(req.model)
-        # a completion prompt is plain text (families with a chat template leave it out, as for data rows
-        # without history); /v1/chat/completions goes through the chat template
-        prompts = [service.prompt(Conversation(query=text, plain=True), req.sampling.max_tokens,
-                                  param="prompt" if len(req.prompts) == 1 else f"prompt[{i}]")
-                   for i, text in enumerate(req.prompts)]
+        raw = await read_body(request, max_request_bytes)
+        req, prefix, prompts = await run_in_threadpool(prepare_completion, raw)
         generation = service.start(prompts, prefix, req.sampling)
         ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         if req.sampling.stream:
@@ -153,6 +177,28 @@ def create_app(service: Service, *, api_key: str | None = None, web: bool = True
     return app
 
 
+class GracefulServer(uvicorn.Server):
+    """uvicorn's server, whose graceful shutdown calls ``on_timeout`` after ``drain_timeout`` seconds.
+
+    uvicorn cancels the requests still running when its own ``timeout_graceful_shutdown`` expires: a
+    non-streaming one then gets a plain-text 500, a stream is cut without an error, and each leaves a
+    traceback. ``on_timeout`` (the command passes the scheduler's ``stop``) fails them first, with a 503 their
+    handlers answer as OpenAI's error body or a last SSE error event; uvicorn's timeout, set longer, is only the
+    last resort.
+    """
+
+    def __init__(self, config: uvicorn.Config, *, drain_timeout: float, on_timeout):
+        super().__init__(config)
+        self.drain_timeout, self.on_timeout = drain_timeout, on_timeout
+
+    async def shutdown(self, sockets=None) -> None:
+        timer = asyncio.get_running_loop().call_later(self.drain_timeout, self.on_timeout)
+        try:
+            await super().shutdown(sockets)
+        finally:
+            timer.cancel()
+
+
 class BearerAuth:
     """ASGI middleware: ``/v1/*`` requests need ``Authorization: Bearer <api_key>``; others get OpenAI's 401."""
 
@@ -170,6 +216,44 @@ class BearerAuth:
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, at most ``limit`` bytes.
+
+    Raises:
+        APIError: 413 ``request_too_large`` for a longer body (announced by ``Content-Length`` or found while
+            reading); what the client still sends is read and dropped, up to a bound, so that it gets the answer.
+    """
+
+    def too_large(size: str) -> APIError:
+        return APIError(413, f"the request body is {size} bytes; this server takes at most {limit} "
+                        "(--max-request-bytes)", code="request_too_large")
+
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        await _drain(request, int(declared))
+        raise too_large(declared)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            size += await _drain(request, size)
+            raise too_large(f"more than {limit}" if size > _DRAIN_BYTES else str(size))
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _drain(request: Request, already: int) -> int:
+    """Reads and drops the rest of a body refused for its size (up to :data:`_DRAIN_BYTES`); the bytes read."""
+    if already > _DRAIN_BYTES:
+        return 0
+    read = 0
+    async for chunk in request.stream():
+        read += len(chunk)
+        if already + read > _DRAIN_BYTES:
+            break
+    return read
 
 
 def _usage(generation: Generation) -> dict:

@@ -6,8 +6,9 @@ HTTP API and a chat page.
 
 Each ``--prefix NAME=CHECKPOINT`` (our format or the original P-Tuning v2's; a training output folder means its
 latest checkpoint) becomes a ``model`` of the API; the base model alone is served under its folder's name (or
-``--model-name``). The process exits 0 after SIGTERM or Ctrl-C once in-flight requests are finished (or
-cancelled after ``--shutdown-timeout`` seconds), and 2 after a one-line ``error: ...`` for a user mistake.
+``--model-name``). The process exits 0 after SIGTERM or Ctrl-C once in-flight requests are finished (those
+still running after ``--shutdown-timeout`` seconds get a 503 ``server_shutting_down`` error), and 2 after a
+one-line ``error: ...`` for a user mistake.
 """
 
 from __future__ import annotations
@@ -65,7 +66,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--default-max-tokens", type=int, default=256,
                         help="answer length when a request sets no max_tokens (default 256)")
     parser.add_argument("--shutdown-timeout", type=float, default=30.0,
-                        help="seconds in-flight requests get to finish after SIGTERM before they are cancelled")
+                        help="seconds in-flight requests get to finish after SIGTERM; the rest then get a 503 "
+                             "error (default 30)")
+    parser.add_argument("--max-request-bytes", type=int, default=4 << 20,
+                        help="larger request bodies are refused with 413 before they are parsed (default "
+                             "4194304, 4 MiB)")
     parser.add_argument("--no-web", action="store_true", help="serve the API only, without the chat page")
     parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="warning",
                         help="server log level; info also logs every request (default warning)")
@@ -101,8 +106,10 @@ def check_args(args: argparse.Namespace) -> list[tuple[str, str]]:
         raise ConfigError(f"--default-max-tokens={args.default_max_tokens}: expected a positive integer")
     if not 0 <= args.port <= 65535:
         raise ConfigError(f"--port={args.port}: expected 0..65535")
-    if args.shutdown_timeout < 0:
+    if not args.shutdown_timeout >= 0:
         raise ConfigError(f"--shutdown-timeout={args.shutdown_timeout}: expected a number >= 0")
+    if args.max_request_bytes < 1:
+        raise ConfigError(f"--max-request-bytes={args.max_request_bytes}: expected a positive integer")
     if args.api_key is not None and not args.api_key.strip():
         raise ConfigError("--api-key: empty (leave it out to serve without a key)")
     if args.model_name is not None and not NAME_RE.match(args.model_name):
@@ -160,8 +167,9 @@ def load(args: argparse.Namespace, prefixes: list[tuple[str, str]]) -> Loaded:
     banks = {}
     for name, checkpoint, state, meta in checkpoints:
         if meta and meta.get("family") not in (None, family.name):
-            raise CheckpointError(f"--prefix {name}={checkpoint}: a prefix of the {meta['family']} family; the "
-                                  f"model is {family.name}")
+            raise CheckpointError(f"--prefix {name}={checkpoint}: a prefix of a {family_label(meta['family'])} "
+                                  f"model ({meta.get('base_model', 'unknown')}); the model is a "
+                                  f"{family_label(family.name, model.config)} model")
         sizes = meta if meta and "pre_seq_len" in meta else infer_prefix_shape(state)
         shape = family.prefix_shape(model.config, int(sizes["pre_seq_len"]), bool(sizes.get("prefix_projection")))
         holder = torch.nn.Module()
@@ -180,6 +188,19 @@ def load(args: argparse.Namespace, prefixes: list[tuple[str, str]]) -> Loaded:
     if banks:
         what += " with prefixes " + ", ".join(f"{n} (P={t.shape[0]})" for n, t in banks.items())
     return Loaded(family, model, loaded.template, loaded.max_positions, banks, what)
+
+
+def family_label(name: str, config=None) -> str:
+    """What a user calls a family (``ChatGLM-6B``; a transformers decoder with its architecture,
+    ``transformers decoder (GlmForCausalLM)``), from the name checkpoints record."""
+    from ..models import UnsupportedModelError, family_named
+
+    try:
+        label = family_named(name).label
+    except UnsupportedModelError:
+        return name
+    architectures = getattr(config, "architectures", None) or []
+    return f"{label} ({architectures[0]})" if name == "hf" and architectures else label
 
 
 def base_name(args: argparse.Namespace) -> str:
@@ -205,9 +226,10 @@ def build_service(loaded: Loaded, name: str, *, max_batch_size: int, default_max
     bank = PrefixBank(shape, loaded.prefixes, dtype=embeddings.dtype, device=embeddings.device)
     engine = Engine(model, bank, max_batch_size=max_batch_size, max_length=loaded.max_positions,
                     pad_token_id=loaded.template.pad_token_id, vocab_limit=len(loaded.template.tokenizer))
-    scheduler = Scheduler(engine, loaded.template.tokenizer)
+    scheduler = Scheduler(engine, loaded.template.tokenizer, skip_ids=set(loaded.template.control_token_ids))
     return Service(scheduler, loaded.template, base_name=name, prefixes=list(loaded.prefixes),
-                   max_length=loaded.max_positions, default_max_tokens=default_max_tokens)
+                   max_length=loaded.max_positions, default_max_tokens=default_max_tokens,
+                   family_label=loaded.family.label)
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -225,6 +247,10 @@ def bind(host: str, port: int) -> socket.socket:
         raise ConfigError(f"--host={host} --port={port}: cannot listen there ({err.strerror or err})") from None
     sock.set_inheritable(True)
     return sock
+
+
+#: seconds requests failed at the end of ``--shutdown-timeout`` get to send their 503 before uvicorn cancels them
+SHUTDOWN_GRACE = 10.0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -251,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import uvicorn
 
-    from .app import WEB_PATH, create_app
+    from .app import WEB_PATH, GracefulServer, create_app
 
     service = build_service(loaded, name, max_batch_size=args.max_batch_size,
                             default_max_tokens=args.default_max_tokens)
@@ -263,11 +289,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"serving {loaded.description}", flush=True)
         print(f"listening on http://{shown}:{port} (OpenAI API at /v1{web})", flush=True)
 
-    app = create_app(service, api_key=args.api_key, web=not args.no_web, on_startup=ready)
+    app = create_app(service, api_key=args.api_key, web=not args.no_web, on_startup=ready,
+                     max_request_bytes=args.max_request_bytes)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    # uvicorn cancels the requests still running after its graceful timeout (a plain-text 500, a cut stream and
+    # a traceback each): ours fails them first, with a 503 they can answer, and uvicorn's comes later
     config = uvicorn.Config(app, log_level=args.log_level, access_log=args.log_level in ("debug", "info"),
-                            timeout_graceful_shutdown=args.shutdown_timeout, lifespan="on")
-    server = uvicorn.Server(config)
+                            timeout_graceful_shutdown=args.shutdown_timeout + SHUTDOWN_GRACE, lifespan="on")
+    server = GracefulServer(config, drain_timeout=args.shutdown_timeout,
+                            on_timeout=lambda: service.scheduler.stop(drain=False, timeout=0))
     # uvicorn re-raises the signal that stopped it once it has shut down; a handler of ours turns that into a
     # normal return (exit status 0) instead of death by the signal
     previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGTERM, signal.SIGINT)}

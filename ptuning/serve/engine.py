@@ -5,7 +5,8 @@ The :class:`Engine` is the whole decoding side of the server behind a small API 
 
 * ``add(request) -> slot``: queue a prompt for a named prefix (or the bare base model) with its own decoding
   settings and random stream;
-* ``step() -> [StepOutput(slot, token_id, finish_reason)]``: every active row gets exactly one new token;
+* ``step() -> [StepOutput(slot, token_id, finish_reason)]``: every active row gets exactly one new token (or,
+  when its token cannot be drawn, finish reason ``error`` for that row alone);
 * ``cancel(slot)``: the row leaves at once and its slot is free.
 
 Rows of different prefixes share one batch. The :class:`PrefixBank` holds every prefix's keys and values,
@@ -31,10 +32,11 @@ from typing import Protocol
 
 import torch
 
-from ..generation import Decoder, PrefixTable, Request, Sampling
+from ..generation import ERROR, LENGTH, STOP, Decoder, PrefixTable, Request, Sampling
 from ..prefix import PrefixKV, PrefixShape, split_key_values
 
-STOP, LENGTH = "stop", "length"
+__all__ = ["ERROR", "LENGTH", "STOP", "DecodeEngine", "Engine", "EngineFull", "EngineRequest", "PrefixBank",
+           "StepOutput"]
 
 
 class DecodeEngine(Protocol):
@@ -89,11 +91,14 @@ class EngineRequest:
 @dataclass(frozen=True)
 class StepOutput:
     """One new token of one row. ``finish_reason`` is ``stop`` (a stop id: ``token_id`` is that id),
-    ``length`` (``max_new_tokens`` reached) or None (the row goes on). A finished row's slot is free."""
+    ``length`` (``max_new_tokens`` reached), ``error`` (this row's token could not be drawn: ``error`` says why,
+    ``token_id`` is meaningless; the other rows are not affected) or None (the row goes on). A finished row's
+    slot is free."""
 
     slot: int
     token_id: int
     finish_reason: str | None
+    error: str | None = None
 
 
 class PrefixBank:
@@ -245,7 +250,7 @@ class Engine:
         out = []
         for token in self._decoder.step():
             slot = self._slot_of[token.handle]
-            out.append(StepOutput(slot, token.token_id, token.finish_reason))
+            out.append(StepOutput(slot, token.token_id, token.finish_reason, token.error))
             if token.finish_reason is not None:
                 self._release(token.handle)
         return out

@@ -1,10 +1,14 @@
 """The OpenAI HTTP API's request bodies, checked, and its error body.
 
-Requests are parsed with pydantic and then checked field by field; every problem becomes an
+Requests are parsed with pydantic in strict mode (``"max_tokens": "10"``, ``"n": true`` or ``"stream": "yes"``
+are refused, not coerced; an integer is a number) and then checked field by field; every problem becomes an
 :class:`APIError` whose body is OpenAI's ``{"error": {"message", "type", "param", "code"}}``, with ``param``
-naming the field as OpenAI does (``messages[2].role``, ``max_tokens``). Fields OpenAI defines that this
-server cannot honour (tools, logprobs, penalties ...) are refused when set to anything but their neutral
-value, rather than silently ignored; unknown fields are ignored, as clients send many optional ones.
+naming the field as OpenAI does (``messages[2].role``, ``stream_options.include_usage``, ``max_tokens``).
+Fields OpenAI defines that this server cannot honour (tools, logprobs, penalties ...) are refused when set to
+anything but their neutral value, and fields it does not know at all (at the top, in a message, in a content
+part, in ``stream_options``) are refused as OpenAI refuses them ("Unrecognized request argument supplied"),
+rather than silently ignored. The body must be JSON without ``NaN`` / ``Infinity``, nested at most
+:data:`MAX_DEPTH` deep, and its strings valid Unicode (no lone surrogates such as ``"\ud800"``).
 
 Reference: https://platform.openai.com/docs/api-reference/chat/create and .../completions/create.
 """
@@ -12,6 +16,7 @@ Reference: https://platform.openai.com/docs/api-reference/chat/create and .../co
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +30,9 @@ MAX_STOP = 4
 MAX_N = 16
 #: choices of one request in all (prompts × ``n``)
 MAX_CHOICES = 64
+#: JSON nesting a request body may have (the deepest a valid request needs is 4: messages, a message, content
+#: parts, a part)
+MAX_DEPTH = 32
 
 
 class APIError(Exception):
@@ -65,11 +73,13 @@ def param_name(loc: tuple) -> str:
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    # strict: no coercion of "10" to 10 or of 1 to True (an int still counts as a float); extras are kept to be
+    # refused by name (see _refuse_extra)
+    model_config = ConfigDict(extra="allow", strict=True)
 
 
 class StreamOptions(_Body):
-    include_usage: bool = False
+    include_usage: bool | None = False
 
 
 class ContentPart(_Body):
@@ -80,7 +90,6 @@ class ContentPart(_Body):
 class Message(_Body):
     role: str
     content: str | list[ContentPart] | None = None
-    name: str | None = None
 
 
 class _Sampling(_Body):
@@ -88,10 +97,10 @@ class _Sampling(_Body):
     max_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
-    n: int = 1
+    n: int | None = 1
     stop: str | list[str] | None = None
     seed: int | None = None
-    stream: bool = False
+    stream: bool | None = False
     stream_options: StreamOptions | None = None
     # vLLM's extension: keep generating past the end-of-answer ids (benchmarks, tests of long answers)
     ignore_eos: bool = False
@@ -106,22 +115,44 @@ class CompletionBody(_Sampling):
     prompt: str | list[str] | list[int] | list[list[int]]
 
 
-# fields that change what OpenAI returns, with the neutral values this server can honour
+# fields OpenAI defines that change what it does, with the neutral values this server can honour (anything
+# else is refused as unsupported)
 UNSUPPORTED = {
     "tools": (None, []),
     "functions": (None, []),
     "tool_choice": (None, "none"),
     "function_call": (None, "none"),
+    "parallel_tool_calls": (None,),
     "logprobs": (None, False),
     "top_logprobs": (None, 0),
     "logit_bias": (None, {}),
     "presence_penalty": (None, 0, 0.0),
     "frequency_penalty": (None, 0, 0.0),
     "response_format": (None, {"type": "text"}),
-    "echo": (None, False),
-    "suffix": (None, ""),
     "audio": (None,),
     "modalities": (None, ["text"]),
+    "prediction": (None,),
+    "reasoning_effort": (None,),
+    "web_search_options": (None,),
+    "service_tier": (None, "auto", "default"),
+    "store": (None, False),
+    "metadata": (None, {}),
+}
+# ... of /v1/completions only
+UNSUPPORTED_COMPLETION = {"echo": (None, False), "suffix": (None, ""), "best_of": (None, 1)}
+# fields OpenAI defines that change nothing in the answer: accepted (``user`` identifies the end user to
+# OpenAI's abuse monitoring)
+NO_EFFECT = ("user",)
+# keys of a message OpenAI defines beyond role and content, with the neutral values this server can honour (an
+# assistant message sent back as the API returned it carries some of them empty)
+UNSUPPORTED_MESSAGE = {
+    "name": (None,),
+    "tool_calls": (None, []),
+    "tool_call_id": (None,),
+    "function_call": (None,),
+    "refusal": (None,),
+    "audio": (None,),
+    "annotations": (None, []),
 }
 
 
@@ -157,9 +188,12 @@ class Sampling:
 
 @dataclass
 class ChatRequest:
+    """A checked chat request; ``system_index``: the first system (or developer) message's index, or None."""
+
     model: str
     conversation: Conversation
     sampling: Sampling
+    system_index: int | None = None
 
 
 @dataclass
@@ -169,31 +203,80 @@ class CompletionRequest:
     sampling: Sampling
 
 
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def parse_json(raw: bytes) -> dict:
     """The request body as a JSON object.
 
     Raises:
-        APIError: 400 ``invalid_json`` naming the line and column, or a body that is not an object.
+        APIError: 400 ``invalid_json``: not JSON (naming the line and column; ``NaN`` and ``Infinity`` are
+            not JSON), not an object, or nested more than :data:`MAX_DEPTH` deep; 400 ``invalid_value``
+            naming the field of a string with a lone surrogate (``"\\ud800"``: no character, so no text to
+            tokenize).
     """
     try:
-        body = json.loads(raw)
+        body = json.loads(raw, parse_constant=_no_constant)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         where = f" at line {err.lineno} column {err.colno}" if isinstance(err, json.JSONDecodeError) else ""
         raise bad_request(None, f"the request body is not valid JSON{where}: {getattr(err, 'msg', err)}",
                           "invalid_json") from None
+    except ValueError as err:  # NaN, Infinity
+        raise bad_request(None, f"the request body is not valid JSON: {err}", "invalid_json") from None
+    except RecursionError:
+        raise bad_request(None, f"the request body is nested too deeply (at most {MAX_DEPTH} levels)",
+                          "invalid_json") from None
     if not isinstance(body, dict):
         raise bad_request(None, f"the request body must be a JSON object, got {type(body).__name__}", "invalid_json")
+    _check_tree(body)
     return body
+
+
+def _check_tree(body: dict) -> None:
+    """Nesting depth and lone surrogates, without recursion (the body may be nested up to json's limit)."""
+    stack: list[tuple[Any, tuple, int]] = [(body, (), 1)]
+    while stack:
+        value, loc, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise bad_request(None, f"the request body is nested too deeply (at most {MAX_DEPTH} levels; "
+                              f"{param_name(loc[:3])}... goes deeper)", "invalid_json")
+        if isinstance(value, str):
+            if _SURROGATE.search(value):
+                name = param_name(loc) or None
+                raise bad_request(name, f"{name}: holds a lone UTF-16 surrogate (e.g. \"\\ud800\"), which is no "
+                                  "character; send valid Unicode text", "invalid_value")
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                if _SURROGATE.search(key):
+                    name = param_name(loc) or None
+                    raise bad_request(name, f"{name or 'the request body'}: a key holds a lone UTF-16 surrogate; "
+                                      "send valid Unicode text", "invalid_value")
+                stack.append((item, (*loc, key), depth + 1))
+        elif isinstance(value, list):
+            stack.extend((item, (*loc, i), depth + 1) for i, item in enumerate(value))
+
+
+# the part of pydantic's error location that names a union's branch (``str``, ``list[ContentPart]``) rather
+# than a field: field names are lowercase, branch names are type names
+_BRANCH = re.compile(r"^(str|int|float|bool|none|list\[.*\]|dict\[.*\]|[A-Z]\w*|[a-z-]+\[.*\])$")
 
 
 def _validate(cls: type[BaseModel], body: dict) -> Any:
     try:
         return cls.model_validate(body)
     except ValidationError as err:
-        first = err.errors()[0]
-        loc = first["loc"]
-        # a union (str | list) reports every branch; the field is the part before the branch's type name
-        field_loc = tuple(p for p in loc if not (isinstance(p, str) and (p.startswith(("str", "list[", "int")))))
+        def fields(error: dict) -> tuple:
+            return tuple(p for p in error["loc"] if not (isinstance(p, str) and _BRANCH.match(p)))
+
+        # of a union's branches, the one that got furthest into the value names the field best
+        # (``stop: ["a", 5]`` is ``stop[1]``), else the first
+        errors = [e for e in err.errors() if e["loc"][:1] == err.errors()[0]["loc"][:1]]  # the first field's
+        first = max(errors, key=lambda e: (len(fields(e)), -errors.index(e)))
+        field_loc = fields(first)
         name = param_name(field_loc) or None
         what = "is required" if first["type"] == "missing" else f"{first['msg'][:1].lower()}{first['msg'][1:]}"
         got = "" if first["type"] == "missing" else f" (got {json.dumps(first.get('input'), default=str)[:80]})"
@@ -201,12 +284,25 @@ def _validate(cls: type[BaseModel], body: dict) -> Any:
                           "missing_required_parameter") from None
 
 
-def _refuse_unsupported(body: BaseModel) -> None:
-    extra = body.model_extra or {}
-    for key, neutral in UNSUPPORTED.items():
-        if key in extra and extra[key] not in neutral:
-            raise bad_request(key, f"{key}={json.dumps(extra[key])[:80]}: not supported by this server "
-                                   f"(leave it unset)", "unsupported_parameter")
+def _refuse_extra(extra: dict, where: str, unsupported: dict, accepted: tuple = ()) -> None:
+    """Refuses every extra key of a parsed object: OpenAI fields not at their neutral value (``unsupported``)
+    and fields no one defines; ``accepted`` ones pass."""
+    for key, value in extra.items():
+        name = f"{where}.{key}" if where else key
+        if key in accepted:
+            continue
+        if key in unsupported:
+            if value not in unsupported[key]:
+                raise bad_request(name, f"{name}={json.dumps(value)[:80]}: not supported by this server "
+                                        "(leave it unset)", "unsupported_parameter")
+            continue
+        raise bad_request(name, f"Unrecognized request argument supplied: {name}", "unknown_parameter")
+
+
+def _refuse_unsupported(body: _Sampling, unsupported: dict) -> None:
+    _refuse_extra(body.model_extra or {}, "", unsupported, NO_EFFECT)
+    if body.stream_options is not None:
+        _refuse_extra(body.stream_options.model_extra or {}, "stream_options", {})
 
 
 def _sampling(body: _Sampling, max_tokens: int | None, max_tokens_name: str = "max_tokens") -> Sampling:
@@ -219,8 +315,9 @@ def _sampling(body: _Sampling, max_tokens: int | None, max_tokens_name: str = "m
     top_p = 1.0 if body.top_p is None else body.top_p
     if not 0.0 < top_p <= 1.0:
         raise bad_request("top_p", f"top_p={top_p}: expected a number in (0, 1]", "invalid_value")
-    if not 1 <= body.n <= MAX_N:
-        raise bad_request("n", f"n={body.n}: expected an integer in [1, {MAX_N}]", "invalid_value")
+    n = 1 if body.n is None else body.n
+    if not 1 <= n <= MAX_N:
+        raise bad_request("n", f"n={n}: expected an integer in [1, {MAX_N}]", "invalid_value")
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     if len(stop) > MAX_STOP:
         raise bad_request("stop", f"stop: {len(stop)} sequences; at most {MAX_STOP}", "invalid_value")
@@ -235,10 +332,10 @@ def _sampling(body: _Sampling, max_tokens: int | None, max_tokens_name: str = "m
         max_tokens=max_tokens,
         temperature=float(temperature),
         top_p=float(top_p),
-        n=body.n,
+        n=n,
         stop=stop,
         seed=body.seed,
-        stream=body.stream,
+        stream=bool(body.stream),
         include_usage=bool(body.stream_options and body.stream_options.include_usage),
         max_tokens_param=max_tokens_name,
         ignore_eos=body.ignore_eos,
@@ -250,6 +347,7 @@ ROLES = ("system", "developer", "user", "assistant")
 
 
 def _text(message: Message, index: int) -> str:
+    _refuse_extra(message.model_extra or {}, f"messages[{index}]", UNSUPPORTED_MESSAGE)
     content = message.content
     if content is None:
         raise bad_request(f"messages[{index}].content", f"messages[{index}].content: is required (a string)",
@@ -258,12 +356,18 @@ def _text(message: Message, index: int) -> str:
         return content
     parts = []
     for j, part in enumerate(content):
+        _refuse_extra(part.model_extra or {}, f"messages[{index}].content[{j}]", {})
         if part.type != "text" or part.text is None:
             raise bad_request(f"messages[{index}].content[{j}].type",
                               f"messages[{index}].content[{j}]: type {part.type!r} is not supported (text only)",
                               "invalid_value")
         parts.append(part.text)
     return "".join(parts)
+
+
+def system_index(messages: list[Message]) -> int | None:
+    """The index of the first system (or developer) message, or None."""
+    return next((i for i, m in enumerate(messages) if m.role in SYSTEM_ROLES), None)
 
 
 def conversation_of(messages: list[Message]) -> Conversation:
@@ -307,7 +411,7 @@ def conversation_of(messages: list[Message]) -> Conversation:
 def parse_chat(body: dict) -> ChatRequest:
     """``POST /v1/chat/completions``'s body, checked. Raises :class:`APIError`."""
     parsed = _validate(ChatCompletionBody, body)
-    _refuse_unsupported(parsed)
+    _refuse_unsupported(parsed, UNSUPPORTED)
     if parsed.max_tokens is not None and parsed.max_completion_tokens is not None:
         raise bad_request("max_completion_tokens", "max_completion_tokens: give it or max_tokens, not both",
                           "invalid_value")
@@ -315,17 +419,15 @@ def parse_chat(body: dict) -> ChatRequest:
         sampling = _sampling(parsed, parsed.max_completion_tokens, "max_completion_tokens")
     else:
         sampling = _sampling(parsed, parsed.max_tokens)
-    return ChatRequest(parsed.model, conversation_of(parsed.messages), sampling)
+    return ChatRequest(parsed.model, conversation_of(parsed.messages), sampling, system_index(parsed.messages))
 
 
 def parse_completion(body: dict) -> CompletionRequest:
     """``POST /v1/completions``'s body, checked. A list of prompts gives ``n`` choices for each. Raises
     :class:`APIError`."""
     parsed = _validate(CompletionBody, body)
-    _refuse_unsupported(parsed)
-    if body.get("best_of") not in (None, 1, parsed.n):
-        raise bad_request("best_of", f"best_of={body['best_of']}: not supported by this server (leave it unset)",
-                          "unsupported_parameter")
+    _refuse_unsupported(parsed, {**UNSUPPORTED, **UNSUPPORTED_COMPLETION,
+                                 "best_of": (None, 1, 1 if parsed.n is None else parsed.n)})
     prompt = parsed.prompt
     if isinstance(prompt, str):
         prompts = [prompt]
@@ -336,7 +438,8 @@ def parse_completion(body: dict) -> CompletionRequest:
     else:
         raise bad_request("prompt", "prompt: token-id prompts are not supported; send text (a string or a list "
                           "of strings)", "invalid_value")
-    if len(prompts) * parsed.n > MAX_CHOICES:
-        raise bad_request("n", f"n={parsed.n} for {len(prompts)} prompts: {len(prompts) * parsed.n} choices; at most "
-                          f"{MAX_CHOICES} in one request", "invalid_value")
-    return CompletionRequest(parsed.model, prompts, _sampling(parsed, parsed.max_tokens))
+    sampling = _sampling(parsed, parsed.max_tokens)
+    if len(prompts) * sampling.n > MAX_CHOICES:
+        raise bad_request("n", f"n={sampling.n} for {len(prompts)} prompts: {len(prompts) * sampling.n} choices; at "
+                          f"most {MAX_CHOICES} in one request", "invalid_value")
+    return CompletionRequest(parsed.model, prompts, sampling)

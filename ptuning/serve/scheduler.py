@@ -5,13 +5,16 @@ Requests arrive from the event loop (HTTP handlers, the web page) as :class:`Job
 scheduler thread owns the engine (nothing else touches it). Between two steps it takes cancellations and new
 jobs, admits as many waiting jobs as there are free slots (first come, first served), and delivers every new
 token: incremental detokenisation (:class:`Detokenizer`: a character spelled by several byte pieces is sent
-whole; at the end the answer is the tokenizer's decoding of all its ids, as evaluation decodes it), stop strings (text is held back while it could still be the start of one; the
-answer ends before the first one found, and the row is cancelled at once), and leading / trailing whitespace
-(dropped, as the toolkit's evaluation strips answers). Events reach the job's :class:`Stream` through
+whole; at the end the answer is the tokenizer's decoding of all its ids, as evaluation decodes it, less control
+tokens and an incomplete character at its very end), stop strings (text is held back while it could still be
+the start of one; the answer ends before the first one found, and the row is cancelled at once), and leading /
+trailing whitespace (dropped, as the toolkit's evaluation strips answers). Events reach the job's :class:`Stream` through
 ``loop.call_soon_threadsafe``.
 
-A request whose settings the engine refuses fails alone; a step that raises fails the rows of that step
-(``server_error``) and the engine starts over empty, while waiting and later requests are served as usual.
+A request whose settings the engine refuses fails alone, and so does a row whose token cannot be drawn (the
+engine's finish reason ``error``); a step whose forward raises fails the rows of that step (``server_error``: a
+batched forward cannot tell which row made it fail) and the engine starts over empty, while waiting and later
+requests are served as usual.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from .engine import STOP, DecodeEngine, EngineRequest
+from ..models.base import drop_incomplete_end
+from .engine import ERROR, STOP, DecodeEngine, EngineRequest
 
 log = logging.getLogger("ptuning.serve")
 
@@ -47,11 +51,17 @@ class Finish:
 
 @dataclass(frozen=True)
 class Failure:
-    """Choice ``index`` could not be served: ``status`` 4xx (its settings) or 5xx (the server), and why."""
+    """Choice ``index`` could not be served: ``status`` 4xx (its settings) or 5xx (the server), why, and
+    OpenAI's error ``code`` (None: from the status)."""
 
     index: int
     status: int
     message: str
+    code: str | None = None
+
+
+#: the code of the 503 that requests still unfinished when the server stops get
+SHUTTING_DOWN = "server_shutting_down"
 
 
 Event = Delta | Finish | Failure
@@ -78,12 +88,19 @@ class Detokenizer:
     Each new id is decoded together with a few ids before it (``prefix_offset``): SentencePiece drops a leading
     space at the start of what it decodes, so a window that starts a few ids back decodes the new text as the
     whole answer would. Text ending in U+FFFD (a character whose byte pieces have not all arrived) is held
-    back until the next id completes it or shows it never will; such a byte sequence stays U+FFFD, as
-    ``tokenizer.decode`` of the whole answer (what evaluation writes) has it.
+    back until the next id completes it or shows it never will; such a byte sequence inside the answer stays
+    U+FFFD, as ``tokenizer.decode`` of the whole answer has it, while one left incomplete at the very end (the
+    answer was cut by ``max_tokens``) is dropped (:meth:`whole`), as evaluation and the chat command drop it.
+
+    Args:
+        tokenizer: ``decode(ids, skip_special_tokens=True)``.
+        skip_ids: ids that are never answer text (control tokens such as ChatGLM-6B's ``[gMASK]``, which its
+            tokenizer decodes as text): left out of the answer (they show up mostly with ``ignore_eos``).
     """
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, skip_ids: frozenset[int] = frozenset()):
         self.tokenizer = tokenizer
+        self.skip_ids = skip_ids
         self.ids: list[int] = []
         self.prefix_offset = 0  # the window's start
         self.read_offset = 0  # ids up to here are in the text given out
@@ -93,6 +110,8 @@ class Detokenizer:
 
     def push(self, token: int) -> str:
         """Adds an id; returns the new final text (possibly empty)."""
+        if token in self.skip_ids:
+            return ""
         self.ids.append(token)
         before = self._decode(self.ids[self.prefix_offset : self.read_offset])
         after = self._decode(self.ids[self.prefix_offset :])
@@ -102,8 +121,8 @@ class Detokenizer:
         return after[len(before) :]
 
     def whole(self) -> str:
-        """The answer decoded at once, as evaluation decodes it."""
-        return self._decode(self.ids)
+        """The answer decoded at once, as evaluation decodes it, without an incomplete character at its end."""
+        return drop_incomplete_end(self._decode(self.ids))
 
 
 @dataclass(eq=False)
@@ -150,11 +169,14 @@ class Scheduler:
             thread from :meth:`start` on).
         tokenizer: decodes the answers (``decode(ids, skip_special_tokens=True)``).
         idle_wait: seconds the thread sleeps when there is no work, between checks for new jobs.
+        skip_ids: ids left out of the answers' text (see :class:`Detokenizer`).
     """
 
-    def __init__(self, engine: DecodeEngine, tokenizer, *, idle_wait: float = 0.5):
+    def __init__(self, engine: DecodeEngine, tokenizer, *, idle_wait: float = 0.5,
+                 skip_ids: frozenset[int] | set[int] = frozenset()):
         self.engine = engine
         self.tokenizer = tokenizer
+        self.skip_ids = frozenset(skip_ids)
         self.idle_wait = idle_wait
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -180,7 +202,7 @@ class Scheduler:
             if self._stopping:
                 for job in jobs:
                     job.done = True
-                    job.stream.put(Failure(job.index, 503, "the server is shutting down"))
+                    job.stream.put(Failure(job.index, 503, "the server is shutting down", SHUTTING_DOWN))
                 return
             self._new.extend(jobs)
         self._wake.set()
@@ -192,7 +214,9 @@ class Scheduler:
         self._wake.set()
 
     def stop(self, drain: bool = False, timeout: float | None = None) -> None:
-        """Stops the thread: after finishing every job (``drain``), or failing the unfinished ones with 503."""
+        """Stops the thread: after finishing every job (``drain``), or failing the unfinished ones with 503
+        (code ``server_shutting_down``). Waits up to ``timeout`` seconds for the thread (None: until it ends;
+        0: not at all, e.g. on the event loop)."""
         with self._lock:
             self._stopping, self._drain = True, drain
         self._wake.set()
@@ -233,7 +257,7 @@ class Scheduler:
         for job in cancelled:
             self._forget(job)
         if stopping and not drain:
-            self._fail_all(503, "the server is shutting down")
+            self._fail_all(503, "the server is shutting down", SHUTTING_DOWN)
             return True
         self._admit()
         if self.engine.active == 0:
@@ -258,6 +282,10 @@ class Scheduler:
             job = self._by_slot.get(out.slot)
             if job is None:
                 continue
+            if out.finish_reason == ERROR:  # this row alone: the engine has freed its slot
+                del self._by_slot[out.slot]
+                self._finish_with(job, Failure(job.index, 500, f"generation failed: {getattr(out, 'error', None) or 'no token'}"))
+                continue
             try:
                 self._deliver(job, out.token_id, out.finish_reason)
             except Exception as err:  # noqa: BLE001 - a failure in one answer's text fails that answer only
@@ -280,7 +308,7 @@ class Scheduler:
                 log.exception("admitting a request failed")
                 self._finish_with(job, Failure(job.index, 500, f"admitting the request failed: {err}"))
                 continue
-            job.decoder = Detokenizer(self.tokenizer)
+            job.decoder = Detokenizer(self.tokenizer, self.skip_ids)
             self._by_slot[job.slot] = job
 
     def _forget(self, job: Job) -> None:
@@ -302,14 +330,14 @@ class Scheduler:
         job.done = True
         job.stream.put(event)
 
-    def _fail_all(self, status: int, message: str) -> None:
+    def _fail_all(self, status: int, message: str, code: str | None = None) -> None:
         jobs = list(self._by_slot.values()) + list(self._waiting)
         self.engine.cancel_all()
         self._by_slot.clear()
         self._waiting.clear()
         for job in jobs:
             if not job.done:
-                self._finish_with(job, Failure(job.index, status, message))
+                self._finish_with(job, Failure(job.index, status, message, code))
 
     def _deliver(self, job: Job, token: int, reason: str | None) -> None:
         """Sends the text ``token`` completes; ends the job on a stop id, a stop string or its length."""

@@ -3,8 +3,9 @@ requests handed to the scheduler.
 
 A :class:`Service` is the server minus HTTP: it knows the base model's name and the prefixes' names (each
 is a ``model`` of the OpenAI API), renders conversations with the family's prompt template (the code
-training, evaluation and chat use), checks that prompt + answer fit the model's positions, and turns one
-request with ``n`` choices into scheduler jobs whose events a :class:`Generation` reads.
+training, evaluation and chat use), checks that prompt + answer fit the model's positions (a prompt far too
+long in characters is refused before it is tokenized), and turns one request with ``n`` choices into scheduler
+jobs whose events a :class:`Generation` reads.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ..models.base import Conversation, PromptTemplate
 from .engine import EngineRequest
@@ -87,10 +88,18 @@ class Generation:
 
 
 def failure_error(event: Failure) -> APIError:
+    """A choice's failure as OpenAI's error: 4xx ``invalid_request_error``, 5xx ``server_error`` (503 while the
+    server stops: code ``server_shutting_down``)."""
     if event.status >= 500:
-        kind = "server_error" if event.status != 503 else "service_unavailable"
-        return APIError(event.status, event.message, type=kind, code=kind)
-    return bad_request(None, event.message)
+        code = event.code or ("server_error" if event.status != 503 else "service_unavailable")
+        return APIError(event.status, event.message, type="server_error", code=code)
+    return bad_request(None, event.message, event.code)
+
+
+#: a prompt of more than this many times (the longest vocabulary piece × the model's positions) characters is
+#: refused without tokenizing it; the margin covers normalisers that compose several characters into one
+#: (NFKC turns up to four into one)
+CHARS_MARGIN = 4
 
 
 class Service:
@@ -104,17 +113,23 @@ class Service:
         max_length: positions of the model (prompt + answer).
         default_max_tokens: answer length when a request gives no ``max_tokens`` (less if the context is
             shorter).
+        family_label: what the model family is called in errors (``ChatGLM-6B``).
     """
 
     def __init__(self, scheduler: Scheduler, template: PromptTemplate, *, base_name: str, prefixes: list[str],
-                 max_length: int, default_max_tokens: int = 256):
+                 max_length: int, default_max_tokens: int = 256, family_label: str = "this model"):
         self.scheduler = scheduler
         self.template = template
         self.base_name = base_name
         self.prefixes = list(prefixes)
         self.max_length = max_length
         self.default_max_tokens = default_max_tokens
+        self.family_label = family_label
         self.created = int(time.time())
+        per_token = template.max_chars_per_token()
+        #: no prompt of more characters can fit (None: no such bound is known for the tokenizer)
+        self.max_prompt_chars = None if not per_token else CHARS_MARGIN * per_token * max_length
+        self._per_token = per_token
 
     @property
     def model_names(self) -> list[str]:
@@ -134,9 +149,27 @@ class Service:
         raise APIError(404, f"model={model!r}: no such model; this server has {', '.join(self.model_names)}",
                        param="model", code="model_not_found")
 
+    def check_system(self, conversation: Conversation, index: int | None) -> None:
+        """Refuses a system message the family's template has no place for (rather than dropping it).
+
+        Args:
+            index: the first system message's index in ``messages``.
+
+        Raises:
+            APIError: 400 ``invalid_value`` naming ``messages[index].role``.
+        """
+        if conversation.system is not None and not self.template.renders_system:
+            param = f"messages[{index if index is not None else 0}].role"
+            raise bad_request(param, f"{param}: {self.family_label}'s prompt template has no system message (so "
+                              "no system or developer role); leave it out or put its text into the first user "
+                              "message", "invalid_value")
+
     def prompt(self, conversation: Conversation, max_tokens: int | None, *, param: str = "messages",
                max_tokens_name: str = "max_tokens", fit: bool = False) -> tuple[list[int], int]:
-        """Prompt ids and the answer's token budget.
+        """Prompt ids and the answer's token budget. Tokenizes: call it off the event loop.
+
+        Which field a prompt that does not fit is blamed on: the prompt (``param``) when it cannot fit even
+        with a one-token answer, else ``max_tokens`` (the prompt fits, the answer asked for does not).
 
         Args:
             conversation: the request's conversation (a completion's prompt is a query without history).
@@ -146,22 +179,60 @@ class Service:
             fit: drop the oldest turns (and cut the query) to fit, as chat does; otherwise refuse.
 
         Raises:
-            APIError: 400 ``context_length_exceeded`` saying how many tokens the prompt and the answer take.
+            APIError: 400 ``context_length_exceeded`` naming ``param`` or ``max_tokens_name`` and saying how
+                many tokens the prompt takes and how many the answer may have.
         """
-        wanted = max_tokens or 1
-        if wanted >= self.max_length:
-            raise bad_request(max_tokens_name, f"{max_tokens_name}={max_tokens}: the model takes {self.max_length} "
-                              "positions in all (prompt + answer)", "context_length_exceeded")
-        prompt = self.template.prompt(conversation, self.max_length - wanted)
-        if not fit and (prompt.dropped_turns or prompt.truncated_tokens):
-            full = len(self.template.prompt(conversation, UNBOUNDED).ids)
-            asked = f"{full + wanted} tokens ({full} in the {param}, {wanted} in the answer)" if max_tokens else \
-                f"{full} tokens in the {param}, and at least one for the answer"
-            raise bad_request(param, f"{param}: this model's context is {self.max_length} tokens, but the request "
-                              f"needs {asked}; shorten the {param} or {max_tokens_name}", "context_length_exceeded")
-        ids = list(prompt.ids)
-        room = self.max_length - len(ids)
+        n_max = self.max_length
+        if fit:
+            wanted = max_tokens or 1
+            if wanted >= n_max:
+                raise bad_request(max_tokens_name, f"{max_tokens_name}={max_tokens}: the model takes {n_max} "
+                                  "positions in all (prompt + answer)", "context_length_exceeded")
+            ids = list(self.template.prompt(self._drop_by_chars(conversation, param), n_max - wanted).ids)
+        else:
+            self._check_chars(conversation, param)
+            ids = list(self.template.prompt(conversation, UNBOUNDED).ids)
+            if len(ids) + 1 > n_max:
+                raise bad_request(param, f"{param}: this model's context is {n_max} tokens, but {len(ids)} are in the "
+                                  f"{param} alone (and the answer needs at least one more); shorten the {param}",
+                                  "context_length_exceeded")
+            if max_tokens is not None and len(ids) + max_tokens > n_max:
+                raise bad_request(max_tokens_name, f"{max_tokens_name}={max_tokens}: {len(ids)} of this model's {n_max} "
+                                  f"tokens are in the {param}, which leaves at most {n_max - len(ids)} for the "
+                                  f"answer; lower {max_tokens_name} (or shorten the {param})",
+                                  "context_length_exceeded")
+        room = n_max - len(ids)
         return ids, min(max_tokens, room) if max_tokens else min(self.default_max_tokens, room)
+
+    @staticmethod
+    def _chars(conversation: Conversation) -> tuple[int, list[int]]:
+        """Characters of the fixed parts (query, system, source prefix) and of each earlier turn."""
+        fixed = len(conversation.query) + len(conversation.system or "") + len(conversation.source_prefix)
+        return fixed, [len(q) + len(a) for q, a in conversation.history]
+
+    def _check_chars(self, conversation: Conversation, param: str) -> None:
+        if self.max_prompt_chars is None:
+            return
+        fixed, turns = self._chars(conversation)
+        if fixed + sum(turns) > self.max_prompt_chars:
+            raise bad_request(param, f"{param}: {fixed + sum(turns)} characters cannot fit this model's context of "
+                              f"{self.max_length} tokens (no token of its vocabulary stands for more than "
+                              f"{self._per_token} characters); shorten the {param}", "context_length_exceeded")
+
+    def _drop_by_chars(self, conversation: Conversation, param: str) -> Conversation:
+        """For ``fit``: the oldest turns that make the text too long in characters to fit are left out before
+        tokenizing (the template would leave them out too); a query that alone is that long is refused."""
+        if self.max_prompt_chars is None:
+            return conversation
+        fixed, turns = self._chars(conversation)
+        if fixed > self.max_prompt_chars:
+            raise bad_request(param, f"{param}: {fixed} characters in the message cannot fit this model's context "
+                              f"of {self.max_length} tokens; shorten it", "context_length_exceeded")
+        drop, total = 0, fixed + sum(turns)
+        while total > self.max_prompt_chars:
+            total -= turns[drop]
+            drop += 1
+        return replace(conversation, history=list(conversation.history)[drop:]) if drop else conversation
 
     def start(self, prompts: list[tuple[list[int], int]], prefix: str | None, sampling: Sampling,
               loop: asyncio.AbstractEventLoop | None = None) -> Generation:

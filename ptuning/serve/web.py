@@ -2,12 +2,15 @@
 
 Pick the prefix (or the bare base model), chat with history (rendered by the family's template, the oldest
 turns left out when the conversation outgrows the model's positions, as the chat command does), watch the
-answer stream in, and clear the conversation. Sampling settings start at the original web demo's
+answer stream in, and clear the conversation. The page sends no system message (ChatGLM-6B's template has
+none) and only settings the API accepts (``temperature`` 0 to 2, ``top_p`` above 0, ``max_tokens`` below the
+model's positions). Sampling settings start at the original web demo's
 (``top_p`` 0.7, ``temperature`` 0.95); ``temperature`` 0 is greedy.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 
 from ..models.base import Conversation
@@ -80,8 +83,9 @@ def build_page(service: Service):
                                 stop=[], seed=None, stream=True, include_usage=False)
             try:
                 prefix = service.resolve(name)
-                ids, budget = service.prompt(conversation_from(history[:-2], query), sampling.max_tokens,
-                                             fit=True)
+                # tokenizing a long conversation takes a while: off the event loop, as the API does it
+                ids, budget = await asyncio.to_thread(service.prompt, conversation_from(history[:-2], query),
+                                                      sampling.max_tokens, param="message", fit=True)
             except APIError as err:
                 history[-1]["content"] = f"(error: {err.message})"
                 yield "", history

@@ -287,12 +287,21 @@ def base_model_change(trained: dict | None, current: dict) -> str | None:
 
     Returns:
         ``"was trained on A (config fingerprint a) but the model is B (config fingerprint b)"``, or None
-        when the base model's name, config fingerprint and (where both record it) weights digest agree.
+        when the base model's name, config fingerprint and (where both record it) weights digest agree. Names
+        are compared as :func:`~ptuning.config.canonical_base_model` writes them: ``builtin:<name>`` and the
+        folder it stands for (by any path) are the same model; a different weights digest still differs.
     """
     if not trained or "base_model" not in trained:
         return None
+    from ..config import canonical_base_model
+
+    def same(key: str) -> bool:
+        if key == "base_model":
+            return canonical_base_model(str(trained[key])) == canonical_base_model(str(current[key]))
+        return trained[key] == current[key]
+
     keys = ("base_model", "base_config_fingerprint", "base_weights_sha256")
-    if all(trained.get(k) == current.get(k) for k in keys if k in trained and k in current):
+    if all(same(k) for k in keys if k in trained and k in current):
         return None
 
     def name(meta: dict) -> str:

@@ -28,6 +28,7 @@ from ..base import (
     cut_query_from_left,
     drop_oldest_turns,
 )
+from .tokenizer import MAX_BLANK_LENGTH
 
 
 def build_prompt(query: str, history: Sequence[tuple[str, str]] | None = None) -> str:
@@ -59,6 +60,9 @@ class ChatGLMTemplate(PromptTemplate):
     Args:
         tokenizer: a :class:`~ptuning.models.chatglm.tokenizer.ChatGLMTokenizer`.
     """
+
+    #: the original has no system message (``chat()`` takes a query and the history only)
+    renders_system = False
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
@@ -108,6 +112,30 @@ class ChatGLMTemplate(PromptTemplate):
     @property
     def stop_token_ids(self) -> list[int]:
         return [self.eos_id]
+
+    @property
+    def control_token_ids(self) -> list[int]:
+        """The tokenizer's special tokens and GLM's own control pieces (``[gMASK]``, ``[sMASK]``, ``<ENC>`` ...),
+        which the tokenizer, as the original, decodes as text."""
+        ids = set(super().control_token_ids)
+        unk = self.tokenizer.unk_token_id
+        for piece in CONTROL_PIECES:
+            index = self.tokenizer.convert_tokens_to_ids(piece)
+            if index is not None and index != unk:
+                ids.add(index)
+        return sorted(ids)
+
+    def max_chars_per_token(self) -> int | None:
+        """As the base's, with a ``<|blank_N|>`` piece standing for N spaces; None when the tokenizer collapses
+        whitespace (``remove_space``)."""
+        if getattr(self.tokenizer, "remove_space", False):
+            return None
+        longest = super().max_chars_per_token()
+        return None if longest is None else max(longest, MAX_BLANK_LENGTH)
+
+
+#: GLM's control pieces of the SentencePiece model (not text)
+CONTROL_PIECES = ("[MASK]", "[gMASK]", "[sMASK]", "<unused_0>", "<sop>", "<eop>", "<ENC>", "<dBLOCK>")
 
 
 def _last_round(index: int, query: str) -> str:

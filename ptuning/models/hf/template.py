@@ -27,6 +27,7 @@ from ..base import (
     PromptTemplate,
     TrainRow,
     cut_query_from_left,
+    drop_incomplete_end,
     drop_oldest_turns,
 )
 
@@ -175,9 +176,10 @@ class ChatTemplatePrompt(PromptTemplate):
         return [self.eos_id]
 
     def decode(self, ids: Sequence[int]) -> str:
-        """The answer text: special tokens dropped, and what the template writes before an answer (e.g. an
-        empty ``<think></think>`` block) taken off its front."""
-        text = self.tokenizer.decode(list(ids), skip_special_tokens=True)
+        """The answer text: special tokens dropped, a character cut off at the end dropped
+        (:func:`~ptuning.models.base.drop_incomplete_end`), and what the template writes before an answer (e.g.
+        an empty ``<think></think>`` block) taken off its front."""
+        text = drop_incomplete_end(self.tokenizer.decode(list(ids), skip_special_tokens=True))
         head = self.tokenizer.decode(self.encode(self.answer_head), skip_special_tokens=True).strip()
         text = text.strip()
         if head and text.startswith(head):
