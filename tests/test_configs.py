@@ -153,3 +153,40 @@ def test_item05_a_key_added_with_plus_fails_like_one_without_it(override, messag
     with pytest.raises(ConfigError) as err:
         to_object(compose_train([override, "train.output_dir=/tmp/x"]))
     assert str(err.value) == message
+
+
+# ---- QA: quoting a value for Hydra, prefix_init_text checks ----
+
+@pytest.mark.parametrize("value", ["用简洁的广告文案描述这件商品。", "a b,c", "(x"])
+def test_qa_an_unreadable_override_says_how_to_quote_it(value, capsys):
+    from hydra_entry import check_overrides
+
+    with pytest.raises(SystemExit) as stop:
+        check_overrides("train", [f"model.prefix_init_text={value}"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith(f"error: model.prefix_init_text={value}: Hydra cannot read this value; quote it")
+    assert err.endswith(f"\"model.prefix_init_text='{value}'\"")
+
+
+def test_qa_the_readme_prefix_init_text_form_composes():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert "\"model.prefix_init_text='用简洁的广告文案描述这件商品。'\"" in readme
+    # what the shell passes on for that form
+    job = to_object(compose_train(["model.prefix_init=text", "model.prefix_init_text='用简洁的广告文案描述这件商品。'",
+                                   "train.output_dir=/tmp/x"]))
+    assert job.model.prefix_init_text == "用简洁的广告文案描述这件商品。"
+    job.validate()
+
+
+def test_qa_prefix_init_text_checks():
+    from ptuning.config import ModelConfig
+
+    with pytest.raises(ConfigError, match=r"^model.prefix_init_text=' \\t ': expected a non-empty text"):
+        ModelConfig(prefix_init="text", prefix_init_text=" \t ").validate()
+    with pytest.raises(ConfigError) as err:
+        ModelConfig(prefix_init="zeros", prefix_init_text="裙").validate()
+    assert str(err.value).startswith("model.prefix_init_text is set but model.prefix_init='zeros'")
+    assert "model.prefix_init=text" in str(err.value)
+    ModelConfig(prefix_init="text", prefix_init_text="裙").validate()
