@@ -177,8 +177,8 @@ def _compose_error_line(err: Exception, config_name: str) -> str:
     override = getattr(err, "override", None)
     if override is None and lines and lines[0].startswith("Ambiguous value for argument '"):
         override = lines[0][len("Ambiguous value for argument '"):].rstrip("'")
-    if isinstance(err, OverrideParseException) or (override and lines[0].startswith("Ambiguous value")):
-        return _quoting_hint(override or (lines[0] if lines else ""))
+    if override and "=" in override and (isinstance(err, OverrideParseException) or lines[0].startswith("Ambiguous")):
+        return _quoting_hint(override)
     cause = err.__cause__
     if isinstance(cause, OmegaConfBaseException) and getattr(cause, "full_key", None):
         key = cause.full_key
@@ -195,9 +195,7 @@ def _compose_error_line(err: Exception, config_name: str) -> str:
 def _quoting_hint(override: str) -> str:
     """The line for an override Hydra's grammar cannot read (spaces, commas, CJK punctuation, brackets...):
     how to quote its value so that the shell leaves the quotes for Hydra."""
-    key, sep, value = override.partition("=")
-    if not sep:
-        return f"{override}: expected key=value (e.g. train.max_steps=10)"
+    key, _, value = override.partition("=")
     value = value.strip("'\"")
     return (
         f"{override}: Hydra cannot read this value; quote it, with the whole override in double quotes so the "
