@@ -106,6 +106,9 @@ class ChatTemplatePrompt(PromptTemplate):
     # ---- prompts
 
     def _messages(self, conversation: Conversation, history: Sequence[tuple[str, str]], query: str) -> list[dict]:
+        problem = self.check(conversation)  # tools / tool turns: ChatGLM3's format, which no chat template here reads
+        if problem:
+            raise ValueError(problem)
         messages = [{"role": "system", "content": conversation.system}] if conversation.system else []
         for user, assistant in history:
             messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
