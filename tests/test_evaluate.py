@@ -303,7 +303,7 @@ def test_item09_the_prefix_shape_is_the_checkpoints_and_another_given_value_is_a
     from ptuning.training import load_prefix
 
     with pytest.raises(CheckpointError, match=rf"^{checkpoint}: the prefix was trained with pre_seq_len=16 but the "
-                                              r"model has pre_seq_len=8$"):
+                                              r"model has pre_seq_len=8 \(set model.pre_seq_len=16 to load it\)$"):
         load_prefix(load_model(ModelConfig(pre_seq_len=8)), checkpoint)
     assert not (tmp_path / "out").exists()
 
