@@ -163,7 +163,7 @@ def test_qa_bad_roles_and_tool_entries_name_their_line(tmp_path, template, row, 
     path = write(tmp_path / "bad.json", [ROWS[0], row])
     with pytest.raises(DataError) as err:
         build_datasets(config(tmp_path, path), template, "train")
-    assert f"bad.json, line 2: " in str(err.value) and message in str(err.value), str(err.value)
+    assert "bad.json, line 2: " in str(err.value) and message in str(err.value), str(err.value)
     assert len(build_datasets(config(tmp_path, path, skip_bad_rows=True), template, "train")) == 1
 
 
