@@ -171,7 +171,14 @@ def _walk_keys(cfg: DictConfig) -> list[str]:
 
 def _compose_error_line(err: Exception, config_name: str) -> str:
     """One line out of a Hydra composition error: the override or key at fault and what was expected."""
+    from hydra.errors import OverrideParseException
+
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    override = getattr(err, "override", None)
+    if override is None and lines and lines[0].startswith("Ambiguous value for argument '"):
+        override = lines[0][len("Ambiguous value for argument '"):].rstrip("'")
+    if override and "=" in override and (isinstance(err, OverrideParseException) or lines[0].startswith("Ambiguous")):
+        return _quoting_hint(override)
     cause = err.__cause__
     if isinstance(cause, OmegaConfBaseException) and getattr(cause, "full_key", None):
         key = cause.full_key
@@ -183,6 +190,17 @@ def _compose_error_line(err: Exception, config_name: str) -> str:
     if options:  # an unknown option of a config group: list the ones there are
         return f"{lines[0]} (available: {', '.join(o.strip() for o in options)})"
     return ": ".join(lines[:2]) if lines else type(err).__name__
+
+
+def _quoting_hint(override: str) -> str:
+    """The line for an override Hydra's grammar cannot read (spaces, commas, CJK punctuation, brackets...):
+    how to quote its value so that the shell leaves the quotes for Hydra."""
+    key, _, value = override.partition("=")
+    value = value.strip("'\"")
+    return (
+        f"{override}: Hydra cannot read this value; quote it, with the whole override in double quotes so the "
+        f"shell keeps the single ones: \"{key}='{value}'\""
+    )
 
 
 def fail(message: str) -> None:

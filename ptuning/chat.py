@@ -29,6 +29,9 @@ CLEAR, EXIT = "clear", "exit"
 class IncrementalDecoder:
     """Turns token ids arriving one at a time into text that can be printed as it comes.
 
+    Leading whitespace is dropped (the original ``chat()`` strips its answers; ChatGLM3's begin with the
+    assistant message's empty metadata line).
+
     A Chinese character the tokenizer has no piece for is spelled as several byte pieces; decoding only
     some of them yields U+FFFD. The decoder re-decodes everything generated so far and holds back the
     text while it ends in an incomplete character, so every printed piece is final. A byte sequence that
@@ -42,7 +45,9 @@ class IncrementalDecoder:
         self.printed = ""
 
     def _decode(self) -> str:
-        return self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        # leading whitespace is no part of the answer (ChatGLM3 starts it with its empty metadata line, "\n"):
+        # left out as the original chat() strips its responses; evaluation decodes whole answers and strips too
+        return self.tokenizer.decode(self.ids, skip_special_tokens=True).lstrip()
 
     def push(self, token_id: int) -> str:
         """Adds one id; returns the new printable text (possibly empty)."""
@@ -223,7 +228,15 @@ def load(args: argparse.Namespace):
         raise ConfigError(str(err).replace("model.path=", "--model-path=", 1)) from None
     checkpoint = None
     pre_seq_len = None  # no prefix encoder at all
-    if not args.no_prefix:
+    if args.no_prefix:
+        stored = folder_prefix_length(cfg.resolved_path)
+        if stored:
+            raise ConfigError(
+                f"--model-path={args.model_path}: the folder holds a prefix in its weights (pre_seq_len {stored} in "
+                f"config.json, e.g. an 'export full' folder), which --no-prefix cannot leave out; chat with it using "
+                f"--prefix-checkpoint {args.model_path} instead of --no-prefix, or give the base model's folder"
+            )
+    else:
         checkpoint = resolve_checkpoint(args.prefix_checkpoint, key="--prefix-checkpoint")
         prefix, meta = read_prefix(checkpoint)
         shape = meta if meta and "pre_seq_len" in meta else infer_prefix_shape(prefix)
@@ -241,6 +254,23 @@ def load(args: argparse.Namespace):
     name = "the built-in tiny model" if cfg.path is None else str(cfg.path)
     what = f"{name} + prefix {checkpoint}" if checkpoint is not None else f"{name} (no prefix)"
     return loaded, what
+
+
+def folder_prefix_length(folder: Path) -> int | None:
+    """``pre_seq_len`` of a model folder whose weights hold a prefix (a whole model with its prefix inside, as
+    ``python -m ptuning.export full`` or ChatGLM3's ``finetune_demo`` write it), else None."""
+    from .models import UnsupportedModelError, read_config
+    from .training.checkpoint import read_prefix
+    from .weights import CheckpointError
+
+    try:
+        stored = read_config(folder).get("pre_seq_len")
+        if not isinstance(stored, int) or stored <= 0:
+            return None
+        read_prefix(folder)  # only the prefix tensors are read
+    except (UnsupportedModelError, CheckpointError):
+        return None
+    return stored
 
 
 def plain_differs(template) -> bool:

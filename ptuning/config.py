@@ -67,10 +67,15 @@ class ModelConfig:
         _need(0.0 <= self.prefix_dropout < 1.0, "model.prefix_dropout", self.prefix_dropout, "a probability in [0, 1)")
         _need(self.prefix_init in PREFIX_INITS, "model.prefix_init", self.prefix_init, " / ".join(PREFIX_INITS))
         if self.prefix_init == "text":
-            _need(bool(self.prefix_init_text), "model.prefix_init_text", self.prefix_init_text,
-                  "a non-empty text with model.prefix_init=text")
+            _need(bool(self.prefix_init_text and str(self.prefix_init_text).strip()), "model.prefix_init_text",
+                  self.prefix_init_text, "a non-empty text with model.prefix_init=text")
             _need(not self.prefix_projection, "model.prefix_init", self.prefix_init,
                   "random or zeros with model.prefix_projection=true (text sets the prefix embedding itself)")
+        elif self.prefix_init_text is not None:
+            raise ConfigError(
+                f"model.prefix_init_text is set but model.prefix_init={self.prefix_init!r}: the text is used only "
+                "with model.prefix_init=text (set it, or drop model.prefix_init_text)"
+            )
         _need(self.dtype in DTYPES, "model.dtype", self.dtype, " / ".join(DTYPES))
         _need(
             self.quantization_bit in (0, 4, 8), "model.quantization_bit", self.quantization_bit, "0, 4 or 8"

@@ -9,25 +9,56 @@
 * ``from-peft``: a peft prefix adapter as one of our checkpoint folders (for ``train.init_prefix_from``,
   evaluation and the exports above).
 
-The base model is ``--model`` or, by default, the one recorded in the checkpoint's ``prefix_config.json``.
+The base model is ``--model`` (a folder or ``builtin:<name>``) or, by default, the one recorded in the
+checkpoint's ``prefix_config.json``.
+
+``--out`` must be a new or empty folder outside any checkpoint, model or training output folder: nothing the
+user has is overwritten. The export is written beside it under a temporary name and renamed into place at the
+end, so a refused or failed export leaves nothing behind.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-from .config import BUILTIN_SCHEME, PROJECT_ROOT, ModelConfig
+from .config import BUILTIN_SCHEME, PROJECT_ROOT, ConfigError, ModelConfig
+from .models import UnsupportedModelError
 from .weights import CheckpointError
 
 DTYPES = ("float16", "bfloat16", "float32")
 
 
+def model_argument(model: str) -> Path:
+    """``--model`` as a folder: ``builtin:<name>`` (a bundled model, as ``model.path`` takes it) or a path.
+
+    Raises:
+        CheckpointError: no such built-in model or folder.
+    """
+    from .config import builtin_models
+
+    if model.startswith(BUILTIN_SCHEME):
+        path = ModelConfig(path=model).resolved_path
+        if not (path / "config.json").is_file():
+            known = ", ".join(BUILTIN_SCHEME + name for name in builtin_models())
+            raise CheckpointError(f"--model {model}: no such built-in model (expected one of {known}, or a model folder)")
+        return path
+    path = Path(model).expanduser()
+    if not path.is_dir():
+        raise CheckpointError(f"--model {model}: not a folder (expected a model folder with config.json, or builtin:<name>)")
+    return path
+
+
 def base_model_path(checkpoint: str | None, model: str | None) -> Path | None:
     """``--model``, else the base model recorded with the checkpoint (None when neither says)."""
     if model is not None:
-        return Path(model).expanduser()
+        return model_argument(model)
     if checkpoint is None:
         return None
     from .training.checkpoint import read_prefix
@@ -93,7 +124,7 @@ def refuse_unsupported(kind: str, checkpoint: str | None = None, model_path: Pat
     from .models import UnsupportedModelError, family_for, family_named
 
     family = None
-    if model_path is not None and (model_path / "config.json").is_file():
+    if model_path is not None:
         try:
             family = family_for(model_path)
         except UnsupportedModelError as err:
@@ -108,8 +139,130 @@ def refuse_unsupported(kind: str, checkpoint: str | None = None, model_path: Pat
             except UnsupportedModelError as err:
                 raise CheckpointError(f"{checkpoint}: {err}") from None
     why = family.export_unsupported(kind) if family is not None else None
+    if why and kind == "from-peft":
+        raise CheckpointError(f"from-peft onto a {family.label} model ({model_path}): {why}")
     if why:
         raise CheckpointError(f"{kind} export of a {family.label} prefix: {why}")
+
+
+# what marks a folder the export must not write into: a prefix checkpoint (ours, the original's, a peft
+# adapter), a training output folder, a model folder
+_CHECKPOINT_FILES = ("prefix.safetensors", "prefix_config.json", "adapter_config.json", "adapter_model.safetensors")
+_RUN_FILES = ("run_config.json", "train_log.jsonl")
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".model", ".pt")
+
+
+def _what_folder(folder: Path) -> str | None:
+    """``a checkpoint folder`` / ``a training output folder`` / ``a model folder``, or None for any other folder."""
+    try:
+        names = {p.name for p in folder.iterdir()}
+    except OSError:
+        return None
+    if names & set(_CHECKPOINT_FILES):
+        return "a checkpoint folder"
+    if names & set(_RUN_FILES):
+        return "a training output folder"
+    if "config.json" in names and ("tokenizer.json" in names or any(n.endswith(_WEIGHT_SUFFIXES) for n in names)):
+        return "a model folder"
+    return None
+
+
+def check_out(out: Path) -> None:
+    """Refuses an ``--out`` that holds anything, or that lies in a checkpoint, model or training output folder.
+
+    Raises:
+        CheckpointError: one line naming ``--out`` and what is there.
+    """
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"--out {out}: exists and is not a folder; give a new or empty folder")
+    if out.is_dir() and any(out.iterdir()):
+        what = _what_folder(out)
+        raise CheckpointError(
+            f"--out {out}: {'is ' + what if what else 'the folder is not empty'}; give a new or empty folder "
+            "(an export never overwrites or adds to what is there)"
+        )
+    resolved = out.resolve()
+    for folder in resolved.parents:
+        what = _what_folder(folder)
+        if what:
+            raise CheckpointError(f"--out {out}: lies inside {folder}, {what}; give a folder outside it")
+
+
+@contextmanager
+def new_folder(out: Path) -> Iterator[Path]:
+    """A temporary folder beside ``out`` to write the export into; renamed to ``out`` when the block ends
+    without an error, removed (with any parent folders made for it) when it raises."""
+    check_out(out)
+    made = []
+    parent = out.resolve().parent
+    while not parent.exists():
+        made.append(parent)
+        parent = parent.parent
+    try:
+        out.resolve().parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.resolve().parent))
+    except OSError as err:
+        for folder in made:  # innermost first
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+        raise CheckpointError(f"--out {out}: cannot create it ({err.strerror or err})") from None
+    try:
+        yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())
+        if out.is_dir():  # an empty folder the user made for it
+            out.rmdir()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        for folder in made:
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def recorded_name(model_path: Path) -> str:
+    """How a checkpoint names the base model: ``builtin:<name>`` for a bundled one, else the absolute path."""
+    resolved = model_path.resolve()
+    builtin = resolved.parent == (PROJECT_ROOT / "data").resolve() and resolved.name.startswith("tiny-")
+    return BUILTIN_SCHEME + resolved.name if builtin else str(resolved)
+
+
+def check_adapter_family(adapter: str, model_path: Path) -> None:
+    """Refuses a peft adapter made for a model of another family than ``--model`` (as far as the adapter's
+    ``base_model_name_or_path`` names a model folder found here).
+
+    Raises:
+        CheckpointError: one line naming both families.
+    """
+    import json
+
+    from .models import UnsupportedModelError, family_for
+
+    try:
+        recorded = json.loads((Path(adapter) / "adapter_config.json").read_text(encoding="utf-8"))
+        named = recorded.get("base_model_name_or_path") if isinstance(recorded, dict) else None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return  # read_peft_adapter reports it
+    if not isinstance(named, str) or not named:
+        return
+    folder = ModelConfig(path=named).resolved_path if named.startswith(BUILTIN_SCHEME) else Path(named).expanduser()
+    if not (folder / "config.json").is_file():
+        return
+    try:
+        theirs, mine = family_for(folder), family_for(model_path)
+    except UnsupportedModelError:
+        return
+    if theirs.name != mine.name:
+        raise CheckpointError(
+            f"{adapter}: the adapter was made for {named}, a {theirs.label} model, but --model {model_path} is a "
+            f"{mine.label} model"
+        )
 
 
 def main(argv=None) -> int:
@@ -136,56 +289,57 @@ def main(argv=None) -> int:
 
     try:
         if args.kind == "from-peft":
-            refuse_unsupported(args.kind, model_path=Path(args.model).expanduser() if args.model else None)
-        else:
-            refuse_unsupported(args.kind, args.checkpoint, base_model_path(args.checkpoint, getattr(args, "model", None)))
-        if args.kind == "peft":
-            from .interop.peft import export_peft_checkpoint
-
-            model_path = base_model_path(args.checkpoint, args.model)
-            out = export_peft_checkpoint(
-                args.checkpoint,
-                args.out,
-                _config_of(model_path),
-                base_model_name_or_path=str(model_path) if model_path else None,
-            )
-            print(f"wrote the peft adapter {out} (adapter_config.json, adapter_model.safetensors)")
-        elif args.kind == "original":
-            from .training.checkpoint import export_original
-
-            print(f"wrote {export_original(args.checkpoint, args.out)}")
-        elif args.kind == "full":
-            import torch
-
-            from .models import family_of
-
-            model_path = base_model_path(args.checkpoint, args.model)
-            if model_path is None:
-                parser.error(
-                    "full: give the base model with --model (the checkpoint records none that exists here)"
-                )
-            dtype = getattr(torch, args.dtype) if args.dtype else None
-            model = load_with_prefix(model_path, args.checkpoint, dtype)
-            paths = family_of(model).export_full(
-                model,
-                Path(args.out),
-                dtype=dtype,
-                max_shard_bytes=parse_size(args.max_shard_size),
-                companions_from=model_path,
-            )
-            print(f"wrote {len(paths)} shard(s), pytorch_model.bin.index.json and config.json to {args.out}")
-        else:
-            from .interop.peft import import_peft
-
-            model_path = Path(args.model).expanduser() if args.model else None
-            recorded = None
+            model_path = model_argument(args.model) if args.model else None
+            refuse_unsupported(args.kind, model_path=model_path)
             if model_path is not None:
-                resolved = model_path.resolve()
-                builtin = resolved.parent == (PROJECT_ROOT / "data").resolve() and resolved.name.startswith("tiny-")
-                recorded = BUILTIN_SCHEME + resolved.name if builtin else str(resolved)
-            out = import_peft(args.adapter, args.out, _config_of(model_path), base_model=recorded)
-            print(f"wrote the prefix checkpoint {out} (prefix.safetensors, prefix_config.json)")
-    except CheckpointError as err:
+                check_adapter_family(args.adapter, model_path)
+        else:
+            model_path = base_model_path(args.checkpoint, getattr(args, "model", None))
+            refuse_unsupported(args.kind, args.checkpoint, model_path)
+        if args.kind == "full" and model_path is None:
+            raise CheckpointError(
+                "full: give the base model with --model (the checkpoint records none that exists here)"
+            )
+        out = Path(args.out).expanduser()
+        with new_folder(out) as tmp:
+            if args.kind == "peft":
+                from .interop.peft import export_peft_checkpoint
+
+                export_peft_checkpoint(
+                    args.checkpoint,
+                    tmp,
+                    _config_of(model_path),
+                    base_model_name_or_path=str(model_path) if model_path else None,
+                )
+                done = f"wrote the peft adapter {out} (adapter_config.json, adapter_model.safetensors)"
+            elif args.kind == "original":
+                from .training.checkpoint import ORIGINAL_FILE, export_original
+
+                export_original(args.checkpoint, tmp)
+                done = f"wrote {out / ORIGINAL_FILE}"
+            elif args.kind == "full":
+                import torch
+
+                from .models import family_of
+
+                dtype = getattr(torch, args.dtype) if args.dtype else None
+                model = load_with_prefix(model_path, args.checkpoint, dtype)
+                paths = family_of(model).export_full(
+                    model,
+                    tmp,
+                    dtype=dtype,
+                    max_shard_bytes=parse_size(args.max_shard_size),
+                    companions_from=model_path,
+                )
+                done = f"wrote {len(paths)} shard(s), pytorch_model.bin.index.json and config.json to {out}"
+            else:
+                from .interop.peft import import_peft
+
+                recorded = recorded_name(model_path) if model_path is not None else None
+                import_peft(args.adapter, tmp, _config_of(model_path), base_model=recorded)
+                done = f"wrote the prefix checkpoint {out} (prefix.safetensors, prefix_config.json)"
+        print(done)
+    except (CheckpointError, ConfigError, UnsupportedModelError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -198,3 +198,48 @@ def test_item07_ctrl_c_while_the_chat_loads_exits_130_without_a_traceback(monkey
     monkeypatch.setattr(chat_module, "load", interrupted)
     assert chat_module.main([]) == 130
     assert capsys.readouterr().err.strip() == "interrupted"
+
+
+# ---- QA: --no-prefix on a folder with a prefix inside; ChatGLM3's metadata line ----
+
+
+@pytest.mark.parametrize("builtin", ["tiny-chatglm", "tiny-chatglm2"])
+def test_qa_no_prefix_on_a_folder_holding_a_prefix_says_what_chat_can_do(tmp_path, capsys, builtin):
+    from ptuning import export as export_cli
+    from ptuning.chat import main
+
+    cfg = ModelConfig(path=f"builtin:{builtin}", pre_seq_len=4, prefix_dropout=0.0)
+    prefixed = load_model(cfg)
+    checkpoint = save_checkpoint(tmp_path / "run", 1, prefixed, prefix_metadata(prefixed, cfg.base_model_name))
+    full = tmp_path / "full"
+    assert export_cli.main(["full", "--checkpoint", str(checkpoint), "--out", str(full)]) == 0
+    capsys.readouterr()
+    assert main(["--model-path", str(full), "--no-prefix"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: --model-path={full}: the folder holds a prefix in its weights "
+                                               "(pre_seq_len 4 in config.json")
+    assert f"--prefix-checkpoint {full} instead of --no-prefix" in err[0] and "model.pre_seq_len" not in err[0]
+    # what the message offers works
+    from ptuning.chat import load, parse_args
+
+    loaded, what = load(parse_args(["--model-path", str(full), "--prefix-checkpoint", str(full)]))
+    assert what == f"{full} + prefix {full}"
+
+
+def test_qa_chatglm3_answers_leave_out_the_metadata_line(monkeypatch):
+    from ptuning.build import load as load_family
+
+    loaded = load_family(ModelConfig(path="builtin:tiny-chatglm3"), pre_seq_len=None, init=False)
+    tok = loaded.tokenizer
+    decoder = IncrementalDecoder(tok)
+    pieces = [decoder.push(i) for i in tok.sp_encode("\n") + tok.sp_encode("这条裙子。")]
+    assert "".join(pieces) + decoder.flush() == "这条裙子。"
+    assert tok.decode(tok.sp_encode("\n") + tok.sp_encode("这条裙子。"), skip_special_tokens=True) != "这条裙子。"
+    # a real answer of the tiny ChatGLM3, streamed as chat streams it
+    session = ChatSession(loaded.model.eval(), loaded.template, GenerationSettings(max_new_tokens=12),
+                          loaded.max_positions)
+    query = "类型#裙*颜色#白色"
+    _, ids, _, _ = session.prepare(query)
+    text = "".join(session.reply(query, ids))
+    assert text and not text[0].isspace(), repr(text)
+    assert session.history == [(query, text.strip())]

@@ -130,7 +130,7 @@ def test_item07_ctrl_c_in_evaluation_writes_nothing_and_exits_130(cli):
     result = cli["results"]["interrupt_evaluate"]
     assert result["code"] == 130, result["err"][-3000:]
     assert last_error(result) == "interrupted: nothing was written"
-    assert list((cli["root"] / "ev").iterdir()) == []
+    assert not (cli["root"] / "ev").exists()  # the output folder is made only when the results are written
 
 
 def test_item09_evaluation_refuses_another_pre_seq_len_as_training_does(cli):

@@ -153,3 +153,68 @@ def test_item05_a_key_added_with_plus_fails_like_one_without_it(override, messag
     with pytest.raises(ConfigError) as err:
         to_object(compose_train([override, "train.output_dir=/tmp/x"]))
     assert str(err.value) == message
+
+
+# ---- QA: quoting a value for Hydra, prefix_init_text checks ----
+
+@pytest.mark.parametrize("value", ["用简洁的广告文案描述这件商品。", "a b,c", "(x"])
+def test_qa_an_unreadable_override_says_how_to_quote_it(value, capsys):
+    from hydra_entry import check_overrides
+
+    with pytest.raises(SystemExit) as stop:
+        check_overrides("train", [f"model.prefix_init_text={value}"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith(f"error: model.prefix_init_text={value}: Hydra cannot read this value; quote it")
+    assert err.endswith(f"\"model.prefix_init_text='{value}'\"")
+
+
+def test_qa_the_readme_prefix_init_text_form_composes():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert "\"model.prefix_init_text='用简洁的广告文案描述这件商品。'\"" in readme
+    # what the shell passes on for that form
+    job = to_object(compose_train(["model.prefix_init=text", "model.prefix_init_text='用简洁的广告文案描述这件商品。'",
+                                   "train.output_dir=/tmp/x"]))
+    assert job.model.prefix_init_text == "用简洁的广告文案描述这件商品。"
+    job.validate()
+
+
+def test_qa_prefix_init_text_checks():
+    from ptuning.config import ModelConfig
+
+    with pytest.raises(ConfigError, match=r"^model.prefix_init_text=' \\t ': expected a non-empty text"):
+        ModelConfig(prefix_init="text", prefix_init_text=" \t ").validate()
+    with pytest.raises(ConfigError) as err:
+        ModelConfig(prefix_init="zeros", prefix_init_text="裙").validate()
+    assert str(err.value).startswith("model.prefix_init_text is set but model.prefix_init='zeros'")
+    assert "model.prefix_init=text" in str(err.value)
+    ModelConfig(prefix_init="text", prefix_init_text="裙").validate()
+
+
+@pytest.mark.parametrize("section", ["## Tiny ChatGLM2 / ChatGLM3 models", "## GLM-4, Qwen, Llama"])
+def test_qa_readme_tiny_recipes_paste_top_to_bottom(section):
+    """Each training run of the section's first block writes its own folder, and evaluation and chat read one
+    of those (not whatever outputs/default holds)."""
+    import shlex
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    text = readme[readme.index(section):]
+    block = text[text.index("```bash") + 7:].split("```", 1)[0].replace("\\\n", " ")
+    lines = [line.split("  #")[0].strip() for line in block.splitlines()]
+    lines = [shlex.split(line) for line in lines if line and not line.startswith("#")]
+    runs = [args for args in lines if args[:2] == ["python", "train.py"] and any(a.startswith("model=tiny") for a in args)]
+    outputs = []
+    for args in runs:
+        given = [a.split("=", 1)[1] for a in args if a.startswith("train.output_dir=")]
+        assert given, args
+        outputs.append(given[0])
+        to_object(compose_train(args[2:])).validate()
+    assert len(set(outputs)) == len(outputs) and "outputs/default" not in outputs
+    readers = [args for args in lines if "evaluate.py" in args[:2] or args[:3] == ["python", "-m", "ptuning.chat"]]
+    tiny_readers = [args for args in readers if any("tiny" in a for a in args)]
+    assert tiny_readers
+    for args in tiny_readers:
+        named = [a.split("=", 1)[1] for a in args if a.startswith("prefix_checkpoint=")]
+        named += [args[i + 1] for i, a in enumerate(args) if a == "--prefix-checkpoint"]
+        assert named and named[0] in outputs, args

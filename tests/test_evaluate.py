@@ -303,6 +303,38 @@ def test_item09_the_prefix_shape_is_the_checkpoints_and_another_given_value_is_a
     from ptuning.training import load_prefix
 
     with pytest.raises(CheckpointError, match=rf"^{checkpoint}: the prefix was trained with pre_seq_len=16 but the "
-                                              r"model has pre_seq_len=8$"):
+                                              r"model has pre_seq_len=8 \(set model.pre_seq_len=16 to load it\)$"):
         load_prefix(load_model(ModelConfig(pre_seq_len=8)), checkpoint)
     assert not (tmp_path / "out").exists()
+
+
+def test_qa_a_refused_evaluation_leaves_no_output_folder(trained, tmp_path):
+    from ptuning.data import DataError
+    from ptuning.weights import CheckpointError
+
+    checkpoint = trained / "run" / "checkpoint-3"
+    default_out = trained / "run" / "eval-checkpoint-3"
+    reset_accelerate()
+    with pytest.raises(DataError, match="dev.json, line 1: no column 'question'"):
+        run(compose_evaluate([f"prefix_checkpoint={checkpoint}", f"data.cache_dir={trained / 'cache'}",
+                              "data.prompt_column=question"]))
+    assert not default_out.exists()
+    other = tmp_path / "other-model"  # a model whose weights do not fit its config: refused while loading
+    import shutil
+
+    from ptuning.config import BUILTIN_MODEL
+
+    shutil.copytree(BUILTIN_MODEL, other)
+    config = json.loads((other / "config.json").read_text())
+    config["num_layers"] = config["num_layers"] + 1
+    (other / "config.json").write_text(json.dumps(config))
+    reset_accelerate()
+    with pytest.raises(CheckpointError):
+        run(compose_evaluate([f"prefix_checkpoint={checkpoint}", f"model.path={other}",
+                              f"output_dir={tmp_path / 'a' / 'b'}", f"data.cache_dir={trained / 'cache'}"]))
+    assert not default_out.exists() and not (tmp_path / "a").exists()
+    # an output folder that cannot be made is still refused before any work
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(ConfigError, match=f"output_dir={blocker / 'out'}: {blocker} is a file, not a folder"):
+        run(compose_evaluate([f"prefix_checkpoint={checkpoint}", f"output_dir={blocker / 'out'}"]))

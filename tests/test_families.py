@@ -165,3 +165,80 @@ def test_prefix_init_checks_are_one_line():
         ModelConfig(prefix_init="text").validate()
     with pytest.raises(ConfigError, match=r"model.prefix_init='text': expected random or zeros with model.prefix_projection=true"):
         ModelConfig(prefix_init="text", prefix_init_text="x", prefix_projection=True).validate()
+
+
+# ---- QA: corrupt SentencePiece files, GLM-4's original remote-code folder ----
+
+@pytest.mark.parametrize(("builtin", "vocab"), [("tiny-chatglm", "ice_text.model"), ("tiny-chatglm2", "tokenizer.model"),
+                                                ("tiny-chatglm3", "tokenizer.model")])
+def test_qa_a_corrupt_sentencepiece_file_is_one_line_naming_it(tmp_path, builtin, vocab):
+    import shutil
+
+    folder = tmp_path / builtin
+    shutil.copytree(ROOT / "data" / builtin, folder)
+    (folder / vocab).write_bytes(b"\x00not a sentencepiece model\xff" * 7)
+    with pytest.raises(ConfigError) as err:
+        family_for(folder).load_tokenizer(folder)
+    message = str(err.value)
+    assert "\n" not in message
+    assert message.startswith(f"{folder / vocab}: not a readable SentencePiece model")
+    if builtin != "tiny-chatglm2":
+        return
+    # and the command line: one line, exit 2, no folder made
+    proc = subprocess.run([sys.executable, "train.py", f"model.path={folder}", f"train.output_dir={tmp_path / 'out'}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {folder / vocab}: not a readable SentencePiece")
+    assert not (tmp_path / "out").exists()
+
+
+def glm4_original_folder(folder, *, tokenizer_class=True, eos=True, vocab=151552):
+    """A tiny folder in the layout of the original THUDM/glm-4-9b-chat (remote code, tiktoken tokenizer.model)."""
+    config = {
+        "_name_or_path": "THUDM/glm-4-9b-chat", "model_type": "chatglm", "architectures": ["ChatGLMModel"],
+        "auto_map": {"AutoConfig": "configuration_chatglm.ChatGLMConfig",
+                     "AutoModelForCausalLM": "modeling_chatglm.ChatGLMForConditionalGeneration"},
+        "add_bias_linear": False, "add_qkv_bias": True, "ffn_hidden_size": 64, "hidden_size": 32, "kv_channels": 8,
+        "layernorm_epsilon": 1.5625e-07, "multi_query_attention": True, "multi_query_group_num": 2,
+        "num_attention_heads": 4, "num_layers": 2, "rope_ratio": 500, "original_rope": True, "padded_vocab_size": vocab,
+        "post_layer_norm": True, "rmsnorm": True, "seq_length": 131072, "torch_dtype": "bfloat16",
+        "tie_word_embeddings": False, "eos_token_id": [151329, 151336, 151338] if eos else 2, "pad_token_id": 151329,
+    }
+    write_config(folder, config)
+    tokenizer_config = {"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}
+    if tokenizer_class:
+        tokenizer_config.update(tokenizer_class="ChatGLM4Tokenizer",
+                                auto_map={"AutoTokenizer": ["tokenization_chatglm.ChatGLM4Tokenizer", None]})
+    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    (folder / "tokenizer.model").write_text("IQ== 0\nIg== 1\nIw== 2\n")  # tiktoken's format: base64 token, rank
+    return folder
+
+
+@pytest.mark.parametrize("marks", [{}, {"tokenizer_class": False}, {"tokenizer_class": False, "eos": False}])
+def test_qa_glm4_original_remote_code_folder_is_refused_naming_the_hf_release(tmp_path, marks):
+    from ptuning.models.chatglm2.family import ChatGLM2Family
+    from ptuning.weights import CheckpointError
+
+    folder = glm4_original_folder(tmp_path / "glm-4-9b-chat", **marks)
+    family = family_for(folder)
+    assert isinstance(family, ChatGLM2Family)
+    for load in (lambda: family.load_model(folder, pre_seq_len=None), lambda: family.load_tokenizer(folder)):
+        with pytest.raises((CheckpointError, ConfigError)) as err:
+            load()
+        message = str(err.value)
+        assert "\n" not in message and message.startswith(f"{folder / 'config.json'}: GLM-4's original remote-code layout")
+        assert "THUDM/glm-4-9b-chat-hf (transformers' GlmForCausalLM)" in message
+    if marks:
+        return
+    proc = subprocess.run([sys.executable, "train.py", f"model.path={folder}", f"train.output_dir={tmp_path / 'out'}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "GLM-4's original remote-code layout" in proc.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "out").exists()
+
+
+def test_qa_chatglm2_and_3_folders_are_not_mistaken_for_glm4():
+    from ptuning.models.chatglm2.config import glm4_original_evidence
+
+    for name in ("tiny-chatglm2", "tiny-chatglm3"):
+        assert glm4_original_evidence(ROOT / "data" / name) is None

@@ -103,3 +103,78 @@ def test_training_on_chat_data_with_the_tiny_chatglm3(tmp_path):
     assert (result.checkpoint / "prefix.safetensors").is_file()
     log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
     assert any("eval_rouge-l" in r for r in log)  # generation on the chat rows' final answers
+
+
+# ---- QA: tool turns on families without tools, unknown roles ----
+
+def _templates():
+    from ptuning.build import load
+    from ptuning.config import ModelConfig
+
+    return {name: load(ModelConfig(path=f"builtin:{name}", pre_seq_len=4)).template
+            for name in ("tiny-chatglm", "tiny-chatglm2", "tiny-glm4")}
+
+
+@pytest.fixture(scope="module")
+def toolless():
+    return _templates()
+
+
+@pytest.mark.parametrize(("name", "message"), [
+    ("tiny-chatglm", "ChatGLM-6B has no tools or tool / observation turns"),
+    ("tiny-chatglm2", "ChatGLM2-6B has no tools or tool / observation turns"),
+    ("tiny-glm4", "tools and tool / observation turns are ChatGLM3-6B's"),
+])
+def test_qa_tool_rows_on_a_family_without_tools_are_bad_rows(tmp_path, toolless, name, message):
+    template = toolless[name]
+    path = write(tmp_path / "chat.json", ROWS)  # line 3 has tools and a tool turn
+    for split in ("train", "validation"):
+        with pytest.raises(DataError) as err:
+            build_datasets(config(tmp_path, path), template, split)
+        text = str(err.value)
+        assert "\n" not in text and text.startswith(f"{path}, line 3: {message}"), text
+        assert text.endswith("set data.skip_bad_rows=true to skip bad rows.")
+        kept = build_datasets(config(tmp_path, path, skip_bad_rows=True), template, split)
+        assert len(kept) == 2
+    # tools alone (no tool turn) are refused the same way
+    only_tools = {"tools": ROWS[2]["tools"], "conversations": ROWS[0]["conversations"]}
+    with pytest.raises(DataError, match=f"line 2: {message}"):
+        build_datasets(config(tmp_path, write(tmp_path / "t.json", [ROWS[0], only_tools])), template, "train")
+
+
+def test_qa_the_same_file_is_read_again_for_a_family_with_tools(tmp_path, toolless, template):
+    path = write(tmp_path / "chat.json", ROWS)
+    assert len(build_datasets(config(tmp_path, path, skip_bad_rows=True), toolless["tiny-chatglm2"], "train")) == 2
+    # the skipped rows were the ChatGLM2 template's: ChatGLM3 (same cache) keeps all three
+    assert len(build_datasets(config(tmp_path, path, skip_bad_rows=True), template, "train")) == 3
+
+
+@pytest.mark.parametrize(("row", "message"), [
+    ({"conversations": [{"role": "robot", "content": "q"}, {"role": "assistant", "content": "a"}]},
+     "message 0: role 'robot': expected one of system, user, assistant, tool, observation"),
+    ({"conversations": [{"role": "user", "content": "q"}, {"role": "tool", "parameters": {}},
+                        {"role": "assistant", "content": "a"}]},
+     "a 'tool' message needs 'name'"),
+    ({"conversations": [{"role": "user", "content": "q"}, {"role": "system", "content": "s"},
+                        {"role": "assistant", "content": "a"}]},
+     "a system message between the last user message and the answer"),
+])
+def test_qa_bad_roles_and_tool_entries_name_their_line(tmp_path, template, row, message):
+    path = write(tmp_path / "bad.json", [ROWS[0], row])
+    with pytest.raises(DataError) as err:
+        build_datasets(config(tmp_path, path), template, "train")
+    assert "bad.json, line 2: " in str(err.value) and message in str(err.value), str(err.value)
+    assert len(build_datasets(config(tmp_path, path, skip_bad_rows=True), template, "train")) == 1
+
+
+def test_qa_train_py_tool_rows_on_chatglm2_is_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    path = write(tmp_path / "chat.json", ROWS)
+    base = [sys.executable, "train.py", "model=tiny_chatglm2", "data=conversations", f"data.train_file={path}",
+            f"data.cache_dir={tmp_path / 'cache'}", f"train.output_dir={tmp_path / 'run'}"]
+    proc = subprocess.run(base, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {path}, line 3: ChatGLM2-6B has no tools")
+    assert not (tmp_path / "run").exists()

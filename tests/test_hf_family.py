@@ -222,3 +222,18 @@ def test_fingerprint_follows_the_backbone_and_matmul_count(family):
     per_layer = h * heads * d * 2 + h * groups * d * 2 + 3 * h * inter
     assert family.matmul_weights(config) == layers * per_layer + h * vocab
     assert {"q_proj", "gate_up_proj", "down_proj"} <= set(family.block_linear_names())
+
+
+def test_qa_long_texts_raise_no_model_max_length_warning(family, capfd, caplog):
+    # rows longer than the tokenizer's model_max_length are cut by the truncation rule, after encoding them whole
+    template = family.template(family.load_tokenizer(ROOT / "data" / "tiny-glm4"),
+                               AutoConfig.from_pretrained(ROOT / "data" / "tiny-glm4"))
+    template.tokenizer.model_max_length = 32
+    long = "类型#裙*颜色#白色*风格#简约" * 20
+    for conversation in (Conversation(query=long, plain=True), Conversation(query=long, history=[(long, long)])):
+        row = template.train_row(conversation, long, 64, 64)
+        assert len(row.input_ids) <= 128
+        assert len(template.prompt(conversation, 48).ids) <= 48
+    out = capfd.readouterr()
+    shown = out.out + out.err + caplog.text
+    assert "Token indices sequence length" not in shown

@@ -376,3 +376,127 @@ print(json.dumps([shown, documented_path_warnings()]))
     with_filters, without = json.loads(proc.stdout.strip().splitlines()[-1])
     assert with_filters == []
     assert any("`past_key_values` is deprecated" in text for text in without), without
+
+
+# ---- QA: the export command line writes only into a new folder, and refuses what it cannot carry ----
+
+
+def _tree(folder):
+    import hashlib
+
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else None
+            for p in sorted(folder.rglob("*"))}
+
+
+def _one_error(capsys):
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    return err
+
+
+@pytest.fixture(scope="module")
+def qa_checkpoints(tmp_path_factory):
+    """A prefix checkpoint of the built-in ChatGLM-6B, ChatGLM2 and ChatGLM3 (random prefixes)."""
+    root = tmp_path_factory.mktemp("qa-export")
+    found = {}
+    for name in ("tiny-chatglm", "tiny-chatglm2", "tiny-chatglm3"):
+        cfg = ModelConfig(path=f"builtin:{name}", pre_seq_len=4, prefix_dropout=0.0)
+        model = load_model(cfg).eval()
+        found[name] = save_checkpoint(root / f"run-{name}", 3, model, prefix_metadata(model, cfg.base_model_name))
+        (root / f"run-{name}" / "run_config.json").write_text('{"run_id": null}\n')
+    return found
+
+
+def test_qa_export_refuses_a_folder_that_holds_anything_and_writes_nothing(qa_checkpoints, tmp_path, capsys):
+    from .common import ROOT
+
+    ckpt = qa_checkpoints["tiny-chatglm"]
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    builtin = ROOT / "data" / "tiny-chatglm"
+    before = {p: _tree(p) for p in (mine, builtin, ckpt.parent)}
+    cases = [
+        (["peft", "--checkpoint", str(ckpt), "--out", str(mine)], "the folder is not empty"),
+        (["original", "--checkpoint", str(ckpt), "--out", str(ckpt)], "is a checkpoint folder"),
+        (["peft", "--checkpoint", str(ckpt), "--out", str(builtin)], "is a model folder"),
+        (["full", "--checkpoint", str(ckpt), "--out", str(builtin)], "is a model folder"),
+        (["original", "--checkpoint", str(ckpt), "--out", str(ckpt / "x")], "a checkpoint folder; give a folder outside it"),
+        (["peft", "--checkpoint", str(ckpt), "--out", str(ckpt.parent / "adapter")],
+         "a training output folder; give a folder outside it"),
+        (["full", "--checkpoint", str(ckpt), "--out", str(builtin / "full")], "a model folder; give a folder outside it"),
+    ]
+    for argv, expected in cases:
+        assert export_cli.main(argv) == 2, argv
+        err = _one_error(capsys)
+        assert err.startswith(f"error: --out {argv[-1]}: ") and expected in err, err
+    assert {p: _tree(p) for p in before} == before
+    assert not (ckpt / "x").exists() and not (builtin / "full").exists()
+
+
+def test_qa_export_writes_a_new_or_empty_folder_and_leaves_nothing_when_it_fails(qa_checkpoints, tmp_path, capsys):
+    ckpt = qa_checkpoints["tiny-chatglm"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert export_cli.main(["original", "--checkpoint", str(ckpt), "--out", str(empty)]) == 0
+    assert sorted(p.name for p in empty.iterdir()) == ["prefix_config.json", "pytorch_model.bin"]
+    assert export_cli.main(["peft", "--checkpoint", str(ckpt), "--out", str(tmp_path / "a" / "b" / "adapter")]) == 0
+    assert (tmp_path / "a" / "b" / "adapter" / "adapter_config.json").is_file()
+    capsys.readouterr()
+    # fails after the folder was begun (an original-format prefix records no sizes): no folder, no parents
+    (empty / "prefix_config.json").unlink()
+    assert export_cli.main(["peft", "--checkpoint", str(empty), "--out", str(tmp_path / "new" / "deeper" / "x")]) == 2
+    assert "give the base model" in _one_error(capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "empty"]
+    assert not [p for p in (tmp_path / "a" / "b").iterdir() if p.name != "adapter"]  # no temporary folder left
+
+
+@pytest.mark.parametrize("name", ["tiny-chatglm2", "tiny-chatglm3"])
+def test_qa_peft_export_of_a_chatglm2_or_3_prefix_is_refused_in_one_line(qa_checkpoints, tmp_path, capsys, name):
+    ckpt = qa_checkpoints[name]
+    for argv in (["peft", "--checkpoint", str(ckpt), "--out", str(tmp_path / "adapter")],
+                 ["peft", "--checkpoint", str(ckpt), "--out", str(tmp_path / "adapter"), "--model", f"builtin:{name}"]):
+        assert export_cli.main(argv) == 2
+        err = _one_error(capsys)
+        assert err.startswith("error: peft export of a ChatGLM2-6B / ChatGLM3-6B prefix: ") and "'original'" in err
+        assert not (tmp_path / "adapter").exists()
+    # the prefix's keys (prefix_encoder.*, not transformer.prefix_encoder.*) are read whole
+    from ptuning.interop.peft import prefix_output
+    from ptuning.training.checkpoint import read_prefix
+
+    prefix, meta = read_prefix(ckpt)
+    assert list(prefix) == ["prefix_encoder.embedding.weight"]
+    width = prefix["prefix_encoder.embedding.weight"].shape[1]  # 2·L·G·D
+    config = tiny_config(pre_seq_len=4)
+    config.num_layers, config.hidden_size, config.num_attention_heads = meta["num_layers"], width // (2 * meta["num_layers"]), 2
+    assert torch.equal(prefix_output(config, prefix), prefix["prefix_encoder.embedding.weight"].float())
+
+
+def test_qa_from_peft_takes_a_builtin_model_and_refuses_an_adapter_of_another_family(qa_checkpoints, tmp_path, capsys):
+    from .common import ROOT
+
+    ckpt = qa_checkpoints["tiny-chatglm"]
+    adapter = tmp_path / "adapter"
+    assert export_cli.main(["peft", "--checkpoint", str(ckpt), "--out", str(adapter)]) == 0
+    assert export_cli.main(["from-peft", "--adapter", str(adapter), "--out", str(tmp_path / "back"),
+                            "--model", "builtin:tiny-chatglm"]) == 0
+    meta = json.loads((tmp_path / "back" / "prefix_config.json").read_text())
+    assert (meta["family"], meta["base_model"]) == ("chatglm", "builtin:tiny-chatglm")
+    capsys.readouterr()
+    # a ChatGLM-6B adapter onto ChatGLM3: refused, nothing written
+    for model in ("builtin:tiny-chatglm3", str(ROOT / "data" / "tiny-chatglm3")):
+        assert export_cli.main(["from-peft", "--adapter", str(adapter), "--out", str(tmp_path / "wrong"),
+                                "--model", model]) == 2
+        assert _one_error(capsys).startswith("error: from-peft onto a ChatGLM2-6B / ChatGLM3-6B model (")
+    # an adapter that names a ChatGLM3 base model, onto ChatGLM-6B (the sizes alone would fit)
+    raw = json.loads((adapter / "adapter_config.json").read_text())
+    raw["base_model_name_or_path"] = "builtin:tiny-chatglm3"
+    (adapter / "adapter_config.json").write_text(json.dumps(raw))
+    assert export_cli.main(["from-peft", "--adapter", str(adapter), "--out", str(tmp_path / "wrong"),
+                            "--model", "builtin:tiny-chatglm"]) == 2
+    err = _one_error(capsys)
+    assert "a ChatGLM2-6B / ChatGLM3-6B model, but --model" in err and "is a ChatGLM-6B model" in err
+    assert export_cli.main(["from-peft", "--adapter", str(adapter), "--out", str(tmp_path / "wrong"),
+                            "--model", "builtin:nope"]) == 2
+    assert _one_error(capsys).startswith("error: --model builtin:nope: no such built-in model (expected one of builtin:")
+    assert not (tmp_path / "wrong").exists()

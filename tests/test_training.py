@@ -449,3 +449,23 @@ def test_item04_rows_longer_than_the_models_positions_are_refused_in_training_an
     with pytest.raises(DataError, match=r"1 of 16 prompts need more than the model's 512 positions \(longest \d+ tokens, "
                                         r"prompt \+ 64 new tokens\); lower data.max_source_length or generation.max_new_tokens"):
         evaluate(cfg)
+
+
+def test_qa_init_prefix_from_a_run_folder_takes_its_latest_checkpoint_and_names_model_keys(tmp_path, monkeypatch):
+    first = train(tmp_path / "run")
+    assert first.checkpoint == tmp_path / "run" / "checkpoint-6"
+    # a prefix that does not fit: the message names the checkpoint taken and the model.* key to set
+    with pytest.raises(CheckpointError) as err:
+        train(tmp_path / "bad", f"train.init_prefix_from={tmp_path / 'run'}", "model.pre_seq_len=8")
+    assert str(err.value) == (f"{tmp_path / 'run' / 'checkpoint-6'}: the prefix was trained with pre_seq_len=16 but "
+                              "the model has pre_seq_len=8 (set model.pre_seq_len=16 to load it)")
+    taken = []
+    real = loop_module.load_prefix
+
+    def recording(model, checkpoint):
+        taken.append(checkpoint)
+        return real(model, checkpoint)
+
+    monkeypatch.setattr(loop_module, "load_prefix", recording)
+    again = train(tmp_path / "again", f"train.init_prefix_from={tmp_path / 'run'}", "train.max_steps=1")
+    assert again.step == 1 and taken == [tmp_path / "run" / "checkpoint-6"]

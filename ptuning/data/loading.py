@@ -286,13 +286,25 @@ def _column_hint(column: str, cfg: DataConfig, key: str | None) -> str:
     )
 
 
-def read_rows(path: str | os.PathLike, cfg: DataConfig, key: str | None = None) -> ReadReport:
+def _row_conversation(row: dict[str, Any], cfg: DataConfig):
+    """A normalized chat-format row as the :class:`~ptuning.models.base.Conversation` the template sees."""
+    from ..models.base import Conversation
+
+    return Conversation(query=row[cfg.prompt_column], history=[tuple(t) for t in row["history"]],
+                        system=row["system"] or None, source_prefix=cfg.source_prefix,
+                        extra=json.loads(row["extra"]), tools=json.loads(row["tools"]) if row["tools"] else None)
+
+
+def read_rows(path: str | os.PathLike, cfg: DataConfig, key: str | None = None,
+              template=None) -> ReadReport:
     """Read and check every row of a ``.json`` / ``.jsonl`` / ``.csv`` file.
 
     Args:
         path: the file. JSON files hold one object per line, or one array of objects.
         cfg: columns to keep and ``skip_bad_rows``.
         key: the setting that names the file (``data.validation_file``), for messages.
+        template: the model family's prompt template: each chat-format row must be one it can render
+            (:meth:`~ptuning.models.base.PromptTemplate.check`; e.g. tool turns on a family without tools).
 
     Returns:
         The kept rows and what was skipped (reported once, as a warning, when anything was).
@@ -319,6 +331,8 @@ def read_rows(path: str | os.PathLike, cfg: DataConfig, key: str | None = None) 
                 objects += 1
                 columns_seen.update(record)
             row, problem = _check_record(record, cfg, from_csv)
+            if problem is None and template is not None and cfg.conversation_column:
+                problem = template.check(_row_conversation(row, cfg))
         if problem is not None:
             problems.append((line, problem))
         else:
@@ -372,7 +386,7 @@ def _features(cfg: DataConfig) -> datasets.Features:
     return datasets.Features(columns)
 
 
-def load_rows(path: str | os.PathLike, cfg: DataConfig, key: str | None = None) -> datasets.Dataset:
+def load_rows(path: str | os.PathLike, cfg: DataConfig, key: str | None = None, template=None) -> datasets.Dataset:
     """Check ``path`` and load its good rows as a ``datasets.Dataset`` (configured columns only).
 
     The normalized copy lives in ``<cache>/normalized/<key>.jsonl``, with the key a hash of the file's
@@ -381,8 +395,11 @@ def load_rows(path: str | os.PathLike, cfg: DataConfig, key: str | None = None) 
     Raises:
         DataError: see :func:`read_rows`.
     """
-    report = read_rows(path, cfg, key)
-    digest = hashlib.sha256(json.dumps([NORMALIZED_VERSION, report.sha256, *_features(cfg)]).encode())
+    report = read_rows(path, cfg, key, template)
+    # the rows kept can depend on the template (chat-format rows it cannot render are skipped)
+    checked_by = type(template).__qualname__ if template is not None and cfg.conversation_column else None
+    parts = [NORMALIZED_VERSION, report.sha256, *_features(cfg)] + ([checked_by] if checked_by else [])
+    digest = hashlib.sha256(json.dumps(parts).encode())
     normalized = _cache_root(cfg) / "normalized" / f"{digest.hexdigest()[:32]}.jsonl"
     if not normalized.exists():
         normalized.parent.mkdir(parents=True, exist_ok=True)
@@ -421,7 +438,7 @@ def build_datasets(cfg: DataConfig, template, split: str, features: str | None =
         ValueError: unknown split or no file configured for it.
     """
     path = cfg.file_for(split)
-    dataset = load_rows(path, cfg, key=f"data.{split}_file")
+    dataset = load_rows(path, cfg, key=f"data.{split}_file", template=template)
     limit = cfg.max_train_samples if split == "train" else cfg.max_eval_samples
     if limit is not None and limit < len(dataset):
         dataset = dataset.select(range(limit))

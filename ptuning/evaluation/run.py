@@ -320,6 +320,23 @@ def _write_atomic(path: Path, text: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def check_writable(out: Path) -> None:
+    """That ``out`` can be made (or, when it exists, written to), without making it.
+
+    Raises:
+        ConfigError: a file is in the way, or the folder (or the nearest existing one above it) is not writable.
+    """
+    existing = out
+    while not existing.exists():
+        if existing.parent == existing:
+            break
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        raise ConfigError(f"output_dir={out}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"output_dir={out}: {'not writable' if existing == out else f'cannot create it ({existing} is not writable)'}")
+
+
 def write_outputs(out: Path, rows: list[dict], metrics: dict) -> None:
     """Writes ``generated_predictions.jsonl`` (UTF-8, not escaped, input order) and ``metrics.json``.
 
@@ -386,13 +403,9 @@ def _evaluate(cfg: EvaluateJobConfig, tracker) -> dict:
             )
         setattr(cfg.model, key, value)
     cfg.model.validate()
-    # made by every process before any work: an unwritable folder fails at once, and on all processes alike
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ConfigError(f"output_dir={out}: cannot create ({err.strerror or err})") from None
-    if not os.access(out, os.W_OK):
-        raise ConfigError(f"output_dir={out}: not writable")
+    # checked by every process before any work: an unwritable folder fails at once, and on all processes
+    # alike; it is made only when the results are written, so a refused evaluation leaves no empty folder
+    check_writable(out)
     data_file = getattr(cfg.data, f"{cfg.split}_file")
 
     try:

@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 
 from ..models.chatglm.modeling import prefix_shape
 from ..prefix import PrefixEncoder
-from ..training.checkpoint import META_FILE, PREFIX_FILE, prefix_metadata, read_prefix
+from ..training.checkpoint import META_FILE, PREFIX_FILE, local_prefix_keys, prefix_metadata, read_prefix
 from ..weights import CheckpointError
 
 PREFIX_MODULE = "transformer.prefix_encoder"  # where ChatGLM-6B keeps its prefix encoder
@@ -35,7 +35,7 @@ EMBEDDING_KEY = f"{PREFIX_MODULE}.embedding.weight"
 def prefix_output(config, prefix: dict[str, torch.Tensor]) -> torch.Tensor:
     """The prefix encoder's output ``[P, 2·L·H]`` (float32) for prefix weights under the full checkpoint keys."""
     encoder = PrefixEncoder(prefix_shape(config))
-    local = {k[len(PREFIX_MODULE) + 1 :]: v.float() for k, v in prefix.items()}
+    local = {k: v.float() for k, v in local_prefix_keys(prefix).items()}  # whatever module path stored them
     try:
         encoder.load_state_dict(local, strict=True)
     except RuntimeError as err:

@@ -99,6 +99,10 @@ class Conversation:
     tools: Any = None
 
 
+#: the roles of a chat-format row (ChatGLM3's, with finetune_demo's ``tool`` entries)
+MESSAGE_ROLES = ("system", "user", "assistant", "tool", "observation")
+
+
 def conversation_from_messages(messages: Sequence[Any], tools: Any = None) -> tuple[Conversation, str]:
     """A chat-format row (a list of ``{"role", "content", ...}`` messages, as ChatGLM3's ``finetune_demo``
     data) as a :class:`Conversation` and its answer.
@@ -115,6 +119,8 @@ def conversation_from_messages(messages: Sequence[Any], tools: Any = None) -> tu
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
             raise ValueError(f"message {i} is not an object with a 'role'")
+        if message["role"] not in MESSAGE_ROLES:
+            raise ValueError(f"message {i}: role {message['role']!r}: expected one of {', '.join(MESSAGE_ROLES)}")
         if message["role"] != "tool" and not isinstance(message.get("content"), str):
             raise ValueError(f"message {i} ({message['role']}): 'content' must be a string")
     items = list(messages)
@@ -222,6 +228,18 @@ class PromptTemplate(ABC):
     def render_text(self, conversation: Conversation) -> str:
         """The whole prompt as text (prediction files, ``--show-prompt``): its ids decoded, special tokens kept."""
         return self.tokenizer.decode(self.prompt(conversation, 1 << 30).ids, skip_special_tokens=False)
+
+    def check(self, conversation: Conversation) -> str | None:
+        """Why this template cannot render ``conversation`` (one line), or None. Data loading asks it of every
+        chat-format row, so that such a row is reported by file and line like any other bad row (and skipped
+        with ``data.skip_bad_rows``). Default: tools and tool / observation turns are refused, being ChatGLM3's
+        format (:class:`~ptuning.models.chatglm2.template.ChatGLM3Template` takes them)."""
+        if conversation.extra or conversation.tools is not None:
+            return (
+                "tools and tool / observation turns are ChatGLM3-6B's (finetune_demo) format; this model's "
+                "template has none (use ChatGLM3-6B, or drop them)"
+            )
+        return None
 
     @property
     def pad_token_id(self) -> int:

@@ -119,6 +119,19 @@ def run_checkpoints(output_dir: str | os.PathLike, run_id: str | None) -> list[P
     return [p for p in list_checkpoints(output_dir) if checkpoint_run_id(p) == run_id]
 
 
+def checkpoint_in(path: str | os.PathLike) -> Path:
+    """``path`` when it is a checkpoint folder; for a training output folder (no prefix files of its own), its
+    latest checkpoint (:func:`latest_checkpoint`), as ``prefix_checkpoint=`` takes it; else ``path`` as it is
+    (reading it then says what is wrong)."""
+    path = Path(path).expanduser()
+    markers = (PREFIX_FILE, META_FILE, STATE_FILE, ORIGINAL_FILE, SAFE_SINGLE, SAFE_INDEX, BIN_INDEX)
+    if path.is_dir() and not any((path / name).is_file() for name in markers):
+        found = latest_checkpoint(path)
+        if found is not None:
+            return found
+    return path
+
+
 def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
     """The newest checkpoint of the run that ``output_dir`` records in ``run_config.json``; in a folder that
     records no run (checkpoints copied there by hand), the newest checkpoint. None when there is none."""
@@ -349,8 +362,11 @@ def load_prefix(model: torch.nn.Module, checkpoint: str | os.PathLike) -> dict |
     if meta is not None:
         for key, value in have.items():
             if key in meta and meta[key] != value:
+                # the prefix's own settings are model.* keys; the backbone's sizes are the model folder's
+                wanted = str(meta[key]).lower() if isinstance(meta[key], bool) else meta[key]
+                hint = f" (set model.{key}={wanted} to load it)" if key in ("pre_seq_len", "prefix_projection") else ""
                 raise CheckpointError(
-                    f"{checkpoint}: the prefix was trained with {key}={meta[key]} but the model has {key}={value}"
+                    f"{checkpoint}: the prefix was trained with {key}={meta[key]} but the model has {key}={value}{hint}"
                 )
     local = local_prefix_keys(prefix)
     stored = dict(zip(local, prefix, strict=True))  # local key -> the key as the checkpoint stores it

@@ -35,6 +35,7 @@ from .checkpoint import (
     RUN_FILE,
     base_model_change,
     capture_rng,
+    checkpoint_in,
     checkpoint_run_id,
     folder_run_id,
     latest_checkpoint,
@@ -295,6 +296,8 @@ def _train(cfg: TrainJobConfig, trackers, where: _Progress) -> TrainResult:
     accelerator, comm = make_accelerator(cfg)
     out = Path(cfg.train.output_dir)
     resume = resolve_resume(cfg)
+    # a training output folder starts from its latest checkpoint, as prefix_checkpoint= takes it
+    init_from = checkpoint_in(cfg.train.init_prefix_from) if cfg.train.init_prefix_from else None
     main = comm.is_main_process
     set_seed(cfg.train.seed)
 
@@ -307,7 +310,7 @@ def _train(cfg: TrainJobConfig, trackers, where: _Progress) -> TrainResult:
     if resume is not None:
         trained_meta = load_prefix(model, resume)
     elif cfg.train.init_prefix_from:
-        trained_meta = load_prefix(model, cfg.train.init_prefix_from)
+        trained_meta = load_prefix(model, init_from)
     trainable, total = mark_only_prefix_trainable(model)
     if cfg.model.gradient_checkpointing:
         model.activation_checkpointing_enable()
@@ -320,7 +323,7 @@ def _train(cfg: TrainJobConfig, trackers, where: _Progress) -> TrainResult:
             "train.allow_base_model_change=true to go on with this one on purpose"
         )
     if changed and main:
-        print(f"warning: {resume or cfg.train.init_prefix_from} {changed}", file=sys.stderr)
+        print(f"warning: {resume or init_from} {changed}", file=sys.stderr)
     # the run's id marks its checkpoints as its own: a resumed run keeps the id of the run it continues
     run_id = (trained_meta or {}).get("run_id") if resume is not None else None
     meta["run_id"] = run_id = run_id or uuid.uuid4().hex[:12]

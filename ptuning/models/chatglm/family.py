@@ -46,7 +46,10 @@ class ChatGLMFamily(Family):
 
         if not (folder / "ice_text.model").is_file():
             raise ConfigError(f"{folder}: no ice_text.model (the ChatGLM-6B tokenizer) in the model folder")
-        tokenizer = ChatGLMTokenizer.from_pretrained(str(folder))
+        try:
+            tokenizer = ChatGLMTokenizer.from_pretrained(str(folder))
+        except (FileNotFoundError, ValueError) as err:
+            raise ConfigError(str(err)) from None
         if vocab_size is not None and len(tokenizer) > vocab_size:
             raise ConfigError(
                 f"{folder}: the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {vocab_size}"

@@ -75,8 +75,16 @@ class ChatGLMTemplate(PromptTemplate):
         which is most of the preprocessing time)."""
         return self.tokenizer.convert_tokens_to_ids(self.tokenizer.tokenize(text))
 
+    def check(self, conversation: Conversation) -> str | None:
+        if conversation.extra or conversation.tools is not None:
+            return "ChatGLM-6B has no tools or tool / observation turns (use ChatGLM3-6B, or drop them)"
+        return None
+
     def _text_ids(self, conversation: Conversation, max_tokens: int) -> PromptIds:
         """The prompt's text ids (no special tokens), at most ``max_tokens``."""
+        problem = self.check(conversation)
+        if problem:
+            raise ValueError(problem)
         pre, query, history = conversation.source_prefix, conversation.query, list(conversation.history)
         if not history:
             ids = self.encode(pre + query)

@@ -119,7 +119,13 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
             raise ValueError(f"num_image_tokens must be >= 0, got {num_image_tokens}")
         # Set before the base constructor: it registers the special tokens, which needs the vocabulary.
         self.vocab_file = str(vocab_file)
-        self.sp = spm.SentencePieceProcessor(model_file=self.vocab_file)
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=self.vocab_file)
+        except (RuntimeError, OSError):  # SentencePiece cannot parse it: a corrupt or truncated file
+            raise ValueError(
+                f"{self.vocab_file}: not a readable SentencePiece model (expected the ChatGLM-6B tokenizer; "
+                "a corrupt or truncated file?)"
+            ) from None
         for name, token in (
             ("bos_token", bos_token),
             ("eos_token", eos_token),

@@ -242,6 +242,53 @@ def chatglm_version(folder: Path, raw: dict) -> int:
     )
 
 
+#: what tells GLM-4's original folder (``THUDM/glm-4-9b-chat``: ``model_type`` chatglm, ChatGLM2's config keys)
+#: from a ChatGLM2/3 one: its tokenizer class, its vocabulary and its list of end tokens
+GLM4_TOKENIZER_CLASS = "ChatGLM4Tokenizer"
+GLM4_VOCAB_SIZE = 151552
+GLM4_EOS_TOKEN_ID = 151329  # <|endoftext|>, first of its eos_token_id list
+
+
+def glm4_original_evidence(folder: str | Path, raw: dict | None = None) -> str | None:
+    """What marks ``folder`` as GLM-4's original remote-code layout (``THUDM/glm-4-9b-chat``, whose
+    ``config.json`` reads like ChatGLM2/3's and whose ``tokenizer.model`` is tiktoken's, not SentencePiece),
+    or None for any other folder."""
+    folder = Path(folder)
+    if raw is None:
+        try:
+            raw = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            raw = {}
+    raw = raw if isinstance(raw, dict) else {}
+    try:
+        tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        tokenizer_config = {}
+    if isinstance(tokenizer_config, dict) and tokenizer_config.get("tokenizer_class") == GLM4_TOKENIZER_CLASS:
+        return f"tokenizer_config.json names {GLM4_TOKENIZER_CLASS}"
+    eos = raw.get("eos_token_id")
+    if isinstance(eos, list) and GLM4_EOS_TOKEN_ID in eos:
+        return f"config.json has GLM-4's eos_token_id list {json.dumps(eos)}"
+    if raw.get("padded_vocab_size") == GLM4_VOCAB_SIZE:
+        return f"config.json has GLM-4's padded_vocab_size {GLM4_VOCAB_SIZE}"
+    return None
+
+
+def refuse_glm4_original(folder: str | Path, raw: dict | None = None) -> None:
+    """Stops GLM-4's original remote-code folder before it is read as ChatGLM2/3.
+
+    Raises:
+        CheckpointError: one line naming the folder, what gave it away and the layout to use instead.
+    """
+    evidence = glm4_original_evidence(folder, raw)
+    if evidence:
+        raise CheckpointError(
+            f"{Path(folder) / 'config.json'}: GLM-4's original remote-code layout (THUDM/glm-4-9b-chat: {evidence}), "
+            "not ChatGLM2/3; its code is never run here: use THUDM/glm-4-9b-chat-hf (transformers' GlmForCausalLM) "
+            "as the model folder instead"
+        )
+
+
 def read_original_config(folder: str | Path, raw: dict | None = None, version: int | None = None) -> OriginalConfig:
     """The checked :class:`OriginalConfig` of a ChatGLM2/3 folder.
 
@@ -262,6 +309,7 @@ def read_original_config(folder: str | Path, raw: dict | None = None, version: i
             raw = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
             raise CheckpointError(f"{path}: not valid JSON ({err})") from None
+    refuse_glm4_original(folder, raw)
     if version is not None and version not in VERSIONS:
         raise CheckpointError(f"chatglm_version {version!r}: expected 2 or 3")
     return parse_original_config(raw, path, version or chatglm_version(folder, raw))
@@ -323,7 +371,9 @@ __all__ = [
     "ROLE_TOKENS",
     "OriginalConfig",
     "chatglm_version",
+    "glm4_original_evidence",
     "original_config_dict",
     "parse_original_config",
     "read_original_config",
+    "refuse_glm4_original",
 ]

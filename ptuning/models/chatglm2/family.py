@@ -175,6 +175,22 @@ class ChatGLM2Family(Family):
     def block_linear_names(self) -> tuple[str, ...]:
         return BLOCK_LINEARS
 
+    def export_unsupported(self, kind: str) -> str | None:
+        if kind == "from-peft":
+            return (
+                "a peft PREFIX_TUNING adapter does not compute a ChatGLM2/3 prefix: peft feeds it as P cached tokens "
+                "and shifts the rotary positions of the real tokens by P, which the original and this toolkit do not "
+                "(only ChatGLM-6B adapters import)"
+            )
+        if kind == "peft":
+            return (
+                "peft's PREFIX_TUNING cannot carry a ChatGLM2/3 prefix as the original and this toolkit apply it: "
+                "peft feeds the prefix as P cached tokens and shifts the rotary positions of the real tokens by P; "
+                "export 'original' (transformer.prefix_encoder.*, as ChatGLM2's ptuning/main.py saves it) or 'full' "
+                "instead"
+            )
+        return None
+
     def original_prefix_key(self, local_key: str) -> str:
         """``transformer.prefix_encoder.*``: ChatGLM2's ``ptuning/main.py`` saves and loads these keys."""
         return ORIGINAL_PREFIX + local_key

@@ -59,9 +59,15 @@ class ChatGLM2Template(PromptTemplate):
         self.tokenizer = tokenizer
         self.head = [tokenizer.gmask_token_id, tokenizer.sop_token_id]
 
-    def _query(self, conversation: Conversation) -> tuple[str, list[tuple[str, str]]]:
+    def check(self, conversation: Conversation) -> str | None:
         if conversation.extra or conversation.tools is not None:
-            raise ValueError("ChatGLM2-6B has no tools or tool / observation turns; use ChatGLM3-6B")
+            return "ChatGLM2-6B has no tools or tool / observation turns (use ChatGLM3-6B, or drop them)"
+        return None
+
+    def _query(self, conversation: Conversation) -> tuple[str, list[tuple[str, str]]]:
+        problem = self.check(conversation)
+        if problem:
+            raise ValueError(problem)
         history = [(str(q), str(a)) for q, a in conversation.history]
         query = conversation.query
         if conversation.system:  # no system role: in front of the first query
@@ -171,6 +177,18 @@ class ChatGLM3Template(PromptTemplate):
         if tokenizer.chatglm_version != 3:
             raise ValueError("ChatGLM3Template needs the ChatGLM3 tokenizer (its role tokens)")
         self.tokenizer = tokenizer
+
+    def check(self, conversation: Conversation) -> str | None:
+        """The current exchange's tool turns must expand (``tool`` entries with ``name`` and ``parameters``)
+        and hold no ``system`` / ``user`` message."""
+        try:
+            for message in expand_messages(conversation.extra):
+                if message["role"] in ("system", "user"):
+                    return (f"a {message['role']} message between the last user message and the answer "
+                            "(only assistant, tool and observation messages may come there)")
+        except ValueError as err:
+            return str(err)
+        return None
 
     def _message(self, role: str, content: str, metadata: str = "") -> list[int]:
         return self.tokenizer.build_single_message(role, metadata, content)

@@ -61,7 +61,13 @@ class ChatGLM2Tokenizer(PreTrainedTokenizer):
         if encode_special_tokens and chatglm_version != 3:
             raise ValueError("encode_special_tokens is a ChatGLM3 option (its role tokens)")
         self.vocab_file = str(vocab_file)
-        self.sp = spm.SentencePieceProcessor(model_file=self.vocab_file)
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=self.vocab_file)
+        except (RuntimeError, OSError):  # SentencePiece cannot parse it: a corrupt or truncated file
+            raise ValueError(
+                f"{self.vocab_file}: not a readable SentencePiece model (expected the ChatGLM2/3 tokenizer; "
+                "a corrupt or truncated file?)"
+            ) from None
         self.chatglm_version = chatglm_version
         self.encode_special_tokens = encode_special_tokens
         self.sp_size = self.sp.get_piece_size()
@@ -105,6 +111,9 @@ class ChatGLM2Tokenizer(PreTrainedTokenizer):
             ValueError: a config value of the wrong type (names the file and key).
         """
         folder = Path(folder)
+        from .config import refuse_glm4_original
+
+        refuse_glm4_original(folder)  # its tokenizer.model is tiktoken's, not SentencePiece
         vocab_file = folder / VOCAB_FILE
         if not vocab_file.is_file():
             raise FileNotFoundError(

@@ -67,8 +67,10 @@ class ChatTemplatePrompt(PromptTemplate):
     # ---- tokenizer facts
 
     def encode(self, text: str) -> list[int]:
-        """Ids of ``text``, special-token strings in it read as the special tokens, nothing added."""
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+        """Ids of ``text``, special-token strings in it read as the special tokens, nothing added. Whole texts
+        are encoded and then cut by the one truncation rule, so transformers' "Token indices sequence length is
+        longer than the specified maximum" warning (``model_max_length``) is off here (``verbose=False``)."""
+        return self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"] if text else []
 
     def _added_special_ids(self) -> list[int]:
         return [i for i, token in self.tokenizer.added_tokens_decoder.items() if token.special]
@@ -76,7 +78,7 @@ class ChatTemplatePrompt(PromptTemplate):
     def _leading_special_ids(self) -> list[int]:
         """What the tokenizer puts in front of a text (e.g. ``[gMASK]<sop>``, ``<|begin_of_text|>``)."""
         bare = self.encode(_MARK)
-        marked = self.tokenizer(_MARK, add_special_tokens=True)["input_ids"]
+        marked = self.tokenizer(_MARK, add_special_tokens=True, verbose=False)["input_ids"]
         for start in range(len(marked) - len(bare) + 1):
             if marked[start:start + len(bare)] == bare:
                 return marked[:start]
@@ -107,6 +109,9 @@ class ChatTemplatePrompt(PromptTemplate):
     # ---- prompts
 
     def _messages(self, conversation: Conversation, history: Sequence[tuple[str, str]], query: str) -> list[dict]:
+        problem = self.check(conversation)  # tools / tool turns: ChatGLM3's format, which no chat template here reads
+        if problem:
+            raise ValueError(problem)
         messages = [{"role": "system", "content": conversation.system}] if conversation.system else []
         for user, assistant in history:
             messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
