@@ -127,7 +127,10 @@ def toolless():
 ])
 def test_qa_tool_rows_on_a_family_without_tools_are_bad_rows(tmp_path, toolless, name, message):
     template = toolless[name]
-    path = write(tmp_path / "chat.json", ROWS)  # line 3 has tools and a tool turn
+    rows = ROWS
+    if not template.renders_system:  # ChatGLM-6B refuses line 2's system message too: leave it out here
+        rows = [ROWS[0], {"conversations": ROWS[1]["conversations"][1:]}, ROWS[2]]
+    path = write(tmp_path / "chat.json", rows)  # line 3 has tools and a tool turn
     for split in ("train", "validation"):
         with pytest.raises(DataError) as err:
             build_datasets(config(tmp_path, path), template, split)
@@ -178,3 +181,15 @@ def test_qa_train_py_tool_rows_on_chatglm2_is_one_line(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {path}, line 3: ChatGLM2-6B has no tools")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_system_message_on_chatglm6b_is_a_bad_row_and_rendered_elsewhere(tmp_path, toolless):
+    """ChatGLM-6B's template has no system message: a row with one is refused, never silently dropped."""
+    rows = [ROWS[0], {"conversations": [{"role": "system", "content": "be brief"}, *ROWS[0]["conversations"]]}]
+    path = write(tmp_path / "sys.json", rows)
+    with pytest.raises(DataError) as err:
+        build_datasets(config(tmp_path, path), toolless["tiny-chatglm"], "train")
+    assert "sys.json, line 2: ChatGLM-6B's template has no system message" in str(err.value), str(err.value)
+    assert len(build_datasets(config(tmp_path, path, skip_bad_rows=True), toolless["tiny-chatglm"], "train")) == 1
+    # families with a place for it keep both rows
+    assert len(build_datasets(config(tmp_path, path), toolless["tiny-chatglm2"], "train")) == 2

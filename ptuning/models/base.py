@@ -79,7 +79,7 @@ class Conversation:
     Attributes:
         query: the current user message.
         history: earlier ``(user, assistant)`` turns, oldest first.
-        system: a system message (families whose template has none put it in front of the first query).
+        system: a system message (a family whose template has none, ``renders_system = False``, refuses it).
         source_prefix: text put in front of the rendered prompt (``data.source_prefix``).
         plain: a row of a data set without a history column (ADGEN): a family with a chat template renders it
             as plain prompt -> response instead (the query as it is, after the tokenizer's own leading special
@@ -202,7 +202,7 @@ class PromptTemplate(ABC):
 
     tokenizer: Any
     #: the template writes ``Conversation.system`` into the prompt (its own system turn, or in front of the
-    #: first query); False: it has no place for one and leaves it out
+    #: first query); False: it has no place for one, and ``check`` refuses a conversation that has one
     renders_system: ClassVar[bool] = True
 
     @abstractmethod

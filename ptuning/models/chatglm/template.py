@@ -78,6 +78,8 @@ class ChatGLMTemplate(PromptTemplate):
     def check(self, conversation: Conversation) -> str | None:
         if conversation.extra or conversation.tools is not None:
             return "ChatGLM-6B has no tools or tool / observation turns (use ChatGLM3-6B, or drop them)"
+        if conversation.system is not None:
+            return "ChatGLM-6B's template has no system message (use ChatGLM2/3-6B or a chat-template model, or drop it)"
         return None
 
     def _text_ids(self, conversation: Conversation, max_tokens: int) -> PromptIds:
