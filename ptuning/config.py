@@ -122,7 +122,7 @@ class TrainConfig:
     gradient_accumulation_steps: int = 1
     learning_rate: float = 2e-2
     weight_decay: float = 0.0
-    lr_scheduler: str = "linear"
+    lr_scheduler: str = "linear"  # one of SCHEDULERS
     warmup_steps: int = 0
     max_grad_norm: float | None = 1.0
     mixed_precision: str = "no"  # no / bf16 / fp16 (fp16 uses loss scaling)
@@ -132,7 +132,7 @@ class TrainConfig:
     save_steps: int = 100
     save_total_limit: int | None = 3
     resume_from: str | None = None  # null / latest / a checkpoint folder
-    overwrite: bool = False  # a new run in an output_dir that holds checkpoints: removes the old run's outputs
+    overwrite: bool = False  # a new run over an earlier run's outputs: removes them (only what that run wrote)
     allow_base_model_change: bool = False  # resume a checkpoint on another base model than it was trained on
     init_prefix_from: str | None = None  # start from this prefix (ours or the original's checkpoint-N)
     eval_generation: bool = True  # generate on the validation set at the end and compute BLEU/ROUGE

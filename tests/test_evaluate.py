@@ -367,9 +367,9 @@ def test_runfix_an_empty_prefix_checkpoint_names_the_key(tmp_path, monkeypatch):
 
 def test_runfix_a_folder_or_empty_test_file_is_named_as_such(trained, monkeypatch):
     monkeypatch.chdir(ROOT)
-    base = [f"prefix_checkpoint={trained / 'run'}", f"output_dir={trained / 'mistake'}"]
+    base = [f"prefix_checkpoint={trained / 'run'}", f"output_dir={trained / 'not-made'}"]
     with pytest.raises(ConfigError, match=r"^data.test_file=data: is a folder, expected a .json, .jsonl or .csv file$"):
         run(compose_evaluate([*base, "data.test_file=data"]))
     with pytest.raises(ConfigError, match=r"^data.test_file is empty: expected a .json, .jsonl or .csv file$"):
         run(compose_evaluate([*base, "data.test_file="]))
-    assert not (trained / "mistake").exists()
+    assert not (trained / "not-made").exists()  # refused before the output folder is made
