@@ -13,10 +13,16 @@ from __future__ import annotations
 import os
 import sys
 
-import hydra
-from omegaconf import DictConfig
+try:  # Ctrl-C while the libraries load (seconds): one line, as everywhere else
+    import hydra
+    from omegaconf import DictConfig
 
-from hydra_entry import CONF_DIR, check_overrides, fail, to_object
+    from hydra_entry import CONF_DIR, check_overrides, fail, to_object
+except KeyboardInterrupt:
+    if __name__ != "__main__":
+        raise
+    print("\ninterrupted: nothing was written", file=sys.stderr)
+    sys.exit(130)
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="evaluate")
@@ -35,8 +41,8 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    check_overrides("evaluate")  # a bad override: one line, before Hydra's multi-line report
     try:
+        check_overrides("evaluate")  # a bad override: one line, before Hydra's multi-line report
         main()
     except KeyboardInterrupt:  # Ctrl-C: predictions and metrics are written only at the end, whole
         if int(os.environ.get("RANK", "0")) == 0:

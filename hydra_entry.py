@@ -137,11 +137,19 @@ def check_overrides(config_name: str, args: list[str] | None = None) -> None:
 
 
 def _no_such_key(key: str, known: list[str]) -> str:
-    close = difflib.get_close_matches(key, known, n=1)
-    if close:
-        return f"{key}: no such key (did you mean {close[0]}?)"
-    parent = key.rpartition(".")[0]
+    """``<key>: no such key`` with a suggestion only when one is close: a key of the same section whose name
+    is a near-miss of this one (``max_stepz`` -> ``max_steps``), or the same name in another section
+    (``train.pre_seq_len`` -> ``model.pre_seq_len``); otherwise the keys the section has."""
+    parent, _, name = key.rpartition(".")
     siblings = [k for k in known if k.rpartition(".")[0] == parent]
+    # the names alone are compared: every key of a section shares its "train." start, which made any two
+    # keys of one section look alike ("train.foo" -> "train.plot")
+    close = difflib.get_close_matches(name, [k.rpartition(".")[2] for k in siblings], n=1, cutoff=0.75)
+    if close:
+        return f"{key}: no such key (did you mean {f'{parent}.' if parent else ''}{close[0]}?)"
+    elsewhere = [k for k in known if k.rpartition(".")[2] == name and k != key]
+    if name and len(elsewhere) == 1:
+        return f"{key}: no such key (did you mean {elsewhere[0]}?)"
     return f"{key}: no such key (expected one of {', '.join(siblings)})"
 
 

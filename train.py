@@ -8,12 +8,18 @@ from __future__ import annotations
 import os
 import sys
 
-import hydra
-from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
-from omegaconf import DictConfig
+try:  # Ctrl-C while the libraries load (seconds): one line, as everywhere else
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from omegaconf import DictConfig
 
-from hydra_entry import CONF_DIR, check_overrides, fail, to_object
+    from hydra_entry import CONF_DIR, check_overrides, fail, to_object
+except KeyboardInterrupt:
+    if __name__ != "__main__":
+        raise
+    print("\ninterrupted before training started", file=sys.stderr)
+    sys.exit(130)
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
@@ -55,8 +61,8 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    check_overrides("train")  # a bad override: one line, before Hydra's multi-line report
     try:
+        check_overrides("train")  # a bad override: one line, before Hydra's multi-line report
         main()
     except KeyboardInterrupt:  # before the run started (composing, imports)
         print("\ninterrupted before training started", file=sys.stderr)

@@ -11,7 +11,10 @@ from .data.config import DataConfig
 DTYPES = ("float32", "bfloat16", "float16")
 MIXED_PRECISION = ("no", "bf16", "fp16")
 PREFIX_INITS = ("random", "zeros", "text")
-SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial")
+# transformers' schedules that need nothing beyond warmup_steps and max_steps (reduce_lr_on_plateau needs a
+# metric at every step, cosine_with_min_lr and warmup_stable_decay their own arguments)
+SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+              "inverse_sqrt")
 
 # The built-in default: a tiny ChatGLM and the tokenizer of the bundled sample, shipped in data/.
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -45,6 +48,21 @@ class ConfigError(ValueError):
 def _need(ok: bool, key: str, value, allowed: str) -> None:
     if not ok:
         raise ConfigError(f"{key}={value!r}: expected {allowed}")
+
+
+def check_data_file(key: str, path: str, none_hint: str = "") -> None:
+    """A data file setting (``data.train_file`` ...) names an existing file.
+
+    Raises:
+        ConfigError: ``data.train_file is empty``, ``data.train_file=x: is a folder``, ``... no such file``.
+    """
+    if not str(path).strip():
+        raise ConfigError(f"{key} is empty: expected a .json, .jsonl or .csv file{none_hint}")
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise ConfigError(f"{key}={path}: is a folder, expected a .json, .jsonl or .csv file")
+    if not p.is_file():
+        raise ConfigError(f"{key}={path}: no such file")
 
 
 @dataclass
@@ -120,7 +138,7 @@ class TrainConfig:
     gradient_accumulation_steps: int = 1
     learning_rate: float = 2e-2
     weight_decay: float = 0.0
-    lr_scheduler: str = "linear"
+    lr_scheduler: str = "linear"  # one of SCHEDULERS
     warmup_steps: int = 0
     max_grad_norm: float | None = 1.0
     mixed_precision: str = "no"  # no / bf16 / fp16 (fp16 uses loss scaling)
@@ -130,7 +148,7 @@ class TrainConfig:
     save_steps: int = 100
     save_total_limit: int | None = 3
     resume_from: str | None = None  # null / latest / a checkpoint folder
-    overwrite: bool = False  # a new run in an output_dir that holds checkpoints: removes the old run's outputs
+    overwrite: bool = False  # a new run over an earlier run's outputs: removes them (only what that run wrote)
     allow_base_model_change: bool = False  # resume a checkpoint on another base model than it was trained on
     init_prefix_from: str | None = None  # start from this prefix (ours or the original's checkpoint-N)
     eval_generation: bool = True  # generate on the validation set at the end and compute BLEU/ROUGE
@@ -181,6 +199,11 @@ class TrainConfig:
             self.save_total_limit,
             "null or a positive integer",
         )
+        if self.resume_from is not None and self.overwrite:
+            raise ConfigError(
+                f"train.resume_from={self.resume_from} and train.overwrite=true contradict each other: resuming "
+                "continues the run in train.output_dir, overwrite removes it; drop one of them"
+            )
 
 
 @dataclass
@@ -201,6 +224,11 @@ class LoggerConfig:
             self.mode,
             "null / online / offline / disabled",
         )
+        if self.backend == "none" and self.mode in ("online", "offline"):
+            raise ConfigError(
+                f"logger.mode={self.mode} needs logger=wandb (logger.backend is none, so nothing would be logged): "
+                "add logger=wandb, or drop logger.mode"
+            )
 
 
 @dataclass
@@ -220,6 +248,7 @@ class TrainJobConfig:
         for key in ("train_file", "validation_file"):
             path = getattr(self.data, key)
             _need(path is not None or key != "train_file", f"data.{key}", path, "a .json, .jsonl or .csv file")
-            if path is not None and not Path(path).expanduser().is_file():
-                raise ConfigError(f"data.{key}={path}: no such file")
+            if path is not None:
+                check_data_file(f"data.{key}", path,
+                                " (data.validation_file=null for none)" if key == "validation_file" else "")
         return self

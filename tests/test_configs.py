@@ -218,3 +218,96 @@ def test_qa_readme_tiny_recipes_paste_top_to_bottom(section):
         named = [a.split("=", 1)[1] for a in args if a.startswith("prefix_checkpoint=")]
         named += [args[i + 1] for i, a in enumerate(args) if a == "--prefix-checkpoint"]
         assert named and named[0] in outputs, args
+
+
+# ---- runfix: what a QA pass found in the configuration (one test per kind) ----
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    # a suggestion only when it is close: every key of a section starts with its "train.", which made
+    # "train.foo" look like "train.plot"
+    ("+train.foo=1", "train.foo: no such key (expected one of train.output_dir, train.max_steps, "),
+    ("+train.max_stepz=3", "train.max_stepz: no such key (did you mean train.max_steps?)"),
+    ("+train.pre_seq_len=8", "train.pre_seq_len: no such key (did you mean model.pre_seq_len?)"),
+    ("+bogus=1", "bogus: no such key (expected one of model, data, train, logger, run_name)"),
+])
+def test_runfix_a_key_is_suggested_only_when_close(override, message, capsys):
+    from hydra_entry import check_overrides
+
+    with pytest.raises(ConfigError) as err:
+        to_object(compose_train([override, "train.output_dir=/tmp/x"]))
+    assert str(err.value).startswith(message)
+    with pytest.raises(SystemExit) as exit_:  # the command line says the same, before Hydra runs
+        check_overrides("train", [override])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.startswith(f"error: {message}")
+
+
+def test_runfix_every_scheduler_accepted_is_one_that_works_and_the_readme_lists_them():
+    import torch
+    from transformers import get_scheduler
+
+    from ptuning.config import SCHEDULERS
+
+    assert "inverse_sqrt" in SCHEDULERS
+    for name in SCHEDULERS:  # each works with only warmup_steps and max_steps, as the loop calls it
+        opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        scheduler = get_scheduler(name, opt, num_warmup_steps=2, num_training_steps=10)
+        for _ in range(4):
+            opt.step()
+            scheduler.step()
+        assert 0 < scheduler.get_last_lr()[0] <= 1.0, name
+    job = to_object(compose_train(["train.output_dir=/tmp/x", "train.lr_scheduler=inverse_sqrt"]))
+    job.train.validate()
+    with pytest.raises(ConfigError, match=r"train.lr_scheduler='reduce_lr_on_plateau': expected linear / cosine / "
+                                          r"cosine_with_restarts / polynomial / constant / constant_with_warmup / "
+                                          r"inverse_sqrt$"):
+        to_object(compose_train(["train.output_dir=/tmp/x", "train.lr_scheduler=reduce_lr_on_plateau"])).validate()
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    row = next(line for line in readme.splitlines() if line.startswith("| `train.lr_scheduler`"))
+    assert all(f"`{name}`" in row for name in SCHEDULERS), row
+    assert "any transformers schedule" not in row
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["train.resume_from=latest", "train.overwrite=true"],
+     "train.resume_from=latest and train.overwrite=true contradict each other: resuming continues the run in "
+     "train.output_dir, overwrite removes it; drop one of them"),
+    (["logger.mode=online"],
+     "logger.mode=online needs logger=wandb (logger.backend is none, so nothing would be logged): add logger=wandb, "
+     "or drop logger.mode"),
+    (["data.train_file=data"], "data.train_file=data: is a folder, expected a .json, .jsonl or .csv file"),
+    (["data.train_file="], "data.train_file is empty: expected a .json, .jsonl or .csv file"),
+    (["data.validation_file="],
+     "data.validation_file is empty: expected a .json, .jsonl or .csv file (data.validation_file=null for none)"),
+    (["data.train_file=missing.json"], "data.train_file=missing.json: no such file"),
+])
+def test_runfix_contradictions_and_data_files_are_refused_in_one_line(overrides, message, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    job = to_object(compose_train(["train.output_dir=/tmp/x", *overrides]))
+    with pytest.raises(ConfigError) as err:
+        job.validate()
+    assert str(err.value) == message
+    # logger=wandb with a mode, and a mode that logs nothing, are fine
+    to_object(compose_train(["train.output_dir=/tmp/x", "logger=wandb", "logger.mode=offline"])).validate()
+    to_object(compose_train(["train.output_dir=/tmp/x", "logger.mode=disabled"])).validate()
+
+
+def test_runfix_ctrl_c_while_the_libraries_load_is_one_line_and_exit_130(tmp_path):
+    # a KeyboardInterrupt raised by an import (as Ctrl-C during the seconds the imports take) - deterministic:
+    # sitecustomize makes importing omegaconf raise it
+    (tmp_path / "sitecustomize.py").write_text(
+        "import sys\n"
+        "class Stop:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'omegaconf':\n"
+        "            raise KeyboardInterrupt\n"
+        "sys.meta_path.insert(0, Stop())\n"
+    )
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{tmp_path}:{ROOT}", "OMP_NUM_THREADS": "1"}
+    for script, line in (("train.py", "interrupted before training started"),
+                         ("evaluate.py", "interrupted: nothing was written")):
+        proc = subprocess.run([sys.executable, script], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                              env=env)
+        assert proc.returncode == 130, proc.stderr
+        assert proc.stderr.strip() == line, proc.stderr

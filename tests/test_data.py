@@ -142,6 +142,8 @@ def test_train_truncation_at_both_limits():
     ]
     assert out["labels"][0] == [-100, -100, -100, BOS, 117, 118, EOS]
     assert out["labels"][2] == [-100, -100, BOS, 117, EOS]
+    # what each row lost: 4 of 6 prompt characters and 4 of 6 response characters, then nothing
+    assert out["truncated_tokens"] == [4, 0, 0] and out["truncated_answer_tokens"] == [4, 0, 0]
 
 
 def test_history_and_source_prefix_go_into_the_prompt():
@@ -312,7 +314,8 @@ def test_build_datasets_on_the_bundled_sample(tok, tmp_path):
     )
     train = build_datasets(cfg, ChatGLMTemplate(tok), "train")
     assert train.num_rows == 2000
-    assert train.column_names == ["input_ids", "labels", "dropped_turns", "truncated_tokens"]
+    assert train.column_names == ["input_ids", "labels", "dropped_turns", "truncated_tokens",
+                                  "truncated_answer_tokens"]
     first = json.loads((SAMPLE / "train.json").read_text(encoding="utf-8").split("\n")[0])
     assert train[0] == {key: value[0] for key, value in preprocess_train(batch(first), ChatGLMTemplate(tok), cfg).items()}
     dev = build_datasets(cfg, ChatGLMTemplate(tok), "validation")
@@ -422,7 +425,8 @@ def test_null_history_is_no_history(tmp_path):
     ("text", "message"),
     [
         ("prompt,summary\na,b\n", r"line 2: no column 'content' \(columns: 'prompt', 'summary'\)"),
-        ("content,summary\na,b\nc\n", r"line 3: 1 fields, but the header has 2"),
+        ("content,summary\na,b\nc\n", r"line 3: 1 field, but the header has 2"),
+        ("content,summary\na,b\nc,d,e\n", r"line 3: 3 fields, but the header has 2"),
         ("content,summary\na,b\nc,\n", r"line 3: 'summary' is empty"),
         (
             'content,summary,h\na,b,"[[1, 2]]"\n',
@@ -626,3 +630,45 @@ def test_item19_an_empty_history_trains_on_the_raw_question_as_the_readme_says(t
     assert "a row\nwhose history is empty trains on the raw question" in preset
     assert "`[Round 0]\\n问：{question}\\n答：`" in preset
     assert "raw question" in (ROOT / "conf" / "conf" / "ptuning_chat.yaml").read_text(encoding="utf-8")
+
+
+def test_runfix_every_cut_is_counted_in_one_line_naming_the_split_and_purpose(tok, tmp_path, caplog):
+    """README: "training and evaluation print how many rows lost turns or tokens". Plain rows cut to
+    max_source_length / max_target_length are counted too, and a file read for several purposes (the same
+    chat file for training and validation) says which reading each line is about."""
+    rows = [{"content": "类型#裙*颜色#白色*风格#清新*图案#碎花*裙长#连衣裙" * 2, "summary": "这条白色连衣裙清新自然，碎花图案显得温柔。" * 3},
+            {"content": "裙", "summary": "好"}]
+    plain = write_jsonl(tmp_path / "plain.json", rows)
+    cfg = DataConfig(train_file=str(plain), validation_file=str(plain), max_source_length=8, max_target_length=8,
+                     cache_dir=str(tmp_path / "cache"))
+    with caplog.at_level(logging.WARNING, logger="ptuning.data.loading"):
+        build_datasets(cfg, ChatGLMTemplate(tok), "train")
+        build_datasets(cfg, ChatGLMTemplate(tok), "validation", features="train")
+        build_datasets(cfg, ChatGLMTemplate(tok), "validation")
+    assert [r.getMessage() for r in caplog.records] == [
+        "data.train_file (plain.json, for training): of 2 rows, 1 had the prompt cut to fit data.max_source_length=8; "
+        "1 had the response cut to data.max_target_length=8",
+        "data.validation_file (plain.json, for the eval loss): of 2 rows, 1 had the prompt cut to fit "
+        "data.max_source_length=8; 1 had the response cut to data.max_target_length=8",
+        "data.validation_file (plain.json, for generation): of 2 rows, 1 had the prompt cut to fit "
+        "data.max_source_length=8",  # generation keeps the whole reference
+    ]
+    caplog.clear()
+    history = [["你好" * 10, "你好！" * 10]] * 3
+    chat = write_jsonl(tmp_path / "chat.json", [{"prompt": "问题", "response": "回答", "history": history}] * 3)
+    cfg = DataConfig(train_file=str(chat), validation_file=str(chat), prompt_column="prompt",
+                     response_column="response", history_column="history", max_source_length=64,
+                     cache_dir=str(tmp_path / "cache"))
+    with caplog.at_level(logging.WARNING, logger="ptuning.data.loading"):
+        build_datasets(cfg, ChatGLMTemplate(tok), "train")
+        build_datasets(cfg, ChatGLMTemplate(tok), "validation")
+    assert [r.getMessage() for r in caplog.records] == [
+        f"data.{key} (chat.json, for {purpose}): of 3 rows, 3 left out their oldest turns (the current question is "
+        "always kept) to fit data.max_source_length=64"
+        for key, purpose in (("train_file", "training"), ("validation_file", "generation"))
+    ]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="ptuning.data.loading"):  # nothing cut: nothing said
+        build_datasets(DataConfig(train_file=str(SAMPLE / "train.json"), max_train_samples=50,
+                                  cache_dir=str(tmp_path / "cache")), ChatGLMTemplate(tok), "train")
+    assert caplog.records == []

@@ -185,6 +185,10 @@ def test_output_dir_is_never_a_checkpoint_or_training_folder(trained):
         str(run_dir): "training output folder",
         str(ROOT / "data" / "tiny-chatglm"): "training outputs or model files",
         str(run_dir / "train_log.jsonl"): "not a folder",
+        # inside a training output folder, other than the checkpoint's own eval-checkpoint-N
+        str(run_dir / "my_stuff"): f"it is inside the training output folder {run_dir};",
+        str(run_dir / "eval-checkpoint-3"): f"it is inside the training output folder {run_dir};",
+        str(run_dir / "eval-checkpoint-6" / "sub"): f"it is inside the training output folder {run_dir};",
     }
     for output_dir, why in refused.items():
         with pytest.raises(ConfigError, match=why):
@@ -338,3 +342,66 @@ def test_qa_a_refused_evaluation_leaves_no_output_folder(trained, tmp_path):
     blocker.write_text("x")
     with pytest.raises(ConfigError, match=f"output_dir={blocker / 'out'}: {blocker} is a file, not a folder"):
         run(compose_evaluate([f"prefix_checkpoint={checkpoint}", f"output_dir={blocker / 'out'}"]))
+
+
+# ---- runfix: what a QA pass found ----
+
+
+def test_runfix_earlier_results_are_replaced_only_when_asked_and_a_users_file_never(trained, tmp_path, capsys):
+    checkpoint = trained / "run" / "checkpoint-3"
+    out = tmp_path / "out"
+    base = [f"prefix_checkpoint={checkpoint}", f"output_dir={out}", f"data.cache_dir={trained / 'cache'}",
+            "data.max_eval_samples=2", "generation.max_new_tokens=2"]
+    reset_accelerate()
+    first = run(compose_evaluate(base))
+    # the training run that wrote the checkpoint: train.overwrite tells its evaluations from others by it
+    assert first["run_id"] == json.loads((checkpoint / "prefix_config.json").read_text())["run_id"]
+    assert json.loads((out / "metrics.json").read_text())["run_id"] == first["run_id"]
+    before = folder_digest(out)
+    with pytest.raises(ConfigError) as refused:
+        run(compose_evaluate(base))
+    assert str(refused.value) == (
+        f"output_dir={out} already holds an earlier evaluation's generated_predictions.jsonl, metrics.json: set "
+        "overwrite=true to replace them, or choose another output_dir")
+    assert folder_digest(out) == before
+    capsys.readouterr()
+    reset_accelerate()
+    run(compose_evaluate([*base, "overwrite=true", "data.max_eval_samples=3"]))
+    said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("overwrite=true")]
+    assert said == [f"overwrite=true: replacing the earlier generated_predictions.jsonl, metrics.json in {out}"]
+    assert json.loads((out / "metrics.json").read_text())["num_samples"] == 3
+    # a file of the same name that evaluate.py did not write stays, asked or not
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "metrics.json").write_text('{"my": "numbers"}\n')
+    for extra in ([], ["overwrite=true"]):
+        with pytest.raises(ConfigError) as refused:
+            run(compose_evaluate([*base[:1], f"output_dir={mine}", *base[2:], *extra]))
+        assert str(refused.value) == (f"output_dir={mine}: metrics.json there was not written by evaluate.py and is "
+                                      "never replaced; move it or choose another output_dir")
+    assert [(p.name, p.read_text()) for p in mine.iterdir()] == [("metrics.json", '{"my": "numbers"}\n')]
+
+
+def test_runfix_an_empty_prefix_checkpoint_names_the_key(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for value in ("", " "):
+        with pytest.raises(ConfigError) as err:
+            resolve_checkpoint(value)
+        assert str(err.value) == ("prefix_checkpoint is empty; expected a checkpoint-N folder or a run folder (its "
+                                  "latest checkpoint)")
+    with pytest.raises(ConfigError, match=r"^--prefix-checkpoint is empty; "):
+        resolve_checkpoint("", key="--prefix-checkpoint")
+    proc = evaluate_py("prefix_checkpoint=")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == ("error: prefix_checkpoint is empty; expected a checkpoint-N folder "
+                                                    "or a run folder (its latest checkpoint)")
+
+
+def test_runfix_a_folder_or_empty_test_file_is_named_as_such(trained, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    base = [f"prefix_checkpoint={trained / 'run'}", f"output_dir={trained / 'not-made'}"]
+    with pytest.raises(ConfigError, match=r"^data.test_file=data: is a folder, expected a .json, .jsonl or .csv file$"):
+        run(compose_evaluate([*base, "data.test_file=data"]))
+    with pytest.raises(ConfigError, match=r"^data.test_file is empty: expected a .json, .jsonl or .csv file$"):
+        run(compose_evaluate([*base, "data.test_file="]))
+    assert not (trained / "not-made").exists()  # refused before the output folder is made

@@ -122,7 +122,8 @@ def original_checkpoint(folder, embedding: torch.Tensor):
 
 def test_chatglm2_original_checkpoint_for_evaluation_chat_and_init(tmp_path):
     embedding = torch.randn(8, 2 * 4 * 2 * 32, generator=torch.Generator().manual_seed(3))
-    orig = original_checkpoint(tmp_path / "checkpoint-3000", embedding)
+    # in the original script's output folder (evaluation never writes inside one: its results go elsewhere)
+    orig = original_checkpoint(tmp_path / "output" / "checkpoint-3000", embedding)
     prefix, meta = read_prefix(orig)
     assert meta is None and list(prefix) == ["transformer.prefix_encoder.embedding.weight"]
     # evaluation

@@ -54,6 +54,9 @@ def test_chatglm2_adgen_row(glm2):
 def test_chatglm2_response_cut_to_max_target_length(glm2):
     row = glm2.train_row(Conversation("q"), ADGEN["summary"], 64, 3)
     assert targets(row) == glm2.tokenizer.sp_encode(ADGEN["summary"])[:3] + [2]
+    # counted, so that training can say how many responses were cut
+    assert row.truncated_answer_tokens == len(glm2.tokenizer.sp_encode(ADGEN["summary"])) - 3 > 0
+    assert glm2.train_row(Conversation("q"), ADGEN["summary"], 64, 128).truncated_answer_tokens == 0
 
 
 def test_chatglm2_history_rows(glm2):
@@ -112,6 +115,9 @@ def test_chatglm3_adgen_row(glm3):
     prompt = [1001, 1003, 1006, *nl, *tok.sp_encode(ADGEN["content"]), 1007]
     answer = nl + tok.sp_encode(ADGEN["summary"])
     assert row.input_ids == prompt + answer + [2]
+    assert row.truncated_answer_tokens == 0
+    short = glm3.train_row(Conversation(ADGEN["content"]), ADGEN["summary"], 64, 2)
+    assert short.truncated_answer_tokens == len(tok.sp_encode(ADGEN["summary"])) - 2 > 0
     # the original's labels: a token is a target when the token before it is in an assistant message
     assert row.labels == [IGNORE_INDEX] * len(prompt) + answer + [2]
     assert glm3.prompt(Conversation(ADGEN["content"]), 64).ids == prompt

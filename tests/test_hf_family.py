@@ -171,6 +171,8 @@ def test_plain_rows_keep_the_start_of_a_long_prompt_and_cut_long_responses(glm4)
     row = glm4.train_row(Conversation(query=query, plain=True), "这件白色纯棉毛衣，七分袖露出手腕。", 8, 4)
     answer = row.input_ids[8:]
     assert len(answer) == 4 and answer[-1] == glm4.eos_id
+    body = len(glm4.encode("这件白色纯棉毛衣，七分袖露出手腕。"))
+    assert row.truncated_answer_tokens == body - 3  # 3 kept before the end token
     with pytest.raises(ValueError, match="a plain prompt -> response row has no history"):
         glm4.prompt(Conversation(query="q", history=[("a", "b")], plain=True), 100)
 

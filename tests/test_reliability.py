@@ -98,17 +98,21 @@ def test_killed_anywhere_resumes_exactly(tmp_path):
 
     resume = "train.resume_from=latest"
     # 1. inside the write of the first checkpoint: its files are complete in the temporary folder, not
-    # renamed. There is nothing to resume (resume_from=latest says so), and the run restarts fresh, which
-    # is allowed because the folder holds no checkpoint.
+    # renamed. There is nothing to resume (resume_from=latest says so); the run's log and record are there,
+    # so a fresh start says so too, and train.overwrite=true removes them (and the unfinished write).
     killed(at="save-write@3")
     assert sorted(p.name for p in (cut / ".tmp-checkpoint-3").iterdir()) == [
         "prefix.safetensors", "prefix_config.json", "training_state.pt"]
     assert checkpoint_names(cut) == []
     with pytest.raises(TrainingError, match=rf"^train.resume_from=latest: {cut} holds no checkpoint-N folder"):
         resolve_resume(job(cut, resume))
-    assert resolve_resume(job(cut)) is None
+    with pytest.raises(TrainingError, match=rf"^{cut} already holds an earlier run's outputs \(.tmp-checkpoint-3, "
+                                            r"run_config.json, train_log.jsonl\): choose another train.output_dir, "
+                                            r"or set train.overwrite=true to remove them and start over$"):
+        resolve_resume(job(cut))
+    assert resolve_resume(job(cut, "train.overwrite=true")) is None
     # 2. in the middle of step 5 (gradients computed, not applied), after checkpoint-3
-    killed(at="step@5")
+    killed("train.overwrite=true", at="step@5")
     assert checkpoint_names(cut) == ["checkpoint-3"] and not (cut / ".tmp-checkpoint-3").exists()
     with open(cut / "train_log.jsonl", "a") as fh:  # as if the kill had also torn the log's last line
         fh.write('{"step": 5, "loss": 2.1')

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ from ptuning.training import TrainingError, export_original, load_prefix, run
 from ptuning.training import loop as loop_module
 from ptuning.weights import CheckpointError
 
-from .common import read_wandb_history
+from .common import ROOT, read_wandb_history
 from .test_configs import compose_train
 
 FAST = [
@@ -109,8 +110,12 @@ def test_resume_latest_equals_uninterrupted(tmp_path, monkeypatch):
 
 def test_refuses_to_start_over_existing_checkpoints(tmp_path):
     train(tmp_path, "train.max_steps=3")
-    with pytest.raises(TrainingError, match="already holds checkpoints .*train.resume_from=latest.*train.overwrite=true"):
+    with pytest.raises(TrainingError) as refused:
         train(tmp_path)
+    assert str(refused.value) == (
+        f"{tmp_path} already holds an earlier run's outputs (checkpoint-3, run_config.json, train_log.jsonl): resume "
+        "with train.resume_from=latest, choose another train.output_dir, or set train.overwrite=true to remove them "
+        "and start over")
     result = train(tmp_path, "train.overwrite=true")
     assert result.step == 6
 
@@ -209,8 +214,14 @@ def test_item01_overwrite_removes_the_old_run_only_after_checks_and_keeps_the_ne
     from .common import ROOT
 
     train(tmp_path, "train.eval_before_training=false")  # the old run: checkpoint-3 and checkpoint-6
-    (tmp_path / "eval-checkpoint-6").mkdir()
-    (tmp_path / "eval-checkpoint-6" / "metrics.json").write_text("{}")
+    run_id = json.loads((tmp_path / "run_config.json").read_text())["run_id"]
+    (tmp_path / "eval-checkpoint-6").mkdir()  # evaluate.py's files for the run's checkpoint-6
+    (tmp_path / "eval-checkpoint-6" / "metrics.json").write_text(json.dumps(
+        {"checkpoint": str(tmp_path / "checkpoint-6"), "data_file": "dev.json", "num_samples": 8, "run_id": run_id}))
+    (tmp_path / "eval-checkpoint-6" / "generated_predictions.jsonl").write_text(
+        '{"prompt": "p", "labels": "l", "predict": "x"}\n')
+    (tmp_path / "eval-checkpoint-3").mkdir()  # a folder of that name with the user's own numbers: kept
+    (tmp_path / "eval-checkpoint-3" / "metrics.json").write_text("{}")
     (tmp_path / "notes.txt").write_text("the user's own file")
     before = file_digests(tmp_path)
     # a start that fails (a data file without the response column) touches nothing
@@ -225,9 +236,12 @@ def test_item01_overwrite_removes_the_old_run_only_after_checks_and_keeps_the_ne
     # lower than the old run's
     result = train(tmp_path, "train.overwrite=true", "train.max_steps=3", "train.save_steps=1",
                    "train.save_total_limit=2", "train.eval_before_training=false")
-    said = [line for line in capsys.readouterr().out.splitlines() if "removed" in line]
+    said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("train.overwrite=true")]
     assert said == [f"train.overwrite=true: removed the previous run's checkpoint-3, checkpoint-6, eval-checkpoint-6, "
-                    f"run_config.json, train_log.jsonl from {tmp_path}"]
+                    f"run_config.json, train_log.jsonl from {tmp_path}",
+                    f"train.overwrite=true: kept what a run here did not write in {tmp_path}: eval-checkpoint-3 (not an "
+                    "evaluation of the run recorded here)"]
+    assert (tmp_path / "eval-checkpoint-3" / "metrics.json").read_text() == "{}"
     assert result.checkpoint == tmp_path / "checkpoint-3"
     assert checkpoint_names(tmp_path) == ["checkpoint-2", "checkpoint-3"]
     assert (tmp_path / "notes.txt").read_text() == "the user's own file"
@@ -469,3 +483,181 @@ def test_qa_init_prefix_from_a_run_folder_takes_its_latest_checkpoint_and_names_
     monkeypatch.setattr(loop_module, "load_prefix", recording)
     again = train(tmp_path / "again", f"train.init_prefix_from={tmp_path / 'run'}", "train.max_steps=1")
     assert again.step == 1 and taken == [tmp_path / "run" / "checkpoint-6"]
+
+
+# ---- runfix: what a QA pass found in the training output folder and resume (one test per kind) ----
+
+
+def refused_before_loading(monkeypatch):
+    """Makes loading the model an error: a refusal must come before it."""
+    def loaded(*args, **kwargs):
+        raise AssertionError("the model was loaded before the refusal")
+
+    monkeypatch.setattr(loop_module, "load", loaded)
+
+
+def test_runfix_item1_overwrite_removes_only_what_the_folders_run_wrote(tmp_path, capsys, monkeypatch):
+    other = tmp_path / "other"
+    train(other, "train.max_steps=3", "train.eval_before_training=false")  # another run, another run id
+    out = tmp_path / "run"
+    (out / "checkpoint-7").mkdir(parents=True)  # the user's folders (no run was ever here)
+    (out / "checkpoint-7" / "notes.txt").write_text("mine")
+    (out / "eval-checkpoint-3").mkdir()
+    (out / "eval-checkpoint-3" / "metrics.json").write_text('{"bleu-4": 1}')
+    import shutil
+
+    shutil.copytree(other / "checkpoint-3", out / "checkpoint-9")  # a checkpoint copied in from another run
+    before = file_digests(out)
+    other_id = json.loads((other / "run_config.json").read_text())["run_id"]
+    foreign = (f"checkpoint-7 (not a checkpoint: no prefix.safetensors), checkpoint-9 (a checkpoint of run {other_id}; "
+               "the folder records no run (run_config.json)), eval-checkpoint-3 (not an evaluation of the run recorded "
+               "here)")
+    # without overwrite: refused, and checkpoint-7 is not called a checkpoint
+    with pytest.raises(TrainingError) as refused:
+        train(out, "train.max_steps=2", "train.eval_before_training=false")
+    assert str(refused.value) == (
+        f"{out} already holds {foreign}, which no run here wrote: resume with train.resume_from=latest, choose another "
+        "train.output_dir, or set train.overwrite=true to start a new run beside them (they are kept)")
+    assert file_digests(out) == before
+    # overwrite: nothing of it is removed, all of it is named
+    capsys.readouterr()
+    train(out, "train.overwrite=true", "train.max_steps=2", "train.eval_before_training=false")
+    said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("train.overwrite=true")]
+    assert said == [f"train.overwrite=true: kept what a run here did not write in {out}: {foreign}"]
+    assert {k: v for k, v in file_digests(out).items() if k in before} == before
+    assert checkpoint_names(out) == ["checkpoint-2", "checkpoint-7", "checkpoint-9"]
+    # a file the user put inside the run's checkpoint stays, with its folder; the checkpoint's files go
+    (out / "checkpoint-2" / "notes.txt").write_text("about step 2")
+    # a checkpoint the next run would save where a folder it may not remove is: refused before loading
+    with monkeypatch.context() as m:
+        refused_before_loading(m)
+        for steps, name, why in (("7", "checkpoint-7", "not a checkpoint: no prefix.safetensors"),
+                                 ("2", "checkpoint-2", "it holds files a checkpoint does not: notes.txt")):
+            with pytest.raises(TrainingError) as refused:
+                train(out, "train.overwrite=true", f"train.max_steps={steps}")
+            assert str(refused.value) == (
+                f"train.output_dir={out}: this run would save {name}, but {out / name} is already there ({why}) and a "
+                "run replaces only its own checkpoints: move it, or choose another train.output_dir")
+    capsys.readouterr()
+    run_id = json.loads((out / "run_config.json").read_text())["run_id"]
+    train(out, "train.overwrite=true", "train.max_steps=3", "train.eval_before_training=false")
+    said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("train.overwrite=true")]
+    foreign = foreign.replace(f"a checkpoint of run {other_id}; the folder records no run (run_config.json)",
+                              f"written by run {other_id}; run_config.json records run {run_id}")
+    assert said == [
+        f"train.overwrite=true: removed the previous run's checkpoint-2's checkpoint files, run_config.json, "
+        f"train_log.jsonl from {out}",
+        f"train.overwrite=true: kept what a run here did not write in {out}: {foreign}, checkpoint-2/notes.txt"]
+    assert [p.name for p in (out / "checkpoint-2").iterdir()] == ["notes.txt"]
+    assert checkpoint_names(out) == ["checkpoint-2", "checkpoint-3", "checkpoint-7", "checkpoint-9"]
+
+
+def test_runfix_item2_a_log_plot_or_run_record_alone_is_an_earlier_runs_output(tmp_path, monkeypatch):
+    import shutil
+
+    train(tmp_path, "train.max_steps=3", "train.plot=true", "train.eval_before_training=false")
+    shutil.rmtree(tmp_path / "checkpoint-3")  # no checkpoint left: the log, plot and record still are the run's
+    before = file_digests(tmp_path)
+    refused_before_loading(monkeypatch)
+    with pytest.raises(TrainingError) as refused:
+        train(tmp_path)
+    assert str(refused.value) == (
+        f"{tmp_path} already holds an earlier run's outputs (loss.png, run_config.json, train_log.jsonl): choose "
+        "another train.output_dir, or set train.overwrite=true to remove them and start over")
+    assert file_digests(tmp_path) == before
+    handmade = tmp_path / "handmade"  # files of those names, made by hand: not replaced silently either
+    handmade.mkdir()
+    (handmade / "train_log.jsonl").write_text("my notes\n")
+    with pytest.raises(TrainingError, match=r"already holds an earlier run's outputs \(train_log.jsonl\): choose "):
+        train(handmade)
+    assert (handmade / "train_log.jsonl").read_text() == "my notes\n"
+
+
+def test_runfix_item3_an_output_dir_that_cannot_hold_a_run_is_refused_before_loading(tmp_path, monkeypatch):
+    from ptuning.config import BUILTIN_MODEL
+
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    checkpoint = tmp_path / "ckpt"
+    checkpoint.mkdir()
+    (checkpoint / "prefix.safetensors").write_bytes(b"")
+    refused_before_loading(monkeypatch)
+    cases = {
+        a_file: "exists and is not a folder",
+        a_file / "sub": f"cannot be created: {a_file} is not a folder",
+        BUILTIN_MODEL: "it is a model folder (config.json + weights); choose another folder",
+        checkpoint: "it is a checkpoint folder; choose another folder",
+        checkpoint / "sub": f"it is inside the checkpoint folder {checkpoint}; choose another folder",
+    }
+    if Path("/proc/self").is_dir():  # a file system that makes no folders
+        cases[Path("/proc/qa")] = "cannot be created in /proc (No such file or directory)"
+    for folder, why in cases.items():
+        with pytest.raises(TrainingError) as refused:
+            run(to_object(compose_train([f"train.output_dir={folder}", *FAST])))
+        assert str(refused.value) == f"train.output_dir={folder}: {why}"
+    assert a_file.read_text() == "x" and sorted(p.name for p in checkpoint.iterdir()) == ["prefix.safetensors"]
+    assert not list(tmp_path.glob("**/.ptuning-probe-*"))
+
+
+def test_runfix_item7_inverse_sqrt_trains(tmp_path):
+    result = train(tmp_path, "train.lr_scheduler=inverse_sqrt", "train.warmup_steps=2", "train.max_steps=4",
+                   "train.eval_before_training=false")
+    assert result.step == 4
+    rates = {r["step"]: r["learning_rate"] for r in map(json.loads, (tmp_path / "train_log.jsonl").read_text().splitlines())
+             if "learning_rate" in r}
+    lr = job(tmp_path).train.learning_rate
+    # warmup to the full rate at step 2, then lr / sqrt(step / warmup_steps)
+    assert rates[1] == pytest.approx(lr / 2) and rates[2] == pytest.approx(lr)
+    assert rates[4] == pytest.approx(lr / math.sqrt(2))
+
+
+def test_runfix_item8_resume_says_when_nothing_is_left_and_what_changed(tmp_path, capsys, monkeypatch):
+    import shutil
+
+    train(tmp_path, "train.eval_before_training=false")  # checkpoint-3 and checkpoint-6
+    with monkeypatch.context() as m:
+        refused_before_loading(m)
+        with pytest.raises(TrainingError) as refused:
+            train(tmp_path, "train.resume_from=latest", "train.max_steps=3")
+    assert str(refused.value) == (
+        f"train.resume_from: {tmp_path / 'checkpoint-6'} is at step 6, past train.max_steps=3: nothing to train; raise "
+        f"train.max_steps to train on (or evaluate it with evaluate.py prefix_checkpoint={tmp_path / 'checkpoint-6'})")
+    # at train.max_steps: said in one line; the end-of-run evaluation runs again and the run ends normally
+    capsys.readouterr()
+    result = train(tmp_path, "train.resume_from=latest")
+    assert result.step == 6 and result.checkpoint == tmp_path / "checkpoint-6"
+    assert (f"{tmp_path / 'checkpoint-6'} is at train.max_steps=6: nothing left to train; running the end-of-run "
+            "evaluation only (raise train.max_steps to train on)") in capsys.readouterr().out.splitlines()
+    # settings that shape the updates, changed on resume: one warning naming them
+    shutil.rmtree(tmp_path / "checkpoint-6")
+    other_data = tmp_path / "train_copy.json"
+    shutil.copy(ROOT / "data" / "adgen_sample" / "train.json", other_data)
+    capsys.readouterr()
+    train(tmp_path, "train.resume_from=latest", "train.per_device_batch_size=2", "train.gradient_accumulation_steps=2",
+          "train.learning_rate=0.01", "train.seed=7", f"data.train_file={other_data}")
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    before = json.loads((tmp_path / "run_config.json").read_text())
+    assert warnings == [
+        f"warning: resuming {tmp_path / 'checkpoint-3'} with train.per_device_batch_size (4 -> 2), "
+        f"train.gradient_accumulation_steps (1 -> 2), train.learning_rate ({before['train']['learning_rate']} -> 0.01), "
+        f"train.seed (42 -> 7), data.train_file ({before['data']['train_file']} -> {other_data}) changed from the "
+        f"run that wrote it ({tmp_path / 'run_config.json'}): the result will differ from an uninterrupted run"]
+    # the same settings (the same file by another path): no warning
+    shutil.rmtree(tmp_path / "checkpoint-6")
+    capsys.readouterr()
+    train(tmp_path, "train.resume_from=latest", f"data.train_file={Path(before['data']['train_file']).resolve()}")
+    assert [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")] == []
+
+
+def test_runfix_item9_resume_from_a_plain_folder_says_it_is_not_a_checkpoint(tmp_path, monkeypatch):
+    train(tmp_path, "train.max_steps=3", "train.eval_before_training=false")
+    (tmp_path / "my_stuff").mkdir()
+    refused_before_loading(monkeypatch)
+    for folder, message in (
+        (tmp_path / "my_stuff", "not a checkpoint (no prefix.safetensors)"),
+        (tmp_path, f"not a checkpoint (no prefix.safetensors); it is a training output folder: resume its latest "
+                   f"with train.output_dir={tmp_path} train.resume_from=latest"),
+    ):
+        with pytest.raises(TrainingError) as refused:
+            train(tmp_path, f"train.resume_from={folder}")
+        assert str(refused.value) == f"train.resume_from={folder}: {message}"

@@ -53,10 +53,12 @@ def preprocess_train(
 
     Returns:
         ``input_ids`` and ``labels``: one unpadded list per row, both of the row's length; ``dropped_turns``
-        and ``truncated_tokens``: what each row lost to fit ``max_source_length``.
+        and ``truncated_tokens``: what each row lost to fit ``max_source_length``; ``truncated_answer_tokens``:
+        response tokens cut to fit ``max_target_length``.
     """
     pad = template.pad_token_id
-    features: dict[str, list] = {"input_ids": [], "labels": [], "dropped_turns": [], "truncated_tokens": []}
+    features: dict[str, list] = {"input_ids": [], "labels": [], "dropped_turns": [], "truncated_tokens": [],
+                                 "truncated_answer_tokens": []}
     for conversation, response in zip(conversations(examples, cfg), examples[cfg.response_column], strict=True):
         row = template.train_row(conversation, response, cfg.max_source_length, cfg.max_target_length)
         labels = row.labels
@@ -68,6 +70,7 @@ def preprocess_train(
         features["labels"].append(labels)
         features["dropped_turns"].append(row.dropped_turns)
         features["truncated_tokens"].append(row.truncated_tokens)
+        features["truncated_answer_tokens"].append(row.truncated_answer_tokens)
     return features
 
 

@@ -153,7 +153,7 @@ def _csv_records(path: Path, text: str) -> Iterator[tuple[int, Any, str | None]]
             raise DataError(f"{path}, line {start}: malformed CSV: {err}") from None
         if row:  # csv yields [] for a blank line
             if len(row) != len(header):
-                yield start, None, f"{len(row)} fields, but the header has {len(header)}"
+                yield start, None, f"{_plural(len(row), 'field')}, but the header has {len(header)}"
             else:
                 yield start, dict(zip(header, row, strict=True)), None
         start = reader.line_num + 1
@@ -456,7 +456,7 @@ def build_datasets(cfg: DataConfig, template, split: str, features: str | None =
         load_from_cache_file=not cfg.overwrite_cache,
         desc=f"Tokenizing {split} ({Path(path).name}) for {purpose}",
     )
-    report_truncation(featurized, path, cfg)
+    report_truncation(featurized, path, cfg, f"data.{split}_file ({Path(path).name}, for {purpose})")
     return featurized
 
 
@@ -486,20 +486,33 @@ def check_positions(lengths: list[int], limit: int, path, hint: str, *, extra: i
         )
 
 
-def report_truncation(dataset: datasets.Dataset, path, cfg: DataConfig) -> tuple[int, int]:
-    """Says once how many rows lost earlier turns to fit ``max_source_length``.
+def report_truncation(dataset: datasets.Dataset, path, cfg: DataConfig, label: str | None = None) -> tuple[int, int, int]:
+    """Says once, in one line, how many rows lost tokens to the length budgets: earlier turns left out and
+    queries cut to fit ``max_source_length``, responses cut to ``max_target_length`` (training features).
+
+    Args:
+        label: how the line names the data (``data.validation_file (dev.json, for generation)``: the same file
+            can be read for several purposes); default: the path.
 
     Returns:
-        ``(rows that lost turns, rows whose query itself was cut)``.
+        ``(rows that lost turns, rows whose query itself was cut, rows whose response was cut)``.
     """
     lost_turns = sum(1 for n in dataset["dropped_turns"] if n)
     cut = sum(1 for n in dataset["truncated_tokens"] if n)
+    answers = (sum(1 for n in dataset["truncated_answer_tokens"] if n)
+               if "truncated_answer_tokens" in dataset.column_names else 0)
+    parts = []
     if lost_turns:
-        logger.warning(
-            "%s: %d of %d rows left out their oldest turns to fit data.max_source_length=%d (the current "
-            "question is always kept)", path, lost_turns, len(dataset), cfg.max_source_length,
-        )
-    return lost_turns, cut
+        parts.append(f"{lost_turns} left out their oldest turns (the current question is always kept)")
+    if cut:
+        parts.append(f"{cut} had the {'question' if lost_turns else 'prompt'} cut")
+    if lost_turns or cut:
+        parts[-1] += f" to fit data.max_source_length={cfg.max_source_length}"
+    if answers:
+        parts.append(f"{answers} had the response cut to data.max_target_length={cfg.max_target_length}")
+    if parts:
+        logger.warning("%s: of %d rows, %s", label or path, len(dataset), "; ".join(parts))
+    return lost_turns, cut, answers
 
 
 # ---- user-facing exit ----

@@ -16,13 +16,14 @@ from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..config import ConfigError, LoggerConfig, ModelConfig
+from ..config import ConfigError, LoggerConfig, ModelConfig, check_data_file
 from ..data.config import DataConfig
 from .generate import GenerationSettings, batched, generate_ids
 from .metrics import METRIC_NAMES
 
 PREDICTIONS_FILE = "generated_predictions.jsonl"
 METRICS_FILE = "metrics.json"
+EVAL_FILES = (PREDICTIONS_FILE, METRICS_FILE)
 DEFAULT_RUN = Path("outputs") / "default"
 # Files that mark a folder as a checkpoint, a training run or a model: evaluation never writes there.
 CHECKPOINT_MARKERS = ("prefix.safetensors", "prefix_config.json", "training_state.pt", "pytorch_model.bin")
@@ -56,6 +57,8 @@ class EvaluateJobConfig:
         batch_size: prompts decoded together on each process.
         output_dir: where the predictions and metrics go; null = ``eval-<checkpoint name>`` beside the
             checkpoint.
+        overwrite: replace the predictions and metrics of an earlier evaluation in ``output_dir`` (only files
+            that evaluate.py wrote; without it, existing results are never replaced).
         split: ``test`` or ``validation``: which data file to evaluate.
         seed: seeds sampling (``generation.do_sample=true``); greedy decoding does not use it.
     """
@@ -67,6 +70,7 @@ class EvaluateJobConfig:
     prefix_checkpoint: str | None = None
     batch_size: int = 16
     output_dir: str | None = None
+    overwrite: bool = False
     split: str = "test"
     seed: int = 42
 
@@ -85,9 +89,7 @@ class EvaluateJobConfig:
             raise ConfigError(
                 f"data.{self.split}_file is not set: set data.{self.split}_file=/path/to/dev.json"
             )
-        if not Path(data_file).expanduser().is_file():
-            # checked here so that the mistake costs no model loading
-            raise ConfigError(f"data.{self.split}_file={data_file}: no such file")
+        check_data_file(f"data.{self.split}_file", data_file)  # here, so that the mistake costs no model loading
         self.generation.validate()
         self.logger.validate()
         return self
@@ -109,6 +111,8 @@ def resolve_checkpoint(prefix_checkpoint: str | None, key: str = "prefix_checkpo
     """
     from ..training.checkpoint import latest_checkpoint
 
+    if prefix_checkpoint is not None and not str(prefix_checkpoint).strip():
+        raise ConfigError(f"{key} is empty; expected a checkpoint-N folder or a run folder (its latest checkpoint)")
     if prefix_checkpoint is None:
         found = latest_checkpoint(DEFAULT_RUN)
         if found is None:
@@ -143,12 +147,71 @@ def _why_not_writable(folder: Path) -> str | None:
     return None
 
 
+def _is_training_output(folder: Path) -> bool:
+    """``folder`` holds a training run's outputs (its record, log or checkpoint-N folders)."""
+    from ..training.checkpoint import list_checkpoints
+
+    return any((folder / name).is_file() for name in ("train_log.jsonl", "run_config.json")) or bool(
+        list_checkpoints(folder))
+
+
+def evaluation_run_id(folder: str | os.PathLike) -> str | None:
+    """The training run id that ``metrics.json`` in ``folder`` records for the checkpoint it evaluated (None:
+    none, or no readable metrics.json)."""
+    try:
+        metrics = json.loads((Path(folder) / METRICS_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return metrics.get("run_id") if isinstance(metrics, dict) else None
+
+
+def _written_by_evaluation(path: Path) -> bool:
+    """``path`` (metrics.json or generated_predictions.jsonl) is what evaluate.py writes: a metrics object with
+    its keys, or prediction rows of ``prompt``, ``labels`` and ``predict``."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            if path.name == METRICS_FILE:
+                record = json.load(fh)
+                return isinstance(record, dict) and {"checkpoint", "data_file", "num_samples"} <= set(record)
+            first = fh.readline()
+            return not first or (isinstance(row := json.loads(first), dict)
+                                 and set(row) == {"prompt", "labels", "predict"})
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+
+
+def earlier_results(out: Path, overwrite: bool) -> list[str]:
+    """The results of an earlier evaluation in ``out`` that this one would replace (empty when none).
+
+    Raises:
+        ConfigError: there are results and ``overwrite`` is false, or a file of those names that evaluate.py
+            did not write (never replaced).
+    """
+    found = [out / name for name in EVAL_FILES if (out / name).exists()]
+    if not found:
+        return []
+    names = ", ".join(p.name for p in found)
+    foreign = [p.name for p in found if not p.is_file() or not _written_by_evaluation(p)]
+    if foreign:
+        raise ConfigError(
+            f"output_dir={out}: {', '.join(foreign)} there was not written by evaluate.py and is never replaced; "
+            "move it or choose another output_dir"
+        )
+    if not overwrite:
+        raise ConfigError(
+            f"output_dir={out} already holds an earlier evaluation's {names}: set overwrite=true to replace them, "
+            "or choose another output_dir"
+        )
+    return [p.name for p in found]
+
+
 def resolve_output_dir(checkpoint: Path, output_dir: str | None) -> Path:
     """The evaluation's output folder: ``output_dir`` or ``eval-<checkpoint name>`` beside the checkpoint.
 
     Raises:
-        ConfigError: the folder is, or lies inside, a checkpoint, or is a training output / model folder:
-            evaluation files there could overwrite or be mistaken for training outputs.
+        ConfigError: the folder is, or lies inside, a checkpoint, or is (or lies inside) a training output or
+            model folder, other than the checkpoint's own ``eval-<checkpoint name>``: evaluation files there
+            could overwrite or be mistaken for training outputs.
     """
     default = checkpoint.parent / f"eval-{checkpoint.name}"
     out = Path(output_dir).expanduser() if output_dir else default
@@ -165,6 +228,10 @@ def resolve_output_dir(checkpoint: Path, output_dir: str | None) -> Path:
             if any((parent / name).is_file() for name in CHECKPOINT_MARKERS):
                 why = f"it is inside the checkpoint folder {parent}"
                 break
+    if why is None and resolved != default.resolve():
+        inside = next((parent for parent in resolved.parents if _is_training_output(parent)), None)
+        if inside is not None:
+            why = f"it is inside the training output folder {inside}"
     if why is not None:
         raise ConfigError(
             f"output_dir={out}: {why}; evaluation never writes into training outputs or checkpoints "
@@ -391,6 +458,7 @@ def _evaluate(cfg: EvaluateJobConfig, tracker) -> dict:
     cfg.validate()
     checkpoint = resolve_checkpoint(cfg.prefix_checkpoint)
     out = resolve_output_dir(checkpoint, cfg.output_dir)
+    replacing = earlier_results(out, cfg.overwrite)
     prefix, meta = read_prefix(checkpoint)
     # the prefix decides the model's prefix shape; an original-format checkpoint has no metadata
     shape = meta if meta and "pre_seq_len" in meta else infer_prefix_shape(prefix)
@@ -448,12 +516,15 @@ def _evaluate(cfg: EvaluateJobConfig, tracker) -> dict:
     )
     metrics.update(
         checkpoint=str(checkpoint),
+        run_id=(meta or {}).get("run_id"),  # the training run that wrote it: train.overwrite knows its evaluations
         data_file=str(data_file),
         batch_size=cfg.batch_size,
         num_processes=comm.num_processes,
         generation=asdict(cfg.generation),
     )
     if main:
+        if replacing:
+            print(f"overwrite=true: replacing the earlier {', '.join(replacing)} in {out}")
         write_outputs(out, rows, metrics)
         print(format_table(metrics))
         print(f"wrote {out / PREDICTIONS_FILE} and {out / METRICS_FILE}")

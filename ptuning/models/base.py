@@ -64,12 +64,17 @@ class PromptIds:
 
 @dataclass
 class TrainRow:
-    """One training row: ``input_ids`` and ``labels`` of the same length (-100 = not a target)."""
+    """One training row: ``input_ids`` and ``labels`` of the same length (-100 = not a target).
+
+    ``dropped_turns`` and ``truncated_tokens`` are what the prompt lost (see :class:`PromptIds`);
+    ``truncated_answer_tokens`` the response tokens cut to fit ``max_target_length``.
+    """
 
     input_ids: list[int]
     labels: list[int]
     dropped_turns: int = 0
     truncated_tokens: int = 0
+    truncated_answer_tokens: int = 0
 
 
 @dataclass

@@ -44,6 +44,8 @@ META_FILE = "prefix_config.json"
 STATE_FILE = "training_state.pt"
 RUN_FILE = "run_config.json"  # the training run's configuration and id, in its output folder
 ORIGINAL_FILE = "pytorch_model.bin"
+# the files a checkpoint of ours consists of: all that train.overwrite (or a re-save) ever removes from one
+CHECKPOINT_FILES = (PREFIX_FILE, META_FILE, STATE_FILE)
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 # Sizes every prefix_config.json records (ptuning.prefix.PrefixShape.describe); checkpoints of earlier
 # versions recorded pre_seq_len, prefix_projection, num_layers, hidden_size and num_attention_heads.
@@ -112,6 +114,32 @@ def folder_run_id(output_dir: str | os.PathLike) -> str | None:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
     return record.get("run_id") if isinstance(record, dict) else None
+
+
+def not_our_checkpoint(path: str | os.PathLike, run_id: str | None) -> str | None:
+    """Why ``path`` is not a checkpoint that run ``run_id`` wrote (``"not a checkpoint: no prefix.safetensors"``,
+    ``"written by run 1a2b3c4d5e6f"`` ...), or None when it is one: a folder with ``prefix.safetensors`` and a
+    ``prefix_config.json`` that records ``run_id``."""
+    path = Path(path)
+    if not path.is_dir():
+        return "not a folder"
+    if not (path / PREFIX_FILE).is_file():
+        if (path / ORIGINAL_FILE).is_file():
+            return f"an original P-Tuning v2 checkpoint ({ORIGINAL_FILE})"
+        return f"not a checkpoint: no {PREFIX_FILE}"
+    written_by = checkpoint_run_id(path)
+    if written_by is None:
+        return "a checkpoint that records no run id"
+    if run_id is None:
+        return f"a checkpoint of run {written_by}; the folder records no run ({RUN_FILE})"
+    if written_by != run_id:
+        return f"written by run {written_by}; {RUN_FILE} records run {run_id}"
+    return None
+
+
+def foreign_files(path: str | os.PathLike, ours: tuple[str, ...]) -> list[str]:
+    """Names inside folder ``path`` other than the files ``ours`` (what a user put there)."""
+    return sorted(p.name for p in Path(path).iterdir() if p.name not in ours or not p.is_file())
 
 
 def run_checkpoints(output_dir: str | os.PathLike, run_id: str | None) -> list[Path]:
@@ -185,6 +213,14 @@ def save_checkpoint(
                 os.fsync(fh.fileno())
         kill_point("save-write", step)  # test-only: a SIGKILL between writing the files and the rename
         if final.exists():  # a re-save of the same step (resume after a crash right after saving)
+            why = not_our_checkpoint(final, meta.get("run_id"))
+            extra = foreign_files(final, CHECKPOINT_FILES) if why is None else []
+            if why is not None or extra:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise CheckpointError(
+                    f"{final}: exists and is not this run's to replace ({why or 'it also holds ' + ', '.join(extra)}); "
+                    "move it away and resume with train.resume_from=latest"
+                )
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync_dir(output_dir)

@@ -110,11 +110,12 @@ class ChatGLMTemplate(PromptTemplate):
         self, conversation: Conversation, response: str, max_source_length: int, max_target_length: int
     ) -> TrainRow:
         text = self._text_ids(conversation, max_source_length - 1)
-        answer = self.encode(response)[: max_target_length - 2]
+        full = self.encode(response)
+        answer = full[: max_target_length - 2]
         input_ids = text.ids + [self.gmask_id, self.bos_id] + answer + [self.eos_id]
         context = len(text.ids) + 1  # <sop> is the first target
         labels = [IGNORE_INDEX] * context + input_ids[context:]
-        return TrainRow(input_ids, labels, text.dropped_turns, text.truncated_tokens)
+        return TrainRow(input_ids, labels, text.dropped_turns, text.truncated_tokens, len(full) - len(answer))
 
     def render_text(self, conversation: Conversation) -> str:
         return conversation.source_prefix + build_prompt(conversation.query, conversation.history)

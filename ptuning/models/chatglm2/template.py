@@ -108,7 +108,8 @@ class ChatGLM2Template(PromptTemplate):
                   max_target_length: int) -> TrainRow:
         """``[gMASK] sop prompt response eos``; labels -100 over ``[gMASK] sop prompt``."""
         prompt = self.prompt(conversation, max_source_length)
-        answer = self.tokenizer.sp_encode(response)[:max_target_length]
+        full = self.tokenizer.sp_encode(response)
+        answer = full[:max_target_length]
         pad = self.tokenizer.pad_token_id
         targets = [IGNORE_INDEX if t == pad else t for t in answer] + [self.tokenizer.eos_token_id]
         return TrainRow(
@@ -116,6 +117,7 @@ class ChatGLM2Template(PromptTemplate):
             labels=[IGNORE_INDEX] * len(prompt.ids) + targets,
             dropped_turns=prompt.dropped_turns,
             truncated_tokens=prompt.truncated_tokens,
+            truncated_answer_tokens=len(full) - len(answer),
         )
 
     def render_text(self, conversation: Conversation) -> str:
@@ -269,11 +271,13 @@ class ChatGLM3Template(PromptTemplate):
         """The conversation and its answer (``"\\n"`` + at most ``max_target_length`` answer ids + eos after the
         prompt's ``<|assistant|>``); targets: every token after a token of an assistant message."""
         ids, flags, dropped, truncated = self._fit(conversation, max_source_length)
-        answer = self.tokenizer.sp_encode("\n") + self.tokenizer.sp_encode(response)[:max_target_length]
+        full = self.tokenizer.sp_encode(response)
+        answer = self.tokenizer.sp_encode("\n") + full[:max_target_length]
         ids = ids + answer + [self.tokenizer.eos_token_id]
         flags = flags[:-1] + [True] + [True] * len(answer)  # the closing <|assistant|> opens the answer
         labels = [IGNORE_INDEX] + [t if f else IGNORE_INDEX for t, f in zip(ids[1:], flags, strict=True)]
-        return TrainRow(input_ids=ids, labels=labels, dropped_turns=dropped, truncated_tokens=truncated)
+        return TrainRow(input_ids=ids, labels=labels, dropped_turns=dropped, truncated_tokens=truncated,
+                        truncated_answer_tokens=max(0, len(full) - max_target_length))
 
     def generation_budget(self, max_source_length: int) -> int:
         """``max_source_length`` + 1: the original evaluation keeps ``max_input_length`` ids and appends

@@ -166,10 +166,12 @@ class ChatTemplatePrompt(PromptTemplate):
         else:
             head, tail = self.encode(self.answer_head), self._answer_end()
         room = max(0, max_target_length - len(head) - len(tail))
-        answer = (head + self.encode(response)[:room] + tail)[:max_target_length]
+        body = self.encode(response)
+        answer = (head + body[:room] + tail)[:max_target_length]
+        kept = min(len(body), room)
         return TrainRow(
             prompt.ids + answer, [IGNORE_INDEX] * len(prompt.ids) + answer, prompt.dropped_turns,
-            prompt.truncated_tokens,
+            prompt.truncated_tokens, len(body) - kept,
         )
 
     def _answer_end(self) -> list[int]:
