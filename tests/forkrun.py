@@ -49,6 +49,9 @@ def child(job: dict) -> int:
         os.close(target)
     os.environ.update(job.get("env", {}))
     sys.argv = [job["script"], *job["args"]]
+    # Ctrl-C behaves as in an interactive ``python``, also when the suite runs in the background of a shell
+    # (which starts background jobs with SIGINT ignored, and Python then keeps it ignored)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.alarm(int(job.get("timeout", 300)))  # a hung case dies (SIGALRM) instead of hanging the suite
     try:
         runpy.run_path(str(ROOT / job["script"]), run_name="__main__")

@@ -106,7 +106,10 @@ def test_reduced_size_run_measures_both_settings_and_removes_its_folder(tmp_path
 
 def test_ctrl_c_removes_the_temporary_checkpoint(tmp_path):
     proc = subprocess.Popen([sys.executable, str(SCRIPT), *TINY, "--tmpdir", str(tmp_path)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT,
+                            # Ctrl-C reaches it as a user's would, also when the suite itself runs in the
+                            # background of a shell (which starts background jobs with SIGINT ignored)
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         for line in proc.stderr:
             if line.startswith("measuring model.quantization_bit=0"):

@@ -93,7 +93,10 @@ def test_deepspeed_zero_equals_one_process_and_resumes_exactly(single, tmp_path,
     config = ROOT / "launch" / "accelerate" / f"deepspeed_zero{stage}.yaml"
     args = [*ACCELERATE, "--config_file", str(config), "--main_process_port", str(free_port())]
     launch(args, tmp_path / "full", "train.per_device_batch_size=4")
-    assert max_diff(prefix(single), prefix(tmp_path / "full")) <= 1e-5
+    # float32 reduction order: two processes and ZeRO-2 end 1.0e-6 from one process; ZeRO-3 gathers and
+    # reduce-scatters partitioned parameters in its own order and ends 1.5e-5 away (4.5e-6 before the
+    # 16-bit train-step work changed the block's rounding; the loss is not the cause, measured both ways)
+    assert max_diff(prefix(single), prefix(tmp_path / "full")) <= (1e-5 if stage == 2 else 2e-5)
     # resume from checkpoint-2 of the same run: bitwise the same final prefix
     import shutil
 
