@@ -73,13 +73,25 @@ def base_model_path(checkpoint: str | None, model: str | None) -> Path | None:
 
 
 def parse_size(text: str) -> int:
-    """``2GB``, ``500MB``, ``1GiB`` or a byte count."""
+    """``2GB``, ``500MB``, ``1GiB`` or a byte count (positive).
+
+    Raises:
+        argparse.ArgumentTypeError: not a positive size (argparse turns it into a one-line usage error).
+    """
     units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
     upper = text.strip().upper()
-    for unit, factor in sorted(units.items(), key=lambda kv: -len(kv[0])):
-        if upper.endswith(unit):
-            return int(float(upper[: -len(unit)]) * factor)
-    return int(upper)
+    try:
+        for unit, factor in sorted(units.items(), key=lambda kv: -len(kv[0])):
+            if upper.endswith(unit):
+                size = int(float(upper[: -len(unit)]) * factor)
+                break
+        else:
+            size = int(upper)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a size such as 2GB, 500MB or 1GiB") from None
+    if size < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a positive size")
+    return size
 
 
 def load_with_prefix(model_path: Path, checkpoint: str | None, dtype=None):
@@ -280,7 +292,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--model", help="the base model folder (default: the one the checkpoint records)")
     p.add_argument("--dtype", choices=DTYPES, help="saved backbone dtype (default: the base model's)")
-    p.add_argument("--max-shard-size", default="2GB", help="largest shard, e.g. 2GB, 500MB (default 2GB)")
+    p.add_argument("--max-shard-size", default="2GB", type=parse_size,
+                   help="largest shard, e.g. 2GB, 500MB (default 2GB)")
     p = sub.add_parser("from-peft", help="a peft prefix adapter as one of our checkpoint folders")
     p.add_argument("--adapter", required=True)
     p.add_argument("--out", required=True)
@@ -328,7 +341,7 @@ def main(argv=None) -> int:
                     model,
                     tmp,
                     dtype=dtype,
-                    max_shard_bytes=parse_size(args.max_shard_size),
+                    max_shard_bytes=args.max_shard_size,
                     companions_from=model_path,
                 )
                 done = f"wrote {len(paths)} shard(s), pytorch_model.bin.index.json and config.json to {out}"

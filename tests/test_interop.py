@@ -500,3 +500,32 @@ def test_qa_from_peft_takes_a_builtin_model_and_refuses_an_adapter_of_another_fa
                             "--model", "builtin:nope"]) == 2
     assert _one_error(capsys).startswith("error: --model builtin:nope: no such built-in model (expected one of builtin:")
     assert not (tmp_path / "wrong").exists()
+
+
+def test_qa_a_damaged_adapter_or_a_bad_shard_size_is_one_line(qa_checkpoints, tmp_path, capsys):
+    import shutil
+
+    ckpt = qa_checkpoints["tiny-chatglm"]
+    adapter = tmp_path / "adapter"
+    assert export_cli.main(["peft", "--checkpoint", str(ckpt), "--out", str(adapter)]) == 0
+    capsys.readouterr()
+    broken_config, broken_weights = tmp_path / "cfg", tmp_path / "weights"
+    shutil.copytree(adapter, broken_config)
+    (broken_config / "adapter_config.json").write_text("{")
+    shutil.copytree(adapter, broken_weights)
+    (broken_weights / "adapter_model.safetensors").write_text("garbage\n")
+    for folder, message in ((broken_config, "adapter_config.json: not a readable JSON file"),
+                            (broken_weights, "cannot read the adapter's weights")):
+        for model in ([], ["--model", "builtin:tiny-chatglm"]):
+            out = tmp_path / "imported"
+            assert export_cli.main(["from-peft", "--adapter", str(folder), "--out", str(out), *model]) == 2
+            assert message in _one_error(capsys)
+            assert not out.exists()
+    for size in ("abc", "0", "-5MB"):
+        with pytest.raises(SystemExit) as exit_:
+            export_cli.main(["full", "--checkpoint", str(ckpt), "--out", str(tmp_path / "full"),
+                             "--max-shard-size", size])
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and "--max-shard-size" in err, err
+        assert not (tmp_path / "full").exists()

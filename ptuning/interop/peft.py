@@ -150,6 +150,10 @@ def read_peft_adapter(adapter_dir: str | os.PathLike) -> tuple[dict, torch.Tenso
     adapter_dir = Path(adapter_dir)
     if not (adapter_dir / ADAPTER_CONFIG).is_file():
         raise CheckpointError(f"{adapter_dir}: no {ADAPTER_CONFIG} (expected a peft adapter folder)")
+    try:
+        json.loads((adapter_dir / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise CheckpointError(f"{adapter_dir / ADAPTER_CONFIG}: not a readable JSON file ({err})") from None
     config = PeftConfig.from_pretrained(str(adapter_dir))
     peft_type = getattr(config.peft_type, "value", config.peft_type)
     if peft_type != "PREFIX_TUNING":
@@ -158,7 +162,12 @@ def read_peft_adapter(adapter_dir: str | os.PathLike) -> tuple[dict, torch.Tenso
         )
     if getattr(config, "num_transformer_submodules", 1) not in (None, 1):
         raise CheckpointError(f"{adapter_dir}: an encoder-decoder adapter (num_transformer_submodules=2)")
-    weights = load_peft_weights(str(adapter_dir), device="cpu")
+    try:
+        weights = load_peft_weights(str(adapter_dir), device="cpu")
+    except Exception as err:  # noqa: BLE001 - safetensors / torch report a damaged file in many ways
+        raise CheckpointError(
+            f"{adapter_dir}: cannot read the adapter's weights ({type(err).__name__}: {err})"
+        ) from None
     if "prompt_embeddings" not in weights:
         raise CheckpointError(f"{adapter_dir}: {ADAPTER_WEIGHTS} holds no prompt_embeddings")
     emb = weights["prompt_embeddings"]
