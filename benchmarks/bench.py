@@ -396,14 +396,9 @@ def child(extra: list[str]) -> dict:
 def machine(device: str) -> dict:
     import torch
 
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from ptuning.perf import cpu_model
+
+    cpu = cpu_model()
     info = {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__, "device": device,
             "python": platform.python_version()}
     if device.startswith("cuda"):

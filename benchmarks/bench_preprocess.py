@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from ptuning.data import DataConfig, build_datasets, read_rows  # noqa: E402
 from ptuning.models.chatglm.tokenizer import ChatGLMTokenizer  # noqa: E402
+from ptuning.perf import cpu_model  # noqa: E402
 
 
 def load_generator():
@@ -52,16 +53,6 @@ def write_lines(path: Path, count: int, seed: int) -> float:
             chars += len(record["content"]) + len(record["summary"])
             out.write(json.dumps(record, ensure_ascii=False) + "\n")
     return chars / count
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -142,14 +142,9 @@ async def load(url: str, clients: int, total: int, models: list[str]) -> dict:
 def machine(device: str, threads: int | None) -> dict:
     import torch
 
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from ptuning.perf import cpu_model
+
+    cpu = cpu_model()
     info = {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "device": device,
             "python": platform.python_version(), "server_threads": threads or torch.get_num_threads(),
             "load_average_after": os.getloadavg()[0]}

@@ -8,9 +8,11 @@ gradients for a frozen backbone); attention forward ``4·L·d·(S+P)``, backward
 
 from __future__ import annotations
 
+import platform
 import resource
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -103,3 +105,14 @@ def set_cpu_threads(config, device="cpu") -> int | None:
         return None
     torch.set_num_threads(1)
     return 1
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what :mod:`platform` says, for benchmark reports."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
