@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import BUILTIN_MODEL, ConfigError, ModelConfig
+from .config import BUILTIN_MODEL, BUILTIN_SCHEME, ConfigError, ModelConfig, is_gguf_file
 from .models import Family, PromptTemplate, UnsupportedModelError, family_for
 from .prefix import PrefixKV, PrefixShape, prefix_module_name, reset_prefix, set_prefix_from_key_values
 from .weights import weight_files
@@ -53,20 +53,35 @@ def base_model_name(cfg: ModelConfig) -> str:
 
 
 def weights_digest(folder: Path) -> str:
-    """sha256 of a built-in backbone's weight files (they are small): recorded in checkpoint metadata."""
+    """sha256 of a built-in backbone's weight files (they are small), or of a ``.gguf`` file: recorded in
+    checkpoint metadata."""
+    if is_gguf_file(folder):
+        from .models.hf.gguf import file_sha256
+
+        return file_sha256(folder)
     digest = hashlib.sha256()
     for path in weight_files(folder):
         digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
 
 
+def base_weights_digest(cfg: ModelConfig) -> str | None:
+    """The weights digest checkpoints record for ``cfg``'s backbone: a built-in model's weight files and a
+    ``.gguf`` file (config, tokenizer and weights in one file, so a different quantization of the same config
+    is told apart) are hashed; a model folder is named by its path and config fingerprint only (hashing
+    gigabytes at every start would cost minutes)."""
+    if cfg.base_model_name.startswith(BUILTIN_SCHEME) or is_gguf_file(cfg.resolved_path):
+        return weights_digest(cfg.resolved_path)
+    return None
+
+
 def base_metadata(cfg: ModelConfig, model: nn.Module) -> dict:
     """How ``prefix_config.json`` describes the backbone ``cfg`` loads (``model``: the loaded model): the
-    name, the family, the config fingerprint and, for a built-in model, a digest of its weights."""
+    name, the family, the config fingerprint and, for a built-in model or a ``.gguf`` file, a digest of its
+    weights."""
     from .training.checkpoint import prefix_metadata
 
-    builtin = cfg.base_model_name.startswith("builtin:")
-    return prefix_metadata(model, cfg.base_model_name, weights_digest(cfg.resolved_path) if builtin else None)
+    return prefix_metadata(model, cfg.base_model_name, base_weights_digest(cfg))
 
 
 def load_model(cfg: ModelConfig, *, family: Family | None = None, **overrides) -> nn.Module:
@@ -208,6 +223,7 @@ __all__ = [
     "Loaded",
     "base_metadata",
     "base_model_name",
+    "base_weights_digest",
     "init_prefix",
     "load",
     "load_model",

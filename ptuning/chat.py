@@ -17,7 +17,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from .config import ConfigError
+from .config import ConfigError, is_model_reference
 from .evaluation.generate import GenerationSettings
 
 BANNER = "Type a message and press Enter; `clear` starts a new conversation, `exit` quits."
@@ -219,8 +219,8 @@ def load(args: argparse.Namespace):
     dtype = args.dtype
     if dtype == "auto":
         dtype = "bfloat16" if device.type == "cuda" else "float32"
-    if args.model_path is not None and not args.model_path.startswith("builtin:") and not Path(args.model_path).expanduser().is_dir():
-        raise ConfigError(f"--model-path={args.model_path}: no such folder (expected a model folder)")
+    if args.model_path is not None and not is_model_reference(args.model_path):
+        raise ConfigError(f"--model-path={args.model_path}: no such folder (expected a model folder or a .gguf file)")
     cfg = ModelConfig(path=args.model_path, dtype=dtype)
     try:
         cfg.validate()

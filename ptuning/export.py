@@ -36,13 +36,24 @@ DTYPES = ("float16", "bfloat16", "float32")
 
 
 def model_argument(model: str) -> Path:
-    """``--model`` as a folder: ``builtin:<name>`` (a bundled model, as ``model.path`` takes it) or a path.
+    """``--model`` as a folder: ``builtin:<name>`` (a bundled model, as ``model.path`` takes it) or a path; or a
+    ``.gguf`` file (also as ``package:<module>/<file>``).
 
     Raises:
-        CheckpointError: no such built-in model or folder.
+        CheckpointError: no such built-in model, folder or file.
     """
-    from .config import builtin_models
+    from .config import PACKAGE_SCHEME, builtin_models, is_gguf_file
 
+    if model.startswith(PACKAGE_SCHEME):
+        try:
+            path = ModelConfig(path=model).resolved_path
+        except ConfigError as err:
+            raise CheckpointError(f"--model {err}") from None
+        if not (is_gguf_file(path) or path.is_dir()):
+            raise CheckpointError(f"--model {model}: no such file in the installed package ({path})")
+        return path
+    if is_gguf_file(model):
+        return Path(model).expanduser()
     if model.startswith(BUILTIN_SCHEME):
         path = ModelConfig(path=model).resolved_path
         if not (path / "config.json").is_file():
@@ -61,13 +72,19 @@ def base_model_path(checkpoint: str | None, model: str | None) -> Path | None:
         return model_argument(model)
     if checkpoint is None:
         return None
+    from .config import PACKAGE_SCHEME, is_gguf_file
     from .training.checkpoint import read_prefix
 
     _, meta = read_prefix(checkpoint)
     recorded = (meta or {}).get("base_model")
     if recorded and recorded.startswith(BUILTIN_SCHEME):
         return ModelConfig(path=recorded).resolved_path
-    if recorded and Path(recorded).is_dir():
+    if recorded and recorded.startswith(PACKAGE_SCHEME):
+        try:
+            return ModelConfig(path=recorded).resolved_path
+        except ConfigError:
+            return None  # the package is not installed here: as a folder that is not here
+    if recorded and (Path(recorded).is_dir() or is_gguf_file(recorded)):
         return Path(recorded)
     return None
 

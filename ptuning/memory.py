@@ -283,9 +283,18 @@ PRESETS["chatglm3-6b"] = PRESETS["chatglm2-6b"]
 
 
 def _config_shape(path: str) -> ModelShape:
-    """The shape of a model folder or config.json: ChatGLM-6B, or ChatGLM2/3 (original keys)."""
+    """The shape of a model folder or config.json: ChatGLM-6B, or ChatGLM2/3 (original keys); or of a ``.gguf``
+    file (a transformers decoder such as Llama: estimated as the ``glm`` architecture, grouped-query attention
+    and SwiGLU, whose query/key/value biases are a few thousand parameters too many)."""
     from pathlib import Path
+    from types import SimpleNamespace
 
+    from .config import is_gguf_file
+
+    if is_gguf_file(path):
+        from .models.hf.gguf import gguf_config
+
+        return ModelShape.from_config(SimpleNamespace(**gguf_config(path)))
     folder = Path(path)
     folder = folder.parent if folder.name == "config.json" else folder
     raw = json.loads((folder / "config.json").read_text(encoding="utf-8"))
@@ -331,7 +340,8 @@ def main(argv=None) -> None:
         "from the model shape alone (default: the real ChatGLM-6B, pre_seq_len 128, batch 1, 64 + 64 tokens).",
     )
     parser.add_argument(
-        "--config", help="a ChatGLM-6B / ChatGLM2-6B / ChatGLM3-6B config.json or model folder (instead of --model)"
+        "--config", help="a ChatGLM-6B / ChatGLM2-6B / ChatGLM3-6B config.json or model folder, or a .gguf file "
+        "(instead of --model)"
     )
     parser.add_argument("--model", choices=sorted(PRESETS), default="chatglm-6b",
                         help="a published model's shape (default chatglm-6b)")

@@ -26,6 +26,15 @@ SAFE_SINGLE = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
 BIN_SINGLE = "pytorch_model.bin"
 BIN_INDEX = "pytorch_model.bin.index.json"
+GGUF_SUFFIX = ".gguf"  # llama.cpp's single-file models (config, tokenizer, weights): ptuning.models.hf.gguf
+
+
+
+def is_gguf_file(path: str | os.PathLike) -> bool:
+    """``path`` is an existing ``.gguf`` file (a single-file model: config, tokenizer and weights)."""
+    path = Path(path).expanduser()
+    return path.suffix.lower() == GGUF_SUFFIX and path.is_file()
+
 
 # Stored by the original checkpoint but recomputed by the model.
 IGNORED_KEYS = re.compile(r".*rotary_emb\.inv_freq$")

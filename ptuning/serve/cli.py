@@ -21,9 +21,8 @@ import signal
 import socket
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
-from ..config import ConfigError
+from ..config import ConfigError, is_model_reference
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
 
@@ -127,8 +126,8 @@ def load(args: argparse.Namespace, prefixes: list[tuple[str, str]]) -> Loaded:
     """
     import torch
 
+    from ..build import base_weights_digest
     from ..build import load as load_folder
-    from ..build import weights_digest
     from ..config import ModelConfig
     from ..evaluation.run import resolve_checkpoint
     from ..perf import set_cpu_threads
@@ -140,9 +139,8 @@ def load(args: argparse.Namespace, prefixes: list[tuple[str, str]]) -> Loaded:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device={args.device}: CUDA is not available on this machine")
     dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
-    if args.model_path is not None and not args.model_path.startswith("builtin:") and \
-            not Path(args.model_path).expanduser().is_dir():
-        raise ConfigError(f"--model-path={args.model_path}: no such folder (expected a model folder)")
+    if args.model_path is not None and not is_model_reference(args.model_path):
+        raise ConfigError(f"--model-path={args.model_path}: no such folder (expected a model folder or a .gguf file)")
     cfg = ModelConfig(path=args.model_path, dtype=dtype, quantization_bit=args.quantization_bit)
     try:
         cfg.validate()
@@ -162,8 +160,8 @@ def load(args: argparse.Namespace, prefixes: list[tuple[str, str]]) -> Loaded:
     set_cpu_threads(model, device)  # one intra-op thread for a small model on a CPU (unless OMP_NUM_THREADS)
     # how checkpoints describe this backbone (ptuning.build.base_metadata, without a prefix of its own)
     current = {"base_model": cfg.base_model_name, "base_config_fingerprint": family.fingerprint(model.config)}
-    if cfg.base_model_name.startswith("builtin:"):
-        current["base_weights_sha256"] = weights_digest(cfg.resolved_path)
+    if (digest := base_weights_digest(cfg)) is not None:
+        current["base_weights_sha256"] = digest
     banks = {}
     for name, checkpoint, state, meta in checkpoints:
         if meta and meta.get("family") not in (None, family.name):
@@ -208,9 +206,10 @@ def base_name(args: argparse.Namespace) -> str:
     built-in model)."""
     if args.model_name:
         return args.model_name
-    from ..config import ModelConfig
+    from ..config import GGUF_SUFFIX, ModelConfig
 
-    return ModelConfig(path=args.model_path).resolved_path.resolve().name or "base"
+    path = ModelConfig(path=args.model_path).resolved_path.resolve()
+    return (path.stem if path.suffix.lower() == GGUF_SUFFIX else path.name) or "base"
 
 
 def build_service(loaded: Loaded, name: str, *, max_batch_size: int, default_max_tokens: int):

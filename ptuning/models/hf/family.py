@@ -1,6 +1,6 @@
 """transformers' own decoders as a model family: GLM (``THUDM/glm-4-9b-chat-hf``), GLM-4-0414, Llama, Qwen2
 and Qwen3, loaded with ``AutoModelForCausalLM`` / ``AutoTokenizer`` from a local folder (weights in the HF
-layout, a fast ``tokenizer.json``), remote code never run. The prefix enters through the attention interface
+layout, a fast ``tokenizer.json``) or a single ``.gguf`` file (:mod:`.gguf`), remote code never run. The prefix enters through the attention interface
 (:mod:`.attention`, :mod:`.modeling`); prompts through the tokenizer's chat template (:mod:`.template`)."""
 
 from __future__ import annotations
@@ -9,8 +9,10 @@ import json
 from pathlib import Path
 
 from ...prefix import PrefixShape
+from ...weights import CheckpointError, is_gguf_file
 from .. import HF_ARCHITECTURES
 from ..base import Family
+from .gguf import load_gguf_tokenizer
 from .modeling import load_prefix_model, prefix_shape
 from .template import ChatTemplatePrompt
 
@@ -84,13 +86,19 @@ class HFFamily(Family):
         from ...config import ConfigError
 
         folder = Path(folder)
-        if not (folder / "tokenizer.json").is_file():
+        if is_gguf_file(folder):
+            try:
+                tokenizer = load_gguf_tokenizer(folder)
+            except CheckpointError as err:
+                raise ConfigError(str(err)) from None
+        elif not (folder / "tokenizer.json").is_file():
             raise ConfigError(f"{folder}: no tokenizer.json (a transformers fast tokenizer) in the model folder")
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
-        except (OSError, ValueError, KeyError) as err:
-            lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-            raise ConfigError(f"{folder}: cannot load the tokenizer ({lines[0] if lines else type(err).__name__})") from None
+        else:
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+            except (OSError, ValueError, KeyError) as err:
+                lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+                raise ConfigError(f"{folder}: cannot load the tokenizer ({lines[0] if lines else type(err).__name__})") from None
         if vocab_size is not None and len(tokenizer) > vocab_size:
             raise ConfigError(
                 f"{folder}: the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {vocab_size}"

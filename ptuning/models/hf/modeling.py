@@ -37,8 +37,9 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.utils.deprecation import deprecate_kwarg
 
 from ...prefix import PrefixEncoder, PrefixKV, PrefixShape, prefix_key_values, reset_prefix
-from ...weights import CheckpointError
+from ...weights import CheckpointError, is_gguf_file
 from .attention import register
+from .gguf import load_gguf_causal_lm
 
 IGNORE_INDEX = -100
 
@@ -310,15 +311,19 @@ def attach_prefix(model: PreTrainedModel, shape: PrefixShape | None, dropout: fl
 
 
 def load_causal_lm(folder: str | Path, *, dtype: torch.dtype = torch.float32, device=None) -> PreTrainedModel:
-    """A transformers-native causal LM from a local folder (``config.json`` + weights in the HF layout), in
-    ``dtype``, without a prefix (see :func:`attach_prefix`). Remote code is never run: the config's
-    ``model_type`` must be one transformers knows.
+    """A transformers-native causal LM from a local folder (``config.json`` + weights in the HF layout) or a
+    ``.gguf`` file (de-quantized by transformers' GGUF loader, :mod:`.gguf`), in ``dtype``, without a prefix
+    (see :func:`attach_prefix`). Remote code is never run: the config's ``model_type`` must be one transformers
+    knows.
 
     Raises:
         CheckpointError: no config, a config only remote code defines (``auto_map``), or weights that do not
-            fit (names the keys).
+            fit (names the keys); a file that is no GGUF model.
     """
     folder = Path(folder)
+    if is_gguf_file(folder):
+        model = load_gguf_causal_lm(folder, dtype=dtype)
+        return model.to(device) if device is not None else model
     config_file = folder / "config.json"
     try:
         raw = json.loads(config_file.read_text(encoding="utf-8"))
