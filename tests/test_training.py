@@ -161,7 +161,7 @@ def test_nonfinite_loss_stops_naming_step_and_checkpoint(tmp_path, monkeypatch):
     calls = {"n": 0}
 
     def poisoned(model, ids, labels):
-        calls["n"] += model.training  # training steps only (the untuned prefix's eval loss comes first)
+        calls["n"] += model.training  # training steps only (the base model's eval loss comes first)
         value = real(model, ids, labels)
         return value * float("nan") if calls["n"] == 5 and model.training else value
 

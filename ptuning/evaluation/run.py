@@ -8,6 +8,7 @@ folder that is never a training output or checkpoint folder.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -53,10 +54,11 @@ class EvaluateJobConfig:
         generation: decoding settings (greedy by default).
         prefix_checkpoint: a checkpoint folder of ours or of the original P-Tuning v2 script, or a
             training output folder (its latest checkpoint); null = the latest checkpoint of
-            ``outputs/default``.
+            ``outputs/default``; ``none`` = no prefix: the base model as published (the baseline a prefix is
+            measured against).
         batch_size: prompts decoded together on each process.
         output_dir: where the predictions and metrics go; null = ``eval-<checkpoint name>`` beside the
-            checkpoint.
+            checkpoint (``outputs/eval-base-<model.name>`` for ``prefix_checkpoint=none``).
         overwrite: replace the predictions and metrics of an earlier evaluation in ``output_dir`` (only files
             that evaluate.py wrote; without it, existing results are never replaced).
         split: ``test`` or ``validation``: which data file to evaluate.
@@ -96,6 +98,15 @@ class EvaluateJobConfig:
 
 
 # ---- where to read and where to write ----
+
+#: ``prefix_checkpoint=none``: evaluate the base model without any prefix
+NO_PREFIX = "none"
+
+
+def base_model_output_dir(model_name: str) -> Path:
+    """Where ``prefix_checkpoint=none`` writes by default: ``outputs/eval-base-<model.name>``."""
+    safe = "".join(c if c.isalnum() or c in "._-" else "-" for c in model_name) or "model"
+    return Path("outputs") / f"eval-base-{safe}"
 
 
 def resolve_checkpoint(prefix_checkpoint: str | None, key: str = "prefix_checkpoint") -> Path:
@@ -205,21 +216,22 @@ def earlier_results(out: Path, overwrite: bool) -> list[str]:
     return [p.name for p in found]
 
 
-def resolve_output_dir(checkpoint: Path, output_dir: str | None) -> Path:
-    """The evaluation's output folder: ``output_dir`` or ``eval-<checkpoint name>`` beside the checkpoint.
+def resolve_output_dir(checkpoint: Path | None, output_dir: str | None, default: Path | None = None) -> Path:
+    """The evaluation's output folder: ``output_dir`` or ``default`` (``eval-<checkpoint name>`` beside the
+    checkpoint unless given; ``checkpoint`` None: the base model's evaluation, which needs ``default``).
 
     Raises:
         ConfigError: the folder is, or lies inside, a checkpoint, or is (or lies inside) a training output or
             model folder, other than the checkpoint's own ``eval-<checkpoint name>``: evaluation files there
             could overwrite or be mistaken for training outputs.
     """
-    default = checkpoint.parent / f"eval-{checkpoint.name}"
+    default = default or checkpoint.parent / f"eval-{checkpoint.name}"
     out = Path(output_dir).expanduser() if output_dir else default
     resolved = out.resolve()
     why = None
     if resolved.exists() and not resolved.is_dir():
         why = "it exists and is not a folder"
-    elif resolved == checkpoint.resolve() or checkpoint.resolve() in resolved.parents:
+    elif checkpoint is not None and (resolved == checkpoint.resolve() or checkpoint.resolve() in resolved.parents):
         why = "it is inside the checkpoint being evaluated"
     elif resolved.is_dir():
         why = _why_not_writable(resolved)
@@ -254,6 +266,7 @@ def predict(
     batch_size: int | None = None,
     progress: bool = True,
     examples: list[dict] | None = None,
+    prefix=None,
 ) -> tuple[dict, list[dict]]:
     """Generates for every example of ``split`` and scores the predictions.
 
@@ -271,11 +284,13 @@ def predict(
         batch_size: prompts decoded together (default: the training config's, else 16).
         progress: show a progress bar with ETA on the main process.
         examples: generation features (``prompt``, ``input_ids``, ``reference``) built beforehand.
+        prefix: replaces the model's own prefix (:func:`~ptuning.prefix.no_prefix`: the base model).
 
     Returns:
-        The metrics (the four scores, ``num_samples``, ``num_empty_predictions``, ``new_tokens``,
-        ``generation_s``, ``new_tokens_per_s``) and the predictions ``[{"prompt", "labels", "predict"}]``
-        in input order.
+        The metrics (the four scores, ``num_samples``, ``num_empty_predictions``, ``num_stopped_predictions``
+        (answers that ended with a stop token within ``max_new_tokens``: the model ended them itself),
+        ``new_tokens``, ``generation_s``, ``new_tokens_per_s``) and the predictions ``[{"prompt", "labels",
+        "predict"}]`` in input order.
     """
     from ..generation import packed_linears
     from ..training.faults import kill_point
@@ -303,7 +318,7 @@ def predict(
 
         bar = tqdm(total=len(mine), desc="generate", unit="example", dynamic_ncols=True)
     outputs: list[tuple[int, str]] = []
-    new_tokens = 0
+    new_tokens = stopped = 0
     start = time.perf_counter()
     stack = ExitStack()
     try:
@@ -317,8 +332,11 @@ def predict(
                 settings,
                 pad_id=template.pad_token_id,
                 stop_ids=template.stop_token_ids,
+                prefix=prefix,
             )
             new_tokens += sum(len(x) for x in ids)
+            # the ids end before the stop token: fewer than max_new_tokens means a stop token ended the answer
+            stopped += sum(len(x) < settings.max_new_tokens for x in ids)
             outputs += [(i, template.decode(x)) for i, x in zip(chunk, ids, strict=True)]
             if bar is not None:
                 bar.update(len(chunk))
@@ -331,16 +349,18 @@ def predict(
     elapsed = time.perf_counter() - start
     if world > 1:
         outputs = comm.gather_objects(outputs)
-        counts = comm.gather_objects([(new_tokens, elapsed)])
-        new_tokens = sum(n for n, _ in counts)
+        counts = comm.gather_objects([(new_tokens, elapsed, stopped)])
+        new_tokens = sum(n for n, _, _ in counts)
+        stopped = sum(s for _, _, s in counts)
         # the processes run side by side: the run took as long as the slowest one
-        elapsed = max(t for _, t in counts)
+        elapsed = max(t for _, t, _ in counts)
     by_index = dict(outputs)
     rows = [
         {"prompt": ex["prompt"], "labels": ex["reference"], "predict": by_index[i]}
         for i, ex in enumerate(examples)
     ]
     metrics = compute_metrics([r["predict"] for r in rows], [r["labels"] for r in rows])
+    metrics["num_stopped_predictions"] = stopped
     metrics["new_tokens"] = new_tokens
     metrics["generation_s"] = elapsed
     metrics["new_tokens_per_s"] = new_tokens / elapsed if elapsed > 0 else 0.0
@@ -358,6 +378,7 @@ def evaluate_model(
     batch_size: int | None = None,
     progress: bool = True,
     examples: list[dict] | None = None,
+    prefix=None,
 ) -> dict:
     """The metrics of :func:`predict` alone (training-time evaluation)."""
     metrics, _ = predict(
@@ -370,6 +391,7 @@ def evaluate_model(
         batch_size=batch_size,
         progress=progress,
         examples=examples,
+        prefix=prefix,
     )
     return metrics
 
@@ -452,25 +474,19 @@ def _evaluate(cfg: EvaluateJobConfig, tracker) -> dict:
     from ..data.loading import check_positions
     from ..distributed import LaunchError, start
     from ..perf import set_cpu_threads
-    from ..training.checkpoint import base_model_change, infer_prefix_shape, load_prefix, read_prefix
-    from ..weights import CheckpointError
+    from ..training.checkpoint import base_model_change, load_prefix
 
     cfg.validate()
-    checkpoint = resolve_checkpoint(cfg.prefix_checkpoint)
-    out = resolve_output_dir(checkpoint, cfg.output_dir)
+    base_only = cfg.prefix_checkpoint == NO_PREFIX
+    if base_only:
+        checkpoint, meta = None, None
+        out = resolve_output_dir(None, cfg.output_dir, base_model_output_dir(cfg.model.name))
+        check_no_prefix_shape(cfg.model)
+    else:
+        checkpoint = resolve_checkpoint(cfg.prefix_checkpoint)
+        out = resolve_output_dir(checkpoint, cfg.output_dir)
+        meta = take_prefix_shape(cfg.model, checkpoint)
     replacing = earlier_results(out, cfg.overwrite)
-    prefix, meta = read_prefix(checkpoint)
-    # the prefix decides the model's prefix shape; an original-format checkpoint has no metadata
-    shape = meta if meta and "pre_seq_len" in meta else infer_prefix_shape(prefix)
-    for key, value in (("pre_seq_len", shape["pre_seq_len"]), ("prefix_projection", shape.get("prefix_projection", False))):
-        given = getattr(cfg.model, key)
-        if given is not None and given != value:
-            raise CheckpointError(
-                f"{checkpoint}: the prefix was trained with {key}={value} but the model has {key}={given} "
-                f"(model.{key}; leave it unset to take the checkpoint's)"
-            )
-        setattr(cfg.model, key, value)
-    cfg.model.validate()
     # checked by every process before any work: an unwritable folder fails at once, and on all processes
     # alike; it is made only when the results are written, so a refused evaluation leaves no empty folder
     check_writable(out)
@@ -482,10 +498,10 @@ def _evaluate(cfg: EvaluateJobConfig, tracker) -> dict:
         raise ConfigError(str(err)) from None
     main = comm.is_main_process
     set_seed(cfg.seed + comm.process_index)  # sampling: a different stream on each process
-    loaded = load(cfg.model, device=accelerator.device, init=False)
+    loaded = load(cfg.model, device=accelerator.device, init=False, **({"pre_seq_len": None} if base_only else {}))
     model, template = loaded.model, loaded.template
     set_cpu_threads(model, accelerator.device)
-    changed = base_model_change(load_prefix(model, checkpoint), base_metadata(cfg.model, model))
+    changed = None if base_only else base_model_change(load_prefix(model, checkpoint), base_metadata(cfg.model, model))
     if changed and main:
         print(f"warning: {checkpoint} {changed}", file=sys.stderr)
     # The main process fills the datasets cache first, the others then read it. A data error is raised
@@ -505,8 +521,9 @@ def _evaluate(cfg: EvaluateJobConfig, tracker) -> dict:
     if error is not None:
         raise error
     if main:
+        what = f"the base model {cfg.model.base_model_name} (no prefix)" if base_only else str(checkpoint)
         print(
-            f"evaluating {checkpoint} on {data_file} ({len(examples)} examples) with {comm.num_processes} "
+            f"evaluating {what} on {data_file} ({len(examples)} examples) with {comm.num_processes} "
             f"process(es), batch_size={cfg.batch_size}, {'sampling' if cfg.generation.do_sample else 'greedy'}"
             + ("; generation.compile=true: the first decode step waits for torch.compile (tens of seconds on a CPU)"
                if cfg.generation.compile else "")
@@ -515,7 +532,8 @@ def _evaluate(cfg: EvaluateJobConfig, tracker) -> dict:
         model, template, cfg.data, cfg.generation, comm, batch_size=cfg.batch_size, examples=examples
     )
     metrics.update(
-        checkpoint=str(checkpoint),
+        checkpoint=None if base_only else str(checkpoint),  # None: the base model, no prefix
+        base_model=cfg.model.base_model_name,
         run_id=(meta or {}).get("run_id"),  # the training run that wrote it: train.overwrite knows its evaluations
         data_file=str(data_file),
         batch_size=cfg.batch_size,
@@ -542,10 +560,51 @@ def _evaluate(cfg: EvaluateJobConfig, tracker) -> dict:
     return metrics
 
 
+def take_prefix_shape(model_cfg: EvaluateModelConfig, checkpoint: Path) -> dict | None:
+    """Sets ``model_cfg``'s ``pre_seq_len`` and ``prefix_projection`` to the checkpoint's prefix and validates
+    it. Returns the checkpoint's metadata (None for an original-format checkpoint, whose shape is read off
+    its tensors).
+
+    Raises:
+        CheckpointError: a value given in ``model.*`` differs from the checkpoint's.
+    """
+    from ..training.checkpoint import infer_prefix_shape, read_prefix
+    from ..weights import CheckpointError
+
+    prefix, meta = read_prefix(checkpoint)
+    shape = meta if meta and "pre_seq_len" in meta else infer_prefix_shape(prefix)
+    for key, value in (("pre_seq_len", shape["pre_seq_len"]), ("prefix_projection", shape.get("prefix_projection", False))):
+        given = getattr(model_cfg, key)
+        if given is not None and given != value:
+            raise CheckpointError(
+                f"{checkpoint}: the prefix was trained with {key}={value} but the model has {key}={given} "
+                f"(model.{key}; leave it unset to take the checkpoint's)"
+            )
+        setattr(model_cfg, key, value)
+    model_cfg.validate()
+    return meta
+
+
+def check_no_prefix_shape(model_cfg: EvaluateModelConfig) -> None:
+    """``prefix_checkpoint=none`` loads no prefix: a prefix size given in ``model.*`` is a contradiction.
+
+    Raises:
+        ConfigError: ``model.pre_seq_len`` / ``model.prefix_projection`` is set (names it).
+    """
+    for key in ("pre_seq_len", "prefix_projection"):
+        if getattr(model_cfg, key) is not None:
+            raise ConfigError(f"model.{key}={getattr(model_cfg, key)} with prefix_checkpoint=none: the base model "
+                              f"is evaluated without a prefix (leave model.{key} unset)")
+    # the model's other keys are checked as for any evaluation (a prefix size is needed only to check them)
+    dataclasses.replace(model_cfg, pre_seq_len=1, prefix_projection=False).validate()
+
+
 def format_table(metrics: dict) -> str:
-    """The four scores, the sample counts and the throughput as a one-row Markdown table."""
-    head = "| " + " | ".join(METRIC_NAMES) + " | samples | empty | new tokens/s |"
-    rule = "|" + "---|" * (len(METRIC_NAMES) + 3)
+    """The four scores, the sample counts (empty answers; answers a stop token ended) and the throughput as a
+    one-row Markdown table."""
+    head = "| " + " | ".join(METRIC_NAMES) + " | samples | empty | stopped | new tokens/s |"
+    rule = "|" + "---|" * (len(METRIC_NAMES) + 4)
     row = "| " + " | ".join(f"{metrics[n]:.2f}" for n in METRIC_NAMES)
-    row += f" | {metrics['num_samples']} | {metrics['num_empty_predictions']} | {metrics['new_tokens_per_s']:.1f} |"
+    row += (f" | {metrics['num_samples']} | {metrics['num_empty_predictions']} | {metrics['num_stopped_predictions']}"
+            f" | {metrics['new_tokens_per_s']:.1f} |")
     return "\n".join([head, rule, row])

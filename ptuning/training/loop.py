@@ -24,12 +24,12 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 from transformers import get_scheduler
 
-from ..build import load, model_family, weights_digest
+from ..build import base_weights_digest, load, model_family
 from ..config import TrainJobConfig
 from ..distributed import Collectives, LaunchError, start
 from ..evaluation.metrics import METRIC_NAMES
 from ..perf import matmul_peak_flops, model_train_flops_per_token, peak_memory_mib, set_cpu_threads
-from ..prefix import mark_only_prefix_trainable, prefix_module_name
+from ..prefix import PrefixKV, mark_only_prefix_trainable, no_prefix, prefix_module_name
 from ..weights import BIN_INDEX, SAFE_INDEX, SAFE_SINGLE, CheckpointError
 from .checkpoint import (
     CHECKPOINT_FILES,
@@ -95,7 +95,7 @@ class TrainResult:
     train_loss: float | None = None
     eval_loss: float | None = None
     metrics: dict = field(default_factory=dict)
-    baseline_metrics: dict = field(default_factory=dict)  # the untuned prefix (eval_before_training)
+    baseline_metrics: dict = field(default_factory=dict)  # the base model, no prefix (eval_before_training)
     main_process: bool = True  # False on the other processes of a run: only the main one reports
 
 
@@ -136,11 +136,14 @@ def target_count(labels: list[int]) -> int:
     return sum(1 for t in labels[1:] if t != -100)
 
 
-def token_loss_sum(model, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def token_loss_sum(model, ids: torch.Tensor, labels: torch.Tensor, prefix: PrefixKV | None = None) -> torch.Tensor:
     """Summed next-token cross-entropy (float32) over the batch's target tokens: the model's loss times
     its target count. Logits are formed only where a target is predicted, and no generation cache is built
-    (writing every layer's keys and values into one, and its backward, cost ~5% of a CPU step)."""
-    return model(input_ids=ids, labels=labels, loss_reduction="sum", return_logits=False, use_cache=False).loss
+    (writing every layer's keys and values into one, and its backward, cost ~5% of a CPU step). ``prefix``
+    replaces the model's own (:func:`~ptuning.prefix.no_prefix`: the base model)."""
+    extra = {} if prefix is None else {"prefix": prefix}
+    return model(input_ids=ids, labels=labels, loss_reduction="sum", return_logits=False, use_cache=False,
+                 **extra).loss
 
 
 def make_accelerator(cfg: TrainJobConfig) -> tuple[Accelerator, Collectives]:
@@ -556,8 +559,7 @@ def _train(cfg: TrainJobConfig, trackers, where: _Progress) -> TrainResult:
     trainable, total = mark_only_prefix_trainable(model)
     if cfg.model.gradient_checkpointing:
         model.activation_checkpointing_enable()
-    builtin = cfg.model.base_model_name.startswith("builtin:")
-    meta = prefix_metadata(model, cfg.model.base_model_name, weights_digest(cfg.model.resolved_path) if builtin else None)
+    meta = prefix_metadata(model, cfg.model.base_model_name, base_weights_digest(cfg.model))
     changed = base_model_change(trained_meta, meta)
     if changed and resume is not None and not cfg.train.allow_base_model_change:
         raise TrainingError(
@@ -691,7 +693,7 @@ def _train(cfg: TrainJobConfig, trackers, where: _Progress) -> TrainResult:
         comm.barrier()
         return path
 
-    def evaluate_loss() -> float | None:
+    def evaluate_loss(prefix: PrefixKV | None = None) -> float | None:
         if eval_ds is None:
             return None
         model.eval()
@@ -704,7 +706,7 @@ def _train(cfg: TrainJobConfig, trackers, where: _Progress) -> TrainResult:
                 batch = collate([eval_ds[i] for i in mine[start : start + cfg.train.eval_batch_size]])
                 ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
                 with accelerator.autocast():
-                    loss_sum += token_loss_sum(model, ids, labels)
+                    loss_sum += token_loss_sum(model, ids, labels, prefix)
                 count += (labels[:, 1:] != -100).sum()
                 kill_point("eval", step)  # test-only: SIGKILL during an evaluation
         stats = comm.sum(torch.stack([loss_sum, count.float()]))
@@ -715,13 +717,15 @@ def _train(cfg: TrainJobConfig, trackers, where: _Progress) -> TrainResult:
     if cfg.train.eval_before_training and cfg.data.validation_file and resume is None:
         from ..evaluation.run import evaluate_model
 
-        baseline = evaluate_model(raw, template, cfg.data, cfg.train, comm, examples=gen_examples)
-        record = {"eval_loss": evaluate_loss(), **{f"eval_{k}": v for k, v in baseline.items()}}
+        # the baseline is the base model as published (no prefix), not the prefix before training
+        base = no_prefix(raw)
+        baseline = evaluate_model(raw, template, cfg.data, cfg.train, comm, examples=gen_examples, prefix=base)
+        record = {"eval_loss": evaluate_loss(base), **{f"eval_{k}": v for k, v in baseline.items()}}
         log.write({"step": 0, **record})
         if trackers is not None and main:
             trackers.log(record, 0)
         if main:
-            print(f"untuned prefix: eval loss {record['eval_loss']:.4f}, "
+            print(f"base model (no prefix): eval loss {record['eval_loss']:.4f}, "
                   + ", ".join(f"{k} {baseline[k]:.2f}" for k in METRIC_NAMES))
 
     progress = None
