@@ -26,7 +26,9 @@ import shlex
 import statistics
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,7 +40,6 @@ RECIPES: dict[str, list[str]] = {
     "text": [TEXT, "train.learning_rate=1e-2"],
     "zeros": ["model.prefix_init=zeros", NO_TEXT, "train.learning_rate=1e-2"],
     "random": ["model.prefix_init=random", NO_TEXT, "train.learning_rate=1e-2"],
-    "text-lr1e-3": [TEXT, "train.learning_rate=1e-3"],
     "text-lr3e-3": [TEXT, "train.learning_rate=3e-3"],
     "text-lr3e-2": [TEXT, "train.learning_rate=3e-2"],
     "text-P64": [TEXT, "train.learning_rate=1e-2", "model.pre_seq_len=64"],
@@ -47,6 +48,7 @@ RECIPES: dict[str, list[str]] = {
     # the toolkit's earlier defaults for every model: random N(0, 1) init, lr 3e-2, dropout 0.1
     "random-lr3e-2-dropout0.1": ["model.prefix_init=random", NO_TEXT, "train.learning_rate=3e-2",
                                  "model.prefix_dropout=0.1"],
+    "text-lr1e-3": [TEXT, "train.learning_rate=1e-3"],
 }
 
 
@@ -127,6 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-rows", type=int, default=400, help="the first N training rows (default 400)")
     parser.add_argument("--dev-rows", type=int, default=100, help="the first N dev rows (default 100)")
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="recipes run at once, one process each (their s/step then share the CPU: compare step "
+                             "times within one run of benchmarks/bench_real_model.py instead)")
     parser.add_argument("--only", help="comma-separated recipe names (default: all)")
     parser.add_argument("--extra", action="append", default=[],
                         help='another recipe, "name:override override ..." (repeatable)')
@@ -149,13 +154,21 @@ def main(argv: list[str] | None = None) -> int:
     kept = [r for r in saved.get("results", []) if saved.get("setup") == setup and r["name"] not in names]
     machine = {"cpu": _cpu(), "threads": os.environ.get("OMP_NUM_THREADS", "torch default"),
                "python": platform.python_version(), "load_average_at_start": os.getloadavg()}
-    results = []
-    for i, name in enumerate(names):
+    results: dict[str, dict] = {}
+    lock = threading.Lock()
+
+    def one(i: int, name: str) -> None:
         baseline = i == 0 and not any("base_model" in r for r in kept)
-        results.append(run_recipe(name, recipes[name], args, baseline))
-        everything = kept + results
-        path.write_text(json.dumps({"setup": setup, "machine": machine, "results": everything}, indent=2) + "\n")
-        print(table(everything), flush=True)
+        result = run_recipe(name, recipes[name], args, baseline)
+        with lock:
+            results[name] = result
+            everything = kept + [results[n] for n in names if n in results]
+            path.write_text(json.dumps({"setup": setup, "machine": machine, "results": everything}, indent=2) + "\n")
+            print(table(everything), flush=True)
+
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        for future in [pool.submit(one, i, name) for i, name in enumerate(names)]:
+            future.result()
     return 0
 
 
