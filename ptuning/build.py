@@ -176,8 +176,10 @@ def init_prefix(loaded: Loaded, cfg: ModelConfig) -> None:
     * ``zeros``: every prefix key and value 0 (:func:`ptuning.prefix.reset_prefix`);
     * ``text``: the frozen model's own keys and values for the first P tokens of ``cfg.prefix_init_text``
       (repeated when shorter): the text is run through the model without a prefix and each layer's cached
-      keys (rotated at positions 0..P-1, as the cache holds them) and values become the prefix. peft's
-      MetaMathQA comparison of prefix tuning: 18.6 % from random init, 35.8 % from zeros, 41.6 % from text.
+      keys (rotated at the positions the family gives, :meth:`~ptuning.models.base.Family.text_prefix_positions`:
+      -P..-1 for transformers' decoders, right before the prompt; 0..P-1 otherwise) and values become the
+      prefix. peft's MetaMathQA comparison of prefix tuning: 18.6 % from random init, 35.8 % from zeros,
+      41.6 % from text.
 
     Raises:
         ConfigError: ``text`` with ``prefix_projection``, or a text that gives no tokens.
@@ -207,7 +209,9 @@ def init_prefix(loaded: Loaded, cfg: ModelConfig) -> None:
     hidden = torch.zeros(1, shape.num_key_value_heads, 0, shape.head_dim, dtype=dtype, device=device)
     no_prefix = PrefixKV([hidden] * shape.num_layers, [hidden] * shape.num_layers)
     run = loaded.family.text_prefix_input(loaded.tokenizer, ids)
-    out = model(input_ids=torch.tensor([run], device=device), use_cache=True, prefix=no_prefix)
+    positions = loaded.family.text_prefix_positions(len(run))
+    where = {} if positions is None else {"position_ids": torch.tensor([positions], device=device)}
+    out = model(input_ids=torch.tensor([run], device=device), use_cache=True, prefix=no_prefix, **where)
     cache = out.cache
     keys = [layer.keys[0, :, :length].float() for layer in cache.layers]  # (G, P, D) each
     values = [layer.values[0, :, :length].float() for layer in cache.layers]

@@ -333,6 +333,11 @@ class Family(ABC):
         ``ids`` (they sit at its first ``len(ids)`` positions). Default: the ids themselves."""
         return list(ids)
 
+    def text_prefix_positions(self, length: int) -> list[int] | None:
+        """The positions at which ``model.prefix_init=text`` runs its input of ``length`` ids; None (default):
+        the model's own (0, 1, ...)."""
+        return None
+
     def export_unsupported(self, kind: str) -> str | None:
         """Why ``python -m ptuning.export <kind>`` (``peft``, ``from-peft``, ``original``, ``full``) cannot carry
         this family's prefix, or None when it can."""

@@ -112,6 +112,14 @@ class HFFamily(Family):
             stops += generation_stop_ids(Path(folder))
         return ChatTemplatePrompt(tokenizer, stops)
 
+    def text_prefix_positions(self, length: int) -> list[int]:
+        """``-length .. -1``: the text is read where it would stand right before the prompt (whose positions
+        start at 0). Rotary attention depends on the distance between a query and a key only, so every prompt
+        token then sees the prefix as it would see that text read first (its keys and values exactly; the
+        prefix keys are used as given, never rotated again). At 0 .. P-1 the text's keys would sit at the
+        prompt's own positions, where no text ever stood."""
+        return list(range(-length, 0))
+
     def prefix_shape(self, model_config, pre_seq_len: int, prefix_projection: bool) -> PrefixShape:
         return prefix_shape(model_config, pre_seq_len, prefix_projection)
 
