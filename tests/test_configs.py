@@ -171,8 +171,8 @@ def test_qa_an_unreadable_override_says_how_to_quote_it(value, capsys):
 
 
 def test_qa_the_readme_prefix_init_text_form_composes():
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    assert "\"model.prefix_init_text='用简洁的广告文案描述这件商品。'\"" in readme
+    docs = (ROOT / "docs" / "configuration.md").read_text(encoding="utf-8")
+    assert "\"model.prefix_init_text='用简洁的广告文案描述这件商品。'\"" in docs
     # what the shell passes on for that form
     job = to_object(compose_train(["model.prefix_init=text", "model.prefix_init_text='用简洁的广告文案描述这件商品。'",
                                    "train.output_dir=/tmp/x"]))
@@ -198,8 +198,8 @@ def test_qa_readme_tiny_recipes_paste_top_to_bottom(section):
     of those (not whatever outputs/default holds)."""
     import shlex
 
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    text = readme[readme.index(section):]
+    docs = (ROOT / "docs" / "families.md").read_text(encoding="utf-8")
+    text = docs[docs.index(section):]
     block = text[text.index("```bash") + 7:].split("```", 1)[0].replace("\\\n", " ")
     lines = [line.split("  #")[0].strip() for line in block.splitlines()]
     lines = [shlex.split(line) for line in lines if line and not line.startswith("#")]
@@ -263,8 +263,8 @@ def test_runfix_every_scheduler_accepted_is_one_that_works_and_the_readme_lists_
                                           r"cosine_with_restarts / polynomial / constant / constant_with_warmup / "
                                           r"inverse_sqrt$"):
         to_object(compose_train(["train.output_dir=/tmp/x", "train.lr_scheduler=reduce_lr_on_plateau"])).validate()
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    row = next(line for line in readme.splitlines() if line.startswith("| `train.lr_scheduler`"))
+    docs = (ROOT / "docs" / "configuration.md").read_text(encoding="utf-8")
+    row = next(line for line in docs.splitlines() if line.startswith("| `train.lr_scheduler`"))
     assert all(f"`{name}`" in row for name in SCHEDULERS), row
     assert "any transformers schedule" not in row
 

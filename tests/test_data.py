@@ -625,15 +625,15 @@ def test_item19_an_empty_history_trains_on_the_raw_question_as_the_readme_says(t
     assert prompt.endswith("[Round 1]\n问：你好\n答：")
     ids = tok.convert_tokens_to_ids(tok.tokenize(prompt))
     assert with_turn["input_ids"][0][: len(ids)] == ids
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    preset = readme.split("`conf=ptuning_chat` is the original `train_chat.sh`", 1)[1].split("\n\n", 1)[0]
+    docs = (ROOT / "docs" / "families.md").read_text(encoding="utf-8")
+    preset = docs.split("`conf=ptuning_chat` is the original `train_chat.sh`", 1)[1].split("\n\n", 1)[0]
     assert "a row\nwhose history is empty trains on the raw question" in preset
     assert "`[Round 0]\\n问：{question}\\n答：`" in preset
     assert "raw question" in (ROOT / "conf" / "conf" / "ptuning_chat.yaml").read_text(encoding="utf-8")
 
 
 def test_runfix_every_cut_is_counted_in_one_line_naming_the_split_and_purpose(tok, tmp_path, caplog):
-    """README: "training and evaluation print how many rows lost turns or tokens". Plain rows cut to
+    """docs/configuration.md: "training and evaluation print how many rows lost turns or tokens". Plain rows cut to
     max_source_length / max_target_length are counted too, and a file read for several purposes (the same
     chat file for training and validation) says which reading each line is about."""
     rows = [{"content": "类型#裙*颜色#白色*风格#清新*图案#碎花*裙长#连衣裙" * 2, "summary": "这条白色连衣裙清新自然，碎花图案显得温柔。" * 3},

@@ -364,8 +364,9 @@ def test_item14_console_shows_eval_loss_and_throughput_as_the_readme_says(tmp_pa
         [(r["step"], r["eval_loss"]) for r in map(json.loads, (tmp_path / "train_log.jsonl").read_text().splitlines())
          if "eval_loss" in r and r["step"] in (2, 4)]]
     bar = captured.err.replace("\r", "\n").splitlines()[-1]
-    readme = (ROOT / "README.md").read_text()
-    logging_section = readme.split("## Logging", 1)[1].split("##", 1)[0]
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    docs = (ROOT / "docs" / "reliability.md").read_text(encoding="utf-8")
+    logging_section = docs.split("## Logging", 1)[1].split("\n## ", 1)[0]
     shown = re.search(r"progress bar with the step's (.*?)`tokens_per_s`", logging_section, re.S).group(0)
     keys = re.findall(r"`(\w+)`", shown)
     assert keys == ["loss", "lr", "grad_norm", "tokens_per_s"]
