@@ -501,7 +501,7 @@ def test_command_line_mistakes_are_one_line_errors(checkpoints, tmp_path, capsys
                               "model is builtin:tiny-chatglm (config fingerprint "), warning
 
 
-def test_the_readme_lists_every_option_and_endpoint(capsys):
+def test_the_serving_docs_list_every_option_and_endpoint(capsys):
     import re
 
     from ptuning.serve.cli import parse_args
