@@ -89,6 +89,8 @@ class SlotCache:
         self._room_source: list[tuple | None] = [None] * num_layers
         self._columns = torch.arange(prefix_room, device=self.device)
         self._all_rows = torch.arange(slots, device=self.device)
+        #: ``[1, 1, 1, 1]`` True: the "build no mask" a model is given in a decode step (the slots' mask applies)
+        self.all_visible = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=self.device)
         if capacity:
             self.reserve(capacity, grow=False)
 
