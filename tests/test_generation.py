@@ -660,3 +660,47 @@ def test_the_cache_is_sized_from_what_requests_need_and_checked_before_allocatin
         decoder.add(Request(prompt, 4000))
     assert allocated == [] and decoder.cache.capacity == 32 and decoder.active == 1
     assert len(run_to_end(decoder, [])) == 0 and decoder.step()  # the admitted row goes on
+
+
+@pytest.mark.parametrize("builtin", ["tiny-chatglm", "tiny-chatglm2"])
+def test_ids_without_a_tokenizer_piece_are_never_chosen_by_evaluation_chat_or_beam_search(builtin, monkeypatch):
+    """The tiny checkpoints pad their output layer as the real ones do (1000 rows for 998 pieces; 1024 for
+    1005): with those rows' logits pushed far up, unrestricted decoding would take them at every step."""
+    import ptuning.evaluation.generate as generate_module
+    import ptuning.evaluation.run as run_module
+    from ptuning.build import load
+    from ptuning.chat import ChatSession
+    from ptuning.config import ModelConfig
+    from ptuning.models import Conversation
+
+    loaded = load(ModelConfig(path=f"builtin:{builtin}"), pre_seq_len=None, init=False)
+    model, template = loaded.model.eval(), loaded.template
+    pieces = len(template.tokenizer)
+    head = model.get_output_embeddings()
+    assert head.weight.shape[0] > pieces
+    bump = torch.zeros(head.weight.shape[0])
+    bump[pieces:] = 1e4
+    head.register_forward_hook(lambda module, args, out: out + bump)
+    prompts = [template.prompt(Conversation(query=q), 64).ids for q in ("类型#裙", "你好")]
+    settings = GenerationSettings(max_new_tokens=5)
+    free = generate_ids(model, prompts, settings, pad_id=template.pad_token_id, stop_ids=[])
+    assert all(min(ids) >= pieces for ids in free)  # what the padded rows would do unrestricted
+    beams = generate_ids(model, prompts, GenerationSettings(max_new_tokens=5, num_beams=2),
+                         pad_id=template.pad_token_id, stop_ids=template.stop_token_ids, vocab_limit=pieces)
+    assert all(max(ids, default=0) < pieces for ids in beams) and any(beams)
+    # evaluation
+    seen = []
+    real_generate = run_module.generate_ids
+    monkeypatch.setattr(run_module, "generate_ids", lambda *a, **kw: seen.extend(real_generate(*a, **kw)) or seen[-2:])
+    examples = [{"prompt": "p", "input_ids": p, "reference": "r"} for p in prompts]
+    run_module.predict(model, template, None, settings, batch_size=2, progress=False, examples=examples)
+    assert len(seen) == 2 and all(ids and max(ids) < pieces for ids in seen)
+    # chat
+    streamed = []
+    real_stream = generate_module.stream_ids
+    monkeypatch.setattr(generate_module, "stream_ids",
+                        lambda *a, **kw: (streamed.append(t) or t for t in real_stream(*a, **kw)))
+    session = ChatSession(model, template, GenerationSettings(max_new_tokens=5), loaded.max_positions)
+    _, ids, _, _ = session.prepare("你好")
+    "".join(session.reply("你好", ids))
+    assert len(streamed) == 5 and max(streamed) < pieces
