@@ -8,11 +8,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from transformers import AutoConfig
+
 from ...prefix import PrefixShape
 from ...weights import CheckpointError, is_gguf_file
 from .. import HF_ARCHITECTURES
 from ..base import Family
-from .gguf import load_gguf_tokenizer
+from .gguf import gguf_model_config, load_gguf_tokenizer
 from .modeling import load_prefix_model, prefix_shape
 from .template import ChatTemplatePrompt
 
@@ -122,6 +124,11 @@ class HFFamily(Family):
 
     def prefix_shape(self, model_config, pre_seq_len: int, prefix_projection: bool) -> PrefixShape:
         return prefix_shape(model_config, pre_seq_len, prefix_projection)
+
+    def model_config(self, folder: Path):
+        if is_gguf_file(folder):
+            return gguf_model_config(folder)
+        return AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
 
     def max_positions(self, model_config) -> int:
         return int(model_config.max_position_embeddings)

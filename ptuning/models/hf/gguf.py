@@ -53,6 +53,16 @@ def gguf_config(path: str | Path) -> dict:
     return _config(path).to_dict()
 
 
+def gguf_model_config(path: str | Path) -> PretrainedConfig:
+    """The transformers config object of a ``.gguf`` file, as :func:`load_gguf_causal_lm` builds the model from
+    it (a copy: read once per file and process).
+
+    Raises:
+        CheckpointError: the file cannot be read as a GGUF model.
+    """
+    return _config(path)
+
+
 def _config(path: str | Path) -> PretrainedConfig:
     """A copy of the file's config object (read once per file and process)."""
     try:
