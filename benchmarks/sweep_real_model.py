@@ -63,6 +63,9 @@ def run_recipe(name: str, overrides: list[str], args: argparse.Namespace, baseli
         f"train.per_device_batch_size={args.batch}", f"train.seed={args.seed}", *overrides,
     ]
     log = Path(args.outputs) / f"{name}.log"
+    if args.collect:  # a run made earlier (e.g. by another invocation): read its log only
+        records = [json.loads(line) for line in (out / "train_log.jsonl").read_text(encoding="utf-8").splitlines()]
+        return summarize(name, overrides, records, args, None)
     log.parent.mkdir(parents=True, exist_ok=True)
     print(f"[{time.strftime('%H:%M:%S')}] {name}: {shlex.join(command[1:])}", flush=True)
     start = time.perf_counter()
@@ -76,13 +79,13 @@ def run_recipe(name: str, overrides: list[str], args: argparse.Namespace, baseli
     return summarize(name, overrides, records, args, wall)
 
 
-def summarize(name: str, overrides: list[str], records: list[dict], args: argparse.Namespace, wall: float) -> dict:
+def summarize(name: str, overrides: list[str], records: list[dict], args: argparse.Namespace, wall: float | None) -> dict:
     """The run's numbers: the last evaluation, the step time and, with a baseline, the base model's."""
     windows = [r for r in records if "samples_per_s" in r]
     final = [r for r in records if r["step"] == args.steps and "eval_rouge-l" in r][-1]
     final_loss = [r for r in records if r["step"] == args.steps and r.get("eval_loss") is not None][-1]
     result = {
-        "name": name, "overrides": overrides, "wall_s": round(wall, 1),
+        "name": name, "overrides": overrides, "wall_s": None if wall is None else round(wall, 1),
         "s_per_step": round(statistics.median(args.batch / w["samples_per_s"] for w in windows), 3),
         "train_loss_last_window": round(windows[-1]["loss"], 4),
         **scores(final, final_loss["eval_loss"]),
@@ -135,6 +138,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", help="comma-separated recipe names (default: all)")
     parser.add_argument("--extra", action="append", default=[],
                         help='another recipe, "name:override override ..." (repeatable)')
+    parser.add_argument("--no-baseline", action="store_true",
+                        help="do not score the base model first (another invocation does)")
+    parser.add_argument("--collect", action="store_true",
+                        help="run nothing: summarize the finished runs of the recipes in --outputs into --json")
     parser.add_argument("--outputs", default=str(ROOT / "outputs" / "sweep-real-model"))
     parser.add_argument("--json", default=str(ROOT / "benchmarks" / "results-real-model-sweep.json"),
                         help="results file; earlier results of other recipes in it are kept")
@@ -158,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     lock = threading.Lock()
 
     def one(i: int, name: str) -> None:
-        baseline = i == 0 and not any("base_model" in r for r in kept)
+        baseline = i == 0 and not args.no_baseline and not any("base_model" in r for r in kept)
         result = run_recipe(name, recipes[name], args, baseline)
         with lock:
             results[name] = result
