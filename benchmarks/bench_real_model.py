@@ -433,6 +433,22 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def drop_options(argv: list[str], names: tuple[str, ...]) -> list[str]:
+    """``argv`` without the given options and their values (what a method's own process is not given)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        if arg in names:
+            skip = True
+            continue
+        if arg.split("=", 1)[0] in names:
+            continue
+        out.append(arg)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -445,20 +461,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--peft-prefix-lr", type=float, default=None, help="default: the recipe's")
     parser.add_argument("--timing-steps", type=int, default=10)
     parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--only", help="comma-separated methods (default: all, then the timing round)")
+    parser.add_argument("--only", help="comma-separated methods and/or timing (default: all, then the timing round; "
+                        "empty: none, e.g. to --merge and print)")
+    parser.add_argument("--merge", action="append", default=[],
+                        help="a results file of another invocation whose methods go into this one's (repeatable)")
     parser.add_argument("--json", default=str(ROOT / "benchmarks" / "results-real-model.json"))
     parser.add_argument("--method", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.method:
         return child(args)
-    passed = [a for a in argv if a not in ("--only",)]
-    if args.only:
-        i = passed.index(args.only)
-        passed = passed[:i] + passed[i + 1:]
-    chosen = args.only.split(",") if args.only else [*METHODS, "timing"]
+    passed = drop_options(argv, ("--only", "--json", "--merge"))
+    chosen = [m for m in args.only.split(",") if m] if args.only is not None else [*METHODS, "timing"]
     path = Path(args.json)
     results = json.loads(path.read_text()) if path.is_file() and args.only else {"methods": {}}
+    for other in args.merge:  # methods measured by other invocations (e.g. side by side with --only)
+        done = json.loads(Path(other).read_text())
+        results["methods"].update(done.get("methods", {}))
+        if "timing" in done:
+            results["timing"] = done["timing"]
     from ptuning.perf import cpu_model
 
     results["machine"] = {"cpu": cpu_model(), "cores": os.cpu_count(), "threads": os.environ.get("OMP_NUM_THREADS", "torch default"),
@@ -470,6 +491,9 @@ def main(argv: list[str] | None = None) -> int:
             results["timing"] = spawn("timing", args, passed)
         else:
             results["methods"][method] = spawn(method, args, passed)
+        path.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+        print(table(results), flush=True)
+    if not chosen:
         path.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
         print(table(results), flush=True)
     return 0
