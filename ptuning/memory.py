@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from dataclasses import asdict, dataclass
 
 SETTINGS = ("fp32", "bf16", "int8", "int4")
@@ -289,8 +290,10 @@ def _config_shape(path: str) -> ModelShape:
     from pathlib import Path
     from types import SimpleNamespace
 
-    from .config import is_gguf_file
+    from .config import PACKAGE_SCHEME, ModelConfig, is_gguf_file
 
+    if path.startswith(PACKAGE_SCHEME):  # a file of an installed package, as model.path takes it
+        path = str(ModelConfig(path=path).resolved_path)
     if is_gguf_file(path):
         from .models.hf.gguf import gguf_config
 
@@ -341,7 +344,7 @@ def main(argv=None) -> None:
     )
     parser.add_argument(
         "--config", help="a ChatGLM-6B / ChatGLM2-6B / ChatGLM3-6B config.json or model folder, or a .gguf file "
-        "(instead of --model)"
+        "(also package:<module>/<file>) (instead of --model)"
     )
     parser.add_argument("--model", choices=sorted(PRESETS), default="chatglm-6b",
                         help="a published model's shape (default chatglm-6b)")
@@ -365,7 +368,11 @@ def main(argv=None) -> None:
     )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
-    shape = _shape_from_args(args)
+    try:
+        shape = _shape_from_args(args)
+    except ValueError as err:  # ConfigError / CheckpointError: a --config that names no usable model, one line
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
     for key in ("batch", "seq", "layers", "hidden", "heads", "inner", "vocab"):
         if getattr(shape, key) <= 0:
             parser.error(f"{key} must be positive, got {getattr(shape, key)}")
