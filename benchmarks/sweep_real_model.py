@@ -44,6 +44,8 @@ RECIPES: dict[str, list[str]] = {
     "text-lr3e-2": [TEXT, "train.learning_rate=3e-2"],
     "text-P64": [TEXT, "train.learning_rate=1e-2", "model.pre_seq_len=64"],
     "zeros-projection": ["model.prefix_init=zeros", NO_TEXT, "model.prefix_projection=true", "train.learning_rate=1e-2"],
+    "zeros-projection-lr1e-3": ["model.prefix_init=zeros", NO_TEXT, "model.prefix_projection=true",
+                                "train.learning_rate=1e-3"],
     "text-dropout0.1": [TEXT, "train.learning_rate=1e-2", "model.prefix_dropout=0.1"],
     # the toolkit's earlier defaults for every model: random N(0, 1) init, lr 3e-2, dropout 0.1
     "random-lr3e-2-dropout0.1": ["model.prefix_init=random", NO_TEXT, "train.learning_rate=3e-2",
