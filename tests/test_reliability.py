@@ -28,7 +28,7 @@ from ptuning.training import checkpoint as checkpoint_module
 from ptuning.training import loop as loop_module
 from ptuning.training.checkpoint import list_checkpoints, prefix_metadata, save_checkpoint
 from ptuning.training.faults import ENV as KILL_ENV
-from ptuning.training.loop import RunLog, resolve_resume
+from ptuning.training.run_folder import RunLog, resolve_resume
 from ptuning.weights import CheckpointError, read_weights, save_weights
 
 from .bad_inputs.recipes import Payload

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from hydra_entry import to_object
 from ptuning.build import load_model
 from ptuning.config import ModelConfig
-from ptuning.training import TrainingError, export_original, load_prefix, run
+from ptuning.training import TrainingError, export_original, load_prefix, run, run_folder
 from ptuning.training import loop as loop_module
 from ptuning.weights import CheckpointError
 
@@ -245,7 +245,7 @@ def test_item01_overwrite_removes_the_old_run_only_after_checks_and_keeps_the_ne
     assert result.checkpoint == tmp_path / "checkpoint-3"
     assert checkpoint_names(tmp_path) == ["checkpoint-2", "checkpoint-3"]
     assert (tmp_path / "notes.txt").read_text() == "the user's own file"
-    assert loop_module.resolve_resume(job(tmp_path, "train.resume_from=latest")) == tmp_path / "checkpoint-3"
+    assert run_folder.resolve_resume(job(tmp_path, "train.resume_from=latest")) == tmp_path / "checkpoint-3"
     assert [r["step"] for r in map(json.loads, (tmp_path / "train_log.jsonl").read_text().splitlines())
             if "loss" in r] == [1, 2, 3]
 
@@ -263,12 +263,12 @@ def test_item01_pruning_and_latest_never_take_another_runs_checkpoints(tmp_path)
     assert checkpoint_names(tmp_path) == ["checkpoint-2", "checkpoint-3", "checkpoint-800"]
     assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint-3"
     assert resolve_checkpoint(str(tmp_path)) == tmp_path / "checkpoint-3"  # evaluate.py / chat on the run folder
-    assert loop_module.resolve_resume(job(tmp_path, "train.resume_from=latest")) == tmp_path / "checkpoint-3"
+    assert run_folder.resolve_resume(job(tmp_path, "train.resume_from=latest")) == tmp_path / "checkpoint-3"
     # a folder whose recorded run has no checkpoint there: resume refuses the others' instead of taking them
     (tmp_path / "run_config.json").write_text(json.dumps({"run_id": "gone"}))
     with pytest.raises(TrainingError, match=r"the checkpoints in .* \(checkpoint-2, checkpoint-3, checkpoint-800\) "
                                             r"were not written by the run its run_config.json records"):
-        loop_module.resolve_resume(job(tmp_path, "train.resume_from=latest"))
+        run_folder.resolve_resume(job(tmp_path, "train.resume_from=latest"))
 
 
 def test_item03_resume_on_another_base_model_is_refused_and_init_warns(tmp_path, capsys):

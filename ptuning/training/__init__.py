@@ -1,11 +1,13 @@
 """The accelerate training loop, prefix checkpoints and experiment tracking."""
 
 from .checkpoint import export_original, latest_checkpoint, load_prefix, read_prefix, save_checkpoint
-from .loop import TrainingError, TrainResult, run
+from .errors import TrainingError, TrainingInterrupted
+from .loop import TrainResult, run
 
 __all__ = [
     "TrainResult",
     "TrainingError",
+    "TrainingInterrupted",
     "export_original",
     "latest_checkpoint",
     "load_prefix",
