@@ -11,14 +11,24 @@ the same generation code as ``evaluate.py``. Type ``clear`` to start a new conve
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from .config import ConfigError
-from .evaluation.generate import GenerationSettings
+import torch
+from transformers import set_seed
+
+from .build import load as load_folder
+from .checkpoint import load_model_with_prefix, read_prefix, resolve_checkpoint
+from .config import ConfigError, ModelConfig
+from .evaluation.generate import GenerationSettings, stream_ids
+from .generation import packed_linears
+from .models import Conversation, UnsupportedModelError, read_config
+from .perf import set_cpu_threads
+from .weights import CheckpointError
 
 BANNER = "Type a message and press Enter; `clear` starts a new conversation, `exit` quits."
 USER_PREFIX = "You: "
@@ -113,8 +123,6 @@ class ChatSession:
         Raises:
             ConfigError: ``max_new_tokens`` leaves no room for a prompt.
         """
-        from .models import Conversation
-
         budget = self.max_length - self.settings.max_new_tokens
         if budget < 8:
             raise ConfigError(
@@ -129,8 +137,6 @@ class ChatSession:
     def reply(self, query: str, ids: list[int]) -> Iterator[str]:
         """Streams the answer to ``query`` (prepared as ``ids``) as printable text pieces; when the answer is
         complete it joins the history. An answer cut short (the consumer stops early) is not kept."""
-        from .evaluation.generate import stream_ids
-
         decoder = IncrementalDecoder(self.tokenizer)
         tokens = stream_ids(
             self.model,
@@ -205,14 +211,6 @@ def load(args: argparse.Namespace):
     Raises:
         ConfigError, CheckpointError: a path or value that cannot work.
     """
-    import torch
-
-    from .build import base_metadata, load
-    from .config import ModelConfig
-    from .evaluation.run import resolve_checkpoint
-    from .perf import set_cpu_threads
-    from .training.checkpoint import base_model_change, infer_prefix_shape, load_prefix, read_prefix
-
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device={args.device}: CUDA is not available on this machine")
@@ -227,7 +225,6 @@ def load(args: argparse.Namespace):
     except ConfigError as err:
         raise ConfigError(str(err).replace("model.path=", "--model-path=", 1)) from None
     checkpoint = None
-    pre_seq_len = None  # no prefix encoder at all
     if args.no_prefix:
         stored = folder_prefix_length(cfg.resolved_path)
         if stored:
@@ -236,20 +233,13 @@ def load(args: argparse.Namespace):
                 f"config.json, e.g. an 'export full' folder), which --no-prefix cannot leave out; chat with it using "
                 f"--prefix-checkpoint {args.model_path} instead of --no-prefix, or give the base model's folder"
             )
+        loaded = load_folder(cfg, device=device, pre_seq_len=None, init=False)  # no prefix encoder at all
     else:
         checkpoint = resolve_checkpoint(args.prefix_checkpoint, key="--prefix-checkpoint")
-        prefix, meta = read_prefix(checkpoint)
-        shape = meta if meta and "pre_seq_len" in meta else infer_prefix_shape(prefix)
-        pre_seq_len = cfg.pre_seq_len = shape["pre_seq_len"]
-        cfg.prefix_projection = shape.get("prefix_projection", False)
-    loaded = load(cfg, device=device, pre_seq_len=pre_seq_len, init=False)
+        loaded = load_model_with_prefix(cfg, checkpoint, device=device)
+        if loaded.base_change:
+            print(f"warning: {checkpoint} {loaded.base_change}", file=sys.stderr)
     set_cpu_threads(loaded.model, device)
-    if checkpoint is not None:
-        trained = load_prefix(loaded.model, checkpoint)
-        changed = base_model_change(trained, base_metadata(cfg, loaded.model))
-        loaded.prompt_format = (trained or {}).get("prompt_format")
-        if changed:
-            print(f"warning: {checkpoint} {changed}", file=sys.stderr)
     loaded.model.eval()
     name = "the built-in tiny model" if cfg.path is None else str(cfg.path)
     what = f"{name} + prefix {checkpoint}" if checkpoint is not None else f"{name} (no prefix)"
@@ -259,10 +249,6 @@ def load(args: argparse.Namespace):
 def folder_prefix_length(folder: Path) -> int | None:
     """``pre_seq_len`` of a model folder whose weights hold a prefix (a whole model with its prefix inside, as
     ``python -m ptuning.export full`` or ChatGLM3's ``finetune_demo`` write it), else None."""
-    from .models import UnsupportedModelError, read_config
-    from .training.checkpoint import read_prefix
-    from .weights import CheckpointError
-
     try:
         stored = read_config(folder).get("pre_seq_len")
         if not isinstance(stored, int) or stored <= 0:
@@ -275,8 +261,6 @@ def folder_prefix_length(folder: Path) -> int | None:
 
 def plain_differs(template) -> bool:
     """Whether the family renders a plain prompt differently from a one-message chat (a chat template)."""
-    from .models import Conversation
-
     return template.prompt(Conversation(query="x", plain=True), 64).ids != template.prompt(Conversation(query="x"), 64).ids
 
 
@@ -344,8 +328,6 @@ def main(argv: list[str] | None = None) -> int:
         Ctrl-C while loading.
     """
     args = parse_args(argv)
-    from .weights import CheckpointError
-
     try:
         settings = GenerationSettings(
             max_new_tokens=args.max_new_tokens,
@@ -362,13 +344,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\ninterrupted", file=sys.stderr)
         return 130
     if args.seed is not None:
-        from transformers import set_seed
-
         set_seed(args.seed)
-    import contextlib
-
-    from .generation import packed_linears
-
     session = ChatSession(loaded.model, loaded.template, settings, loaded.max_positions, plain=args.plain)
     if getattr(loaded, "prompt_format", None) == "plain" and not args.plain and plain_differs(loaded.template):
         print("note: this prefix was trained on plain prompts (rows without history); --plain sends every message "

@@ -20,6 +20,7 @@ end, so a refused or failed export leaves nothing behind.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -28,8 +29,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .config import BUILTIN_SCHEME, PROJECT_ROOT, ConfigError, ModelConfig
-from .models import UnsupportedModelError
+import torch
+
+from .build import load_model
+from .checkpoint import ORIGINAL_FILE, export_original, load_model_with_prefix, read_prefix
+from .config import BUILTIN_SCHEME, PROJECT_ROOT, ConfigError, ModelConfig, builtin_models
+from .interop.peft import export_peft_checkpoint, import_peft
+from .models import UnsupportedModelError, family_for, family_named, family_of, read_config
+from .models.chatglm import ChatGLMConfig
 from .weights import CheckpointError
 
 DTYPES = ("float16", "bfloat16", "float32")
@@ -41,8 +48,6 @@ def model_argument(model: str) -> Path:
     Raises:
         CheckpointError: no such built-in model or folder.
     """
-    from .config import builtin_models
-
     if model.startswith(BUILTIN_SCHEME):
         path = ModelConfig(path=model).resolved_path
         if not (path / "config.json").is_file():
@@ -61,8 +66,6 @@ def base_model_path(checkpoint: str | None, model: str | None) -> Path | None:
         return model_argument(model)
     if checkpoint is None:
         return None
-    from .training.checkpoint import read_prefix
-
     _, meta = read_prefix(checkpoint)
     recorded = (meta or {}).get("base_model")
     if recorded and recorded.startswith(BUILTIN_SCHEME):
@@ -96,32 +99,18 @@ def parse_size(text: str) -> int:
 
 def load_with_prefix(model_path: Path, checkpoint: str | None, dtype=None):
     """The base model with the checkpoint's prefix loaded (or no prefix without a checkpoint)."""
-    import torch
-
-    from .build import load_model
-    from .training.checkpoint import infer_prefix_shape, load_prefix, read_prefix
-
     if dtype is None:  # the base model's own dtype (float16 for the published checkpoints)
-        from .models import read_config
-
         raw = read_config(model_path)
         dtype = getattr(torch, str(raw.get("torch_dtype") or raw.get("dtype") or "float32"))
     cfg = ModelConfig(path=str(model_path), dtype=str(dtype).removeprefix("torch."))
     if checkpoint is None:
         return load_model(cfg, pre_seq_len=None)
-    prefix, meta = read_prefix(checkpoint)
-    shape = {k: meta[k] for k in ("pre_seq_len", "prefix_projection")} if meta else infer_prefix_shape(prefix)
-    cfg.pre_seq_len, cfg.prefix_projection = shape["pre_seq_len"], shape["prefix_projection"]
-    model = load_model(cfg)
-    load_prefix(model, checkpoint)
-    return model
+    return load_model_with_prefix(cfg, checkpoint, tokenizer=False).model
 
 
 def _config_of(model_path: Path | None):
     if model_path is None:
         return None
-    from .models.chatglm import ChatGLMConfig
-
     return ChatGLMConfig.from_pretrained(str(model_path))
 
 
@@ -133,8 +122,6 @@ def refuse_unsupported(kind: str, checkpoint: str | None = None, model_path: Pat
     Raises:
         CheckpointError: the family refuses ``kind``.
     """
-    from .models import UnsupportedModelError, family_for, family_named
-
     family = None
     if model_path is not None:
         try:
@@ -142,8 +129,6 @@ def refuse_unsupported(kind: str, checkpoint: str | None = None, model_path: Pat
         except UnsupportedModelError as err:
             raise CheckpointError(str(err)) from None
     elif checkpoint is not None:
-        from .training.checkpoint import read_prefix
-
         _, meta = read_prefix(checkpoint)
         if (meta or {}).get("family"):
             try:
@@ -252,10 +237,6 @@ def check_adapter_family(adapter: str, model_path: Path) -> None:
     Raises:
         CheckpointError: one line naming both families.
     """
-    import json
-
-    from .models import UnsupportedModelError, family_for
-
     try:
         recorded = json.loads((Path(adapter) / "adapter_config.json").read_text(encoding="utf-8"))
         named = recorded.get("base_model_name_or_path") if isinstance(recorded, dict) else None
@@ -316,8 +297,6 @@ def main(argv=None) -> int:
         out = Path(args.out).expanduser()
         with new_folder(out) as tmp:
             if args.kind == "peft":
-                from .interop.peft import export_peft_checkpoint
-
                 export_peft_checkpoint(
                     args.checkpoint,
                     tmp,
@@ -326,15 +305,9 @@ def main(argv=None) -> int:
                 )
                 done = f"wrote the peft adapter {out} (adapter_config.json, adapter_model.safetensors)"
             elif args.kind == "original":
-                from .training.checkpoint import ORIGINAL_FILE, export_original
-
                 export_original(args.checkpoint, tmp)
                 done = f"wrote {out / ORIGINAL_FILE}"
             elif args.kind == "full":
-                import torch
-
-                from .models import family_of
-
                 dtype = getattr(torch, args.dtype) if args.dtype else None
                 model = load_with_prefix(model_path, args.checkpoint, dtype)
                 paths = family_of(model).export_full(
@@ -346,8 +319,6 @@ def main(argv=None) -> int:
                 )
                 done = f"wrote {len(paths)} shard(s), pytorch_model.bin.index.json and config.json to {out}"
             else:
-                from .interop.peft import import_peft
-
                 recorded = recorded_name(model_path) if model_path is not None else None
                 import_peft(args.adapter, tmp, _config_of(model_path), base_model=recorded)
                 done = f"wrote the prefix checkpoint {out} (prefix.safetensors, prefix_config.json)"

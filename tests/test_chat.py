@@ -15,10 +15,10 @@ import pytest
 
 from ptuning.build import base_model_name, load_model, load_tokenizer
 from ptuning.chat import BOT_PREFIX, USER_PREFIX, ChatSession, IncrementalDecoder
+from ptuning.checkpoint import export_original, prefix_metadata, save_checkpoint
 from ptuning.config import ModelConfig
 from ptuning.evaluation.generate import GenerationSettings
 from ptuning.models.chatglm.template import ChatGLMTemplate, build_prompt
-from ptuning.training.checkpoint import export_original, prefix_metadata, save_checkpoint
 
 from .common import ROOT
 
@@ -154,13 +154,13 @@ def test_bad_prefix_path_is_one_line(capsys):
 
 
 def test_item18_an_unfinished_character_stays_out_of_the_answer_and_the_history(model, tokenizer, monkeypatch):
-    import ptuning.evaluation.generate as generate_module
+    import ptuning.chat as chat_module
 
     ids = tokenizer.convert_tokens_to_ids(tokenizer.tokenize("这条黑色龘裙😀，好"))
     # 这条黑色, 2 of 龘's 3 bytes, 裙 (龘 never completes), then 2 of 😀's 4 bytes when --max-new-tokens cuts
     answer_ids = ids[:3] + [ids[4]] + ids[5:7]
     assert "\ufffd" in tokenizer.decode(answer_ids)
-    monkeypatch.setattr(generate_module, "stream_ids", lambda *args, **kwargs: (i for i in answer_ids))
+    monkeypatch.setattr(chat_module, "stream_ids", lambda *args, **kwargs: (i for i in answer_ids))
     session = ChatSession(model, ChatGLMTemplate(tokenizer), GenerationSettings(max_new_tokens=6), 2048)
     _, prompt_ids, _, _ = session.prepare("类型#裙")
     shown = "".join(session.reply("类型#裙", prompt_ids))

@@ -15,10 +15,10 @@ from accelerate.state import AcceleratorState, GradientState, PartialState
 from hydra import compose, initialize_config_dir
 
 from hydra_entry import CONF_DIR, to_object
+from ptuning.checkpoint import export_original, resolve_checkpoint
 from ptuning.config import ConfigError
 from ptuning.evaluation.metrics import METRIC_NAMES
-from ptuning.evaluation.run import resolve_checkpoint, resolve_output_dir, run
-from ptuning.training import export_original
+from ptuning.evaluation.run import resolve_output_dir, run
 from ptuning.training import run as train_run
 
 from .common import ROOT, read_wandb_history
@@ -303,8 +303,8 @@ def test_item09_the_prefix_shape_is_the_checkpoints_and_another_given_value_is_a
             run(compose_evaluate([f"prefix_checkpoint={checkpoint}", f"output_dir={tmp_path / 'out'}", override]))
     # training says the same about the same checkpoint
     from ptuning.build import load_model
+    from ptuning.checkpoint import load_prefix
     from ptuning.config import ModelConfig
-    from ptuning.training import load_prefix
 
     with pytest.raises(CheckpointError, match=rf"^{checkpoint}: the prefix was trained with pre_seq_len=16 but the "
                                               r"model has pre_seq_len=8 \(set model.pre_seq_len=16 to load it\)$"):

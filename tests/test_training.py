@@ -14,8 +14,9 @@ from safetensors.torch import load_file
 
 from hydra_entry import to_object
 from ptuning.build import load_model
+from ptuning.checkpoint import export_original, load_prefix
 from ptuning.config import ModelConfig
-from ptuning.training import TrainingError, export_original, load_prefix, run, run_folder
+from ptuning.training import TrainingError, run, run_folder
 from ptuning.training import loop as loop_module
 from ptuning.weights import CheckpointError
 
@@ -251,8 +252,7 @@ def test_item01_overwrite_removes_the_old_run_only_after_checks_and_keeps_the_ne
 
 
 def test_item01_pruning_and_latest_never_take_another_runs_checkpoints(tmp_path):
-    from ptuning.evaluation.run import resolve_checkpoint
-    from ptuning.training.checkpoint import latest_checkpoint, prefix_metadata, save_checkpoint
+    from ptuning.checkpoint import latest_checkpoint, prefix_metadata, resolve_checkpoint, save_checkpoint
 
     model = load_model(ModelConfig())
     base = prefix_metadata(model, "builtin:tiny-chatglm")
@@ -307,8 +307,8 @@ def test_item03_resume_on_another_base_model_is_refused_and_init_warns(tmp_path,
 
 
 def test_a_bundled_model_is_the_same_base_model_by_name_or_by_folder(tmp_path, monkeypatch):
+    from ptuning.checkpoint import base_model_change
     from ptuning.config import BUILTIN_MODEL, PROJECT_ROOT
-    from ptuning.training.checkpoint import base_model_change
 
     monkeypatch.chdir(PROJECT_ROOT / "data")
     same_folder = ["builtin:tiny-chatglm", str(BUILTIN_MODEL), "tiny-chatglm", "./tiny-chatglm/",
@@ -474,13 +474,13 @@ def test_qa_init_prefix_from_a_run_folder_takes_its_latest_checkpoint_and_names_
     assert str(err.value) == (f"{tmp_path / 'run' / 'checkpoint-6'}: the prefix was trained with pre_seq_len=16 but "
                               "the model has pre_seq_len=8 (set model.pre_seq_len=16 to load it)")
     taken = []
-    real = loop_module.load_prefix
+    real = loop_module.load_model_with_prefix
 
-    def recording(model, checkpoint):
+    def recording(cfg, checkpoint, **kwargs):
         taken.append(checkpoint)
-        return real(model, checkpoint)
+        return real(cfg, checkpoint, **kwargs)
 
-    monkeypatch.setattr(loop_module, "load_prefix", recording)
+    monkeypatch.setattr(loop_module, "load_model_with_prefix", recording)
     again = train(tmp_path / "again", f"train.init_prefix_from={tmp_path / 'run'}", "train.max_steps=1")
     assert again.step == 1 and taken == [tmp_path / "run" / "checkpoint-6"]
 
@@ -493,7 +493,7 @@ def refused_before_loading(monkeypatch):
     def loaded(*args, **kwargs):
         raise AssertionError("the model was loaded before the refusal")
 
-    monkeypatch.setattr(loop_module, "load", loaded)
+    monkeypatch.setattr(loop_module, "load_model_with_prefix", loaded)
 
 
 def test_runfix_item1_overwrite_removes_only_what_the_folders_run_wrote(tmp_path, capsys, monkeypatch):

@@ -20,9 +20,17 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from ..checkpoint import (
+    META_FILE,
+    PREFIX_FILE,
+    infer_prefix_shape,
+    local_prefix_keys,
+    prefix_metadata,
+    read_prefix,
+)
+from ..models.chatglm.config import ChatGLMConfig
 from ..models.chatglm.modeling import prefix_shape
 from ..prefix import PrefixEncoder
-from ..training.checkpoint import META_FILE, PREFIX_FILE, local_prefix_keys, prefix_metadata, read_prefix
 from ..weights import CheckpointError
 
 PREFIX_MODULE = "transformer.prefix_encoder"  # where ChatGLM-6B keeps its prefix encoder
@@ -113,16 +121,12 @@ def export_peft_checkpoint(
             raise CheckpointError(
                 f"{checkpoint}: an original-format prefix records no model sizes; give the base model (--model)"
             )
-        from ..models.chatglm import ChatGLMConfig
-
         config = ChatGLMConfig(
             **{k: meta[k] for k in ("num_layers", "hidden_size", "num_attention_heads")},
             pre_seq_len=meta["pre_seq_len"],
             prefix_projection=meta["prefix_projection"],
         )
     else:
-        from ..training.checkpoint import infer_prefix_shape
-
         found = meta or infer_prefix_shape(prefix)
         config = config.__class__.from_dict(
             {**config.to_dict(), **{k: found[k] for k in ("pre_seq_len", "prefix_projection")}}
@@ -220,8 +224,6 @@ def import_peft(
         base_model: recorded as the metadata's ``base_model`` (default: the adapter's ``base_model_name_or_path``).
     """
     adapter, emb = read_peft_adapter(adapter_dir)
-    from ..models.chatglm import ChatGLMConfig
-
     if config is not None:
         _fit(adapter, config, adapter_dir)
         values = {

@@ -23,7 +23,27 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import ConfigError
+import torch
+import uvicorn
+
+from ..build import load as load_folder
+from ..checkpoint import (
+    backbone_metadata,
+    base_model_change,
+    load_prefix_encoder,
+    read_checkpoint,
+    resolve_checkpoint,
+)
+from ..config import ConfigError, ModelConfig
+from ..generation import packed_linears
+from ..models import UnsupportedModelError, family_named
+from ..perf import set_cpu_threads
+from ..prefix import PrefixShape
+from ..weights import CheckpointError
+from .app import WEB_PATH, GracefulServer, create_app
+from .engine import Engine, PrefixBank
+from .scheduler import Scheduler
+from .service import Service
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
 
@@ -125,17 +145,6 @@ def load(args: argparse.Namespace, prefixes: list[tuple[str, str]]) -> Loaded:
     Raises:
         ConfigError, CheckpointError: a path or value that cannot work (one line naming the flag).
     """
-    import torch
-
-    from ..build import load as load_folder
-    from ..build import weights_digest
-    from ..config import ModelConfig
-    from ..evaluation.run import resolve_checkpoint
-    from ..perf import set_cpu_threads
-    from ..prefix import PrefixEncoder
-    from ..training.checkpoint import base_model_change, infer_prefix_shape, load_prefix, read_prefix
-    from ..weights import CheckpointError
-
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device={args.device}: CUDA is not available on this machine")
@@ -153,36 +162,30 @@ def load(args: argparse.Namespace, prefixes: list[tuple[str, str]]) -> Loaded:
     for name, path in prefixes:
         checkpoint = resolve_checkpoint(path, key=f"--prefix {name}")
         try:
-            checkpoints.append((name, checkpoint, *read_prefix(checkpoint)))
+            checkpoints.append((name, read_checkpoint(checkpoint)))
         except CheckpointError as err:
             raise CheckpointError(f"--prefix {name}: {err}") from None
     loaded = load_folder(cfg, device=device, pre_seq_len=None, init=False)
     model, family = loaded.model, loaded.family
     model.eval()
     set_cpu_threads(model, device)  # one intra-op thread for a small model on a CPU (unless OMP_NUM_THREADS)
-    # how checkpoints describe this backbone (ptuning.build.base_metadata, without a prefix of its own)
-    current = {"base_model": cfg.base_model_name, "base_config_fingerprint": family.fingerprint(model.config)}
-    if cfg.base_model_name.startswith("builtin:"):
-        current["base_weights_sha256"] = weights_digest(cfg.resolved_path)
+    current = backbone_metadata(cfg, model)
     banks = {}
-    for name, checkpoint, state, meta in checkpoints:
+    for name, checkpoint in checkpoints:
+        meta = checkpoint.meta
         if meta and meta.get("family") not in (None, family.name):
-            raise CheckpointError(f"--prefix {name}={checkpoint}: a prefix of a {family_label(meta['family'])} "
+            raise CheckpointError(f"--prefix {name}={checkpoint.path}: a prefix of a {family_label(meta['family'])} "
                                   f"model ({meta.get('base_model', 'unknown')}); the model is a "
                                   f"{family_label(family.name, model.config)} model")
-        sizes = meta if meta and "pre_seq_len" in meta else infer_prefix_shape(state)
-        shape = family.prefix_shape(model.config, int(sizes["pre_seq_len"]), bool(sizes.get("prefix_projection")))
-        holder = torch.nn.Module()
-        holder.prefix_encoder = PrefixEncoder(shape)
         try:
-            load_prefix(holder, checkpoint)  # the checks evaluation and chat make
+            encoder = load_prefix_encoder(checkpoint, family, model.config)  # the checks evaluation and chat make
         except CheckpointError as err:
             raise CheckpointError(f"--prefix {name}: {err}") from None
         changed = base_model_change(meta, current)
         if changed:
-            print(f"warning: --prefix {name}: {checkpoint} {changed}", file=sys.stderr)
+            print(f"warning: --prefix {name}: {checkpoint.path} {changed}", file=sys.stderr)
         with torch.no_grad():
-            banks[name] = holder.prefix_encoder().float()  # (P, K)
+            banks[name] = encoder().float()  # (P, K)
     where = "the built-in tiny model" if cfg.path is None else str(cfg.path)
     what = f"{where} ({family.name}, {dtype} on {device})"
     if banks:
@@ -193,8 +196,6 @@ def load(args: argparse.Namespace, prefixes: list[tuple[str, str]]) -> Loaded:
 def family_label(name: str, config=None) -> str:
     """What a user calls a family (``ChatGLM-6B``; a transformers decoder with its architecture,
     ``transformers decoder (GlmForCausalLM)``), from the name checkpoints record."""
-    from ..models import UnsupportedModelError, family_named
-
     try:
         label = family_named(name).label
     except UnsupportedModelError:
@@ -208,18 +209,11 @@ def base_name(args: argparse.Namespace) -> str:
     built-in model)."""
     if args.model_name:
         return args.model_name
-    from ..config import ModelConfig
-
     return ModelConfig(path=args.model_path).resolved_path.resolve().name or "base"
 
 
 def build_service(loaded: Loaded, name: str, *, max_batch_size: int, default_max_tokens: int):
     """The engine, scheduler and service over a loaded model."""
-    from ..prefix import PrefixShape
-    from .engine import Engine, PrefixBank
-    from .scheduler import Scheduler
-    from .service import Service
-
     model = loaded.model
     embeddings = model.get_input_embeddings().weight  # the activations' dtype, also of a quantized backbone
     shape: PrefixShape = loaded.family.prefix_shape(model.config, 1, False)
@@ -256,8 +250,6 @@ SHUTDOWN_GRACE = 10.0
 def main(argv: list[str] | None = None) -> int:
     """``ptuning-serve``. Returns 0 after a clean shutdown, 2 after a one-line ``error: ...`` on stderr."""
     args = parse_args(argv)
-    from ..weights import CheckpointError
-
     try:
         prefixes = check_args(args)
         name = base_name(args)
@@ -274,10 +266,6 @@ def main(argv: list[str] | None = None) -> int:
         sock.close()
         print(f"error: {error}", file=sys.stderr)
         return 2
-
-    import uvicorn
-
-    from .app import WEB_PATH, GracefulServer, create_app
 
     service = build_service(loaded, name, max_batch_size=args.max_batch_size,
                             default_max_tokens=args.default_max_tokens)
@@ -301,8 +289,6 @@ def main(argv: list[str] | None = None) -> int:
     # uvicorn re-raises the signal that stopped it once it has shut down; a handler of ours turns that into a
     # normal return (exit status 0) instead of death by the signal
     previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGTERM, signal.SIGINT)}
-    from ..generation import packed_linears
-
     try:
         # on a CPU: oneDNN's pre-packed weights for the backbone's linears (the process only generates)
         with packed_linears(loaded.model, rows=args.max_batch_size):

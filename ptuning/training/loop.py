@@ -21,26 +21,25 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 from transformers import get_scheduler
 
-from ..build import load, model_family, weights_digest
-from ..config import TrainJobConfig
-from ..distributed import Collectives, LaunchError, start
-from ..evaluation.metrics import METRIC_NAMES
-from ..perf import matmul_peak_flops, model_train_flops_per_token, peak_memory_mib, set_cpu_threads
-from ..prefix import mark_only_prefix_trainable, prefix_module_name
-from ..weights import CheckpointError
-from .checkpoint import (
-    base_model_change,
+from ..build import model_family
+from ..checkpoint import (
+    base_metadata,
     capture_rng,
     checkpoint_in,
     latest_checkpoint,
-    load_prefix,
+    load_model_with_prefix,
     load_training_state,
-    prefix_metadata,
     restore_rng,
     save_checkpoint,
 )
+from ..config import TrainJobConfig
+from ..distributed import Collectives, LaunchError, start
+from ..evaluation.metrics import METRIC_NAMES
+from ..faults import kill_point
+from ..perf import matmul_peak_flops, model_train_flops_per_token, peak_memory_mib, set_cpu_threads
+from ..prefix import mark_only_prefix_trainable, prefix_module_name
+from ..weights import CheckpointError
 from .errors import TrainingError, TrainingInterrupted
-from .faults import kill_point
 from .run_folder import (
     PLOT_FILE,
     check_output_dir,
@@ -197,22 +196,16 @@ def _train(cfg: TrainJobConfig, trackers, where: _Progress) -> TrainResult:
             print(changed, file=sys.stderr)
     set_seed(cfg.train.seed)
 
-    # the prefix starts as model.prefix_init says unless a checkpoint's prefix replaces it
-    loaded = load(cfg.model, init=resume is None and not cfg.train.init_prefix_from)
-    model, template = loaded.model, loaded.template
+    # the prefix starts as model.prefix_init says unless a checkpoint's prefix replaces it; loaded before
+    # accelerate.prepare: ZeRO-3 partitions the parameters there
+    loaded = load_model_with_prefix(cfg.model, resume or init_from, sizes="config")
+    model, template, trained_meta = loaded.model, loaded.template, loaded.prefix_meta
     set_cpu_threads(model, accelerator.device)
-    # before accelerate.prepare: ZeRO-3 partitions the parameters there
-    trained_meta = None
-    if resume is not None:
-        trained_meta = load_prefix(model, resume)
-    elif cfg.train.init_prefix_from:
-        trained_meta = load_prefix(model, init_from)
     trainable, total = mark_only_prefix_trainable(model)
     if cfg.model.gradient_checkpointing:
         model.activation_checkpointing_enable()
-    builtin = cfg.model.base_model_name.startswith("builtin:")
-    meta = prefix_metadata(model, cfg.model.base_model_name, weights_digest(cfg.model.resolved_path) if builtin else None)
-    changed = base_model_change(trained_meta, meta)
+    meta = base_metadata(cfg.model, model)
+    changed = loaded.base_change
     if changed and resume is not None and not cfg.train.allow_base_model_change:
         raise TrainingError(
             f"{resume} {changed}: resume on the model it was trained on, or set "

@@ -21,10 +21,7 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..config import TrainJobConfig
-from ..evaluation.run import EVAL_FILES, evaluation_run_id
-from ..weights import BIN_INDEX, SAFE_INDEX, SAFE_SINGLE
-from .checkpoint import (
+from ..checkpoint import (
     CHECKPOINT_FILES,
     CHECKPOINT_RE,
     ORIGINAL_FILE,
@@ -39,6 +36,9 @@ from .checkpoint import (
     not_our_checkpoint,
     run_checkpoints,
 )
+from ..config import TrainJobConfig
+from ..evaluation.run import EVAL_FILES, evaluation_run_id
+from ..weights import BIN_INDEX, SAFE_INDEX, SAFE_SINGLE
 from .errors import TrainingError
 
 LOG_FILE = "train_log.jsonl"
