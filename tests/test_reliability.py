@@ -21,12 +21,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from ptuning import checkpoint as checkpoint_module
 from ptuning.build import load_model, load_tokenizer
 from ptuning.checkpoint import list_checkpoints, prefix_metadata, save_checkpoint
 from ptuning.config import BUILTIN_MODEL, ModelConfig
 from ptuning.faults import ENV as KILL_ENV
 from ptuning.training import TrainingError
-from ptuning.training import checkpoint as checkpoint_module
 from ptuning.training import loop as loop_module
 from ptuning.training.run_folder import RunLog, resolve_resume
 from ptuning.weights import CheckpointError, read_weights, save_weights
