@@ -1,6 +1,9 @@
 """P-Tuning v2 for ChatGLM-6B."""
 
 import logging
+import warnings
+
+import torch
 
 
 def _drop_torchao_import_noise() -> None:
@@ -9,8 +12,7 @@ def _drop_torchao_import_noise() -> None:
     torch's pytree, are logged as warnings on every start although nothing is wrong; drop those lines only."""
 
     def keep(record: logging.LogRecord) -> bool:
-        import torch  # already imported when these records come; on a CUDA build a failed load is news
-
+        # on a CUDA build a failed load is news
         text = str(record.msg)
         return not (
             (record.name == "torchao" and text.startswith("Failed to load") and torch.version.cuda is None)
@@ -32,8 +34,6 @@ def _drop_known_noise() -> None:
       the name ``cache``: the rename's FutureWarning is ours and the caller (peft) cannot act on it;
     * ``get_peft_model`` reads transformers' deprecated ``is_gradient_checkpointing``.
     """
-    import warnings
-
     warnings.filterwarnings(
         "ignore",
         message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated",
@@ -46,8 +46,6 @@ def _drop_known_noise() -> None:
     warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
     def keep(record: logging.LogRecord) -> bool:
-        import torch
-
         return not (str(record.msg).startswith("Setting accelerator to CPU") and not torch.cuda.is_available())
 
     logging.getLogger("DeepSpeed").addFilter(keep)

@@ -38,6 +38,10 @@ import argparse
 import json
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .models.chatglm import ChatGLMConfig
+from .models.chatglm2.config import parse_original_config
 
 SETTINGS = ("fp32", "bf16", "int8", "int4")
 ARCHITECTURES = ("chatglm", "glm")
@@ -284,17 +288,11 @@ PRESETS["chatglm3-6b"] = PRESETS["chatglm2-6b"]
 
 def _config_shape(path: str) -> ModelShape:
     """The shape of a model folder or config.json: ChatGLM-6B, or ChatGLM2/3 (original keys)."""
-    from pathlib import Path
-
     folder = Path(path)
     folder = folder.parent if folder.name == "config.json" else folder
     raw = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     if "ffn_hidden_size" in raw:
-        from .models.chatglm2.config import parse_original_config
-
         return ModelShape.from_config(parse_original_config(raw, folder / "config.json", 3).glm_config())
-    from .models.chatglm import ChatGLMConfig
-
     return ModelShape.from_config(ChatGLMConfig.from_pretrained(str(folder)))
 
 

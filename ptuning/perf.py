@@ -8,6 +8,7 @@ gradients for a frozen backbone); attention forward ``4·L·d·(S+P)``, backward
 
 from __future__ import annotations
 
+import os
 import platform
 import resource
 import sys
@@ -15,6 +16,9 @@ import time
 from pathlib import Path
 
 import torch
+
+from .models import family_of
+from .prefix import prefix_module_name
 
 # The bench configuration of the performance issue: the ChatGLM-6B architecture at hidden 512, 8 heads,
 # 4 layers, inner 2048, vocab 32000, with a 32-token prefix (``tiny_config(**BENCH_SHAPE)``).
@@ -38,9 +42,6 @@ def model_train_flops_per_token(model, seq_len: int) -> float:
     """:func:`train_flops_per_token` of a loaded model of any family: ``4·N + 12·L·(N_h·D)·(S + P)`` with N
     from the family (:meth:`~ptuning.models.base.Family.matmul_weights`) and the attention width, layers and
     prefix length from the model's prefix encoder."""
-    from .models import family_of
-    from .prefix import prefix_module_name
-
     shape = model.get_submodule(prefix_module_name(model)).shape
     config = model.config
     heads = getattr(config, "num_attention_heads", shape.num_key_value_heads)
@@ -94,12 +95,8 @@ def set_cpu_threads(config, device="cpu") -> int | None:
     Returns:
         The thread count it set, or None when it left torch's setting alone.
     """
-    import os
-
     if torch.device(device).type != "cpu" or "OMP_NUM_THREADS" in os.environ:
         return None
-    from .models import family_of
-
     weights = family_of(config).matmul_weights(getattr(config, "config", config))
     if weights >= SMALL_MODEL_WEIGHTS or torch.get_num_threads() == 1:
         return None

@@ -18,6 +18,8 @@ import os
 from pathlib import Path
 
 import torch
+from peft import PeftConfig, PrefixTuningConfig, TaskType
+from peft.utils import load_peft_weights
 from safetensors.torch import save_file
 
 from ..checkpoint import (
@@ -58,8 +60,6 @@ def prefix_output(config, prefix: dict[str, torch.Tensor]) -> torch.Tensor:
 
 def peft_config_for(config, *, base_model_name_or_path: str | None = None):
     """The ``peft.PrefixTuningConfig`` that describes a prefix of ``config`` (a :class:`ChatGLMConfig`)."""
-    from peft import PrefixTuningConfig, TaskType
-
     return PrefixTuningConfig(
         task_type=TaskType.CAUSAL_LM,
         num_virtual_tokens=config.pre_seq_len,
@@ -148,9 +148,6 @@ def read_peft_adapter(adapter_dir: str | os.PathLike) -> tuple[dict, torch.Tenso
     Raises:
         CheckpointError: not a peft ``PREFIX_TUNING`` adapter, or its embeddings do not fit its config.
     """
-    from peft import PeftConfig
-    from peft.utils import load_peft_weights
-
     adapter_dir = Path(adapter_dir)
     if not (adapter_dir / ADAPTER_CONFIG).is_file():
         raise CheckpointError(f"{adapter_dir}: no {ADAPTER_CONFIG} (expected a peft adapter folder)")

@@ -43,6 +43,7 @@ from typing import Any, ClassVar
 from torch import nn
 
 from ..prefix import PrefixShape
+from ..weights import CheckpointError
 
 IGNORE_INDEX = -100
 
@@ -348,8 +349,6 @@ class Family(ABC):
         Raises:
             CheckpointError: the family has no original layout, or the model cannot be written (e.g. quantized).
         """
-        from ..weights import CheckpointError
-
         raise CheckpointError(f"{self.label} has no original full-model layout to export to")
 
     def matmul_weights(self, model_config) -> int:
