@@ -115,7 +115,8 @@ def load_tokenizer(cfg: ModelConfig, vocab_size: int | None = None, *, family: F
     return family.load_tokenizer(cfg.resolved_path, vocab_size)
 
 
-def load(cfg: ModelConfig, *, device=None, pre_seq_len="config", init: bool = True, tokenizer: bool = True) -> Loaded:
+def load(cfg: ModelConfig, *, device=None, pre_seq_len="config", init: bool = True,
+         tokenizer: bool = True) -> Loaded:
     """Model, tokenizer and template of ``cfg``, the prefix initialised as ``cfg.prefix_init`` says.
 
     Args:

@@ -29,6 +29,7 @@ import shutil
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Literal
 
 import torch
 from safetensors.torch import save_file
@@ -494,8 +495,8 @@ def _check_fit(encoder: PrefixEncoder, checkpoint: PrefixCheckpoint) -> dict[str
     """The checkpoint's prefix under the encoder's own keys, once its recorded sizes, keys and shapes are
     checked against ``encoder``."""
     have = encoder.shape.describe()
-    meta, path = checkpoint.meta, checkpoint.path
-    for key, value in have.items() if meta is not None else ():
+    meta, path = checkpoint.meta or {}, checkpoint.path
+    for key, value in have.items():
         if key in meta and meta[key] != value:
             # the prefix's own settings are model.* keys; the backbone's sizes are the model folder's
             wanted = str(meta[key]).lower() if isinstance(meta[key], bool) else meta[key]
@@ -543,7 +544,7 @@ def load_model_with_prefix(
     checkpoint: str | os.PathLike | PrefixCheckpoint | None,
     *,
     device: str | torch.device | None = None,
-    sizes: str = "checkpoint",
+    sizes: Literal["checkpoint", "config"] = "checkpoint",
     tokenizer: bool = True,
 ) -> Loaded:
     """The model of ``cfg`` with the prefix of ``checkpoint`` loaded: how training (resume,

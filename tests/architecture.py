@@ -208,6 +208,11 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return sorted(found)
 
 
+def mutual_pairs(graph: dict[str, set[str]]) -> list[tuple[str, str]]:
+    """The pairs of nodes that import each other directly (the shortest cycles)."""
+    return sorted((a, b) for a in graph for b in graph[a] if a < b and a in graph.get(b, ()))
+
+
 def local_imports(modules: dict[str, Path]) -> list[Import]:
     """Function-local imports (those under ``if TYPE_CHECKING:`` excluded)."""
     return [imp for imp in imports(modules) if imp.local and not imp.type_checking]
@@ -239,6 +244,9 @@ def report(root: Path) -> str:
         found = cycles(graph)
         lines.append(f"{title}: {len(found)}")
         lines += [f"  {' <-> '.join(c)}" for c in found]
+        pairs = mutual_pairs(graph)
+        if pairs:
+            lines.append(f"    of which importing each other directly: {', '.join(f'{a} <-> {b}' for a, b in pairs)}")
     local = local_imports(modules)
     misplaced = misplaced_local_imports(modules)
     lines.append(f"function-local imports: {len(local)} ({sum(i.internal for i in local)} of library modules, "

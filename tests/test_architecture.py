@@ -41,6 +41,12 @@ def test_the_library_modules_import_each_other_without_a_cycle():
     assert found == [], "import cycles: " + "; ".join(" <-> ".join(c) for c in found)
 
 
+def test_the_library_parts_form_layers_without_a_cycle():
+    # training, evaluation, checkpoint, build, models, interop ... as wholes: none imports one that imports it
+    found = cycles(package_graph(import_graph(LIBRARY)))
+    assert found == [], "cycles between parts: " + "; ".join(" <-> ".join(c) for c in found)
+
+
 def test_functions_import_no_library_module_and_only_optional_heavy_packages():
     misplaced = misplaced_local_imports(LIBRARY)
     assert misplaced == [], "imports that belong at the top of their module:\n" + "\n".join(

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from transformers import AutoTokenizer
 
-from ...config import ConfigError
+from ...errors import ConfigError
 from ...prefix import PrefixShape
 from .. import HF_ARCHITECTURES
 from ..base import Family
