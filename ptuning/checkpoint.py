@@ -99,8 +99,8 @@ def prefix_metadata(model_or_config, base_model: str, weights_sha256: str | None
 def base_metadata(cfg: ModelConfig, model: torch.nn.Module) -> dict:
     """:func:`prefix_metadata` of ``model`` (loaded from ``cfg``, with its prefix encoder): what a checkpoint
     of a prefix trained on it records."""
-    builtin = cfg.base_model_name.startswith("builtin:")
-    return prefix_metadata(model, cfg.base_model_name, weights_digest(cfg.resolved_path) if builtin else None)
+    backbone = backbone_metadata(cfg, model)
+    return prefix_metadata(model, backbone["base_model"], backbone.get("base_weights_sha256"))
 
 
 def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
