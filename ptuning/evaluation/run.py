@@ -37,10 +37,10 @@ from ..data.config import DataConfig
 from ..data.loading import check_positions
 from ..distributed import LaunchError, start
 from ..faults import kill_point
-from ..generation import packed_linears
+from ..generation import packed_linears, vocab_limit
 from ..perf import set_cpu_threads
 from ..weights import CheckpointError
-from .generate import GenerationSettings, batched, generate_ids
+from .generate import GenerationSettings, batched, generate_ids, make_decoder
 from .metrics import METRIC_NAMES, compute_metrics
 
 PREDICTIONS_FILE = "generated_predictions.jsonl"
@@ -305,9 +305,17 @@ def _generate(model, template, examples: list[dict], mine: list[int], settings: 
     new_tokens = 0
     start = time.perf_counter()
     stack = ExitStack()
+    limit = vocab_limit(template.tokenizer)  # ids without a piece are never chosen, as chat and the server
     try:
         if not settings.compile:  # a CPU's faster linears while generating (a compiled step has its own kernels)
             stack.enter_context(packed_linears(model, rows=batch_size))
+        # one decoder for every batch: its cache grows once (longest prompts come first) and a compiled step is
+        # compiled once, not per batch
+        decoder = None
+        if settings.num_beams == 1 and mine:
+            longest = max(len(examples[i]["input_ids"]) for i in mine) + settings.max_new_tokens
+            decoder = make_decoder(model, settings, max_batch_size=min(batch_size, len(mine)), max_length=longest,
+                                   pad_id=template.pad_token_id, vocab_limit=limit)
         for number, chunk in enumerate(batched(mine, batch_size)):
             kill_point("generate", number)  # test-only: a signal before generating batch ``number``
             ids = generate_ids(
@@ -316,6 +324,8 @@ def _generate(model, template, examples: list[dict], mine: list[int], settings: 
                 settings,
                 pad_id=template.pad_token_id,
                 stop_ids=template.stop_token_ids,
+                vocab_limit=limit,
+                decoder=decoder,
             )
             new_tokens += sum(len(x) for x in ids)
             outputs += [(i, template.decode(x)) for i, x in zip(chunk, ids, strict=True)]

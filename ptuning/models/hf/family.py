@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from transformers import AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
 
 from ...errors import ConfigError
 from ...prefix import PrefixShape
@@ -105,6 +105,9 @@ class HFFamily(Family):
 
     def prefix_shape(self, model_config, pre_seq_len: int, prefix_projection: bool) -> PrefixShape:
         return prefix_shape(model_config, pre_seq_len, prefix_projection)
+
+    def model_config(self, folder: Path):
+        return AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
 
     def max_positions(self, model_config) -> int:
         return int(model_config.max_position_embeddings)
