@@ -311,3 +311,26 @@ def test_runfix_ctrl_c_while_the_libraries_load_is_one_line_and_exit_130(tmp_pat
                               env=env)
         assert proc.returncode == 130, proc.stderr
         assert proc.stderr.strip() == line, proc.stderr
+
+
+@pytest.mark.parametrize(("text", "line"), [
+    ("defaults:\n  - override /model: tiny\n train:\n  max_steps: 5\n", "line 3, column 2: YAML syntax error: expected "
+     "<block end>, but found '<block mapping start>' (while parsing a block mapping that starts at line 1)"),
+    ("model:\n\tpre_seq_len: 4\n", "line 2, column 1: YAML syntax error: found character '\\t' that cannot start any token"),
+])
+@pytest.mark.parametrize("mode", [[], ["-m"]])
+def test_a_yaml_syntax_error_in_a_users_config_file_is_one_line_naming_file_and_line(tmp_path, monkeypatch, capsys,
+                                                                                     text, line, mode):
+    import shutil
+
+    import hydra_entry
+
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF_DIR, conf)
+    (conf / "conf" / "mine.yaml").write_text(text)
+    monkeypatch.setattr(hydra_entry, "CONF_DIR", str(conf))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        hydra_entry.check_overrides("train", [*mode, "conf=mine", "train.max_steps=5"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [f"error: conf/conf/mine.yaml, {line}"]
