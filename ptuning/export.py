@@ -28,9 +28,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .config import BUILTIN_SCHEME, PROJECT_ROOT, ConfigError, ModelConfig
-from .models import UnsupportedModelError
-from .weights import CheckpointError
+try:  # Ctrl-C while the libraries load (seconds): one line, as everywhere else
+    from .config import BUILTIN_SCHEME, PROJECT_ROOT, ConfigError, ModelConfig
+    from .models import UnsupportedModelError
+    from .weights import CheckpointError
+except KeyboardInterrupt:
+    if __name__ != "__main__":
+        raise
+    print("\ninterrupted: nothing was written", file=sys.stderr)
+    sys.exit(130)
 
 DTYPES = ("float16", "bfloat16", "float32")
 
@@ -278,6 +284,17 @@ def check_adapter_family(adapter: str, model_path: Path) -> None:
 
 
 def main(argv=None) -> int:
+    """``python -m ptuning.export``. Returns 0, 2 after a one-line ``error: ...`` on stderr, or 130 after Ctrl-C
+    (the export's temporary folder is removed: nothing is written)."""
+    try:
+        return export(argv)
+    except KeyboardInterrupt:
+        print("\ninterrupted: nothing was written", file=sys.stderr)
+        return 130
+
+
+def export(argv=None) -> int:
+    """Parses the command line and writes the export (see :func:`main`)."""
     parser = argparse.ArgumentParser(prog="python -m ptuning.export", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="kind", required=True)
     p = sub.add_parser("peft", help="a peft PREFIX_TUNING adapter folder")

@@ -196,3 +196,53 @@ def test_item14_the_console_shows_eval_loss_and_throughput(cli):
     assert re.search(r"done: step 4, checkpoint .*checkpoint-4, eval loss \d+\.\d{4}", result["out"])
     bar = result["err"].replace("\r", "\n")
     assert re.search(r"train: 100%.*loss=\d.*lr=.*grad_norm=\d.*tokens_per_s=\d", bar), bar[-2000:]
+
+
+STOP_IMPORT = """
+import os, sys
+class Stop:
+    def find_spec(self, name, path=None, target=None):
+        if name == os.environ["STOP_AT_IMPORT"]:
+            raise KeyboardInterrupt
+sys.meta_path.insert(0, Stop())
+"""
+
+
+@pytest.fixture(scope="module")
+def small_checkpoint(tmp_path_factory):
+    from ptuning.build import load_model
+    from ptuning.config import ModelConfig
+    from ptuning.training.checkpoint import prefix_metadata, save_checkpoint
+
+    model = load_model(ModelConfig(pre_seq_len=4))
+    return save_checkpoint(tmp_path_factory.mktemp("ctrl-c") / "run", 1, model,
+                           prefix_metadata(model, ModelConfig().base_model_name))
+
+
+@pytest.mark.parametrize("stop_at", ["torch", "ptuning.build"])  # the libraries' imports, then loading the model
+@pytest.mark.parametrize("command", ["-m ptuning.chat", "-m ptuning.serve --port 0", "-m ptuning.export full",
+                                     "ptuning-chat", "ptuning-serve"])
+def test_ctrl_c_in_the_first_seconds_of_chat_serve_and_export_is_one_line_and_exit_130(tmp_path, small_checkpoint,
+                                                                                      stop_at, command):
+    # Ctrl-C arrives as a KeyboardInterrupt wherever the process is; here, deterministically, when it imports
+    # ``stop_at`` (sitecustomize)
+    (tmp_path / "sitecustomize.py").write_text(STOP_IMPORT)
+    if command.startswith("ptuning-"):  # the console scripts pyproject.toml installs
+        entry = command.removeprefix("ptuning-")
+        argv = ["-c", f"import sys; from ptuning.console import {entry}; sys.exit({entry}())"]
+    else:
+        argv = command.split()
+    out = tmp_path / "export"
+    if "export" in command:
+        argv += ["--checkpoint", str(small_checkpoint), "--out", str(out)]
+    else:
+        argv += ["--prefix-checkpoint" if "chat" in command else "--prefix", f"p={small_checkpoint}"
+                 if "serve" in command else str(small_checkpoint)]
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{tmp_path}:{ROOT}", "OMP_NUM_THREADS": "1",
+           "STOP_AT_IMPORT": stop_at, "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run([sys.executable, *argv], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env=env, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 130, proc.stderr[-3000:]
+    line = "interrupted: nothing was written" if "export" in command else "interrupted"
+    assert proc.stderr.strip() == line, proc.stderr[-3000:]
+    assert not out.exists()

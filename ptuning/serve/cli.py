@@ -254,7 +254,17 @@ SHUTDOWN_GRACE = 10.0
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``ptuning-serve``. Returns 0 after a clean shutdown, 2 after a one-line ``error: ...`` on stderr."""
+    """``ptuning-serve``. Returns 0 after a clean shutdown, 2 after a one-line ``error: ...`` on stderr, 130 after
+    Ctrl-C while starting (before the server listens, Ctrl-C ends the start-up at once: nothing to drain)."""
+    try:
+        return serve(argv)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+
+
+def serve(argv: list[str] | None = None) -> int:
+    """Starts the server and serves until SIGTERM / Ctrl-C (then drains, see :func:`main`)."""
     args = parse_args(argv)
     from ..weights import CheckpointError
 
