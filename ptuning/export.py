@@ -298,14 +298,17 @@ def export(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ptuning.export", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="kind", required=True)
     p = sub.add_parser("peft", help="a peft PREFIX_TUNING adapter folder")
-    p.add_argument("--checkpoint", required=True, help="a prefix checkpoint folder (ours or the original's)")
+    p.add_argument("--checkpoint", required=True,
+                   help="a prefix checkpoint folder (ours or the original's), or a training output folder (its latest)")
     p.add_argument("--out", required=True)
     p.add_argument("--model", help="the base model folder (needed for original-format checkpoints)")
     p = sub.add_parser("original", help="the original P-Tuning v2 prefix checkpoint (pytorch_model.bin)")
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", required=True, help="a prefix checkpoint folder, or a training output folder (its "
+                   "latest)")
     p.add_argument("--out", required=True)
     p = sub.add_parser("full", help="backbone + prefix in the original pytorch_model-*.bin + index layout")
-    p.add_argument("--checkpoint", help="a prefix checkpoint folder (omit to convert the base model alone)")
+    p.add_argument("--checkpoint", help="a prefix checkpoint folder, or a training output folder (its latest); omit "
+                   "to convert the base model alone")
     p.add_argument("--out", required=True)
     p.add_argument("--model", help="the base model folder (default: the one the checkpoint records)")
     p.add_argument("--dtype", choices=DTYPES, help="saved backbone dtype (default: the base model's)")
@@ -324,6 +327,10 @@ def export(argv=None) -> int:
             if model_path is not None:
                 check_adapter_family(args.adapter, model_path)
         else:
+            if args.checkpoint is not None:  # a checkpoint folder, or a run folder: its latest (as evaluate, chat, serve)
+                from .evaluation.run import resolve_checkpoint
+
+                args.checkpoint = str(resolve_checkpoint(args.checkpoint, key="--checkpoint"))
             model_path = base_model_path(args.checkpoint, getattr(args, "model", None))
             refuse_unsupported(args.kind, args.checkpoint, model_path)
         if args.kind == "full" and model_path is None:

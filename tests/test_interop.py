@@ -529,3 +529,38 @@ def test_qa_a_damaged_adapter_or_a_bad_shard_size_is_one_line(qa_checkpoints, tm
         err = capsys.readouterr().err
         assert "Traceback" not in err and "--max-shard-size" in err, err
         assert not (tmp_path / "full").exists()
+
+
+def test_export_takes_a_run_folders_latest_checkpoint_and_names_a_missing_folder(qa_checkpoints, tmp_path, capsys):
+    ckpt = qa_checkpoints["tiny-chatglm"]
+    assert export_cli.main(["original", "--checkpoint", str(ckpt.parent), "--out", str(tmp_path / "from-run")]) == 0
+    assert export_cli.main(["original", "--checkpoint", str(ckpt), "--out", str(tmp_path / "from-checkpoint")]) == 0
+    assert _tree(tmp_path / "from-run") == _tree(tmp_path / "from-checkpoint")
+    capsys.readouterr()
+    missing = tmp_path / "no-such-run"
+    for kind in ("original", "peft", "full"):
+        assert export_cli.main([kind, "--checkpoint", str(missing), "--out", str(tmp_path / kind)]) == 2
+        assert _one_error(capsys) == f"error: --checkpoint={missing}: no such folder"
+        assert not (tmp_path / kind).exists()
+
+
+def test_a_peft_adapter_given_as_a_prefix_checkpoint_says_it_is_one_and_how_to_import_it(qa_checkpoints, tmp_path,
+                                                                                         capsys):
+    from ptuning.chat import main as chat_main
+    from ptuning.config import BUILTIN_MODEL
+
+    adapter = tmp_path / "adapter"
+    assert export_cli.main(["peft", "--checkpoint", str(qa_checkpoints["tiny-chatglm"]), "--out", str(adapter)]) == 0
+    capsys.readouterr()
+    how = (f"{adapter}: a peft adapter (adapter_config.json), not a prefix checkpoint; import it first: python -m "
+           f"ptuning.export from-peft --adapter {adapter} --out <new folder> --model {BUILTIN_MODEL}, then use the new "
+           "folder")
+    assert chat_main(["--prefix-checkpoint", str(adapter)]) == 2
+    assert _one_error(capsys) == f"error: {how}"
+    assert export_cli.main(["original", "--checkpoint", str(adapter), "--out", str(tmp_path / "x")]) == 2
+    assert _one_error(capsys) == f"error: {how}"
+    # the command it gives works, and its result is a prefix checkpoint
+    command = how.split("import it first: python -m ptuning.export ")[1].split(", then")[0]
+    imported = tmp_path / "imported"
+    assert export_cli.main(command.replace("<new folder>", str(imported)).split()) == 0
+    assert export_cli.main(["original", "--checkpoint", str(imported), "--out", str(tmp_path / "x")]) == 0

@@ -44,6 +44,7 @@ META_FILE = "prefix_config.json"
 STATE_FILE = "training_state.pt"
 RUN_FILE = "run_config.json"  # the training run's configuration and id, in its output folder
 ORIGINAL_FILE = "pytorch_model.bin"
+PEFT_ADAPTER_FILE = "adapter_config.json"  # a peft adapter folder: not read as a prefix, imported with export from-peft
 # the files a checkpoint of ours consists of: all that train.overwrite (or a re-save) ever removes from one
 CHECKPOINT_FILES = (PREFIX_FILE, META_FILE, STATE_FILE)
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -288,13 +289,23 @@ def read_prefix(checkpoint: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
     elif checkpoint.is_dir() and any((checkpoint / name).is_file() for name in (SAFE_SINGLE, SAFE_INDEX, BIN_INDEX)):
         state = read_matching(checkpoint, is_prefix_param)
         meta = None
+    elif checkpoint.is_dir() and (checkpoint / PEFT_ADAPTER_FILE).is_file():
+        base = _read_meta(checkpoint / PEFT_ADAPTER_FILE, "peft adapter config") or {}
+        model = base.get("base_model_name_or_path") if isinstance(base.get("base_model_name_or_path"), str) else None
+        raise CheckpointError(
+            f"{checkpoint}: a peft adapter ({PEFT_ADAPTER_FILE}), not a prefix checkpoint; import it first: python -m "
+            f"ptuning.export from-peft --adapter {checkpoint} --out <new folder> --model {model or '<its base model>'}, "
+            "then use the new folder"
+        )
     elif checkpoint.is_dir():
         raise CheckpointError(
             f"{checkpoint}: no {PREFIX_FILE} (ours), {ORIGINAL_FILE} (original P-Tuning v2) or model weights with "
             f"a prefix inside"
         )
+    elif not checkpoint.exists():
+        raise CheckpointError(f"{checkpoint}: no such folder")
     else:
-        raise CheckpointError(f"{checkpoint}: not a checkpoint folder")
+        raise CheckpointError(f"{checkpoint}: not a folder (expected a checkpoint folder)")
     prefix = {k: v for k, v in state.items() if is_prefix_param(k)}
     if not prefix:
         raise CheckpointError(f"{checkpoint}: holds no *.{PREFIX_ATTRIBUTE}.* weights")
@@ -305,16 +316,17 @@ def read_prefix(checkpoint: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
     return prefix, meta
 
 
-def _read_meta(path: Path) -> dict | None:
-    """``prefix_config.json`` as a dict, None when absent; unreadable is a CheckpointError naming the file."""
+def _read_meta(path: Path, what: str = "prefix metadata") -> dict | None:
+    """``prefix_config.json`` (or another JSON object, ``what``) as a dict, None when absent; unreadable is a
+    CheckpointError naming the file."""
     if not path.is_file():
         return None
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{path}: not valid JSON ({err}); expected the prefix metadata object") from None
+        raise CheckpointError(f"{path}: not valid JSON ({err}); expected the {what} object") from None
     if not isinstance(meta, dict):
-        raise CheckpointError(f"{path}: expected a JSON object of prefix metadata, found {type(meta).__name__}")
+        raise CheckpointError(f"{path}: expected a JSON object of {what}, found {type(meta).__name__}")
     return meta
 
 
