@@ -407,15 +407,11 @@ def load_prefix(model: torch.nn.Module, checkpoint: str | os.PathLike) -> dict |
                 f"{checkpoint}: the prefix was trained on a {theirs} model "
                 f"({meta.get('base_model')}) but the model is a {mine.label} model"
             )
-    if meta is not None:
-        for key, value in have.items():
-            if key in meta and meta[key] != value:
-                # the prefix's own settings are model.* keys; the backbone's sizes are the model folder's
-                wanted = str(meta[key]).lower() if isinstance(meta[key], bool) else meta[key]
-                hint = f" (set model.{key}={wanted} to load it)" if key in ("pre_seq_len", "prefix_projection") else ""
-                raise CheckpointError(
-                    f"{checkpoint}: the prefix was trained with {key}={meta[key]} but the model has {key}={value}{hint}"
-                )
+    # what the prefix was trained with: its metadata, else (the original's checkpoints) what its tensors show
+    trained = meta if meta is not None and "pre_seq_len" in meta else {**(meta or {}), **infer_prefix_shape(prefix)}
+    mismatch = prefix_fit_mismatch(trained, have)
+    if mismatch:
+        raise CheckpointError(f"{checkpoint}: {mismatch}")
     local = local_prefix_keys(prefix)
     stored = dict(zip(local, prefix, strict=True))  # local key -> the key as the checkpoint stores it
     expected = encoder.state_dict()
@@ -433,6 +429,40 @@ def load_prefix(model: torch.nn.Module, checkpoint: str | os.PathLike) -> dict |
             )
     encoder.load_state_dict({k: v.float() for k, v in local.items()})
     return meta
+
+
+#: the prefix's own settings, which are ``model.*`` keys (the other sizes are the backbone's, its folder's)
+PREFIX_SETTINGS = ("pre_seq_len", "prefix_projection")
+
+
+def prefix_fit_mismatch(trained: dict, have: dict, *, hint: str = "set {keys} to load it") -> str | None:
+    """Every size in which a prefix (``trained``: its ``prefix_config.json`` or inferred shape) differs from the
+    model's (``have``), in one sentence, or None when they agree.
+
+    Args:
+        hint: what to say about the ``model.*`` keys that would make them agree (``{keys}``:
+            ``model.pre_seq_len=16 model.prefix_projection=false``; ``{names}``: ``model.pre_seq_len and
+            model.prefix_projection``).
+
+    Returns:
+        e.g. ``the prefix was trained with pre_seq_len=16, prefix_projection=true but the model has
+        pre_seq_len=8, prefix_projection=false (set model.pre_seq_len=16 model.prefix_projection=true to load
+        it)``.
+    """
+    keys = [k for k in have if k in trained and trained[k] != have[k]]
+    if not keys:
+        return None
+
+    def shown(value) -> str:
+        return str(value).lower() if isinstance(value, bool) else str(value)
+
+    text = (f"the prefix was trained with {', '.join(f'{k}={shown(trained[k])}' for k in keys)} but the model has "
+            f"{', '.join(f'{k}={shown(have[k])}' for k in keys)}")
+    settings = [k for k in keys if k in PREFIX_SETTINGS]
+    if settings and len(settings) == len(keys):  # the backbone's own sizes cannot be set: only a hint for these
+        text += " (" + hint.format(keys=" ".join(f"model.{k}={shown(trained[k])}" for k in settings),
+                                   names=" and ".join(f"model.{k}" for k in settings)) + ")"
+    return text
 
 
 def infer_prefix_shape(prefix: dict[str, torch.Tensor]) -> dict:
