@@ -267,7 +267,7 @@ def load(args: argparse.Namespace):
     set_cpu_threads(loaded.model, device)
     if checkpoint is not None:
         trained = load_prefix(loaded.model, checkpoint)
-        changed = base_model_change(trained, base_metadata(cfg, loaded.model))
+        changed = base_model_change(trained, base_metadata(cfg, loaded.model), checkpoint)
         loaded.prompt_format = (trained or {}).get("prompt_format")
         if changed:
             print(f"warning: {checkpoint} {changed}", file=sys.stderr)

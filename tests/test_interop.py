@@ -564,3 +564,29 @@ def test_a_peft_adapter_given_as_a_prefix_checkpoint_says_it_is_one_and_how_to_i
     imported = tmp_path / "imported"
     assert export_cli.main(command.replace("<new folder>", str(imported)).split()) == 0
     assert export_cli.main(["original", "--checkpoint", str(imported), "--out", str(tmp_path / "x")]) == 0
+
+
+def test_a_whole_model_checkpoint_of_another_backbone_warns_in_one_line_as_ours_do(qa_checkpoints, tmp_path, capsys):
+    from ptuning.chat import load as chat_load
+    from ptuning.chat import parse_args as chat_args
+    from ptuning.serve.cli import load as serve_load
+    from ptuning.serve.cli import parse_args as serve_args
+
+    full = {}
+    for name in ("tiny-chatglm2", "tiny-chatglm3"):  # the same sizes; another chatglm_version and other weights
+        full[name] = tmp_path / name
+        assert export_cli.main(["full", "--checkpoint", str(qa_checkpoints[name]), "--out", str(full[name]),
+                                "--dtype", "float16"]) == 0
+    capsys.readouterr()
+    chat_load(chat_args(["--model-path", "builtin:tiny-chatglm2", "--prefix-checkpoint", str(full["tiny-chatglm3"])]))
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(
+        f"warning: {full['tiny-chatglm3']} was trained on the model stored with it (config.json chatglm_version 3 "
+        "(the model's 2); weights differ at transformer.encoder."), err
+    assert err[0].endswith("but the model is builtin:tiny-chatglm2")
+    serve_load(serve_args(["--model-path", "builtin:tiny-chatglm2", "--prefix", f"p={full['tiny-chatglm3']}"]),
+               [("p", str(full["tiny-chatglm3"]))])
+    assert capsys.readouterr().err.splitlines() == [err[0].replace("warning: ", "warning: --prefix p: ")]
+    # its own backbone (saved in float16, the base model's float32 rounded): no warning
+    chat_load(chat_args(["--model-path", "builtin:tiny-chatglm2", "--prefix-checkpoint", str(full["tiny-chatglm2"])]))
+    assert capsys.readouterr().err == ""

@@ -535,7 +535,7 @@ def _evaluate(cfg: EvaluateJobConfig, tracker) -> dict:
     loaded = load(cfg.model, device=accelerator.device, init=False)
     model, template = loaded.model, loaded.template
     set_cpu_threads(model, accelerator.device)
-    changed = base_model_change(load_prefix(model, checkpoint), base_metadata(cfg.model, model))
+    changed = base_model_change(load_prefix(model, checkpoint), base_metadata(cfg.model, model), checkpoint)
     if changed and main:
         print(f"warning: {checkpoint} {changed}", file=sys.stderr)
     # The main process fills the datasets cache first, the others then read it. A data error is raised

@@ -178,7 +178,7 @@ def load(args: argparse.Namespace, prefixes: list[tuple[str, str]]) -> Loaded:
             load_prefix(holder, checkpoint)  # the checks evaluation and chat make
         except CheckpointError as err:
             raise CheckpointError(f"--prefix {name}: {err}") from None
-        changed = base_model_change(meta, current)
+        changed = base_model_change(meta, current, checkpoint)
         if changed:
             print(f"warning: --prefix {name}: {checkpoint} {changed}", file=sys.stderr)
         with torch.no_grad():

@@ -25,6 +25,7 @@ import sys
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..prefix import PREFIX_ATTRIBUTE, is_prefix_param, prefix_module_name, prefix_state_dict
@@ -36,6 +37,8 @@ from ..weights import (
     load_failure,
     read_matching,
     read_weights,
+    torch_load,
+    weight_files,
 )
 from .faults import kill_point
 
@@ -338,13 +341,16 @@ def local_prefix_keys(prefix: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     return {k[k.index(marker) + len(marker):]: v for k, v in prefix.items()}
 
 
-def base_model_change(trained: dict | None, current: dict) -> str | None:
+def base_model_change(trained: dict | None, current: dict, checkpoint: str | os.PathLike | None = None) -> str | None:
     """How the backbone described by ``current`` differs from the one a prefix was trained on, or None.
 
     Args:
         trained: the checkpoint's ``prefix_config.json`` (None for the original script's checkpoints, which
-            record no base model: nothing to compare).
+            record no base model).
         current: :func:`prefix_metadata` of the model the prefix goes into.
+        checkpoint: the checkpoint folder: one that records no base model but holds a whole model (a ChatGLM3
+            ``finetune_demo`` checkpoint, ``export full``) is compared by its backbone (see
+            :func:`whole_model_change`).
 
     Returns:
         ``"was trained on A (config fingerprint a) but the model is B (config fingerprint b)"``, or None
@@ -353,7 +359,7 @@ def base_model_change(trained: dict | None, current: dict) -> str | None:
         folder it stands for (by any path) are the same model; a different weights digest still differs.
     """
     if not trained or "base_model" not in trained:
-        return None
+        return whole_model_change(checkpoint, current) if checkpoint is not None else None
     from ..config import canonical_base_model
 
     def same(key: str) -> bool:
@@ -372,6 +378,80 @@ def base_model_change(trained: dict | None, current: dict) -> str | None:
         return text + ")"
 
     return f"was trained on {name(trained)} but the model is {name(current)}"
+
+
+# config.json keys that are no part of what a backbone computes (training knobs, the prefix, bookkeeping)
+_NOT_BACKBONE_KEYS = {"pre_seq_len", "prefix_projection", "prefix_dropout", "use_cache", "quantization_bit",
+                      "hidden_dropout", "attention_dropout"}
+
+
+def whole_model_change(checkpoint: str | os.PathLike, current: dict) -> str | None:
+    """How the model folder a prefix goes into differs from the backbone stored in a whole-model checkpoint
+    (a ChatGLM3 ``finetune_demo`` checkpoint, an ``export full`` folder: ``config.json`` and every weight, the
+    prefix included), or None: what can be compared is, the numeric ``config.json`` values both folders have
+    and one normalisation weight both store under the same key (equal within 16-bit rounding).
+
+    Args:
+        current: :func:`prefix_metadata` of the model the prefix goes into (its ``base_model`` names the folder).
+
+    Returns:
+        ``"was trained on the model stored with it (config.json chatglm_version 3 (the model's 2); weights
+        differ at transformer.encoder.final_layernorm.weight) but the model is builtin:tiny-chatglm2"``, as
+        :func:`base_model_change` words it; None for a checkpoint that is no whole model.
+    """
+    from ..config import ModelConfig
+
+    checkpoint = Path(checkpoint)
+    if (checkpoint / PREFIX_FILE).is_file() or not (checkpoint / "config.json").is_file():
+        return None
+    base = ModelConfig(path=str(current.get("base_model"))).resolved_path
+    try:
+        theirs, mine = (json.loads((f / "config.json").read_text(encoding="utf-8")) for f in (checkpoint, base))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(theirs, dict) or not isinstance(mine, dict):
+        return None
+    differs = [f"{key} {theirs[key]} (the model's {mine[key]})" for key in sorted(set(theirs) & set(mine) - _NOT_BACKBONE_KEYS)
+               if isinstance(theirs[key], (int, float)) and theirs[key] != mine[key]]
+    found = differs and f"config.json {', '.join(differs)}"
+    weight = _differing_weight(checkpoint, base)
+    if weight:
+        found = f"{found}; weights differ at {weight}" if found else f"weights differ at {weight}"
+    return f"was trained on the model stored with it ({found}) but the model is {current.get('base_model')}" if found else None
+
+
+def _differing_weight(checkpoint: Path, base: Path) -> str | None:
+    """The key of a normalisation weight that both folders store and that differs beyond 16-bit rounding, or
+    None (equal, or nothing comparable: other key names, unreadable files). Only the two tensors are read."""
+    try:
+        common = sorted(set(_weight_names(checkpoint)) & set(_weight_names(base)))
+    except (CheckpointError, OSError, ValueError, KeyError, TypeError, RuntimeError):  # nothing to compare
+        return None
+    norms = [k for k in common if "norm" in k and k.endswith(".weight") and not is_prefix_param(k)]
+    if not norms:
+        return None
+    key = norms[-1]  # the last layer's (or the final) norm: sorted keys put the deepest layer near the end
+    try:
+        theirs, mine = (read_matching(folder, key.__eq__)[key].float() for folder in (checkpoint, base))
+    except (CheckpointError, KeyError):
+        return None
+    same = theirs.shape == mine.shape and torch.allclose(theirs, mine, rtol=1e-2, atol=1e-3)
+    return None if same else key
+
+
+def _weight_names(folder: Path) -> list[str]:
+    """Every weight key of a model folder, read from its index or file headers (no tensor is loaded)."""
+    for index_name in (SAFE_INDEX, BIN_INDEX):
+        if (folder / index_name).is_file():
+            return list(json.loads((folder / index_name).read_text(encoding="utf-8"))["weight_map"])
+    names: list[str] = []
+    for path in weight_files(folder):
+        if path.suffix == ".safetensors":
+            with safe_open(str(path), framework="pt") as handle:
+                names += list(handle.keys())
+        else:
+            names += list(torch_load(path))  # memory-mapped: the tensors are not read
+    return names
 
 
 def load_prefix(model: torch.nn.Module, checkpoint: str | os.PathLike) -> dict | None:

@@ -558,7 +558,7 @@ def _train(cfg: TrainJobConfig, trackers, where: _Progress) -> TrainResult:
         model.activation_checkpointing_enable()
     builtin = cfg.model.base_model_name.startswith("builtin:")
     meta = prefix_metadata(model, cfg.model.base_model_name, weights_digest(cfg.model.resolved_path) if builtin else None)
-    changed = base_model_change(trained_meta, meta)
+    changed = base_model_change(trained_meta, meta, resume or init_from)
     if changed and resume is not None and not cfg.train.allow_base_model_change:
         raise TrainingError(
             f"{resume} {changed}: resume on the model it was trained on, or set "
