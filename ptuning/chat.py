@@ -117,8 +117,8 @@ class ChatSession:
         many tokens were cut from the query itself.
 
         The rule of training and evaluation: the oldest turns are left out when the prompt and
-        ``max_new_tokens`` would not fit the model's positions; the current query is always kept, cut from
-        the left only if it alone does not fit.
+        ``max_new_tokens`` would not fit the model's positions; the current query is always kept, keeping its
+        start when it alone does not fit.
 
         Raises:
             ConfigError: ``max_new_tokens`` leaves no room for a prompt.
@@ -228,7 +228,7 @@ def load(args: argparse.Namespace):
     """
     import torch
 
-    from .build import base_metadata, load
+    from .build import base_metadata, folder_prefix_length, ignored_config_prefix, load
     from .config import ModelConfig
     from .evaluation.run import resolve_checkpoint
     from .perf import set_cpu_threads
@@ -263,6 +263,10 @@ def load(args: argparse.Namespace):
         shape = meta if meta and "pre_seq_len" in meta else infer_prefix_shape(prefix)
         pre_seq_len = cfg.pre_seq_len = shape["pre_seq_len"]
         cfg.prefix_projection = shape.get("prefix_projection", False)
+    note = ignored_config_prefix(cfg.resolved_path, f"the prefix is --prefix-checkpoint's, P={pre_seq_len}"
+                                 if pre_seq_len else "--no-prefix: no prefix is used")
+    if note:
+        print(note, file=sys.stderr)
     loaded = load(cfg, device=device, pre_seq_len=pre_seq_len, init=False)
     set_cpu_threads(loaded.model, device)
     if checkpoint is not None:
@@ -275,23 +279,6 @@ def load(args: argparse.Namespace):
     name = "the built-in tiny model" if cfg.path is None else str(cfg.path)
     what = f"{name} + prefix {checkpoint}" if checkpoint is not None else f"{name} (no prefix)"
     return loaded, what
-
-
-def folder_prefix_length(folder: Path) -> int | None:
-    """``pre_seq_len`` of a model folder whose weights hold a prefix (a whole model with its prefix inside, as
-    ``python -m ptuning.export full`` or ChatGLM3's ``finetune_demo`` write it), else None."""
-    from .models import UnsupportedModelError, read_config
-    from .training.checkpoint import read_prefix
-    from .weights import CheckpointError
-
-    try:
-        stored = read_config(folder).get("pre_seq_len")
-        if not isinstance(stored, int) or stored <= 0:
-            return None
-        read_prefix(folder)  # only the prefix tensors are read
-    except (UnsupportedModelError, CheckpointError):
-        return None
-    return stored
 
 
 def plain_differs(template) -> bool:
@@ -334,7 +321,7 @@ def chat_loop(session: ChatSession, *, read=input, out=sys.stdout, err=sys.stder
         if dropped:
             err.write(f"(left out the oldest {dropped} turn(s) to fit the model's context)\n")
         if cut:
-            err.write(f"(the message is too long: its first {cut} token(s) were left out to fit the model's context)\n")
+            err.write(f"(the message is too long: its last {cut} token(s) were left out to fit the model's context)\n")
         if show_prompt:
             err.write(
                 json.dumps({"turn": turn, "prompt": prompt, "prompt_tokens": len(ids)}, ensure_ascii=False)

@@ -293,8 +293,8 @@ def main(argv=None) -> int:
         return 130
 
 
-def export(argv=None) -> int:
-    """Parses the command line and writes the export (see :func:`main`)."""
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m ptuning.export``."""
     parser = argparse.ArgumentParser(prog="python -m ptuning.export", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="kind", required=True)
     p = sub.add_parser("peft", help="a peft PREFIX_TUNING adapter folder")
@@ -318,7 +318,12 @@ def export(argv=None) -> int:
     p.add_argument("--adapter", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--model", help="the base model folder, to check the adapter fits it")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def export(argv=None) -> int:
+    """Parses the command line and writes the export (see :func:`main`)."""
+    args = build_parser().parse_args(argv)
 
     try:
         if args.kind == "from-peft":

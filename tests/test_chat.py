@@ -114,11 +114,11 @@ def test_history_drops_oldest_turns_to_fit_the_context(tokenizer):
     prompt, ids, dropped, cut = session.prepare("再来一个")
     assert dropped > 0 and len(ids) <= 80 and cut == 0
     assert prompt == build_prompt("再来一个", session.history[dropped:])
-    # a message that alone does not fit keeps its last tokens and its [Round 0] turn, as training does
-    prompt, ids, dropped, cut = session.prepare("裙" * 200)
+    # a message that alone does not fit keeps its first tokens and its [Round 0] turn, as training does
+    prompt, ids, dropped, cut = session.prepare("开头" + "裙" * 200)
     assert dropped == 4 and cut > 0 and len(ids) <= 80
     text = tokenizer.decode(ids[:-2])
-    assert text.startswith("[Round 0]\n问：裙") and text.endswith("裙\n答：")
+    assert text.startswith("[Round 0]\n问：开头裙") and text.endswith("裙\n答：")
     from ptuning.config import ConfigError
 
     with pytest.raises(ConfigError, match="--max-new-tokens=118: the model has 120 positions for the prompt and the "

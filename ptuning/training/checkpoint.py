@@ -319,6 +319,18 @@ def read_prefix(checkpoint: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
     return prefix, meta
 
 
+def prefix_format(checkpoint: str | os.PathLike) -> str:
+    """How a checkpoint folder that :func:`read_prefix` reads holds its prefix, in words for start-up lines:
+    ``ours (prefix.safetensors)``, ``original P-Tuning v2 (pytorch_model.bin)`` or ``a whole model with its
+    prefix inside``."""
+    checkpoint = Path(checkpoint)
+    if (checkpoint / PREFIX_FILE).is_file():
+        return f"ours ({PREFIX_FILE})"
+    if (checkpoint / ORIGINAL_FILE).is_file() and not (checkpoint / "config.json").is_file():
+        return f"original P-Tuning v2 ({ORIGINAL_FILE})"
+    return "a whole model with its prefix inside"
+
+
 def _read_meta(path: Path, what: str = "prefix metadata") -> dict | None:
     """``prefix_config.json`` (or another JSON object, ``what``) as a dict, None when absent; unreadable is a
     CheckpointError naming the file."""
