@@ -158,7 +158,7 @@ def check_prompt_format(checkpoint: Path, meta: dict | None, data: DataConfig) -
         )
     key, column = _trained_chat_column(checkpoint, meta)
     raise ConfigError(
-        f"{checkpoint} was trained on chat prompts with earlier turns ({source}) but data.history_column is not set, "
+        f"{checkpoint} was trained on chat prompts with earlier turns ({source}) but {key} is not set, "
         f"so evaluation would leave the rows' earlier turns out: set "
         + (f"{key}={column} (what its run used)" if column else
            "data.history_column=<the column of earlier turns> (data.conversation_column for chat-format rows)")
