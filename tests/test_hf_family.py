@@ -241,3 +241,16 @@ def test_long_texts_raise_no_model_max_length_warning(family, capfd, caplog):
     out = capfd.readouterr()
     shown = out.out + out.err + caplog.text
     assert "Token indices sequence length" not in shown
+
+
+def test_loading_a_model_shows_no_transformers_loading_bar(capfd):
+    from transformers.utils import logging as hf_logging
+
+    from ptuning.build import load_model
+    from ptuning.config import ModelConfig
+
+    capfd.readouterr()
+    load_model(ModelConfig(path="builtin:tiny-glm4", pre_seq_len=4))
+    captured = capfd.readouterr()
+    assert "Loading weights" not in captured.err + captured.out, captured.err
+    assert hf_logging.is_progress_bar_enabled()  # switched off only while the model loads
