@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -173,6 +174,10 @@ def test_an_unreadable_override_says_how_to_quote_it(value, capsys):
 def test_the_documented_prefix_init_text_form_composes():
     docs = (ROOT / "docs" / "configuration.md").read_text(encoding="utf-8")
     assert "\"model.prefix_init_text='用简洁的广告文案描述这件商品。'\"" in docs
+    # in a folder of its own: the default run's outputs/default would refuse it (or be what it resumes)
+    command = re.search(r"`python train.py model.prefix_init=text\s+([^`]*)`", docs).group(1)
+    output_dir = re.search(r"train\.output_dir=(\S+)", command)
+    assert output_dir and output_dir.group(1) not in ("outputs/default", "outputs/default/"), command
     # what the shell passes on for that form
     job = to_object(compose_train(["model.prefix_init=text", "model.prefix_init_text='用简洁的广告文案描述这件商品。'",
                                    "train.output_dir=/tmp/x"]))

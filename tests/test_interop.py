@@ -4,6 +4,7 @@ full-model export in the original layout."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -590,3 +591,16 @@ def test_a_whole_model_checkpoint_of_another_backbone_warns_in_one_line_as_ours_
     # its own backbone (saved in float16, the base model's float32 rounded): no warning
     chat_load(chat_args(["--model-path", "builtin:tiny-chatglm2", "--prefix-checkpoint", str(full["tiny-chatglm2"])]))
     assert capsys.readouterr().err == ""
+
+
+def test_the_documented_exports_write_into_outputs_and_take_a_run_folder():
+    from .common import ROOT
+
+    shown = [(ROOT / page).read_text(encoding="utf-8") for page in ("README.md", "docs/checkpoints.md",
+                                                                     "docs/families.md")]
+    commands = [c for text in shown for c in re.findall(r"python -m ptuning\.export (?:peft|original|full|from-peft) [^\n`#]+", text)]
+    assert len(commands) >= 5, commands
+    for command in commands:
+        out = re.search(r"--out (\S+)", command)
+        assert out and out.group(1).startswith("outputs/"), command  # never into the project folder itself
+    assert any(re.search(r"--checkpoint outputs/default(\s|$)", c) for c in commands)  # a run folder: its latest
