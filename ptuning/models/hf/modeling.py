@@ -28,7 +28,6 @@ import json
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from transformers.cache_utils import Cache
@@ -38,34 +37,8 @@ from transformers.utils.deprecation import deprecate_kwarg
 
 from ...prefix import PrefixEncoder, PrefixKV, PrefixShape, prefix_key_values, reset_prefix
 from ...weights import CheckpointError
+from ..loss import project_and_loss
 from .attention import register
-
-IGNORE_INDEX = -100
-
-
-def target_token_loss(lm_head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, reduction: str = "mean"):
-    """Next-token cross-entropy in float32 over every target of the batch (labels != -100), projecting only the
-    positions whose next label is a target.
-
-    Args:
-        hidden: final hidden states ``[B, S, H]``.
-        labels: ``[B, S]``; the position s predicts ``labels[:, s + 1]``.
-        reduction: ``mean`` or ``sum`` over the targets.
-    """
-    targets = labels[:, 1:].to(hidden.device)  # (B, S-1)
-    keep = targets != IGNORE_INDEX
-    logits = lm_head(hidden[:, :-1][keep]).float()  # (T, V)
-    return F.cross_entropy(logits, targets[keep], reduction=reduction)
-
-
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """:func:`target_token_loss` from logits ``[B, S, V]`` already computed at every position."""
-    shift_logits = logits[:, :-1].float()  # (B, S-1, V)
-    shift_labels = labels[:, 1:].to(logits.device)  # (B, S-1)
-    return F.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), ignore_index=IGNORE_INDEX,
-        reduction=reduction,
-    )
 
 
 class PrefixCausalLM:
@@ -127,8 +100,6 @@ class PrefixCausalLM:
             ``CausalLMOutputWithPast`` with ``loss``, ``logits`` ``[B, S or logits_to_keep, V]`` (None with
             ``return_logits=False``), ``cache`` (the tokens only, never the prefix).
         """
-        if loss_reduction not in ("mean", "sum"):
-            raise ValueError(f"loss_reduction={loss_reduction!r}: expected 'mean' or 'sum'")
         if prefix is None:
             batch = (input_ids if input_ids is not None else inputs_embeds).shape[0]
             prefix = self.prefix_key_values(batch, self._compute_dtype())
@@ -150,18 +121,8 @@ class PrefixCausalLM:
             prefix=prefix,
             **kwargs,
         )
-        hidden = outputs.last_hidden_state  # (B, S, H)
-        logits = loss = None
-        if labels is not None and not return_logits:
-            loss = target_token_loss(self.lm_head, hidden, labels, loss_reduction)
-        else:
-            if isinstance(logits_to_keep, int):
-                hidden = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
-            else:
-                hidden = hidden[:, logits_to_keep]
-            logits = self.lm_head(hidden)  # (B, S, V)
-            if labels is not None:
-                loss = causal_lm_loss(logits, labels, loss_reduction)
+        logits, loss = project_and_loss(self.lm_head, outputs.last_hidden_state, labels, loss_reduction,
+                                        return_logits=return_logits, logits_to_keep=logits_to_keep)
         return CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
