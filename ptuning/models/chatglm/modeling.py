@@ -328,6 +328,11 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
             return None
         return self.transformer.prefix_key_values(batch_size, dtype)
 
+    def cache_shape(self) -> tuple[int, int, int]:
+        """``(N, D, L)``: every attention head keeps its keys and values (no grouped-query attention)."""
+        shape = prefix_shape(self.config, 0)
+        return shape.num_key_value_heads, shape.head_dim, shape.num_layers
+
     def store_lm_head_column_major(self) -> None:
         """Stores ``lm_head.weight`` (shape ``[V, H]``, its checkpoint key and shape unchanged) column-major.
         Decoding multiplies one row by it, and BLAS runs that matrix-vector product about twice as fast

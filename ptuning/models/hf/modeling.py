@@ -58,6 +58,14 @@ class PrefixCausalLM:
             return None
         return prefix_key_values(self.prefix_encoder, batch_size, dtype, self.prefix_dropout)
 
+    def cache_shape(self) -> tuple[int, int, int]:
+        """``(G, D, L)`` of the attention, from the config (:func:`prefix_shape`)."""
+        shape = prefix_shape(self.config, 0)
+        return shape.num_key_value_heads, shape.head_dim, shape.num_layers
+
+    def store_lm_head_column_major(self) -> None:
+        """Nothing to prepare: transformers' ``lm_head`` stays as it is loaded (a tied head is the embedding)."""
+
     def _compute_dtype(self) -> torch.dtype:
         weight = self.get_input_embeddings().weight
         return weight.dtype if weight.is_floating_point() else torch.float32
@@ -270,17 +278,13 @@ def attach_prefix(model: PreTrainedModel, shape: PrefixShape | None, dropout: fl
     return model
 
 
-def load_causal_lm(folder: str | Path, *, dtype: torch.dtype = torch.float32, device=None) -> PreTrainedModel:
-    """A transformers-native causal LM from a local folder (``config.json`` + weights in the HF layout), in
-    ``dtype``, without a prefix (see :func:`attach_prefix`). Remote code is never run: the config's
-    ``model_type`` must be one transformers knows.
+def load_causal_lm_config(folder: str | Path):
+    """The transformers config of a local model folder (``AutoConfig``); remote code is never run.
 
     Raises:
-        CheckpointError: no config, a config only remote code defines (``auto_map``), or weights that do not
-            fit (names the keys).
+        CheckpointError: no or unreadable ``config.json``, or a ``model_type`` only remote code defines.
     """
-    folder = Path(folder)
-    config_file = folder / "config.json"
+    config_file = Path(folder) / "config.json"
     try:
         raw = json.loads(config_file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -293,7 +297,25 @@ def load_causal_lm(folder: str | Path, *, dtype: torch.dtype = torch.float32, de
             "transformers-native checkpoint (e.g. the model's *-hf release)"
         )
     try:
-        config = AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
+        return AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
+    except (OSError, ValueError, KeyError) as err:
+        lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+        raise CheckpointError(f"{folder}: {lines[-1] if lines else type(err).__name__}") from None
+
+
+def load_causal_lm(folder: str | Path, *, dtype: torch.dtype = torch.float32, device=None) -> PreTrainedModel:
+    """A transformers-native causal LM from a local folder (``config.json`` + weights in the HF layout), in
+    ``dtype``, without a prefix (see :func:`attach_prefix`). Remote code is never run: the config's
+    ``model_type`` must be one transformers knows.
+
+    Raises:
+        CheckpointError: no config, a config only remote code defines (``auto_map``), or weights that do not
+            fit (names the keys).
+    """
+    folder = Path(folder)
+    config_file = folder / "config.json"
+    config = load_causal_lm_config(folder)
+    try:
         model, info = AutoModelForCausalLM.from_pretrained(
             str(folder), config=config, dtype=dtype, trust_remote_code=False, output_loading_info=True,
             attn_implementation="sdpa",
