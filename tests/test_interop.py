@@ -135,6 +135,25 @@ def test_import_refuses_adapters_that_do_not_fit(tmp_path):
         read_peft_adapter(tmp_path / "lora")
 
 
+@pytest.mark.parametrize("projection", [False, True])
+def test_a_checkpoint_exports_to_peft_from_its_recorded_sizes_alone(tmp_path, projection):
+    from ptuning.interop import export_peft_checkpoint
+
+    model = prefixed_model(projection)
+    checkpoint = save_checkpoint(tmp_path / "run", 1, model, prefix_metadata(model, "tiny"))
+    export_peft(model, tmp_path / "direct")
+    export_peft_checkpoint(checkpoint, tmp_path / "recorded")  # no base model: the sizes prefix_config.json records
+    export_peft_checkpoint(checkpoint, tmp_path / "checked", model.config)
+    direct = load_peft_weights(str(tmp_path / "direct"), device="cpu")["prompt_embeddings"]
+    for name in ("recorded", "checked"):
+        assert torch.equal(load_peft_weights(str(tmp_path / name), device="cpu")["prompt_embeddings"], direct)
+        config = PeftConfig.from_pretrained(str(tmp_path / name))
+        assert (config.num_layers, config.token_dim, config.num_attention_heads) == (2, 64, 4)
+    wider = tiny_config(hidden_size=128, pre_seq_len=5, prefix_projection=projection)
+    with pytest.raises(CheckpointError, match="trained with head_dim=16 but the model has head_dim=32"):
+        export_peft_checkpoint(checkpoint, tmp_path / "wider", wider)
+
+
 # ---- peft as a client of our model ----
 
 

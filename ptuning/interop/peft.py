@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 
 from ..models import FAMILIES, Family, family_of
 from ..prefix import PREFIX_ATTRIBUTE, PrefixEncoder, PrefixShape, prefix_module_name, prefix_state_dict
-from ..training.checkpoint import META_FILE, PREFIX_FILE, local_prefix_keys, read_prefix
+from ..training.checkpoint import META_FILE, PREFIX_FILE, infer_prefix_shape, local_prefix_keys, read_prefix
 from ..weights import CheckpointError
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -150,8 +150,6 @@ def export_peft_checkpoint(
             )
         shape = recorded_shape(meta, prefix)
     else:
-        from ..training.checkpoint import infer_prefix_shape
-
         found = meta or infer_prefix_shape(prefix)
         shape = config_prefix_shape(config, found["pre_seq_len"], found["prefix_projection"])
         if meta is not None:
