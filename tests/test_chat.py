@@ -153,7 +153,7 @@ def test_bad_prefix_path_is_one_line(capsys):
 # ---- faults found by trying the toolkit as a user would (one test per kind, named by item) ----
 
 
-def test_item18_an_unfinished_character_stays_out_of_the_answer_and_the_history(model, tokenizer, monkeypatch):
+def test_an_unfinished_character_stays_out_of_the_answer_and_the_history(model, tokenizer, monkeypatch):
     import ptuning.evaluation.generate as generate_module
 
     ids = tokenizer.convert_tokens_to_ids(tokenizer.tokenize("这条黑色龘裙😀，好"))
@@ -170,7 +170,7 @@ def test_item18_an_unfinished_character_stays_out_of_the_answer_and_the_history(
     assert "\ufffd" not in prompt and "答：这条黑色裙\n" in prompt
 
 
-def test_item03_chat_warns_in_one_line_when_the_prefix_was_trained_on_another_model(tmp_path, model, capsys):
+def test_chat_warns_in_one_line_when_the_prefix_was_trained_on_another_model(tmp_path, model, capsys):
     import shutil
 
     from ptuning.chat import load, parse_args
@@ -189,7 +189,7 @@ def test_item03_chat_warns_in_one_line_when_the_prefix_was_trained_on_another_mo
     assert capsys.readouterr().err == ""
 
 
-def test_item07_ctrl_c_while_the_chat_loads_exits_130_without_a_traceback(monkeypatch, capsys):
+def test_ctrl_c_while_the_chat_loads_exits_130_without_a_traceback(monkeypatch, capsys):
     import ptuning.chat as chat_module
 
     def interrupted(args):
@@ -204,7 +204,7 @@ def test_item07_ctrl_c_while_the_chat_loads_exits_130_without_a_traceback(monkey
 
 
 @pytest.mark.parametrize("builtin", ["tiny-chatglm", "tiny-chatglm2"])
-def test_qa_no_prefix_on_a_folder_holding_a_prefix_says_what_chat_can_do(tmp_path, capsys, builtin):
+def test_no_prefix_on_a_folder_holding_a_prefix_says_what_chat_can_do(tmp_path, capsys, builtin):
     from ptuning import export as export_cli
     from ptuning.chat import main
 
@@ -226,7 +226,7 @@ def test_qa_no_prefix_on_a_folder_holding_a_prefix_says_what_chat_can_do(tmp_pat
     assert what == f"{full} + prefix {full}"
 
 
-def test_qa_chatglm3_answers_leave_out_the_metadata_line(monkeypatch):
+def test_chatglm3_answers_leave_out_the_metadata_line(monkeypatch):
     from ptuning.build import load as load_family
 
     loaded = load_family(ModelConfig(path="builtin:tiny-chatglm3"), pre_seq_len=None, init=False)

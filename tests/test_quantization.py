@@ -97,7 +97,7 @@ def test_bench_configuration_forward_backward(bits):
     grads, loss = prefix_grad_and_loss(model, ids, labels)
     check_only_prefix_gets_gradients(grads)
     assert torch.isfinite(loss)
-    # the measured ratios of the README's memory table (bench configuration, whole model incl. embeddings)
+    # the measured ratios of the quantization table in benchmarks/README.md (bench configuration, whole model incl. embeddings)
     ratio = weight_bytes(model) / bf16_bytes
     assert ratio == pytest.approx({8: 0.863, 4: 0.795}[bits], abs=0.001)
     # and exactly what ptuning.memory computes from the shape alone
