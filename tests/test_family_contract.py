@@ -23,9 +23,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from ptuning import memory
 from ptuning.evaluation.generate import GenerationSettings, generate_ids, left_pad, strip_generated
+from ptuning.interop import export_peft, load_peft_prefix
 from ptuning.models import Conversation, Family, family_for
 from ptuning.models.base import PrefixTunedModel
 from ptuning.prefix import mark_only_prefix_trainable, prefix_module_name, prefix_state_dict
@@ -39,6 +41,7 @@ from ptuning.training.checkpoint import (
     read_prefix,
     save_checkpoint,
 )
+from ptuning.weights import CheckpointError
 
 from .common import ROOT
 
@@ -75,8 +78,6 @@ ROWS = [
 
 def tiny_decoder(model_type: str, folder: Path) -> Path:
     """A random transformers decoder of ``model_type`` saved in ``folder`` with tiny-glm4's tokenizer files."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     config = AutoConfig.for_model(model_type, **HF_SIZES, **HF_EXTRA[model_type])
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(folder)
@@ -283,13 +284,9 @@ def test_every_export_hook_answers_and_what_a_family_offers_round_trips(case, tm
         again = load(family, tmp_path / "full")
         assert torch.equal(logits_of(again, ids), logits_of(model, ids))
     else:
-        from ptuning.weights import CheckpointError
-
         with pytest.raises(CheckpointError):
             family.export_full(model, tmp_path / "full", dtype=torch.float32, max_shard_bytes=1 << 30)
     if family.export_unsupported("peft") is None and family.export_unsupported("from-peft") is None:
-        from ptuning.interop import export_peft, load_peft_prefix
-
         export_peft(model, tmp_path / "adapter")
         fresh = load(family, case.folder)
         load_peft_prefix(fresh, tmp_path / "adapter")

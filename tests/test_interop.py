@@ -14,7 +14,14 @@ from safetensors import safe_open
 from ptuning import export as export_cli
 from ptuning.build import load_model
 from ptuning.config import ModelConfig
-from ptuning.interop import export_full, export_peft, import_peft, load_peft_prefix, read_peft_adapter
+from ptuning.interop import (
+    export_full,
+    export_peft,
+    export_peft_checkpoint,
+    import_peft,
+    load_peft_prefix,
+    read_peft_adapter,
+)
 from ptuning.models.chatglm import ChatGLMForConditionalGeneration, CheckpointError, tiny_config
 from ptuning.models.chatglm.layers import rotary_inv_freq
 from ptuning.training.checkpoint import load_prefix, prefix_metadata, save_checkpoint
@@ -137,8 +144,6 @@ def test_import_refuses_adapters_that_do_not_fit(tmp_path):
 
 @pytest.mark.parametrize("projection", [False, True])
 def test_a_checkpoint_exports_to_peft_from_its_recorded_sizes_alone(tmp_path, projection):
-    from ptuning.interop import export_peft_checkpoint
-
     model = prefixed_model(projection)
     checkpoint = save_checkpoint(tmp_path / "run", 1, model, prefix_metadata(model, "tiny"))
     export_peft(model, tmp_path / "direct")
