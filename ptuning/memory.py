@@ -124,12 +124,12 @@ class ArchitectureMemory(Protocol):
         ...
 
     def weight_bytes(self, shape: ModelShape, setting: str) -> int:
-        """Bytes of the blocks, the final norm and any buffers (the embeddings and the prefix are counted
-        here)."""
+        """Bytes of the blocks, the final norm and any buffers (not the embeddings and the prefix, which
+        :func:`weight_bytes` adds)."""
         ...
 
     def parameter_count(self, shape: ModelShape) -> int:
-        """Parameters of the blocks and the final norm."""
+        """Parameters of the blocks and the final norm (not the embeddings and the prefix)."""
         ...
 
     def block_activation_bytes(self, shape: ModelShape, c: int) -> int:
