@@ -121,7 +121,7 @@ def _config_of(model_path: Path | None):
     """The base model's config as its family reads it (None without a base model)."""
     if model_path is None:
         return None
-    return family_for(model_path).load_config(model_path)
+    return family_for(model_path).model_config(model_path)
 
 
 def refuse_unsupported(kind: str, checkpoint: str | None = None, model_path: Path | None = None) -> None:

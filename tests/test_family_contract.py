@@ -164,7 +164,7 @@ def test_the_table_picks_the_family_and_the_model_keeps_the_contract(case):
     wanted = inspect.signature(PrefixTunedModel.forward).parameters
     assert set(wanted) - {"self"} <= set(named)
     # the config without the weights is the loaded model's, as far as what the backbone computes goes
-    config = case.family.load_config(case.folder)
+    config = case.family.model_config(case.folder)
     assert case.family.fingerprint(config) == case.family.fingerprint(case.model.config)
     assert case.family.describe(case.model.config).startswith(case.family.label)
     assert 0 < case.family.max_positions(case.model.config) <= 1 << 20

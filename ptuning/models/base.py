@@ -390,8 +390,9 @@ class Family(ABC):
         """
 
     @abstractmethod
-    def load_config(self, folder: Path) -> Any:
-        """The config :meth:`load_model` would give the model (``model.config``), without the weights.
+    def model_config(self, folder: Path) -> Any:
+        """The config :meth:`load_model` would give the model (``model.config``), read without the weights (the
+        server sizes its generation cache before loading; exports read the base model's sizes).
 
         Raises:
             CheckpointError: no or unreadable ``config.json``, or values the family cannot represent.

@@ -44,7 +44,7 @@ class ChatGLMFamily(Family):
             prefix_dropout=prefix_dropout,
         )
 
-    def load_config(self, folder: Path) -> ChatGLMConfig:
+    def model_config(self, folder: Path) -> ChatGLMConfig:
         return ChatGLMConfig.from_pretrained(str(folder))
 
     def load_tokenizer(self, folder: Path, vocab_size: int | None = None):

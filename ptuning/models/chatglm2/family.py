@@ -138,7 +138,7 @@ class ChatGLM2Family(Family):
         return load_model(folder, dtype=dtype, pre_seq_len=pre_seq_len, prefix_projection=prefix_projection,
                           prefix_dropout=prefix_dropout, device=device)
 
-    def load_config(self, folder: Path):
+    def model_config(self, folder: Path):
         """The ``GlmConfig`` of an original folder (the version decided as for the model), its built-in prefix
         (``pre_seq_len`` / ``prefix_projection``) riding along."""
         return read_original_config(Path(folder)).glm_config()

@@ -71,7 +71,7 @@ class HFFamily(Family):
             prefix_dropout=prefix_dropout, device=device,
         )
 
-    def load_config(self, folder: Path):
+    def model_config(self, folder: Path):
         """The folder's transformers config (``AutoConfig``, never remote code).
 
         Raises:
