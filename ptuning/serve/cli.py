@@ -270,11 +270,9 @@ def family_label(name: str, config=None) -> str:
     from ..models import UnsupportedModelError, family_named
 
     try:
-        label = family_named(name).label
+        return family_named(name).describe(config)
     except UnsupportedModelError:
         return name
-    architectures = getattr(config, "architectures", None) or []
-    return f"{label} ({architectures[0]})" if name == "hf" and architectures else label
 
 
 def base_name(args: argparse.Namespace) -> str:
