@@ -30,7 +30,7 @@ from pathlib import Path
 
 try:  # Ctrl-C while the libraries load (seconds): one line, as everywhere else
     from .config import BUILTIN_SCHEME, PROJECT_ROOT, ConfigError, ModelConfig
-    from .models import UnsupportedModelError
+    from .models import UnsupportedModelError, family_for
     from .weights import CheckpointError
 except KeyboardInterrupt:
     if __name__ != "__main__":
@@ -124,11 +124,10 @@ def load_with_prefix(model_path: Path, checkpoint: str | None, dtype=None):
 
 
 def _config_of(model_path: Path | None):
+    """The base model's config as its family reads it (None without a base model)."""
     if model_path is None:
         return None
-    from .models.chatglm import ChatGLMConfig
-
-    return ChatGLMConfig.from_pretrained(str(model_path))
+    return family_for(model_path).model_config(model_path)
 
 
 def refuse_unsupported(kind: str, checkpoint: str | None = None, model_path: Path | None = None) -> None:

@@ -15,7 +15,14 @@ from safetensors import safe_open
 from ptuning import export as export_cli
 from ptuning.build import load_model
 from ptuning.config import ModelConfig
-from ptuning.interop import export_full, export_peft, import_peft, load_peft_prefix, read_peft_adapter
+from ptuning.interop import (
+    export_full,
+    export_peft,
+    export_peft_checkpoint,
+    import_peft,
+    load_peft_prefix,
+    read_peft_adapter,
+)
 from ptuning.models.chatglm import ChatGLMForConditionalGeneration, CheckpointError, tiny_config
 from ptuning.models.chatglm.layers import rotary_inv_freq
 from ptuning.training.checkpoint import load_prefix, prefix_metadata, save_checkpoint
@@ -134,6 +141,23 @@ def test_import_refuses_adapters_that_do_not_fit(tmp_path):
     LoraConfig(r=2, target_modules=["query_key_value"]).save_pretrained(str(tmp_path / "lora"))
     with pytest.raises(CheckpointError, match="LORA adapter"):
         read_peft_adapter(tmp_path / "lora")
+
+
+@pytest.mark.parametrize("projection", [False, True])
+def test_a_checkpoint_exports_to_peft_from_its_recorded_sizes_alone(tmp_path, projection):
+    model = prefixed_model(projection)
+    checkpoint = save_checkpoint(tmp_path / "run", 1, model, prefix_metadata(model, "tiny"))
+    export_peft(model, tmp_path / "direct")
+    export_peft_checkpoint(checkpoint, tmp_path / "recorded")  # no base model: the sizes prefix_config.json records
+    export_peft_checkpoint(checkpoint, tmp_path / "checked", model.config)
+    direct = load_peft_weights(str(tmp_path / "direct"), device="cpu")["prompt_embeddings"]
+    for name in ("recorded", "checked"):
+        assert torch.equal(load_peft_weights(str(tmp_path / name), device="cpu")["prompt_embeddings"], direct)
+        config = PeftConfig.from_pretrained(str(tmp_path / name))
+        assert (config.num_layers, config.token_dim, config.num_attention_heads) == (2, 64, 4)
+    wider = tiny_config(hidden_size=128, pre_seq_len=5, prefix_projection=projection)
+    with pytest.raises(CheckpointError, match="trained with head_dim=16 but the model has head_dim=32"):
+        export_peft_checkpoint(checkpoint, tmp_path / "wider", wider)
 
 
 # ---- peft as a client of our model ----

@@ -307,11 +307,9 @@ def family_label(name: str, config=None) -> str:
     from ..models import UnsupportedModelError, family_named
 
     try:
-        label = family_named(name).label
+        return family_named(name).describe(config)
     except UnsupportedModelError:
         return name
-    architectures = getattr(config, "architectures", None) or []
-    return f"{label} ({architectures[0]})" if name == "hf" and architectures else label
 
 
 #: the base model of a folder with its own prefix (served under the folder's name) is served as ``<name>-base``
