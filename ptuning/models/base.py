@@ -160,22 +160,25 @@ def drop_oldest_turns(
     return None, len(history)
 
 
-def cut_query_from_left(query: str, length: Callable[[str], int], max_tokens: int) -> int:
-    """The rule's second half: the smallest ``start`` such that the prompt with ``query[start:]`` fits.
+def keep_query_start(query: str, length: Callable[[str], int], max_tokens: int) -> int:
+    """The rule's second half: the largest ``end`` such that the prompt with ``query[:end]`` fits. A question
+    that alone does not fit keeps its start, in every family, as the original P-Tuning v2 scripts of ChatGLM-6B,
+    ChatGLM2-6B and ChatGLM3-6B (``finetune_demo``) all cut an over-long input (they keep its first tokens);
+    the template's frame around the question (``答：``, ``<|assistant|>``, the generation prompt) stays.
 
     The query is cut on characters and the whole prompt re-encoded, so the kept part tokenizes exactly as it
-    would in place. Its end (next to where the answer starts) stays.
+    would in place.
 
     Args:
         length: prompt length in tokens for a given (cut) query.
     """
     lo, hi = 0, len(query)
     while lo < hi:
-        mid = (lo + hi) // 2
-        if length(query[mid:]) <= max_tokens:
-            hi = mid
+        mid = (lo + hi + 1) // 2
+        if length(query[:mid]) <= max_tokens:
+            lo = mid
         else:
-            lo = mid + 1
+            hi = mid - 1
     return lo
 
 
@@ -192,7 +195,8 @@ class PromptTemplate(ABC):
     """How one family turns conversations into token ids, for training, evaluation, chat and serving alike.
 
     The truncation rule is the same everywhere: whole oldest turns go first; the current query's turn is
-    always kept; only if it alone does not fit is the query itself cut.
+    always kept; only if it alone does not fit is the query itself cut, keeping its start (see
+    :func:`keep_query_start`).
     """
 
     tokenizer: Any
