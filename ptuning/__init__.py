@@ -1,9 +1,11 @@
 """P-Tuning v2 for ChatGLM-6B."""
 
 import logging
+import sys
 import warnings
 
-import torch
+# The filters below read torch from sys.modules: the records they see come from code that has imported it, and
+# importing it here would make ``import ptuning`` take seconds before a command can answer Ctrl-C in one line.
 
 
 def _drop_torchao_import_noise() -> None:
@@ -15,7 +17,7 @@ def _drop_torchao_import_noise() -> None:
         # on a CUDA build a failed load is news
         text = str(record.msg)
         return not (
-            (record.name == "torchao" and text.startswith("Failed to load") and torch.version.cuda is None)
+            (record.name == "torchao" and text.startswith("Failed to load") and sys.modules["torch"].version.cuda is None)
             or (record.name == "torch.utils._pytree" and "is an Enum subclass" in text)
         )
 
@@ -46,7 +48,8 @@ def _drop_known_noise() -> None:
     warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
     def keep(record: logging.LogRecord) -> bool:
-        return not (str(record.msg).startswith("Setting accelerator to CPU") and not torch.cuda.is_available())
+        return not (str(record.msg).startswith("Setting accelerator to CPU")
+                    and not sys.modules["torch"].cuda.is_available())
 
     logging.getLogger("DeepSpeed").addFilter(keep)
 

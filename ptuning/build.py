@@ -7,11 +7,14 @@ This is the only place the training loop, evaluation, chat and the server get a 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
+from transformers.utils import logging as hf_logging
 
 from .config import BUILTIN_MODEL, ConfigError, ModelConfig
 from .models import Family, PromptTemplate, UnsupportedModelError, family_for
@@ -91,18 +94,33 @@ def load_model(cfg: ModelConfig, *, family: Family | None = None, **overrides) -
     pre_seq_len = overrides.pop("pre_seq_len", cfg.pre_seq_len)
     if overrides:
         raise TypeError(f"unexpected load_model arguments: {sorted(overrides)}")
-    model = family.load_model(
-        cfg.resolved_path,
-        dtype=dtype,
-        pre_seq_len=pre_seq_len,
-        prefix_projection=cfg.prefix_projection,
-        prefix_dropout=cfg.prefix_dropout,
-        device=device,
-    )
+    with _no_loading_bar():
+        model = family.load_model(
+            cfg.resolved_path,
+            dtype=dtype,
+            pre_seq_len=pre_seq_len,
+            prefix_projection=cfg.prefix_projection,
+            prefix_dropout=cfg.prefix_dropout,
+            device=device,
+        )
     if cfg.quantization_bit:
         quantize_backbone(model, cfg.quantization_bit, device=quantize_on, linear_names=family.block_linear_names())
     model.ptuning_family = family  # read by ptuning.models.family_of (checkpoint metadata, export)
     return model
+
+
+@contextmanager
+def _no_loading_bar() -> Iterator[None]:
+    """transformers' ``Loading weights`` progress bar off while a model loads (it loads in a blink for the small
+    models and says nothing the start-up lines do not; a large model's load is the one long wait a user expects)."""
+    shown = hf_logging.is_progress_bar_enabled()
+    if shown:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
 
 
 def load_tokenizer(cfg: ModelConfig, vocab_size: int | None = None, *, family: Family | None = None):

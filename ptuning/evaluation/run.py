@@ -28,6 +28,7 @@ from ..checkpoint import (
     PrefixCheckpoint,
     list_checkpoints,
     load_model_with_prefix,
+    prefix_fit_mismatch,
     read_checkpoint,
     resolve_checkpoint,
 )
@@ -117,6 +118,51 @@ class EvaluateJobConfig:
 
 
 # ---- where to read and where to write ----
+
+
+def check_prompt_format(checkpoint: Path, meta: dict | None, data: DataConfig) -> None:
+    """That evaluation renders prompts as the prefix was trained on them: ``prompt_format`` in the checkpoint's
+    ``prefix_config.json`` is ``chat`` (rows with earlier turns: ``data.history_column`` or
+    ``data.conversation_column``) or ``plain`` (prompt -> response rows). Checkpoints that record none (the
+    original script's, earlier versions') are not checked.
+
+    Raises:
+        ConfigError: the data settings render the other format (chat rows would lose their earlier turns,
+            plain-trained prefixes would see chat templates); names the key to set or unset, and for a chat
+            prefix the column its run used when the run's ``run_config.json`` beside it says.
+    """
+    recorded = (meta or {}).get("prompt_format")
+    chat = bool(data.history_column or data.conversation_column)
+    if recorded not in ("chat", "plain") or (recorded == "chat") == chat:
+        return
+    source = f"prompt_format {recorded} in its prefix_config.json"
+    if recorded == "plain":
+        key = "data.history_column" if data.history_column else "data.conversation_column"
+        raise ConfigError(
+            f"{checkpoint} was trained on plain prompt -> response rows ({source}) but {key}="
+            f"{data.history_column or data.conversation_column} renders chat prompts: leave {key} unset"
+        )
+    key, column = _trained_chat_column(checkpoint, meta)
+    raise ConfigError(
+        f"{checkpoint} was trained on chat prompts with earlier turns ({source}) but {key} is not set, "
+        f"so evaluation would leave the rows' earlier turns out: set "
+        + (f"{key}={column} (what its run used)" if column else
+           "data.history_column=<the column of earlier turns> (data.conversation_column for chat-format rows)")
+    )
+
+
+def _trained_chat_column(checkpoint: Path, meta: dict | None) -> tuple[str, str | None]:
+    """``(key, column)`` of the chat data the checkpoint's run trained on, from the ``run_config.json`` of the run
+    folder it sits in (``("data.history_column", None)`` when that record is not there or not its run's)."""
+    try:
+        record = json.loads((checkpoint.parent / "run_config.json").read_text(encoding="utf-8"))
+        data = record["data"] if record.get("run_id") == (meta or {}).get("run_id") else {}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
+        data = {}
+    for key in ("history_column", "conversation_column"):
+        if isinstance(data, dict) and isinstance(data.get(key), str) and data[key]:
+            return f"data.{key}", data[key]
+    return "data.history_column", None
 
 
 def _why_not_writable(folder: Path) -> str | None:
@@ -483,15 +529,14 @@ def _check_job(cfg: EvaluateJobConfig) -> tuple[PrefixCheckpoint, Path, list[str
     out = resolve_output_dir(path, cfg.output_dir)
     replacing = earlier_results(out, cfg.overwrite)
     checkpoint = read_checkpoint(path)
+    check_prompt_format(path, checkpoint.meta, cfg.data)
     # the prefix decides the model's prefix shape; an original-format checkpoint has no metadata
-    for key, value in checkpoint.sizes.items():
-        given = getattr(cfg.model, key)
-        if given is not None and given != value:
-            raise CheckpointError(
-                f"{checkpoint.path}: the prefix was trained with {key}={value} but the model has {key}={given} "
-                f"(model.{key}; leave it unset to take the checkpoint's)"
-            )
-        setattr(cfg.model, key, value)
+    trained = checkpoint.sizes
+    given = {key: getattr(cfg.model, key) for key in trained if getattr(cfg.model, key) is not None}
+    mismatch = prefix_fit_mismatch(trained, given, hint="leave {names} unset to take the checkpoint's")
+    if mismatch:
+        raise CheckpointError(f"{path}: {mismatch}")
+    cfg.model.pre_seq_len, cfg.model.prefix_projection = trained["pre_seq_len"], trained["prefix_projection"]
     cfg.model.validate()
     # checked by every process before any work: an unwritable folder fails at once, and on all processes
     # alike; it is made only when the results are written, so a refused evaluation leaves no empty folder

@@ -37,6 +37,7 @@ from ..checkpoint import (
     base_metadata,
     capture_rng,
     checkpoint_in,
+    ignored_config_prefix,
     latest_checkpoint,
     load_model_with_prefix,
     load_training_state,
@@ -234,11 +235,20 @@ class Recipe:
             torch.bfloat16 if self.cfg.train.mixed_precision == "bf16" else torch.float32, device=self.device
         )
         if self.main:
-            print(
-                f"training {self.trainable:,} of {self.total:,} parameters "
-                f"({100 * self.trainable / self.total:.3f}%) on {self.world} process(es), {len(self.train_ds)} "
-                f"examples, {_count(self.cfg.train.max_steps, 'step')}"
-            )
+            self._announce()
+
+    def _announce(self) -> None:
+        """The start-up lines: what trains, on how many processes, for how long."""
+        meta = self.meta
+        note = ignored_config_prefix(self.cfg.model.resolved_path,
+                                     f"the prefix is model.pre_seq_len={meta['pre_seq_len']}")
+        if note:
+            print(note, file=sys.stderr)
+        print(
+            f"training {self.trainable:,} of {self.total:,} parameters ({100 * self.trainable / self.total:.3f}%, a "
+            f"{meta['pre_seq_len']}-token prefix{' with projection' if meta['prefix_projection'] else ''}) on "
+            f"{self.world} process(es), {len(self.train_ds)} examples, {_count(self.cfg.train.max_steps, 'step')}"
+        )
 
     def _check(self) -> None:
         """The config, the output folder and the checkpoint to resume or start from, before any loading."""
