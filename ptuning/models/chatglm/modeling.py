@@ -29,10 +29,11 @@ from ...prefix import (
 )
 from ...weights import IGNORED_KEYS, CheckpointError, converted, iter_shards, save_weights
 from ..loss import cross_entropy
+from ..packed import check_sequence_ids
 from .cache import ChatGLMCache
 from .config import ChatGLMConfig
 from .layers import GLMBlock, rotary_inv_freq, rotary_tables
-from .masks import build_masks, extend_step_masks
+from .masks import build_masks, build_packed_masks, extend_step_masks
 
 
 class ChatGLMPreTrainedModel(PreTrainedModel):
@@ -174,6 +175,7 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         output_hidden_states: bool | None = None,
         prefix: PrefixKV | None = None,
         slot_cache=None,
+        sequence_ids: torch.LongTensor | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
         """
@@ -192,12 +194,18 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
             slot_cache: a :class:`~ptuning.generation.SlotCache` of a decode loop of our own (then ``cache`` is not
                 used). In its prefill the masks and positions are built as without a cache; in its decode step
                 (one token per row) ``position_ids`` are required and the attention mask comes from the slots.
+            sequence_ids: ``[B, S]`` for packed rows (see :mod:`ptuning.data.packing`): every row gets the mask and
+                2D positions it has alone (:func:`~ptuning.models.chatglm.masks.build_packed_masks`) and sees no
+                other row (no ``attention_mask``, no cache).
         """
         if inputs_embeds is None:
             inputs_embeds = self.word_embeddings(input_ids)  # (B, S, H)
         batch, seq = inputs_embeds.shape[:2]
         use_cache = use_cache if use_cache is not None else self.config.use_cache
         if self.gradient_checkpointing and self.training:
+            use_cache = False
+        if sequence_ids is not None:
+            check_sequence_ids(sequence_ids, input_ids, attention_mask, cache if slot_cache is None else slot_cache)
             use_cache = False
         decoding = slot_cache is not None and slot_cache.mode == "decode"
         if slot_cache is not None:
@@ -217,6 +225,15 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
             if position_ids is None:
                 raise ValueError("position_ids [B, 2, 1] are required in a decode step of a slot cache")
             hidden_mask = None  # the slots' own mask, applied in every layer
+        elif sequence_ids is not None:
+            if input_ids is None:
+                raise ValueError("input_ids are needed with sequence_ids to build each packed row's mask and positions")
+            cfg = self.config
+            hidden_mask, built_positions = build_packed_masks(
+                input_ids, sequence_ids, bos_token_id=cfg.bos_token_id, mask_token_id=cfg.mask_token_id,
+                gmask_token_id=cfg.gmask_token_id,
+            )
+            position_ids = built_positions if position_ids is None else position_ids
         else:
             hidden_mask, position_ids = self._masks_and_positions(
                 input_ids, attention_mask, position_ids, past, batch, seq
@@ -453,6 +470,7 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         return_logits: bool = True,
         prefix: PrefixKV | None = None,
         slot_cache=None,
+        sequence_ids: torch.LongTensor | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """Logits ``[B, S, V]`` (the last ``logits_to_keep`` positions when > 0) and, with ``labels``
@@ -460,7 +478,8 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         or their sum with ``loss_reduction="sum"``. With ``return_logits=False`` the output projection
         runs only at the positions that predict a target (training needs nothing else; the prompt's
         logits are most of the memory and a large share of the compute). ``prefix`` replaces the model's own
-        prefix for this call, ``slot_cache`` is a decode loop's cache (see :meth:`ChatGLMModel.forward`)."""
+        prefix for this call, ``slot_cache`` is a decode loop's cache, ``sequence_ids`` mark packed rows (see
+        :meth:`ChatGLMModel.forward`)."""
         out = self.transformer(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -471,6 +490,7 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
             output_hidden_states=output_hidden_states,
             prefix=prefix,
             slot_cache=slot_cache,
+            sequence_ids=sequence_ids,
         )
         hidden = out.last_hidden_state
         logits = loss = None

@@ -38,6 +38,7 @@ from transformers.utils.deprecation import deprecate_kwarg
 
 from ...prefix import PrefixEncoder, PrefixKV, PrefixShape, prefix_key_values, reset_prefix
 from ...weights import CheckpointError
+from ..packed import check_sequence_ids, packed_position_ids
 from .attention import register
 
 IGNORE_INDEX = -100
@@ -104,6 +105,7 @@ class PrefixCausalLM:
         return_logits: bool = True,
         prefix: PrefixKV | None = None,
         slot_cache=None,
+        sequence_ids: torch.LongTensor | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """The backbone's forward with the prefix in every attention layer.
@@ -121,6 +123,9 @@ class PrefixCausalLM:
             slot_cache: a decode loop's :class:`~ptuning.generation.SlotCache`: the model's own cache is disabled
                 and the slots reach every attention layer (see :mod:`ptuning.models.hf.attention`); in a decode
                 step the model builds no mask (the slots have their own) and ``position_ids`` are required.
+            sequence_ids: ``[B, S]`` for packed rows (see :mod:`ptuning.data.packing`): the positions restart at
+                every row (unless ``position_ids`` are given) and transformers' own packed-sequence mask keeps each
+                row to itself (block-diagonal causal; no ``attention_mask``, no cache).
             kwargs: passed to the backbone (and from there to every attention layer).
 
         Returns:
@@ -132,6 +137,12 @@ class PrefixCausalLM:
         if prefix is None:
             batch = (input_ids if input_ids is not None else inputs_embeds).shape[0]
             prefix = self.prefix_key_values(batch, self._compute_dtype())
+        if sequence_ids is not None:
+            check_sequence_ids(sequence_ids, input_ids, attention_mask, cache if slot_cache is None else slot_cache)
+            # transformers reads positions that restart as packed sequences (masking_utils.find_packed_sequence_indices)
+            if position_ids is None:
+                position_ids = packed_position_ids(sequence_ids)
+            use_cache = False
         if slot_cache is not None:
             kwargs["slot_cache"] = slot_cache
             use_cache, cache = False, None
