@@ -311,3 +311,14 @@ def test_runfix_ctrl_c_while_the_libraries_load_is_one_line_and_exit_130(tmp_pat
                               env=env)
         assert proc.returncode == 130, proc.stderr
         assert proc.stderr.strip() == line, proc.stderr
+
+
+def test_packing_keys_compose_and_contradictions_name_the_key():
+    job = to_object(compose_train(["train.output_dir=/tmp/x", "data.packing=true", "data.pack_length=512"]))
+    assert (job.data.packing, job.data.pack_length) == (True, 512)
+    assert to_object(compose_train(["train.output_dir=/tmp/x"])).data.packing is False
+    with pytest.raises(ConfigError, match=r"^data.pack_length must be >= 2, got 1$"):
+        to_object(compose_train(["train.output_dir=/tmp/x", "data.packing=true", "data.pack_length=1"]))
+    with pytest.raises(ConfigError, match=r"^data.packing needs ignore_pad_token_for_loss=true: packed rows have no pads"):
+        to_object(compose_train(["train.output_dir=/tmp/x", "data.packing=true",
+                                 "data.ignore_pad_token_for_loss=false"]))
