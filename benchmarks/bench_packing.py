@@ -12,10 +12,12 @@ heads, 4 layers, intermediate 2048; the tokenizer's vocabulary), random weights,
 prefix length; ``--model-size config`` times the configured model itself. A step is forward + backward + AdamW
 on the prefix, as the training loop runs it:
 
-* padded: ``--rows-per-step`` rows in the batch plan's order (a seeded shuffle), right-padded to the batch's
-  longest (``train.per_device_batch_size`` rows);
-* packed: the packs of ``data.packing`` (best fit in a seeded order, see ``ptuning.data.packing``), as many per
-  step as hold the same number of row tokens on average.
+* padded: ``--tokens-per-step`` / (mean row length) rows in the batch plan's order (a seeded shuffle),
+  right-padded to the batch's longest (``train.per_device_batch_size`` rows);
+* packed: ``--tokens-per-step`` / (pack_length x fill) packs of ``data.packing`` (best fit in a seeded order,
+  see ``ptuning.data.packing``), padded to ``pack_length``;
+
+so both hold the same number of row tokens per step on average (the table shows the measured ones).
 
 The steps alternate padded / packed (each pack length) in one process, so a busy machine slows all alike;
 the table gives row tokens per second (padding excluded) over all timed steps, and each packed ratio.
@@ -91,7 +93,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("overrides", nargs="*", help="config overrides (key=value), as train.py takes them")
     parser.add_argument("--pack-length", type=int, nargs="*", default=[512])
-    parser.add_argument("--rows-per-step", type=int, default=16)
+    parser.add_argument("--tokens-per-step", type=int, default=2048, help="row tokens per step (on average)")
     parser.add_argument("--steps", type=int, default=6, help="timed steps of each kind (after one warm-up)")
     parser.add_argument("--model-size", choices=["bench", "config"], default="bench")
     args = parser.parse_args()
@@ -116,11 +118,12 @@ def main() -> None:
     set_cpu_threads(model)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     mean = statistics.mean(lengths)
+    rows_per_step = max(1, round(args.tokens_per_step / mean))
     plans = {}
     for length in args.pack_length:
         packed = PackedRows(rows, lengths, length, seed=job.train.seed)
-        per_step = max(1, round(args.rows_per_step * mean / (length * packed.fill())))
-        padded, packs = batches(rows, packed, args.rows_per_step, per_step, args.steps + 1, job.train.seed)
+        per_step = max(1, round(args.tokens_per_step / (length * packed.fill())))
+        padded, packs = batches(rows, packed, rows_per_step, per_step, args.steps + 1, job.train.seed)
         plans[length] = (packed, per_step, packs)
     collate_rows = TrainingCollator(pad_token_id=template.pad_token_id)
 
@@ -155,7 +158,7 @@ def main() -> None:
     print("| batches | per step | row tokens per step | filled | row tokens/s | packed / padded |")
     print("|---|---|---|---|---|---|")
     base = totals["padded"][1] / totals["padded"][0]
-    print(f"| padded | {args.rows_per_step} rows | {totals['padded'][1] / args.steps:.0f} | {100 * padded_fill:.1f}% | "
+    print(f"| padded | {rows_per_step} rows | {totals['padded'][1] / args.steps:.0f} | {100 * padded_fill:.1f}% | "
           f"{base:,.0f} | 1.00x |")
     for length, (packed, per_step, _) in plans.items():
         seconds, tokens, slots = totals[length]

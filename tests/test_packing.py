@@ -212,3 +212,16 @@ def test_a_packed_run_with_gradient_checkpointing_gives_the_same_prefix(tmp_path
                          "model.gradient_checkpointing=true")
     a, b = prefix_of(plain.checkpoint), prefix_of(checkpointed.checkpoint)
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+
+
+def test_a_pack_length_shorter_than_a_row_or_too_few_packs_for_a_batch_is_one_line(tmp_path):
+    from ptuning.training import TrainingError
+
+    with pytest.raises(TrainingError, match=r"train.json: row \d+ has \d+ tokens, more than data.pack_length=16: "
+                                            r"raise data.pack_length to at least the longest row$"):
+        train(tmp_path / "short", "data.packing=true", "data.pack_length=16")
+    with pytest.raises(TrainingError, match=r"^the training set has \d+ packed sequences of 4096 tokens, fewer than "
+                                            r"one global batch \(64 = per_device_batch_size x processes\)$"):
+        train(tmp_path / "few", "data.packing=true", "data.pack_length=4096", "train.per_device_batch_size=64")
+    for out in (tmp_path / "short", tmp_path / "few"):  # nothing written but the data cache
+        assert [p.name for p in out.iterdir()] == [".cache"]
