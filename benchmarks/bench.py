@@ -60,6 +60,8 @@ TARGET_SPEEDUP = 4.0  # bf16 step vs the original's float32 step
 
 
 def build(shape: dict, device: str, dtype: str, prefix: int | None):
+    """A random ChatGLM-6B-architecture model of ``shape``, made on ``device`` directly in ``dtype`` (the real
+    shape in float32 first would take ~27 GB on the GPU for a moment), the prefix float32 and alone trainable."""
     import torch
 
     from ptuning.models.chatglm import ChatGLMForConditionalGeneration, tiny_config
@@ -67,9 +69,14 @@ def build(shape: dict, device: str, dtype: str, prefix: int | None):
 
     torch.manual_seed(0)
     cfg = tiny_config(**{**shape, "pre_seq_len": prefix or None})
-    with torch.device(device):
-        model = ChatGLMForConditionalGeneration(cfg)
-    cast_backbone(model, getattr(torch, dtype))
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(getattr(torch, dtype))
+    try:
+        with torch.device(device):
+            model = ChatGLMForConditionalGeneration(cfg)
+    finally:
+        torch.set_default_dtype(previous)
+    cast_backbone(model, getattr(torch, dtype))  # the prefix encoder (made in dtype too) back to float32
     if prefix:
         mark_only_prefix_trainable(model)
     else:
@@ -178,30 +185,52 @@ def _category(event) -> str:
     return "other"
 
 
+def profile_activities(device: str) -> list:
+    """What the profiler records: CPU ops, and on a GPU the kernels they launch (the step's time is there)."""
+    from torch.profiler import ProfilerActivity
+
+    return [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if device.startswith("cuda") else [])]
+
+
+def self_time_s(event, device: str) -> float:
+    """An op's own time in seconds: its kernels' device time on a GPU (the CPU only queues them), else its CPU
+    time."""
+    if device.startswith("cuda"):
+        us = getattr(event, "self_device_time_total", None)
+        return (us if us is not None else event.self_cuda_time_total) / 1e6
+    return event.self_cpu_time_total / 1e6
+
+
 def measure_train_profile(args) -> dict:
-    """Self-times of every op of ``--repeats`` train steps (torch.profiler) summed into matmul / attention /
-    loss / other, per step; plus the matmuls' FLOPs and the time they would take at the measured peak."""
+    """Self-times of every op of ``--repeats`` train steps (torch.profiler; on a GPU the device time of the
+    kernels each op launched) summed into matmul / attention / loss / other, per step; plus the matmuls' FLOPs
+    and the time they would take at the measured peak."""
     import torch
-    from torch.profiler import ProfilerActivity, profile
+    from torch.autograd import DeviceType
+    from torch.profiler import profile
 
     from ptuning.perf import matmul_peak_flops
 
     model, cfg, step = train_step(args)
     for _ in range(args.warmup):
         step()
-    with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
+    sync(args.device)
+    with profile(activities=profile_activities(args.device), with_flops=True) as prof:
         for _ in range(args.repeats):
             step()
+        sync(args.device)
     parts = {"matmul": 0.0, "attention": 0.0, "loss": 0.0, "other": 0.0}
     matmul_flops = 0.0
     for event in prof.events():
-        parts[_category(event)] += event.self_cpu_time_total / 1e6 / args.repeats
+        if event.device_type != DeviceType.CPU:
+            continue  # kernels: counted through the op that launched them
+        parts[_category(event)] += self_time_s(event, args.device) / args.repeats
         if event.name in MATMUL_OPS:
             matmul_flops += (event.flops or 0) / args.repeats
     peak_dtype = torch.bfloat16 if (args.autocast or args.dtype == "bfloat16") else torch.float32
     peak = matmul_peak_flops(peak_dtype, device=args.device)
     return {"parts_s": parts, "total_s": sum(parts.values()), "matmul_flops": matmul_flops, "peak_flops": peak,
-            "matmul_at_peak_s": matmul_flops / peak}
+            "matmul_at_peak_s": matmul_flops / peak, "time": "device" if args.device.startswith("cuda") else "cpu"}
 
 
 def copy_bandwidth(device: str, mib: int = 512) -> float:
@@ -268,7 +297,9 @@ def measure_generate(args) -> dict:
         """Returns (whole call s, decode steps s)."""
         packing = packed_linears(model, rows=b) if packed else contextlib.nullcontext()
         with packing:
-            decoder = Decoder(model, max_batch_size=b, max_length=GEN_PROMPT + new, compile=compiled)
+            # the cache allocated here, outside the timed call (evaluation, chat and the server keep theirs)
+            decoder = Decoder(model, max_batch_size=b, max_length=GEN_PROMPT + new, capacity=GEN_PROMPT + new,
+                              compile=compiled)
             start = time.perf_counter()
             for row in prompts[b].tolist():
                 decoder.add(Request(row, new))
@@ -338,7 +369,7 @@ def measure_profile(args) -> dict:
     """Where a decode step of our loop goes (batch ``args.batch``): the step, the same linears alone (the same
     kernels, the same input sizes), the bound, and torch.profiler's top operators over 20 steps."""
     import torch
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import profile
 
     from ptuning.generation import Decoder, Request, packed_linears
 
@@ -373,11 +404,12 @@ def measure_profile(args) -> dict:
                 module(inputs[n])
             sync(args.device)
             linear = min(linear, time.perf_counter() - start)
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with profile(activities=profile_activities(args.device)) as prof:
             for _ in range(20):
                 decoder.step()
         ops = sum(1 for e in prof.events() if e.cpu_parent is None) / 20
-    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
+    order = "self_device_time_total" if args.device.startswith("cuda") else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=order, row_limit=15)
     return {"batch": b, "step_s": step, "linears_s": linear, "bound_s": weights / bandwidth,
             "top_level_ops_per_step": ops, "copy_bandwidth": bandwidth, "profile": table}
 
@@ -386,10 +418,16 @@ def measure_profile(args) -> dict:
 
 
 def child(extra: list[str]) -> dict:
+    """One measurement in a fresh process. A failed one is ``{"error": its last line}``; its last lines of stderr
+    are printed at once (an unattended run's log then says why, not only the table's one line)."""
     cmd = [sys.executable, __file__, "--child", *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if proc.returncode != 0:
-        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
+        lines = proc.stderr.strip().splitlines()
+        print(f"measurement failed (exit {proc.returncode}): {' '.join(extra)}", file=sys.stderr)
+        for line in lines[-20:]:
+            print(f"    {line}", file=sys.stderr)
+        return {"error": lines[-1] if lines else f"exit status {proc.returncode}"}
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -526,9 +564,18 @@ def print_profile(profile: dict | None) -> None:
             print(f"\nprofile: error: {profile.get('error')}")
         return
     parts, total = profile["parts_s"], profile["total_s"]
+    cells = " | ".join(f"{parts[k]:.3f} s ({parts[k] / total:.0%})" for k in ("matmul", "attention", "loss", "other"))
+    if profile.get("time") == "device":
+        print("\n| bf16 step on the GPU, profiled (kernel time per step, by the op that launched it) | matmul | "
+              "attention | loss | other | total |")
+        print("|---|---|---|---|---|---|")
+        print(f"| batch 16 x 128, bf16 backbone | {cells} | {total:.3f} s |")
+        print(f"Its matmuls ({profile['matmul_flops'] / 1e12:.2f} TFLOP) take {parts['matmul']:.3f} s of kernel time, "
+              f"{profile['matmul_at_peak_s']:.3f} s at the measured bf16 matmul peak "
+              f"({profile['peak_flops'] / 1e12:.0f} TFLOP/s).")
+        return
     print("\n| bf16 step on one thread, profiled (op self-time per step) | matmul | attention | loss | other | total |")
     print("|---|---|---|---|---|---|")
-    cells = " | ".join(f"{parts[k]:.3f} s ({parts[k] / total:.0%})" for k in ("matmul", "attention", "loss", "other"))
     print(f"| batch 4 x 256, bf16 autocast, bf16 backbone | {cells} | {total:.3f} s |")
     floor = profile["matmul_at_peak_s"] + parts["attention"]
     print(f"Its matmuls ({profile['matmul_flops'] / 1e9:.1f} GFLOP) take {parts['matmul']:.3f} s, "
@@ -587,6 +634,8 @@ def main() -> None:
             "train bf16, batch 1 x 128": ["--dtype", half, "--batch", "1", "--seq", "128"],
             "train bf16 + checkpointing, batch 16 x 128": ["--dtype", half, "--batch", "16", "--seq", "128",
                                                            "--checkpointing"],
+            "train bf16 step profiled": ["--kind", "train-profile", "--dtype", half, "--batch", "16", "--seq", "128",
+                                         "--repeats", "3"],
             "generate bf16": ["--kind", "generate", "--dtype", half, "--batch", "8", *gen_flags],
         }
     else:
@@ -626,7 +675,7 @@ def main() -> None:
                   f"{r['peak_flops'] / 1e9:.1f} | {r['peak_fraction']:.2f} | {r['peak_memory_mib']:.0f} |")
     summary = speedups(rows)
     print_speedups(rows, summary, rep[1])
-    print_profile(rows.get("train bf16 step profiled, 1 thread"))
+    print_profile(rows.get("train bf16 step profiled, 1 thread") or rows.get("train bf16 step profiled"))
     print_generation(rows)
     print_profiles(rows)
     info["load_average"] = [round(x, 2) for x in os.getloadavg()]  # the machine is shared: how busy it was
@@ -643,6 +692,9 @@ def main() -> None:
                "speedups": summary if args.only == "train" else old.get("speedups")}
     path.write_text(json.dumps(out, indent=2) + "\n")
     print(f"\nwrote {args.json}")
+    failed = [name for name, r in rows.items() if "error" in r]
+    if failed:
+        sys.exit(f"{len(failed)} measurement(s) failed: {', '.join(failed)}")
 
 
 if __name__ == "__main__":

@@ -1,11 +1,98 @@
 #!/usr/bin/env bash
-# One run on a fresh GPU machine: install, then measure the real ChatGLM-6B shape (28 layers, hidden 4096,
-# 32 heads, inner 16384, vocab 130528) with random bf16 weights, pre_seq_len 128, sequence 64 + 64:
-# step time and fraction of the bf16 matmul peak at batch 16, peak memory at batch 1, generation.
+# One unattended run on a fresh GPU machine: the real ChatGLM-6B shape (28 layers, hidden 4096, 32 heads,
+# inner 16384, vocab 130528) with random bf16 weights, pre_seq_len 128, sequence 64 + 64: step time and fraction
+# of the bf16 matmul peak at batch 16, peak memory at batch 1, a profiled step (kernel time), generation.
 # Prints one table at the end and writes benchmarks/results-gpu.json.
+#
+#   benchmarks/gpu.sh [bench.py options]   # on the GPU machine
+#   benchmarks/gpu.sh --check              # a dry run anywhere (a CPU is fine): every step but the measurements
+#
+# It keeps the machine's torch (pip may not replace it: it is pinned to the installed version), installs only
+# what the benchmark imports (not DeepSpeed, Gradio, wandb, the server's packages), and stops at the first step
+# that fails, with the reason (pip's own last lines). PYTHON chooses the interpreter (default: python).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'" 2>/dev/null || {
-    echo "no CUDA torch here: install one first (pip install torch)"; exit 1; }
-python -m pip install -q -e . 2>/dev/null || python -m pip install -q --no-deps -e .
-python benchmarks/bench.py --device cuda --gpu-shape --json benchmarks/results-gpu.json "$@"
+PYTHON=${PYTHON:-python}
+CHECK=0
+if [[ "${1:-}" == "--check" ]]; then
+    CHECK=1
+    shift
+fi
+# the project's requirements the benchmark does not import (the rest of pyproject.toml's list is installed)
+NOT_NEEDED="torch deepspeed wandb gradio fastapi uvicorn hydra-core omegaconf matplotlib"
+
+say() { echo "gpu.sh: $*" >&2; }
+fail() {
+    say "$*"
+    say "stopped; nothing was measured"
+    exit 1
+}
+
+# 1. the machine's torch, with CUDA
+torch_version=$("$PYTHON" -c "import torch; print(torch.__version__)" 2>&1) ||
+    fail "no torch for $PYTHON (${torch_version##*$'\n'}): install the CUDA build for this machine first, see https://pytorch.org/get-started/locally/"
+if [[ $CHECK == 0 ]]; then
+    "$PYTHON" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" ||
+        fail "torch $torch_version sees no CUDA device (a CPU build, or no driver): install the CUDA build of torch"
+fi
+say "torch $torch_version (kept: pinned for pip)"
+
+# 2. the benchmark's packages, from pyproject.toml, torch pinned
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+echo "torch==$torch_version" >"$work/constraints.txt"
+requirements=$("$PYTHON" - "$NOT_NEEDED" <<'EOF'
+import re
+import sys
+
+skip = set(sys.argv[1].split())
+try:
+    import tomllib
+
+    with open("pyproject.toml", "rb") as f:
+        requirements = tomllib.load(f)["project"]["dependencies"]
+except ImportError:  # Python 3.10: the list's quoted strings
+    text = open("pyproject.toml", encoding="utf-8").read()
+    block = re.search(r"^dependencies = \[(.*?)^\]", text, re.S | re.M).group(1)
+    requirements = [m for line in block.splitlines() for m in re.findall(r'"([^"]+)"', line.split("#")[0])]
+for requirement in requirements:
+    if re.split(r"[<>=!~ \[;]", requirement, maxsplit=1)[0].lower() not in skip:
+        print(requirement)
+EOF
+) || fail "cannot read the requirements of pyproject.toml"
+mapfile -t packages <<<"$requirements"
+dry=()
+if [[ $CHECK == 1 ]]; then
+    dry=(--dry-run)
+fi
+say "installing ${#packages[@]} packages${dry:+ (dry run)}: ${packages[*]}"
+if ! "$PYTHON" -m pip install --quiet --constraint "$work/constraints.txt" "${dry[@]}" "${packages[@]}" \
+    >"$work/pip.log" 2>&1; then
+    tail -n 15 "$work/pip.log" >&2
+    fail "installing the benchmark's packages failed (pip's last lines above)"
+fi
+
+# 3. what the benchmark imports, and torch unchanged
+"$PYTHON" - "$torch_version" <<'EOF' || fail "the benchmark cannot import what it needs (above)"
+import sys
+
+sys.path.insert(0, ".")
+import torch
+
+import ptuning.generation
+import ptuning.models.chatglm
+import ptuning.perf
+from ptuning.training.loop import token_loss_sum  # noqa: F401
+
+if torch.__version__ != sys.argv[1]:
+    sys.exit(f"torch changed from {sys.argv[1]} to {torch.__version__}")
+EOF
+
+if [[ $CHECK == 1 ]]; then
+    say "check passed: torch $torch_version kept, the packages resolve, the benchmark's imports work"
+    exit 0
+fi
+
+# 4. the measurements (bench.py exits non-zero when one of them failed, after printing the table and why)
+"$PYTHON" benchmarks/bench.py --device cuda --gpu-shape --json benchmarks/results-gpu.json "$@" ||
+    fail "a measurement failed (its error is in the table and above)"

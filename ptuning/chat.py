@@ -12,70 +12,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 from .config import ConfigError
 from .evaluation.generate import GenerationSettings
+from .generation import Detokenizer, vocab_limit
 
 BANNER = "Type a message and press Enter; `clear` starts a new conversation, `exit` quits."
 USER_PREFIX = "You: "
 BOT_PREFIX = "Assistant: "
 CLEAR, EXIT = "clear", "exit"
-
-
-class IncrementalDecoder:
-    """Turns token ids arriving one at a time into text that can be printed as it comes.
-
-    Leading whitespace is dropped (the original ``chat()`` strips its answers; ChatGLM3's begin with the
-    assistant message's empty metadata line).
-
-    A Chinese character the tokenizer has no piece for is spelled as several byte pieces; decoding only
-    some of them yields U+FFFD. The decoder re-decodes everything generated so far and holds back the
-    text while it ends in an incomplete character, so every printed piece is final. A byte sequence that
-    the model left incomplete (another piece followed, or the answer ended) is no character: it is dropped
-    from the printed text and from :attr:`text`, which goes into the history.
-    """
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        self.ids: list[int] = []
-        self.printed = ""
-
-    def _decode(self) -> str:
-        # leading whitespace is no part of the answer (ChatGLM3 starts it with its empty metadata line, "\n"):
-        # left out as the original chat() strips its responses; evaluation decodes whole answers and strips too
-        return self.tokenizer.decode(self.ids, skip_special_tokens=True).lstrip()
-
-    def push(self, token_id: int) -> str:
-        """Adds one id; returns the new printable text (possibly empty)."""
-        self.ids.append(token_id)
-        text = self._decode()
-        if text.endswith("\ufffd"):
-            return ""
-        return self._advance(text.replace("\ufffd", ""))
-
-    def flush(self) -> str:
-        """The text still held back at the end of the answer. A byte sequence the model never completed
-        is no character: it is dropped rather than shown as U+FFFD."""
-        return self._advance(self._decode().replace("\ufffd", ""))
-
-    def _advance(self, text: str) -> str:
-        if text.startswith(self.printed):
-            new = text[len(self.printed) :]
-        else:
-            # decoding a longer sequence may rewrite its tail (whitespace handling); what was printed
-            # stays, so go on after the part both agree on
-            new = text[len(os.path.commonprefix([self.printed, text])) :]
-        self.printed = text
-        return new
-
-    @property
-    def text(self) -> str:
-        """The whole answer printed so far."""
-        return self.printed
 
 
 class ChatSession:
@@ -97,6 +45,7 @@ class ChatSession:
         self.history: list[tuple[str, str]] = []
         self.max_length = max_length
         self.plain = plain
+        self._decoder = None  # one decode loop for the session (its cache and compiled step are kept)
 
     def clear(self) -> None:
         """Forgets the conversation."""
@@ -128,29 +77,38 @@ class ChatSession:
 
     def reply(self, query: str, ids: list[int]) -> Iterator[str]:
         """Streams the answer to ``query`` (prepared as ``ids``) as printable text pieces; when the answer is
-        complete it joins the history. An answer cut short (the consumer stops early) is not kept."""
-        from .evaluation.generate import stream_ids
+        complete it joins the history. An answer cut short (the consumer stops early) is not kept.
 
-        decoder = IncrementalDecoder(self.tokenizer)
+        The text follows the rules of :mod:`ptuning.generation.detokenize`, the server's and evaluation's: each
+        piece final, control tokens left out, a character the model left incomplete inside the answer shown as
+        U+FFFD, one cut off at its very end dropped; the leading whitespace is left out too (the original
+        ``chat()`` strips its answers; ChatGLM3's begin with an empty metadata line)."""
+        from .evaluation.generate import make_decoder, stream_ids
+
+        if self._decoder is None:
+            self._decoder = make_decoder(self.model, self.settings, max_batch_size=1, max_length=self.max_length,
+                                         pad_id=self.template.pad_token_id, vocab_limit=vocab_limit(self.tokenizer))
+        text = Detokenizer(self.tokenizer, set(self.template.control_token_ids), strip_leading=True)
         tokens = stream_ids(
             self.model,
             ids,
             self.settings,
             pad_id=self.template.pad_token_id,
             stop_ids=self.template.stop_token_ids,
+            decoder=self._decoder,
         )
         try:
             for token in tokens:
-                piece = decoder.push(token)
+                piece = text.push(token)
                 if piece:
                     yield piece
         finally:
-            tokens.close()  # stops the generation thread when the consumer gave up early
-        rest = decoder.flush()
+            tokens.close()  # stops generating (the row leaves the decoder) when the consumer gave up early
+        rest = text.finish()
         if rest:
             yield rest
         if not self.plain:
-            self.history.append((query, decoder.text.strip()))
+            self.history.append((query, text.text.strip()))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

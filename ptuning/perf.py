@@ -8,6 +8,7 @@ gradients for a frozen backbone); attention forward ``4·L·d·(S+P)``, backward
 
 from __future__ import annotations
 
+import math
 import platform
 import resource
 import sys
@@ -49,23 +50,53 @@ def model_train_flops_per_token(model, seq_len: int) -> float:
     return 4 * weights + 12 * shape.num_layers * width * (seq_len + shape.pre_seq_len)
 
 
+#: a timed span of matmuls lasts at least this long, so that the clock, the launches and the synchronisation
+#: around it are a small part of it (one 2048^3 product takes ~25 us on an H100: timed alone, overhead dominates)
+MATMUL_TIMING_S = 0.05
+
+
 def matmul_peak_flops(
-    dtype: torch.dtype = torch.float32, size: int = 2048, device="cpu", repeats: int = 5
+    dtype: torch.dtype = torch.float32, size: int | None = None, device="cpu", repeats: int = 5,
+    min_seconds: float = MATMUL_TIMING_S,
 ) -> float:
-    """FLOP/s of a large square matmul in ``dtype`` on ``device`` (best of ``repeats``)."""
-    g = torch.Generator().manual_seed(0)  # its own generator: measuring must not move the training RNG
-    a = torch.randn(size, size, generator=g).to(device=device, dtype=dtype)
-    b = torch.randn(size, size, generator=g).to(device=device, dtype=dtype)
-    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
-    a @ b  # warm-up
-    sync()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
+    """FLOP/s of square matmuls in ``dtype`` on ``device``: the best of ``repeats`` timed spans, each of as many
+    ``size``-cubed products back to back as take at least ``min_seconds``, the device synchronised before the
+    clock starts and before it stops.
+
+    Args:
+        size: the matrices' side (default 8192 on a GPU, where smaller products leave it idle between
+            launches; 2048 on a CPU, where one product already takes tenths of a second).
+    """
+    device = torch.device(device)
+    size = size or (8192 if device.type == "cuda" else 2048)
+    g = torch.Generator(device="cpu").manual_seed(0)  # its own generator: measuring must not move the training RNG
+    a = torch.randn(size, size, generator=g, device="cpu").to(device=device, dtype=dtype)
+    b = torch.randn(size, size, generator=g, device="cpu").to(device=device, dtype=dtype)
+    out = torch.empty(size, size, dtype=dtype, device=device)
+    sync = _synchronizer(device)
+
+    def timed(count: int) -> float:
         sync()
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best
+        start = time.perf_counter()
+        for _ in range(count):
+            torch.mm(a, b, out=out)
+        sync()
+        return time.perf_counter() - start
+
+    timed(1)  # warm-up: kernel selection, first-touch of the output
+    count, took = 1, timed(1)
+    while took < min_seconds and count < 1 << 20:
+        count = max(2 * count, math.ceil(count * min_seconds / max(took, 1e-9)))
+        took = timed(count)
+    best = min([took] + [timed(count) for _ in range(repeats - 1)])
+    return 2 * size**3 * count / best
+
+
+def _synchronizer(device: torch.device):
+    """Waits for the device's queued work (a no-op on a CPU, where work is done when the call returns)."""
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
 
 
 def peak_memory_mib(device="cpu") -> float:

@@ -69,22 +69,34 @@ class _FrozenQuantizedLinear(torch.autograd.Function):
     torchao's int8 matmul casts the int8 weight to the activation dtype, and autograd would keep that full
     16-bit copy of every layer alive until the backward: training would then hold int8 *and* 16-bit weights.
     Here only the quantized tensor is saved and the backward dequantizes one layer at a time.
+
+    ``compute`` is the dtype the product runs in (None: the activation's); the result comes back in the
+    activation's dtype, as torchao returns it.
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                compute: torch.dtype | None = None) -> torch.Tensor:
         ctx.save_for_backward(weight)
         ctx.has_bias = bias is not None
+        ctx.x_dtype = x.dtype
+        out_dtype, x = x.dtype, x if compute is None else x.to(compute)
+        if bias is not None and compute is not None:
+            bias = bias.to(compute)
         if _is_nf4(weight):
-            return F.linear(x, _dequantize(weight, x.dtype), bias)
-        return F.linear(x, weight, bias)  # torchao's int8 kernel; autograd is off inside forward
+            y = F.linear(x, _dequantize(weight, x.dtype), bias)
+        else:
+            y = F.linear(x, weight, bias)  # torchao's int8 kernel; autograd is off inside forward
+        return y.to(out_dtype)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (weight,) = ctx.saved_tensors
-        grad_x = grad @ _dequantize(weight, grad.dtype) if ctx.needs_input_grad[0] else None
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (grad @ _dequantize(weight, grad.dtype)).to(ctx.x_dtype)
         grad_b = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return grad_x, None, grad_b
+        return grad_x, None, grad_b, None
 
 
 def _is_nf4(weight: torch.Tensor) -> bool:
@@ -124,6 +136,13 @@ class QuantizedLinear(nn.Linear):
     bits: int = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        device = x.device.type
+        if torch.is_autocast_enabled(device):
+            # autocast would cast the (de)quantized weight once more to its own dtype on every call (fp16
+            # mixed precision over a bf16 backbone: a second whole-weight copy per linear): the product runs in
+            # the weight's own 16-bit dtype instead, outside autocast, and returns in the activation's dtype
+            with torch.autocast(device, enabled=False):
+                return _FrozenQuantizedLinear.apply(x, self.weight, self.bias, self.weight.dtype)
         return _FrozenQuantizedLinear.apply(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:

@@ -99,7 +99,7 @@ def last_error(result: dict) -> str:
     return result["err"].strip().splitlines()[-1]
 
 
-def test_item05_a_key_added_with_plus_must_exist(cli):
+def test_a_key_added_with_plus_must_exist(cli):
     train, evaluate = cli["results"]["plus_key"], cli["results"]["plus_key_evaluate"]
     assert train["code"] == evaluate["code"] == 2
     assert last_error(train) == "error: train.max_stepz: no such key (did you mean train.max_steps?)"
@@ -108,7 +108,7 @@ def test_item05_a_key_added_with_plus_must_exist(cli):
     assert not (cli["root"] / "never").exists()
 
 
-def test_item06_wandb_online_without_a_key_fails_first_in_one_line(cli):
+def test_wandb_online_without_a_key_fails_first_in_one_line(cli):
     result = cli["results"]["wandb_online"]
     assert result["code"] == 2
     assert last_error(result) == (
@@ -118,7 +118,7 @@ def test_item06_wandb_online_without_a_key_fails_first_in_one_line(cli):
     assert digests(cli["existing"]) == cli["before"]["existing"]  # the earlier run's log and config stay
 
 
-def test_item07_ctrl_c_in_training_says_where_to_resume_and_exits_130(cli):
+def test_ctrl_c_in_training_says_where_to_resume_and_exits_130(cli):
     result = cli["results"]["interrupt_train"]
     assert result["code"] == 130, result["err"][-3000:]
     assert last_error(result) == (f"interrupted at step 4; last checkpoint {cli['cut'] / 'checkpoint-3'}; "
@@ -126,14 +126,14 @@ def test_item07_ctrl_c_in_training_says_where_to_resume_and_exits_130(cli):
     assert sorted(p.name for p in cli["cut"].glob("checkpoint-*")) == ["checkpoint-3"]
 
 
-def test_item07_ctrl_c_in_evaluation_writes_nothing_and_exits_130(cli):
+def test_ctrl_c_in_evaluation_writes_nothing_and_exits_130(cli):
     result = cli["results"]["interrupt_evaluate"]
     assert result["code"] == 130, result["err"][-3000:]
     assert last_error(result) == "interrupted: nothing was written"
     assert not (cli["root"] / "ev").exists()  # the output folder is made only when the results are written
 
 
-def test_item09_evaluation_refuses_another_pre_seq_len_as_training_does(cli):
+def test_evaluation_refuses_another_pre_seq_len_as_training_does(cli):
     result = cli["results"]["evaluate_pre_seq_len"]
     assert result["code"] == 2
     checkpoint = cli["cut"] / "checkpoint-3"
@@ -141,7 +141,7 @@ def test_item09_evaluation_refuses_another_pre_seq_len_as_training_does(cli):
                                   "has pre_seq_len=8 (model.pre_seq_len; leave it unset to take the checkpoint's)")
 
 
-def test_item10_help_lists_only_selectable_groups(cli):
+def test_help_lists_only_selectable_groups(cli):
     from hydra import compose, initialize_config_dir
 
     result = cli["results"]["help"]
@@ -155,13 +155,13 @@ def test_item10_help_lists_only_selectable_groups(cli):
                 compose("train", overrides=[f"{group}={option}", "model.path=/tmp", "data.train_file=a.json"])
 
 
-def test_item11_a_missing_training_file_names_its_key(cli):
+def test_a_missing_training_file_names_its_key(cli):
     result = cli["results"]["missing_train_file"]
     assert result["code"] == 2
     assert last_error(result) == "error: data.train_file=missing.json: no such file"
 
 
-def test_item11_a_failed_start_leaves_no_output_folder(cli):
+def test_a_failed_start_leaves_no_output_folder(cli):
     result = cli["results"]["failed_start_elsewhere"]
     assert result["code"] == 2
     assert "no column 'summary'" in last_error(result)
@@ -169,7 +169,7 @@ def test_item11_a_failed_start_leaves_no_output_folder(cli):
     assert not (cli["root"] / "never").exists()
 
 
-def test_item16_bundled_defaults_resolve_from_another_working_folder(cli):
+def test_bundled_defaults_resolve_from_another_working_folder(cli):
     result = cli["results"]["elsewhere"]
     assert result["code"] == 0, result["err"][-3000:]
     out = cli["elsewhere"] / "outputs" / "default"  # outputs stay relative to the working folder
@@ -180,7 +180,7 @@ def test_item16_bundled_defaults_resolve_from_another_working_folder(cli):
     assert "untuned -> tuned prefix on my_dev.json" in result["out"]
 
 
-def test_item13_a_plain_run_prints_no_noise_and_tokenizes_each_set_once(cli):
+def test_a_plain_run_prints_no_noise_and_tokenizes_each_set_once(cli):
     result = cli["results"]["elsewhere"]
     assert "Setting accelerator" not in result["out"] + result["err"]  # DeepSpeed is not even imported
     assert "Warning" not in result["err"], result["err"]
@@ -188,7 +188,7 @@ def test_item13_a_plain_run_prints_no_noise_and_tokenizes_each_set_once(cli):
     assert sorted(bars) == sorted(set(bars)) and len(bars) == 3, bars  # train, eval-loss and generation features
 
 
-def test_item14_the_console_shows_eval_loss_and_throughput(cli):
+def test_the_console_shows_eval_loss_and_throughput(cli):
     result = cli["results"]["elsewhere"]
     lines = result["out"].splitlines()
     assert re.fullmatch(r"untuned prefix: eval loss \d+\.\d{4}, bleu-4 .*", lines[1]), lines

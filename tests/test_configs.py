@@ -149,7 +149,7 @@ def test_transformers_decoder_presets(preset, model, history):
     ("++data.train_fil=a.json", "data.train_fil: no such key (did you mean data.train_file?)"),
     ("+new.key=1", "new: no such key (expected one of model, data, train, logger, run_name)"),
 ])
-def test_item05_a_key_added_with_plus_fails_like_one_without_it(override, message):
+def test_a_key_added_with_plus_fails_like_one_without_it(override, message):
     with pytest.raises(ConfigError) as err:
         to_object(compose_train([override, "train.output_dir=/tmp/x"]))
     assert str(err.value) == message
@@ -158,7 +158,7 @@ def test_item05_a_key_added_with_plus_fails_like_one_without_it(override, messag
 # ---- QA: quoting a value for Hydra, prefix_init_text checks ----
 
 @pytest.mark.parametrize("value", ["用简洁的广告文案描述这件商品。", "a b,c", "(x"])
-def test_qa_an_unreadable_override_says_how_to_quote_it(value, capsys):
+def test_an_unreadable_override_says_how_to_quote_it(value, capsys):
     from hydra_entry import check_overrides
 
     with pytest.raises(SystemExit) as stop:
@@ -170,9 +170,9 @@ def test_qa_an_unreadable_override_says_how_to_quote_it(value, capsys):
     assert err.endswith(f"\"model.prefix_init_text='{value}'\"")
 
 
-def test_qa_the_readme_prefix_init_text_form_composes():
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    assert "\"model.prefix_init_text='用简洁的广告文案描述这件商品。'\"" in readme
+def test_the_documented_prefix_init_text_form_composes():
+    docs = (ROOT / "docs" / "configuration.md").read_text(encoding="utf-8")
+    assert "\"model.prefix_init_text='用简洁的广告文案描述这件商品。'\"" in docs
     # what the shell passes on for that form
     job = to_object(compose_train(["model.prefix_init=text", "model.prefix_init_text='用简洁的广告文案描述这件商品。'",
                                    "train.output_dir=/tmp/x"]))
@@ -180,7 +180,7 @@ def test_qa_the_readme_prefix_init_text_form_composes():
     job.validate()
 
 
-def test_qa_prefix_init_text_checks():
+def test_prefix_init_text_is_refused_when_blank_or_with_another_prefix_init():
     from ptuning.config import ModelConfig
 
     with pytest.raises(ConfigError, match=r"^model.prefix_init_text=' \\t ': expected a non-empty text"):
@@ -193,13 +193,13 @@ def test_qa_prefix_init_text_checks():
 
 
 @pytest.mark.parametrize("section", ["## Tiny ChatGLM2 / ChatGLM3 models", "## GLM-4, Qwen, Llama"])
-def test_qa_readme_tiny_recipes_paste_top_to_bottom(section):
+def test_the_tiny_recipes_of_the_docs_paste_top_to_bottom(section):
     """Each training run of the section's first block writes its own folder, and evaluation and chat read one
     of those (not whatever outputs/default holds)."""
     import shlex
 
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    text = readme[readme.index(section):]
+    docs = (ROOT / "docs" / "families.md").read_text(encoding="utf-8")
+    text = docs[docs.index(section):]
     block = text[text.index("```bash") + 7:].split("```", 1)[0].replace("\\\n", " ")
     lines = [line.split("  #")[0].strip() for line in block.splitlines()]
     lines = [shlex.split(line) for line in lines if line and not line.startswith("#")]
@@ -220,7 +220,7 @@ def test_qa_readme_tiny_recipes_paste_top_to_bottom(section):
         assert named and named[0] in outputs, args
 
 
-# ---- runfix: what a QA pass found in the configuration (one test per kind) ----
+# ---- configuration mistakes: one line each (one test per kind) ----
 
 
 @pytest.mark.parametrize(("override", "message"), [
@@ -231,7 +231,7 @@ def test_qa_readme_tiny_recipes_paste_top_to_bottom(section):
     ("+train.pre_seq_len=8", "train.pre_seq_len: no such key (did you mean model.pre_seq_len?)"),
     ("+bogus=1", "bogus: no such key (expected one of model, data, train, logger, run_name)"),
 ])
-def test_runfix_a_key_is_suggested_only_when_close(override, message, capsys):
+def test_a_key_is_suggested_only_when_close(override, message, capsys):
     from hydra_entry import check_overrides
 
     with pytest.raises(ConfigError) as err:
@@ -243,7 +243,7 @@ def test_runfix_a_key_is_suggested_only_when_close(override, message, capsys):
     assert capsys.readouterr().err.startswith(f"error: {message}")
 
 
-def test_runfix_every_scheduler_accepted_is_one_that_works_and_the_readme_lists_them():
+def test_every_scheduler_accepted_works_and_the_docs_list_them():
     import torch
     from transformers import get_scheduler
 
@@ -263,8 +263,8 @@ def test_runfix_every_scheduler_accepted_is_one_that_works_and_the_readme_lists_
                                           r"cosine_with_restarts / polynomial / constant / constant_with_warmup / "
                                           r"inverse_sqrt$"):
         to_object(compose_train(["train.output_dir=/tmp/x", "train.lr_scheduler=reduce_lr_on_plateau"])).validate()
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    row = next(line for line in readme.splitlines() if line.startswith("| `train.lr_scheduler`"))
+    docs = (ROOT / "docs" / "configuration.md").read_text(encoding="utf-8")
+    row = next(line for line in docs.splitlines() if line.startswith("| `train.lr_scheduler`"))
     assert all(f"`{name}`" in row for name in SCHEDULERS), row
     assert "any transformers schedule" not in row
 
@@ -282,7 +282,7 @@ def test_runfix_every_scheduler_accepted_is_one_that_works_and_the_readme_lists_
      "data.validation_file is empty: expected a .json, .jsonl or .csv file (data.validation_file=null for none)"),
     (["data.train_file=missing.json"], "data.train_file=missing.json: no such file"),
 ])
-def test_runfix_contradictions_and_data_files_are_refused_in_one_line(overrides, message, monkeypatch):
+def test_contradictions_and_bad_data_files_are_refused_in_one_line(overrides, message, monkeypatch):
     monkeypatch.chdir(ROOT)
     job = to_object(compose_train(["train.output_dir=/tmp/x", *overrides]))
     with pytest.raises(ConfigError) as err:
@@ -293,7 +293,7 @@ def test_runfix_contradictions_and_data_files_are_refused_in_one_line(overrides,
     to_object(compose_train(["train.output_dir=/tmp/x", "logger.mode=disabled"])).validate()
 
 
-def test_runfix_ctrl_c_while_the_libraries_load_is_one_line_and_exit_130(tmp_path):
+def test_ctrl_c_while_the_libraries_load_is_one_line_and_exit_130(tmp_path):
     # a KeyboardInterrupt raised by an import (as Ctrl-C during the seconds the imports take) - deterministic:
     # sitecustomize makes importing omegaconf raise it
     (tmp_path / "sitecustomize.py").write_text(

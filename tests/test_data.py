@@ -562,7 +562,7 @@ def test_build_datasets_training_features_for_the_validation_file(tok, tmp_path)
 # ---- faults found by trying the toolkit as a user would (one test per kind, named by item) ----
 
 
-def test_item08_a_file_with_other_column_names_names_the_column_keys(tok, tmp_path):
+def test_a_file_with_other_column_names_names_the_column_keys(tok, tmp_path):
     csv_file = tmp_path / "mine.csv"
     csv_file.write_text("input,output\n广告词,一段文案\n裙子,黑色\n", encoding="utf-8")
     hint = ("no row has it: set data.prompt_column to this file (data.train_file)'s column. data.prompt_column "
@@ -592,7 +592,7 @@ def test_item08_a_file_with_other_column_names_names_the_column_keys(tok, tmp_pa
     assert read_rows(partly, DataConfig(skip_bad_rows=True)).skipped == 1
 
 
-def test_item11_messages_read_as_sentences(tmp_path, caplog):
+def test_bad_row_messages_read_as_sentences_and_count_the_rest(tmp_path, caplog):
     control = write_lines(tmp_path / "control.json", ['{"content": "a\tb", "summary": "s"}'])
     with pytest.raises(DataError) as err:
         read_rows(control, DataConfig())
@@ -612,7 +612,7 @@ def test_item11_messages_read_as_sentences(tmp_path, caplog):
         read_rows(write_lines(tmp_path / "bad.json", ["{"]), DataConfig(skip_bad_rows=True))
 
 
-def test_item19_an_empty_history_trains_on_the_raw_question_as_the_readme_says(tok):
+def test_an_empty_history_trains_on_the_raw_question_as_the_docs_say(tok):
     cfg = DataConfig(prompt_column="prompt", response_column="response", history_column="history",
                      max_source_length=256)
     batch = {"prompt": ["你好"], "response": ["好"], "history": [[]]}
@@ -625,15 +625,15 @@ def test_item19_an_empty_history_trains_on_the_raw_question_as_the_readme_says(t
     assert prompt.endswith("[Round 1]\n问：你好\n答：")
     ids = tok.convert_tokens_to_ids(tok.tokenize(prompt))
     assert with_turn["input_ids"][0][: len(ids)] == ids
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    preset = readme.split("`conf=ptuning_chat` is the original `train_chat.sh`", 1)[1].split("\n\n", 1)[0]
+    docs = (ROOT / "docs" / "families.md").read_text(encoding="utf-8")
+    preset = docs.split("`conf=ptuning_chat` is the original `train_chat.sh`", 1)[1].split("\n\n", 1)[0]
     assert "a row\nwhose history is empty trains on the raw question" in preset
     assert "`[Round 0]\\n问：{question}\\n答：`" in preset
     assert "raw question" in (ROOT / "conf" / "conf" / "ptuning_chat.yaml").read_text(encoding="utf-8")
 
 
-def test_runfix_every_cut_is_counted_in_one_line_naming_the_split_and_purpose(tok, tmp_path, caplog):
-    """README: "training and evaluation print how many rows lost turns or tokens". Plain rows cut to
+def test_every_cut_is_counted_in_one_line_naming_the_split_and_purpose(tok, tmp_path, caplog):
+    """docs/configuration.md: "training and evaluation print how many rows lost turns or tokens". Plain rows cut to
     max_source_length / max_target_length are counted too, and a file read for several purposes (the same
     chat file for training and validation) says which reading each line is about."""
     rows = [{"content": "类型#裙*颜色#白色*风格#清新*图案#碎花*裙长#连衣裙" * 2, "summary": "这条白色连衣裙清新自然，碎花图案显得温柔。" * 3},

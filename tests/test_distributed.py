@@ -168,14 +168,14 @@ def assert_only_the_main_process_reports(proc):
     assert len(re.findall(r"^train:\s+0%", bars, re.M)) == 1, bars[-3000:]
 
 
-def test_item12_two_processes_report_once(tmp_path):
+def test_two_processes_report_once(tmp_path):
     proc = launch([*ACCELERATE, "--multi_gpu", "--num_processes", "2", "--main_process_port", str(free_port())],
                   tmp_path, "train.per_device_batch_size=4", *REPORTING)
     assert "on 2 process(es)" in proc.stdout
     assert_only_the_main_process_reports(proc)
 
 
-def test_item12_item13_zero3_reports_once_without_known_noise(tmp_path):
+def test_zero3_reports_once_without_known_noise(tmp_path):
     config = ROOT / "launch" / "accelerate" / "deepspeed_zero3.yaml"
     proc = launch([*ACCELERATE, "--config_file", str(config), "--main_process_port", str(free_port())], tmp_path,
                   "train.per_device_batch_size=4", *REPORTING)

@@ -271,7 +271,7 @@ def test_wandb_offline_logs_metrics_and_predictions_table(trained, tmp_path, mon
 # ---- faults found by trying the toolkit as a user would (one test per kind, named by item) ----
 
 
-def test_item03_evaluation_warns_in_one_line_when_the_prefix_was_trained_on_another_model(trained, tmp_path, capsys):
+def test_evaluation_warns_in_one_line_when_the_prefix_was_trained_on_another_model(trained, tmp_path, capsys):
     import shutil
 
     from ptuning.config import BUILTIN_MODEL
@@ -290,7 +290,7 @@ def test_item03_evaluation_warns_in_one_line_when_the_prefix_was_trained_on_anot
     assert f"but the model is {other.resolve()} (config fingerprint " in warnings[0]
 
 
-def test_item09_the_prefix_shape_is_the_checkpoints_and_another_given_value_is_an_error(trained, tmp_path):
+def test_the_prefix_shape_is_the_checkpoints_and_another_given_value_is_an_error(trained, tmp_path):
     from ptuning.weights import CheckpointError
 
     checkpoint = trained / "run" / "checkpoint-6"
@@ -312,7 +312,7 @@ def test_item09_the_prefix_shape_is_the_checkpoints_and_another_given_value_is_a
     assert not (tmp_path / "out").exists()
 
 
-def test_qa_a_refused_evaluation_leaves_no_output_folder(trained, tmp_path):
+def test_a_refused_evaluation_leaves_no_output_folder(trained, tmp_path):
     from ptuning.data import DataError
     from ptuning.weights import CheckpointError
 
@@ -344,10 +344,10 @@ def test_qa_a_refused_evaluation_leaves_no_output_folder(trained, tmp_path):
         run(compose_evaluate([f"prefix_checkpoint={checkpoint}", f"output_dir={blocker / 'out'}"]))
 
 
-# ---- runfix: what a QA pass found ----
+# ---- the output folder, earlier results and empty keys ----
 
 
-def test_runfix_earlier_results_are_replaced_only_when_asked_and_a_users_file_never(trained, tmp_path, capsys):
+def test_earlier_results_are_replaced_only_when_asked_and_a_users_file_never(trained, tmp_path, capsys):
     checkpoint = trained / "run" / "checkpoint-3"
     out = tmp_path / "out"
     base = [f"prefix_checkpoint={checkpoint}", f"output_dir={out}", f"data.cache_dir={trained / 'cache'}",
@@ -382,7 +382,7 @@ def test_runfix_earlier_results_are_replaced_only_when_asked_and_a_users_file_ne
     assert [(p.name, p.read_text()) for p in mine.iterdir()] == [("metrics.json", '{"my": "numbers"}\n')]
 
 
-def test_runfix_an_empty_prefix_checkpoint_names_the_key(tmp_path, monkeypatch):
+def test_an_empty_prefix_checkpoint_names_the_key(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for value in ("", " "):
         with pytest.raises(ConfigError) as err:
@@ -397,7 +397,7 @@ def test_runfix_an_empty_prefix_checkpoint_names_the_key(tmp_path, monkeypatch):
                                                     "or a run folder (its latest checkpoint)")
 
 
-def test_runfix_a_folder_or_empty_test_file_is_named_as_such(trained, monkeypatch):
+def test_a_folder_or_empty_test_file_is_named_as_such(trained, monkeypatch):
     monkeypatch.chdir(ROOT)
     base = [f"prefix_checkpoint={trained / 'run'}", f"output_dir={trained / 'not-made'}"]
     with pytest.raises(ConfigError, match=r"^data.test_file=data: is a folder, expected a .json, .jsonl or .csv file$"):

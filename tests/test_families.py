@@ -171,7 +171,7 @@ def test_prefix_init_checks_are_one_line():
 
 @pytest.mark.parametrize(("builtin", "vocab"), [("tiny-chatglm", "ice_text.model"), ("tiny-chatglm2", "tokenizer.model"),
                                                 ("tiny-chatglm3", "tokenizer.model")])
-def test_qa_a_corrupt_sentencepiece_file_is_one_line_naming_it(tmp_path, builtin, vocab):
+def test_a_corrupt_sentencepiece_file_is_one_line_naming_it(tmp_path, builtin, vocab):
     import shutil
 
     folder = tmp_path / builtin
@@ -215,7 +215,7 @@ def glm4_original_folder(folder, *, tokenizer_class=True, eos=True, vocab=151552
 
 
 @pytest.mark.parametrize("marks", [{}, {"tokenizer_class": False}, {"tokenizer_class": False, "eos": False}])
-def test_qa_glm4_original_remote_code_folder_is_refused_naming_the_hf_release(tmp_path, marks):
+def test_glm4_original_remote_code_folder_is_refused_naming_the_hf_release(tmp_path, marks):
     from ptuning.models.chatglm2.family import ChatGLM2Family
     from ptuning.weights import CheckpointError
 
@@ -237,7 +237,7 @@ def test_qa_glm4_original_remote_code_folder_is_refused_naming_the_hf_release(tm
     assert not (tmp_path / "out").exists()
 
 
-def test_qa_chatglm2_and_3_folders_are_not_mistaken_for_glm4():
+def test_chatglm2_and_3_folders_are_not_mistaken_for_glm4():
     from ptuning.models.chatglm2.config import glm4_original_evidence
 
     for name in ("tiny-chatglm2", "tiny-chatglm3"):

@@ -317,7 +317,7 @@ def test_a_row_whose_draw_fails_fails_alone(chatglm, monkeypatch):
     with pytest.raises(ValueError, match="not finite"):  # without a record of failures, the error propagates
         choose_tokens(logits, samplings, [s.generator("cpu") for s in samplings], False)
     # in the decode loop: the poisoned row ends with finish reason "error" at once, the others as they would alone
-    real = decode_loop.choose_tokens
+    real = decode_loop.draw_tokens
 
     def poisoned(logits, samplings, *args):
         logits = logits.clone()
@@ -326,7 +326,7 @@ def test_a_row_whose_draw_fails_fails_alone(chatglm, monkeypatch):
                 logits[i, 0] = float("nan")
         return real(logits, samplings, *args)
 
-    monkeypatch.setattr(decode_loop, "choose_tokens", poisoned)
+    monkeypatch.setattr(decode_loop, "draw_tokens", poisoned)
     prompts = chatglm_prompts(chatglm.config)
     decoder = Decoder(chatglm, max_batch_size=3, max_length=64)
     handles = [decoder.add(Request(prompts[0], 8)), decoder.add(Request(prompts[1], 8, Sampling(temperature=0.5))),
@@ -482,6 +482,42 @@ def test_compiled_step_gives_the_eager_ids_for_every_batch_and_length(chatglm):
     assert not counts["graph_break"]
 
 
+def test_evaluation_compiles_its_decode_step_once_for_all_its_batches(monkeypatch):
+    """Batches of different sizes and lengths (and rows leaving mid-batch) reuse one decoder and its compiled
+    step: one graph for batches of several rows and one for a single row, however many batches."""
+    import torch._dynamo
+
+    from ptuning.build import load
+    from ptuning.config import ModelConfig
+    from ptuning.evaluation.run import predict
+    from ptuning.models import Conversation
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, **{**kw, "backend": "eager"}))
+    loaded = load(ModelConfig(pre_seq_len=4))
+    model, template = loaded.model.eval(), loaded.template
+    queries = ["类型#裙", "类型#裙*颜色#黑色*风格#简约", "你好", "类型#上衣*材质#棉", "好", "类型#裤*版型#宽松*长度#九分裤"]
+    examples = [{"prompt": q, "input_ids": template.prompt(Conversation(query=q), 64).ids, "reference": "x"}
+                for q in queries]
+    torch._dynamo.reset()
+    counts = torch._dynamo.utils.counters
+    counts.clear()
+    settings = GenerationSettings(max_new_tokens=6, compile=True)
+    _, compiled = predict(model, template, None, settings, batch_size=2, progress=False, examples=examples[:5])
+    _, eager = predict(model, template, None, GenerationSettings(max_new_tokens=6), batch_size=2,
+                       progress=False, examples=examples[:5])
+    assert [r["predict"] for r in compiled] == [r["predict"] for r in eager]
+    assert counts["stats"]["unique_graphs"] <= 2, dict(counts["stats"])
+    torch._dynamo.reset()
+
+
+def test_cuda_graph_compile_modes_are_refused(chatglm):
+    for options in ({"mode": "reduce-overhead"}, {"mode": "max-autotune"}, {"options": {"triton.cudagraphs": True}}):
+        with pytest.raises(ValueError, match="captures CUDA graphs, which the decode step does not support"):
+            Decoder(chatglm, max_batch_size=2, max_length=32, compile=True, compile_options=options)
+    Decoder(chatglm, max_batch_size=2, max_length=32, compile=True, compile_options={"mode": "max-autotune-no-cudagraphs"})
+
+
 def test_a_failing_compile_falls_back_to_eager_with_a_warning(chatglm):
     import torch._dynamo
 
@@ -536,6 +572,27 @@ def test_packed_linears_refuse_training_and_leave_tied_weights_alone():
         assert model.lm_head.weight.numel() > 0
 
 
+class _ReportsCuda(torch.nn.Parameter):
+    """A CPU parameter that says it is on a GPU (what ``store_lm_head_column_major`` reads to decide)."""
+
+    @property
+    def device(self):
+        return torch.device("cuda", 0)
+
+
+def test_the_output_layer_is_stored_column_major_on_a_cpu_only(chatglm):
+    on_cpu = copy.deepcopy(chatglm)
+    on_cpu.lm_head.weight.data = on_cpu.lm_head.weight.data.contiguous()
+    before = on_cpu.lm_head.weight.detach().clone()
+    on_cpu.store_lm_head_column_major()
+    assert not on_cpu.lm_head.weight.is_contiguous() and torch.equal(on_cpu.lm_head.weight, before)
+    on_gpu = copy.deepcopy(chatglm)
+    on_gpu.lm_head.weight = _ReportsCuda(on_gpu.lm_head.weight.data.contiguous(), requires_grad=False)
+    Decoder(on_gpu, max_batch_size=1, max_length=16)  # what evaluation, chat and the server construct
+    on_gpu.store_lm_head_column_major()  # what generate() calls, also in training's evaluation
+    assert on_gpu.lm_head.weight.is_contiguous()  # no transposed copy of the largest weight on a GPU
+
+
 @pytest.mark.parametrize("family", ["chatglm", "llama"])
 def test_a_bfloat16_model_keeps_a_float32_cache_on_a_cpu(family, chatglm):
     model = copy.deepcopy(chatglm) if family == "chatglm" else hf_model("llama", 3)
@@ -548,6 +605,7 @@ def test_a_bfloat16_model_keeps_a_float32_cache_on_a_cpu(family, chatglm):
     got = generate_ids(model, prompts, GenerationSettings(max_new_tokens=8), pad_id=pad, stop_ids=stop)
     assert got == want  # bfloat16 everywhere but the attention over the cache: the same greedy answers here
     decoder = Decoder(model, max_batch_size=2, max_length=32)
+    decoder.add(Request(prompts[0], 4))  # the cache is allocated for what the request needs
     assert decoder.cache.keys[0].dtype == torch.float32
 
 
@@ -578,3 +636,71 @@ def test_ids_beyond_the_vocab_limit_are_never_chosen(chatglm):
     assert max(t for ids, _ in free for t in ids) >= limit  # the limit has something to change
     limited = run_to_end(Decoder(chatglm, max_batch_size=3, max_length=64, vocab_limit=limit), requests)
     assert max(t for ids, _ in limited for t in ids) < limit
+
+
+def test_the_cache_is_sized_from_what_requests_need_and_checked_before_allocating(chatglm, monkeypatch):
+    from ptuning.generation import CacheMemoryError, memory
+    from ptuning.generation import cache as cache_module
+
+    allocated = []
+    real = cache_module._allocate
+    monkeypatch.setattr(cache_module, "_allocate", lambda *a: allocated.append(a[0]) or real(*a))
+    # a model of a million positions: nothing is allocated before a request says what it needs
+    decoder = Decoder(chatglm, max_batch_size=4, max_length=1 << 20)
+    assert allocated == [] and decoder.cache.capacity == 0
+    (prompt,) = chatglm_prompts(chatglm.config, (5,))
+    decoder.add(Request(prompt, 20))  # 7 + 20 tokens: a power of two that holds them
+    assert decoder.cache.capacity == 32 and {shape[2] for shape in allocated} == {decoder.cache.room + 32}
+    # what does not fit in the free memory is refused before anything is allocated, and the cache stays
+    per_row = decoder.cache.shape.bytes(1, decoder.cache.room + 4096)
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 2 * per_row)
+    allocated.clear()
+    with pytest.raises(CacheMemoryError, match=r"a generation cache of 4 rows x \d+ columns .* needs .* but .* of "
+                                               r"memory is free on cpu"):
+        decoder.add(Request(prompt, 4000))
+    assert allocated == [] and decoder.cache.capacity == 32 and decoder.active == 1
+    assert len(run_to_end(decoder, [])) == 0 and decoder.step()  # the admitted row goes on
+
+
+@pytest.mark.parametrize("builtin", ["tiny-chatglm", "tiny-chatglm2"])
+def test_ids_without_a_tokenizer_piece_are_never_chosen_by_evaluation_chat_or_beam_search(builtin, monkeypatch):
+    """The tiny checkpoints pad their output layer as the real ones do (1000 rows for 998 pieces; 1024 for
+    1005): with those rows' logits pushed far up, unrestricted decoding would take them at every step."""
+    import ptuning.evaluation.generate as generate_module
+    import ptuning.evaluation.run as run_module
+    from ptuning.build import load
+    from ptuning.chat import ChatSession
+    from ptuning.config import ModelConfig
+    from ptuning.models import Conversation
+
+    loaded = load(ModelConfig(path=f"builtin:{builtin}"), pre_seq_len=None, init=False)
+    model, template = loaded.model.eval(), loaded.template
+    pieces = len(template.tokenizer)
+    head = model.get_output_embeddings()
+    assert head.weight.shape[0] > pieces
+    bump = torch.zeros(head.weight.shape[0])
+    bump[pieces:] = 1e4
+    head.register_forward_hook(lambda module, args, out: out + bump)
+    prompts = [template.prompt(Conversation(query=q), 64).ids for q in ("类型#裙", "你好")]
+    settings = GenerationSettings(max_new_tokens=5)
+    free = generate_ids(model, prompts, settings, pad_id=template.pad_token_id, stop_ids=[])
+    assert all(min(ids) >= pieces for ids in free)  # what the padded rows would do unrestricted
+    beams = generate_ids(model, prompts, GenerationSettings(max_new_tokens=5, num_beams=2),
+                         pad_id=template.pad_token_id, stop_ids=template.stop_token_ids, vocab_limit=pieces)
+    assert all(max(ids, default=0) < pieces for ids in beams) and any(beams)
+    # evaluation
+    seen = []
+    real_generate = run_module.generate_ids
+    monkeypatch.setattr(run_module, "generate_ids", lambda *a, **kw: seen.extend(real_generate(*a, **kw)) or seen[-2:])
+    examples = [{"prompt": "p", "input_ids": p, "reference": "r"} for p in prompts]
+    run_module.predict(model, template, None, settings, batch_size=2, progress=False, examples=examples)
+    assert len(seen) == 2 and all(ids and max(ids) < pieces for ids in seen)
+    # chat
+    streamed = []
+    real_stream = generate_module.stream_ids
+    monkeypatch.setattr(generate_module, "stream_ids",
+                        lambda *a, **kw: (streamed.append(t) or t for t in real_stream(*a, **kw)))
+    session = ChatSession(model, template, GenerationSettings(max_new_tokens=5), loaded.max_positions)
+    _, ids, _, _ = session.prepare("你好")
+    "".join(session.reply("你好", ids))
+    assert len(streamed) == 5 and max(streamed) < pieces

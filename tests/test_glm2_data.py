@@ -125,7 +125,7 @@ def toolless():
     ("tiny-chatglm2", "ChatGLM2-6B has no tools or tool / observation turns"),
     ("tiny-glm4", "tools and tool / observation turns are ChatGLM3-6B's"),
 ])
-def test_qa_tool_rows_on_a_family_without_tools_are_bad_rows(tmp_path, toolless, name, message):
+def test_tool_rows_on_a_family_without_tools_are_bad_rows(tmp_path, toolless, name, message):
     template = toolless[name]
     rows = ROWS
     if not template.renders_system:  # ChatGLM-6B refuses line 2's system message too: leave it out here
@@ -145,7 +145,7 @@ def test_qa_tool_rows_on_a_family_without_tools_are_bad_rows(tmp_path, toolless,
         build_datasets(config(tmp_path, write(tmp_path / "t.json", [ROWS[0], only_tools])), template, "train")
 
 
-def test_qa_the_same_file_is_read_again_for_a_family_with_tools(tmp_path, toolless, template):
+def test_the_same_file_is_read_again_for_a_family_with_tools(tmp_path, toolless, template):
     path = write(tmp_path / "chat.json", ROWS)
     assert len(build_datasets(config(tmp_path, path, skip_bad_rows=True), toolless["tiny-chatglm2"], "train")) == 2
     # the skipped rows were the ChatGLM2 template's: ChatGLM3 (same cache) keeps all three
@@ -162,7 +162,7 @@ def test_qa_the_same_file_is_read_again_for_a_family_with_tools(tmp_path, toolle
                         {"role": "assistant", "content": "a"}]},
      "a system message between the last user message and the answer"),
 ])
-def test_qa_bad_roles_and_tool_entries_name_their_line(tmp_path, template, row, message):
+def test_bad_roles_and_tool_entries_name_their_line(tmp_path, template, row, message):
     path = write(tmp_path / "bad.json", [ROWS[0], row])
     with pytest.raises(DataError) as err:
         build_datasets(config(tmp_path, path), template, "train")
@@ -170,7 +170,7 @@ def test_qa_bad_roles_and_tool_entries_name_their_line(tmp_path, template, row, 
     assert len(build_datasets(config(tmp_path, path, skip_bad_rows=True), template, "train")) == 1
 
 
-def test_qa_train_py_tool_rows_on_chatglm2_is_one_line(tmp_path):
+def test_train_py_with_tool_rows_on_chatglm2_is_one_line(tmp_path):
     import subprocess
     import sys
 

@@ -226,7 +226,7 @@ def test_fingerprint_follows_the_backbone_and_matmul_count(family):
     assert {"q_proj", "gate_up_proj", "down_proj"} <= set(family.block_linear_names())
 
 
-def test_qa_long_texts_raise_no_model_max_length_warning(family, capfd, caplog):
+def test_long_texts_raise_no_model_max_length_warning(family, capfd, caplog):
     # rows longer than the tokenizer's model_max_length are cut by the truncation rule, after encoding them whole
     template = family.template(family.load_tokenizer(ROOT / "data" / "tiny-glm4"),
                                AutoConfig.from_pretrained(ROOT / "data" / "tiny-glm4"))

@@ -345,7 +345,7 @@ def test_export_command_line(tmp_path, capsys):
 # ---- faults found by trying the toolkit as a user would (one test per kind, named by item) ----
 
 
-def test_item13_the_documented_peft_path_raises_no_warning_of_ours():
+def test_the_documented_peft_path_raises_no_warning_of_ours():
     # in a fresh interpreter: filters installed at import survive there (pytest restores its own after
     # collecting a module)
     import json
@@ -397,7 +397,7 @@ def _one_error(capsys):
 @pytest.fixture(scope="module")
 def qa_checkpoints(tmp_path_factory):
     """A prefix checkpoint of the built-in ChatGLM-6B, ChatGLM2 and ChatGLM3 (random prefixes)."""
-    root = tmp_path_factory.mktemp("qa-export")
+    root = tmp_path_factory.mktemp("export")
     found = {}
     for name in ("tiny-chatglm", "tiny-chatglm2", "tiny-chatglm3"):
         cfg = ModelConfig(path=f"builtin:{name}", pre_seq_len=4, prefix_dropout=0.0)
@@ -407,7 +407,7 @@ def qa_checkpoints(tmp_path_factory):
     return found
 
 
-def test_qa_export_refuses_a_folder_that_holds_anything_and_writes_nothing(qa_checkpoints, tmp_path, capsys):
+def test_export_refuses_a_folder_that_holds_anything_and_writes_nothing(qa_checkpoints, tmp_path, capsys):
     from .common import ROOT
 
     ckpt = qa_checkpoints["tiny-chatglm"]
@@ -434,7 +434,7 @@ def test_qa_export_refuses_a_folder_that_holds_anything_and_writes_nothing(qa_ch
     assert not (ckpt / "x").exists() and not (builtin / "full").exists()
 
 
-def test_qa_export_writes_a_new_or_empty_folder_and_leaves_nothing_when_it_fails(qa_checkpoints, tmp_path, capsys):
+def test_export_writes_a_new_or_empty_folder_and_leaves_nothing_when_it_fails(qa_checkpoints, tmp_path, capsys):
     ckpt = qa_checkpoints["tiny-chatglm"]
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -452,7 +452,7 @@ def test_qa_export_writes_a_new_or_empty_folder_and_leaves_nothing_when_it_fails
 
 
 @pytest.mark.parametrize("name", ["tiny-chatglm2", "tiny-chatglm3"])
-def test_qa_peft_export_of_a_chatglm2_or_3_prefix_is_refused_in_one_line(qa_checkpoints, tmp_path, capsys, name):
+def test_peft_export_of_a_chatglm2_or_3_prefix_is_refused_in_one_line(qa_checkpoints, tmp_path, capsys, name):
     ckpt = qa_checkpoints[name]
     for argv in (["peft", "--checkpoint", str(ckpt), "--out", str(tmp_path / "adapter")],
                  ["peft", "--checkpoint", str(ckpt), "--out", str(tmp_path / "adapter"), "--model", f"builtin:{name}"]):
@@ -472,7 +472,7 @@ def test_qa_peft_export_of_a_chatglm2_or_3_prefix_is_refused_in_one_line(qa_chec
     assert torch.equal(prefix_output(config, prefix), prefix["prefix_encoder.embedding.weight"].float())
 
 
-def test_qa_from_peft_takes_a_builtin_model_and_refuses_an_adapter_of_another_family(qa_checkpoints, tmp_path, capsys):
+def test_from_peft_takes_a_builtin_model_and_refuses_an_adapter_of_another_family(qa_checkpoints, tmp_path, capsys):
     from .common import ROOT
 
     ckpt = qa_checkpoints["tiny-chatglm"]
@@ -502,7 +502,7 @@ def test_qa_from_peft_takes_a_builtin_model_and_refuses_an_adapter_of_another_fa
     assert not (tmp_path / "wrong").exists()
 
 
-def test_qa_a_damaged_adapter_or_a_bad_shard_size_is_one_line(qa_checkpoints, tmp_path, capsys):
+def test_a_damaged_adapter_or_a_bad_shard_size_is_one_line(qa_checkpoints, tmp_path, capsys):
     import shutil
 
     ckpt = qa_checkpoints["tiny-chatglm"]

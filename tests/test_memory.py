@@ -164,7 +164,7 @@ def test_command_prints_the_real_model_table(capsys):
         if line.startswith("| ") and "---" not in line
     }
     assert list(rows)[1:] == ["fp32", "bf16", "int8", "int4"]
-    # the README's numbers: real ChatGLM-6B, pre_seq_len 128, batch 1 x 128 tokens
+    # the numbers of docs/quantization.md: real ChatGLM-6B, pre_seq_len 128, batch 1 x 128 tokens
     totals = {k: float(rows[k].rstrip(" |").rsplit("|", 1)[-1]) for k in ("fp32", "bf16", "int8", "int4")}
     assert totals == {"fp32": 26.16, "bf16": 13.32, "int8": 8.08, "int4": 5.53}
     assert "logits at 64 positions" in out

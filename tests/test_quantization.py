@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ptuning import memory
 from ptuning.build import load_model
@@ -97,7 +98,7 @@ def test_bench_configuration_forward_backward(bits):
     grads, loss = prefix_grad_and_loss(model, ids, labels)
     check_only_prefix_gets_gradients(grads)
     assert torch.isfinite(loss)
-    # the measured ratios of the README's memory table (bench configuration, whole model incl. embeddings)
+    # the measured ratios of the quantization table in benchmarks/README.md (bench configuration, whole model incl. embeddings)
     ratio = weight_bytes(model) / bf16_bytes
     assert ratio == pytest.approx({8: 0.863, 4: 0.795}[bits], abs=0.001)
     # and exactly what ptuning.memory computes from the shape alone
@@ -125,6 +126,44 @@ def test_quantized_linear_backward_is_the_dequantized_weights(bits):
     y_ref.backward(grad)
     assert torch.allclose(y.float(), y_ref.float(), rtol=0.02, atol=0.02)
     assert torch.allclose(x.grad.float(), x_ref.grad.float(), rtol=0.02, atol=0.02)
+
+
+class WeightSizedCopies(TorchDispatchMode):
+    """Counts the copies / casts whose result is as large as a weight of ``numel`` elements."""
+
+    def __init__(self, numel: int):
+        super().__init__()
+        self.numel, self.count = numel, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in (torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default, torch.ops.aten.mul.Tensor):
+            if isinstance(out, torch.Tensor) and out.numel() == self.numel:
+                self.count += 1
+        return out
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_fp16_autocast_over_a_bf16_quantized_backbone_makes_no_second_weight_copy(bits):
+    torch.manual_seed(0)
+    linear = nn.Linear(256, 384).to(torch.bfloat16)
+    model = nn.Module()
+    model.layers = nn.ModuleList([nn.Module()])
+    model.layers[0].dense = linear
+    quantize_backbone(model, bits, dtype=torch.bfloat16)
+    x = torch.randn(3, 256, dtype=torch.bfloat16, requires_grad=True)
+    copies = {}
+    outputs = {}
+    for name, autocast in (("plain", False), ("fp16 autocast", True)):
+        with torch.autocast("cpu", dtype=torch.float16, enabled=autocast), WeightSizedCopies(256 * 384) as seen:
+            outputs[name] = linear(x)
+        copies[name] = seen.count
+    # the weight is turned into 16-bit numbers once per call, as without autocast, not once more into float16
+    assert copies["fp16 autocast"] == copies["plain"] <= 2, copies
+    assert outputs["fp16 autocast"].dtype == torch.bfloat16
+    assert torch.equal(outputs["fp16 autocast"], outputs["plain"])
+    outputs["fp16 autocast"].sum().backward()  # the backward still reaches the input
+    assert x.grad is not None and x.grad.dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("bits", [8, 4])

@@ -1,17 +1,21 @@
-"""The serving engine, black-box: every row's tokens equal ``generate()`` of a model holding that row's prefix
-alone, while rows of different prefixes (and the bare base model) share batches, join, finish and are cancelled
-at different steps; seeded sampling does not depend on the batch; bad requests are refused. For ChatGLM-6B's
-tiny model and transformers' own decoders (tiny random configs)."""
+"""The server's decode loop, black-box: every row's tokens equal ``generate()`` of a model holding that row's
+prefix alone, while rows of different prefixes of a bank (and the bare base model) share batches, join, finish
+and are cancelled at different steps; seeded sampling does not depend on the batch; bad requests are refused.
+For ChatGLM-6B's tiny model and transformers' own decoders (tiny random configs). Then the decode thread:
+answer text, a cache that cannot grow, the CUDA device and CUDA errors (mocked on a CPU)."""
 
 from __future__ import annotations
 
 import copy
+import threading
 
 import pytest
 import torch
 
+from ptuning.generation import Decoder, DecoderFull, Request, Sampling
 from ptuning.prefix import PrefixEncoder, prefix_module_name, reset_prefix
-from ptuning.serve import Engine, EngineFull, EngineRequest, PrefixBank
+from ptuning.serve import PrefixBank, serving_decoder
+from ptuning.serve.scheduler import Delta, Failure, Finish, Job, Scheduler, is_device_fault
 
 from .common import ROOT
 from .test_hf_prefix import ARCHITECTURES, plain_model
@@ -44,9 +48,15 @@ class Setup:
             self.bank = PrefixBank(shape_of(1, False), {n: e() for n, e in self.encoders.items()},
                                    dtype=torch.float32)
 
-    def engine(self, max_batch_size: int) -> Engine:
-        return Engine(self.base, self.bank, max_batch_size=max_batch_size, max_length=self.max_length,
-                      pad_token_id=self.pad_id)
+    def engine(self, max_batch_size: int, **kwargs) -> Decoder:
+        return serving_decoder(self.base, self.bank, max_batch_size=max_batch_size, max_length=self.max_length,
+                               pad_token_id=self.pad_id, **kwargs)
+
+    def request(self, prompt, prefix: str | None, max_new_tokens: int = 64, *, temperature: float = 0.0,
+                top_p: float = 1.0, seed: int | None = None, stop_token_ids=()) -> Request:
+        """A request for the prefix named ``prefix`` (None: the bare base model), as the server makes one."""
+        return Request(list(prompt), max_new_tokens, Sampling(temperature=temperature, top_p=top_p, seed=seed),
+                       stop_token_ids=list(stop_token_ids), prefix=self.bank.index(prefix))
 
     def alone(self, prefix, prompt, max_new_tokens) -> list[int]:
         """Greedy ``generate()`` of the model holding ``prefix``, for this prompt alone, up to its first stop id."""
@@ -106,36 +116,36 @@ def setup(request) -> Setup:
     return chatglm_setup() if request.param == "chatglm" else hf_setup(request.param)
 
 
-def drive(engine: Engine, requests: list[EngineRequest], per_step: int, cancel: dict[int, int] | None = None):
+def drive(engine: Decoder, requests: list[Request], per_step: int, cancel: dict[int, int] | None = None):
     """Adds up to ``per_step`` waiting requests before each step (as many as slots allow) and steps until all
     are done. ``cancel``: request index -> the step after which it is cancelled. Returns each request's
     tokens (stop ids left out) and finish reason."""
     cancel = cancel or {}
     tokens: dict[int, list[int]] = {}
     reasons: dict[int, str] = {}
-    by_slot: dict[int, int] = {}
+    by_handle: dict[int, int] = {}
     waiting = list(range(len(requests)))
     step = 0
     while waiting or engine.active:
         for _ in range(per_step):
             if waiting and engine.free_slots:
                 index = waiting.pop(0)
-                by_slot[engine.add(requests[index])] = index
+                by_handle[engine.add(requests[index])] = index
                 tokens[index] = []
         for out in engine.step():
-            index = by_slot[out.slot]
+            index = by_handle[out.handle]
             if out.finish_reason != "stop":
                 tokens[index].append(out.token_id)
             if out.finish_reason:
                 reasons[index] = out.finish_reason
-                del by_slot[out.slot]
+                del by_handle[out.handle]
         step += 1
         for index, after in cancel.items():
             if after == step:
-                slot = next(s for s, i in by_slot.items() if i == index)
+                handle = next(h for h, i in by_handle.items() if i == index)
                 free = engine.free_slots
-                assert engine.cancel(slot) and engine.free_slots == free + 1
-                del by_slot[slot]
+                assert engine.cancel(handle) and engine.free_slots == free + 1
+                del by_handle[handle]
                 reasons[index] = "cancelled"
         assert step < 1000
     return tokens, reasons
@@ -143,8 +153,9 @@ def drive(engine: Engine, requests: list[EngineRequest], per_step: int, cancel: 
 
 def test_greedy_rows_equal_generate_alone_while_prefixes_share_batches(setup):
     names = [None, *PREFIXES]
+    prefix_of = [names[i % len(names)] for i in range(2 * len(setup.prompts))]
     requests = [
-        EngineRequest(prompt, names[i % len(names)], max_new_tokens=6 + 5 * (i % 4), stop_token_ids=setup.stop_ids)
+        setup.request(prompt, prefix_of[i], max_new_tokens=6 + 5 * (i % 4), stop_token_ids=setup.stop_ids)
         for i, prompt in enumerate(setup.prompts * 2)
     ]
     engine = setup.engine(max_batch_size=5)  # fewer slots than requests: rows wait, join and leave
@@ -154,19 +165,19 @@ def test_greedy_rows_equal_generate_alone_while_prefixes_share_batches(setup):
         if i == 3:
             assert reasons[i] == "cancelled" and 0 < len(tokens[i]) < request.max_new_tokens
             continue
-        want = setup.alone(request.prefix, list(request.prompt_ids), request.max_new_tokens)
-        assert tokens[i] == want, (i, request.prefix)
+        want = setup.alone(prefix_of[i], list(request.prompt_ids), request.max_new_tokens)
+        assert tokens[i] == want, (i, prefix_of[i])
         assert reasons[i] == ("length" if len(want) == request.max_new_tokens else "stop")
     # the prefixes answer differently, so a row that saw another row's prefix would show
-    answers = {name: [tokens[i] for i, r in enumerate(requests) if r.prefix == name and i != 3] for name in names}
+    answers = {name: [tokens[i] for i in range(len(requests)) if prefix_of[i] == name and i != 3] for name in names}
     assert len({str(a) for a in answers.values()}) == len(names)
 
 
 def test_seeded_sampling_does_not_depend_on_the_batch(setup):
     def sample(seed, company: int):
         engine = setup.engine(max_batch_size=8)
-        mine = EngineRequest(setup.prompts[0], "p5proj", 12, temperature=0.9, top_p=0.8, seed=seed)
-        others = [EngineRequest(p, name, 12, temperature=1.0, seed=100 + k)
+        mine = setup.request(setup.prompts[0], "p5proj", 12, temperature=0.9, top_p=0.8, seed=seed)
+        others = [setup.request(p, name, 12, temperature=1.0, seed=100 + k)
                   for k, (p, name) in enumerate(zip(setup.prompts[1:company + 1], ["p3", None, "p8"] * 2, strict=False))]
         tokens, _ = drive(engine, [*others[:1], mine, *others[1:]], per_step=8)
         return tokens[1 if others else 0]
@@ -180,28 +191,29 @@ def test_bad_requests_are_refused(setup):
     engine = setup.engine(max_batch_size=2)
     prompt = setup.prompts[0]
     with pytest.raises(KeyError):
-        engine.add(EngineRequest(prompt, "no-such-prefix"))
+        setup.request(prompt, "no-such-prefix")
+    with pytest.raises(ValueError, match="prefix index 9: expected 0 .. 3"):
+        engine.add(Request(prompt, 4, prefix=9))
     with pytest.raises(ValueError, match="exceed the model's"):
-        engine.add(EngineRequest(prompt, None, max_new_tokens=setup.max_length))
+        engine.add(setup.request(prompt, None, max_new_tokens=setup.max_length))
     with pytest.raises(ValueError, match="empty prompt"):
-        engine.add(EngineRequest([], None))
+        engine.add(setup.request([], None))
     with pytest.raises(ValueError, match="temperature"):
-        engine.add(EngineRequest(prompt, None, temperature=-1))
-    slots = {engine.add(EngineRequest(prompt, "p3")), engine.add(EngineRequest(prompt, None))}
-    assert slots == {0, 1} and engine.free_slots == 0
-    with pytest.raises(EngineFull):
-        engine.add(EngineRequest(prompt, None))
-    assert engine.cancel(0) and not engine.cancel(0) and engine.free_slots == 1
+        engine.add(setup.request(prompt, None, temperature=-1))
+    handles = [engine.add(setup.request(prompt, "p3")), engine.add(setup.request(prompt, None))]
+    assert engine.free_slots == 0
+    with pytest.raises(DecoderFull):
+        engine.add(setup.request(prompt, None))
+    assert engine.cancel(handles[0]) and not engine.cancel(handles[0]) and engine.free_slots == 1
     assert len(engine.step()) == 1  # the one left
-    assert engine.cancel_all() == [1] and engine.active == 0
+    assert engine.cancel_all() == [handles[1]] and engine.active == 0
 
 
 def test_ids_the_tokenizer_cannot_decode_are_never_chosen(setup):
     vocab = setup.base.get_input_embeddings().weight.shape[0]
     limit = vocab // 3
-    engine = Engine(setup.base, setup.bank, max_batch_size=4, max_length=setup.max_length,
-                    pad_token_id=setup.pad_id, vocab_limit=limit)
-    requests = [EngineRequest(p, name, 16, temperature=t, seed=1)
+    engine = setup.engine(max_batch_size=4, vocab_limit=limit)
+    requests = [setup.request(p, name, 16, temperature=t, seed=1)
                 for p, name, t in zip(setup.prompts, [None, "p3", "p8", None], [0.0, 0.0, 1.5, 2.0], strict=False)]
     tokens, _ = drive(engine, requests, per_step=4)
     chosen = [t for row in tokens.values() for t in row]
@@ -214,7 +226,7 @@ def test_ids_the_tokenizer_cannot_decode_are_never_chosen(setup):
 def test_answer_text_leaves_out_control_tokens_and_a_character_cut_at_the_end(model):
     from ptuning.build import load
     from ptuning.config import ModelConfig
-    from ptuning.serve.scheduler import Detokenizer
+    from ptuning.generation import Detokenizer
 
     template = load(ModelConfig(path=f"builtin:{model}"), pre_seq_len=None, init=False).template
     tokenizer = template.tokenizer
@@ -232,9 +244,179 @@ def test_answer_text_leaves_out_control_tokens_and_a_character_cut_at_the_end(mo
     ids = cut[:2] + [gmask] + cut[2:]  # and the model wrote a control token on the way (with ignore_eos)
     detok = Detokenizer(tokenizer, frozenset(template.control_token_ids))
     streamed = "".join(detok.push(i) for i in ids)
-    assert detok.whole().strip() == streamed.strip() == "这条裙子很好看"
+    assert streamed + detok.finish() == detok.text
+    assert detok.text.strip() == streamed.strip() == "这条裙子很好看"
     assert template.decode(cut) == "这条裙子很好看"  # evaluation drops the cut character too
     # a character completed later is kept, and one never completed inside the answer stays U+FFFD
     detok = Detokenizer(tokenizer, frozenset(template.control_token_ids))
     text = "".join(detok.push(i) for i in full[:-1] + full)
-    assert detok.whole() == text and text.endswith("龘") and "\ufffd" in text
+    assert detok.finish() == "" and detok.text == text and text.endswith("龘") and "\ufffd" in text
+
+
+# ---------------------------------------------------------------- the decode thread
+
+
+class Events:
+    """A job's stream that records its events (the scheduler thread puts them)."""
+
+    def __init__(self):
+        self.events: list = []
+        self.done = threading.Event()
+
+    def put(self, event) -> None:
+        self.events.append(event)
+        if not isinstance(event, Delta):
+            self.done.set()
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from ptuning.build import load
+    from ptuning.config import ModelConfig
+
+    loaded = load(ModelConfig(), pre_seq_len=None, init=False)
+    loaded.model.eval()
+    return loaded
+
+
+def job(tiny, query: str, max_new_tokens: int) -> Job:
+    from ptuning.models import Conversation
+
+    ids = tiny.template.prompt(Conversation(query=query), 200).ids
+    return Job(Request(ids, max_new_tokens, stop_token_ids=tiny.template.stop_token_ids), Events())
+
+
+def scheduler_for(tiny, max_batch_size: int = 4) -> Scheduler:
+    bank = PrefixBank(tiny.family.prefix_shape(tiny.model.config, 1, False), {}, dtype=torch.float32)
+    decoder = serving_decoder(tiny.model, bank, max_batch_size=max_batch_size, max_length=tiny.max_positions,
+                              pad_token_id=tiny.template.pad_token_id)
+    return Scheduler(decoder, tiny.template.tokenizer, idle_wait=0.01)
+
+
+def run_jobs(scheduler: Scheduler, jobs: list[Job], timeout: float = 60.0) -> None:
+    scheduler.submit(jobs)
+    for j in jobs:
+        assert j.stream.done.wait(timeout), "no answer"
+
+
+def test_a_request_whose_cache_cannot_grow_gets_a_503_and_the_running_rows_go_on(tiny, monkeypatch):
+    from ptuning.generation import cache as cache_module
+
+    scheduler = scheduler_for(tiny)
+    scheduler.start()
+    try:
+        short = job(tiny, "你好", 8)
+        run_jobs(scheduler, [short])  # the cache now holds what a short answer needs
+        capacity = scheduler.decoder.cache.capacity
+        calls, real = [0], cache_module._allocate
+
+        def third_fails(shape, dtype, device):
+            calls[0] += 1
+            if calls[0] == 3:  # layer 1's keys: layer 0's new buffers exist already
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return real(shape, dtype, device)
+
+        monkeypatch.setattr(cache_module, "_allocate", third_fails)
+        running, long = job(tiny, "类型#裙", 6), job(tiny, "类型#裙*颜色#黑色", capacity + 40)
+        run_jobs(scheduler, [running, long])
+        (failure,) = long.stream.events
+        assert isinstance(failure, Failure) and failure.status == 503
+        assert failure.message.startswith("not enough memory for this request now: a generation cache of 4 rows x ")
+        assert "out of memory" in failure.message and f"keeps its {capacity} tokens per row" in failure.message
+        assert isinstance(running.stream.events[-1], Finish)  # the other request was answered in full
+        cache = scheduler.decoder.cache
+        assert cache.capacity == capacity and len(cache.keys) == len(cache.values) == cache.num_layers
+        assert {k.shape[2] for k in cache.keys + cache.values} == {cache.room + capacity}
+        monkeypatch.setattr(cache_module, "_allocate", real)
+        again = job(tiny, "类型#裙", 6)
+        run_jobs(scheduler, [again])
+        text = "".join(e.text for e in again.stream.events if isinstance(e, Delta))
+        assert text == "".join(e.text for e in running.stream.events if isinstance(e, Delta))
+    finally:
+        scheduler.stop(timeout=10)
+
+
+def test_the_decode_thread_makes_the_decoders_gpu_its_current_device(tiny, monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append((device, threading.current_thread().name)))
+    scheduler = scheduler_for(tiny)
+    scheduler.decoder.device = torch.device("cuda", 1)  # what the thread reads (the model stays on the CPU)
+    scheduler.start()
+    scheduler.stop(drain=True, timeout=10)
+    assert calls == [(torch.device("cuda", 1), "ptuning-serve-decode")]
+
+
+def test_after_a_cuda_error_health_fails_and_requests_are_refused(tiny, monkeypatch):
+    from fastapi.testclient import TestClient
+
+    from ptuning.serve.app import create_app
+    from ptuning.serve.service import Service
+
+    scheduler = scheduler_for(tiny)
+    service = Service(scheduler, tiny.template, base_name="base", prefixes=[], max_length=tiny.max_positions)
+    real_step = scheduler.decoder.step
+    steps = [0]
+
+    def assert_on_the_third_step():
+        steps[0] += 1
+        if steps[0] == 3:
+            raise torch.AcceleratorError("CUDA error: device-side assert triggered\nCompile with TORCH_USE_CUDA_DSA")
+        return real_step()
+
+    monkeypatch.setattr(scheduler.decoder, "step", assert_on_the_third_step)
+    body = {"model": "base", "prompt": "类型#裙", "max_tokens": 8, "temperature": 0}
+    with TestClient(create_app(service, web=False)) as client:
+        assert client.get("/health").status_code == 200
+        failed = client.post("/v1/completions", json=body)
+        assert failed.status_code == 503
+        assert "device-side assert triggered" in failed.json()["error"]["message"]
+        health = client.get("/health")
+        assert health.status_code == 503 and health.json()["status"] == "error"
+        assert health.json()["error"] == "AcceleratorError: CUDA error: device-side assert triggered"
+        refused = client.post("/v1/completions", json=body)
+        assert refused.status_code == 503 and "takes no more requests" in refused.json()["error"]["message"]
+    assert steps[0] == 3  # nothing ran on the broken device after the error
+
+
+def test_out_of_memory_is_not_a_broken_device():
+    assert is_device_fault(torch.AcceleratorError("CUDA error: an illegal memory access was encountered"))
+    assert is_device_fault(RuntimeError("CUDA error: device-side assert triggered"))
+    assert not is_device_fault(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB"))
+    assert not is_device_fault(RuntimeError("shape mismatch"))
+
+
+def test_a_batch_whose_cache_cannot_fit_is_refused_before_the_model_loads(monkeypatch, capsys):
+    import ptuning.build
+    from ptuning.generation import memory
+    from ptuning.serve.cli import main
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(ptuning.build, "load", no_load)
+    assert main(["--max-batch-size", "100000", "--port", "0", "--no-web"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("error: --max-batch-size=100000: a generation cache of 100000 rows x 512 positions "
+                           "(512 tokens + 0 prefix) needs ")
+    fits = int(line.split("at most ")[1].split()[0])
+    assert f"use --max-batch-size {fits} (or a smaller --max-length;" in line and 0 < fits < 100000
+    # the number given fits (with the same free memory), one more does not
+    free = memory.available_bytes("cpu")
+    monkeypatch.setattr(memory, "available_bytes", lambda device: free)
+    from ptuning.build import model_family
+    from ptuning.config import ModelConfig
+    from ptuning.serve.cli import check_cache_memory, parse_args
+
+    family = model_family(ModelConfig())
+    config = family.model_config(ModelConfig().resolved_path)
+    assert check_cache_memory(parse_args(["--max-batch-size", str(fits)]), family, config, "cpu", torch.float32,
+                              0) == 512
+    from ptuning.config import ConfigError
+
+    with pytest.raises(ConfigError, match=f"at most {fits} rows fit"):
+        check_cache_memory(parse_args(["--max-batch-size", str(fits + 1)]), family, config, "cpu", torch.float32, 0)
+    # a shorter --max-length lets more rows fit; a longer one than the model's positions is refused
+    assert check_cache_memory(parse_args(["--max-batch-size", str(2 * fits), "--max-length", "256"]), family,
+                              config, "cpu", torch.float32, 0) == 256
+    with pytest.raises(ConfigError, match="--max-length=1024: the model has 512 positions"):
+        check_cache_memory(parse_args(["--max-length", "1024"]), family, config, "cpu", torch.float32, 0)

@@ -210,7 +210,7 @@ def checkpoint_names(folder):
     return sorted((p.name for p in folder.glob("checkpoint-*")), key=lambda n: int(n.split("-")[1]))
 
 
-def test_item01_overwrite_removes_the_old_run_only_after_checks_and_keeps_the_new_checkpoints(tmp_path, capsys):
+def test_overwrite_removes_the_old_run_only_after_checks_and_keeps_the_new_checkpoints(tmp_path, capsys):
     from .common import ROOT
 
     train(tmp_path, "train.eval_before_training=false")  # the old run: checkpoint-3 and checkpoint-6
@@ -250,7 +250,7 @@ def test_item01_overwrite_removes_the_old_run_only_after_checks_and_keeps_the_ne
             if "loss" in r] == [1, 2, 3]
 
 
-def test_item01_pruning_and_latest_never_take_another_runs_checkpoints(tmp_path):
+def test_pruning_and_latest_never_take_another_runs_checkpoints(tmp_path):
     from ptuning.evaluation.run import resolve_checkpoint
     from ptuning.training.checkpoint import latest_checkpoint, prefix_metadata, save_checkpoint
 
@@ -271,7 +271,7 @@ def test_item01_pruning_and_latest_never_take_another_runs_checkpoints(tmp_path)
         loop_module.resolve_resume(job(tmp_path, "train.resume_from=latest"))
 
 
-def test_item03_resume_on_another_base_model_is_refused_and_init_warns(tmp_path, capsys):
+def test_resume_on_another_base_model_is_refused_and_init_warns(tmp_path, capsys):
     import shutil
 
     from ptuning.config import BUILTIN_MODEL
@@ -329,7 +329,7 @@ def test_a_bundled_model_is_the_same_base_model_by_name_or_by_folder(tmp_path, m
     assert ModelConfig(path=str(tmp_path)).base_model_name == str(tmp_path.resolve())
 
 
-def test_item07_ctrl_c_names_the_step_and_the_checkpoint_to_resume(tmp_path, monkeypatch):
+def test_ctrl_c_names_the_step_and_the_checkpoint_to_resume(tmp_path, monkeypatch):
     from ptuning.training.loop import TrainingInterrupted
 
     real = loop_module.token_loss_sum
@@ -352,7 +352,7 @@ def test_item07_ctrl_c_names_the_step_and_the_checkpoint_to_resume(tmp_path, mon
         train(tmp_path / "early", "train.eval_before_training=false")
 
 
-def test_item14_console_shows_eval_loss_and_throughput_as_the_readme_says(tmp_path, capsys):
+def test_the_console_shows_eval_loss_and_throughput_as_the_docs_say(tmp_path, capsys):
     import re
 
     from .common import ROOT
@@ -364,8 +364,9 @@ def test_item14_console_shows_eval_loss_and_throughput_as_the_readme_says(tmp_pa
         [(r["step"], r["eval_loss"]) for r in map(json.loads, (tmp_path / "train_log.jsonl").read_text().splitlines())
          if "eval_loss" in r and r["step"] in (2, 4)]]
     bar = captured.err.replace("\r", "\n").splitlines()[-1]
-    readme = (ROOT / "README.md").read_text()
-    logging_section = readme.split("## Logging", 1)[1].split("##", 1)[0]
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    docs = (ROOT / "docs" / "reliability.md").read_text(encoding="utf-8")
+    logging_section = docs.split("## Logging", 1)[1].split("\n## ", 1)[0]
     shown = re.search(r"progress bar with the step's (.*?)`tokens_per_s`", logging_section, re.S).group(0)
     keys = re.findall(r"`(\w+)`", shown)
     assert keys == ["loss", "lr", "grad_norm", "tokens_per_s"]
@@ -378,7 +379,7 @@ def test_item14_console_shows_eval_loss_and_throughput_as_the_readme_says(tmp_pa
     assert f"checkpoint-{{{','.join(map(str, kept))}}}/" in readme
 
 
-def test_item15_the_untuned_baseline_reaches_wandb_and_the_loss_plot(tmp_path, monkeypatch):
+def test_the_untuned_baseline_reaches_wandb_and_the_loss_plot(tmp_path, monkeypatch):
     from ptuning.training.plot import loss_curves
     from ptuning.training.tracking import make_tracker
 
@@ -405,7 +406,7 @@ def test_item15_the_untuned_baseline_reaches_wandb_and_the_loss_plot(tmp_path, m
     assert first["eval_rouge-l"] == pytest.approx(baseline["eval_rouge-l"])
 
 
-def test_item17_a_small_model_on_cpu_runs_with_one_thread_unless_omp_num_threads_says(tmp_path, monkeypatch):
+def test_a_small_model_on_cpu_runs_with_one_thread_unless_omp_num_threads_says(tmp_path, monkeypatch):
     from ptuning.models.chatglm import tiny_config
     from ptuning.perf import BENCH_SHAPE, set_cpu_threads
 
@@ -437,7 +438,7 @@ def test_item17_a_small_model_on_cpu_runs_with_one_thread_unless_omp_num_threads
         torch.set_num_threads(before)
 
 
-def test_item04_rows_longer_than_the_models_positions_are_refused_in_training_and_evaluation(tmp_path):
+def test_rows_longer_than_the_models_positions_are_refused_in_training_and_evaluation(tmp_path):
     from ptuning.data import DataError
     from ptuning.evaluation.run import EvaluateJobConfig
     from ptuning.evaluation.run import run as evaluate
@@ -465,7 +466,7 @@ def test_item04_rows_longer_than_the_models_positions_are_refused_in_training_an
         evaluate(cfg)
 
 
-def test_qa_init_prefix_from_a_run_folder_takes_its_latest_checkpoint_and_names_model_keys(tmp_path, monkeypatch):
+def test_init_prefix_from_a_run_folder_takes_its_latest_checkpoint_and_names_model_keys(tmp_path, monkeypatch):
     first = train(tmp_path / "run")
     assert first.checkpoint == tmp_path / "run" / "checkpoint-6"
     # a prefix that does not fit: the message names the checkpoint taken and the model.* key to set
@@ -485,7 +486,7 @@ def test_qa_init_prefix_from_a_run_folder_takes_its_latest_checkpoint_and_names_
     assert again.step == 1 and taken == [tmp_path / "run" / "checkpoint-6"]
 
 
-# ---- runfix: what a QA pass found in the training output folder and resume (one test per kind) ----
+# ---- the training output folder and resume (one test per kind) ----
 
 
 def refused_before_loading(monkeypatch):
@@ -496,7 +497,7 @@ def refused_before_loading(monkeypatch):
     monkeypatch.setattr(loop_module, "load", loaded)
 
 
-def test_runfix_item1_overwrite_removes_only_what_the_folders_run_wrote(tmp_path, capsys, monkeypatch):
+def test_overwrite_removes_only_what_the_folders_run_wrote(tmp_path, capsys, monkeypatch):
     other = tmp_path / "other"
     train(other, "train.max_steps=3", "train.eval_before_training=false")  # another run, another run id
     out = tmp_path / "run"
@@ -552,7 +553,7 @@ def test_runfix_item1_overwrite_removes_only_what_the_folders_run_wrote(tmp_path
     assert checkpoint_names(out) == ["checkpoint-2", "checkpoint-3", "checkpoint-7", "checkpoint-9"]
 
 
-def test_runfix_item2_a_log_plot_or_run_record_alone_is_an_earlier_runs_output(tmp_path, monkeypatch):
+def test_a_log_plot_or_run_record_alone_is_an_earlier_runs_output(tmp_path, monkeypatch):
     import shutil
 
     train(tmp_path, "train.max_steps=3", "train.plot=true", "train.eval_before_training=false")
@@ -573,7 +574,7 @@ def test_runfix_item2_a_log_plot_or_run_record_alone_is_an_earlier_runs_output(t
     assert (handmade / "train_log.jsonl").read_text() == "my notes\n"
 
 
-def test_runfix_item3_an_output_dir_that_cannot_hold_a_run_is_refused_before_loading(tmp_path, monkeypatch):
+def test_an_output_dir_that_cannot_hold_a_run_is_refused_before_loading(tmp_path, monkeypatch):
     from ptuning.config import BUILTIN_MODEL
 
     a_file = tmp_path / "a_file"
@@ -590,7 +591,7 @@ def test_runfix_item3_an_output_dir_that_cannot_hold_a_run_is_refused_before_loa
         checkpoint / "sub": f"it is inside the checkpoint folder {checkpoint}; choose another folder",
     }
     if Path("/proc/self").is_dir():  # a file system that makes no folders
-        cases[Path("/proc/qa")] = "cannot be created in /proc (No such file or directory)"
+        cases[Path("/proc/run")] = "cannot be created in /proc (No such file or directory)"
     for folder, why in cases.items():
         with pytest.raises(TrainingError) as refused:
             run(to_object(compose_train([f"train.output_dir={folder}", *FAST])))
@@ -599,7 +600,7 @@ def test_runfix_item3_an_output_dir_that_cannot_hold_a_run_is_refused_before_loa
     assert not list(tmp_path.glob("**/.ptuning-probe-*"))
 
 
-def test_runfix_item7_inverse_sqrt_trains(tmp_path):
+def test_the_inverse_sqrt_schedule_trains(tmp_path):
     result = train(tmp_path, "train.lr_scheduler=inverse_sqrt", "train.warmup_steps=2", "train.max_steps=4",
                    "train.eval_before_training=false")
     assert result.step == 4
@@ -611,7 +612,7 @@ def test_runfix_item7_inverse_sqrt_trains(tmp_path):
     assert rates[4] == pytest.approx(lr / math.sqrt(2))
 
 
-def test_runfix_item8_resume_says_when_nothing_is_left_and_what_changed(tmp_path, capsys, monkeypatch):
+def test_resume_says_when_nothing_is_left_and_what_changed(tmp_path, capsys, monkeypatch):
     import shutil
 
     train(tmp_path, "train.eval_before_training=false")  # checkpoint-3 and checkpoint-6
@@ -649,7 +650,7 @@ def test_runfix_item8_resume_says_when_nothing_is_left_and_what_changed(tmp_path
     assert [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")] == []
 
 
-def test_runfix_item9_resume_from_a_plain_folder_says_it_is_not_a_checkpoint(tmp_path, monkeypatch):
+def test_resume_from_a_plain_folder_says_it_is_not_a_checkpoint(tmp_path, monkeypatch):
     train(tmp_path, "train.max_steps=3", "train.eval_before_training=false")
     (tmp_path / "my_stuff").mkdir()
     refused_before_loading(monkeypatch)

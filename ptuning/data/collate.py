@@ -59,15 +59,17 @@ class TrainingCollator:
             if longest > self.pack_length:
                 raise ValueError(f"a packed row of {longest} tokens is longer than pack_length={self.pack_length}")
             longest = self.pack_length
-        input_ids = torch.full((len(rows), longest), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(rows), longest), self.label_pad_id, dtype=torch.long)
-        sequence_ids = torch.full((len(rows), longest), PADDING_SEQUENCE, dtype=torch.long) if packed else None
+        # on the host, whatever the default device (the loop moves batches to the model's device)
+        input_ids = torch.full((len(rows), longest), self.pad_token_id, dtype=torch.long, device="cpu")
+        labels = torch.full((len(rows), longest), self.label_pad_id, dtype=torch.long, device="cpu")
+        sequence_ids = (torch.full((len(rows), longest), PADDING_SEQUENCE, dtype=torch.long, device="cpu")
+                        if packed else None)
         for i, row in enumerate(rows):
             length = len(row["input_ids"])
-            input_ids[i, :length] = torch.as_tensor(row["input_ids"])
-            labels[i, :length] = torch.as_tensor(row["labels"])
+            input_ids[i, :length] = torch.as_tensor(row["input_ids"], device="cpu")
+            labels[i, :length] = torch.as_tensor(row["labels"], device="cpu")
             if sequence_ids is not None:
-                sequence_ids[i, :length] = torch.as_tensor(row["sequence_ids"])
+                sequence_ids[i, :length] = torch.as_tensor(row["sequence_ids"], device="cpu")
         batch = {"input_ids": input_ids, "labels": labels}
         if sequence_ids is not None:
             batch["sequence_ids"] = sequence_ids
@@ -96,11 +98,11 @@ class GenerationCollator:
             ``reference`` (list of B strings) when the rows have it.
         """
         longest = max(len(row["input_ids"]) for row in rows)
-        input_ids = torch.full((len(rows), longest), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), longest), dtype=torch.long)
+        input_ids = torch.full((len(rows), longest), self.pad_token_id, dtype=torch.long, device="cpu")
+        attention_mask = torch.zeros((len(rows), longest), dtype=torch.long, device="cpu")
         for i, row in enumerate(rows):
             start = longest - len(row["input_ids"])
-            input_ids[i, start:] = torch.as_tensor(row["input_ids"])
+            input_ids[i, start:] = torch.as_tensor(row["input_ids"], device="cpu")
             attention_mask[i, start:] = 1
         batch: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
         if "reference" in rows[0]:
@@ -142,8 +144,8 @@ class LengthGroupedSampler(Sampler[int]):
     def __iter__(self) -> Iterator[int]:
         if not self.lengths:
             return iter(())
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        order = torch.randperm(len(self.lengths), generator=generator).tolist()
+        generator = torch.Generator(device="cpu").manual_seed(self.seed + self.epoch)
+        order = torch.randperm(len(self.lengths), generator=generator, device="cpu").tolist()
         megas = [
             sorted(order[start : start + self.mega_batch_size], key=lambda i: -self.lengths[i])
             for start in range(0, len(order), self.mega_batch_size)

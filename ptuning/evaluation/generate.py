@@ -59,12 +59,13 @@ class GenerationSettings:
 
 
 def left_pad(rows: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``input_ids`` and the HF padding mask ``[B, S]`` (1 = real token), padded on the left."""
+    """``input_ids`` and the HF padding mask ``[B, S]`` (1 = real token), padded on the left (built on the host,
+    then moved to ``device``)."""
     width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long, device="cpu")
+    mask = torch.zeros((len(rows), width), dtype=torch.long, device="cpu")
     for i, row in enumerate(rows):
-        ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
+        ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long, device="cpu")
         mask[i, width - len(row) :] = 1
     return ids.to(device), mask.to(device)
 
@@ -88,25 +89,33 @@ def _requests(prompts: list[list[int]], settings: GenerationSettings, stop_ids, 
     for i, prompt in enumerate(prompts):
         sampling = Sampling()
         if settings.do_sample:
-            seed = int(torch.randint(0, 2**62, (1,)))
+            seed = int(torch.randint(0, 2**62, (1,), device="cpu"))
             sampling = Sampling(temperature=settings.temperature, top_p=settings.top_p, seed=seed)
         requests.append(Request(list(prompt), settings.max_new_tokens, sampling, stop_token_ids=list(stop_ids),
                                 prefix=i if prefixed else 0))
     return requests
 
 
-def _decoder(model, prompts: list[list[int]], settings: GenerationSettings, pad_id: int,
-             prefix: PrefixKV | None) -> Decoder:
-    longest = max(len(p) for p in prompts) + settings.max_new_tokens
+def make_decoder(model, settings: GenerationSettings, *, max_batch_size: int, max_length: int, pad_id: int,
+                 vocab_limit: int | None = None, prefix: PrefixKV | None = None) -> Decoder:
+    """A decode loop for greedy / sampled generation that can be reused batch after batch (its cache, grown to
+    what the requests need, and its compiled step with ``settings.compile`` are kept).
+
+    Args:
+        max_batch_size: prompts decoded together at most.
+        max_length: prompt + new tokens of a row at most.
+        vocab_limit: ids from here on are never chosen (:func:`ptuning.generation.vocab_limit`).
+        prefix: one prefix for every row, or per-row prefixes, instead of the model's own.
+    """
     table = PrefixTable(prefix) if prefix is not None else None
-    return Decoder(model, max_batch_size=len(prompts), max_length=longest, prefixes=table, pad_token_id=pad_id,
-                   compile=settings.compile)
+    return Decoder(model, max_batch_size=max_batch_size, max_length=max_length, prefixes=table, pad_token_id=pad_id,
+                   compile=settings.compile, vocab_limit=vocab_limit)
 
 
 @torch.no_grad()
 def generate_ids(
     model, prompts: list[list[int]], settings: GenerationSettings, *, pad_id: int, stop_ids: list[int],
-    prefix: PrefixKV | None = None,
+    prefix: PrefixKV | None = None, vocab_limit: int | None = None, decoder: Decoder | None = None,
 ) -> list[list[int]]:
     """Generates for prompt ids (each ending where the answer starts, e.g. ``[gMASK] <sop>``), all rows in one
     batch; returns the new ids of each row up to its first stop id (pads dropped).
@@ -118,11 +127,17 @@ def generate_ids(
     Args:
         prefix: per-row prefixes instead of the model's own (per-layer keys/values ``[len(prompts), G, P, D]``
             with an optional ``[len(prompts), P]`` visibility mask; batch 1: one prefix for every row).
+        vocab_limit: ids from here on are never chosen, greedy, sampled or in beam search (output rows the
+            tokenizer has no piece for, see :func:`ptuning.generation.vocab_limit`); None = every id.
+        decoder: a decoder of :func:`make_decoder` to reuse (without ``prefix``); default a new one.
     """
     if settings.num_beams > 1:
         device = next(model.parameters()).device
         ids, mask = left_pad(prompts, pad_id, device)
         extra = {"prefix": prefix} if prefix is not None else {}
+        vocab = model.get_output_embeddings().weight.shape[0]
+        if vocab_limit is not None and vocab_limit < vocab:
+            extra["suppress_tokens"] = list(range(vocab_limit, vocab))
         out = model.generate(
             ids, attention_mask=mask, eos_token_id=list(stop_ids), pad_token_id=pad_id, **settings.kwargs(), **extra
         )
@@ -131,7 +146,10 @@ def generate_ids(
     if prefixed and prefix.keys[0].shape[0] != len(prompts):
         raise ValueError(f"a prefix of batch {prefix.keys[0].shape[0]} for {len(prompts)} prompts: expected 1 or "
                          f"{len(prompts)}")
-    decoder = _decoder(model, prompts, settings, pad_id, prefix)
+    if decoder is None:
+        decoder = make_decoder(model, settings, max_batch_size=len(prompts),
+                               max_length=max(len(p) for p in prompts) + settings.max_new_tokens, pad_id=pad_id,
+                               vocab_limit=vocab_limit, prefix=prefix)
     results = run_to_end(decoder, _requests(prompts, settings, stop_ids, prefixed))
     return [strip_generated(ids, stop_ids, pad_id) for ids, _ in results]
 
@@ -142,14 +160,21 @@ def batched(items: list, size: int) -> Iterator[list]:
 
 
 def stream_ids(
-    model, prompt: list[int], settings: GenerationSettings, *, pad_id: int, stop_ids: list[int]
+    model, prompt: list[int], settings: GenerationSettings, *, pad_id: int, stop_ids: list[int],
+    vocab_limit: int | None = None, decoder: Decoder | None = None,
 ) -> Iterator[int]:
     """Yields new token ids one by one for a single prompt (for chat), from our decode loop.
 
     The loop runs in the consumer's thread, one forward per token taken: closing the generator early
     (``break``, an exception, Ctrl-C in the consumer) stops the generation at once.
+
+    Args:
+        vocab_limit: ids from here on are never chosen (see :func:`generate_ids`).
+        decoder: a decoder of :func:`make_decoder` to reuse (chat keeps one for its session); default a new one.
     """
-    decoder = _decoder(model, [prompt], settings, pad_id, None)
+    if decoder is None:
+        decoder = make_decoder(model, settings, max_batch_size=1, max_length=len(prompt) + settings.max_new_tokens,
+                               pad_id=pad_id, vocab_limit=vocab_limit)
     (request,) = _requests([prompt], settings, stop_ids, False)
     with torch.no_grad():
         yield from stream(decoder, request)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ..config import ConfigError, LoggerConfig, ModelConfig, check_data_file
 from ..data.config import DataConfig
-from .generate import GenerationSettings, batched, generate_ids
+from .generate import GenerationSettings, batched, generate_ids, make_decoder
 from .metrics import METRIC_NAMES
 
 PREDICTIONS_FILE = "generated_predictions.jsonl"
@@ -277,7 +277,7 @@ def predict(
         ``generation_s``, ``new_tokens_per_s``) and the predictions ``[{"prompt", "labels", "predict"}]``
         in input order.
     """
-    from ..generation import packed_linears
+    from ..generation import packed_linears, vocab_limit
     from ..training.faults import kill_point
     from .metrics import compute_metrics
 
@@ -306,9 +306,17 @@ def predict(
     new_tokens = 0
     start = time.perf_counter()
     stack = ExitStack()
+    limit = vocab_limit(template.tokenizer)  # ids without a piece are never chosen, as chat and the server
     try:
         if not settings.compile:  # a CPU's faster linears while generating (a compiled step has its own kernels)
             stack.enter_context(packed_linears(model, rows=batch_size))
+        # one decoder for every batch: its cache grows once (longest prompts come first) and a compiled step is
+        # compiled once, not per batch
+        decoder = None
+        if settings.num_beams == 1 and mine:
+            longest = max(len(examples[i]["input_ids"]) for i in mine) + settings.max_new_tokens
+            decoder = make_decoder(model, settings, max_batch_size=min(batch_size, len(mine)), max_length=longest,
+                                   pad_id=template.pad_token_id, vocab_limit=limit)
         for number, chunk in enumerate(batched(mine, batch_size)):
             kill_point("generate", number)  # test-only: a signal before generating batch ``number``
             ids = generate_ids(
@@ -317,6 +325,8 @@ def predict(
                 settings,
                 pad_id=template.pad_token_id,
                 stop_ids=template.stop_token_ids,
+                vocab_limit=limit,
+                decoder=decoder,
             )
             new_tokens += sum(len(x) for x in ids)
             outputs += [(i, template.decode(x)) for i, x in zip(chunk, ids, strict=True)]

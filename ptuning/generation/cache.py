@@ -29,7 +29,15 @@ from __future__ import annotations
 
 import torch
 
+from .memory import CacheMemoryError, CacheShape, check_fits, gib
+
 PREFILL, DECODE = "prefill", "decode"
+
+
+def _allocate(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """One zeroed buffer (zeros, not garbage: a masked column still enters the scores, as -inf after masking,
+    and a NaN or inf left in unused memory would turn them into NaN)."""
+    return torch.zeros(shape, dtype=dtype, device=device)
 
 
 class SlotCache:
@@ -40,28 +48,36 @@ class SlotCache:
         slots: R, rows at most.
         num_key_value_heads: G.
         head_dim: D.
-        capacity: C, tokens per row (prompt + new tokens); :meth:`reserve` grows it.
+        capacity: C, tokens per row allocated now (0: nothing until the first :meth:`reserve`).
         prefix_room: A, the longest prefix the loop will pass (0: no prefix).
         dtype: the keys' dtype (the backbone's compute dtype).
         device: where the buffers live.
         static_buffers: mark the buffers' sizes static for ``torch.compile`` (a compiled step).
+        max_capacity: C never grows beyond this (the model's positions); None = no bound.
 
     Attributes:
         lengths: ``[R]`` int64 on ``device``, tokens held per row.
+        host_lengths: the same on the host (sizing a step needs no device sync).
         rows: the rows in use (``0 .. rows-1``).
         mode: ``"prefill"``, ``"decode"`` or None (between forwards).
+
+    Raises:
+        CacheMemoryError: ``capacity`` tokens per row do not fit in the device's free memory.
     """
 
     def __init__(self, *, num_layers: int, slots: int, num_key_value_heads: int, head_dim: int, capacity: int,
-                 prefix_room: int = 0, dtype: torch.dtype = torch.float32, device=None, static_buffers: bool = False):
-        if slots < 1 or capacity < 1 or prefix_room < 0:
+                 prefix_room: int = 0, dtype: torch.dtype = torch.float32, device=None, static_buffers: bool = False,
+                 max_capacity: int | None = None):
+        if slots < 1 or capacity < 0 or prefix_room < 0:
             raise ValueError(f"slots={slots}, capacity={capacity}, prefix_room={prefix_room}: expected slots >= 1, "
-                             "capacity >= 1 and prefix_room >= 0")
+                             "capacity >= 0 and prefix_room >= 0")
         self.num_layers, self.slots = num_layers, slots
         self.heads, self.head_dim = num_key_value_heads, head_dim
         self.room, self.dtype = prefix_room, dtype
         self.static_buffers = static_buffers
+        self.max_capacity = max_capacity
         self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.shape = CacheShape(num_layers, num_key_value_heads, head_dim, dtype)
         self.capacity = 0
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
@@ -71,36 +87,82 @@ class SlotCache:
         self.mode: str | None = None
         self._plan: dict = {}
         self._room_source: list[tuple | None] = [None] * num_layers
-        self._columns = torch.arange(0, device=self.device)
+        self._columns = torch.arange(prefix_room, device=self.device)
         self._all_rows = torch.arange(slots, device=self.device)
-        self.reserve(capacity)
+        #: ``[1, 1, 1, 1]`` True: the "build no mask" a model is given in a decode step (the slots' mask applies)
+        self.all_visible = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=self.device)
+        if capacity:
+            self.reserve(capacity, grow=False)
 
     # ---- memory ----
 
-    def reserve(self, capacity: int) -> None:
-        """Makes room for ``capacity`` tokens per row (grows by at least doubling; the rows are kept)."""
+    def bytes_for(self, capacity: int) -> int:
+        """Bytes of every buffer at ``capacity`` tokens per row."""
+        return self.shape.bytes(self.slots, self.room + capacity)
+
+    def reserve(self, capacity: int, *, grow: bool = True) -> None:
+        """Makes room for ``capacity`` tokens per row, keeping the rows.
+
+        With ``grow`` the new capacity is a power of two (at least double the old one: few regrowths, and few
+        distinct buffer sizes for a compiled step to specialise on), as far as ``max_capacity`` and the free
+        memory allow; it never takes less than ``capacity``. Growing is atomic: every layer's new buffers are
+        allocated (the free memory checked first) before any old one is given up, so a failure leaves the cache
+        as it was.
+
+        Raises:
+            CacheMemoryError: ``capacity`` tokens per row do not fit (the free memory checked before allocating,
+                or the allocator ran out); the cache is unchanged.
+            ValueError: ``capacity`` is beyond ``max_capacity``.
+        """
         if capacity <= self.capacity:
             return
-        capacity = max(capacity, 2 * self.capacity)
+        if self.max_capacity is not None and capacity > self.max_capacity:
+            raise ValueError(f"{capacity} tokens per row in a cache of at most {self.max_capacity}")
+        held = self.bytes_for(self.capacity)
+        target = capacity
+        if grow:
+            rounded = 1 << (max(capacity, 2 * self.capacity) - 1).bit_length()
+            target = min(rounded, self.max_capacity) if self.max_capacity is not None else rounded
+            try:
+                check_fits(self.bytes_for(target), self.device, what="")
+            except CacheMemoryError:
+                target = capacity  # no room to double: exactly what is asked for
+        what = (f"a generation cache of {self.slots} rows x {self.room + target} columns ({self.num_layers} layers, "
+                f"{self.heads} key/value heads of {self.head_dim}, {self.dtype})")
+        per_row = self.shape.bytes(1, self.room + target)
+        check_fits(self.bytes_for(target), self.device, what=what,
+                   fits=f"{gib(held)} are held by the cache now, {gib(per_row)} per row")
+        self._swap_in(self._grown(target), target)
+
+    def _grown(self, capacity: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """New buffers for every layer holding the rows' columns, the old ones untouched (atomic growth)."""
         shape = (self.slots, self.heads, self.room + capacity, self.head_dim)
         keep = self.room + max(self.host_lengths, default=0)
-        old_keys, old_values = self.keys, self.values
-        self.keys, self.values = [], []
-        for i in range(self.num_layers):
-            # zeros, not garbage: a masked column still enters the scores (as -inf after masking), and a NaN
-            # or inf left in unused memory would turn them into NaN
-            keys = torch.zeros(shape, dtype=self.dtype, device=self.device)
-            values = torch.zeros(shape, dtype=self.dtype, device=self.device)
-            if old_keys:
-                keys[:, :, :keep] = old_keys[i][:, :, :keep]
-                values[:, :, :keep] = old_values[i][:, :, :keep]
-                old_keys[i] = old_values[i] = None  # free as we go
-            self.keys.append(keys)
-            self.values.append(values)
-            if self.static_buffers:
+        fresh: list[tuple[torch.Tensor, torch.Tensor]] = []
+        try:
+            for _ in range(self.num_layers):
+                keys = _allocate(shape, self.dtype, self.device)
+                values = _allocate(shape, self.dtype, self.device)
+                fresh.append((keys, values))
+        except torch.OutOfMemoryError as err:
+            fresh.clear()  # what was allocated goes back before the error is raised
+            first = str(err).strip().splitlines()[0] if str(err).strip() else "out of memory"
+            raise CacheMemoryError(f"a generation cache of {self.slots} rows x {self.room + capacity} columns did not "
+                                   f"fit on {self.device} ({first}); it keeps its {self.capacity} tokens per "
+                                   "row") from None
+        if self.keys:
+            for (keys, values), old_keys, old_values in zip(fresh, self.keys, self.values, strict=True):
+                keys[:, :, :keep] = old_keys[:, :, :keep]
+                values[:, :, :keep] = old_values[:, :, :keep]
+        return fresh
+
+    def _swap_in(self, fresh: list[tuple[torch.Tensor, torch.Tensor]], capacity: int) -> None:
+        self.keys = [k for k, _ in fresh]
+        self.values = [v for _, v in fresh]
+        if self.static_buffers:
+            for t in [*self.keys, *self.values]:
                 # for torch.compile: the buffers' sizes are constants, never tied to a batch that happens to match
-                torch._dynamo.mark_static(keys)
-                torch._dynamo.mark_static(values)
+                torch._dynamo.mark_static(t)
         self.capacity = capacity
         self._columns = torch.arange(self.room + capacity, device=self.device)
         self._room_source = [None] * self.num_layers
@@ -135,22 +197,29 @@ class SlotCache:
     def begin_prefill(self, first: int, attention_mask: torch.Tensor) -> None:
         """The next forward prefills rows ``first .. first+n-1`` (which must be empty) with a left-padded batch.
 
+        Where each real token goes is worked out here, once, on the host (the mask is read from wherever it
+        is, at most one device read), and sent to the device as one index tensor: the layers' stores then index
+        with it, without a host sync per layer.
+
         Args:
             first: the first row.
-            attention_mask: ``[n, S]``, 1 = real token.
+            attention_mask: ``[n, S]``, 1 = real token (best on the host, where the decode loop builds it).
 
         Raises:
-            ValueError: the rows are out of range, or a prompt does not fit the capacity.
+            ValueError: the rows are out of range, or a prompt is longer than ``max_capacity``.
+            CacheMemoryError: the cache must grow for a prompt and that does not fit.
         """
         n, width = attention_mask.shape
         if first < 0 or first + n > self.slots:
             raise ValueError(f"rows {first}..{first + n - 1} of a cache with {self.slots} slots")
-        real = attention_mask.to(device=self.device).bool()
-        counts = real.sum(dim=1)  # (n,)
-        self.reserve(int(counts.max()))
-        rows = torch.arange(first, first + n, device=self.device)[:, None].expand(n, width)[real]  # (N,)
-        columns = self.room + (real.long().cumsum(dim=1) - 1)[real]  # (N,)
-        self._plan = {"first": first, "real": real, "rows": rows, "columns": columns, "counts": counts}
+        real = attention_mask.detach().to("cpu").bool()  # (n, S), on the host
+        counts = real.sum(dim=1).tolist()  # host
+        self.reserve(max(counts))
+        source = real.flatten().nonzero().flatten()  # (N,) into the flattened [n * S] tokens
+        columns = self.room + (real.long().cumsum(dim=1) - 1).flatten()[source]  # (N,)
+        index = torch.stack([first + source // width, columns, source]).to(self.device, non_blocking=True)  # (3, N)
+        self._plan = {"first": first, "width": width, "rows": index[0], "columns": index[1], "source": index[2],
+                      "counts": counts}
         self.mode = PREFILL
 
     def begin_decode(self, prefix_length: int = 0, prefix_mask: torch.Tensor | None = None, *,
@@ -181,7 +250,7 @@ class SlotCache:
         mask = None
         if traceable or not equal or prefix_length < self.room or prefix_mask is not None:
             columns = self._columns[:width][None]  # (1, A + T)
-            ends = torch.as_tensor(write, device=self.device).reshape(-1, 1) + 1  # (B or 1, 1)
+            ends = _per_row(write) + 1  # int, or (B, 1): no host-to-device copy
             mask = ((columns < ends) & (columns >= self.room)).expand(rows, width).clone()  # (B, A + T)
             if prefix_mask is not None:
                 mask[:, :prefix_length] = prefix_mask.to(device=self.device, dtype=torch.bool)
@@ -206,10 +275,9 @@ class SlotCache:
         plan = self._plan
         if self.mode == PREFILL:
             first, counts = plan["first"], plan["counts"]
-            n = counts.shape[0]
-            self.lengths[first:first + n] = counts
-            for i, c in enumerate(counts.tolist()):
+            for i, c in enumerate(counts):
                 self.host_lengths[first + i] = c
+            self.lengths[first:first + len(counts)].copy_(torch.tensor(counts, device="cpu"), non_blocking=True)
             self._room_source = [None] * self.num_layers
         elif self.mode == DECODE:
             rows = self.rows
@@ -227,7 +295,7 @@ class SlotCache:
             rows = plan["rows_index"].shape[0]
             width = plan["width"] if plan["width"] is not None else plan["mask"].shape[-1]
             columns = self._columns[:width][None]  # (1, A + T)
-            write = torch.as_tensor(plan["write"], device=self.device).reshape(-1, 1)  # (B or 1, 1)
+            write = _per_row(plan["write"])  # int, or (B, 1)
             keep = (columns > write - window) | (columns < self.room)
             mask = keep[:, None, None, :].expand(rows, 1, 1, width)
             plan[key] = mask if plan["mask"] is None else mask & plan["mask"]
@@ -257,9 +325,10 @@ class SlotCache:
         keys, values = self.keys[layer_idx], self.values[layer_idx]
         plan = self._plan
         if self.mode == PREFILL:
-            real = plan["real"]
-            keys[plan["rows"], :, plan["columns"]] = key.transpose(1, 2)[real].to(keys.dtype)  # (N, G, D)
-            values[plan["rows"], :, plan["columns"]] = value.transpose(1, 2)[real].to(values.dtype)
+            rows, columns, source = plan["rows"], plan["columns"], plan["source"]
+            # (n, G, S, D) -> (n * S, G, D), the real tokens picked by their precomputed places: no host sync
+            keys[rows, :, columns] = key.transpose(1, 2).flatten(0, 1).index_select(0, source).to(keys.dtype)
+            values[rows, :, columns] = value.transpose(1, 2).flatten(0, 1).index_select(0, source).to(values.dtype)
             return None
         if self.mode != DECODE:
             raise RuntimeError("SlotCache.update outside a step: call begin_prefill or begin_decode first")
@@ -290,6 +359,11 @@ class SlotCache:
         self.keys[layer_idx][:rows, :, :length] = pk
         self.values[layer_idx][:rows, :, :length] = pv
         self._room_source[layer_idx] = (pk, pv, versions, rows)
+
+
+def _per_row(write):
+    """A step's write column(s) as a bound per row: an int stays an int, a ``[B]`` tensor becomes ``[B, 1]``."""
+    return write if isinstance(write, int) else write.reshape(-1, 1)
 
 
 def _version(t: torch.Tensor) -> int | None:

@@ -24,7 +24,8 @@ import torch
 
 from ..prefix import PrefixKV
 from .cache import SlotCache
-from .sampling import Sampling, choose_tokens
+from .memory import cache_dtype
+from .sampling import NOT_FINITE, Sampling, draw_tokens
 
 STOP, LENGTH, ERROR = "stop", "length", "error"
 
@@ -97,10 +98,18 @@ def default_cache_dtype(model, device) -> torch.dtype:
     the cache memory; the new keys and values are widened as they are stored, the query as it attends, and the
     attention output narrowed back: the attention itself is then exact float32).
     """
-    dtype = compute_dtype(model)
-    if torch.device(device).type == "cpu" and dtype in (torch.bfloat16, torch.float16):
-        return torch.float32
-    return dtype
+    return cache_dtype(compute_dtype(model), device)
+
+
+def vocab_limit(tokenizer) -> int:
+    """The ids a decoder may choose for this tokenizer: ``0 .. len(tokenizer) - 1``.
+
+    Real checkpoints pad their output layer beyond the tokenizer's pieces (ChatGLM-6B: 130528 rows for 130344
+    pieces; ChatGLM2/3, Qwen likewise, to a multiple of 64 or 128). An id without a piece decodes to nothing (or
+    to an error), so evaluation, chat and the server all never choose one: greedy decoding takes the best id
+    that has a piece, and sampling draws among those.
+    """
+    return len(tokenizer)
 
 
 def compute_dtype(model) -> torch.dtype:
@@ -171,18 +180,26 @@ class Decoder:
         max_batch_size: rows at most (the cache's slots).
         max_length: prompt + new tokens of a row at most (the family's ``max_positions``).
         prefixes: the prefixes rows may use (default: the model's own prefix for every row).
-        capacity: tokens per row to allocate up front (default ``max_length``; the cache grows as needed, so
-            a smaller value saves memory when the longest row is known).
+        capacity: tokens per row to allocate up front (default: none; :meth:`add` grows the cache to what each
+            request needs, prompt + ``max_new_tokens``, checking the free memory first).
         tokenizer: decodes answers for stop strings.
         pad_token_id: the id left pads carry in a prefill (never attended to).
         compile: run the decode step through ``torch.compile`` (one compiled step for every batch size above
             1 and every length: the per-step values are tensors); the first step then takes the compile time
             (tens of seconds on a small CPU). If compiling or running the compiled step fails, a warning says so
-            and the step runs eagerly from then on.
-        compile_options: keyword arguments of ``torch.compile`` (e.g. ``backend``, ``mode``).
+            and the step runs eagerly from then on. One decoder reuses its compiled step for every batch it runs
+            (evaluation keeps one decoder for all its batches).
+        compile_options: keyword arguments of ``torch.compile`` (e.g. ``backend``, ``mode``). CUDA graphs
+            (``mode="reduce-overhead"``, ``"max-autotune"``, ``options={"triton.cudagraphs": True}``) are
+            refused: the step writes the cache in place and reads per-step host values, which a replayed graph
+            would not see.
         cache_dtype: the keys' and values' dtype in the cache (default :func:`default_cache_dtype`).
         vocab_limit: ids from here on are never chosen (output rows the tokenizer has no piece for: real
-            checkpoints pad their vocabulary); None = every id.
+            checkpoints pad their vocabulary, see :func:`tokenizer_vocab_limit`); None = every id.
+
+    Raises:
+        ValueError: ``max_batch_size`` < 1, or a CUDA-graph compile mode.
+        CacheMemoryError: ``capacity`` tokens per row do not fit in the device's free memory.
     """
 
     def __init__(self, model, *, max_batch_size: int = 8, max_length: int = 2048, prefixes: PrefixTable | None = None,
@@ -191,6 +208,8 @@ class Decoder:
                  vocab_limit: int | None = None):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size={max_batch_size}: expected a positive integer")
+        if compile:
+            refuse_cuda_graphs(compile_options or {})
         self.model = model
         self.max_batch_size, self.max_length = max_batch_size, max_length
         self.tokenizer, self.pad_token_id, self.vocab_limit = tokenizer, pad_token_id, vocab_limit
@@ -199,13 +218,13 @@ class Decoder:
         self.device = next(model.parameters()).device
         prepare = getattr(model, "store_lm_head_column_major", None)
         if prepare is not None:
-            prepare()
+            prepare()  # a CPU layout; the model leaves a weight on any other device as it is
         groups, head_dim, layers = cache_shape(model)
         self.cache = SlotCache(
             num_layers=layers, slots=max_batch_size, num_key_value_heads=groups, head_dim=head_dim,
-            capacity=min(capacity or max_length, max_length), prefix_room=self.prefixes.length,
+            capacity=min(capacity or 0, max_length), prefix_room=self.prefixes.length,
             dtype=cache_dtype or default_cache_dtype(model, self.device), device=self.device,
-            static_buffers=compile,
+            static_buffers=compile, max_capacity=max_length,
         )
         # rows without a prefix must say so explicitly to a model that has its own
         self._empty_prefix = _empty_prefix(self.cache) if own is not None else None
@@ -232,11 +251,15 @@ class Decoder:
     def add(self, request: Request) -> int:
         """Queues a row; its prompt is prefilled at the next :meth:`step`. Returns its handle.
 
+        The cache grows here, before the row is queued, to hold the prompt and ``max_new_tokens`` (so a step
+        never has to); when that does not fit, this request is refused and the running rows go on untouched.
+
         Raises:
             DecoderFull: every slot is taken.
             ValueError: an empty prompt, ``max_new_tokens`` < 1, prompt + ``max_new_tokens`` over
                 ``max_length``, sampling out of range, an unknown prefix index, or stop strings without a
                 tokenizer.
+            CacheMemoryError: the cache cannot grow to hold this request (the message says what fits).
         """
         if not self.free_slots:
             raise DecoderFull(f"all {self.max_batch_size} slots are taken")
@@ -252,6 +275,7 @@ class Decoder:
         self.prefixes.check(request.prefix)
         if request.stop_strings and self.tokenizer is None:
             raise ValueError("stop_strings need the decoder's tokenizer")
+        self.cache.reserve(n + request.max_new_tokens)
         handle = self._next_handle
         self._next_handle += 1
         self._pending.append(_Row(handle, request, request.sampling.generator(self.device),
@@ -305,17 +329,19 @@ class Decoder:
         rows, self._pending = self._pending, []
         first = len(self._rows)
         width = max(len(r.request.prompt_ids) for r in rows)
-        ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        # built on the host, sent to the device once
+        host_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long, device="cpu")
+        host_mask = torch.zeros((len(rows), width), dtype=torch.long, device="cpu")
         for i, row in enumerate(rows):
-            prompt = torch.as_tensor(list(row.request.prompt_ids), dtype=torch.long)
-            ids[i, width - len(prompt):] = prompt
-            mask[i, width - len(prompt):] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
+            prompt = torch.tensor(list(row.request.prompt_ids), dtype=torch.long, device="cpu")
+            host_ids[i, width - len(prompt):] = prompt
+            host_mask[i, width - len(prompt):] = 1
+        ids = host_ids.to(self.device, non_blocking=True)
+        mask = host_mask.to(self.device, non_blocking=True)
         positions = self.model.prompt_position_ids(ids, mask)  # (n, ..., S), family-specific
         if self._positions is None:
             self._positions = positions.new_zeros(self.max_batch_size, *positions.shape[1:-1], 1)
-        self.cache.begin_prefill(first, mask)
+        self.cache.begin_prefill(first, host_mask)
         try:
             logits = self._forward(ids, mask, positions, self._prefix_of(rows))
         finally:
@@ -371,11 +397,16 @@ class Decoder:
             logits = logits[:, : self.vocab_limit]  # the ids beyond never chosen, greedy or sampled
         samplings = [r.request.sampling for r in rows]
         failures: dict[int, str] = {}  # a row whose draw failed leaves with its own error; the others go on
-        tokens = choose_tokens(logits, samplings, [r.generator for r in rows],
-                               all(s.greedy for s in samplings), failures)
+        tokens, finite = draw_tokens(logits, samplings, [r.generator for r in rows],
+                                     all(s.greedy for s in samplings), failures)
         self._tokens[first:first + len(rows), 0] = tokens
+        # the step's one device read: the tokens, and which sampled rows had logits that are not finite
+        read = (tokens if finite is None else torch.cat([tokens, finite.long()])).tolist()
+        for i, ok in enumerate(read[len(rows):]):
+            if not ok:
+                failures.setdefault(i, NOT_FINITE)
         out, done = [], []
-        for i, (row, token) in enumerate(zip(rows, tokens.tolist(), strict=True)):
+        for i, (row, token) in enumerate(zip(rows, read[:len(rows)], strict=True)):
             reason = stop_string = text_end = None
             if i in failures:
                 out.append(StepOutput(row.handle, token, ERROR, error=failures[i]))
@@ -418,6 +449,26 @@ class Decoder:
             self.cache.release(last)
             self.cache.rows = len(self._rows)
         self._prefix_stale = True
+
+
+#: compile modes and options that capture CUDA graphs
+_CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+
+
+def refuse_cuda_graphs(options: dict) -> None:
+    """Raises ValueError for ``torch.compile`` options that would capture the decode step in CUDA graphs.
+
+    The step is not graph-safe: it writes the slot cache in place at columns that change every step, reads
+    the step's plan from Python state, and the rows' count changes as rows join and leave; a replayed graph would
+    write where the recording wrote. (The step is compiled with ``dynamic=True``; a graph per shape would not
+    help either.)
+    """
+    mode = options.get("mode")
+    graphs = (options.get("options") or {}).get("triton.cudagraphs")
+    if mode in _CUDA_GRAPH_MODES or graphs:
+        what = f"mode={mode!r}" if mode in _CUDA_GRAPH_MODES else "options={'triton.cudagraphs': True}"
+        raise ValueError(f"compile {what} captures CUDA graphs, which the decode step does not support (it writes the "
+                         "cache in place at per-step columns); use the default mode or 'max-autotune-no-cudagraphs'")
 
 
 def cache_shape(model) -> tuple[int, int, int]:

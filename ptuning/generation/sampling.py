@@ -74,38 +74,69 @@ def top_p_probabilities(logits: torch.Tensor, temperature: float, top_p: float) 
 _TINY = torch.finfo(torch.float32).tiny
 
 
-def choose_tokens(logits: torch.Tensor, samplings: list[Sampling], generators: list[torch.Generator | None],
-                  all_greedy: bool, failures: dict[int, str] | None = None) -> torch.Tensor:
-    """The next token of every row.
+def draw_tokens(logits: torch.Tensor, samplings: list[Sampling], generators: list[torch.Generator | None],
+                all_greedy: bool, failures: dict[int, str] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The next token of every row, without reading anything back to the host.
+
+    A sampled row whose distribution is not finite (NaN or inf logits) draws from a harmless stand-in instead (on
+    a GPU, ``multinomial`` over NaN is a device-side assert that breaks the process's CUDA context), keeps its
+    argmax token, and is flagged in the returned ``finite`` tensor, which the caller reads together with the
+    tokens (one device read per step).
 
     Args:
         logits: ``[B, V]``.
         samplings: each row's settings.
         generators: each row's generator (None for greedy rows).
         all_greedy: every row is greedy (one argmax, nothing else).
-        failures: when given, a sampled row whose draw fails (e.g. its logits hold NaN) is recorded here as
-            ``row -> why`` and keeps its argmax token, and the other rows go on; without it the error
-            propagates.
+        failures: when given, a sampled row whose draw raises is recorded as ``row -> why`` and keeps its argmax
+            token; without it the error propagates.
 
     Returns:
-        ``[B]`` int64 on the logits' device.
+        ``tokens [B]`` int64 and ``finite [B]`` bool (None when every row is greedy), on the logits' device.
     """
     # max's indices are argmax's (the first maximum), and on a CPU several times faster for bfloat16 logits
     # (31 vs 116 us a row of 32000 on the project's CPU)
     tokens = logits.max(dim=-1).indices  # (B,)
     if all_greedy:
-        return tokens
+        return tokens, None
+    finite = torch.ones_like(tokens, dtype=torch.bool)  # (B,)
     for i, (sampling, generator) in enumerate(zip(samplings, generators, strict=True)):
         if sampling.greedy:
             continue
         try:
             probs = top_p_probabilities(logits[i], sampling.temperature, sampling.top_p)  # (V,)
-            # checked here: on a GPU, multinomial over NaN is a device-side assert that no one can catch
-            if not bool(torch.isfinite(probs).all()):
-                raise ValueError("the row's logits are not finite (NaN or inf)")
-            tokens[i] = torch.multinomial(probs, 1, generator=generator)[0]
+            ok = torch.isfinite(probs).all()  # on the device: no sync
+            finite[i] = ok
+            drawn = torch.multinomial(torch.where(ok, probs, 1.0), 1, generator=generator)[0]
+            tokens[i] = torch.where(ok, drawn, tokens[i])
         except (RuntimeError, ValueError) as err:  # this row's distribution is broken; the others are not
             if failures is None:
                 raise
-            failures[i] = f"sampling failed: {str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}"
+            failures[i] = f"sampling failed: {_first_line(err)}"
+    return tokens, finite
+
+
+NOT_FINITE = "sampling failed: the row's logits are not finite (NaN or inf)"
+
+
+def choose_tokens(logits: torch.Tensor, samplings: list[Sampling], generators: list[torch.Generator | None],
+                  all_greedy: bool, failures: dict[int, str] | None = None) -> torch.Tensor:
+    """:func:`draw_tokens`, with rows whose logits are not finite read back at once: recorded in ``failures``
+    (``row -> why``; they keep their argmax token) or, without it, raised as ValueError.
+
+    Returns:
+        ``[B]`` int64 on the logits' device.
+    """
+    tokens, finite = draw_tokens(logits, samplings, generators, all_greedy, failures)
+    if finite is not None:
+        for i, ok in enumerate(finite.tolist()):
+            if not ok:
+                if failures is None:
+                    raise ValueError(NOT_FINITE.removeprefix("sampling failed: "))
+                failures.setdefault(i, NOT_FINITE)
     return tokens
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

@@ -312,6 +312,11 @@ class Family(ABC):
     def max_positions(self, model_config) -> int:
         """The longest sequence (prompt + answer) the model's positions cover."""
 
+    def model_config(self, folder: Path):
+        """The model's config as :meth:`load_model` builds it, read without the weights (the server sizes its
+        generation cache before loading), or None when this family cannot tell it apart from loading."""
+        return None
+
     def fingerprint_keys(self, model_config) -> dict:
         """The config values that decide what the backbone computes (recorded with every checkpoint)."""
         return {}

@@ -89,11 +89,14 @@ def create_app(service: Service, *, api_key: str | None = None, web: bool = True
 
     @app.get("/health")
     async def health():
-        """``status`` ok (200) while the decode thread runs, else error (503); the model, the prefixes and
-        the scheduler's counts (``active`` rows, ``waiting`` requests, ``steps``, ``generated_tokens`` ...)."""
+        """``status`` ok (200) while the decode thread runs, else error (503, with the ``error`` that stopped it,
+        e.g. a CUDA error); the model, the prefixes and the scheduler's counts (``active`` rows, ``waiting``
+        requests, ``steps``, ``generated_tokens`` ...)."""
         alive = service.scheduler.alive
         body = {"status": "ok" if alive else "error", "model": service.base_name, "prefixes": service.prefixes,
                 **service.scheduler.stats()}
+        if service.scheduler.fault is not None:
+            body["error"] = service.scheduler.fault
         return JSONResponse(body, status_code=200 if alive else 503)
 
     def card(name: str) -> dict:

@@ -30,8 +30,9 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
 
 @dataclass
 class Loaded:
-    """What the server runs: the model (no prefix of its own), its family, template, and the prefixes'
-    keys and values ``name -> [P, K]``."""
+    """What the server runs: the model (no prefix of its own), its family, template, the prefixes' keys and values
+    ``name -> [P, K]``, and the longest request (prompt + answer tokens: ``--max-length`` or the model's
+    positions)."""
 
     family: object
     model: object
@@ -39,6 +40,7 @@ class Loaded:
     max_positions: int
     prefixes: dict
     description: str
+    device: object = None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -62,7 +64,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 = any free port)")
     parser.add_argument("--api-key", default=os.environ.get("PTUNING_API_KEY"),
                         help="require 'Authorization: Bearer KEY' on /v1/* (default: $PTUNING_API_KEY, else none)")
-    parser.add_argument("--max-batch-size", type=int, default=16, help="requests decoded together (default 16)")
+    parser.add_argument("--max-batch-size", type=int, default=16,
+                        help="requests decoded together (default 16); the generation cache of that many rows of "
+                             "--max-length positions must fit in the free memory, checked before the model loads")
+    parser.add_argument("--max-length", type=int, default=None,
+                        help="prompt + answer tokens of one request at most (default: the model's positions); "
+                             "a smaller value lets more rows fit")
     parser.add_argument("--default-max-tokens", type=int, default=256,
                         help="answer length when a request sets no max_tokens (default 256)")
     parser.add_argument("--shutdown-timeout", type=float, default=30.0,
@@ -102,6 +109,8 @@ def check_args(args: argparse.Namespace) -> list[tuple[str, str]]:
     prefixes = parse_prefixes(args.prefix)
     if args.max_batch_size < 1:
         raise ConfigError(f"--max-batch-size={args.max_batch_size}: expected a positive integer")
+    if args.max_length is not None and args.max_length < 2:
+        raise ConfigError(f"--max-length={args.max_length}: expected an integer >= 2 (prompt + answer tokens)")
     if args.default_max_tokens < 1:
         raise ConfigError(f"--default-max-tokens={args.default_max_tokens}: expected a positive integer")
     if not 0 <= args.port <= 65535:
@@ -128,9 +137,10 @@ def load(args: argparse.Namespace, prefixes: list[tuple[str, str]]) -> Loaded:
     import torch
 
     from ..build import load as load_folder
-    from ..build import weights_digest
+    from ..build import model_family, weights_digest
     from ..config import ModelConfig
     from ..evaluation.run import resolve_checkpoint
+    from ..generation import compute_dtype
     from ..perf import set_cpu_threads
     from ..prefix import PrefixEncoder
     from ..training.checkpoint import base_model_change, infer_prefix_shape, load_prefix, read_prefix
@@ -156,8 +166,18 @@ def load(args: argparse.Namespace, prefixes: list[tuple[str, str]]) -> Loaded:
             checkpoints.append((name, checkpoint, *read_prefix(checkpoint)))
         except CheckpointError as err:
             raise CheckpointError(f"--prefix {name}: {err}") from None
+    family = model_family(cfg)
+    room = max((prefix_length(state, meta) for _, _, state, meta in checkpoints), default=0)
+    try:  # the config alone: a cache that cannot fit is refused before the (slow) model load
+        early = family.model_config(cfg.resolved_path)
+    except Exception:  # noqa: BLE001 - no cheap config: checked after loading only
+        early = None
+    if early is not None:
+        check_cache_memory(args, family, early, device, cache_compute_dtype(dtype, args.quantization_bit), room)
     loaded = load_folder(cfg, device=device, pre_seq_len=None, init=False)
     model, family = loaded.model, loaded.family
+    # again with the weights in memory: what is free now is what the cache can have
+    max_length = check_cache_memory(args, family, model.config, device, compute_dtype(model), room)
     model.eval()
     set_cpu_threads(model, device)  # one intra-op thread for a small model on a CPU (unless OMP_NUM_THREADS)
     # how checkpoints describe this backbone (ptuning.build.base_metadata, without a prefix of its own)
@@ -171,7 +191,7 @@ def load(args: argparse.Namespace, prefixes: list[tuple[str, str]]) -> Loaded:
                                   f"model ({meta.get('base_model', 'unknown')}); the model is a "
                                   f"{family_label(family.name, model.config)} model")
         sizes = meta if meta and "pre_seq_len" in meta else infer_prefix_shape(state)
-        shape = family.prefix_shape(model.config, int(sizes["pre_seq_len"]), bool(sizes.get("prefix_projection")))
+        shape = family.prefix_shape(model.config, prefix_length(state, meta), bool(sizes.get("prefix_projection")))
         holder = torch.nn.Module()
         holder.prefix_encoder = PrefixEncoder(shape)
         try:
@@ -187,7 +207,61 @@ def load(args: argparse.Namespace, prefixes: list[tuple[str, str]]) -> Loaded:
     what = f"{where} ({family.name}, {dtype} on {device})"
     if banks:
         what += " with prefixes " + ", ".join(f"{n} (P={t.shape[0]})" for n, t in banks.items())
-    return Loaded(family, model, loaded.template, loaded.max_positions, banks, what)
+    return Loaded(family, model, loaded.template, max_length, banks, what, device)
+
+
+def prefix_length(state: dict, meta: dict | None) -> int:
+    """P of a checkpoint's prefix, from its metadata or its tensors."""
+    from ..training.checkpoint import infer_prefix_shape
+
+    sizes = meta if meta and "pre_seq_len" in meta else infer_prefix_shape(state)
+    return int(sizes["pre_seq_len"])
+
+
+def cache_compute_dtype(dtype: str, quantization_bit: int):
+    """The activations' dtype of a backbone loaded as ``dtype`` (a quantized one computes in 16 bits)."""
+    import torch
+
+    compute = getattr(torch, dtype)
+    return torch.bfloat16 if quantization_bit and compute == torch.float32 else compute
+
+
+def check_cache_memory(args: argparse.Namespace, family, model_config, device, compute, room: int) -> int:
+    """Checks that a full batch (``--max-batch-size`` rows of ``--max-length`` tokens and the longest prefix)
+    fits in the free memory of ``device``. Returns the longest request (prompt + answer tokens).
+
+    Raises:
+        ConfigError: ``--max-length`` beyond the model's positions, or a cache that does not fit (one line with
+            the bytes, what is free and the ``--max-batch-size`` that fits).
+    """
+    from ..generation.memory import (
+        CacheMemoryError,
+        CacheShape,
+        available_bytes,
+        cache_dtype,
+        check_fits,
+        gib,
+        rows_that_fit,
+    )
+
+    positions = family.max_positions(model_config)
+    if args.max_length is not None and args.max_length > positions:
+        raise ConfigError(f"--max-length={args.max_length}: the model has {positions} positions")
+    length = args.max_length or positions
+    shape = family.prefix_shape(model_config, 1, False)  # per layer: key/value heads x head size, as the cache
+    cache = CacheShape(shape.num_layers, shape.num_key_value_heads, shape.head_dim, cache_dtype(compute, device))
+    rows, columns = args.max_batch_size, room + length
+    free = available_bytes(device)
+    fits = rows_that_fit(cache, columns, device, free)
+    hint = (f"at most {fits} rows fit: use --max-batch-size {fits}" if fits else "not one row fits") + \
+        f" (or a smaller --max-length; {gib(cache.bytes(1, columns))} per row)"
+    try:
+        check_fits(cache.bytes(rows, columns), device, free=free, fits=hint,
+                   what=f"--max-batch-size={rows}: a generation cache of {rows} rows x {columns} positions "
+                        f"({columns - room} tokens + {room} prefix)")
+    except CacheMemoryError as err:
+        raise ConfigError(str(err)) from None
+    return length
 
 
 def family_label(name: str, config=None) -> str:
@@ -214,9 +288,10 @@ def base_name(args: argparse.Namespace) -> str:
 
 
 def build_service(loaded: Loaded, name: str, *, max_batch_size: int, default_max_tokens: int):
-    """The engine, scheduler and service over a loaded model."""
+    """The decoder, scheduler and service over a loaded model."""
+    from ..generation import vocab_limit
     from ..prefix import PrefixShape
-    from .engine import Engine, PrefixBank
+    from .engine import PrefixBank, serving_decoder
     from .scheduler import Scheduler
     from .service import Service
 
@@ -224,10 +299,11 @@ def build_service(loaded: Loaded, name: str, *, max_batch_size: int, default_max
     embeddings = model.get_input_embeddings().weight  # the activations' dtype, also of a quantized backbone
     shape: PrefixShape = loaded.family.prefix_shape(model.config, 1, False)
     bank = PrefixBank(shape, loaded.prefixes, dtype=embeddings.dtype, device=embeddings.device)
-    engine = Engine(model, bank, max_batch_size=max_batch_size, max_length=loaded.max_positions,
-                    pad_token_id=loaded.template.pad_token_id, vocab_limit=len(loaded.template.tokenizer))
-    scheduler = Scheduler(engine, loaded.template.tokenizer, skip_ids=set(loaded.template.control_token_ids))
-    return Service(scheduler, loaded.template, base_name=name, prefixes=list(loaded.prefixes),
+    decoder = serving_decoder(model, bank, max_batch_size=max_batch_size, max_length=loaded.max_positions,
+                              pad_token_id=loaded.template.pad_token_id,
+                              vocab_limit=vocab_limit(loaded.template.tokenizer))
+    scheduler = Scheduler(decoder, loaded.template.tokenizer, skip_ids=set(loaded.template.control_token_ids))
+    return Service(scheduler, loaded.template, base_name=name, prefixes=bank.names[1:],
                    max_length=loaded.max_positions, default_max_tokens=default_max_tokens,
                    family_label=loaded.family.label)
 

@@ -1,20 +1,23 @@
-"""The decode thread: admits waiting requests between steps, runs :meth:`Engine.step`, and turns each row's
+"""The decode thread: admits waiting requests between steps, runs :meth:`Decoder.step`, and turns each row's
 tokens into text for its request's asyncio queue.
 
 Requests arrive from the event loop (HTTP handlers, the web page) as :class:`Job` s, one per choice; the
-scheduler thread owns the engine (nothing else touches it). Between two steps it takes cancellations and new
+scheduler thread owns the decoder (nothing else touches it). Between two steps it takes cancellations and new
 jobs, admits as many waiting jobs as there are free slots (first come, first served), and delivers every new
-token: incremental detokenisation (:class:`Detokenizer`: a character spelled by several byte pieces is sent
-whole; at the end the answer is the tokenizer's decoding of all its ids, as evaluation decodes it, less control
-tokens and an incomplete character at its very end), stop strings (text is held back while it could still be
-the start of one; the answer ends before the first one found, and the row is cancelled at once), and leading /
-trailing whitespace (dropped, as the toolkit's evaluation strips answers). Events reach the job's :class:`Stream` through
-``loop.call_soon_threadsafe``.
+token: incremental detokenisation (:class:`~ptuning.generation.Detokenizer`: a character spelled by several
+byte pieces is sent whole; at the end the answer is the tokenizer's decoding of all its ids, as evaluation
+decodes it, less control tokens and an incomplete character at its very end), stop strings (text is held back
+while it could still be the start of one; the answer ends before the first one found, and the row is cancelled
+at once), and leading / trailing whitespace (dropped, as the toolkit's evaluation strips answers). Events reach
+the job's :class:`Stream` through ``loop.call_soon_threadsafe``.
 
-A request whose settings the engine refuses fails alone, and so does a row whose token cannot be drawn (the
-engine's finish reason ``error``); a step whose forward raises fails the rows of that step (``server_error``: a
-batched forward cannot tell which row made it fail) and the engine starts over empty, while waiting and later
-requests are served as usual.
+A request whose settings the decoder refuses fails alone (400), and so does one whose cache does not fit in the
+free memory (503, the running rows go on) and a row whose token cannot be drawn (the decoder's finish reason
+``error``); a step whose forward raises fails the rows of that step (``server_error``: a batched forward cannot
+tell which row made it fail) and the decoder starts over empty, while waiting and later requests are served as
+usual. A CUDA error is different: the device's context may be broken (a device-side assert is sticky), so every
+request in flight fails, the thread ends (``/health`` answers 503 with the error) and new requests are refused.
+The thread makes the decoder's device its current CUDA device before it runs anything.
 """
 
 from __future__ import annotations
@@ -26,8 +29,9 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from ..models.base import drop_incomplete_end
-from .engine import ERROR, STOP, DecodeEngine, EngineRequest
+import torch
+
+from ..generation import ERROR, STOP, CacheMemoryError, Decoder, Detokenizer, Request
 
 log = logging.getLogger("ptuning.serve")
 
@@ -82,49 +86,6 @@ class Stream:
             pass
 
 
-class Detokenizer:
-    """Text of ids arriving one at a time, each piece final, in time linear in the answer's length.
-
-    Each new id is decoded together with a few ids before it (``prefix_offset``): SentencePiece drops a leading
-    space at the start of what it decodes, so a window that starts a few ids back decodes the new text as the
-    whole answer would. Text ending in U+FFFD (a character whose byte pieces have not all arrived) is held
-    back until the next id completes it or shows it never will; such a byte sequence inside the answer stays
-    U+FFFD, as ``tokenizer.decode`` of the whole answer has it, while one left incomplete at the very end (the
-    answer was cut by ``max_tokens``) is dropped (:meth:`whole`), as evaluation and the chat command drop it.
-
-    Args:
-        tokenizer: ``decode(ids, skip_special_tokens=True)``.
-        skip_ids: ids that are never answer text (control tokens such as ChatGLM-6B's ``[gMASK]``, which its
-            tokenizer decodes as text): left out of the answer (they show up mostly with ``ignore_eos``).
-    """
-
-    def __init__(self, tokenizer, skip_ids: frozenset[int] = frozenset()):
-        self.tokenizer = tokenizer
-        self.skip_ids = skip_ids
-        self.ids: list[int] = []
-        self.prefix_offset = 0  # the window's start
-        self.read_offset = 0  # ids up to here are in the text given out
-
-    def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
-
-    def push(self, token: int) -> str:
-        """Adds an id; returns the new final text (possibly empty)."""
-        if token in self.skip_ids:
-            return ""
-        self.ids.append(token)
-        before = self._decode(self.ids[self.prefix_offset : self.read_offset])
-        after = self._decode(self.ids[self.prefix_offset :])
-        if len(after) <= len(before) or after.endswith("\ufffd") or not after.startswith(before):
-            return ""
-        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-        return after[len(before) :]
-
-    def whole(self) -> str:
-        """The answer decoded at once, as evaluation decodes it, without an incomplete character at its end."""
-        return drop_incomplete_end(self._decode(self.ids))
-
-
 @dataclass(eq=False)
 class Job:
     """One choice of one request.
@@ -136,14 +97,14 @@ class Job:
         stop: stop strings.
     """
 
-    request: EngineRequest
+    request: Request
     stream: Stream
     index: int = 0
     stop: list[str] = field(default_factory=list)
-    slot: int | None = None
+    handle: int | None = None  # the decoder's, while the job runs
     tokens: int = 0
     done: bool = False
-    decoder: Detokenizer | None = None
+    detokenizer: Detokenizer | None = None
     text: str = ""  # the answer's final text so far
     sent: int = 0  # characters of ``text`` already sent (after the leading whitespace)
     start: int | None = None  # where the answer starts (leading whitespace skipped)
@@ -161,20 +122,35 @@ def _held_back(text: str, stops: list[str]) -> int:
     return best
 
 
+def is_device_fault(err: BaseException) -> bool:
+    """A CUDA error after which the device's context cannot be trusted (a device-side assert, an illegal memory
+    access, ...): ``torch.AcceleratorError``, or an older torch's RuntimeError naming a CUDA error. Running out
+    of memory is not one (the allocator recovers)."""
+    if isinstance(err, torch.OutOfMemoryError):
+        return False
+    accelerator = getattr(torch, "AcceleratorError", None)
+    if accelerator is not None and isinstance(err, accelerator):
+        return True
+    return isinstance(err, RuntimeError) and ("CUDA error" in str(err) or "device-side assert" in str(err))
+
+
 class Scheduler:
-    """Runs the engine in its own thread.
+    """Runs the decoder in its own thread.
 
     Args:
-        engine: an :class:`~ptuning.serve.engine.Engine` or anything else with its API (owned by the scheduler
-            thread from :meth:`start` on).
+        decoder: the server's :class:`~ptuning.generation.Decoder` (owned by the scheduler thread from
+            :meth:`start` on).
         tokenizer: decodes the answers (``decode(ids, skip_special_tokens=True)``).
         idle_wait: seconds the thread sleeps when there is no work, between checks for new jobs.
-        skip_ids: ids left out of the answers' text (see :class:`Detokenizer`).
+        skip_ids: ids left out of the answers' text (see :class:`~ptuning.generation.Detokenizer`).
+
+    Attributes:
+        fault: after a CUDA error, what it was (one line): the thread has ended and requests are refused.
     """
 
-    def __init__(self, engine: DecodeEngine, tokenizer, *, idle_wait: float = 0.5,
+    def __init__(self, decoder: Decoder, tokenizer, *, idle_wait: float = 0.5,
                  skip_ids: frozenset[int] | set[int] = frozenset()):
-        self.engine = engine
+        self.decoder = decoder
         self.tokenizer = tokenizer
         self.skip_ids = frozenset(skip_ids)
         self.idle_wait = idle_wait
@@ -183,10 +159,11 @@ class Scheduler:
         self._new: list[Job] = []
         self._cancelled: list[Job] = []
         self._waiting: deque[Job] = deque()
-        self._by_slot: dict[int, Job] = {}
+        self._running: dict[int, Job] = {}  # the decoder's handle -> job
         self._stopping = False
         self._drain = True
         self._thread: threading.Thread | None = None
+        self.fault: str | None = None
         self.steps = 0
         self.generated_tokens = 0
 
@@ -197,12 +174,17 @@ class Scheduler:
         self._thread.start()
 
     def submit(self, jobs: list[Job]) -> None:
-        """Queues jobs; refused with a 503 :class:`Failure` once the scheduler is stopping."""
+        """Queues jobs; refused with a 503 :class:`Failure` once the scheduler is stopping or has failed."""
         with self._lock:
-            if self._stopping:
+            refusal = None
+            if self.fault is not None:
+                refusal = f"the server's device failed and it takes no more requests: {self.fault}"
+            elif self._stopping:
+                refusal = "the server is shutting down"
+            if refusal is not None:
                 for job in jobs:
                     job.done = True
-                    job.stream.put(Failure(job.index, 503, "the server is shutting down", SHUTTING_DOWN))
+                    job.stream.put(Failure(job.index, 503, refusal, SHUTTING_DOWN if self.fault is None else None))
                 return
             self._new.extend(jobs)
         self._wake.set()
@@ -227,25 +209,50 @@ class Scheduler:
         """``active`` rows, ``waiting`` jobs, ``free_slots``, and totals (``steps``, ``generated_tokens``)."""
         with self._lock:
             waiting = len(self._waiting) + len(self._new)
-        return {"active": self.engine.active, "waiting": waiting, "free_slots": self.engine.free_slots,
-                "max_batch_size": self.engine.max_batch_size, "steps": self.steps,
+        return {"active": self.decoder.active, "waiting": waiting, "free_slots": self.decoder.free_slots,
+                "max_batch_size": self.decoder.max_batch_size, "steps": self.steps,
                 "generated_tokens": self.generated_tokens}
 
     # ---- the thread ----
 
     @property
     def alive(self) -> bool:
-        """The decode thread is running."""
-        return self._thread is not None and self._thread.is_alive()
+        """The decode thread is running (False after a CUDA error)."""
+        return self._thread is not None and self._thread.is_alive() and self.fault is None
 
     def _run(self) -> None:
+        device = getattr(self.decoder, "device", None)
+        if device is not None and torch.device(device).type == "cuda":
+            # the thread's current device: anything that uses "the current device" lands on the decoder's
+            torch.cuda.set_device(device)
         while True:
             try:
                 if self._iteration():
                     return
-            except Exception:  # noqa: BLE001 - a bug here must fail the requests in flight, not hang them
+            except Exception as err:  # noqa: BLE001 - a bug here must fail the requests in flight, not hang them
+                if self._device_failed(err):
+                    return
                 log.exception("the decode loop failed; failing the requests in flight")
                 self._fail_all(500, "internal error in the decode loop")
+
+    def _device_failed(self, err: BaseException) -> bool:
+        """After a CUDA error: records it, fails every request in flight or waiting, and says the thread ends."""
+        if not is_device_fault(err):
+            return False
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        log.error("the device failed, the server takes no more requests (restart it): %s", first)
+        with self._lock:
+            self.fault = f"{type(err).__name__}: {first}"
+            new, self._new = self._new, []
+        self._waiting.extend(new)
+        jobs = list(self._running.values()) + list(self._waiting)
+        self._running.clear()
+        self._waiting.clear()
+        for job in jobs:
+            if not job.done:
+                self._finish_with(job, Failure(job.index, 503, f"generation failed: the server's device failed "
+                                                               f"({self.fault}); restart the server"))
+        return True
 
     def _iteration(self) -> bool:
         """One round: take new and cancelled jobs, admit, step, deliver. Returns True when the thread ends."""
@@ -260,31 +267,33 @@ class Scheduler:
             self._fail_all(503, "the server is shutting down", SHUTTING_DOWN)
             return True
         self._admit()
-        if self.engine.active == 0:
+        if self.decoder.active == 0:
             if stopping and not self._waiting:
                 return True
             self._wake.wait(self.idle_wait)
             self._wake.clear()
             return False
         try:
-            outputs = self.engine.step()
+            outputs = self.decoder.step()
         except Exception as err:  # noqa: BLE001 - one bad step must not stop the server
+            if self._device_failed(err):
+                return True
             log.exception("decode step failed")
-            failed = list(self._by_slot.values())
-            self.engine.cancel_all()
-            self._by_slot.clear()
+            failed = list(self._running.values())
+            self.decoder.cancel_all()
+            self._running.clear()
             for job in failed:
                 self._finish_with(job, Failure(job.index, 500, f"generation failed: {type(err).__name__}: {err}"))
             return False
         self.steps += 1
         self.generated_tokens += len(outputs)
         for out in outputs:
-            job = self._by_slot.get(out.slot)
+            job = self._running.get(out.handle)
             if job is None:
                 continue
-            if out.finish_reason == ERROR:  # this row alone: the engine has freed its slot
-                del self._by_slot[out.slot]
-                self._finish_with(job, Failure(job.index, 500, f"generation failed: {getattr(out, 'error', None) or 'no token'}"))
+            if out.finish_reason == ERROR:  # this row alone: the decoder has freed its slot
+                del self._running[out.handle]
+                self._finish_with(job, Failure(job.index, 500, f"generation failed: {out.error or 'no token'}"))
                 continue
             try:
                 self._deliver(job, out.token_id, out.finish_reason)
@@ -295,21 +304,26 @@ class Scheduler:
         return False
 
     def _admit(self) -> None:
-        while self._waiting and self.engine.free_slots:
+        while self._waiting and self.decoder.free_slots:
             job = self._waiting.popleft()
             if job.done:
                 continue
             try:
-                job.slot = self.engine.add(job.request)
-            except (KeyError, ValueError) as err:
+                job.handle = self.decoder.add(job.request)
+            except ValueError as err:
                 self._finish_with(job, Failure(job.index, 400, str(err)))
                 continue
+            except CacheMemoryError as err:  # this request's cache does not fit; the running rows go on
+                self._finish_with(job, Failure(job.index, 503, f"not enough memory for this request now: {err}"))
+                continue
             except Exception as err:  # noqa: BLE001 - this request fails, the others go on
+                if is_device_fault(err):
+                    raise  # the thread's handler fails everything and ends
                 log.exception("admitting a request failed")
                 self._finish_with(job, Failure(job.index, 500, f"admitting the request failed: {err}"))
                 continue
-            job.decoder = Detokenizer(self.tokenizer, self.skip_ids)
-            self._by_slot[job.slot] = job
+            job.detokenizer = Detokenizer(self.tokenizer, self.skip_ids)
+            self._running[job.handle] = job
 
     def _forget(self, job: Job) -> None:
         if job.done:
@@ -322,18 +336,18 @@ class Scheduler:
         self._end_row(job)
 
     def _end_row(self, job: Job) -> None:
-        if job.slot is not None and self._by_slot.get(job.slot) is job:
-            del self._by_slot[job.slot]
-            self.engine.cancel(job.slot)
+        if job.handle is not None and self._running.get(job.handle) is job:
+            del self._running[job.handle]
+            self.decoder.cancel(job.handle)
 
     def _finish_with(self, job: Job, event: Event) -> None:
         job.done = True
         job.stream.put(event)
 
     def _fail_all(self, status: int, message: str, code: str | None = None) -> None:
-        jobs = list(self._by_slot.values()) + list(self._waiting)
-        self.engine.cancel_all()
-        self._by_slot.clear()
+        jobs = list(self._running.values()) + list(self._waiting)
+        self.decoder.cancel_all()
+        self._running.clear()
         self._waiting.clear()
         for job in jobs:
             if not job.done:
@@ -343,14 +357,12 @@ class Scheduler:
         """Sends the text ``token`` completes; ends the job on a stop id, a stop string or its length."""
         job.tokens += 1
         if reason != STOP:
-            job.text += job.decoder.push(token)
+            job.text += job.detokenizer.push(token)
         if reason is not None:
-            del self._by_slot[job.slot]  # the engine freed the slot itself
+            del self._running[job.handle]  # the decoder freed the slot itself
             # the whole answer decoded at once, as evaluation decodes it (what was held back comes out; a byte
             # sequence the model never completed stays U+FFFD)
-            whole = job.decoder.whole()
-            if whole.startswith(job.text):
-                job.text = whole
+            job.text += job.detokenizer.finish()
         text = job.text
         if job.start is None:
             stripped = len(text) - len(text.lstrip())
@@ -365,7 +377,7 @@ class Scheduler:
         hits = [k for s in job.stop if (k := text.find(s, search_from)) >= 0]
         if hits:
             self._send(job, text[job.sent : min(hits)].rstrip())
-            self._end_row(job)  # frees the slot now (a no-op when the engine already ended the row)
+            self._end_row(job)  # frees the slot now (a no-op when the decoder already ended the row)
             self._finish_with(job, Finish(job.index, STOP, job.tokens))
             return
         if reason is not None:

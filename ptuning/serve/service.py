@@ -15,8 +15,9 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 
+from ..generation import Request
+from ..generation import Sampling as RowSampling
 from ..models.base import Conversation, PromptTemplate
-from .engine import EngineRequest
 from .protocol import APIError, Sampling, bad_request
 from .scheduler import Delta, Failure, Finish, Job, Scheduler, Stream
 
@@ -109,7 +110,9 @@ class Service:
         scheduler: runs the engine.
         template: the family's prompt template (its tokenizer is the one the scheduler decodes with).
         base_name: the ``model`` name of the bare base model.
-        prefixes: the prefix names (each a ``model`` name as well).
+        prefixes: the prefix names (each a ``model`` name as well), in the order of the decoder's prefix table
+            (the base model's empty prefix is index 0, ``prefixes[i]`` index ``i + 1``: a
+            :class:`~ptuning.serve.engine.PrefixBank`'s order).
         max_length: positions of the model (prompt + answer).
         default_max_tokens: answer length when a request gives no ``max_tokens`` (less if the context is
             shorter).
@@ -148,6 +151,10 @@ class Service:
             return model
         raise APIError(404, f"model={model!r}: no such model; this server has {', '.join(self.model_names)}",
                        param="model", code="model_not_found")
+
+    def prefix_index(self, prefix: str | None) -> int:
+        """The decoder's prefix-table index of a name :meth:`resolve` returned (None, the base model: 0)."""
+        return 0 if prefix is None else 1 + self.prefixes.index(prefix)
 
     def check_system(self, conversation: Conversation, index: int | None) -> None:
         """Refuses a system message the family's template has no place for (rather than dropping it).
@@ -245,7 +252,8 @@ class Service:
             for i in range(sampling.n):
                 index = p * sampling.n + i
                 seed = None if sampling.seed is None else sampling.seed + index
-                request = EngineRequest(ids, prefix, max_new, sampling.temperature, sampling.top_p, seed, stop_ids)
+                row = RowSampling(temperature=sampling.temperature, top_p=sampling.top_p, seed=seed)
+                request = Request(ids, max_new, row, stop_token_ids=stop_ids, prefix=self.prefix_index(prefix))
                 jobs.append(Job(request, stream, index, list(sampling.stop)))
         generation = Generation(self, stream, jobs, sum(len(ids) for ids, _ in prompts),
                                 [Choice(j.index) for j in jobs])

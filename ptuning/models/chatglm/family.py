@@ -62,6 +62,9 @@ class ChatGLMFamily(Family):
     def prefix_shape(self, model_config: ChatGLMConfig, pre_seq_len: int, prefix_projection: bool) -> PrefixShape:
         return prefix_shape(model_config, pre_seq_len, prefix_projection)
 
+    def model_config(self, folder: Path) -> ChatGLMConfig:
+        return ChatGLMConfig.from_pretrained(str(folder))
+
     def max_positions(self, model_config: ChatGLMConfig) -> int:
         return int(model_config.max_sequence_length)
 

@@ -22,9 +22,10 @@ RESIDUAL_ALPHA = math.sqrt(2 * 28)
 
 
 def rotary_inv_freq(head_dim: int, base: float = 10000.0) -> torch.Tensor:
-    """Inverse frequencies of one half of a head (size R = D/2), rounded to float16 as the original."""
+    """Inverse frequencies of one half of a head (size R = D/2), rounded to float16 as the original; computed on
+    the CPU whatever the default device (the same bits on every machine), to be moved where they are used."""
     rot = head_dim // 2
-    inv = 1.0 / (base ** (torch.arange(0, rot, 2, dtype=torch.float32) / rot))
+    inv = 1.0 / (base ** (torch.arange(0, rot, 2, dtype=torch.float32, device="cpu") / rot))
     return inv.half().float()  # (R/2,)
 
 

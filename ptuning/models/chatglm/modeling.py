@@ -134,7 +134,8 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
             )
         if seq == 1 and (padding is None or bool(padding.all())):
             return None, position_ids
-        ids = input_ids if input_ids is not None else torch.zeros(batch, seq, dtype=torch.long)
+        ids = input_ids if input_ids is not None else torch.zeros(batch, seq, dtype=torch.long, device=padding.device
+                                                                   if padding is not None else position_ids.device)
         return extend_step_masks(ids, past, padding_mask=padding), position_ids
 
     def _cache_as_prefix(self, cache: Cache, attention_mask, seq: int):
@@ -254,7 +255,9 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         if decoding:
             attn_mask = uniform_rows = None
         else:
-            attn_mask, uniform_rows = _attention_mask(hidden_mask, prefix, batch, seq, past)
+            # without a padding mask every token sees itself: no row can be all hidden (no host sync to check)
+            attn_mask, uniform_rows = _attention_mask(hidden_mask, prefix, batch, seq, past,
+                                                      rows_may_be_hidden=attention_mask is not None)
 
         hidden = inputs_embeds
         all_hidden = [hidden] if output_hidden_states else None
@@ -305,12 +308,15 @@ def _concat_prefixes(first: PrefixKV, second: PrefixKV) -> PrefixKV:
     )
 
 
-def _attention_mask(hidden_mask, prefix: PrefixKV | None, batch: int, seq: int, past: int):
+def _attention_mask(hidden_mask, prefix: PrefixKV | None, batch: int, seq: int, past: int, *,
+                    rows_may_be_hidden: bool = True):
     """SDPA's bool mask ``[B, 1, S, P + T]`` (True = may attend) from ChatGLM's ``hidden`` mask ``[B, 1, S, T]``
     (True = hidden; None = every key visible) and the prefix's columns, and the rows that see no key at all.
 
     Prefix columns are visible to every row (the original) unless the prefix's own mask hides them. A row
     with no visible key gets a zero query and attends uniformly, exactly like the original's -10000 fill.
+    Looking for such rows reads the mask on the host (a device sync); ``rows_may_be_hidden=False`` (masks built
+    from the ids alone, where every token sees itself) skips it.
     """
     if hidden_mask is None and (prefix is None or prefix.mask is None):
         return None, None
@@ -325,6 +331,8 @@ def _attention_mask(hidden_mask, prefix: PrefixKV | None, batch: int, seq: int, 
         else:
             visible = prefix.mask.to(device=device, dtype=torch.bool)[:, None, None, :].expand(batch, 1, seq, -1)
         attn_mask = torch.cat([visible, attn_mask], dim=-1)  # (B, 1, S, P + T)
+    if not rows_may_be_hidden:
+        return attn_mask, None
     full = ~attn_mask.any(dim=-1, keepdim=True)  # (B, 1, S, 1)
     if bool(full.any()):
         return attn_mask | full, full
@@ -347,13 +355,16 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         return self.transformer.prefix_key_values(batch_size, dtype)
 
     def store_lm_head_column_major(self) -> None:
-        """Stores ``lm_head.weight`` (shape ``[V, H]``, its checkpoint key and shape unchanged) column-major.
-        Decoding multiplies one row by it, and BLAS runs that matrix-vector product about twice as fast
-        over the transposed layout; it is the largest weight a token reads. Done on the first
-        ``generate()`` rather than at load: DeepSpeed's engine needs contiguous parameters."""
+        """On a CPU, stores ``lm_head.weight`` (shape ``[V, H]``, its checkpoint key and shape unchanged)
+        column-major. Decoding multiplies one row by it, and BLAS runs that matrix-vector product about twice
+        as fast over the transposed layout; it is the largest weight a token reads. Done on the first
+        ``generate()`` rather than at load: DeepSpeed's engine needs contiguous parameters.
+
+        A weight on any other device is left as it is: the trick is a CPU BLAS one, and the copy it makes would
+        briefly double a ~1 GB layer on a GPU (also inside training's evaluation)."""
         weight = self.lm_head.weight
         tied = weight is self.transformer.word_embeddings.weight
-        if weight.device.type != "meta" and not tied and weight.is_contiguous() and weight.dim() == 2:
+        if weight.device.type == "cpu" and not tied and weight.is_contiguous() and weight.dim() == 2:
             weight.data = weight.data.t().contiguous().t()
 
     @classmethod

@@ -162,6 +162,9 @@ class ChatGLM2Family(Family):
     def prefix_shape(self, model_config, pre_seq_len: int, prefix_projection: bool) -> PrefixShape:
         return prefix_shape(model_config, pre_seq_len, prefix_projection)
 
+    def model_config(self, folder: Path):
+        return read_original_config(folder).glm_config()
+
     def max_positions(self, model_config) -> int:
         """``seq_length``: the rows of the original's rotary table."""
         return model_config.max_position_embeddings

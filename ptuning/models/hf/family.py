@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from transformers import AutoConfig
+
 from ...prefix import PrefixShape
 from .. import HF_ARCHITECTURES
 from ..base import Family
@@ -106,6 +108,9 @@ class HFFamily(Family):
 
     def prefix_shape(self, model_config, pre_seq_len: int, prefix_projection: bool) -> PrefixShape:
         return prefix_shape(model_config, pre_seq_len, prefix_projection)
+
+    def model_config(self, folder: Path):
+        return AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
 
     def max_positions(self, model_config) -> int:
         return int(model_config.max_position_embeddings)

@@ -149,8 +149,9 @@ class PrefixCausalLM:
             if slot_cache.mode == "decode":
                 if position_ids is None:
                     raise ValueError("position_ids [B, 1] are required in a decode step of a slot cache")
-                # a 4D mask is taken as it is: no mask is built for the step (the slots' mask applies)
-                attention_mask = _NO_MASK.to(device=slot_cache.device)
+                # a 4D mask is taken as it is: no mask is built for the step (the slots' mask applies); the cache
+                # holds it on its device, so a step copies nothing from the host
+                attention_mask = slot_cache.all_visible
         outputs = self.base_model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -218,9 +219,6 @@ class PrefixCausalLM:
         if prefix is not None:
             model_kwargs["prefix"] = expand_prefix(prefix, expand_size)
         return input_ids, model_kwargs
-
-
-_NO_MASK = torch.ones(1, 1, 1, 1, dtype=torch.bool)
 
 
 def expand_prefix(prefix: PrefixKV, times: int) -> PrefixKV:
