@@ -135,7 +135,7 @@ def main() -> None:
     totals = {name: [0.0, 0, 0] for name in ["padded", *args.pack_length]}  # seconds, row tokens, slots
     for k in range(args.steps + 1):
         runs = [("padded", collate_rows(padded[k]), sum(len(r["input_ids"]) for r in padded[k]))]
-        for length, (packed, _, packs) in plans.items():
+        for length, (_, _, packs) in plans.items():
             collate = TrainingCollator(pad_token_id=template.pad_token_id, pack_length=length)
             runs.append((length, collate(packs[k]), sum(len(p["input_ids"]) for p in packs[k])))
         for name, batch, tokens in runs:
@@ -160,7 +160,7 @@ def main() -> None:
     base = totals["padded"][1] / totals["padded"][0]
     print(f"| padded | {rows_per_step} rows | {totals['padded'][1] / args.steps:.0f} | {100 * padded_fill:.1f}% | "
           f"{base:,.0f} | 1.00x |")
-    for length, (packed, per_step, _) in plans.items():
+    for length, (_, per_step, _) in plans.items():
         seconds, tokens, slots = totals[length]
         rate = tokens / seconds
         print(f"| packed, pack_length {length} | {per_step} pack(s) | {tokens / args.steps:.0f} | "
