@@ -96,6 +96,7 @@ def main() -> None:
     parser.add_argument("--tokens-per-step", type=int, default=2048, help="row tokens per step (on average)")
     parser.add_argument("--steps", type=int, default=6, help="timed steps of each kind (after one warm-up)")
     parser.add_argument("--model-size", choices=["bench", "config"], default="bench")
+    parser.add_argument("--threads", type=int, help="intra-op threads (default: torch's, or 1 for a small model)")
     args = parser.parse_args()
 
     import torch
@@ -115,7 +116,10 @@ def main() -> None:
         from ptuning.prefix import mark_only_prefix_trainable
 
         mark_only_prefix_trainable(model)
-    set_cpu_threads(model)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    else:
+        set_cpu_threads(model)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     mean = statistics.mean(lengths)
     rows_per_step = max(1, round(args.tokens_per_step / mean))

@@ -14,7 +14,7 @@ from ptuning.build import load
 from ptuning.config import ModelConfig
 from ptuning.data import DataConfig, PackedRows, TrainingCollator, build_datasets, pack_rows
 from ptuning.models.chatglm.masks import build_masks, build_packed_masks
-from ptuning.models.packed import PADDING_SEQUENCE, packed_position_ids
+from ptuning.models.packed import PADDING_SEQUENCE, PackedLayout, packed_position_ids
 from ptuning.prefix import mark_only_prefix_trainable
 
 from .test_hf_prefix import ARCHITECTURES, COMMON, plain_model, with_prefix
@@ -66,6 +66,19 @@ def test_packed_rows_number_each_row_hide_its_first_label_and_pad_to_pack_length
         *[p for i in order for p in range(len(rows[i]["input_ids"]))], 0, 1, 2]
     # rows without sequence_ids (evaluation) are padded to their longest as before
     assert TrainingCollator(pad_token_id=0, pack_length=8)(rows)["input_ids"].shape == (2, 3)
+
+
+def test_the_row_layout_gathers_every_row_alone_and_puts_it_back():
+    sequence_ids = torch.tensor([[0, 0, 0, 1, 1, PADDING_SEQUENCE], [0, 0, 0, 0, 1, 2]])
+    layout = PackedLayout(sequence_ids)
+    assert (layout.rows, layout.width) == (5, 4) and layout.pack.tolist() == [0, 0, 1, 1, 1]
+    x = torch.arange(12.0).view(2, 1, 6, 1)  # (B, H, L, D): each token's flat index
+    rows = layout.to_rows(x)[:, 0, :, 0]  # (R, W)
+    assert rows.masked_fill(~layout.filled, -1).tolist() == [[0, 1, 2, -1], [3, 4, -1, -1], [6, 7, 8, 9],
+                                                             [10, -1, -1, -1], [11, -1, -1, -1]]
+    back = layout.from_rows(layout.to_rows(x).transpose(1, 2))  # (B, L, H, D)
+    assert back[..., 0, 0].tolist() == [[0, 1, 2, 3, 4, 0], [6, 7, 8, 9, 10, 11]]  # the padding's output: 0
+    assert layout.ids_rows(torch.arange(12).view(2, 6), fill=-5)[1].tolist() == [3, 4, -5, -5]
 
 
 def test_chatglm_packed_masks_and_positions_are_each_rows_own():

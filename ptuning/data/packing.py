@@ -12,10 +12,10 @@ pack is the summed loss of its rows.
   label of every row is hidden (-100): unpacked it predicts nothing, packed it would be predicted from the
   previous row's last token.
 * :class:`~ptuning.data.collate.TrainingCollator` pads packs to ``pack_length`` (a static shape) and passes
-  ``sequence_ids`` ``[B, L]`` on; the model takes it as an input (see :mod:`ptuning.models.base`) and builds
-  each row's mask and positions from it: the block-diagonal causal mask of transformers' decoders (their own
-  packed-sequence masks, from positions that restart per row), and ChatGLM-6B's prefix-LM mask and 2D
-  positions per row.
+  ``sequence_ids`` ``[B, L]`` on; the model takes it as an input (see :mod:`ptuning.models.base`): positions
+  that restart per row (ChatGLM-6B: each row's 2D positions), and attention one row per batch row
+  (:class:`~ptuning.models.packed.PackedLayout`) with the mask each row has alone, so a pack costs no attention
+  over pairs of tokens of different rows; the linears and the MLP run on the packs without padding.
 
 ``sequence_ids`` numbers the rows of a pack 0, 1, ...; the padding after the last row is ``-1``.
 """

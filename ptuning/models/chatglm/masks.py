@@ -129,7 +129,8 @@ def build_packed_masks(
     bos_token_id: int,
     mask_token_id: int,
     gmask_token_id: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    with_mask: bool = True,
+) -> tuple[torch.Tensor | None, torch.Tensor]:
     """Attention mask and position ids of packed rows: :func:`build_masks` (model-built recipe) of every row
     alone, placed on the diagonal of the pack; a row sees no other row.
 
@@ -137,6 +138,8 @@ def build_packed_masks(
         input_ids: ``[B, L]``.
         sequence_ids: ``[B, L]``: the row of each token (0, 1, ...; :data:`PADDING_SEQUENCE` for the padding
             after the last row, which is causal among itself with positions 0).
+
+        with_mask: False: the positions only (the mask is None).
 
     Returns:
         ``hidden`` ``[B, 1, L, L]`` bool (True = hidden) and ``position_ids`` ``[B, 2, L]`` int64.
@@ -168,6 +171,8 @@ def build_packed_masks(
     pos0 = torch.where(in_block, mpos - start, col - start)
     pos1 = torch.where(in_block, col - ctx + 1, torch.zeros_like(col))
     position_ids = torch.stack([pos0, pos1], dim=1).masked_fill(padding[:, None], 0)  # (B, 2, L)
+    if not with_mask:
+        return None, position_ids
     same_row = row[:, :, None] == row[:, None, :]  # (B, L, L)
     later = col[:, None, :] > col[:, :, None]  # key after query
     hidden = ~same_row | (later & in_block[:, None, :])

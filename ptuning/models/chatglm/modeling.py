@@ -29,7 +29,7 @@ from ...prefix import (
 )
 from ...weights import IGNORED_KEYS, CheckpointError, converted, iter_shards, save_weights
 from ..loss import cross_entropy
-from ..packed import check_sequence_ids
+from ..packed import PackedLayout, check_sequence_ids
 from .cache import ChatGLMCache
 from .config import ChatGLMConfig
 from .layers import GLMBlock, rotary_inv_freq, rotary_tables
@@ -195,8 +195,9 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
             slot_cache: a :class:`~ptuning.generation.SlotCache` of a decode loop of our own (then ``cache`` is not
                 used). In its prefill the masks and positions are built as without a cache; in its decode step
                 (one token per row) ``position_ids`` are required and the attention mask comes from the slots.
-            sequence_ids: ``[B, S]`` for packed rows (see :mod:`ptuning.data.packing`): every row gets the mask and
-                2D positions it has alone (:func:`~ptuning.models.chatglm.masks.build_packed_masks`) and sees no
+            sequence_ids: ``[B, S]`` for packed rows (see :mod:`ptuning.data.packing`): every row gets the 2D
+                positions it has alone (:func:`~ptuning.models.chatglm.masks.build_packed_masks`) and attends one row
+                per batch row with the mask it has alone (:class:`~ptuning.models.packed.PackedLayout`), seeing no
                 other row (no ``attention_mask``, no cache).
         """
         if inputs_embeds is None:
@@ -209,6 +210,7 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
             check_sequence_ids(sequence_ids, input_ids, attention_mask, cache if slot_cache is None else slot_cache)
             use_cache = False
         decoding = slot_cache is not None and slot_cache.mode == "decode"
+        packed_layout = None
         if slot_cache is not None:
             use_cache, cache = False, None
         cached_prefix = None
@@ -230,11 +232,13 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
             if input_ids is None:
                 raise ValueError("input_ids are needed with sequence_ids to build each packed row's mask and positions")
             cfg = self.config
-            hidden_mask, built_positions = build_packed_masks(
-                input_ids, sequence_ids, bos_token_id=cfg.bos_token_id, mask_token_id=cfg.mask_token_id,
-                gmask_token_id=cfg.gmask_token_id,
-            )
+            special = dict(bos_token_id=cfg.bos_token_id, mask_token_id=cfg.mask_token_id,
+                           gmask_token_id=cfg.gmask_token_id)
+            _, built_positions = build_packed_masks(input_ids, sequence_ids, with_mask=False, **special)
             position_ids = built_positions if position_ids is None else position_ids
+            # attention runs one row per batch row, each with the mask it has alone (see PackedLayout)
+            packed_layout = PackedLayout(sequence_ids)
+            hidden_mask, _ = build_masks(packed_layout.ids_rows(input_ids, cfg.pad_token_id), **special)  # (R, 1, W, W)
         else:
             hidden_mask, position_ids = self._masks_and_positions(
                 input_ids, attention_mask, position_ids, past, batch, seq
@@ -254,6 +258,12 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
             prefix = cached if prefix is None else _concat_prefixes(prefix, cached)
         if decoding:
             attn_mask = uniform_rows = None
+        elif packed_layout is not None:  # the rows' masks (R, 1, W, P + W); every token sees itself
+            rows_prefix = prefix
+            if prefix is not None and prefix.mask is not None:
+                rows_prefix = PrefixKV(prefix.keys, prefix.values, packed_layout.per_row(prefix.mask))
+            attn_mask, uniform_rows = _attention_mask(hidden_mask, rows_prefix, packed_layout.rows,
+                                                      packed_layout.width, 0, rows_may_be_hidden=False)
         else:
             # without a padding mask every token sees itself: no row can be all hidden (no host sync to check)
             attn_mask, uniform_rows = _attention_mask(hidden_mask, prefix, batch, seq, past,
@@ -265,7 +275,7 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
             pk, pv = prefix.layer(i) if prefix is not None else (None, None)
             hidden = layer(
                 hidden, pk, pv, rotary=rotary, attn_mask=attn_mask, cache=cache, uniform_rows=uniform_rows,
-                slot_cache=slot_cache,
+                slot_cache=slot_cache, packed_layout=packed_layout,
             )
             if all_hidden is not None and i < len(self.layers) - 1:
                 all_hidden.append(hidden)

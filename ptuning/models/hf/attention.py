@@ -22,8 +22,10 @@ the prefix of the original P-Tuning v2 and of ChatGLM2's built-in ``pre_seq_len`
 A batch without padding (the model hands over no mask) needs no mask with a prefix either: every query sees the
 whole prefix and the tokens up to itself, which is causal attention aligned to the bottom-right corner of the
 ``[S, P + S]`` scores (``torch.nn.attention.bias.causal_lower_right``). :func:`causal_prefix_attention` runs
-it without materializing a mask where a kernel allows (see :func:`no_mask_form`); only padded (or packed) batches
-and per-row prefix masks build the ``[B, 1, S, P + T]`` mask of :func:`prefixed_mask`.
+it without materializing a mask where a kernel allows (see :func:`no_mask_form`); only padded batches and
+per-row prefix masks build the ``[B, 1, S, P + T]`` mask of :func:`prefixed_mask`. Packed rows (a
+:class:`~ptuning.models.packed.PackedLayout` as the keyword argument ``packed_layout``) attend one row per batch
+row the same way, without the block-diagonal mask over whole packs (except in sliding-window layers).
 
 Shapes: B batch, N query heads, G key/value heads, S queries (new tokens), T token keys (cached + new),
 P prefix length, D head size.
@@ -38,6 +40,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from ...prefix import PrefixKV
+from ..packed import PackedLayout
 
 ATTENTION_NAME = "ptuning_prefix"
 
@@ -183,6 +186,7 @@ def prefix_attention(
     is_causal: bool | None = None,
     prefix: PrefixKV | None = None,
     slot_cache=None,
+    packed_layout: PackedLayout | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """Attention over the layer's prefix and the tokens (an ``AttentionInterface`` function).
@@ -197,6 +201,9 @@ def prefix_attention(
         slot_cache: a decode loop's :class:`~ptuning.generation.SlotCache` (the model's own cache disabled). In a
             decode step the keys and values are the slots' (``[B, G, P + T, D]``) and so is the mask; a layer
             with a sliding window (``module.sliding_window``) also hides the tokens outside it.
+        packed_layout: the rows of packed training rows (the model's ``sequence_ids``): each row attends over the
+            prefix and its own tokens alone (see :class:`~ptuning.models.packed.PackedLayout`); a sliding-window
+            layer uses the model's block-diagonal mask instead.
 
     Returns:
         ``([B, S, N, D], None)`` as transformers' attention functions.
@@ -233,6 +240,13 @@ def prefix_attention(
     prefix_keys = prefix_keys.to(device=key.device, dtype=key.dtype).expand(batch, -1, -1, -1)
     prefix_values = prefix_values.to(device=value.device, dtype=value.dtype).expand(batch, -1, -1, -1)
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    if packed_layout is not None and prefix.mask is None and causal and not getattr(module, "sliding_window", None):
+        layout = packed_layout
+        key = torch.cat([layout.per_row(prefix_keys), layout.to_rows(key)], dim=2)  # (R, G, P + W, D)
+        value = torch.cat([layout.per_row(prefix_values), layout.to_rows(value)], dim=2)
+        out, weights = causal_prefix_attention(module, layout.to_rows(query), key, value, prefix_length=length,
+                                               dropout=dropout, scaling=scaling, **kwargs)
+        return layout.from_rows(out), weights  # (B, S, N, D)
     if attention_mask is None and prefix.mask is None and causal and queries > 1:
         # no padding: the keys beyond S can only be the unfilled slots of a static cache (see prefixed_mask)
         key, value = key[:, :, :queries], value[:, :, :queries]

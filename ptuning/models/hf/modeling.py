@@ -38,7 +38,7 @@ from transformers.utils.deprecation import deprecate_kwarg
 
 from ...prefix import PrefixEncoder, PrefixKV, PrefixShape, prefix_key_values, reset_prefix
 from ...weights import CheckpointError
-from ..packed import check_sequence_ids, packed_position_ids
+from ..packed import PackedLayout, check_sequence_ids, packed_position_ids
 from .attention import register
 
 IGNORE_INDEX = -100
@@ -124,8 +124,9 @@ class PrefixCausalLM:
                 and the slots reach every attention layer (see :mod:`ptuning.models.hf.attention`); in a decode
                 step the model builds no mask (the slots have their own) and ``position_ids`` are required.
             sequence_ids: ``[B, S]`` for packed rows (see :mod:`ptuning.data.packing`): the positions restart at
-                every row (unless ``position_ids`` are given) and transformers' own packed-sequence mask keeps each
-                row to itself (block-diagonal causal; no ``attention_mask``, no cache).
+                every row (unless ``position_ids`` are given) and each row attends over the prefix and its own
+                tokens alone (:class:`~ptuning.models.packed.PackedLayout`; sliding-window layers through
+                transformers' own packed-sequence mask, block-diagonal causal); no ``attention_mask``, no cache.
             kwargs: passed to the backbone (and from there to every attention layer).
 
         Returns:
@@ -142,6 +143,7 @@ class PrefixCausalLM:
             # transformers reads positions that restart as packed sequences (masking_utils.find_packed_sequence_indices)
             if position_ids is None:
                 position_ids = packed_position_ids(sequence_ids)
+            kwargs["packed_layout"] = PackedLayout(sequence_ids)  # each row's attention alone (models.hf.attention)
             use_cache = False
         if slot_cache is not None:
             kwargs["slot_cache"] = slot_cache
