@@ -4,6 +4,7 @@ SDPA's ``is_causal``; ``causal_lower_right`` on a GPU): step time and peak memor
 
     python benchmarks/bench_prefix_mask.py                   # S = 2048 and 4096, CPU
     python benchmarks/bench_prefix_mask.py --seq 1024 2048 --device cuda
+    python benchmarks/bench_prefix_mask.py --attention-only   # the attention alone: where no mask starts to pay
 
 The model: a Llama-shaped decoder at the bench shape (``ptuning.perf.BENCH_SHAPE``: hidden 512, 8 heads, 2
 key/value heads of 64, 4 layers, intermediate 2048, vocab 32000), random weights, frozen, with a prefix of
@@ -83,6 +84,40 @@ def child(seq: int, form: str | None, prefix: int, steps: int, device: str) -> d
     return {"step_s": statistics.median(times), "peak_mib": peak_memory_mib(device) - held, "form": used}
 
 
+def attention_only(seqs: list[int], prefixes: list[int]) -> None:
+    """Forward + backward of the attention alone (B 2, 8 heads of 64, one thread): the materialized mask against
+    P zero queries with ``is_causal``, the best of several repeats each."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from ptuning.models.hf.attention import causal_prefix_attention
+    from ptuning.perf import cpu_model
+
+    torch.set_num_threads(1)
+    module = SimpleNamespace(layer_idx=0, is_causal=True, num_key_value_groups=1, training=True)
+    g = torch.Generator().manual_seed(0)
+    print(f"{cpu_model()}, torch {torch.__version__}, 1 thread, attention forward + backward, batch 2, 8 heads of 64")
+    print("| P | S | mask (ms) | zero queries (ms) | zero queries speed-up |")
+    print("|---|---|---|---|---|")
+    for prefix in prefixes:
+        for seq in seqs:
+            q = torch.randn(2, 8, seq, 64, generator=g)
+            kv = [torch.randn(2, 8, prefix + seq, 64, generator=g) for _ in range(2)]
+            best = {}
+            for form in ("mask", "zero_queries"):
+                times = []
+                for _ in range(max(3, 2000 // seq)):
+                    args = [t.clone().requires_grad_() for t in (q, *kv)]
+                    start = time.perf_counter()
+                    out, _ = causal_prefix_attention(module, *args, prefix_length=prefix, form=form)
+                    out.sum().backward()
+                    times.append(time.perf_counter() - start)
+                best[form] = min(times)
+            print(f"| {prefix} | {seq} | {1e3 * best['mask']:.2f} | {1e3 * best['zero_queries']:.2f} | "
+                  f"{best['mask'] / best['zero_queries']:.2f}x |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seq", type=int, nargs="*", default=[2048, 4096])
@@ -90,8 +125,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--attention-only", action="store_true",
+                        help="time the attention alone over S = 16..1024 and P = 16, 128")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.attention_only:
+        attention_only([16, 64, 128, 256, 512, 1024], [16, 128])
+        return
     if args.child:
         seq, form = json.loads(args.child)
         print(json.dumps(child(seq, form, args.prefix, args.steps, args.device)))

@@ -47,9 +47,9 @@ ATTENTION_NAME = "ptuning_prefix"
 # A CPU has no lower-right causal kernel: torch materializes ``causal_lower_right`` there. Its causal kernel
 # (``is_causal``) skips the score blocks above the diagonal, so P zero queries in front of the S real ones make
 # the square ``[P + S, P + S]`` causal pattern whose last S rows are exactly the lower-right one, without a mask.
-# Measured side by side (forward + backward, B 2, 8 heads of 64, one thread, P 16 and 128): the zero queries
-# are 0.2-0.9x the speed of the materialized mask up to S = 512 and 1.28-1.33x at S = 1024, so they are used
-# from here on (and only for P <= S).
+# Measured side by side (benchmarks/bench_prefix_mask.py --attention-only: forward + backward, B 2, 8 heads of
+# 64, one thread, P 16 and 128): the zero queries run at 0.22-1.08x the speed of the materialized mask for
+# S = 16 to 512 and 1.34-1.41x at S = 1024, so they are used from here on (and only for P <= S).
 CPU_CAUSAL_MIN_QUERIES = 1024
 
 
