@@ -7,6 +7,8 @@ This is the only place the training loop, evaluation, chat and the server get a 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,20 +95,37 @@ def load_model(cfg: ModelConfig, *, family: Family | None = None, **overrides) -
     pre_seq_len = overrides.pop("pre_seq_len", cfg.pre_seq_len)
     if overrides:
         raise TypeError(f"unexpected load_model arguments: {sorted(overrides)}")
-    model = family.load_model(
-        cfg.resolved_path,
-        dtype=dtype,
-        pre_seq_len=pre_seq_len,
-        prefix_projection=cfg.prefix_projection,
-        prefix_dropout=cfg.prefix_dropout,
-        device=device,
-    )
+    with _no_loading_bar():
+        model = family.load_model(
+            cfg.resolved_path,
+            dtype=dtype,
+            pre_seq_len=pre_seq_len,
+            prefix_projection=cfg.prefix_projection,
+            prefix_dropout=cfg.prefix_dropout,
+            device=device,
+        )
     if cfg.quantization_bit:
         from .quantization import quantize_backbone  # imports torchao only when asked for
 
         quantize_backbone(model, cfg.quantization_bit, device=quantize_on, linear_names=family.block_linear_names())
     model.ptuning_family = family  # read by ptuning.models.family_of (checkpoint metadata, export)
     return model
+
+
+@contextmanager
+def _no_loading_bar() -> Iterator[None]:
+    """transformers' ``Loading weights`` progress bar off while a model loads (it loads in a blink for the small
+    models and says nothing the start-up lines do not; a large model's load is the one long wait a user expects)."""
+    from transformers.utils import logging as hf_logging
+
+    shown = hf_logging.is_progress_bar_enabled()
+    if shown:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
 
 
 def load_tokenizer(cfg: ModelConfig, vocab_size: int | None = None, *, family: Family | None = None):
@@ -138,6 +157,39 @@ def load(cfg: ModelConfig, *, device=None, pre_seq_len="config", init: bool = Tr
     if init:
         init_prefix(loaded, cfg)
     return loaded
+
+
+def folder_prefix_length(folder: Path) -> int | None:
+    """``pre_seq_len`` of a model folder whose weights hold a prefix (a whole model with its prefix inside, as
+    ``python -m ptuning.export full`` or ChatGLM3's ``finetune_demo`` write it), else None."""
+    from .models import read_config
+    from .training.checkpoint import read_prefix
+    from .weights import CheckpointError
+
+    try:
+        stored = read_config(folder).get("pre_seq_len")
+        if not isinstance(stored, int) or stored <= 0:
+            return None
+        read_prefix(folder)  # only the prefix tensors are read
+    except (UnsupportedModelError, CheckpointError):
+        return None
+    return stored
+
+
+def ignored_config_prefix(folder: Path, used: str) -> str | None:
+    """The note for a model folder whose ``config.json`` sets ``pre_seq_len`` (as the original ChatGLM2/3 code
+    reads it to add a prefix) while its weights hold none: the setting is ignored, the prefix is what ``used``
+    says (``the prefix is model.pre_seq_len=16``); None when there is nothing to say."""
+    from .models import read_config
+
+    try:
+        stored = read_config(folder).get("pre_seq_len")
+    except UnsupportedModelError:
+        return None
+    if not isinstance(stored, int) or isinstance(stored, bool) or stored <= 0 or folder_prefix_length(folder):
+        return None
+    return (f"note: {folder / 'config.json'} sets pre_seq_len {stored} but the folder's weights hold no prefix; "
+            f"the setting is ignored ({used})")
 
 
 def _has_prefix(model: nn.Module) -> bool:
@@ -208,6 +260,8 @@ __all__ = [
     "Loaded",
     "base_metadata",
     "base_model_name",
+    "folder_prefix_length",
+    "ignored_config_prefix",
     "init_prefix",
     "load",
     "load_model",

@@ -13,7 +13,12 @@ processes on a machine than it has GPUs.
 
 from __future__ import annotations
 
+import io
 import os
+import re
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager, redirect_stdout
 
 import torch
 import torch.distributed as dist
@@ -139,5 +144,27 @@ def start(**accelerator_kwargs) -> tuple[Accelerator, Collectives]:
         LaunchError: the processes were launched in a way that cannot synchronise.
     """
     check_launch()
-    accelerator = Accelerator(kwargs_handlers=process_group_kwargs(), **accelerator_kwargs)
+    with without_lines(DEEPSPEED_BUILD_LINE):
+        accelerator = Accelerator(kwargs_handlers=process_group_kwargs(), **accelerator_kwargs)
     return accelerator, Collectives(accelerator)
+
+
+#: what DeepSpeed prints to stdout in every process when its communication backend starts (``DeepSpeed
+#: deepspeed.ops.comm.deepspeed_shm_comm_op built successfully``): no result, and stdout carries the results
+DEEPSPEED_BUILD_LINE = re.compile(r"DeepSpeed \S+ built successfully")
+
+
+@contextmanager
+def without_lines(pattern: re.Pattern) -> Iterator[None]:
+    """Python-level stdout of the block without the lines that ``pattern`` matches in full; every other line is
+    passed on when the block ends (also when it raises)."""
+    real = sys.stdout
+    captured = io.StringIO()
+    try:
+        with redirect_stdout(captured):
+            yield
+    finally:
+        kept = [line for line in captured.getvalue().splitlines(keepends=True) if not pattern.fullmatch(line.strip())]
+        if kept:
+            real.write("".join(kept))
+            real.flush()

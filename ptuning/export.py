@@ -28,9 +28,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .config import BUILTIN_SCHEME, PROJECT_ROOT, ConfigError, ModelConfig
-from .models import UnsupportedModelError
-from .weights import CheckpointError
+try:  # Ctrl-C while the libraries load (seconds): one line, as everywhere else
+    from .config import BUILTIN_SCHEME, PROJECT_ROOT, ConfigError, ModelConfig
+    from .models import UnsupportedModelError, family_for
+    from .weights import CheckpointError
+except KeyboardInterrupt:
+    if __name__ != "__main__":
+        raise
+    print("\ninterrupted: nothing was written", file=sys.stderr)
+    sys.exit(130)
 
 DTYPES = ("float16", "bfloat16", "float32")
 
@@ -118,11 +124,10 @@ def load_with_prefix(model_path: Path, checkpoint: str | None, dtype=None):
 
 
 def _config_of(model_path: Path | None):
+    """The base model's config as its family reads it (None without a base model)."""
     if model_path is None:
         return None
-    from .models.chatglm import ChatGLMConfig
-
-    return ChatGLMConfig.from_pretrained(str(model_path))
+    return family_for(model_path).model_config(model_path)
 
 
 def refuse_unsupported(kind: str, checkpoint: str | None = None, model_path: Path | None = None) -> None:
@@ -278,17 +283,31 @@ def check_adapter_family(adapter: str, model_path: Path) -> None:
 
 
 def main(argv=None) -> int:
+    """``python -m ptuning.export``. Returns 0, 2 after a one-line ``error: ...`` on stderr, or 130 after Ctrl-C
+    (the export's temporary folder is removed: nothing is written)."""
+    try:
+        return export(argv)
+    except KeyboardInterrupt:
+        print("\ninterrupted: nothing was written", file=sys.stderr)
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m ptuning.export``."""
     parser = argparse.ArgumentParser(prog="python -m ptuning.export", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="kind", required=True)
     p = sub.add_parser("peft", help="a peft PREFIX_TUNING adapter folder")
-    p.add_argument("--checkpoint", required=True, help="a prefix checkpoint folder (ours or the original's)")
+    p.add_argument("--checkpoint", required=True,
+                   help="a prefix checkpoint folder (ours or the original's), or a training output folder (its latest)")
     p.add_argument("--out", required=True)
     p.add_argument("--model", help="the base model folder (needed for original-format checkpoints)")
     p = sub.add_parser("original", help="the original P-Tuning v2 prefix checkpoint (pytorch_model.bin)")
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", required=True, help="a prefix checkpoint folder, or a training output folder (its "
+                   "latest)")
     p.add_argument("--out", required=True)
     p = sub.add_parser("full", help="backbone + prefix in the original pytorch_model-*.bin + index layout")
-    p.add_argument("--checkpoint", help="a prefix checkpoint folder (omit to convert the base model alone)")
+    p.add_argument("--checkpoint", help="a prefix checkpoint folder, or a training output folder (its latest); omit "
+                   "to convert the base model alone")
     p.add_argument("--out", required=True)
     p.add_argument("--model", help="the base model folder (default: the one the checkpoint records)")
     p.add_argument("--dtype", choices=DTYPES, help="saved backbone dtype (default: the base model's)")
@@ -298,7 +317,12 @@ def main(argv=None) -> int:
     p.add_argument("--adapter", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--model", help="the base model folder, to check the adapter fits it")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def export(argv=None) -> int:
+    """Parses the command line and writes the export (see :func:`main`)."""
+    args = build_parser().parse_args(argv)
 
     try:
         if args.kind == "from-peft":
@@ -307,6 +331,10 @@ def main(argv=None) -> int:
             if model_path is not None:
                 check_adapter_family(args.adapter, model_path)
         else:
+            if args.checkpoint is not None:  # a checkpoint folder, or a run folder: its latest (as evaluate, chat, serve)
+                from .evaluation.run import resolve_checkpoint
+
+                args.checkpoint = str(resolve_checkpoint(args.checkpoint, key="--checkpoint"))
             model_path = base_model_path(args.checkpoint, getattr(args, "model", None))
             refuse_unsupported(args.kind, args.checkpoint, model_path)
         if args.kind == "full" and model_path is None:

@@ -408,13 +408,22 @@ def load_rows(path: str | os.PathLike, cfg: DataConfig, key: str | None = None, 
             for row in report.rows:
                 out.write(json.dumps(row, ensure_ascii=False) + "\n")
         os.replace(partial_file, normalized)
-    return datasets.load_dataset(
-        "json",
-        data_files=str(normalized),
-        split="train",
-        features=_features(cfg),
-        cache_dir=str(_cache_root(cfg) / "datasets"),
-    )
+    # datasets' own "Generating train split: N examples" bar names a split of its own making (every file is
+    # read as "train") and counts rows that this pass already counted: it stays off (the tokenizing bar says)
+    quiet = datasets.is_progress_bar_enabled()
+    if quiet:
+        datasets.disable_progress_bars()
+    try:
+        return datasets.load_dataset(
+            "json",
+            data_files=str(normalized),
+            split="train",
+            features=_features(cfg),
+            cache_dir=str(_cache_root(cfg) / "datasets"),
+        )
+    finally:
+        if quiet:
+            datasets.enable_progress_bars()
 
 
 def build_datasets(cfg: DataConfig, template, split: str, features: str | None = None) -> datasets.Dataset:

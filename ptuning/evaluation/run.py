@@ -134,6 +134,51 @@ def resolve_checkpoint(prefix_checkpoint: str | None, key: str = "prefix_checkpo
     return path
 
 
+def check_prompt_format(checkpoint: Path, meta: dict | None, data: DataConfig) -> None:
+    """That evaluation renders prompts as the prefix was trained on them: ``prompt_format`` in the checkpoint's
+    ``prefix_config.json`` is ``chat`` (rows with earlier turns: ``data.history_column`` or
+    ``data.conversation_column``) or ``plain`` (prompt -> response rows). Checkpoints that record none (the
+    original script's, earlier versions') are not checked.
+
+    Raises:
+        ConfigError: the data settings render the other format (chat rows would lose their earlier turns,
+            plain-trained prefixes would see chat templates); names the key to set or unset, and for a chat
+            prefix the column its run used when the run's ``run_config.json`` beside it says.
+    """
+    recorded = (meta or {}).get("prompt_format")
+    chat = bool(data.history_column or data.conversation_column)
+    if recorded not in ("chat", "plain") or (recorded == "chat") == chat:
+        return
+    source = f"prompt_format {recorded} in its prefix_config.json"
+    if recorded == "plain":
+        key = "data.history_column" if data.history_column else "data.conversation_column"
+        raise ConfigError(
+            f"{checkpoint} was trained on plain prompt -> response rows ({source}) but {key}="
+            f"{data.history_column or data.conversation_column} renders chat prompts: leave {key} unset"
+        )
+    key, column = _trained_chat_column(checkpoint, meta)
+    raise ConfigError(
+        f"{checkpoint} was trained on chat prompts with earlier turns ({source}) but {key} is not set, "
+        f"so evaluation would leave the rows' earlier turns out: set "
+        + (f"{key}={column} (what its run used)" if column else
+           "data.history_column=<the column of earlier turns> (data.conversation_column for chat-format rows)")
+    )
+
+
+def _trained_chat_column(checkpoint: Path, meta: dict | None) -> tuple[str, str | None]:
+    """``(key, column)`` of the chat data the checkpoint's run trained on, from the ``run_config.json`` of the run
+    folder it sits in (``("data.history_column", None)`` when that record is not there or not its run's)."""
+    try:
+        record = json.loads((checkpoint.parent / "run_config.json").read_text(encoding="utf-8"))
+        data = record["data"] if record.get("run_id") == (meta or {}).get("run_id") else {}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
+        data = {}
+    for key in ("history_column", "conversation_column"):
+        if isinstance(data, dict) and isinstance(data.get(key), str) and data[key]:
+            return f"data.{key}", data[key]
+    return "data.history_column", None
+
+
 def _why_not_writable(folder: Path) -> str | None:
     """Why evaluation must not write into ``folder`` (an existing folder), or None when it may."""
     from ..training.checkpoint import list_checkpoints
@@ -462,7 +507,13 @@ def _evaluate(cfg: EvaluateJobConfig, tracker) -> dict:
     from ..data.loading import check_positions
     from ..distributed import LaunchError, start
     from ..perf import set_cpu_threads
-    from ..training.checkpoint import base_model_change, infer_prefix_shape, load_prefix, read_prefix
+    from ..training.checkpoint import (
+        base_model_change,
+        infer_prefix_shape,
+        load_prefix,
+        prefix_fit_mismatch,
+        read_prefix,
+    )
     from ..weights import CheckpointError
 
     cfg.validate()
@@ -470,16 +521,15 @@ def _evaluate(cfg: EvaluateJobConfig, tracker) -> dict:
     out = resolve_output_dir(checkpoint, cfg.output_dir)
     replacing = earlier_results(out, cfg.overwrite)
     prefix, meta = read_prefix(checkpoint)
+    check_prompt_format(checkpoint, meta, cfg.data)
     # the prefix decides the model's prefix shape; an original-format checkpoint has no metadata
     shape = meta if meta and "pre_seq_len" in meta else infer_prefix_shape(prefix)
-    for key, value in (("pre_seq_len", shape["pre_seq_len"]), ("prefix_projection", shape.get("prefix_projection", False))):
-        given = getattr(cfg.model, key)
-        if given is not None and given != value:
-            raise CheckpointError(
-                f"{checkpoint}: the prefix was trained with {key}={value} but the model has {key}={given} "
-                f"(model.{key}; leave it unset to take the checkpoint's)"
-            )
-        setattr(cfg.model, key, value)
+    trained = {"pre_seq_len": shape["pre_seq_len"], "prefix_projection": shape.get("prefix_projection", False)}
+    given = {key: getattr(cfg.model, key) for key in trained if getattr(cfg.model, key) is not None}
+    mismatch = prefix_fit_mismatch(trained, given, hint="leave {names} unset to take the checkpoint's")
+    if mismatch:
+        raise CheckpointError(f"{checkpoint}: {mismatch}")
+    cfg.model.pre_seq_len, cfg.model.prefix_projection = trained["pre_seq_len"], trained["prefix_projection"]
     cfg.model.validate()
     # checked by every process before any work: an unwritable folder fails at once, and on all processes
     # alike; it is made only when the results are written, so a refused evaluation leaves no empty folder
@@ -495,7 +545,7 @@ def _evaluate(cfg: EvaluateJobConfig, tracker) -> dict:
     loaded = load(cfg.model, device=accelerator.device, init=False)
     model, template = loaded.model, loaded.template
     set_cpu_threads(model, accelerator.device)
-    changed = base_model_change(load_prefix(model, checkpoint), base_metadata(cfg.model, model))
+    changed = base_model_change(load_prefix(model, checkpoint), base_metadata(cfg.model, model), checkpoint)
     if changed and main:
         print(f"warning: {checkpoint} {changed}", file=sys.stderr)
     # The main process fills the datasets cache first, the others then read it. A data error is raised

@@ -6,7 +6,9 @@ HTTP API and a chat page.
 
 Each ``--prefix NAME=CHECKPOINT`` (our format or the original P-Tuning v2's; a training output folder means its
 latest checkpoint) becomes a ``model`` of the API; the base model alone is served under its folder's name (or
-``--model-name``). The process exits 0 after SIGTERM or Ctrl-C once in-flight requests are finished (those
+``--model-name``). A model folder with its prefix inside (``export full``, a ChatGLM3 ``finetune_demo``
+checkpoint) is served as it is under that name, its prefix as one of the prefixes, and the backbone alone as
+``<name>-base``. The process exits 0 after SIGTERM or Ctrl-C once in-flight requests are finished (those
 still running after ``--shutdown-timeout`` seconds get a 503 ``server_shutting_down`` error), and 2 after a
 one-line ``error: ...`` for a user mistake.
 """
@@ -128,23 +130,20 @@ def check_args(args: argparse.Namespace) -> list[tuple[str, str]]:
 
 
 def load(args: argparse.Namespace, prefixes: list[tuple[str, str]]) -> Loaded:
-    """The base model (no prefix encoder: every prefix is an input of each call) and each prefix's keys and
-    values, computed once in float32.
+    """The base model and each prefix's keys and values, computed once in float32. A model folder with its prefix
+    inside loads with it (every prefix is still an input of each call: the engine passes the rows' own).
 
     Raises:
         ConfigError, CheckpointError: a path or value that cannot work (one line naming the flag).
     """
     import torch
 
+    from ..build import folder_prefix_length, ignored_config_prefix, model_family, weights_digest
     from ..build import load as load_folder
-    from ..build import model_family, weights_digest
     from ..config import ModelConfig
-    from ..evaluation.run import resolve_checkpoint
     from ..generation import compute_dtype
+    from ..models import read_config
     from ..perf import set_cpu_threads
-    from ..prefix import PrefixEncoder
-    from ..training.checkpoint import base_model_change, infer_prefix_shape, load_prefix, read_prefix
-    from ..weights import CheckpointError
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -158,14 +157,7 @@ def load(args: argparse.Namespace, prefixes: list[tuple[str, str]]) -> Loaded:
         cfg.validate()
     except ConfigError as err:
         raise ConfigError(str(err).replace("model.path=", "--model-path=", 1)) from None
-    # read every checkpoint before the (slow) model load, so a wrong path or file fails at once
-    checkpoints = []
-    for name, path in prefixes:
-        checkpoint = resolve_checkpoint(path, key=f"--prefix {name}")
-        try:
-            checkpoints.append((name, checkpoint, *read_prefix(checkpoint)))
-        except CheckpointError as err:
-            raise CheckpointError(f"--prefix {name}: {err}") from None
+    checkpoints = read_checkpoints(prefixes)  # before the (slow) model load: a wrong path or file fails at once
     family = model_family(cfg)
     room = max((prefix_length(state, meta) for _, _, state, meta in checkpoints), default=0)
     try:  # the config alone: a cache that cannot fit is refused before the (slow) model load
@@ -174,7 +166,16 @@ def load(args: argparse.Namespace, prefixes: list[tuple[str, str]]) -> Loaded:
         early = None
     if early is not None:
         check_cache_memory(args, family, early, device, cache_compute_dtype(dtype, args.quantization_bit), room)
-    loaded = load_folder(cfg, device=device, pre_seq_len=None, init=False)
+    # a folder with its prefix inside (export full, finetune_demo) loads with it: main serves that prefix as one of
+    # the prefixes, the backbone as the base model
+    own = folder_prefix_length(cfg.resolved_path)
+    if own:
+        cfg.prefix_projection = bool(read_config(cfg.resolved_path).get("prefix_projection"))
+    else:
+        note = ignored_config_prefix(cfg.resolved_path, "each prefix is its --prefix's")
+        if note:
+            print(note, file=sys.stderr)
+    loaded = load_folder(cfg, device=device, pre_seq_len=own, init=False)
     model, family = loaded.model, loaded.family
     # again with the weights in memory: what is free now is what the cache can have
     max_length = check_cache_memory(args, family, model.config, device, compute_dtype(model), room)
@@ -184,7 +185,46 @@ def load(args: argparse.Namespace, prefixes: list[tuple[str, str]]) -> Loaded:
     current = {"base_model": cfg.base_model_name, "base_config_fingerprint": family.fingerprint(model.config)}
     if cfg.base_model_name.startswith("builtin:"):
         current["base_weights_sha256"] = weights_digest(cfg.resolved_path)
-    banks = {}
+    banks, sources = prefix_banks(checkpoints, model, family, current)
+    where = "the built-in tiny model" if cfg.path is None else str(cfg.path)
+    what = f"{where} ({family.name}, {dtype} on {device})"
+    if banks:
+        what += " with prefixes " + ", ".join(f"{n} (P={t.shape[0]}, from {sources[n]})" for n, t in banks.items())
+    return Loaded(family, model, loaded.template, max_length, banks, what, device)
+
+
+def read_checkpoints(prefixes: list[tuple[str, str]]) -> list[tuple]:
+    """``(name, checkpoint folder, prefix tensors, metadata)`` of each ``--prefix NAME=PATH`` (a run folder: its
+    latest checkpoint). Raises :class:`CheckpointError` / :class:`ConfigError` naming the flag."""
+    from ..evaluation.run import resolve_checkpoint
+    from ..training.checkpoint import read_prefix
+    from ..weights import CheckpointError
+
+    checkpoints = []
+    for name, path in prefixes:
+        checkpoint = resolve_checkpoint(path, key=f"--prefix {name}")
+        try:
+            checkpoints.append((name, checkpoint, *read_prefix(checkpoint)))
+        except CheckpointError as err:
+            raise CheckpointError(f"--prefix {name}: {err}") from None
+    return checkpoints
+
+
+def prefix_banks(checkpoints: list[tuple], model, family, current: dict) -> tuple[dict, dict]:
+    """Each prefix's keys and values ``name -> [P, K]`` (float32) and its source in words (``<folder>, ours
+    (prefix.safetensors)``), checked as evaluation and chat check a prefix; a prefix trained on another backbone
+    gets a one-line warning.
+
+    Raises:
+        CheckpointError: a prefix of another family or one that does not fit the model (names the flag).
+    """
+    import torch
+
+    from ..prefix import PrefixEncoder
+    from ..training.checkpoint import base_model_change, infer_prefix_shape, load_prefix, prefix_format
+    from ..weights import CheckpointError
+
+    banks, sources = {}, {}
     for name, checkpoint, state, meta in checkpoints:
         if meta and meta.get("family") not in (None, family.name):
             raise CheckpointError(f"--prefix {name}={checkpoint}: a prefix of a {family_label(meta['family'])} "
@@ -198,16 +238,13 @@ def load(args: argparse.Namespace, prefixes: list[tuple[str, str]]) -> Loaded:
             load_prefix(holder, checkpoint)  # the checks evaluation and chat make
         except CheckpointError as err:
             raise CheckpointError(f"--prefix {name}: {err}") from None
-        changed = base_model_change(meta, current)
+        changed = base_model_change(meta, current, checkpoint)
         if changed:
             print(f"warning: --prefix {name}: {checkpoint} {changed}", file=sys.stderr)
         with torch.no_grad():
             banks[name] = holder.prefix_encoder().float()  # (P, K)
-    where = "the built-in tiny model" if cfg.path is None else str(cfg.path)
-    what = f"{where} ({family.name}, {dtype} on {device})"
-    if banks:
-        what += " with prefixes " + ", ".join(f"{n} (P={t.shape[0]})" for n, t in banks.items())
-    return Loaded(family, model, loaded.template, max_length, banks, what, device)
+        sources[name] = f"{checkpoint}, {prefix_format(checkpoint)}"
+    return banks, sources
 
 
 def prefix_length(state: dict, meta: dict | None) -> int:
@@ -270,11 +307,23 @@ def family_label(name: str, config=None) -> str:
     from ..models import UnsupportedModelError, family_named
 
     try:
-        label = family_named(name).label
+        return family_named(name).describe(config)
     except UnsupportedModelError:
         return name
-    architectures = getattr(config, "architectures", None) or []
-    return f"{label} ({architectures[0]})" if name == "hf" and architectures else label
+
+
+#: the base model of a folder with its own prefix (served under the folder's name) is served as ``<name>-base``
+BACKBONE_SUFFIX = "-base"
+
+
+def own_prefix(args: argparse.Namespace) -> Path | None:
+    """``--model-path`` when its weights hold a prefix (``export full``, a ChatGLM3 ``finetune_demo``
+    checkpoint), else None."""
+    from ..build import folder_prefix_length
+    from ..config import ModelConfig
+
+    folder = ModelConfig(path=args.model_path).resolved_path
+    return folder if folder.is_dir() and folder_prefix_length(folder) else None
 
 
 def base_name(args: argparse.Namespace) -> str:
@@ -330,16 +379,33 @@ SHUTDOWN_GRACE = 10.0
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``ptuning-serve``. Returns 0 after a clean shutdown, 2 after a one-line ``error: ...`` on stderr."""
+    """``ptuning-serve``. Returns 0 after a clean shutdown, 2 after a one-line ``error: ...`` on stderr, 130 after
+    Ctrl-C while starting (before the server listens, Ctrl-C ends the start-up at once: nothing to drain)."""
+    try:
+        return serve(argv)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+
+
+def serve(argv: list[str] | None = None) -> int:
+    """Starts the server and serves until SIGTERM / Ctrl-C (then drains, see :func:`main`)."""
     args = parse_args(argv)
     from ..weights import CheckpointError
 
     try:
         prefixes = check_args(args)
         name = base_name(args)
+        own = own_prefix(args)
         if any(p == name for p, _ in prefixes):
-            raise ConfigError(f"--prefix {name}=...: {name!r} is the base model's name; choose another "
-                              "(or set --model-name)")
+            raise ConfigError(f"--prefix {name}=...: {name!r} is the {'model folder' if own else 'base model'}'s "
+                              "name; choose another (or set --model-name)")
+        if own:  # the folder as it is, its prefix included, under its name; the backbone alone beside it
+            prefixes.insert(0, (name, str(own)))
+            name = f"{name}{BACKBONE_SUFFIX}"
+            if any(p == name for p, _ in prefixes):
+                raise ConfigError(f"--prefix {name}=...: {name!r} is the name of the backbone without the model "
+                                  "folder's prefix; choose another")
         sock = bind(args.host, args.port)
     except (ConfigError, CheckpointError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -25,6 +25,7 @@ import sys
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..prefix import PREFIX_ATTRIBUTE, is_prefix_param, prefix_module_name, prefix_state_dict
@@ -36,6 +37,8 @@ from ..weights import (
     load_failure,
     read_matching,
     read_weights,
+    torch_load,
+    weight_files,
 )
 from .faults import kill_point
 
@@ -44,6 +47,7 @@ META_FILE = "prefix_config.json"
 STATE_FILE = "training_state.pt"
 RUN_FILE = "run_config.json"  # the training run's configuration and id, in its output folder
 ORIGINAL_FILE = "pytorch_model.bin"
+PEFT_ADAPTER_FILE = "adapter_config.json"  # a peft adapter folder: not read as a prefix, imported with export from-peft
 # the files a checkpoint of ours consists of: all that train.overwrite (or a re-save) ever removes from one
 CHECKPOINT_FILES = (PREFIX_FILE, META_FILE, STATE_FILE)
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -288,13 +292,23 @@ def read_prefix(checkpoint: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
     elif checkpoint.is_dir() and any((checkpoint / name).is_file() for name in (SAFE_SINGLE, SAFE_INDEX, BIN_INDEX)):
         state = read_matching(checkpoint, is_prefix_param)
         meta = None
+    elif checkpoint.is_dir() and (checkpoint / PEFT_ADAPTER_FILE).is_file():
+        base = _read_meta(checkpoint / PEFT_ADAPTER_FILE, "peft adapter config") or {}
+        model = base.get("base_model_name_or_path") if isinstance(base.get("base_model_name_or_path"), str) else None
+        raise CheckpointError(
+            f"{checkpoint}: a peft adapter ({PEFT_ADAPTER_FILE}), not a prefix checkpoint; import it first: python -m "
+            f"ptuning.export from-peft --adapter {checkpoint} --out <new folder> --model {model or '<its base model>'}, "
+            "then use the new folder"
+        )
     elif checkpoint.is_dir():
         raise CheckpointError(
             f"{checkpoint}: no {PREFIX_FILE} (ours), {ORIGINAL_FILE} (original P-Tuning v2) or model weights with "
             f"a prefix inside"
         )
+    elif not checkpoint.exists():
+        raise CheckpointError(f"{checkpoint}: no such folder")
     else:
-        raise CheckpointError(f"{checkpoint}: not a checkpoint folder")
+        raise CheckpointError(f"{checkpoint}: not a folder (expected a checkpoint folder)")
     prefix = {k: v for k, v in state.items() if is_prefix_param(k)}
     if not prefix:
         raise CheckpointError(f"{checkpoint}: holds no *.{PREFIX_ATTRIBUTE}.* weights")
@@ -305,16 +319,29 @@ def read_prefix(checkpoint: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
     return prefix, meta
 
 
-def _read_meta(path: Path) -> dict | None:
-    """``prefix_config.json`` as a dict, None when absent; unreadable is a CheckpointError naming the file."""
+def prefix_format(checkpoint: str | os.PathLike) -> str:
+    """How a checkpoint folder that :func:`read_prefix` reads holds its prefix, in words for start-up lines:
+    ``ours (prefix.safetensors)``, ``original P-Tuning v2 (pytorch_model.bin)`` or ``a whole model with its
+    prefix inside``."""
+    checkpoint = Path(checkpoint)
+    if (checkpoint / PREFIX_FILE).is_file():
+        return f"ours ({PREFIX_FILE})"
+    if (checkpoint / ORIGINAL_FILE).is_file() and not (checkpoint / "config.json").is_file():
+        return f"original P-Tuning v2 ({ORIGINAL_FILE})"
+    return "a whole model with its prefix inside"
+
+
+def _read_meta(path: Path, what: str = "prefix metadata") -> dict | None:
+    """``prefix_config.json`` (or another JSON object, ``what``) as a dict, None when absent; unreadable is a
+    CheckpointError naming the file."""
     if not path.is_file():
         return None
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{path}: not valid JSON ({err}); expected the prefix metadata object") from None
+        raise CheckpointError(f"{path}: not valid JSON ({err}); expected the {what} object") from None
     if not isinstance(meta, dict):
-        raise CheckpointError(f"{path}: expected a JSON object of prefix metadata, found {type(meta).__name__}")
+        raise CheckpointError(f"{path}: expected a JSON object of {what}, found {type(meta).__name__}")
     return meta
 
 
@@ -326,13 +353,16 @@ def local_prefix_keys(prefix: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     return {k[k.index(marker) + len(marker):]: v for k, v in prefix.items()}
 
 
-def base_model_change(trained: dict | None, current: dict) -> str | None:
+def base_model_change(trained: dict | None, current: dict, checkpoint: str | os.PathLike | None = None) -> str | None:
     """How the backbone described by ``current`` differs from the one a prefix was trained on, or None.
 
     Args:
         trained: the checkpoint's ``prefix_config.json`` (None for the original script's checkpoints, which
-            record no base model: nothing to compare).
+            record no base model).
         current: :func:`prefix_metadata` of the model the prefix goes into.
+        checkpoint: the checkpoint folder: one that records no base model but holds a whole model (a ChatGLM3
+            ``finetune_demo`` checkpoint, ``export full``) is compared by its backbone (see
+            :func:`whole_model_change`).
 
     Returns:
         ``"was trained on A (config fingerprint a) but the model is B (config fingerprint b)"``, or None
@@ -341,7 +371,7 @@ def base_model_change(trained: dict | None, current: dict) -> str | None:
         folder it stands for (by any path) are the same model; a different weights digest still differs.
     """
     if not trained or "base_model" not in trained:
-        return None
+        return whole_model_change(checkpoint, current) if checkpoint is not None else None
     from ..config import canonical_base_model
 
     def same(key: str) -> bool:
@@ -360,6 +390,80 @@ def base_model_change(trained: dict | None, current: dict) -> str | None:
         return text + ")"
 
     return f"was trained on {name(trained)} but the model is {name(current)}"
+
+
+# config.json keys that are no part of what a backbone computes (training knobs, the prefix, bookkeeping)
+_NOT_BACKBONE_KEYS = {"pre_seq_len", "prefix_projection", "prefix_dropout", "use_cache", "quantization_bit",
+                      "hidden_dropout", "attention_dropout"}
+
+
+def whole_model_change(checkpoint: str | os.PathLike, current: dict) -> str | None:
+    """How the model folder a prefix goes into differs from the backbone stored in a whole-model checkpoint
+    (a ChatGLM3 ``finetune_demo`` checkpoint, an ``export full`` folder: ``config.json`` and every weight, the
+    prefix included), or None: what can be compared is, the numeric ``config.json`` values both folders have
+    and one normalisation weight both store under the same key (equal within 16-bit rounding).
+
+    Args:
+        current: :func:`prefix_metadata` of the model the prefix goes into (its ``base_model`` names the folder).
+
+    Returns:
+        ``"was trained on the model stored with it (config.json chatglm_version 3 (the model's 2); weights
+        differ at transformer.encoder.final_layernorm.weight) but the model is builtin:tiny-chatglm2"``, as
+        :func:`base_model_change` words it; None for a checkpoint that is no whole model.
+    """
+    from ..config import ModelConfig
+
+    checkpoint = Path(checkpoint)
+    if (checkpoint / PREFIX_FILE).is_file() or not (checkpoint / "config.json").is_file():
+        return None
+    base = ModelConfig(path=str(current.get("base_model"))).resolved_path
+    try:
+        theirs, mine = (json.loads((f / "config.json").read_text(encoding="utf-8")) for f in (checkpoint, base))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(theirs, dict) or not isinstance(mine, dict):
+        return None
+    differs = [f"{key} {theirs[key]} (the model's {mine[key]})" for key in sorted(set(theirs) & set(mine) - _NOT_BACKBONE_KEYS)
+               if isinstance(theirs[key], (int, float)) and theirs[key] != mine[key]]
+    found = differs and f"config.json {', '.join(differs)}"
+    weight = _differing_weight(checkpoint, base)
+    if weight:
+        found = f"{found}; weights differ at {weight}" if found else f"weights differ at {weight}"
+    return f"was trained on the model stored with it ({found}) but the model is {current.get('base_model')}" if found else None
+
+
+def _differing_weight(checkpoint: Path, base: Path) -> str | None:
+    """The key of a normalisation weight that both folders store and that differs beyond 16-bit rounding, or
+    None (equal, or nothing comparable: other key names, unreadable files). Only the two tensors are read."""
+    try:
+        common = sorted(set(_weight_names(checkpoint)) & set(_weight_names(base)))
+    except (CheckpointError, OSError, ValueError, KeyError, TypeError, RuntimeError):  # nothing to compare
+        return None
+    norms = [k for k in common if "norm" in k and k.endswith(".weight") and not is_prefix_param(k)]
+    if not norms:
+        return None
+    key = norms[-1]  # the last layer's (or the final) norm: sorted keys put the deepest layer near the end
+    try:
+        theirs, mine = (read_matching(folder, key.__eq__)[key].float() for folder in (checkpoint, base))
+    except (CheckpointError, KeyError):
+        return None
+    same = theirs.shape == mine.shape and torch.allclose(theirs, mine, rtol=1e-2, atol=1e-3)
+    return None if same else key
+
+
+def _weight_names(folder: Path) -> list[str]:
+    """Every weight key of a model folder, read from its index or file headers (no tensor is loaded)."""
+    for index_name in (SAFE_INDEX, BIN_INDEX):
+        if (folder / index_name).is_file():
+            return list(json.loads((folder / index_name).read_text(encoding="utf-8"))["weight_map"])
+    names: list[str] = []
+    for path in weight_files(folder):
+        if path.suffix == ".safetensors":
+            with safe_open(str(path), framework="pt") as handle:
+                names += list(handle.keys())
+        else:
+            names += list(torch_load(path))  # memory-mapped: the tensors are not read
+    return names
 
 
 def load_prefix(model: torch.nn.Module, checkpoint: str | os.PathLike) -> dict | None:
@@ -395,15 +499,11 @@ def load_prefix(model: torch.nn.Module, checkpoint: str | os.PathLike) -> dict |
                 f"{checkpoint}: the prefix was trained on a {theirs} model "
                 f"({meta.get('base_model')}) but the model is a {mine.label} model"
             )
-    if meta is not None:
-        for key, value in have.items():
-            if key in meta and meta[key] != value:
-                # the prefix's own settings are model.* keys; the backbone's sizes are the model folder's
-                wanted = str(meta[key]).lower() if isinstance(meta[key], bool) else meta[key]
-                hint = f" (set model.{key}={wanted} to load it)" if key in ("pre_seq_len", "prefix_projection") else ""
-                raise CheckpointError(
-                    f"{checkpoint}: the prefix was trained with {key}={meta[key]} but the model has {key}={value}{hint}"
-                )
+    # what the prefix was trained with: its metadata, else (the original's checkpoints) what its tensors show
+    trained = meta if meta is not None and "pre_seq_len" in meta else {**(meta or {}), **infer_prefix_shape(prefix)}
+    mismatch = prefix_fit_mismatch(trained, have)
+    if mismatch:
+        raise CheckpointError(f"{checkpoint}: {mismatch}")
     local = local_prefix_keys(prefix)
     stored = dict(zip(local, prefix, strict=True))  # local key -> the key as the checkpoint stores it
     expected = encoder.state_dict()
@@ -421,6 +521,40 @@ def load_prefix(model: torch.nn.Module, checkpoint: str | os.PathLike) -> dict |
             )
     encoder.load_state_dict({k: v.float() for k, v in local.items()})
     return meta
+
+
+#: the prefix's own settings, which are ``model.*`` keys (the other sizes are the backbone's, its folder's)
+PREFIX_SETTINGS = ("pre_seq_len", "prefix_projection")
+
+
+def prefix_fit_mismatch(trained: dict, have: dict, *, hint: str = "set {keys} to load it") -> str | None:
+    """Every size in which a prefix (``trained``: its ``prefix_config.json`` or inferred shape) differs from the
+    model's (``have``), in one sentence, or None when they agree.
+
+    Args:
+        hint: what to say about the ``model.*`` keys that would make them agree (``{keys}``:
+            ``model.pre_seq_len=16 model.prefix_projection=false``; ``{names}``: ``model.pre_seq_len and
+            model.prefix_projection``).
+
+    Returns:
+        e.g. ``the prefix was trained with pre_seq_len=16, prefix_projection=true but the model has
+        pre_seq_len=8, prefix_projection=false (set model.pre_seq_len=16 model.prefix_projection=true to load
+        it)``.
+    """
+    keys = [k for k in have if k in trained and trained[k] != have[k]]
+    if not keys:
+        return None
+
+    def shown(value) -> str:
+        return str(value).lower() if isinstance(value, bool) else str(value)
+
+    text = (f"the prefix was trained with {', '.join(f'{k}={shown(trained[k])}' for k in keys)} but the model has "
+            f"{', '.join(f'{k}={shown(have[k])}' for k in keys)}")
+    settings = [k for k in keys if k in PREFIX_SETTINGS]
+    if settings and len(settings) == len(keys):  # the backbone's own sizes cannot be set: only a hint for these
+        text += " (" + hint.format(keys=" ".join(f"model.{k}={shown(trained[k])}" for k in settings),
+                                   names=" and ".join(f"model.{k}" for k in settings)) + ")"
+    return text
 
 
 def infer_prefix_shape(prefix: dict[str, torch.Tensor]) -> dict:

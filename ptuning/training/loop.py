@@ -24,7 +24,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 from transformers import get_scheduler
 
-from ..build import load, model_family, weights_digest
+from ..build import ignored_config_prefix, load, model_family, weights_digest
 from ..config import TrainJobConfig
 from ..distributed import Collectives, LaunchError, start
 from ..evaluation.metrics import METRIC_NAMES
@@ -565,7 +565,7 @@ def _train(cfg: TrainJobConfig, trackers, where: _Progress) -> TrainResult:
         model.activation_checkpointing_enable()
     builtin = cfg.model.base_model_name.startswith("builtin:")
     meta = prefix_metadata(model, cfg.model.base_model_name, weights_digest(cfg.model.resolved_path) if builtin else None)
-    changed = base_model_change(trained_meta, meta)
+    changed = base_model_change(trained_meta, meta, resume or init_from)
     if changed and resume is not None and not cfg.train.allow_base_model_change:
         raise TrainingError(
             f"{resume} {changed}: resume on the model it was trained on, or set "
@@ -681,8 +681,12 @@ def _train(cfg: TrainJobConfig, trackers, where: _Progress) -> TrainResult:
         torch.bfloat16 if cfg.train.mixed_precision == "bf16" else torch.float32, device=device
     )
     if main:
+        note = ignored_config_prefix(cfg.model.resolved_path, f"the prefix is model.pre_seq_len={meta['pre_seq_len']}")
+        if note:
+            print(note, file=sys.stderr)
         print(
-            f"training {trainable:,} of {total:,} parameters ({100 * trainable / total:.3f}%) on {world} "
+            f"training {trainable:,} of {total:,} parameters ({100 * trainable / total:.3f}%, a "
+            f"{meta['pre_seq_len']}-token prefix{' with projection' if meta['prefix_projection'] else ''}) on {world} "
             f"process(es), {len(train_ds)} examples"
             + (f" in {len(units)} {unit} ({100 * units.fill():.1f}% filled)" if cfg.data.packing else "")
             + f", {_count(cfg.train.max_steps, 'step')}"

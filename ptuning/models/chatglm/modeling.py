@@ -11,7 +11,6 @@ import os
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache
@@ -28,7 +27,7 @@ from ...prefix import (
     reset_prefix,
 )
 from ...weights import IGNORED_KEYS, CheckpointError, converted, iter_shards, save_weights
-from ..loss import cross_entropy
+from ..loss import project_and_loss
 from ..packed import PackedLayout, check_sequence_ids
 from .cache import ChatGLMCache
 from .config import ChatGLMConfig
@@ -364,6 +363,11 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
             return None
         return self.transformer.prefix_key_values(batch_size, dtype)
 
+    def cache_shape(self) -> tuple[int, int, int]:
+        """``(N, D, L)``: every attention head keeps its keys and values (no grouped-query attention)."""
+        shape = prefix_shape(self.config, 0)
+        return shape.num_key_value_heads, shape.head_dim, shape.num_layers
+
     def store_lm_head_column_major(self) -> None:
         """On a CPU, stores ``lm_head.weight`` (shape ``[V, H]``, its checkpoint key and shape unchanged)
         column-major. Decoding multiplies one row by it, and BLAS runs that matrix-vector product about twice
@@ -513,16 +517,8 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
             slot_cache=slot_cache,
             sequence_ids=sequence_ids,
         )
-        hidden = out.last_hidden_state
-        logits = loss = None
-        if labels is not None and not return_logits:
-            loss = target_token_loss(self.lm_head, hidden, labels, loss_reduction)
-        else:
-            if logits_to_keep and labels is None:
-                hidden = hidden[:, -logits_to_keep:]
-            logits = self.lm_head(hidden)  # (B, S, V)
-            if labels is not None:
-                loss = causal_lm_loss(logits, labels, loss_reduction)
+        logits, loss = project_and_loss(self.lm_head, out.last_hidden_state, labels, loss_reduction,
+                                        return_logits=return_logits, logits_to_keep=logits_to_keep)
         return CausalLMOutputWithPast(
             loss=loss, logits=logits, cache=out.cache, hidden_states=out.hidden_states
         )
@@ -607,24 +603,3 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
             new[:, 1] += step
             model_kwargs["position_ids"] = torch.cat([positions, new], dim=-1)
         return model_kwargs
-
-
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """Cross-entropy of logits at 0..S-2 against labels at 1..S-1, in float32, averaged (or summed) over
-    every non-ignored (-100) token of the batch."""
-    shift_logits = logits[:, :-1].float()  # (B, S-1, V)
-    shift_labels = labels[:, 1:].to(logits.device)  # (B, S-1)
-    return F.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), ignore_index=-100,
-        reduction=reduction,
-    )
-
-
-def target_token_loss(lm_head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, reduction: str = "mean"):
-    """:func:`causal_lm_loss` computed from the final hidden states ``[B, S, H]``, projecting only the
-    T positions whose next label is a target (the loss is :func:`ptuning.models.loss.cross_entropy`, fused
-    when training)."""
-    targets = labels[:, 1:].to(hidden.device)  # (B, S-1)
-    keep = targets != -100
-    logits = lm_head(hidden[:, :-1][keep])  # (T, V), read only by the loss
-    return cross_entropy(logits, targets[keep], reduction)

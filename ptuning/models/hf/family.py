@@ -8,12 +8,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from transformers import AutoConfig
-
 from ...prefix import PrefixShape
 from .. import HF_ARCHITECTURES
 from ..base import Family
-from .modeling import load_prefix_model, prefix_shape
+from .modeling import load_causal_lm_config, load_prefix_model, prefix_shape
 from .template import ChatTemplatePrompt
 
 #: ``config.json`` ``architectures`` this family takes (the classes whose attention calls the interface with
@@ -73,6 +71,14 @@ class HFFamily(Family):
             prefix_dropout=prefix_dropout, device=device,
         )
 
+    def model_config(self, folder: Path):
+        """The folder's transformers config (``AutoConfig``, never remote code).
+
+        Raises:
+            CheckpointError: no or unreadable ``config.json``, or a ``model_type`` transformers does not know.
+        """
+        return load_causal_lm_config(folder)
+
     def load_tokenizer(self, folder: Path, vocab_size: int | None = None):
         """The folder's fast tokenizer (``tokenizer.json``) with its chat template, through ``AutoTokenizer``
         (never remote code).
@@ -99,6 +105,11 @@ class HFFamily(Family):
             )
         return tokenizer
 
+    def describe(self, model_config=None) -> str:
+        """The label with the architecture (``transformers decoder (GlmForCausalLM)``) when the config names one."""
+        architectures = getattr(model_config, "architectures", None) or []
+        return f"{self.label} ({architectures[0]})" if architectures else self.label
+
     def template(self, tokenizer, model_config) -> ChatTemplatePrompt:
         stops = _ids(getattr(model_config, "eos_token_id", None))
         folder = getattr(tokenizer, "name_or_path", None)
@@ -108,9 +119,6 @@ class HFFamily(Family):
 
     def prefix_shape(self, model_config, pre_seq_len: int, prefix_projection: bool) -> PrefixShape:
         return prefix_shape(model_config, pre_seq_len, prefix_projection)
-
-    def model_config(self, folder: Path):
-        return AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
 
     def max_positions(self, model_config) -> int:
         return int(model_config.max_position_embeddings)
