@@ -105,6 +105,21 @@ def test_training_forwards_create_every_tensor_on_the_inputs_device(case):
         model.eval()
 
 
+def test_packed_training_forwards_create_every_tensor_on_the_inputs_device(case):
+    model = case.model.train()
+    rows = [{"input_ids": p, "labels": [-100] + p[1:]} for p in case.prompts]
+    pack = {"input_ids": [t for r in rows for t in r["input_ids"]], "labels": [t for r in rows for t in r["labels"]],
+            "sequence_ids": [n for n, r in enumerate(rows) for _ in r["input_ids"]]}
+    with meta_default_device():
+        batch = TrainingCollator(pad_token_id=case.pad_id, pack_length=len(pack["input_ids"]) + 3)([pack])
+        model.zero_grad()
+        loss = model(**batch, return_logits=False).loss
+        loss.backward()
+    assert all(t.device.type == "cpu" for t in batch.values())
+    assert loss.device.type == "cpu" and torch.isfinite(loss)
+    model.eval()
+
+
 def test_inference_forwards_create_every_tensor_on_the_inputs_device(case):
     model = case.model.eval()
     with torch.no_grad(), meta_default_device():

@@ -63,7 +63,7 @@ RUN_OUTPUT_FILES = (LOG_FILE, PLOT_FILE, RUN_FILE)
 # settings that shape the updates: resuming with another value gives another result than the run it continues
 RESUME_KEYS = ("train.per_device_batch_size", "train.gradient_accumulation_steps", "train.learning_rate",
                "train.weight_decay", "train.lr_scheduler", "train.warmup_steps", "train.max_grad_norm", "train.seed",
-               "data.train_file", "data.max_train_samples")
+               "data.train_file", "data.max_train_samples", "data.packing", "data.pack_length")
 
 
 class TrainingError(RuntimeError):
@@ -113,11 +113,11 @@ class BatchPlan:
     ``seed + epoch`` and cuts them into global micro-batches (the incomplete last one is dropped).
     Resuming needs only ``k``."""
 
-    def __init__(self, num_examples: int, global_batch: int, seed: int):
+    def __init__(self, num_examples: int, global_batch: int, seed: int, unit: str = "examples"):
         self.per_epoch = num_examples // global_batch
         if self.per_epoch == 0:
             raise TrainingError(
-                f"the training set has {num_examples} examples, fewer than one global batch "
+                f"the training set has {num_examples} {unit}, fewer than one global batch "
                 f"({global_batch} = per_device_batch_size x processes)"
             )
         self.num_examples, self.global_batch, self.seed = num_examples, global_batch, seed
@@ -136,11 +136,18 @@ def target_count(labels: list[int]) -> int:
     return sum(1 for t in labels[1:] if t != -100)
 
 
-def token_loss_sum(model, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def token_loss_sum(model, ids: torch.Tensor, labels: torch.Tensor, **inputs) -> torch.Tensor:
     """Summed next-token cross-entropy (float32) over the batch's target tokens: the model's loss times
     its target count. Logits are formed only where a target is predicted, and no generation cache is built
-    (writing every layer's keys and values into one, and its backward, cost ~5% of a CPU step)."""
-    return model(input_ids=ids, labels=labels, loss_reduction="sum", return_logits=False, use_cache=False).loss
+    (writing every layer's keys and values into one, and its backward, cost ~5% of a CPU step). ``inputs``:
+    further model inputs of the batch (``sequence_ids`` of packed rows)."""
+    return model(input_ids=ids, labels=labels, loss_reduction="sum", return_logits=False, use_cache=False,
+                 **inputs).loss
+
+
+def model_inputs(batch: dict, device) -> dict:
+    """The collated batch's model inputs besides ``input_ids`` and ``labels`` (e.g. ``sequence_ids``), on ``device``."""
+    return {key: value.to(device) for key, value in batch.items() if key not in ("input_ids", "labels")}
 
 
 def make_accelerator(cfg: TrainJobConfig) -> tuple[Accelerator, Collectives]:
@@ -523,7 +530,7 @@ def run(cfg: TrainJobConfig, *, trackers=None) -> TrainResult:
 
 
 def _train(cfg: TrainJobConfig, trackers, where: _Progress) -> TrainResult:
-    from ..data import TrainingCollator, build_datasets  # imported here: it pulls in datasets
+    from ..data import PackedRows, TrainingCollator, build_datasets  # imported here: it pulls in datasets
     from ..data.loading import check_positions
 
     cfg.validate()
@@ -592,7 +599,15 @@ def _train(cfg: TrainJobConfig, trackers, where: _Progress) -> TrainResult:
     collate = TrainingCollator.from_config(template, cfg.data)
     targets = [target_count(lab) for lab in train_ds["labels"]]
     world, rank, bs = comm.num_processes, comm.process_index, cfg.train.per_device_batch_size
-    plan = BatchPlan(len(train_ds), bs * world, cfg.train.seed)
+    # the batch plan draws rows, or packs of rows (made once from the row lengths and the seed)
+    units, unit = train_ds, "examples"
+    if cfg.data.packing:
+        try:
+            units = PackedRows.from_rows(train_ds, cfg.data.pack_length, cfg.train.seed)
+        except ValueError as err:
+            raise TrainingError(f"{cfg.data.train_file}: {err}") from None
+        targets, unit = units.per_pack(targets), f"packed sequences of {cfg.data.pack_length} tokens"
+    plan = BatchPlan(len(units), bs * world, cfg.train.seed, unit)
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay)
@@ -672,7 +687,9 @@ def _train(cfg: TrainJobConfig, trackers, where: _Progress) -> TrainResult:
         print(
             f"training {trainable:,} of {total:,} parameters ({100 * trainable / total:.3f}%, a "
             f"{meta['pre_seq_len']}-token prefix{' with projection' if meta['prefix_projection'] else ''}) on {world} "
-            f"process(es), {len(train_ds)} examples, {_count(cfg.train.max_steps, 'step')}"
+            f"process(es), {len(train_ds)} examples"
+            + (f" in {len(units)} {unit} ({100 * units.fill():.1f}% filled)" if cfg.data.packing else "")
+            + f", {_count(cfg.train.max_steps, 'step')}"
         )
 
     def save(at_step: int) -> Path | None:
@@ -749,14 +766,15 @@ def _train(cfg: TrainJobConfig, trackers, where: _Progress) -> TrainResult:
         local_loss = torch.zeros((), device=device)
         local_tokens = 0
         for a, indices in enumerate(batches):
-            batch = collate([train_ds[i] for i in indices[rank * bs : (rank + 1) * bs]])
+            batch = collate([units[i] for i in indices[rank * bs : (rank + 1) * bs]])
             ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
+            inputs = model_inputs(batch, device)
             sync = a == len(batches) - 1
             # DDP and DeepSpeed average gradients over processes: scale so the update is the global token mean
             scale = world / max(global_targets, 1)
             if deepspeed:
                 with accelerator.autocast():
-                    loss_sum = token_loss_sum(model, ids, labels)
+                    loss_sum = token_loss_sum(model, ids, labels, **inputs)
                 model.set_gradient_accumulation_boundary(sync)
                 model.backward(loss_sum * scale, scale_wrt_gas=False)
                 if sync:
@@ -764,7 +782,7 @@ def _train(cfg: TrainJobConfig, trackers, where: _Progress) -> TrainResult:
             else:
                 with nullcontext() if sync else accelerator.no_sync(model):
                     with accelerator.autocast():
-                        loss_sum = token_loss_sum(model, ids, labels)
+                        loss_sum = token_loss_sum(model, ids, labels, **inputs)
                     accelerator.backward(loss_sum * scale)
             local_loss += loss_sum.detach()
             local_tokens += ids.numel()
