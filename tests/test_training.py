@@ -153,7 +153,7 @@ def test_prefix_that_does_not_fit_names_both_values(tmp_path):
     with pytest.raises(CheckpointError, match="pre_seq_len=16 but the model has pre_seq_len=8"):
         load_prefix(model, result.checkpoint)
     model = load_model(ModelConfig(prefix_projection=True))
-    with pytest.raises(CheckpointError, match="prefix_projection=False but the model has prefix_projection=True"):
+    with pytest.raises(CheckpointError, match="prefix_projection=false but the model has prefix_projection=true"):
         load_prefix(model, result.checkpoint)
 
 

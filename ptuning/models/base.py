@@ -300,6 +300,7 @@ class PrefixTunedModel(Protocol):
         return_logits: bool = True,
         prefix: PrefixKV | None = None,
         slot_cache: Any = None,
+        sequence_ids: torch.Tensor | None = None,
     ) -> CausalLMOutputWithPast:
         """Logits and loss of a batch, the prefix in every attention layer.
 
@@ -322,6 +323,10 @@ class PrefixTunedModel(Protocol):
                 every layer stores its new keys and values in the slots and, in the cache's decode step (one
                 token per row, explicit ``position_ids``), attends over the prefix and the row's cached tokens
                 with the cache's mask.
+            sequence_ids: ``[B, S]`` for packed training rows (:mod:`ptuning.data.packing`: the rows of each
+                sequence numbered 0, 1, ..., the padding after them -1; no ``attention_mask``, no cache): every row
+                computes what it computes alone, its positions from 0 and its attention over the prefix and its
+                own tokens only, so the summed loss is the rows' unpacked.
 
         Returns:
             ``CausalLMOutputWithPast`` with ``loss``, ``logits`` ``[B, S, V]`` (None with

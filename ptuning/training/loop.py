@@ -45,7 +45,7 @@ from ..checkpoint import (
     save_checkpoint,
 )
 from ..config import TrainJobConfig
-from ..data import TrainingCollator, build_datasets
+from ..data import PackedRows, TrainingCollator, build_datasets
 from ..data.loading import check_positions
 from ..distributed import Collectives, LaunchError, start
 from ..evaluation.metrics import METRIC_NAMES
@@ -93,11 +93,11 @@ class BatchPlan:
     ``seed + epoch`` and cuts them into global micro-batches (the incomplete last one is dropped).
     Resuming needs only ``k``."""
 
-    def __init__(self, num_examples: int, global_batch: int, seed: int):
+    def __init__(self, num_examples: int, global_batch: int, seed: int, unit: str = "examples"):
         self.per_epoch = num_examples // global_batch
         if self.per_epoch == 0:
             raise TrainingError(
-                f"the training set has {num_examples} examples, fewer than one global batch "
+                f"the training set has {num_examples} {unit}, fewer than one global batch "
                 f"({global_batch} = per_device_batch_size x processes)"
             )
         self.num_examples, self.global_batch, self.seed = num_examples, global_batch, seed
@@ -116,11 +116,18 @@ def target_count(labels: list[int]) -> int:
     return sum(1 for t in labels[1:] if t != -100)
 
 
-def token_loss_sum(model, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def token_loss_sum(model, ids: torch.Tensor, labels: torch.Tensor, **inputs) -> torch.Tensor:
     """Summed next-token cross-entropy (float32) over the batch's target tokens: the model's loss times
     its target count. Logits are formed only where a target is predicted, and no generation cache is built
-    (writing every layer's keys and values into one, and its backward, cost ~5% of a CPU step)."""
-    return model(input_ids=ids, labels=labels, loss_reduction="sum", return_logits=False, use_cache=False).loss
+    (writing every layer's keys and values into one, and its backward, cost ~5% of a CPU step). ``inputs``:
+    further model inputs of the batch (``sequence_ids`` of packed rows)."""
+    return model(input_ids=ids, labels=labels, loss_reduction="sum", return_logits=False, use_cache=False,
+                 **inputs).loss
+
+
+def model_inputs(batch: dict, device) -> dict:
+    """The collated batch's model inputs besides ``input_ids`` and ``labels`` (e.g. ``sequence_ids``), on ``device``."""
+    return {key: value.to(device) for key, value in batch.items() if key not in ("input_ids", "labels")}
 
 
 def make_accelerator(cfg: TrainJobConfig) -> tuple[Accelerator, Collectives]:
@@ -247,7 +254,10 @@ class Recipe:
         print(
             f"training {self.trainable:,} of {self.total:,} parameters ({100 * self.trainable / self.total:.3f}%, a "
             f"{meta['pre_seq_len']}-token prefix{' with projection' if meta['prefix_projection'] else ''}) on "
-            f"{self.world} process(es), {len(self.train_ds)} examples, {_count(self.cfg.train.max_steps, 'step')}"
+            f"{self.world} process(es), {len(self.train_ds)} examples"
+            + (f" in {len(self.units)} {self.unit} ({100 * self.units.fill():.1f}% filled)" if self.cfg.data.packing
+               else "")
+            + f", {_count(self.cfg.train.max_steps, 'step')}"
         )
 
     def _check(self) -> None:
@@ -323,7 +333,17 @@ class Recipe:
                             what="prompts")
         self.collate = TrainingCollator.from_config(template, cfg.data)
         self.targets = [target_count(lab) for lab in self.train_ds["labels"]]
-        self.plan = BatchPlan(len(self.train_ds), cfg.train.per_device_batch_size * self.world, cfg.train.seed)
+        # the batch plan draws rows, or packs of rows (made once from the row lengths and the seed)
+        self.units, self.unit = self.train_ds, "examples"
+        if cfg.data.packing:
+            try:
+                self.units = PackedRows.from_rows(self.train_ds, cfg.data.pack_length, cfg.train.seed)
+            except ValueError as err:
+                raise TrainingError(f"{cfg.data.train_file}: {err}") from None
+            self.targets = self.units.per_pack(self.targets)
+            self.unit = f"packed sequences of {cfg.data.pack_length} tokens"
+        self.plan = BatchPlan(len(self.units), cfg.train.per_device_batch_size * self.world, cfg.train.seed,
+                              self.unit)
 
     def _build_optimizer(self) -> None:
         """AdamW over the prefix and the learning-rate schedule; accelerate (DDP, DeepSpeed) wraps the model
@@ -459,9 +479,10 @@ class Recipe:
         local_loss = torch.zeros((), device=self.device)
         local_tokens = 0
         for a, indices in enumerate(batches):
-            batch = self.collate([self.train_ds[i] for i in indices[self.rank * bs : (self.rank + 1) * bs]])
+            batch = self.collate([self.units[i] for i in indices[self.rank * bs : (self.rank + 1) * bs]])
             ids, labels = batch["input_ids"].to(self.device), batch["labels"].to(self.device)
-            local_loss += self._backward(ids, labels, scale, sync=a == len(batches) - 1).detach()
+            inputs = model_inputs(batch, self.device)
+            local_loss += self._backward(ids, labels, inputs, scale, sync=a == len(batches) - 1).detach()
             local_tokens += ids.numel()
         self.comm.average_gradients(self.params)  # no-op unless accelerate could not set up DDP itself
         kill_point("step", self.step)  # test-only: SIGKILL with the gradients computed, the update not applied
@@ -470,12 +491,14 @@ class Recipe:
         loss = stats[0].item() / max(global_targets, 1)
         return loss, grad_norm, int(stats[1].item()), bs * self.world * len(batches)
 
-    def _backward(self, ids: torch.Tensor, labels: torch.Tensor, scale: float, sync: bool) -> torch.Tensor:
-        """Forward and backward of one micro-batch; ``sync``: the last of the step (gradients are reduced
-        over processes, and DeepSpeed steps its optimizer). Returns the summed loss."""
+    def _backward(self, ids: torch.Tensor, labels: torch.Tensor, inputs: dict, scale: float,
+                  sync: bool) -> torch.Tensor:
+        """Forward and backward of one micro-batch (``inputs``: its further model inputs, ``sequence_ids`` of
+        packed rows); ``sync``: the last of the step (gradients are reduced over processes, and DeepSpeed steps
+        its optimizer). Returns the summed loss."""
         if self.deepspeed:
             with self.accelerator.autocast():
-                loss_sum = token_loss_sum(self.model, ids, labels)
+                loss_sum = token_loss_sum(self.model, ids, labels, **inputs)
             self.model.set_gradient_accumulation_boundary(sync)
             self.model.backward(loss_sum * scale, scale_wrt_gas=False)
             if sync:
@@ -483,7 +506,7 @@ class Recipe:
             return loss_sum
         with nullcontext() if sync else self.accelerator.no_sync(self.model):
             with self.accelerator.autocast():
-                loss_sum = token_loss_sum(self.model, ids, labels)
+                loss_sum = token_loss_sum(self.model, ids, labels, **inputs)
             self.accelerator.backward(loss_sum * scale)
         return loss_sum
 

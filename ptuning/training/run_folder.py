@@ -48,7 +48,7 @@ RUN_OUTPUT_FILES = (LOG_FILE, PLOT_FILE, RUN_FILE)
 # settings that shape the updates: resuming with another value gives another result than the run it continues
 RESUME_KEYS = ("train.per_device_batch_size", "train.gradient_accumulation_steps", "train.learning_rate",
                "train.weight_decay", "train.lr_scheduler", "train.warmup_steps", "train.max_grad_norm", "train.seed",
-               "data.train_file", "data.max_train_samples")
+               "data.train_file", "data.max_train_samples", "data.packing", "data.pack_length")
 
 
 def check_output_dir(out: Path) -> None:

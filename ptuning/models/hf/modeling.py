@@ -38,6 +38,7 @@ from transformers.utils.deprecation import deprecate_kwarg
 from ...prefix import PrefixEncoder, PrefixKV, PrefixShape, prefix_key_values, reset_prefix
 from ...weights import CheckpointError
 from ..loss import project_and_loss
+from ..packed import PackedLayout, check_sequence_ids, packed_position_ids
 from .attention import register
 
 
@@ -85,6 +86,7 @@ class PrefixCausalLM:
         return_logits: bool = True,
         prefix: PrefixKV | None = None,
         slot_cache=None,
+        sequence_ids: torch.LongTensor | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """The backbone's forward with the prefix in every attention layer.
@@ -102,6 +104,10 @@ class PrefixCausalLM:
             slot_cache: a decode loop's :class:`~ptuning.generation.SlotCache`: the model's own cache is disabled
                 and the slots reach every attention layer (see :mod:`ptuning.models.hf.attention`); in a decode
                 step the model builds no mask (the slots have their own) and ``position_ids`` are required.
+            sequence_ids: ``[B, S]`` for packed rows (see :mod:`ptuning.data.packing`): the positions restart at
+                every row (unless ``position_ids`` are given) and each row attends over the prefix and its own
+                tokens alone (:class:`~ptuning.models.packed.PackedLayout`; sliding-window layers through
+                transformers' own packed-sequence mask, block-diagonal causal); no ``attention_mask``, no cache.
             kwargs: passed to the backbone (and from there to every attention layer).
 
         Returns:
@@ -111,6 +117,13 @@ class PrefixCausalLM:
         if prefix is None:
             batch = (input_ids if input_ids is not None else inputs_embeds).shape[0]
             prefix = self.prefix_key_values(batch, self._compute_dtype())
+        if sequence_ids is not None:
+            check_sequence_ids(sequence_ids, input_ids, attention_mask, cache if slot_cache is None else slot_cache)
+            # transformers reads positions that restart as packed sequences (masking_utils.find_packed_sequence_indices)
+            if position_ids is None:
+                position_ids = packed_position_ids(sequence_ids)
+            kwargs["packed_layout"] = PackedLayout(sequence_ids)  # each row's attention alone (models.hf.attention)
+            use_cache = False
         if slot_cache is not None:
             kwargs["slot_cache"] = slot_cache
             use_cache, cache = False, None
