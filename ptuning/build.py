@@ -14,23 +14,31 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from transformers.utils import logging as hf_logging
 
 from .config import BUILTIN_MODEL, ConfigError, ModelConfig
 from .models import Family, PromptTemplate, UnsupportedModelError, family_for
 from .prefix import PrefixKV, PrefixShape, prefix_module_name, reset_prefix, set_prefix_from_key_values
+from .quantization import quantize_backbone
 from .weights import weight_files
 
 
 @dataclass
 class Loaded:
-    """A model folder loaded for use: the family, the model (prefix float32), its tokenizer and template."""
+    """A model folder loaded for use: the family, the model (prefix float32), its tokenizer and template
+    (None when loaded without them), and what the checkpoint of its prefix said, when it has one
+    (:func:`ptuning.checkpoint.load_model_with_prefix`)."""
 
     family: Family
     model: nn.Module
-    tokenizer: object
-    template: PromptTemplate
+    tokenizer: object | None
+    template: PromptTemplate | None
     #: how the loaded prefix's training prompts were rendered ("plain" / "chat"), when its checkpoint says
     prompt_format: str | None = None
+    #: the loaded prefix's ``prefix_config.json`` (None: a new prefix, or a checkpoint that records none)
+    prefix_meta: dict | None = None
+    #: how this backbone differs from the one the loaded prefix was trained on (None: the same, or unknown)
+    base_change: str | None = None
 
     @property
     def max_positions(self) -> int:
@@ -60,15 +68,6 @@ def weights_digest(folder: Path) -> str:
     for path in weight_files(folder):
         digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
-
-
-def base_metadata(cfg: ModelConfig, model: nn.Module) -> dict:
-    """How ``prefix_config.json`` describes the backbone ``cfg`` loads (``model``: the loaded model): the
-    name, the family, the config fingerprint and, for a built-in model, a digest of its weights."""
-    from .training.checkpoint import prefix_metadata
-
-    builtin = cfg.base_model_name.startswith("builtin:")
-    return prefix_metadata(model, cfg.base_model_name, weights_digest(cfg.resolved_path) if builtin else None)
 
 
 def load_model(cfg: ModelConfig, *, family: Family | None = None, **overrides) -> nn.Module:
@@ -105,8 +104,6 @@ def load_model(cfg: ModelConfig, *, family: Family | None = None, **overrides) -
             device=device,
         )
     if cfg.quantization_bit:
-        from .quantization import quantize_backbone  # imports torchao only when asked for
-
         quantize_backbone(model, cfg.quantization_bit, device=quantize_on, linear_names=family.block_linear_names())
     model.ptuning_family = family  # read by ptuning.models.family_of (checkpoint metadata, export)
     return model
@@ -116,8 +113,6 @@ def load_model(cfg: ModelConfig, *, family: Family | None = None, **overrides) -
 def _no_loading_bar() -> Iterator[None]:
     """transformers' ``Loading weights`` progress bar off while a model loads (it loads in a blink for the small
     models and says nothing the start-up lines do not; a large model's load is the one long wait a user expects)."""
-    from transformers.utils import logging as hf_logging
-
     shown = hf_logging.is_progress_bar_enabled()
     if shown:
         hf_logging.disable_progress_bar()
@@ -138,58 +133,29 @@ def load_tokenizer(cfg: ModelConfig, vocab_size: int | None = None, *, family: F
     return family.load_tokenizer(cfg.resolved_path, vocab_size)
 
 
-def load(cfg: ModelConfig, *, device=None, pre_seq_len="config", init: bool = True) -> Loaded:
+def load(cfg: ModelConfig, *, device=None, pre_seq_len="config", init: bool = True,
+         tokenizer: bool = True) -> Loaded:
     """Model, tokenizer and template of ``cfg``, the prefix initialised as ``cfg.prefix_init`` says.
 
     Args:
         device: where the model goes (default: where it loads, the CPU).
         pre_seq_len: the prefix length; ``"config"`` = ``cfg.pre_seq_len``, None = no prefix encoder.
         init: apply ``cfg.prefix_init`` (off when a checkpoint's prefix will replace it anyway).
+        tokenizer: also load the tokenizer and the template (an export needs neither; ``prefix_init=text``
+            needs both).
     """
     family = model_family(cfg)
     kwargs = {"device": device} if device is not None else {}
     if pre_seq_len != "config":
         kwargs["pre_seq_len"] = pre_seq_len
     model = load_model(cfg, family=family, **kwargs)
-    tokenizer = family.load_tokenizer(cfg.resolved_path, model.config.vocab_size)
-    template = family.template(tokenizer, model.config)
-    loaded = Loaded(family, model, tokenizer, template)
+    loaded = Loaded(family, model, None, None)
+    if tokenizer or (init and cfg.prefix_init == "text"):
+        loaded.tokenizer = family.load_tokenizer(cfg.resolved_path, model.config.vocab_size)
+        loaded.template = family.template(loaded.tokenizer, model.config)
     if init:
         init_prefix(loaded, cfg)
     return loaded
-
-
-def folder_prefix_length(folder: Path) -> int | None:
-    """``pre_seq_len`` of a model folder whose weights hold a prefix (a whole model with its prefix inside, as
-    ``python -m ptuning.export full`` or ChatGLM3's ``finetune_demo`` write it), else None."""
-    from .models import read_config
-    from .training.checkpoint import read_prefix
-    from .weights import CheckpointError
-
-    try:
-        stored = read_config(folder).get("pre_seq_len")
-        if not isinstance(stored, int) or stored <= 0:
-            return None
-        read_prefix(folder)  # only the prefix tensors are read
-    except (UnsupportedModelError, CheckpointError):
-        return None
-    return stored
-
-
-def ignored_config_prefix(folder: Path, used: str) -> str | None:
-    """The note for a model folder whose ``config.json`` sets ``pre_seq_len`` (as the original ChatGLM2/3 code
-    reads it to add a prefix) while its weights hold none: the setting is ignored, the prefix is what ``used``
-    says (``the prefix is model.pre_seq_len=16``); None when there is nothing to say."""
-    from .models import read_config
-
-    try:
-        stored = read_config(folder).get("pre_seq_len")
-    except UnsupportedModelError:
-        return None
-    if not isinstance(stored, int) or isinstance(stored, bool) or stored <= 0 or folder_prefix_length(folder):
-        return None
-    return (f"note: {folder / 'config.json'} sets pre_seq_len {stored} but the folder's weights hold no prefix; "
-            f"the setting is ignored ({used})")
 
 
 def _has_prefix(model: nn.Module) -> bool:
@@ -258,10 +224,7 @@ def init_prefix(loaded: Loaded, cfg: ModelConfig) -> None:
 __all__ = [
     "BUILTIN_MODEL",
     "Loaded",
-    "base_metadata",
     "base_model_name",
-    "folder_prefix_length",
-    "ignored_config_prefix",
     "init_prefix",
     "load",
     "load_model",

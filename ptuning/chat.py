@@ -11,15 +11,31 @@ the same generation code as ``evaluate.py``. Type ``clear`` to start a new conve
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 try:  # Ctrl-C while the libraries load (seconds): one line, as everywhere else
-    from .config import ConfigError
+    import torch
+    from transformers import set_seed
+
+    from .build import load as load_folder
+    from .checkpoint import (
+        folder_prefix_length,
+        ignored_config_prefix,
+        load_model_with_prefix,
+        read_checkpoint,
+        resolve_checkpoint,
+    )
+    from .config import ConfigError, ModelConfig
+    from .evaluation import generate
     from .evaluation.generate import GenerationSettings
-    from .generation import Detokenizer, vocab_limit
+    from .generation import Detokenizer, packed_linears, vocab_limit
+    from .models import Conversation
+    from .perf import set_cpu_threads
+    from .weights import CheckpointError
 except KeyboardInterrupt:
     if __name__ != "__main__":
         raise
@@ -72,8 +88,6 @@ class ChatSession:
         Raises:
             ConfigError: ``max_new_tokens`` leaves no room for a prompt.
         """
-        from .models import Conversation
-
         check_answer_room(self.settings.max_new_tokens, self.max_length)
         budget = self.max_length - self.settings.max_new_tokens
         conversation = Conversation(query=query, history=list(self.history), plain=self.plain)
@@ -89,13 +103,11 @@ class ChatSession:
         piece final, control tokens left out, a character the model left incomplete inside the answer shown as
         U+FFFD, one cut off at its very end dropped; the leading whitespace is left out too (the original
         ``chat()`` strips its answers; ChatGLM3's begin with an empty metadata line)."""
-        from .evaluation.generate import make_decoder, stream_ids
-
         if self._decoder is None:
-            self._decoder = make_decoder(self.model, self.settings, max_batch_size=1, max_length=self.max_length,
+            self._decoder = generate.make_decoder(self.model, self.settings, max_batch_size=1, max_length=self.max_length,
                                          pad_id=self.template.pad_token_id, vocab_limit=vocab_limit(self.tokenizer))
         text = Detokenizer(self.tokenizer, set(self.template.control_token_ids), strip_leading=True)
-        tokens = stream_ids(
+        tokens = generate.stream_ids(
             self.model,
             ids,
             self.settings,
@@ -184,14 +196,6 @@ def load(args: argparse.Namespace):
     Raises:
         ConfigError, CheckpointError: a path or value that cannot work.
     """
-    import torch
-
-    from .build import base_metadata, folder_prefix_length, ignored_config_prefix, load
-    from .config import ModelConfig
-    from .evaluation.run import resolve_checkpoint
-    from .perf import set_cpu_threads
-    from .training.checkpoint import base_model_change, infer_prefix_shape, load_prefix, read_prefix
-
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device={args.device}: CUDA is not available on this machine")
@@ -206,7 +210,6 @@ def load(args: argparse.Namespace):
     except ConfigError as err:
         raise ConfigError(str(err).replace("model.path=", "--model-path=", 1)) from None
     checkpoint = None
-    pre_seq_len = None  # no prefix encoder at all
     if args.no_prefix:
         stored = folder_prefix_length(cfg.resolved_path)
         if stored:
@@ -216,33 +219,27 @@ def load(args: argparse.Namespace):
                 f"--prefix-checkpoint {args.model_path} instead of --no-prefix, or give the base model's folder"
             )
     else:
-        checkpoint = resolve_checkpoint(args.prefix_checkpoint, key="--prefix-checkpoint")
-        prefix, meta = read_prefix(checkpoint)
-        shape = meta if meta and "pre_seq_len" in meta else infer_prefix_shape(prefix)
-        pre_seq_len = cfg.pre_seq_len = shape["pre_seq_len"]
-        cfg.prefix_projection = shape.get("prefix_projection", False)
-    note = ignored_config_prefix(cfg.resolved_path, f"the prefix is --prefix-checkpoint's, P={pre_seq_len}"
-                                 if pre_seq_len else "--no-prefix: no prefix is used")
+        checkpoint = read_checkpoint(resolve_checkpoint(args.prefix_checkpoint, key="--prefix-checkpoint"))
+    used = (f"the prefix is --prefix-checkpoint's, P={checkpoint.sizes['pre_seq_len']}" if checkpoint is not None
+            else "--no-prefix: no prefix is used")
+    note = ignored_config_prefix(cfg.resolved_path, used)
     if note:
         print(note, file=sys.stderr)
-    loaded = load(cfg, device=device, pre_seq_len=pre_seq_len, init=False)
+    if checkpoint is None:
+        loaded = load_folder(cfg, device=device, pre_seq_len=None, init=False)  # no prefix encoder at all
+    else:
+        loaded = load_model_with_prefix(cfg, checkpoint, device=device)
+        if loaded.base_change:
+            print(f"warning: {checkpoint.path} {loaded.base_change}", file=sys.stderr)
     set_cpu_threads(loaded.model, device)
-    if checkpoint is not None:
-        trained = load_prefix(loaded.model, checkpoint)
-        changed = base_model_change(trained, base_metadata(cfg, loaded.model), checkpoint)
-        loaded.prompt_format = (trained or {}).get("prompt_format")
-        if changed:
-            print(f"warning: {checkpoint} {changed}", file=sys.stderr)
     loaded.model.eval()
     name = "the built-in tiny model" if cfg.path is None else str(cfg.path)
-    what = f"{name} + prefix {checkpoint}" if checkpoint is not None else f"{name} (no prefix)"
+    what = f"{name} + prefix {checkpoint.path}" if checkpoint is not None else f"{name} (no prefix)"
     return loaded, what
 
 
 def plain_differs(template) -> bool:
     """Whether the family renders a plain prompt differently from a one-message chat (a chat template)."""
-    from .models import Conversation
-
     return template.prompt(Conversation(query="x", plain=True), 64).ids != template.prompt(Conversation(query="x"), 64).ids
 
 
@@ -313,16 +310,11 @@ def main(argv: list[str] | None = None) -> int:
     """
     try:
         args = parse_args(argv)
-        from .weights import CheckpointError
-
         try:
             session = start(args)
         except (ConfigError, CheckpointError) as error:
             print(f"error: {error}", file=sys.stderr)
             return 2
-        import contextlib
-
-        from .generation import packed_linears
     except KeyboardInterrupt:  # Ctrl-C while starting
         print("\ninterrupted", file=sys.stderr)
         return 130
@@ -354,8 +346,6 @@ def start(args: argparse.Namespace) -> ChatSession:
     loaded, what = load(args)
     check_answer_room(settings.max_new_tokens, loaded.max_positions)
     if args.seed is not None:
-        from transformers import set_seed
-
         set_seed(args.seed)
     session = ChatSession(loaded.model, loaded.template, settings, loaded.max_positions, plain=args.plain)
     if getattr(loaded, "prompt_format", None) == "plain" and not args.plain and plain_differs(loaded.template):

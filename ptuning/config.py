@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .data.config import DataConfig
+from .errors import ConfigError
 
 DTYPES = ("float32", "bfloat16", "float16")
 MIXED_PRECISION = ("no", "bf16", "fp16")
@@ -39,10 +40,6 @@ def canonical_base_model(name: str) -> str:
     if folder.parent == (PROJECT_ROOT / "data").resolve() and folder.name in builtin_models():
         return BUILTIN_SCHEME + folder.name
     return str(folder)
-
-
-class ConfigError(ValueError):
-    """A configuration value that cannot work; the message names the key, the value and what is allowed."""
 
 
 def _need(ok: bool, key: str, value, allowed: str) -> None:

@@ -23,7 +23,7 @@ from contextlib import contextmanager, redirect_stdout
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, InitProcessGroupKwargs
+from accelerate.utils import DistributedType, InitProcessGroupKwargs, gather_object
 
 
 class LaunchError(RuntimeError):
@@ -78,8 +78,6 @@ class Collectives:
             return [x for part in out for x in part]
         if self.accelerator.num_processes == 1:
             return list(items)
-        from accelerate.utils import gather_object
-
         return gather_object(items)
 
     def average_gradients(self, params) -> None:

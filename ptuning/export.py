@@ -20,6 +20,7 @@ end, so a refused or failed export leaves nothing behind.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -29,8 +30,19 @@ from contextlib import contextmanager
 from pathlib import Path
 
 try:  # Ctrl-C while the libraries load (seconds): one line, as everywhere else
-    from .config import BUILTIN_SCHEME, PROJECT_ROOT, ConfigError, ModelConfig
-    from .models import UnsupportedModelError, family_for
+    import torch
+
+    from .build import load_model
+    from .checkpoint import (
+        ORIGINAL_FILE,
+        export_original,
+        load_model_with_prefix,
+        read_prefix,
+        resolve_checkpoint,
+    )
+    from .config import BUILTIN_SCHEME, PROJECT_ROOT, ConfigError, ModelConfig, builtin_models
+    from .interop.peft import export_peft_checkpoint, import_peft
+    from .models import UnsupportedModelError, family_for, family_named, family_of, read_config
     from .weights import CheckpointError
 except KeyboardInterrupt:
     if __name__ != "__main__":
@@ -47,8 +59,6 @@ def model_argument(model: str) -> Path:
     Raises:
         CheckpointError: no such built-in model or folder.
     """
-    from .config import builtin_models
-
     if model.startswith(BUILTIN_SCHEME):
         path = ModelConfig(path=model).resolved_path
         if not (path / "config.json").is_file():
@@ -67,8 +77,6 @@ def base_model_path(checkpoint: str | None, model: str | None) -> Path | None:
         return model_argument(model)
     if checkpoint is None:
         return None
-    from .training.checkpoint import read_prefix
-
     _, meta = read_prefix(checkpoint)
     recorded = (meta or {}).get("base_model")
     if recorded and recorded.startswith(BUILTIN_SCHEME):
@@ -102,25 +110,13 @@ def parse_size(text: str) -> int:
 
 def load_with_prefix(model_path: Path, checkpoint: str | None, dtype=None):
     """The base model with the checkpoint's prefix loaded (or no prefix without a checkpoint)."""
-    import torch
-
-    from .build import load_model
-    from .training.checkpoint import infer_prefix_shape, load_prefix, read_prefix
-
     if dtype is None:  # the base model's own dtype (float16 for the published checkpoints)
-        from .models import read_config
-
         raw = read_config(model_path)
         dtype = getattr(torch, str(raw.get("torch_dtype") or raw.get("dtype") or "float32"))
     cfg = ModelConfig(path=str(model_path), dtype=str(dtype).removeprefix("torch."))
     if checkpoint is None:
         return load_model(cfg, pre_seq_len=None)
-    prefix, meta = read_prefix(checkpoint)
-    shape = {k: meta[k] for k in ("pre_seq_len", "prefix_projection")} if meta else infer_prefix_shape(prefix)
-    cfg.pre_seq_len, cfg.prefix_projection = shape["pre_seq_len"], shape["prefix_projection"]
-    model = load_model(cfg)
-    load_prefix(model, checkpoint)
-    return model
+    return load_model_with_prefix(cfg, checkpoint, tokenizer=False).model
 
 
 def _config_of(model_path: Path | None):
@@ -138,8 +134,6 @@ def refuse_unsupported(kind: str, checkpoint: str | None = None, model_path: Pat
     Raises:
         CheckpointError: the family refuses ``kind``.
     """
-    from .models import UnsupportedModelError, family_for, family_named
-
     family = None
     if model_path is not None:
         try:
@@ -147,8 +141,6 @@ def refuse_unsupported(kind: str, checkpoint: str | None = None, model_path: Pat
         except UnsupportedModelError as err:
             raise CheckpointError(str(err)) from None
     elif checkpoint is not None:
-        from .training.checkpoint import read_prefix
-
         _, meta = read_prefix(checkpoint)
         if (meta or {}).get("family"):
             try:
@@ -257,10 +249,6 @@ def check_adapter_family(adapter: str, model_path: Path) -> None:
     Raises:
         CheckpointError: one line naming both families.
     """
-    import json
-
-    from .models import UnsupportedModelError, family_for
-
     try:
         recorded = json.loads((Path(adapter) / "adapter_config.json").read_text(encoding="utf-8"))
         named = recorded.get("base_model_name_or_path") if isinstance(recorded, dict) else None
@@ -332,8 +320,6 @@ def export(argv=None) -> int:
                 check_adapter_family(args.adapter, model_path)
         else:
             if args.checkpoint is not None:  # a checkpoint folder, or a run folder: its latest (as evaluate, chat, serve)
-                from .evaluation.run import resolve_checkpoint
-
                 args.checkpoint = str(resolve_checkpoint(args.checkpoint, key="--checkpoint"))
             model_path = base_model_path(args.checkpoint, getattr(args, "model", None))
             refuse_unsupported(args.kind, args.checkpoint, model_path)
@@ -344,8 +330,6 @@ def export(argv=None) -> int:
         out = Path(args.out).expanduser()
         with new_folder(out) as tmp:
             if args.kind == "peft":
-                from .interop.peft import export_peft_checkpoint
-
                 export_peft_checkpoint(
                     args.checkpoint,
                     tmp,
@@ -354,15 +338,9 @@ def export(argv=None) -> int:
                 )
                 done = f"wrote the peft adapter {out} (adapter_config.json, adapter_model.safetensors)"
             elif args.kind == "original":
-                from .training.checkpoint import ORIGINAL_FILE, export_original
-
                 export_original(args.checkpoint, tmp)
                 done = f"wrote {out / ORIGINAL_FILE}"
             elif args.kind == "full":
-                import torch
-
-                from .models import family_of
-
                 dtype = getattr(torch, args.dtype) if args.dtype else None
                 model = load_with_prefix(model_path, args.checkpoint, dtype)
                 paths = family_of(model).export_full(
@@ -374,8 +352,6 @@ def export(argv=None) -> int:
                 )
                 done = f"wrote {len(paths)} shard(s), pytorch_model.bin.index.json and config.json to {out}"
             else:
-                from .interop.peft import import_peft
-
                 recorded = recorded_name(model_path) if model_path is not None else None
                 import_peft(args.adapter, tmp, _config_of(model_path), base_model=recorded)
                 done = f"wrote the prefix checkpoint {out} (prefix.safetensors, prefix_config.json)"

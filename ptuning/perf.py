@@ -10,6 +10,7 @@ the activations 2N (no weight gradients for a frozen backbone); attention (query
 from __future__ import annotations
 
 import math
+import os
 import platform
 import resource
 import sys
@@ -125,8 +126,6 @@ def set_cpu_threads(config, device="cpu") -> int | None:
     Returns:
         The thread count it set, or None when it left torch's setting alone.
     """
-    import os
-
     if torch.device(device).type != "cpu" or "OMP_NUM_THREADS" in os.environ:
         return None
     weights = family_of(config).matmul_weights(getattr(config, "config", config))

@@ -15,11 +15,11 @@ import pytest
 
 from ptuning.build import base_model_name, load_model, load_tokenizer
 from ptuning.chat import BOT_PREFIX, USER_PREFIX, ChatSession
+from ptuning.checkpoint import export_original, prefix_metadata, save_checkpoint
 from ptuning.config import ModelConfig
 from ptuning.evaluation.generate import GenerationSettings
 from ptuning.generation import Detokenizer
 from ptuning.models.chatglm.template import ChatGLMTemplate, build_prompt
-from ptuning.training.checkpoint import export_original, prefix_metadata, save_checkpoint
 
 from .common import ROOT
 

@@ -218,8 +218,8 @@ sys.meta_path.insert(0, Stop())
 @pytest.fixture(scope="module")
 def small_checkpoint(tmp_path_factory):
     from ptuning.build import load_model
+    from ptuning.checkpoint import prefix_metadata, save_checkpoint
     from ptuning.config import ModelConfig
-    from ptuning.training.checkpoint import prefix_metadata, save_checkpoint
 
     model = load_model(ModelConfig(pre_seq_len=4))
     return save_checkpoint(tmp_path_factory.mktemp("ctrl-c") / "run", 1, model,

@@ -15,10 +15,10 @@ from accelerate.state import AcceleratorState, GradientState, PartialState
 from hydra import compose, initialize_config_dir
 
 from hydra_entry import CONF_DIR, to_object
+from ptuning.checkpoint import export_original, resolve_checkpoint
 from ptuning.config import ConfigError
 from ptuning.evaluation.metrics import METRIC_NAMES
-from ptuning.evaluation.run import resolve_checkpoint, resolve_output_dir, run
-from ptuning.training import export_original
+from ptuning.evaluation.run import resolve_output_dir, run
 from ptuning.training import run as train_run
 
 from .common import ROOT, read_wandb_history
@@ -303,8 +303,8 @@ def test_the_prefix_shape_is_the_checkpoints_and_another_given_value_is_an_error
             run(compose_evaluate([f"prefix_checkpoint={checkpoint}", f"output_dir={tmp_path / 'out'}", override]))
     # training says the same about the same checkpoint
     from ptuning.build import load_model
+    from ptuning.checkpoint import load_prefix
     from ptuning.config import ModelConfig
-    from ptuning.training import load_prefix
 
     with pytest.raises(CheckpointError, match=rf"^{checkpoint}: the prefix was trained with pre_seq_len=16 but the "
                                               r"model has pre_seq_len=8 \(set model.pre_seq_len=16 to load it\)$"):
@@ -409,9 +409,8 @@ def test_a_folder_or_empty_test_file_is_named_as_such(trained, monkeypatch):
 
 def test_a_prefix_that_does_not_fit_names_every_mismatched_key_in_the_first_line(tmp_path):
     from ptuning.build import load_model
+    from ptuning.checkpoint import export_original, load_prefix, prefix_metadata, save_checkpoint
     from ptuning.config import ModelConfig
-    from ptuning.training import load_prefix
-    from ptuning.training.checkpoint import export_original, prefix_metadata, save_checkpoint
     from ptuning.weights import CheckpointError
 
     projected = load_model(ModelConfig(pre_seq_len=16, prefix_projection=True))

@@ -27,15 +27,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from ptuning import memory
-from ptuning.data.collate import TrainingCollator
-from ptuning.data.packing import PackedRows
-from ptuning.evaluation.generate import GenerationSettings, generate_ids, left_pad, strip_generated
-from ptuning.interop import export_peft, load_peft_prefix
-from ptuning.models import Conversation, Family, family_for
-from ptuning.models.base import PrefixTunedModel
-from ptuning.prefix import mark_only_prefix_trainable, prefix_module_name, prefix_state_dict
-from ptuning.quantization import weight_bytes as measured_weight_bytes
-from ptuning.training.checkpoint import (
+from ptuning.checkpoint import (
     ORIGINAL_FILE,
     export_original,
     load_prefix,
@@ -44,6 +36,14 @@ from ptuning.training.checkpoint import (
     read_prefix,
     save_checkpoint,
 )
+from ptuning.data.collate import TrainingCollator
+from ptuning.data.packing import PackedRows
+from ptuning.evaluation.generate import GenerationSettings, generate_ids, left_pad, strip_generated
+from ptuning.interop import export_peft, load_peft_prefix
+from ptuning.models import Conversation, Family, family_for
+from ptuning.models.base import PrefixTunedModel
+from ptuning.prefix import mark_only_prefix_trainable, prefix_module_name, prefix_state_dict
+from ptuning.quantization import weight_bytes as measured_weight_bytes
 from ptuning.weights import CheckpointError
 
 from .common import ROOT

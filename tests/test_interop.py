@@ -14,6 +14,7 @@ from safetensors import safe_open
 
 from ptuning import export as export_cli
 from ptuning.build import load_model
+from ptuning.checkpoint import load_prefix, prefix_metadata, save_checkpoint
 from ptuning.config import ModelConfig
 from ptuning.interop import (
     export_full,
@@ -25,7 +26,6 @@ from ptuning.interop import (
 )
 from ptuning.models.chatglm import ChatGLMForConditionalGeneration, CheckpointError, tiny_config
 from ptuning.models.chatglm.layers import rotary_inv_freq
-from ptuning.training.checkpoint import load_prefix, prefix_metadata, save_checkpoint
 
 from .common import ASSETS
 from .test_model import batch
@@ -486,8 +486,8 @@ def test_peft_export_of_a_chatglm2_or_3_prefix_is_refused_in_one_line(qa_checkpo
         assert err.startswith("error: peft export of a ChatGLM2-6B / ChatGLM3-6B prefix: ") and "'original'" in err
         assert not (tmp_path / "adapter").exists()
     # the prefix's keys (prefix_encoder.*, not transformer.prefix_encoder.*) are read whole
+    from ptuning.checkpoint import read_prefix
     from ptuning.interop.peft import prefix_output
-    from ptuning.training.checkpoint import read_prefix
 
     prefix, meta = read_prefix(ckpt)
     assert list(prefix) == ["prefix_encoder.embedding.weight"]

@@ -19,11 +19,13 @@ import os
 from pathlib import Path
 
 import torch
+from peft import PeftConfig, PrefixTuningConfig, TaskType
+from peft.utils import load_peft_weights
 from safetensors.torch import save_file
 
+from ..checkpoint import META_FILE, PREFIX_FILE, infer_prefix_shape, local_prefix_keys, read_prefix
 from ..models import FAMILIES, Family, family_of
 from ..prefix import PREFIX_ATTRIBUTE, PrefixEncoder, PrefixShape, prefix_module_name, prefix_state_dict
-from ..training.checkpoint import META_FILE, PREFIX_FILE, infer_prefix_shape, local_prefix_keys, read_prefix
 from ..weights import CheckpointError
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -66,8 +68,6 @@ def prefix_output(config, prefix: dict[str, torch.Tensor]) -> torch.Tensor:
 def peft_config_for(shape: PrefixShape, *, base_model_name_or_path: str | None = None):
     """The ``peft.PrefixTuningConfig`` that describes a prefix of ``shape``: peft's ``num_attention_heads`` heads
     of ``token_dim / num_attention_heads`` per layer are our G key/value heads of D."""
-    from peft import PrefixTuningConfig, TaskType
-
     return PrefixTuningConfig(
         task_type=TaskType.CAUSAL_LM,
         num_virtual_tokens=shape.pre_seq_len,
@@ -169,9 +169,6 @@ def read_peft_adapter(adapter_dir: str | os.PathLike) -> tuple[dict, torch.Tenso
     Raises:
         CheckpointError: not a peft ``PREFIX_TUNING`` adapter, or its embeddings do not fit its config.
     """
-    from peft import PeftConfig
-    from peft.utils import load_peft_weights
-
     adapter_dir = Path(adapter_dir)
     if not (adapter_dir / ADAPTER_CONFIG).is_file():
         raise CheckpointError(f"{adapter_dir}: no {ADAPTER_CONFIG} (expected a peft adapter folder)")
@@ -277,7 +274,7 @@ def import_peft(
     # under the family's own key (what its original code and our loading both read), else the bare encoder's
     key = family.original_prefix_key("embedding.weight") or f"{PREFIX_ATTRIBUTE}.embedding.weight"
     save_file({key: emb.contiguous()}, str(out_dir / PREFIX_FILE), metadata={"format": "pt"})
-    # what ptuning.training.checkpoint.prefix_metadata records; without a config nothing says what the
+    # what ptuning.checkpoint.prefix_metadata records; without a config nothing says what the
     # backbone computes, so no fingerprint
     meta = {**shape.describe(), "family": family.name,
             "base_model": base_model or adapter.get("base_model_name_or_path") or "unknown"}

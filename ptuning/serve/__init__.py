@@ -7,16 +7,7 @@ frozen backbone.
 * :mod:`.service`: model names, prompts through the family's template, requests in flight;
 * :mod:`.protocol`: OpenAI's request bodies and error body;
 * :mod:`.app`: the FastAPI routes; :mod:`.web`: the Gradio page; :mod:`.cli`: ``ptuning-serve``.
+
+The package itself imports nothing: ``python -m ptuning.serve`` imports it before its ``__main__``, which answers
+Ctrl-C during the (seconds of) library imports with one line.
 """
-
-__all__ = ["PrefixBank", "serving_decoder"]
-
-
-def __getattr__(name: str):
-    # the engine's names are imported on first use: ``python -m ptuning.serve`` imports this package before its
-    # ``__main__``, which answers Ctrl-C during the (seconds of) library imports with one line
-    if name in __all__:
-        from . import engine
-
-        return getattr(engine, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -7,7 +7,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from ...config import ConfigError
+from ...errors import ConfigError
 from ...prefix import PrefixShape
 from ..base import Family
 from .config import ChatGLMConfig

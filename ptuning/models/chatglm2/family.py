@@ -12,7 +12,7 @@ from torch import nn
 from transformers import GlmForCausalLM
 from transformers.models.glm.modeling_glm import GlmRotaryEmbedding
 
-from ...config import ConfigError
+from ...errors import ConfigError
 from ...prefix import PrefixShape
 from ...weights import CheckpointError
 from ..base import Family

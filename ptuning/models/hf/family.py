@@ -8,6 +8,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from transformers import AutoTokenizer
+
+from ...errors import ConfigError
 from ...prefix import PrefixShape
 from .. import HF_ARCHITECTURES
 from ..base import Family
@@ -87,10 +90,6 @@ class HFFamily(Family):
             ConfigError: no ``tokenizer.json``, a tokenizer transformers cannot load without remote code, or
                 more tokens than the model's ``vocab_size``.
         """
-        from transformers import AutoTokenizer
-
-        from ...config import ConfigError
-
         folder = Path(folder)
         if not (folder / "tokenizer.json").is_file():
             raise ConfigError(f"{folder}: no tokenizer.json (a transformers fast tokenizer) in the model folder")

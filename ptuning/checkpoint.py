@@ -1,4 +1,6 @@
-"""Prefix-only checkpoints: atomic writes, pruning, resume state, and the original P-Tuning v2 format.
+"""Prefix checkpoints: the formats, saving and resume state, finding the latest, and loading a model with a
+checkpoint's prefix (:func:`load_model_with_prefix`, the one way training, evaluation, chat, serving and export
+get one).
 
 A checkpoint folder ``checkpoint-{step}/`` holds
 
@@ -7,7 +9,10 @@ A checkpoint folder ``checkpoint-{step}/`` holds
   model and a fingerprint of its config, and the id of the training run that wrote it (``run_id``);
 * ``training_state.pt``: optimizer, scheduler, step, RNG states and data position, for exact resume.
 
-It is written to a temporary folder and renamed, so a crash never leaves a half-written checkpoint.
+It is written to a temporary folder and renamed, so a crash never leaves a half-written checkpoint. Reading
+also takes the original P-Tuning v2 script's checkpoints (``pytorch_model.bin`` holding the prefix) and whole
+models with their prefix inside (ChatGLM3's ``finetune_demo``, ``python -m ptuning.export full``); peft
+adapters are converted with ``python -m ptuning.export from-peft`` (:mod:`ptuning.interop.peft`).
 
 A training output folder records its run's id in ``run_config.json``. A run prunes only its own
 checkpoints, and "the latest checkpoint" of a folder is the newest one its recorded run wrote, so a run
@@ -22,14 +27,20 @@ import random
 import re
 import shutil
 import sys
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Literal
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..prefix import PREFIX_ATTRIBUTE, is_prefix_param, prefix_module_name, prefix_state_dict
-from ..weights import (
+from .build import Loaded, load, weights_digest
+from .config import ConfigError, ModelConfig, canonical_base_model
+from .faults import kill_point
+from .models import Family, UnsupportedModelError, family_named, family_of, read_config
+from .prefix import PREFIX_ATTRIBUTE, PrefixEncoder, is_prefix_param, prefix_module_name, prefix_state_dict
+from .weights import (
     BIN_INDEX,
     SAFE_INDEX,
     SAFE_SINGLE,
@@ -40,7 +51,6 @@ from ..weights import (
     torch_load,
     weight_files,
 )
-from .faults import kill_point
 
 PREFIX_FILE = "prefix.safetensors"
 META_FILE = "prefix_config.json"
@@ -51,20 +61,25 @@ PEFT_ADAPTER_FILE = "adapter_config.json"  # a peft adapter folder: not read as 
 # the files a checkpoint of ours consists of: all that train.overwrite (or a re-save) ever removes from one
 CHECKPOINT_FILES = (PREFIX_FILE, META_FILE, STATE_FILE)
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+DEFAULT_RUN = Path("outputs") / "default"  # train.py's default output folder: where a command looks by default
 # Sizes every prefix_config.json records (ptuning.prefix.PrefixShape.describe); checkpoints of earlier
 # versions recorded pre_seq_len, prefix_projection, num_layers, hidden_size and num_attention_heads.
 FIT_KEYS = ("pre_seq_len", "prefix_projection", "num_layers", "num_key_value_heads", "head_dim")
 
 
-def config_fingerprint(model_or_config) -> str:
-    """A hash of the config values that decide what the backbone computes (the family's choice of keys)."""
-    from ..models import family_of
+def backbone_metadata(cfg: ModelConfig, model: torch.nn.Module) -> dict:
+    """How ``prefix_config.json`` describes the backbone that ``cfg`` loads (``model``, with or without a prefix
+    encoder): its name (:attr:`~ptuning.config.ModelConfig.base_model_name`), the fingerprint of its config (a
+    hash of the values that decide what it computes, the family's choice of keys) and, for a built-in model, a
+    digest of its weights."""
+    meta = {"base_model": cfg.base_model_name, "base_config_fingerprint": family_of(model).fingerprint(model.config)}
+    if cfg.base_model_name.startswith("builtin:"):
+        meta["base_weights_sha256"] = weights_digest(cfg.resolved_path)
+    return meta
 
-    config = getattr(model_or_config, "config", model_or_config)
-    return family_of(model_or_config).fingerprint(config)
 
-
-def prefix_metadata(model_or_config, base_model: str, weights_sha256: str | None = None, *, family=None) -> dict:
+def prefix_metadata(model_or_config, base_model: str, weights_sha256: str | None = None, *,
+                    family: Family | None = None) -> dict:
     """What ``prefix_config.json`` records: the prefix's sizes (:data:`FIT_KEYS`), the family, the base model
     and the fingerprint of its config (and of its weights, for the small built-in models).
 
@@ -72,9 +87,6 @@ def prefix_metadata(model_or_config, base_model: str, weights_sha256: str | None
         model_or_config: the model (its prefix encoder gives the sizes) or its config (``pre_seq_len`` and
             ``prefix_projection`` from the config).
     """
-    from ..models import family_of
-    from ..prefix import prefix_module_name
-
     family = family or family_of(model_or_config)
     config = getattr(model_or_config, "config", model_or_config)
     if isinstance(model_or_config, torch.nn.Module):
@@ -86,6 +98,13 @@ def prefix_metadata(model_or_config, base_model: str, weights_sha256: str | None
     if weights_sha256 is not None:
         meta["base_weights_sha256"] = weights_sha256
     return meta
+
+
+def base_metadata(cfg: ModelConfig, model: torch.nn.Module) -> dict:
+    """:func:`prefix_metadata` of ``model`` (loaded from ``cfg``, with its prefix encoder): what a checkpoint
+    of a prefix trained on it records."""
+    backbone = backbone_metadata(cfg, model)
+    return prefix_metadata(model, backbone["base_model"], backbone.get("base_weights_sha256"))
 
 
 def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
@@ -170,6 +189,35 @@ def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
     recorded = folder_run_id(output_dir)
     found = list_checkpoints(output_dir) if recorded is None else run_checkpoints(output_dir, recorded)
     return found[-1] if found else None
+
+
+def resolve_checkpoint(prefix_checkpoint: str | None, key: str = "prefix_checkpoint") -> Path:
+    """The checkpoint folder a command was given (evaluation, chat, serving).
+
+    Args:
+        prefix_checkpoint: a checkpoint folder (ours or the original's), a training output folder (its
+            latest ``checkpoint-N``), or None for the latest checkpoint of ``outputs/default``.
+        key: how the setting is named in messages (``--prefix-checkpoint`` for the chat command).
+
+    Raises:
+        ConfigError: nothing to evaluate there; the message says what to run or set.
+    """
+    if prefix_checkpoint is not None and not str(prefix_checkpoint).strip():
+        raise ConfigError(f"{key} is empty; expected a checkpoint-N folder or a run folder (its latest checkpoint)")
+    if prefix_checkpoint is None:
+        found = latest_checkpoint(DEFAULT_RUN)
+        if found is None:
+            raise ConfigError(
+                f"{key} is not set and {DEFAULT_RUN} holds no checkpoint: run `python train.py` "
+                f"first or set {key}=/path/to/checkpoint-N"
+            )
+        return found
+    path = Path(prefix_checkpoint).expanduser()
+    if not path.exists():
+        raise ConfigError(f"{key}={prefix_checkpoint}: no such folder")
+    if not path.is_dir():
+        raise ConfigError(f"{key}={prefix_checkpoint}: not a folder (expected a checkpoint-N folder)")
+    return checkpoint_in(path)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -319,6 +367,33 @@ def read_prefix(checkpoint: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
     return prefix, meta
 
 
+def folder_prefix_length(folder: Path) -> int | None:
+    """``pre_seq_len`` of a model folder whose weights hold a prefix (a whole model with its prefix inside, as
+    ``python -m ptuning.export full`` or ChatGLM3's ``finetune_demo`` write it), else None."""
+    try:
+        stored = read_config(folder).get("pre_seq_len")
+        if not isinstance(stored, int) or stored <= 0:
+            return None
+        read_prefix(folder)  # only the prefix tensors are read
+    except (UnsupportedModelError, CheckpointError):
+        return None
+    return stored
+
+
+def ignored_config_prefix(folder: Path, used: str) -> str | None:
+    """The note for a model folder whose ``config.json`` sets ``pre_seq_len`` (as the original ChatGLM2/3 code
+    reads it to add a prefix) while its weights hold none: the setting is ignored, the prefix is what ``used``
+    says (``the prefix is model.pre_seq_len=16``); None when there is nothing to say."""
+    try:
+        stored = read_config(folder).get("pre_seq_len")
+    except UnsupportedModelError:
+        return None
+    if not isinstance(stored, int) or isinstance(stored, bool) or stored <= 0 or folder_prefix_length(folder):
+        return None
+    return (f"note: {folder / 'config.json'} sets pre_seq_len {stored} but the folder's weights hold no prefix; "
+            f"the setting is ignored ({used})")
+
+
 def prefix_format(checkpoint: str | os.PathLike) -> str:
     """How a checkpoint folder that :func:`read_prefix` reads holds its prefix, in words for start-up lines:
     ``ours (prefix.safetensors)``, ``original P-Tuning v2 (pytorch_model.bin)`` or ``a whole model with its
@@ -372,7 +447,6 @@ def base_model_change(trained: dict | None, current: dict, checkpoint: str | os.
     """
     if not trained or "base_model" not in trained:
         return whole_model_change(checkpoint, current) if checkpoint is not None else None
-    from ..config import canonical_base_model
 
     def same(key: str) -> bool:
         if key == "base_model":
@@ -411,8 +485,6 @@ def whole_model_change(checkpoint: str | os.PathLike, current: dict) -> str | No
         differ at transformer.encoder.final_layernorm.weight) but the model is builtin:tiny-chatglm2"``, as
         :func:`base_model_change` words it; None for a checkpoint that is no whole model.
     """
-    from ..config import ModelConfig
-
     checkpoint = Path(checkpoint)
     if (checkpoint / PREFIX_FILE).is_file() or not (checkpoint / "config.json").is_file():
         return None
@@ -466,61 +538,39 @@ def _weight_names(folder: Path) -> list[str]:
     return names
 
 
-def load_prefix(model: torch.nn.Module, checkpoint: str | os.PathLike) -> dict | None:
-    """Loads a prefix checkpoint into ``model``; a prefix that does not fit is an error naming both values.
+@dataclass(frozen=True)
+class PrefixCheckpoint:
+    """A prefix checkpoint read from disk (:func:`read_checkpoint`), before any model is loaded.
 
-    Returns:
-        The checkpoint's metadata (None for the original format, which has none).
+    Attributes:
+        path: the checkpoint folder.
+        prefix: the prefix weights under their keys as stored (``transformer.prefix_encoder.embedding.weight``
+            ...).
+        meta: its ``prefix_config.json``; None for the original format and for whole models, which record none.
+    """
+
+    path: Path
+    prefix: dict[str, torch.Tensor]
+    meta: dict | None
+
+    @property
+    def sizes(self) -> dict:
+        """``pre_seq_len`` and ``prefix_projection``: as recorded, else as the weights show."""
+        if self.meta and "pre_seq_len" in self.meta:
+            return {"pre_seq_len": self.meta["pre_seq_len"],
+                    "prefix_projection": self.meta.get("prefix_projection", False)}
+        return infer_prefix_shape(self.prefix)
+
+
+def read_checkpoint(checkpoint: str | os.PathLike | PrefixCheckpoint) -> PrefixCheckpoint:
+    """:func:`read_prefix` of ``checkpoint`` as a :class:`PrefixCheckpoint` (one already read as it is).
 
     Raises:
-        CheckpointError: unreadable, or it does not fit the model's prefix encoder.
+        CheckpointError: unreadable, holds no prefix, or a prefix with non-finite values.
     """
-    prefix, meta = read_prefix(checkpoint)
-    try:
-        encoder = model.get_submodule(prefix_module_name(model))
-    except ValueError:
-        raise CheckpointError(
-            f"{checkpoint}: holds a prefix but the model has no prefix encoder (pre_seq_len=null)"
-        ) from None
-    have = encoder.shape.describe()
-    if meta is not None and meta.get("family") and hasattr(model, "config"):  # a whole model, not a bare encoder
-        from ..models import UnsupportedModelError, family_named, family_of
-
-        try:
-            mine = family_of(model)
-        except UnsupportedModelError:
-            mine = None
-        if mine is not None and meta["family"] != mine.name:
-            try:
-                theirs = family_named(meta["family"]).label
-            except UnsupportedModelError:
-                theirs = meta["family"]
-            raise CheckpointError(
-                f"{checkpoint}: the prefix was trained on a {theirs} model "
-                f"({meta.get('base_model')}) but the model is a {mine.label} model"
-            )
-    # what the prefix was trained with: its metadata, else (the original's checkpoints) what its tensors show
-    trained = meta if meta is not None and "pre_seq_len" in meta else {**(meta or {}), **infer_prefix_shape(prefix)}
-    mismatch = prefix_fit_mismatch(trained, have)
-    if mismatch:
-        raise CheckpointError(f"{checkpoint}: {mismatch}")
-    local = local_prefix_keys(prefix)
-    stored = dict(zip(local, prefix, strict=True))  # local key -> the key as the checkpoint stores it
-    expected = encoder.state_dict()
-    sizes = ", ".join(f"{k}={v}" for k, v in have.items() if k != "prefix_projection")
-    if set(local) != set(expected):
-        hint = "prefix_projection" if len(local) != len(expected) else "keys"
-        raise CheckpointError(
-            f"{checkpoint}: prefix keys {sorted(prefix)} do not fit the model's {sorted(expected)} (check {hint})"
-        )
-    for key, tensor in local.items():
-        if tuple(tensor.shape) != tuple(expected[key].shape):
-            raise CheckpointError(
-                f"{checkpoint}: '{stored[key]}' has shape {list(tensor.shape)} but the model expects "
-                f"{list(expected[key].shape)} ({sizes})"
-            )
-    encoder.load_state_dict({k: v.float() for k, v in local.items()})
-    return meta
+    if isinstance(checkpoint, PrefixCheckpoint):
+        return checkpoint
+    return PrefixCheckpoint(Path(checkpoint), *read_prefix(checkpoint))
 
 
 #: the prefix's own settings, which are ``model.*`` keys (the other sizes are the backbone's, its folder's)
@@ -563,6 +613,135 @@ def infer_prefix_shape(prefix: dict[str, torch.Tensor]) -> dict:
     return {"pre_seq_len": local["embedding.weight"].shape[0], "prefix_projection": "trans.0.weight" in local}
 
 
+def load_prefix(model: torch.nn.Module, checkpoint: str | os.PathLike | PrefixCheckpoint) -> dict | None:
+    """Loads a prefix checkpoint into ``model`` (a model of any family, or a module holding a bare
+    ``prefix_encoder``); a prefix that does not fit is an error naming both values.
+
+    Returns:
+        The checkpoint's metadata (None for the original format, which has none).
+
+    Raises:
+        CheckpointError: unreadable, trained on a model of another family, or it does not fit the model's
+            prefix encoder.
+    """
+    checkpoint = read_checkpoint(checkpoint)
+    try:
+        encoder = model.get_submodule(prefix_module_name(model))
+    except ValueError:
+        raise CheckpointError(
+            f"{checkpoint.path}: holds a prefix but the model has no prefix encoder (pre_seq_len=null)"
+        ) from None
+    if checkpoint.meta is not None and checkpoint.meta.get("family") and hasattr(model, "config"):
+        _check_family(model, checkpoint)  # a whole model, not a bare encoder
+    local = _check_fit(encoder, checkpoint)
+    encoder.load_state_dict({k: v.float() for k, v in local.items()})
+    return checkpoint.meta
+
+
+def _check_family(model: torch.nn.Module, checkpoint: PrefixCheckpoint) -> None:
+    try:
+        mine = family_of(model)
+    except UnsupportedModelError:
+        return
+    if checkpoint.meta["family"] != mine.name:
+        try:
+            theirs = family_named(checkpoint.meta["family"]).label
+        except UnsupportedModelError:
+            theirs = checkpoint.meta["family"]
+        raise CheckpointError(
+            f"{checkpoint.path}: the prefix was trained on a {theirs} model "
+            f"({checkpoint.meta.get('base_model')}) but the model is a {mine.label} model"
+        )
+
+
+def _check_fit(encoder: PrefixEncoder, checkpoint: PrefixCheckpoint) -> dict[str, torch.Tensor]:
+    """The checkpoint's prefix under the encoder's own keys, once its recorded sizes, keys and shapes are
+    checked against ``encoder``."""
+    have = encoder.shape.describe()
+    meta, path = checkpoint.meta, checkpoint.path
+    # what the prefix was trained with: its metadata, else (the original's checkpoints) what its tensors show
+    trained = meta if meta is not None and "pre_seq_len" in meta else {**(meta or {}), **checkpoint.sizes}
+    mismatch = prefix_fit_mismatch(trained, have)
+    if mismatch:
+        raise CheckpointError(f"{path}: {mismatch}")
+    local = local_prefix_keys(checkpoint.prefix)
+    stored = dict(zip(local, checkpoint.prefix, strict=True))  # local key -> the key as the checkpoint stores it
+    expected = encoder.state_dict()
+    sizes = ", ".join(f"{k}={v}" for k, v in have.items() if k != "prefix_projection")
+    if set(local) != set(expected):
+        hint = "prefix_projection" if len(local) != len(expected) else "keys"
+        raise CheckpointError(
+            f"{path}: prefix keys {sorted(checkpoint.prefix)} do not fit the model's {sorted(expected)} (check {hint})"
+        )
+    for key, tensor in local.items():
+        if tuple(tensor.shape) != tuple(expected[key].shape):
+            raise CheckpointError(
+                f"{path}: '{stored[key]}' has shape {list(tensor.shape)} but the model expects "
+                f"{list(expected[key].shape)} ({sizes})"
+            )
+    return local
+
+
+def load_prefix_encoder(checkpoint: str | os.PathLike | PrefixCheckpoint, family: Family, config) -> PrefixEncoder:
+    """The checkpoint's prefix as a prefix encoder of its own, for a backbone of ``family`` with ``config``
+    that has none (the server keeps one backbone and many prefixes), with the checks of :func:`load_prefix`.
+
+    Raises:
+        CheckpointError: unreadable, or it does not fit the backbone.
+    """
+    checkpoint = read_checkpoint(checkpoint)
+    sizes = checkpoint.sizes
+    holder = torch.nn.Module()
+    holder.prefix_encoder = PrefixEncoder(
+        family.prefix_shape(config, int(sizes["pre_seq_len"]), bool(sizes.get("prefix_projection")))
+    )
+    load_prefix(holder, checkpoint)
+    return holder.prefix_encoder
+
+
+def load_model_with_prefix(
+    cfg: ModelConfig,
+    checkpoint: str | os.PathLike | PrefixCheckpoint | None,
+    *,
+    device: str | torch.device | None = None,
+    sizes: Literal["checkpoint", "config"] = "checkpoint",
+    tokenizer: bool = True,
+) -> Loaded:
+    """The model of ``cfg`` with the prefix of ``checkpoint`` loaded: how training (resume,
+    ``train.init_prefix_from``), evaluation, chat and export get a model with a trained prefix.
+
+    Args:
+        cfg: the model folder, dtype, quantization and the prefix's settings.
+        checkpoint: a checkpoint folder (ours, the original's, or a whole model with its prefix inside), or
+            None for a new prefix initialised as ``cfg.prefix_init`` says.
+        device: where the model goes (default: where it loads, the CPU).
+        sizes: ``"checkpoint"``: the prefix's ``pre_seq_len`` and ``prefix_projection`` are the checkpoint's;
+            ``"config"``: they are ``cfg``'s, and a checkpoint that does not fit them is an error naming the
+            ``model.*`` key to set.
+        tokenizer: also load the tokenizer and the prompt template (else both are None).
+
+    Returns:
+        The :class:`~ptuning.build.Loaded` model, with ``prefix_meta`` (the checkpoint's metadata),
+        ``prompt_format`` (how its training prompts were rendered, when recorded) and ``base_change`` (how this
+        backbone differs from the one the prefix was trained on, see :func:`base_model_change`; the caller
+        warns or refuses).
+
+    Raises:
+        ConfigError, CheckpointError: the model or the checkpoint cannot be read, or they do not fit.
+    """
+    if checkpoint is None:
+        return load(cfg, device=device, init=True, tokenizer=tokenizer)
+    checkpoint = read_checkpoint(checkpoint)
+    if sizes == "checkpoint":
+        cfg = replace(cfg, **checkpoint.sizes)
+    loaded = load(cfg, device=device, init=False, tokenizer=tokenizer)
+    meta = load_prefix(loaded.model, checkpoint)
+    loaded.prefix_meta = meta
+    loaded.prompt_format = (meta or {}).get("prompt_format")
+    loaded.base_change = base_model_change(meta, base_metadata(cfg, loaded.model), checkpoint.path)
+    return loaded
+
+
 def export_original(checkpoint: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     """Writes the prefix as the family's original P-Tuning v2 script saved it: ``pytorch_model.bin`` with the
     keys its code loads (``transformer.prefix_encoder.*`` for ChatGLM-6B and ChatGLM2/3; the family comes from
@@ -571,8 +750,6 @@ def export_original(checkpoint: str | os.PathLike, out_dir: str | os.PathLike) -
     Raises:
         CheckpointError: unreadable, or the checkpoint's family has no original prefix format.
     """
-    from ..models import UnsupportedModelError, family_named
-
     prefix, meta = read_prefix(checkpoint)
     if meta is not None and meta.get("family"):
         try:
