@@ -12,6 +12,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
@@ -122,6 +123,7 @@ def check_overrides(config_name: str, args: list[str] | None = None) -> None:
     from hydra.errors import HydraException
 
     args = sys.argv[1:] if args is None else args
+    check_yaml_syntax(config_name, args)
     if any(arg.startswith("-") for arg in args):
         return  # --help, --cfg, --multirun...: Hydra's own modes, left to Hydra
     # hydra.* overrides configure Hydra itself (run dir, logging), which compose() does not accept
@@ -131,9 +133,53 @@ def check_overrides(config_name: str, args: list[str] | None = None) -> None:
             cfg = compose(config_name, overrides=overrides)
     except (HydraException, OmegaConfBaseException) as err:
         fail(_compose_error_line(err, config_name))
+    except yaml.YAMLError as err:  # a config file (conf/conf/mine.yaml ...) that is not valid YAML
+        fail(yaml_error_line(err))
     extra = unknown_keys(cfg)
     if extra:
         fail(_no_such_key(extra[0], _known_keys(config_name)))
+
+
+def check_yaml_syntax(config_name: str, args: list[str]) -> None:
+    """Parses the primary config file and each ``group=option`` file the command line names (every option of
+    a sweep's ``group=a,b``), so that a YAML syntax error in a user's own file is one line also in Hydra's own
+    modes (``-m``), where composing is left to Hydra (whose report is a long traceback)."""
+    files = [Path(CONF_DIR) / f"{config_name}.yaml"]
+    for arg in args:
+        group, sep, options = arg.lstrip("+~").partition("=")
+        if sep and not arg.startswith("-") and not group.startswith("hydra"):
+            files += [Path(CONF_DIR) / group / f"{option.strip()}.yaml" for option in options.split(",")]
+    for path in files:
+        if not path.is_file():
+            continue
+        try:
+            yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as err:
+            fail(yaml_error_line(err, path))
+        except (OSError, UnicodeDecodeError) as err:
+            fail(f"{path}: cannot read the config file ({err})")
+
+
+def yaml_error_line(err: yaml.YAMLError, path: Path | None = None) -> str:
+    """One line for a config file PyYAML cannot parse: the file (relative to the working folder when inside
+    it), the 1-based line and column of the problem and what PyYAML expected, e.g. ``conf/conf/mine.yaml, line
+    3, column 2: YAML syntax error: expected <block end>, but found '<block mapping start>' (while parsing a block
+    mapping that starts at line 1)``."""
+    mark = getattr(err, "problem_mark", None)
+    if mark is None:
+        return f"a config file is not valid YAML: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
+    path = Path(path or mark.name)
+    try:
+        path = path.resolve().relative_to(Path.cwd())
+    except ValueError:
+        pass
+    problem = getattr(err, "problem", None) or "invalid syntax"
+    context = getattr(err, "context", None)
+    context_mark = getattr(err, "context_mark", None)
+    where = ""
+    if context and context_mark is not None and context_mark.line != mark.line:
+        where = f" ({context} that starts at line {context_mark.line + 1})"
+    return f"{path}, line {mark.line + 1}, column {mark.column + 1}: YAML syntax error: {problem}{where}"
 
 
 def _no_such_key(key: str, known: list[str]) -> str:

@@ -48,10 +48,10 @@ def make_model(folder: Path) -> tuple[Path, list[Path]]:
     import torch
 
     from ptuning.build import load
+    from ptuning.checkpoint import prefix_metadata, save_checkpoint
     from ptuning.config import ModelConfig
     from ptuning.models.chatglm import ChatGLMForConditionalGeneration, tiny_config
     from ptuning.prefix import prefix_module_name, reset_prefix
-    from ptuning.training.checkpoint import prefix_metadata, save_checkpoint
 
     shape = {k: v for k, v in BENCH_SHAPE.items() if k != "pre_seq_len"}
     torch.manual_seed(0)

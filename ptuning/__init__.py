@@ -1,6 +1,11 @@
 """P-Tuning v2 for ChatGLM-6B."""
 
 import logging
+import sys
+import warnings
+
+# The filters below read torch from sys.modules: the records they see come from code that has imported it, and
+# importing it here would make ``import ptuning`` take seconds before a command can answer Ctrl-C in one line.
 
 
 def _drop_torchao_import_noise() -> None:
@@ -9,11 +14,10 @@ def _drop_torchao_import_noise() -> None:
     torch's pytree, are logged as warnings on every start although nothing is wrong; drop those lines only."""
 
     def keep(record: logging.LogRecord) -> bool:
-        import torch  # already imported when these records come; on a CUDA build a failed load is news
-
+        # on a CUDA build a failed load is news
         text = str(record.msg)
         return not (
-            (record.name == "torchao" and text.startswith("Failed to load") and torch.version.cuda is None)
+            (record.name == "torchao" and text.startswith("Failed to load") and sys.modules["torch"].version.cuda is None)
             or (record.name == "torch.utils._pytree" and "is an Enum subclass" in text)
         )
 
@@ -32,8 +36,6 @@ def _drop_known_noise() -> None:
       the name ``cache``: the rename's FutureWarning is ours and the caller (peft) cannot act on it;
     * ``get_peft_model`` reads transformers' deprecated ``is_gradient_checkpointing``.
     """
-    import warnings
-
     warnings.filterwarnings(
         "ignore",
         message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated",
@@ -46,9 +48,8 @@ def _drop_known_noise() -> None:
     warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
     def keep(record: logging.LogRecord) -> bool:
-        import torch
-
-        return not (str(record.msg).startswith("Setting accelerator to CPU") and not torch.cuda.is_available())
+        return not (str(record.msg).startswith("Setting accelerator to CPU")
+                    and not sys.modules["torch"].cuda.is_available())
 
     logging.getLogger("DeepSpeed").addFilter(keep)
 

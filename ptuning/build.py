@@ -7,28 +7,38 @@ This is the only place the training loop, evaluation, chat and the server get a 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
+from transformers.utils import logging as hf_logging
 
 from .config import BUILTIN_MODEL, BUILTIN_SCHEME, ConfigError, ModelConfig, is_gguf_file
 from .models import Family, PromptTemplate, UnsupportedModelError, family_for
 from .prefix import PrefixKV, PrefixShape, prefix_module_name, reset_prefix, set_prefix_from_key_values
-from .weights import weight_files
+from .quantization import quantize_backbone
+from .weights import file_sha256, weight_files
 
 
 @dataclass
 class Loaded:
-    """A model folder loaded for use: the family, the model (prefix float32), its tokenizer and template."""
+    """A model folder loaded for use: the family, the model (prefix float32), its tokenizer and template
+    (None when loaded without them), and what the checkpoint of its prefix said, when it has one
+    (:func:`ptuning.checkpoint.load_model_with_prefix`)."""
 
     family: Family
     model: nn.Module
-    tokenizer: object
-    template: PromptTemplate
+    tokenizer: object | None
+    template: PromptTemplate | None
     #: how the loaded prefix's training prompts were rendered ("plain" / "chat"), when its checkpoint says
     prompt_format: str | None = None
+    #: the loaded prefix's ``prefix_config.json`` (None: a new prefix, or a checkpoint that records none)
+    prefix_meta: dict | None = None
+    #: how this backbone differs from the one the loaded prefix was trained on (None: the same, or unknown)
+    base_change: str | None = None
 
     @property
     def max_positions(self) -> int:
@@ -56,8 +66,6 @@ def weights_digest(folder: Path) -> str:
     """sha256 of a built-in backbone's weight files (they are small), or of a ``.gguf`` file: recorded in
     checkpoint metadata."""
     if is_gguf_file(folder):
-        from .models.hf.gguf import file_sha256
-
         return file_sha256(folder)
     digest = hashlib.sha256()
     for path in weight_files(folder):
@@ -73,15 +81,6 @@ def base_weights_digest(cfg: ModelConfig) -> str | None:
     if cfg.base_model_name.startswith(BUILTIN_SCHEME) or is_gguf_file(cfg.resolved_path):
         return weights_digest(cfg.resolved_path)
     return None
-
-
-def base_metadata(cfg: ModelConfig, model: nn.Module) -> dict:
-    """How ``prefix_config.json`` describes the backbone ``cfg`` loads (``model``: the loaded model): the
-    name, the family, the config fingerprint and, for a built-in model or a ``.gguf`` file, a digest of its
-    weights."""
-    from .training.checkpoint import prefix_metadata
-
-    return prefix_metadata(model, cfg.base_model_name, base_weights_digest(cfg))
 
 
 def load_model(cfg: ModelConfig, *, family: Family | None = None, **overrides) -> nn.Module:
@@ -108,20 +107,33 @@ def load_model(cfg: ModelConfig, *, family: Family | None = None, **overrides) -
     pre_seq_len = overrides.pop("pre_seq_len", cfg.pre_seq_len)
     if overrides:
         raise TypeError(f"unexpected load_model arguments: {sorted(overrides)}")
-    model = family.load_model(
-        cfg.resolved_path,
-        dtype=dtype,
-        pre_seq_len=pre_seq_len,
-        prefix_projection=cfg.prefix_projection,
-        prefix_dropout=cfg.prefix_dropout,
-        device=device,
-    )
+    with _no_loading_bar():
+        model = family.load_model(
+            cfg.resolved_path,
+            dtype=dtype,
+            pre_seq_len=pre_seq_len,
+            prefix_projection=cfg.prefix_projection,
+            prefix_dropout=cfg.prefix_dropout,
+            device=device,
+        )
     if cfg.quantization_bit:
-        from .quantization import quantize_backbone  # imports torchao only when asked for
-
         quantize_backbone(model, cfg.quantization_bit, device=quantize_on, linear_names=family.block_linear_names())
     model.ptuning_family = family  # read by ptuning.models.family_of (checkpoint metadata, export)
     return model
+
+
+@contextmanager
+def _no_loading_bar() -> Iterator[None]:
+    """transformers' ``Loading weights`` progress bar off while a model loads (it loads in a blink for the small
+    models and says nothing the start-up lines do not; a large model's load is the one long wait a user expects)."""
+    shown = hf_logging.is_progress_bar_enabled()
+    if shown:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
 
 
 def load_tokenizer(cfg: ModelConfig, vocab_size: int | None = None, *, family: Family | None = None):
@@ -134,22 +146,26 @@ def load_tokenizer(cfg: ModelConfig, vocab_size: int | None = None, *, family: F
     return family.load_tokenizer(cfg.resolved_path, vocab_size)
 
 
-def load(cfg: ModelConfig, *, device=None, pre_seq_len="config", init: bool = True) -> Loaded:
+def load(cfg: ModelConfig, *, device=None, pre_seq_len="config", init: bool = True,
+         tokenizer: bool = True) -> Loaded:
     """Model, tokenizer and template of ``cfg``, the prefix initialised as ``cfg.prefix_init`` says.
 
     Args:
         device: where the model goes (default: where it loads, the CPU).
         pre_seq_len: the prefix length; ``"config"`` = ``cfg.pre_seq_len``, None = no prefix encoder.
         init: apply ``cfg.prefix_init`` (off when a checkpoint's prefix will replace it anyway).
+        tokenizer: also load the tokenizer and the template (an export needs neither; ``prefix_init=text``
+            needs both).
     """
     family = model_family(cfg)
     kwargs = {"device": device} if device is not None else {}
     if pre_seq_len != "config":
         kwargs["pre_seq_len"] = pre_seq_len
     model = load_model(cfg, family=family, **kwargs)
-    tokenizer = family.load_tokenizer(cfg.resolved_path, model.config.vocab_size)
-    template = family.template(tokenizer, model.config)
-    loaded = Loaded(family, model, tokenizer, template)
+    loaded = Loaded(family, model, None, None)
+    if tokenizer or (init and cfg.prefix_init == "text"):
+        loaded.tokenizer = family.load_tokenizer(cfg.resolved_path, model.config.vocab_size)
+        loaded.template = family.template(loaded.tokenizer, model.config)
     if init:
         init_prefix(loaded, cfg)
     return loaded
@@ -225,7 +241,6 @@ def init_prefix(loaded: Loaded, cfg: ModelConfig) -> None:
 __all__ = [
     "BUILTIN_MODEL",
     "Loaded",
-    "base_metadata",
     "base_model_name",
     "base_weights_digest",
     "init_prefix",

@@ -11,19 +11,44 @@ the same generation code as ``evaluate.py``. Type ``clear`` to start a new conve
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from collections.abc import Iterator
-from pathlib import Path
 
-from .config import ConfigError, is_model_reference
-from .evaluation.generate import GenerationSettings
-from .generation import Detokenizer, vocab_limit
+try:  # Ctrl-C while the libraries load (seconds): one line, as everywhere else
+    import torch
+    from transformers import set_seed
+
+    from .build import load as load_folder
+    from .checkpoint import (
+        folder_prefix_length,
+        ignored_config_prefix,
+        load_model_with_prefix,
+        read_checkpoint,
+        resolve_checkpoint,
+    )
+    from .config import ConfigError, ModelConfig, is_model_reference
+    from .evaluation import generate
+    from .evaluation.generate import GenerationSettings
+    from .generation import Detokenizer, packed_linears, vocab_limit
+    from .models import Conversation
+    from .perf import set_cpu_threads
+    from .weights import CheckpointError
+except KeyboardInterrupt:
+    if __name__ != "__main__":
+        raise
+    print("\ninterrupted", file=sys.stderr)
+    sys.exit(130)
 
 BANNER = "Type a message and press Enter; `clear` starts a new conversation, `exit` quits."
 USER_PREFIX = "You: "
 BOT_PREFIX = "Assistant: "
 CLEAR, EXIT = "clear", "exit"
+#: positions an answer leaves at least for the prompt (``--max-new-tokens`` may take the rest)
+MIN_PROMPT_TOKENS = 8
+#: what an answer with no text shows (the model ended it at once), instead of a bare label
+EMPTY_ANSWER = "(empty answer)"
 
 
 class ChatSession:
@@ -56,20 +81,14 @@ class ChatSession:
         many tokens were cut from the query itself.
 
         The rule of training and evaluation: the oldest turns are left out when the prompt and
-        ``max_new_tokens`` would not fit the model's positions; the current query is always kept, cut from
-        the left only if it alone does not fit.
+        ``max_new_tokens`` would not fit the model's positions; the current query is always kept, keeping its
+        start when it alone does not fit.
 
         Raises:
             ConfigError: ``max_new_tokens`` leaves no room for a prompt.
         """
-        from .models import Conversation
-
+        check_answer_room(self.settings.max_new_tokens, self.max_length)
         budget = self.max_length - self.settings.max_new_tokens
-        if budget < 8:
-            raise ConfigError(
-                f"--max-new-tokens {self.settings.max_new_tokens} leaves {budget} of the model's {self.max_length} "
-                "positions for the prompt"
-            )
         conversation = Conversation(query=query, history=list(self.history), plain=self.plain)
         prompt = self.template.prompt(conversation, budget)
         kept = Conversation(query=query, history=list(self.history)[prompt.dropped_turns:], plain=self.plain)
@@ -83,13 +102,11 @@ class ChatSession:
         piece final, control tokens left out, a character the model left incomplete inside the answer shown as
         U+FFFD, one cut off at its very end dropped; the leading whitespace is left out too (the original
         ``chat()`` strips its answers; ChatGLM3's begin with an empty metadata line)."""
-        from .evaluation.generate import make_decoder, stream_ids
-
         if self._decoder is None:
-            self._decoder = make_decoder(self.model, self.settings, max_batch_size=1, max_length=self.max_length,
+            self._decoder = generate.make_decoder(self.model, self.settings, max_batch_size=1, max_length=self.max_length,
                                          pad_id=self.template.pad_token_id, vocab_limit=vocab_limit(self.tokenizer))
         text = Detokenizer(self.tokenizer, set(self.template.control_token_ids), strip_leading=True)
-        tokens = stream_ids(
+        tokens = generate.stream_ids(
             self.model,
             ids,
             self.settings,
@@ -109,6 +126,21 @@ class ChatSession:
             yield rest
         if not self.plain:
             self.history.append((query, text.text.strip()))
+
+
+def check_answer_room(max_new_tokens: int, max_positions: int) -> None:
+    """That answers of ``max_new_tokens`` leave the prompt at least :data:`MIN_PROMPT_TOKENS` of the model's
+    ``max_positions``.
+
+    Raises:
+        ConfigError: naming ``--max-new-tokens``, the model's positions and the largest value that works.
+    """
+    most = max_positions - MIN_PROMPT_TOKENS
+    if max_new_tokens > most:
+        raise ConfigError(
+            f"--max-new-tokens={max_new_tokens}: the model has {max_positions} positions for the prompt and the answer "
+            f"together; expected at most {most}"
+        )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -163,14 +195,6 @@ def load(args: argparse.Namespace):
     Raises:
         ConfigError, CheckpointError: a path or value that cannot work.
     """
-    import torch
-
-    from .build import base_metadata, load
-    from .config import ModelConfig
-    from .evaluation.run import resolve_checkpoint
-    from .perf import set_cpu_threads
-    from .training.checkpoint import base_model_change, infer_prefix_shape, load_prefix, read_prefix
-
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device={args.device}: CUDA is not available on this machine")
@@ -185,7 +209,6 @@ def load(args: argparse.Namespace):
     except ConfigError as err:
         raise ConfigError(str(err).replace("model.path=", "--model-path=", 1)) from None
     checkpoint = None
-    pre_seq_len = None  # no prefix encoder at all
     if args.no_prefix:
         stored = folder_prefix_length(cfg.resolved_path)
         if stored:
@@ -195,46 +218,27 @@ def load(args: argparse.Namespace):
                 f"--prefix-checkpoint {args.model_path} instead of --no-prefix, or give the base model's folder"
             )
     else:
-        checkpoint = resolve_checkpoint(args.prefix_checkpoint, key="--prefix-checkpoint")
-        prefix, meta = read_prefix(checkpoint)
-        shape = meta if meta and "pre_seq_len" in meta else infer_prefix_shape(prefix)
-        pre_seq_len = cfg.pre_seq_len = shape["pre_seq_len"]
-        cfg.prefix_projection = shape.get("prefix_projection", False)
-    loaded = load(cfg, device=device, pre_seq_len=pre_seq_len, init=False)
+        checkpoint = read_checkpoint(resolve_checkpoint(args.prefix_checkpoint, key="--prefix-checkpoint"))
+    used = (f"the prefix is --prefix-checkpoint's, P={checkpoint.sizes['pre_seq_len']}" if checkpoint is not None
+            else "--no-prefix: no prefix is used")
+    note = ignored_config_prefix(cfg.resolved_path, used)
+    if note:
+        print(note, file=sys.stderr)
+    if checkpoint is None:
+        loaded = load_folder(cfg, device=device, pre_seq_len=None, init=False)  # no prefix encoder at all
+    else:
+        loaded = load_model_with_prefix(cfg, checkpoint, device=device)
+        if loaded.base_change:
+            print(f"warning: {checkpoint.path} {loaded.base_change}", file=sys.stderr)
     set_cpu_threads(loaded.model, device)
-    if checkpoint is not None:
-        trained = load_prefix(loaded.model, checkpoint)
-        changed = base_model_change(trained, base_metadata(cfg, loaded.model))
-        loaded.prompt_format = (trained or {}).get("prompt_format")
-        if changed:
-            print(f"warning: {checkpoint} {changed}", file=sys.stderr)
     loaded.model.eval()
     name = "the built-in tiny model" if cfg.path is None else str(cfg.path)
-    what = f"{name} + prefix {checkpoint}" if checkpoint is not None else f"{name} (no prefix)"
+    what = f"{name} + prefix {checkpoint.path}" if checkpoint is not None else f"{name} (no prefix)"
     return loaded, what
-
-
-def folder_prefix_length(folder: Path) -> int | None:
-    """``pre_seq_len`` of a model folder whose weights hold a prefix (a whole model with its prefix inside, as
-    ``python -m ptuning.export full`` or ChatGLM3's ``finetune_demo`` write it), else None."""
-    from .models import UnsupportedModelError, read_config
-    from .training.checkpoint import read_prefix
-    from .weights import CheckpointError
-
-    try:
-        stored = read_config(folder).get("pre_seq_len")
-        if not isinstance(stored, int) or stored <= 0:
-            return None
-        read_prefix(folder)  # only the prefix tensors are read
-    except (UnsupportedModelError, CheckpointError):
-        return None
-    return stored
 
 
 def plain_differs(template) -> bool:
     """Whether the family renders a plain prompt differently from a one-message chat (a chat template)."""
-    from .models import Conversation
-
     return template.prompt(Conversation(query="x", plain=True), 64).ids != template.prompt(Conversation(query="x"), 64).ids
 
 
@@ -271,7 +275,7 @@ def chat_loop(session: ChatSession, *, read=input, out=sys.stdout, err=sys.stder
         if dropped:
             err.write(f"(left out the oldest {dropped} turn(s) to fit the model's context)\n")
         if cut:
-            err.write(f"(the message is too long: its first {cut} token(s) were left out to fit the model's context)\n")
+            err.write(f"(the message is too long: its last {cut} token(s) were left out to fit the model's context)\n")
         if show_prompt:
             err.write(
                 json.dumps({"turn": turn, "prompt": prompt, "prompt_tokens": len(ids)}, ensure_ascii=False)
@@ -281,15 +285,17 @@ def chat_loop(session: ChatSession, *, read=input, out=sys.stdout, err=sys.stder
         out.write(BOT_PREFIX)
         out.flush()
         answer = session.reply(query, ids)
+        shown = False
         try:
             for piece in answer:
                 out.write(piece)
                 out.flush()
+                shown = True
         except KeyboardInterrupt:
             answer.close()  # stops generating; the cut answer is not kept in the history
             out.write(" [interrupted]\n")
             continue
-        out.write("\n")
+        out.write("\n" if shown else f"{EMPTY_ANSWER}\n")  # an answer the model ended at once: say so
         out.flush()
         turn += 1
 
@@ -299,34 +305,47 @@ def main(argv: list[str] | None = None) -> int:
 
     Returns:
         The exit status: 0, 2 after a one-line ``error: ...`` on stderr for a user mistake, or 130 after
-        Ctrl-C while loading.
+        Ctrl-C while starting (loading the libraries, the model or the prefix).
     """
-    args = parse_args(argv)
-    from .weights import CheckpointError
-
     try:
-        settings = GenerationSettings(
-            max_new_tokens=args.max_new_tokens,
-            do_sample=args.do_sample,
-            top_p=args.top_p,
-            temperature=args.temperature,
-            compile=args.compile,
-        ).validate(prefix="--")
-        loaded, what = load(args)
-    except (ConfigError, CheckpointError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:  # Ctrl-C while loading
+        args = parse_args(argv)
+        try:
+            session = start(args)
+        except (ConfigError, CheckpointError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+    except KeyboardInterrupt:  # Ctrl-C while starting
         print("\ninterrupted", file=sys.stderr)
         return 130
+    try:
+        # on a CPU: oneDNN's pre-packed weights, the process only generates (a compiled step has its own kernels)
+        with contextlib.nullcontext() if session.settings.compile else packed_linears(session.model):
+            chat_loop(session, show_prompt=args.show_prompt)
+    except KeyboardInterrupt:  # Ctrl-C at the input prompt: leave quietly
+        print()
+    return 0
+
+
+def start(args: argparse.Namespace) -> ChatSession:
+    """Checks the flags, loads the model and the prefix and prints the start-up lines.
+
+    Raises:
+        ConfigError, CheckpointError: a flag, path or value that cannot work (one line naming the flag).
+    """
+    settings = GenerationSettings(
+        max_new_tokens=args.max_new_tokens,
+        do_sample=args.do_sample,
+        top_p=args.top_p,
+        temperature=args.temperature,
+        compile=args.compile,
+    ).validate(prefix="--")
+    if args.no_prefix and args.prefix_checkpoint is not None:
+        raise ConfigError(f"--no-prefix and --prefix-checkpoint {args.prefix_checkpoint} contradict each other: give "
+                          "one of them")
+    loaded, what = load(args)
+    check_answer_room(settings.max_new_tokens, loaded.max_positions)
     if args.seed is not None:
-        from transformers import set_seed
-
         set_seed(args.seed)
-    import contextlib
-
-    from .generation import packed_linears
-
     session = ChatSession(loaded.model, loaded.template, settings, loaded.max_positions, plain=args.plain)
     if getattr(loaded, "prompt_format", None) == "plain" and not args.plain and plain_differs(loaded.template):
         print("note: this prefix was trained on plain prompts (rows without history); --plain sends every message "
@@ -334,13 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Chatting with {what}, {'sampling' if settings.do_sample else 'greedy decoding'}"
           + (", decode step compiled (the first answer waits for the compile)." if settings.compile else "."))
     print(BANNER)
-    try:
-        # on a CPU: oneDNN's pre-packed weights, the process only generates (a compiled step has its own kernels)
-        with contextlib.nullcontext() if settings.compile else packed_linears(loaded.model):
-            chat_loop(session, show_prompt=args.show_prompt)
-    except KeyboardInterrupt:  # Ctrl-C at the input prompt: leave quietly
-        print()
-    return 0
+    return session
 
 
 if __name__ == "__main__":

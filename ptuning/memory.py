@@ -9,10 +9,10 @@ The estimate counts the tensors a train step holds at its peak, which is the sta
   an int8 scale per 64 weights + the scales' own scales); biases, norms, embeddings and ``lm_head`` in the
   compute dtype (float32 for fp32, else 16-bit); the prefix in float32;
 * **prefix training state**: its gradient and AdamW's two moments (float32);
-* **activations** autograd saves per block for the gradient of the input only (the backbone is frozen):
-  both layer-norm inputs and statistics, the query, the keys and values including the prefix, the attention
-  output and its log-sum-exp, the float attention mask SDPA builds, the GELU input; with gradient
-  checkpointing only each block's input, plus one block recomputed during the backward;
+* **activations** autograd saves per block for the gradient of the input only (the backbone is frozen): what
+  each family's architecture keeps (its :class:`ArchitectureMemory`, from
+  :meth:`~ptuning.models.base.Family.train_memory`); with gradient checkpointing only each block's input,
+  plus one block recomputed during the backward;
 * **logits**: for ``model(ids, labels=...)``, the ``[B, S, V]`` logits in the compute dtype (the output keeps
   them) and three float32 ``[B, S-1, V]`` tensors of the loss (log-softmax output, its gradient and the
   gradient of its input); when only the ``n`` positions per example that predict a target are projected
@@ -24,37 +24,37 @@ Process overhead (the CUDA context or the CPU process's own RSS) is not included
 shape is the real ChatGLM-6B with the original's P-Tuning v2 recipe (pre_seq_len 128, batch 1, 64 + 64
 tokens) as our training loop runs it (logits only where a target is predicted).
 
-``architecture="glm"`` is ChatGLM2-6B / ChatGLM3-6B on transformers' ``GlmForCausalLM`` (``--model
-chatglm3-6b``): grouped-query attention (G key/value heads of D, the prefix G·D wide per layer), a bias on
-the query/key/value projections only, RMSNorm (its input is kept as a float32 copy and its float32 reciprocal
-RMS), SwiGLU (the ``[T, 2F]`` gate/up output and the ``[T, F]`` SiLU output are kept), untied output layer,
-and SDPA given the keys/values expanded to the N query heads (transformers repeats them whenever a mask is
-passed, which the prefix always is).
+The architectures are the families' (:mod:`ptuning.models.chatglm.memory`: ChatGLM-6B, ``architecture
+"chatglm"``; :mod:`ptuning.models.chatglm2.memory`: ChatGLM2/3 on ``GlmForCausalLM``, ``"glm"``); ``--model``
+offers the published shapes they name.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
-import sys
 from dataclasses import asdict, dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any, Protocol
+
+from .models import FAMILIES, family_for, family_of
+from .models.loss import BLOCK_ELEMENTS as LOSS_BLOCK_ELEMENTS
+from .paths import PACKAGE_SCHEME, package_file
 
 SETTINGS = ("fp32", "bf16", "int8", "int4")
-ARCHITECTURES = ("chatglm", "glm")
 NF4_BLOCK = 64
 NF4_SCALER_BLOCKS = (256, 128, 64, 32, 16, 8, 4, 2, 1)
 GIB = 2**30
-LOSS_BLOCK_ELEMENTS = 1 << 21  # ptuning.models.loss.BLOCK_ELEMENTS (this module imports no torch)
 
 
 @dataclass(frozen=True)
 class ModelShape:
     """What the estimate needs: the architecture, the prefix and the batch. Defaults: real ChatGLM-6B.
 
-    ``architecture`` "chatglm" is ChatGLM-6B (``inner`` = the GELU MLP width, every linear with a bias);
-    "glm" is ChatGLM2/3 (``inner`` = ffn_hidden_size of the SwiGLU, ``kv_heads`` key/value heads of
-    ``head_dim``; see the module).
+    ``architecture`` names the family formulas that read it (:func:`architecture`): "chatglm" is ChatGLM-6B
+    (``inner`` = the GELU MLP width), "glm" is ChatGLM2/3 (``inner`` = the SwiGLU's ffn_hidden_size,
+    ``kv_heads`` key/value heads of ``head_dim``).
     """
 
     vocab: int = 130528
@@ -90,36 +90,92 @@ class ModelShape:
 
     @classmethod
     def from_config(cls, config, **overrides) -> ModelShape:
-        """The shape of a :class:`~ptuning.models.chatglm.ChatGLMConfig` or of a ChatGLM2/3 ``GlmConfig`` (the
-        loaded model's); ``overrides`` set batch, seq, checkpointing..."""
-        if hasattr(config, "intermediate_size"):  # GlmConfig (ChatGLM2/3 mapped onto GlmForCausalLM)
-            values = dict(
-                architecture="glm",
-                vocab=config.vocab_size,
-                hidden=config.hidden_size,
-                layers=config.num_hidden_layers,
-                heads=config.num_attention_heads,
-                kv_heads=config.num_key_value_heads,
-                head_dim=config.head_dim,
-                inner=config.intermediate_size,
-                pre_seq_len=getattr(config, "pre_seq_len", None) or 0,
-                prefix_projection=bool(getattr(config, "prefix_projection", False)),
-                tied_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
-            )
-            values.update(overrides)
-            return cls(**values)
-        values = dict(
-            vocab=config.vocab_size,
-            hidden=config.hidden_size,
-            layers=config.num_layers,
-            heads=config.num_attention_heads,
-            inner=config.inner_hidden_size,
-            pre_seq_len=config.pre_seq_len or 0,
-            prefix_projection=bool(config.prefix_projection),
-            tied_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
-        )
-        values.update(overrides)
-        return cls(**values)
+        """The shape of a loaded model's config (its family's :meth:`ArchitectureMemory.shape`); ``overrides``
+        set batch, seq, checkpointing...
+
+        Raises:
+            ValueError: the config's family has no memory formulas.
+        """
+        return memory_of(family_of(config)).shape(config, **overrides)
+
+
+class ArchitectureMemory(Protocol):
+    """What one family's architecture adds to the estimate (:meth:`~ptuning.models.base.Family.train_memory`).
+
+    Attributes:
+        name: ``ModelShape.architecture`` of its shapes.
+        label: how the command's first line calls it.
+        presets: published shapes (``--model``) by name.
+    """
+
+    name: str
+    label: str
+    presets: dict[str, ModelShape]
+
+    def shape(self, config, **overrides) -> ModelShape:
+        """The shape of a config of the family (``overrides`` set batch, seq, ...)."""
+        ...
+
+    def read_config(self, folder: Path) -> Any:
+        """A model folder's config, as far as the sizes go (``--config``)."""
+        ...
+
+    def prefix_embedding_width(self, shape: ModelShape) -> int:
+        """E: the prefix embedding's width with ``prefix_projection``."""
+        ...
+
+    def weight_bytes(self, shape: ModelShape, setting: str) -> int:
+        """Bytes of the blocks, the final norm and any buffers (not the embeddings and the prefix, which
+        :func:`weight_bytes` adds)."""
+        ...
+
+    def parameter_count(self, shape: ModelShape) -> int:
+        """Parameters of the blocks and the final norm (not the embeddings and the prefix)."""
+        ...
+
+    def block_activation_bytes(self, shape: ModelShape, c: int) -> int:
+        """What autograd keeps for one block's backward to its input (``c`` bytes per compute element)."""
+        ...
+
+    def shared_activation_bytes(self, shape: ModelShape, c: int) -> int:
+        """What the blocks share or the model keeps outside them (rotary tables, the final norm)."""
+        ...
+
+
+@cache
+def architectures() -> dict[str, ArchitectureMemory]:
+    """The memory formulas of every family that has them, by ``ModelShape.architecture``."""
+    found = {}
+    for entry in FAMILIES:
+        formulas = entry.load().train_memory()
+        if formulas is not None:
+            found[formulas.name] = formulas
+    return found
+
+
+def architecture(name: str) -> ArchitectureMemory:
+    """The formulas of ``ModelShape.architecture`` ``name``.
+
+    Raises:
+        ValueError: no family has formulas of that name (names the known ones).
+    """
+    known = architectures()
+    if name not in known:
+        raise ValueError(f"architecture {name!r}: expected one of {', '.join(known)}")
+    return known[name]
+
+
+def memory_of(family) -> ArchitectureMemory:
+    """The formulas of a family.
+
+    Raises:
+        ValueError: the family has none (names it).
+    """
+    formulas = family.train_memory()
+    if formulas is None:
+        raise ValueError(f"no memory estimate for {family.label} models (python -m ptuning.memory knows "
+                         f"{', '.join(a.label for a in architectures().values())})")
+    return formulas
 
 
 @dataclass(frozen=True)
@@ -144,7 +200,8 @@ def compute_bytes(setting: str) -> int:
     return 4 if setting == "fp32" else 2
 
 
-def _linear_weight_bytes(rows: int, cols: int, setting: str) -> int:
+def linear_weight_bytes(rows: int, cols: int, setting: str) -> int:
+    """Bytes of a ``[rows, cols]`` linear weight at ``setting`` (its bias not included)."""
     n = rows * cols
     if setting == "int8":
         return n + rows * (4 + 1)  # int8 codes, float32 scale and int8 zero point per output channel
@@ -157,86 +214,40 @@ def _linear_weight_bytes(rows: int, cols: int, setting: str) -> int:
 
 
 def prefix_bytes(shape: ModelShape) -> int:
-    """The prefix encoder's float32 parameters (ChatGLM2/3: K = 2·L·G·D wide, its projection embedding K
-    wide too)."""
+    """The prefix encoder's float32 parameters (with projection: an embedding E wide, the MLP E -> H -> K)."""
     if not shape.pre_seq_len:
         return 0
     kv = shape.kv_width
     if shape.prefix_projection:
         h = shape.hidden
-        embedding = kv if shape.architecture == "glm" else h
+        embedding = architecture(shape.architecture).prefix_embedding_width(shape)
         return 4 * (shape.pre_seq_len * embedding + embedding * h + h + h * kv + kv)
     return 4 * shape.pre_seq_len * kv
 
 
+def embedding_count(shape: ModelShape) -> int:
+    """Parameters of the input embedding and the output projection (one matrix when tied)."""
+    return shape.vocab * shape.hidden * (1 if shape.tied_embeddings else 2)
+
+
 def weight_bytes(shape: ModelShape, setting: str) -> int:
     """Bytes of every weight of the model at ``setting`` (fp32, bf16, int8 or int4)."""
-    c = compute_bytes(setting)
-    d, inner = shape.hidden, shape.inner
-    if shape.architecture == "glm":
-        q, kv = shape.heads * shape.dim, shape.groups * shape.dim
-        linears = [(q, d), (kv, d), (kv, d), (d, q), (2 * inner, d), (d, inner)]  # q, k, v, o, gate_up, down
-        per_layer = sum(_linear_weight_bytes(r, k, setting) for r, k in linears)
-        per_layer += (q + 2 * kv) * c + 2 * d * c  # the query/key/value biases, two RMSNorm weights
-        embeddings = shape.vocab * d * c * (1 if shape.tied_embeddings else 2)
-        rotary = 2 * 4 * (shape.dim // 4)  # the rotary module's two float32 inverse-frequency buffers
-        return shape.layers * per_layer + d * c + embeddings + rotary + prefix_bytes(shape)
-    linears = [(3 * d, d), (d, d), (inner, d), (d, inner)]  # (out, in): qkv, dense, h->4h, 4h->h
-    per_layer = sum(_linear_weight_bytes(r, k, setting) + r * c for r, k in linears)  # weights + biases
-    per_layer += 2 * 2 * d * c  # two layer norms
-    embeddings = shape.vocab * d * c * (1 if shape.tied_embeddings else 2)
-    return shape.layers * per_layer + 2 * d * c + embeddings + prefix_bytes(shape)
-
-
-def _block_activation_bytes(shape: ModelShape, c: int) -> int:
-    """What autograd keeps for one block's backward to its input."""
-    b, s, d = shape.batch, shape.seq, shape.hidden
-    t, k = b * s, shape.pre_seq_len + s
-    return (
-        c * t * (2 * d + 4)  # two layer-norm inputs, their mean and rstd
-        + c * t * 2 * d  # query, attention output
-        + c * 2 * b * k * d  # keys and values, prefix included
-        + 4 * b * shape.heads * s  # attention log-sum-exp (float32)
-        + c * b * s * k  # the float mask SDPA makes of the bool mask
-        + c * t * shape.inner  # GELU input
-    )
-
-
-def _glm_block_activation_bytes(shape: ModelShape, c: int) -> int:
-    """What autograd keeps for one ChatGLM2/3 block's backward to its input (see the module)."""
-    b, s, d = shape.batch, shape.seq, shape.hidden
-    t, k = b * s, shape.pre_seq_len + s
-    q = shape.heads * shape.dim
-    return (
-        2 * 4 * t * (d + 1)  # two RMSNorms: float32 input copy and reciprocal RMS
-        + c * t * 2 * q  # query, attention output
-        + c * 2 * b * k * q  # keys and values (prefix included) repeated to the query heads
-        + 4 * b * shape.heads * s  # attention log-sum-exp (float32)
-        + c * s * k  # the float mask SDPA makes of the bool mask, one for the batch (no padding mask in training)
-        + c * t * 3 * shape.inner  # SwiGLU: gate/up output [T, 2F] and SiLU output [T, F]
-    )
+    blocks = architecture(shape.architecture).weight_bytes(shape, setting)
+    return blocks + embedding_count(shape) * compute_bytes(setting) + prefix_bytes(shape)
 
 
 def estimate(shape: ModelShape, setting: str) -> Estimate:
     """The peak of one train step (forward, backward, AdamW on the prefix) at ``setting``."""
-    if shape.architecture not in ARCHITECTURES:
-        raise ValueError(f"architecture {shape.architecture!r}: expected one of {', '.join(ARCHITECTURES)}")
+    formulas = architecture(shape.architecture)
     c = compute_bytes(setting)
     b, s, d = shape.batch, shape.seq, shape.hidden
     t = b * s
-    glm = shape.architecture == "glm"
-    block = _glm_block_activation_bytes(shape, c) if glm else _block_activation_bytes(shape, c)
+    block = formulas.block_activation_bytes(shape, c)
     prefix_kv = b * shape.pre_seq_len * shape.kv_width  # elements of the per-layer prefix keys/values
-    # rotary cos/sin tables (ChatGLM2/3: one for the batch, D/2 wide); the final norm's input and statistics
-    # (ChatGLM2/3: what it keeps equals what the first block's first norm does not keep, its input being the
-    # frozen embedding's output, which needs no gradient; so the blocks' two norms each count it already)
-    rotary = c * 2 * s * shape.dim // 2 if glm else c * 2 * t * shape.hidden // shape.heads
-    final_norm = 0 if glm else c * t * (d + 2)
     shared = (
-        rotary
+        formulas.shared_activation_bytes(shape, c)
         + b * s * (shape.pre_seq_len + s)  # the bool mask
         + prefix_kv  # the prefix dropout's mask (bool)
-        + final_norm
         + 8 * t  # the token ids the embedding keeps
     )
     if shape.checkpointing:
@@ -274,47 +285,35 @@ def table(shape: ModelShape, settings=SETTINGS) -> str:
     return "\n".join(rows)
 
 
-# the published shapes (--model); ChatGLM2-6B and ChatGLM3-6B (and their -base / -32k) share theirs
-PRESETS = {
-    "chatglm-6b": ModelShape(),
-    "chatglm2-6b": ModelShape(architecture="glm", vocab=65024, hidden=4096, layers=28, heads=32, kv_heads=2,
-                              head_dim=128, inner=13696),
-}
-PRESETS["chatglm3-6b"] = PRESETS["chatglm2-6b"]
+@cache
+def presets() -> dict[str, ModelShape]:
+    """The published shapes (``--model``), by name, from every family's formulas."""
+    return {name: shape for formulas in architectures().values() for name, shape in formulas.presets.items()}
 
 
-def _config_shape(path: str) -> ModelShape:
-    """The shape of a model folder or config.json: ChatGLM-6B, or ChatGLM2/3 (original keys); or of a ``.gguf``
-    file (a transformers decoder such as Llama: estimated as the ``glm`` architecture, grouped-query attention
-    and SwiGLU, whose query/key/value biases are a few thousand parameters too many)."""
-    from pathlib import Path
-    from types import SimpleNamespace
+def __getattr__(name: str):
+    if name == "PRESETS":  # the published shapes, collected from the families on first use
+        return presets()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-    from .config import PACKAGE_SCHEME, ModelConfig, is_gguf_file
 
-    if path.startswith(PACKAGE_SCHEME):  # a file of an installed package, as model.path takes it
-        path = str(ModelConfig(path=path).resolved_path)
-    if is_gguf_file(path):
-        from .models.hf.gguf import gguf_config
+def config_shape(path: str | Path) -> ModelShape:
+    """The shape of a model folder (or its ``config.json``), or of a ``.gguf`` file (also as
+    ``package:<module>/<file>``), read by its family.
 
-        return ModelShape.from_config(SimpleNamespace(**gguf_config(path)))
+    Raises:
+        ValueError: no family takes the folder, or its family has no memory formulas (one line).
+    """
+    if str(path).startswith(PACKAGE_SCHEME):  # a file of an installed package, as model.path takes it
+        path = package_file(str(path))
     folder = Path(path)
     folder = folder.parent if folder.name == "config.json" else folder
-    raw = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    if "ffn_hidden_size" in raw:
-        from .models.chatglm2.config import parse_original_config
-
-        return ModelShape.from_config(parse_original_config(raw, folder / "config.json", 3).glm_config())
-    from .models.chatglm import ChatGLMConfig
-
-    return ModelShape.from_config(ChatGLMConfig.from_pretrained(str(folder)))
+    formulas = memory_of(family_for(folder))
+    return formulas.shape(formulas.read_config(folder))
 
 
 def _shape_from_args(args: argparse.Namespace) -> ModelShape:
-    if args.config:
-        base = _config_shape(args.config)
-    else:
-        base = PRESETS[args.model]
+    base = config_shape(args.config) if args.config else presets()[args.model]
     overrides = {
         key: value
         for key, value in dict(
@@ -343,10 +342,10 @@ def main(argv=None) -> None:
         "from the model shape alone (default: the real ChatGLM-6B, pre_seq_len 128, batch 1, 64 + 64 tokens).",
     )
     parser.add_argument(
-        "--config", help="a ChatGLM-6B / ChatGLM2-6B / ChatGLM3-6B config.json or model folder, or a .gguf file "
-        "(also package:<module>/<file>) (instead of --model)"
+        "--config", help="a model folder or its config.json, or a .gguf file (also package:<module>/<file>) "
+        "(instead of --model)"
     )
-    parser.add_argument("--model", choices=sorted(PRESETS), default="chatglm-6b",
+    parser.add_argument("--model", choices=sorted(presets()), default="chatglm-6b",
                         help="a published model's shape (default chatglm-6b)")
     parser.add_argument("--pre-seq-len", type=int)
     parser.add_argument("--prefix-projection", action=argparse.BooleanOptionalAction, default=None)
@@ -370,9 +369,8 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     try:
         shape = _shape_from_args(args)
-    except ValueError as err:  # ConfigError / CheckpointError: a --config that names no usable model, one line
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+    except ValueError as err:
+        parser.error(f"--config {args.config}: {err}")
     for key in ("batch", "seq", "layers", "hidden", "heads", "inner", "vocab"):
         if getattr(shape, key) <= 0:
             parser.error(f"{key} must be positive, got {getattr(shape, key)}")
@@ -384,9 +382,9 @@ def main(argv=None) -> None:
         out = {s: {**asdict(estimate(shape, s)), "total": estimate(shape, s).total} for s in SETTINGS}
         print(json.dumps({"shape": asdict(shape), "estimate_bytes": out}, indent=2))
         return
-    groups = f" ({shape.groups} key/value heads of {shape.dim})" if shape.architecture == "glm" else ""
+    groups = f" ({shape.groups} key/value heads of {shape.dim})" if shape.kv_heads else ""
     print(
-        f"{'ChatGLM2/3' if shape.architecture == 'glm' else 'ChatGLM'} shape: vocab {shape.vocab}, hidden "
+        f"{architecture(shape.architecture).label} shape: vocab {shape.vocab}, hidden "
         f"{shape.hidden}, {shape.layers} layers, {shape.heads} heads{groups}, inner {shape.inner}; pre_seq_len {shape.pre_seq_len}{' with projection' if shape.prefix_projection else ''}, "
         f"batch {shape.batch} x {shape.seq} tokens, gradient checkpointing {'on' if shape.checkpointing else 'off'}, "
         f"logits at {shape.logit_positions or 'all'} positions per example"
@@ -402,22 +400,27 @@ def main(argv=None) -> None:
 
 
 def _param_count(shape: ModelShape) -> float:
-    d, inner = shape.hidden, shape.inner
-    if shape.architecture == "glm":
-        q, kv = shape.heads * shape.dim, shape.groups * shape.dim
-        block = d * (q + 2 * kv) + (q + 2 * kv) + q * d + 3 * d * inner + 2 * d
-        return shape.layers * block + d + shape.vocab * d * (1 if shape.tied_embeddings else 2) + prefix_bytes(shape) / 4
-    block = 4 * d * d + 2 * d * inner + 3 * d + d + inner + d + 4 * d
-    return (
-        shape.layers * block
-        + 2 * d
-        + shape.vocab * d * (1 if shape.tied_embeddings else 2)
-        + prefix_bytes(shape) / 4
-    )
+    formulas = architecture(shape.architecture)
+    return formulas.parameter_count(shape) + embedding_count(shape) + prefix_bytes(shape) / 4
 
 
 if __name__ == "__main__":
     main()
 
 
-__all__ = ["ARCHITECTURES", "PRESETS", "SETTINGS", "Estimate", "ModelShape", "compute_bytes", "estimate", "math", "table", "weight_bytes"]
+__all__ = [
+    "SETTINGS",
+    "ArchitectureMemory",
+    "Estimate",
+    "ModelShape",
+    "architecture",
+    "architectures",
+    "compute_bytes",
+    "config_shape",
+    "estimate",
+    "linear_weight_bytes",
+    "memory_of",
+    "presets",
+    "table",
+    "weight_bytes",
+]

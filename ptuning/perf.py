@@ -1,14 +1,16 @@
 """The performance measures shared by the training loop and the benchmarks.
 
-FLOPs per trained token of a frozen backbone with a prefix: ``4·N + 12·L·d·(S + P)``, where N counts
-the matmul weights a token passes through (per layer ``3d² + d² + 2·d·inner``, times L, plus the output
-projection ``d·vocab``; embeddings excluded): forward 2N and backward to the activations 2N (no weight
-gradients for a frozen backbone); attention forward ``4·L·d·(S+P)``, backward twice that.
+FLOPs per trained token of a frozen backbone with a prefix: ``4·N + 12·L·(N_h·D)·(S + P)``, where N counts
+the matmul weights a token passes through (the family's count, e.g. ChatGLM-6B per layer ``3d² + d² +
+2·d·inner``, times L, plus the output projection ``d·vocab``; embeddings excluded): forward 2N and backward to
+the activations 2N (no weight gradients for a frozen backbone); attention (query width N_h·D) forward
+``4·L·(N_h·D)·(S+P)``, backward twice that.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import platform
 import resource
 import sys
@@ -17,37 +19,36 @@ from pathlib import Path
 
 import torch
 
+from .models import family_of
+from .prefix import prefix_module_name
+
 # The bench configuration of the performance issue: the ChatGLM-6B architecture at hidden 512, 8 heads,
 # 4 layers, inner 2048, vocab 32000, with a 32-token prefix (``tiny_config(**BENCH_SHAPE)``).
 BENCH_SHAPE = dict(vocab_size=32000, hidden_size=512, num_attention_heads=8, num_layers=4, inner_hidden_size=2048,
                    pre_seq_len=32)
 
 
-def matmul_weights(config) -> int:
-    """N: the matmul weights one token passes through (embeddings excluded)."""
-    d, inner = config.hidden_size, config.inner_hidden_size
-    return config.num_layers * (3 * d * d + d * d + 2 * d * inner) + d * config.vocab_size
-
-
 def train_flops_per_token(config, seq_len: int, prefix_len: int | None = None) -> float:
-    """FLOPs of one trained token: ``4·N + 12·L·d·(S + P)``."""
-    prefix_len = config.pre_seq_len or 0 if prefix_len is None else prefix_len
-    return 4 * matmul_weights(config) + 12 * config.num_layers * config.hidden_size * (seq_len + prefix_len)
+    """FLOPs of one trained token of a model of any family: ``4·N + 12·L·(N_h·D)·(S + P)`` with N from the
+    family (:meth:`~ptuning.models.base.Family.matmul_weights`), L and D from its prefix shape and N_h the
+    config's attention heads.
+
+    Args:
+        config: the model's config (or the model).
+        prefix_len: P (default: the config's ``pre_seq_len``, 0 without one).
+    """
+    config = getattr(config, "config", config)
+    family = family_of(config)
+    shape = family.prefix_shape(config, 0, False)
+    prefix_len = (getattr(config, "pre_seq_len", None) or 0) if prefix_len is None else prefix_len
+    width = config.num_attention_heads * shape.head_dim
+    return 4 * family.matmul_weights(config) + 12 * shape.num_layers * width * (seq_len + prefix_len)
 
 
 def model_train_flops_per_token(model, seq_len: int) -> float:
-    """:func:`train_flops_per_token` of a loaded model of any family: ``4·N + 12·L·(N_h·D)·(S + P)`` with N
-    from the family (:meth:`~ptuning.models.base.Family.matmul_weights`) and the attention width, layers and
-    prefix length from the model's prefix encoder."""
-    from .models import family_of
-    from .prefix import prefix_module_name
-
+    """:func:`train_flops_per_token` of a loaded model, P from its prefix encoder."""
     shape = model.get_submodule(prefix_module_name(model)).shape
-    config = model.config
-    heads = getattr(config, "num_attention_heads", shape.num_key_value_heads)
-    width = heads * shape.head_dim
-    weights = family_of(model).matmul_weights(config)
-    return 4 * weights + 12 * shape.num_layers * width * (seq_len + shape.pre_seq_len)
+    return train_flops_per_token(model.config, seq_len, shape.pre_seq_len)
 
 
 #: a timed span of matmuls lasts at least this long, so that the clock, the launches and the synchronisation
@@ -125,12 +126,8 @@ def set_cpu_threads(config, device="cpu") -> int | None:
     Returns:
         The thread count it set, or None when it left torch's setting alone.
     """
-    import os
-
     if torch.device(device).type != "cpu" or "OMP_NUM_THREADS" in os.environ:
         return None
-    from .models import family_of
-
     weights = family_of(config).matmul_weights(getattr(config, "config", config))
     if weights >= SMALL_MODEL_WEIGHTS or torch.get_num_threads() == 1:
         return None

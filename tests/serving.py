@@ -30,9 +30,9 @@ def save_random_prefix(folder: Path, pre_seq_len: int, seed: int, *, scale: floa
     import torch
 
     from ptuning.build import load
+    from ptuning.checkpoint import export_original, prefix_metadata, save_checkpoint
     from ptuning.config import ModelConfig
     from ptuning.prefix import prefix_module_name, reset_prefix
-    from ptuning.training.checkpoint import export_original, prefix_metadata, save_checkpoint
 
     cfg = ModelConfig(path=model_path, pre_seq_len=pre_seq_len, prefix_projection=projection)
     model = load(cfg, init=False).model

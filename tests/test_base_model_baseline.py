@@ -43,7 +43,7 @@ def test_no_prefix_computes_the_model_loaded_without_one(path):
     ids, labels = batch["input_ids"], batch["labels"]
     with torch.no_grad():
         base = token_loss_sum(bare, ids, labels)
-        emptied = token_loss_sum(with_prefix, ids, labels, no_prefix(with_prefix))
+        emptied = token_loss_sum(with_prefix, ids, labels, prefix=no_prefix(with_prefix))
         prefixed = token_loss_sum(with_prefix, ids, labels)
     torch.testing.assert_close(emptied, base, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(prefixed, base, rtol=1e-3)  # the (random) prefix itself changes the model

@@ -15,11 +15,11 @@ import pytest
 
 from ptuning.build import base_model_name, load_model, load_tokenizer
 from ptuning.chat import BOT_PREFIX, USER_PREFIX, ChatSession
+from ptuning.checkpoint import export_original, prefix_metadata, save_checkpoint
 from ptuning.config import ModelConfig
 from ptuning.evaluation.generate import GenerationSettings
 from ptuning.generation import Detokenizer
 from ptuning.models.chatglm.template import ChatGLMTemplate, build_prompt
-from ptuning.training.checkpoint import export_original, prefix_metadata, save_checkpoint
 
 from .common import ROOT
 
@@ -115,14 +115,15 @@ def test_history_drops_oldest_turns_to_fit_the_context(tokenizer):
     prompt, ids, dropped, cut = session.prepare("再来一个")
     assert dropped > 0 and len(ids) <= 80 and cut == 0
     assert prompt == build_prompt("再来一个", session.history[dropped:])
-    # a message that alone does not fit keeps its last tokens and its [Round 0] turn, as training does
-    prompt, ids, dropped, cut = session.prepare("裙" * 200)
+    # a message that alone does not fit keeps its first tokens and its [Round 0] turn, as training does
+    prompt, ids, dropped, cut = session.prepare("开头" + "裙" * 200)
     assert dropped == 4 and cut > 0 and len(ids) <= 80
     text = tokenizer.decode(ids[:-2])
-    assert text.startswith("[Round 0]\n问：裙") and text.endswith("裙\n答：")
+    assert text.startswith("[Round 0]\n问：开头裙") and text.endswith("裙\n答：")
     from ptuning.config import ConfigError
 
-    with pytest.raises(ConfigError, match="--max-new-tokens 118 leaves 2 of the model's 120 positions"):
+    with pytest.raises(ConfigError, match="--max-new-tokens=118: the model has 120 positions for the prompt and the "
+                                          "answer together; expected at most 112"):
         ChatSession(SimpleNamespace(), ChatGLMTemplate(tokenizer), GenerationSettings(max_new_tokens=118), 120).prepare("a")
 
 
@@ -248,3 +249,40 @@ def test_chatglm3_answers_leave_out_the_metadata_line(monkeypatch):
     text = "".join(session.reply(query, ids))
     assert text and not text[0].isspace(), repr(text)
     assert session.history == [(query, text.strip())]
+
+
+# ---- flags refused at start; an empty answer ----
+
+
+def test_max_new_tokens_beyond_the_models_positions_is_refused_at_start(original_checkpoint, capsys):
+    from ptuning.chat import main
+
+    assert main(["--prefix-checkpoint", str(original_checkpoint), "--max-new-tokens", "2000"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.splitlines() == ["error: --max-new-tokens=2000: the model has 512 positions for the prompt and "
+                                         "the answer together; expected at most 504"]
+    assert "Chatting with" not in captured.out
+
+
+def test_no_prefix_together_with_a_prefix_checkpoint_is_refused(original_checkpoint, capsys):
+    from ptuning.chat import main
+
+    assert main(["--no-prefix", "--prefix-checkpoint", str(original_checkpoint)]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: --no-prefix and --prefix-checkpoint {original_checkpoint} contradict each other: give one of them"]
+
+
+def test_an_answer_the_model_ends_at_once_is_shown_as_empty_answer(model, tokenizer, monkeypatch):
+    import io
+
+    import ptuning.evaluation.generate as generate_module
+    from ptuning.chat import EMPTY_ANSWER, chat_loop
+
+    answers = iter([[], tokenizer.convert_tokens_to_ids(tokenizer.tokenize("好"))])
+    monkeypatch.setattr(generate_module, "stream_ids", lambda *args, **kwargs: (i for i in next(answers)))
+    session = ChatSession(model, ChatGLMTemplate(tokenizer), GenerationSettings(max_new_tokens=4), 2048)
+    queries = iter(["类型#裙", "再写一段", "exit"])
+    out = io.StringIO()
+    chat_loop(session, read=lambda _: next(queries), out=out, err=io.StringIO())
+    assert out.getvalue() == f"{BOT_PREFIX}{EMPTY_ANSWER}\n{BOT_PREFIX}好\n"
+    assert session.history == [("类型#裙", ""), ("再写一段", "好")]

@@ -52,6 +52,10 @@ def cli(tmp_path_factory):
     (existing / "run_config.json").write_text('{"run_id": "earlier"}\n')
     (root / "home").mkdir()  # no ~/.netrc: no wandb API key
     cut = root / "cut"
+    stated = root / "stated-prefix"  # a ChatGLM2 folder whose config.json sets pre_seq_len, with no prefix weights
+    shutil.copytree(ROOT / "data" / "tiny-chatglm2", stated)
+    config = json.loads((stated / "config.json").read_text())
+    (stated / "config.json").write_text(json.dumps({**config, "pre_seq_len": 128, "prefix_projection": False}))
     jobs = {
         "plus_key": ("train.py", ["+train.max_stepz=3", f"train.output_dir={root / 'never'}"], {}, ROOT),
         "plus_key_evaluate": ("evaluate.py", ["+generation.max_new_tokenz=4"], {}, ROOT),
@@ -73,6 +77,9 @@ def cli(tmp_path_factory):
         "evaluate_pre_seq_len": ("evaluate.py", [f"prefix_checkpoint={cut / 'checkpoint-3'}", "model.pre_seq_len=8",
                                                  f"output_dir={root / 'ev2'}", f"data.cache_dir={cache}"], {}, ROOT),
         "help": ("train.py", ["--help"], {}, ROOT),
+        "stated_prefix": ("train.py", [f"model.path={stated}", f"train.output_dir={root / 'stated-run'}",
+                                       f"data.cache_dir={cache}", *SMALL, "train.max_steps=2", "train.eval_steps=null",
+                                       "train.eval_before_training=false", "train.eval_generation=false"], {}, ROOT),
     }
     (elsewhere / "failed").mkdir()
     before = {"existing": digests(existing)}
@@ -91,7 +98,7 @@ def cli(tmp_path_factory):
         for name, spec, code in zip(jobs, specs, codes, strict=True)
     }
     return {"results": results, "root": root, "elsewhere": elsewhere, "existing": existing, "cut": cut,
-            "before": before}
+            "before": before, "stated": stated}
 
 
 def last_error(result: dict) -> str:
@@ -138,7 +145,7 @@ def test_evaluation_refuses_another_pre_seq_len_as_training_does(cli):
     assert result["code"] == 2
     checkpoint = cli["cut"] / "checkpoint-3"
     assert last_error(result) == (f"error: {checkpoint}: the prefix was trained with pre_seq_len=16 but the model "
-                                  "has pre_seq_len=8 (model.pre_seq_len; leave it unset to take the checkpoint's)")
+                                  "has pre_seq_len=8 (leave model.pre_seq_len unset to take the checkpoint's)")
 
 
 def test_help_lists_only_selectable_groups(cli):
@@ -196,3 +203,83 @@ def test_the_console_shows_eval_loss_and_throughput(cli):
     assert re.search(r"done: step 4, checkpoint .*checkpoint-4, eval loss \d+\.\d{4}", result["out"])
     bar = result["err"].replace("\r", "\n")
     assert re.search(r"train: 100%.*loss=\d.*lr=.*grad_norm=\d.*tokens_per_s=\d", bar), bar[-2000:]
+
+
+STOP_IMPORT = """
+import os, sys
+class Stop:
+    def find_spec(self, name, path=None, target=None):
+        if name == os.environ["STOP_AT_IMPORT"]:
+            raise KeyboardInterrupt
+sys.meta_path.insert(0, Stop())
+"""
+
+
+@pytest.fixture(scope="module")
+def small_checkpoint(tmp_path_factory):
+    from ptuning.build import load_model
+    from ptuning.checkpoint import prefix_metadata, save_checkpoint
+    from ptuning.config import ModelConfig
+
+    model = load_model(ModelConfig(pre_seq_len=4))
+    return save_checkpoint(tmp_path_factory.mktemp("ctrl-c") / "run", 1, model,
+                           prefix_metadata(model, ModelConfig().base_model_name))
+
+
+@pytest.mark.parametrize("stop_at", ["torch", "ptuning.build"])  # the libraries' imports, then loading the model
+@pytest.mark.parametrize("command", ["-m ptuning.chat", "-m ptuning.serve --port 0", "-m ptuning.export full",
+                                     "ptuning-chat", "ptuning-serve"])
+def test_ctrl_c_in_the_first_seconds_of_chat_serve_and_export_is_one_line_and_exit_130(tmp_path, small_checkpoint,
+                                                                                      stop_at, command):
+    # Ctrl-C arrives as a KeyboardInterrupt wherever the process is; here, deterministically, when it imports
+    # ``stop_at`` (sitecustomize)
+    (tmp_path / "sitecustomize.py").write_text(STOP_IMPORT)
+    if command.startswith("ptuning-"):  # the console scripts pyproject.toml installs
+        entry = command.removeprefix("ptuning-")
+        argv = ["-c", f"import sys; from ptuning.console import {entry}; sys.exit({entry}())"]
+    else:
+        argv = command.split()
+    out = tmp_path / "export"
+    if "export" in command:
+        argv += ["--checkpoint", str(small_checkpoint), "--out", str(out)]
+    else:
+        argv += ["--prefix-checkpoint" if "chat" in command else "--prefix", f"p={small_checkpoint}"
+                 if "serve" in command else str(small_checkpoint)]
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{tmp_path}:{ROOT}", "OMP_NUM_THREADS": "1",
+           "STOP_AT_IMPORT": stop_at, "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run([sys.executable, *argv], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env=env, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 130, proc.stderr[-3000:]
+    line = "interrupted: nothing was written" if "export" in command else "interrupted"
+    assert proc.stderr.strip() == line, proc.stderr[-3000:]
+    assert not out.exists()
+
+
+def test_a_config_pre_seq_len_without_prefix_weights_is_named_once_and_the_summary_names_the_prefix(cli, capsys):
+    from ptuning.chat import load as chat_load
+    from ptuning.chat import parse_args as chat_args
+    from ptuning.serve.cli import load as serve_load
+    from ptuning.serve.cli import parse_args as serve_args
+
+    stated, result = cli["stated"], cli["results"]["stated_prefix"]
+    assert result["code"] == 0, result["err"][-3000:]
+    note = (f"note: {stated / 'config.json'} sets pre_seq_len 128 but the folder's weights hold no prefix; the "
+            "setting is ignored ")
+    assert [line for line in result["err"].splitlines() if line.startswith("note:")] == [
+        note + "(the prefix is model.pre_seq_len=16)"]
+    assert re.search(r"^training [\d,]+ of [\d,]+ parameters \([\d.]+%, a 16-token prefix\) on 1 process\(es\)",
+                     result["out"], re.M), result["out"]
+    checkpoint = cli["root"] / "stated-run" / "checkpoint-2"
+    capsys.readouterr()
+    chat_load(chat_args(["--model-path", str(stated), "--prefix-checkpoint", str(checkpoint)]))
+    assert capsys.readouterr().err.splitlines() == [note + "(the prefix is --prefix-checkpoint's, P=16)"]
+    serve_load(serve_args(["--model-path", str(stated)]), [("p", str(checkpoint))])
+    assert capsys.readouterr().err.splitlines() == [note + "(each prefix is its --prefix's)"]
+
+
+def test_the_console_shows_no_split_generation_bar_for_user_files(cli):
+    # datasets' "Generating train split: 0 examples" named a split of its own for every file (a validation file
+    # too) and showed 0 rows on a terminal; the tokenizing bar counts the rows
+    result = cli["results"]["elsewhere"]
+    assert "Generating" not in result["err"] and "split" not in result["err"], result["err"][-2000:]
+    assert re.search(r"Tokenizing validation \(my_dev.json\) for the eval loss: 100%.* 4/4", result["err"])

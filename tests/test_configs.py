@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -176,6 +177,10 @@ def test_an_unreadable_override_says_how_to_quote_it(value, capsys):
 def test_the_documented_prefix_init_text_form_composes():
     docs = (ROOT / "docs" / "configuration.md").read_text(encoding="utf-8")
     assert "\"model.prefix_init_text='用简洁的广告文案描述这件商品。'\"" in docs
+    # in a folder of its own: the default run's outputs/default would refuse it (or be what it resumes)
+    command = re.search(r"`python train.py model.prefix_init=text\s+([^`]*)`", docs).group(1)
+    output_dir = re.search(r"train\.output_dir=(\S+)", command)
+    assert output_dir and output_dir.group(1) not in ("outputs/default", "outputs/default/"), command
     # what the shell passes on for that form
     job = to_object(compose_train(["model.prefix_init=text", "model.prefix_init_text='用简洁的广告文案描述这件商品。'",
                                    "train.output_dir=/tmp/x"]))
@@ -314,6 +319,40 @@ def test_ctrl_c_while_the_libraries_load_is_one_line_and_exit_130(tmp_path):
                               env=env)
         assert proc.returncode == 130, proc.stderr
         assert proc.stderr.strip() == line, proc.stderr
+
+
+@pytest.mark.parametrize(("text", "line"), [
+    ("defaults:\n  - override /model: tiny\n train:\n  max_steps: 5\n", "line 3, column 2: YAML syntax error: expected "
+     "<block end>, but found '<block mapping start>' (while parsing a block mapping that starts at line 1)"),
+    ("model:\n\tpre_seq_len: 4\n", "line 2, column 1: YAML syntax error: found character '\\t' that cannot start any token"),
+])
+@pytest.mark.parametrize("mode", [[], ["-m"]])
+def test_a_yaml_syntax_error_in_a_users_config_file_is_one_line_naming_file_and_line(tmp_path, monkeypatch, capsys,
+                                                                                     text, line, mode):
+    import shutil
+
+    import hydra_entry
+
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF_DIR, conf)
+    (conf / "conf" / "mine.yaml").write_text(text)
+    monkeypatch.setattr(hydra_entry, "CONF_DIR", str(conf))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        hydra_entry.check_overrides("train", [*mode, "conf=mine", "train.max_steps=5"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [f"error: conf/conf/mine.yaml, {line}"]
+
+
+def test_packing_keys_compose_and_contradictions_name_the_key():
+    job = to_object(compose_train(["train.output_dir=/tmp/x", "data.packing=true", "data.pack_length=512"]))
+    assert (job.data.packing, job.data.pack_length) == (True, 512)
+    assert to_object(compose_train(["train.output_dir=/tmp/x"])).data.packing is False
+    with pytest.raises(ConfigError, match=r"^data.pack_length must be >= 2, got 1$"):
+        to_object(compose_train(["train.output_dir=/tmp/x", "data.packing=true", "data.pack_length=1"]))
+    with pytest.raises(ConfigError, match=r"^data.packing needs ignore_pad_token_for_loss=true: packed rows have no pads"):
+        to_object(compose_train(["train.output_dir=/tmp/x", "data.packing=true",
+                                 "data.ignore_pad_token_for_loss=false"]))
 
 
 def test_the_real_model_recipe_is_what_its_sweep_chose():

@@ -627,8 +627,11 @@ def test_an_empty_history_trains_on_the_raw_question_as_the_docs_say(tok):
     assert with_turn["input_ids"][0][: len(ids)] == ids
     docs = (ROOT / "docs" / "families.md").read_text(encoding="utf-8")
     preset = docs.split("`conf=ptuning_chat` is the original `train_chat.sh`", 1)[1].split("\n\n", 1)[0]
-    assert "a row\nwhose history is empty trains on the raw question" in preset
+    preset = " ".join(preset.split())
+    assert "differs from the original in two ways" in preset
+    assert "A row whose history is empty trains on the raw question" in preset
     assert "`[Round 0]\\n问：{question}\\n答：`" in preset
+    assert "loses whole oldest turns first" in preset  # the other difference (the truncation rule)
     assert "raw question" in (ROOT / "conf" / "conf" / "ptuning_chat.yaml").read_text(encoding="utf-8")
 
 

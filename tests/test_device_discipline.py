@@ -2,7 +2,7 @@
 
 * Device discipline: every forward of every family (training with and without logits, with activation
   checkpointing, a padded prompt, a cached step from embeddings), the decode loop and the collators run with
-  ``torch.set_default_device("meta")`` around the call while the model and the inputs stay on the CPU. A tensor
+  ``with torch.device("meta")`` around the call while the model and the inputs stay on the CPU. A tensor
   created without ``device=`` then lands on the meta device and the first operation that mixes it with a CPU
   tensor fails, as a CPU tensor meeting CUDA ones would on a GPU.
 * Host syncs: the decode loop reads the device once per decode step (the new tokens), whatever the rows,
@@ -45,12 +45,10 @@ def _one_thread(one_thread_module):
 @contextlib.contextmanager
 def meta_default_device():
     """Tensors made without ``device=`` go to the meta device while inside."""
-    previous = torch.get_default_device()
-    torch.set_default_device("meta")
-    try:
+    # ``with torch.device(...)`` pops its mode on exit; ``set_default_device(previous)`` would leave a "cpu"
+    # device mode installed for the rest of the process, which changes what torch.compile traces
+    with torch.device("meta"):
         yield
-    finally:
-        torch.set_default_device(previous)
 
 
 class Case:
@@ -103,6 +101,21 @@ def test_training_forwards_create_every_tensor_on_the_inputs_device(case):
     finally:
         model.activation_checkpointing_disable()
         model.eval()
+
+
+def test_packed_training_forwards_create_every_tensor_on_the_inputs_device(case):
+    model = case.model.train()
+    rows = [{"input_ids": p, "labels": [-100] + p[1:]} for p in case.prompts]
+    pack = {"input_ids": [t for r in rows for t in r["input_ids"]], "labels": [t for r in rows for t in r["labels"]],
+            "sequence_ids": [n for n, r in enumerate(rows) for _ in r["input_ids"]]}
+    with meta_default_device():
+        batch = TrainingCollator(pad_token_id=case.pad_id, pack_length=len(pack["input_ids"]) + 3)([pack])
+        model.zero_grad()
+        loss = model(**batch, return_logits=False).loss
+        loss.backward()
+    assert all(t.device.type == "cpu" for t in batch.values())
+    assert loss.device.type == "cpu" and torch.isfinite(loss)
+    model.eval()
 
 
 def test_inference_forwards_create_every_tensor_on_the_inputs_device(case):

@@ -15,10 +15,10 @@ from accelerate.state import AcceleratorState, GradientState, PartialState
 from hydra import compose, initialize_config_dir
 
 from hydra_entry import CONF_DIR, to_object
+from ptuning.checkpoint import export_original, resolve_checkpoint
 from ptuning.config import ConfigError
 from ptuning.evaluation.metrics import METRIC_NAMES
-from ptuning.evaluation.run import resolve_checkpoint, resolve_output_dir, run
-from ptuning.training import export_original
+from ptuning.evaluation.run import resolve_output_dir, run
 from ptuning.training import run as train_run
 
 from .common import ROOT, read_wandb_history
@@ -298,13 +298,13 @@ def test_the_prefix_shape_is_the_checkpoints_and_another_given_value_is_an_error
     assert (cfg.model.pre_seq_len, cfg.model.prefix_projection) == (None, None)  # unset: the checkpoint's
     for override, message in [("model.pre_seq_len=8", "pre_seq_len=16 but the model has pre_seq_len=8"),
                               ("model.prefix_projection=true",
-                               "prefix_projection=False but the model has prefix_projection=True")]:
+                               "prefix_projection=false but the model has prefix_projection=true")]:
         with pytest.raises(CheckpointError, match=rf"^{checkpoint}: the prefix was trained with {message} "):
             run(compose_evaluate([f"prefix_checkpoint={checkpoint}", f"output_dir={tmp_path / 'out'}", override]))
     # training says the same about the same checkpoint
     from ptuning.build import load_model
+    from ptuning.checkpoint import load_prefix
     from ptuning.config import ModelConfig
-    from ptuning.training import load_prefix
 
     with pytest.raises(CheckpointError, match=rf"^{checkpoint}: the prefix was trained with pre_seq_len=16 but the "
                                               r"model has pre_seq_len=8 \(set model.pre_seq_len=16 to load it\)$"):
@@ -405,3 +405,63 @@ def test_a_folder_or_empty_test_file_is_named_as_such(trained, monkeypatch):
     with pytest.raises(ConfigError, match=r"^data.test_file is empty: expected a .json, .jsonl or .csv file$"):
         run(compose_evaluate([*base, "data.test_file="]))
     assert not (trained / "not-made").exists()  # refused before the output folder is made
+
+
+def test_a_prefix_that_does_not_fit_names_every_mismatched_key_in_the_first_line(tmp_path):
+    from ptuning.build import load_model
+    from ptuning.checkpoint import export_original, load_prefix, prefix_metadata, save_checkpoint
+    from ptuning.config import ModelConfig
+    from ptuning.weights import CheckpointError
+
+    projected = load_model(ModelConfig(pre_seq_len=16, prefix_projection=True))
+    ours = save_checkpoint(tmp_path / "run", 1, projected, prefix_metadata(projected, "builtin:tiny-chatglm"))
+    original = tmp_path / "original"
+    export_original(ours, original)
+    (original / "prefix_config.json").unlink()  # the original script's checkpoints record nothing: read the tensors
+    plain = load_model(ModelConfig(pre_seq_len=8))
+    for checkpoint in (ours, original):
+        with pytest.raises(CheckpointError) as err:
+            load_prefix(plain, checkpoint)
+        assert str(err.value) == (
+            f"{checkpoint}: the prefix was trained with pre_seq_len=16, prefix_projection=true but the model has "
+            "pre_seq_len=8, prefix_projection=false (set model.pre_seq_len=16 model.prefix_projection=true to load it)")
+    # and the other way round
+    checkpoint = save_checkpoint(tmp_path / "plain", 1, plain, prefix_metadata(plain, "builtin:tiny-chatglm"))
+    with pytest.raises(CheckpointError, match=r"trained with pre_seq_len=8, prefix_projection=false but the model has "
+                                              r"pre_seq_len=16, prefix_projection=true \(set model.pre_seq_len=8 "
+                                              r"model.prefix_projection=false to load it\)$"):
+        load_prefix(projected, checkpoint)
+
+
+def test_evaluation_renders_prompts_as_the_checkpoint_records_or_refuses_naming_the_key(trained, tmp_path):
+    rows = [json.loads(line) for line in DEV.read_text(encoding="utf-8").splitlines()[:16]]
+    chat = tmp_path / "chat.json"
+    chat.write_text("".join(json.dumps({"prompt": r["content"], "response": r["summary"],
+                                        "history": [["你好", "你好！"]] if i % 2 else []}, ensure_ascii=False) + "\n"
+                            for i, r in enumerate(rows)), encoding="utf-8")
+    reset_accelerate()
+    with_history = train_run(to_object(compose_train([
+        "data=chat", f"data.train_file={chat}", f"data.validation_file={chat}", f"data.cache_dir={tmp_path / 'cache'}",
+        f"train.output_dir={tmp_path / 'run'}", "train.max_steps=2", "train.save_steps=2", "train.eval_steps=null",
+        "train.eval_generation=false", "train.eval_before_training=false", "train.plot=false"]))).checkpoint
+    columns = [f"data.test_file={chat}", "data.prompt_column=prompt", "data.response_column=response",
+               f"data.cache_dir={tmp_path / 'cache'}", "data.max_eval_samples=2", "generation.max_new_tokens=2"]
+    with pytest.raises(ConfigError) as err:  # the history would be dropped without a word
+        run(compose_evaluate([f"prefix_checkpoint={with_history}", f"output_dir={tmp_path / 'a'}", *columns]))
+    assert str(err.value) == (
+        f"{with_history} was trained on chat prompts with earlier turns (prompt_format chat in its prefix_config.json) "
+        "but data.history_column is not set, so evaluation would leave the rows' earlier turns out: set "
+        "data.history_column=history (what its run used)")
+    reset_accelerate()
+    metrics = run(compose_evaluate([f"prefix_checkpoint={with_history}", f"output_dir={tmp_path / 'b'}", *columns,
+                                    "data.history_column=history"]))
+    assert metrics["num_samples"] == 2
+    # a prefix trained on plain rows is not evaluated on chat prompts either
+    plain = trained / "run" / "checkpoint-6"
+    with pytest.raises(ConfigError) as err:
+        run(compose_evaluate([f"prefix_checkpoint={plain}", f"output_dir={tmp_path / 'c'}", *columns,
+                              "data.history_column=history"]))
+    assert str(err.value) == (
+        f"{plain} was trained on plain prompt -> response rows (prompt_format plain in its prefix_config.json) but "
+        "data.history_column=history renders chat prompts: leave data.history_column unset")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "c").exists()

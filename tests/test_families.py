@@ -3,6 +3,7 @@ truncation rule of every template (oldest turns first, the current query's turn 
 
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 import sys
@@ -106,14 +107,14 @@ def test_long_history_drops_whole_oldest_turns_and_keeps_the_question(template):
     assert template.tokenizer.decode(prompt_ids.ids[:-2]).endswith("问：再写一段关于白色上衣的文案\n答：")
 
 
-def test_a_question_that_alone_does_not_fit_is_cut_from_the_left(template):
+def test_a_question_that_alone_does_not_fit_keeps_its_start_and_the_frame(template):
     query = "开头" + "很长的问题" * 40 + "结尾的问题"
     row = template.train_row(Conversation(query=query, history=HISTORY[:2]), "好", 48, 8)
     gmask = row.input_ids.index(template.gmask_id)
     prompt = template.tokenizer.decode(row.input_ids[:gmask])
     assert row.dropped_turns == 2 and row.truncated_tokens > 0 and gmask <= 47
-    assert prompt.startswith("[Round 0]\n问：") and prompt.endswith("结尾的问题\n答：")
-    assert "开头" not in prompt
+    assert prompt.startswith("[Round 0]\n问：开头很长的问题") and prompt.endswith("\n答：")
+    assert "结尾" not in prompt
 
 
 def test_a_row_without_history_keeps_the_original_truncation(template):
@@ -242,3 +243,44 @@ def test_chatglm2_and_3_folders_are_not_mistaken_for_glm4():
 
     for name in ("tiny-chatglm2", "tiny-chatglm3"):
         assert glm4_original_evidence(ROOT / "data" / name) is None
+
+
+@functools.cache
+def every_template() -> dict:
+    from transformers import AutoConfig
+
+    from ptuning.models.chatglm2.template import ChatGLM2Template, ChatGLM3Template
+    from ptuning.models.chatglm2.tokenizer import ChatGLM2Tokenizer
+    from ptuning.models.hf.family import HFFamily
+
+    glm4 = ROOT / "data" / "tiny-glm4"
+    return {
+        "chatglm": ChatGLMTemplate(ChatGLMTokenizer.from_pretrained(BUILTIN_MODEL)),
+        "chatglm2": ChatGLM2Template(ChatGLM2Tokenizer.from_pretrained(ROOT / "data" / "tokenizer-chatglm2")),
+        "chatglm3": ChatGLM3Template(ChatGLM2Tokenizer.from_pretrained(ROOT / "data" / "tokenizer-chatglm3")),
+        "glm4": HFFamily().template(HFFamily().load_tokenizer(glm4), AutoConfig.from_pretrained(glm4)),
+    }
+
+
+# ChatGLM3's rows are always role-token conversations: it has no plain form
+@pytest.mark.parametrize(("family", "kind"), [(f, k) for f in ("chatglm", "chatglm2", "chatglm3", "glm4")
+                                              for k in ("plain", "one turn", "after earlier turns")
+                                              if (f, k) != ("chatglm3", "plain")])
+def test_every_family_keeps_the_start_of_a_question_that_alone_does_not_fit(family, kind):
+    template = every_template()[family]
+    query = "开头" + "这件白色纯棉毛衣，七分袖露出手腕。" * 8 + "结尾"
+    history = [("白色好看吗", "好看")] if kind == "after earlier turns" else []
+    conversation = Conversation(query=query, history=history, plain=kind == "plain")
+    whole = template.prompt(Conversation(query=query, plain=kind == "plain"), 10_000)
+    budget = len(whole.ids) - 20
+    out = template.prompt(conversation, budget)
+    text = template.tokenizer.decode(out.ids, skip_special_tokens=True)
+    assert len(out.ids) <= budget and out.truncated_tokens > 0 and out.dropped_turns == len(history)
+    assert "开头这件白色纯棉毛衣" in text and "结尾" not in text, text
+    # what follows the question stays, so the answer starts where it always does: ChatGLM-6B's [gMASK] <sop>,
+    # ChatGLM3's <|assistant|>, GLM-4's generation prompt, ChatGLM2's "\n\n答：" after earlier turns (a ChatGLM2
+    # prompt without them is cut as its original main.py cuts it: its first ids, the frame too)
+    kept = {"chatglm": 2, "chatglm2": 0 if not history else 3, "chatglm3": 1, "glm4": 0 if kind == "plain" else 1}
+    assert out.ids[len(out.ids) - kept[family]:] == whole.ids[len(whole.ids) - kept[family]:]
+    if family == "chatglm2" and history:
+        assert text.endswith("\n\n答：")

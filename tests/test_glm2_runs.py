@@ -16,13 +16,13 @@ from hydra_entry import to_object
 from ptuning.build import load
 from ptuning.chat import load as chat_load
 from ptuning.chat import parse_args
+from ptuning.checkpoint import load_prefix, read_prefix
 from ptuning.config import ModelConfig
 from ptuning.export import main as export_main
 from ptuning.models import family_for
 from ptuning.models.chatglm2.family import ChatGLM2Family
 from ptuning.models.chatglm2.weights import save_original
 from ptuning.training import run as train_run
-from ptuning.training.checkpoint import load_prefix, read_prefix
 
 from .common import ROOT
 from .test_configs import compose_train

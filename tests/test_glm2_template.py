@@ -74,7 +74,7 @@ def test_chatglm2_history_rows(glm2):
     assert (out.ids, out.dropped_turns) == (alone, 2)
 
 
-def test_chatglm2_long_query_is_cut_keeping_the_frame(glm2):
+def test_chatglm2_long_query_is_cut_keeping_its_start_and_the_frame(glm2):
     tok = glm2.tokenizer
     query = "这件白色纯棉毛衣，七分袖露出手腕，文艺气息浓厚。" * 4
     full = glm2.prompt(Conversation(query), 10_000).ids
@@ -82,9 +82,9 @@ def test_chatglm2_long_query_is_cut_keeping_the_frame(glm2):
     assert len(out.ids) <= 30 and out.dropped_turns == 1
     assert out.truncated_tokens == len(full) - len(out.ids) > 0
     assert out.ids[:2] == [1001, 1003]
-    text = tok.decode(out.ids, skip_special_tokens=True)  # cut from the left: the query's end stays
-    assert text.startswith("[Round 1]\n\n问：") and text.endswith("文艺气息浓厚。\n\n答：")
-    assert not text.startswith("[Round 1]\n\n问：这件")
+    text = tok.decode(out.ids, skip_special_tokens=True)  # the query's start stays, 答： after it
+    assert text.startswith("[Round 1]\n\n问：这件白色纯棉毛衣") and text.endswith("\n\n答：")
+    assert "文艺气息浓厚。\n\n答：" not in text
     with pytest.raises(ValueError, match="budget of 5"):
         glm2.prompt(Conversation(query, history=[("a", "b")]), 5)
     # without history the first tokens stay, as the original's tokenizer truncation
@@ -151,13 +151,13 @@ def test_chatglm3_truncation_drops_oldest_turn_then_cuts_query(glm3):
     alone = glm3.prompt(Conversation(conv.query, system="你是导购"), 1000).ids
     out = glm3.prompt(conv, len(alone) - 3)
     assert (out.dropped_turns, out.truncated_tokens, len(out.ids)) == (2, 3, len(alone) - 3)
-    # with history the query is cut from the left: its end stays next to <|assistant|>
-    assert out.ids[-4:] == alone[-4:] and out.ids[:5] == alone[:5]
+    # with history too the query keeps its start, <|assistant|> after it (the original evaluation kept the first
+    # max_input_length ids); the same prompt as without history
+    assert out.ids[-1] == alone[-1] and out.ids[:5] == alone[:5]
     query = glm3.tokenizer.sp_encode(conv.query)
-    assert out.ids[out.ids.index(1006) + 3:-1] == query[3:]
-    # without history the first tokens stay (the original evaluation kept the first max_input_length ids)
+    assert out.ids[out.ids.index(1006) + 3:-1] == query[:-3]
     short = glm3.prompt(Conversation(conv.query, system="你是导购"), len(alone) - 3)
-    assert short.ids[short.ids.index(1006) + 3:-1] == query[:-3] and short.truncated_tokens == 3
+    assert short.ids == out.ids and short.truncated_tokens == 3
     with pytest.raises(ValueError, match="budget of 4"):
         glm3.prompt(conv, 4)
     # a system message that alone is too long loses its end
@@ -208,3 +208,24 @@ def test_chatglm3_conversation_layouts_refused(glm3):
         glm3.prompt(Conversation("q", extra=[{"role": "user", "content": "x"}]), 100)
     with pytest.raises(ValueError, match="ChatGLM3 tokenizer"):
         ChatGLM3Template(ChatGLM2Tokenizer.from_pretrained(ROOT / "data" / "tokenizer-chatglm2"))
+
+
+def finetune_demo_evaluation_ids(tokenizer, query: str, max_input_length: int) -> list[int]:
+    """What ChatGLM3's ``finetune_demo`` (``process_batch_eval``) generates from for a one-turn conversation:
+    ``[gMASK] sop`` and the user message as ``build_single_message`` makes it, cut to its first
+    ``max_input_length`` ids, then the answer message's ``<|assistant|>``."""
+    ids = [tokenizer.gmask_token_id, tokenizer.sop_token_id, *tokenizer.build_single_message("user", "", query)]
+    return ids[:max_input_length] + [tokenizer.glm_tokens["<|assistant|>"]]
+
+
+@pytest.mark.parametrize("max_input_length", [12, 20, 40])
+def test_an_over_long_question_keeps_its_start_as_chatglm3s_finetune_demo_cuts_it(glm3, max_input_length):
+    query = "开头" + "这件白色纯棉毛衣，七分袖露出手腕。" * 6 + "结尾的问题"
+    original = finetune_demo_evaluation_ids(glm3.tokenizer, query, max_input_length)
+    ours = glm3.prompt(Conversation(query), glm3.generation_budget(max_input_length))
+    assert ours.ids == original  # the original keeps the question's start: so does every family here
+    frame = 2 + len(glm3.tokenizer.build_single_message("user", "", ""))  # [gMASK] sop <|user|> "\n"
+    assert ours.truncated_tokens == len(glm3.tokenizer.sp_encode(query)) - (max_input_length - frame)
+    # with earlier turns that had to go, the question is cut the same way
+    with_history = glm3.prompt(Conversation(query, history=[("白色好看吗", "好看")]), glm3.generation_budget(max_input_length))
+    assert with_history.ids == original and with_history.dropped_turns == 1

@@ -155,7 +155,9 @@ def test_truncation_drops_oldest_turns_then_cuts_the_query(glm4):
     cut = glm4.prompt(conversation, len(alone.ids) - 2)
     assert cut.dropped_turns == 3 and cut.truncated_tokens >= 2 and len(cut.ids) <= len(alone.ids) - 2
     text = glm4.tokenizer.decode(cut.ids)
-    assert text.startswith("[gMASK]<sop><|user|>\n") and text.endswith("白色<|assistant|>\n")  # the query's end stays
+    # the query's start stays, the generation prompt after it
+    assert text.startswith("[gMASK]<sop><|user|>\n类型#裙") and text.endswith("<|assistant|>\n")
+    assert "白色" not in text
     assert len(cut.ids) == len(alone.ids) - cut.truncated_tokens
     # the training row applies the same rule to its prompt
     row = glm4.train_row(conversation, "好。", len(alone.ids) - 2, 16)
@@ -239,3 +241,16 @@ def test_long_texts_raise_no_model_max_length_warning(family, capfd, caplog):
     out = capfd.readouterr()
     shown = out.out + out.err + caplog.text
     assert "Token indices sequence length" not in shown
+
+
+def test_loading_a_model_shows_no_transformers_loading_bar(capfd):
+    from transformers.utils import logging as hf_logging
+
+    from ptuning.build import load_model
+    from ptuning.config import ModelConfig
+
+    capfd.readouterr()
+    load_model(ModelConfig(path="builtin:tiny-glm4", pre_seq_len=4))
+    captured = capfd.readouterr()
+    assert "Loading weights" not in captured.err + captured.out, captured.err
+    assert hf_logging.is_progress_bar_enabled()  # switched off only while the model loads

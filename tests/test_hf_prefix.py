@@ -27,8 +27,14 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
+import ptuning.models.hf.attention as attention_module
 from ptuning.models.hf import attach_prefix, load_causal_lm, load_prefix_model, prefix_attention, prefix_shape
-from ptuning.models.hf.attention import prefixed_mask
+from ptuning.models.hf.attention import (
+    CPU_CAUSAL_MIN_QUERIES,
+    causal_prefix_attention,
+    no_mask_form,
+    prefixed_mask,
+)
 from ptuning.prefix import PrefixEncoder, PrefixKV, PrefixShape, mark_only_prefix_trainable, prefix_key_values
 from ptuning.weights import CheckpointError
 
@@ -171,6 +177,71 @@ def test_prefixed_mask_shapes_and_errors():
     with pytest.raises(ValueError, match=r"attention mask of shape \(2, 1, 3, 4\)"):
         prefixed_mask(torch.ones(2, 1, 3, 4, dtype=torch.bool), None, batch=2, queries=3, keys=3, prefix_length=2,
                       causal=True, device="cpu")
+
+
+def test_a_batch_without_padding_needs_no_mask_on_a_gpu_and_none_on_a_cpu_from_1024_tokens():
+    assert no_mask_form(torch.device("cuda"), 16, 128) == "lower_right"
+    assert no_mask_form(torch.device("cpu"), CPU_CAUSAL_MIN_QUERIES, 128) == "zero_queries"
+    assert no_mask_form(torch.device("cpu"), CPU_CAUSAL_MIN_QUERIES - 1, 128) == "mask"
+    assert no_mask_form(torch.device("cpu"), CPU_CAUSAL_MIN_QUERIES, CPU_CAUSAL_MIN_QUERIES + 1) == "mask"
+
+
+@pytest.mark.parametrize("form", ["lower_right", "zero_queries"])
+def test_every_form_without_a_mask_gives_the_outputs_and_gradients_of_the_materialized_mask(form):
+    """causal_lower_right (as a GPU runs it; torch materializes it on a CPU) and zero queries + is_causal against
+    the [1, 1, S, P + S] mask the prefix attention built for every batch before, with grouped heads."""
+    g = torch.Generator().manual_seed(0)
+    batch, heads, groups, queries, length, dim = 2, 4, 2, 9, 5, 8
+    module = SimpleNamespace(layer_idx=0, is_causal=True, num_key_value_groups=heads // groups, training=False)
+    query = torch.randn(batch, heads, queries, dim, generator=g)
+    key = torch.randn(batch, groups, length + queries, dim, generator=g)
+    value = torch.randn(batch, groups, length + queries, dim, generator=g)
+    weights = torch.randn(batch, queries, heads, dim, generator=g)
+
+    def run(form):
+        q, k, v = (t.clone().requires_grad_() for t in (query, key, value))
+        out, _ = causal_prefix_attention(module, q, k, v, prefix_length=length, scaling=dim**-0.5, form=form)
+        (out * weights).sum().backward()
+        return out.detach(), q.grad, k.grad, v.grad
+
+    for got, want in zip(run(form), run("mask"), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="form='flash': expected 'lower_right', 'zero_queries' or 'mask'"):
+        run("flash")
+
+
+@pytest.mark.parametrize("arch", ["LlamaForCausalLM", "Qwen3ForCausalLM"])
+def test_long_batches_without_padding_build_no_mask_and_keep_logits_and_prefix_gradients(arch, monkeypatch):
+    model = with_prefix(plain_model(arch)).train()
+    model.config.max_position_embeddings = 2 * CPU_CAUSAL_MIN_QUERIES
+    mark_only_prefix_trainable(model)
+    ids = torch.randint(3, VOCAB, (2, CPU_CAUSAL_MIN_QUERIES), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    masks = []
+    original = attention_module.sdpa_attention_forward
+
+    def spy(module, query, key, value, attention_mask, **kwargs):
+        masks.append(attention_mask)
+        return original(module, query, key, value, attention_mask, **kwargs)
+
+    monkeypatch.setattr(attention_module, "sdpa_attention_forward", spy)
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        out = model(ids, labels=labels)
+        out.loss.backward()
+        return out.logits.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    logits, grads = step()
+    assert masks and all(mask is None for mask in masks)  # zero queries + is_causal: nothing materialized
+    monkeypatch.setattr(attention_module, "no_mask_form", lambda *_: "mask")
+    masks.clear()
+    logits_before, grads_before = step()
+    assert all(mask is not None and mask.shape[-2:] == (CPU_CAUSAL_MIN_QUERIES, P + CPU_CAUSAL_MIN_QUERIES)
+               for mask in masks)
+    torch.testing.assert_close(logits, logits_before, rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads, grads_before, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
 
 # ---------------------------------------------------------------- no prefix = the plain model

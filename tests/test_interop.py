@@ -4,6 +4,7 @@ full-model export in the original layout."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -13,11 +14,18 @@ from safetensors import safe_open
 
 from ptuning import export as export_cli
 from ptuning.build import load_model
+from ptuning.checkpoint import load_prefix, prefix_metadata, save_checkpoint
 from ptuning.config import ModelConfig
-from ptuning.interop import export_full, export_peft, import_peft, load_peft_prefix, read_peft_adapter
+from ptuning.interop import (
+    export_full,
+    export_peft,
+    export_peft_checkpoint,
+    import_peft,
+    load_peft_prefix,
+    read_peft_adapter,
+)
 from ptuning.models.chatglm import ChatGLMForConditionalGeneration, CheckpointError, tiny_config
 from ptuning.models.chatglm.layers import rotary_inv_freq
-from ptuning.training.checkpoint import load_prefix, prefix_metadata, save_checkpoint
 
 from .common import ASSETS
 from .test_model import batch
@@ -133,6 +141,23 @@ def test_import_refuses_adapters_that_do_not_fit(tmp_path):
     LoraConfig(r=2, target_modules=["query_key_value"]).save_pretrained(str(tmp_path / "lora"))
     with pytest.raises(CheckpointError, match="LORA adapter"):
         read_peft_adapter(tmp_path / "lora")
+
+
+@pytest.mark.parametrize("projection", [False, True])
+def test_a_checkpoint_exports_to_peft_from_its_recorded_sizes_alone(tmp_path, projection):
+    model = prefixed_model(projection)
+    checkpoint = save_checkpoint(tmp_path / "run", 1, model, prefix_metadata(model, "tiny"))
+    export_peft(model, tmp_path / "direct")
+    export_peft_checkpoint(checkpoint, tmp_path / "recorded")  # no base model: the sizes prefix_config.json records
+    export_peft_checkpoint(checkpoint, tmp_path / "checked", model.config)
+    direct = load_peft_weights(str(tmp_path / "direct"), device="cpu")["prompt_embeddings"]
+    for name in ("recorded", "checked"):
+        assert torch.equal(load_peft_weights(str(tmp_path / name), device="cpu")["prompt_embeddings"], direct)
+        config = PeftConfig.from_pretrained(str(tmp_path / name))
+        assert (config.num_layers, config.token_dim, config.num_attention_heads) == (2, 64, 4)
+    wider = tiny_config(hidden_size=128, pre_seq_len=5, prefix_projection=projection)
+    with pytest.raises(CheckpointError, match="trained with head_dim=16 but the model has head_dim=32"):
+        export_peft_checkpoint(checkpoint, tmp_path / "wider", wider)
 
 
 # ---- peft as a client of our model ----
@@ -461,8 +486,8 @@ def test_peft_export_of_a_chatglm2_or_3_prefix_is_refused_in_one_line(qa_checkpo
         assert err.startswith("error: peft export of a ChatGLM2-6B / ChatGLM3-6B prefix: ") and "'original'" in err
         assert not (tmp_path / "adapter").exists()
     # the prefix's keys (prefix_encoder.*, not transformer.prefix_encoder.*) are read whole
+    from ptuning.checkpoint import read_prefix
     from ptuning.interop.peft import prefix_output
-    from ptuning.training.checkpoint import read_prefix
 
     prefix, meta = read_prefix(ckpt)
     assert list(prefix) == ["prefix_encoder.embedding.weight"]
@@ -529,3 +554,77 @@ def test_a_damaged_adapter_or_a_bad_shard_size_is_one_line(qa_checkpoints, tmp_p
         err = capsys.readouterr().err
         assert "Traceback" not in err and "--max-shard-size" in err, err
         assert not (tmp_path / "full").exists()
+
+
+def test_export_takes_a_run_folders_latest_checkpoint_and_names_a_missing_folder(qa_checkpoints, tmp_path, capsys):
+    ckpt = qa_checkpoints["tiny-chatglm"]
+    assert export_cli.main(["original", "--checkpoint", str(ckpt.parent), "--out", str(tmp_path / "from-run")]) == 0
+    assert export_cli.main(["original", "--checkpoint", str(ckpt), "--out", str(tmp_path / "from-checkpoint")]) == 0
+    assert _tree(tmp_path / "from-run") == _tree(tmp_path / "from-checkpoint")
+    capsys.readouterr()
+    missing = tmp_path / "no-such-run"
+    for kind in ("original", "peft", "full"):
+        assert export_cli.main([kind, "--checkpoint", str(missing), "--out", str(tmp_path / kind)]) == 2
+        assert _one_error(capsys) == f"error: --checkpoint={missing}: no such folder"
+        assert not (tmp_path / kind).exists()
+
+
+def test_a_peft_adapter_given_as_a_prefix_checkpoint_says_it_is_one_and_how_to_import_it(qa_checkpoints, tmp_path,
+                                                                                         capsys):
+    from ptuning.chat import main as chat_main
+    from ptuning.config import BUILTIN_MODEL
+
+    adapter = tmp_path / "adapter"
+    assert export_cli.main(["peft", "--checkpoint", str(qa_checkpoints["tiny-chatglm"]), "--out", str(adapter)]) == 0
+    capsys.readouterr()
+    how = (f"{adapter}: a peft adapter (adapter_config.json), not a prefix checkpoint; import it first: python -m "
+           f"ptuning.export from-peft --adapter {adapter} --out <new folder> --model {BUILTIN_MODEL}, then use the new "
+           "folder")
+    assert chat_main(["--prefix-checkpoint", str(adapter)]) == 2
+    assert _one_error(capsys) == f"error: {how}"
+    assert export_cli.main(["original", "--checkpoint", str(adapter), "--out", str(tmp_path / "x")]) == 2
+    assert _one_error(capsys) == f"error: {how}"
+    # the command it gives works, and its result is a prefix checkpoint
+    command = how.split("import it first: python -m ptuning.export ")[1].split(", then")[0]
+    imported = tmp_path / "imported"
+    assert export_cli.main(command.replace("<new folder>", str(imported)).split()) == 0
+    assert export_cli.main(["original", "--checkpoint", str(imported), "--out", str(tmp_path / "x")]) == 0
+
+
+def test_a_whole_model_checkpoint_of_another_backbone_warns_in_one_line_as_ours_do(qa_checkpoints, tmp_path, capsys):
+    from ptuning.chat import load as chat_load
+    from ptuning.chat import parse_args as chat_args
+    from ptuning.serve.cli import load as serve_load
+    from ptuning.serve.cli import parse_args as serve_args
+
+    full = {}
+    for name in ("tiny-chatglm2", "tiny-chatglm3"):  # the same sizes; another chatglm_version and other weights
+        full[name] = tmp_path / name
+        assert export_cli.main(["full", "--checkpoint", str(qa_checkpoints[name]), "--out", str(full[name]),
+                                "--dtype", "float16"]) == 0
+    capsys.readouterr()
+    chat_load(chat_args(["--model-path", "builtin:tiny-chatglm2", "--prefix-checkpoint", str(full["tiny-chatglm3"])]))
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(
+        f"warning: {full['tiny-chatglm3']} was trained on the model stored with it (config.json chatglm_version 3 "
+        "(the model's 2); weights differ at transformer.encoder."), err
+    assert err[0].endswith("but the model is builtin:tiny-chatglm2")
+    serve_load(serve_args(["--model-path", "builtin:tiny-chatglm2", "--prefix", f"p={full['tiny-chatglm3']}"]),
+               [("p", str(full["tiny-chatglm3"]))])
+    assert capsys.readouterr().err.splitlines() == [err[0].replace("warning: ", "warning: --prefix p: ")]
+    # its own backbone (saved in float16, the base model's float32 rounded): no warning
+    chat_load(chat_args(["--model-path", "builtin:tiny-chatglm2", "--prefix-checkpoint", str(full["tiny-chatglm2"])]))
+    assert capsys.readouterr().err == ""
+
+
+def test_the_documented_exports_write_into_outputs_and_take_a_run_folder():
+    from .common import ROOT
+
+    shown = [(ROOT / page).read_text(encoding="utf-8") for page in ("README.md", "docs/checkpoints.md",
+                                                                     "docs/families.md")]
+    commands = [c for text in shown for c in re.findall(r"python -m ptuning\.export (?:peft|original|full|from-peft) [^\n`#]+", text)]
+    assert len(commands) >= 5, commands
+    for command in commands:
+        out = re.search(r"--out (\S+)", command)
+        assert out and out.group(1).startswith("outputs/"), command  # never into the project folder itself
+    assert any(re.search(r"--checkpoint outputs/default(\s|$)", c) for c in commands)  # a run folder: its latest

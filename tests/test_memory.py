@@ -184,3 +184,11 @@ def test_command_reads_a_config(capsys):
     assert (
         data["shape"]["hidden"] == 128 and data["shape"]["layers"] == 4 and data["shape"]["pre_seq_len"] == 16
     )
+
+
+def test_a_model_whose_family_has_no_memory_formulas_is_a_one_line_usage_error(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["--config", str(ROOT / "data" / "tiny-glm4")])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "tiny-glm4" in err and "no memory estimate for transformers decoder models" in err

@@ -2,7 +2,7 @@
 runs are deterministic. (Bad user inputs: tests/test_bad_inputs.py.)
 
 The kill test runs the built-in default training as ``python train.py`` subprocesses and kills them with
-SIGKILL at exact moments through the test-only hook ``PTUNING_TEST_KILL_AT`` (ptuning/training/faults.py):
+SIGKILL at exact moments through the test-only hook ``PTUNING_TEST_KILL_AT`` (ptuning/faults.py):
 the process sends itself SIGKILL there, so the moment is exact and the death as abrupt as a pre-emption.
 """
 
@@ -21,14 +21,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from ptuning import checkpoint as checkpoint_module
 from ptuning.build import load_model, load_tokenizer
+from ptuning.checkpoint import list_checkpoints, prefix_metadata, save_checkpoint
 from ptuning.config import BUILTIN_MODEL, ModelConfig
+from ptuning.faults import ENV as KILL_ENV
 from ptuning.training import TrainingError
-from ptuning.training import checkpoint as checkpoint_module
 from ptuning.training import loop as loop_module
-from ptuning.training.checkpoint import list_checkpoints, prefix_metadata, save_checkpoint
-from ptuning.training.faults import ENV as KILL_ENV
-from ptuning.training.loop import RunLog, resolve_resume
+from ptuning.training.run_folder import RunLog, resolve_resume
 from ptuning.weights import CheckpointError, read_weights, save_weights
 
 from .bad_inputs.recipes import Payload

@@ -759,3 +759,39 @@ def test_another_family_matches_evaluate_streams_and_batches_prefixes(other_serv
         assert list(pool.map(lambda r: greedy_chat(client, *r), requests)) == alone
     assert len({tuple(a for (n, _), a in zip(requests, alone, strict=True) if n == name)
                 for name in (other, *checkpoints)}) == 3
+
+
+@pytest.mark.parametrize("family", ["tiny-chatglm", "tiny-chatglm2"])
+def test_a_model_folder_with_its_prefix_inside_is_served_with_it_and_each_prefix_source_is_named(family, tmp_path):
+    from ptuning import export as export_cli
+    from ptuning.evaluation.run import run
+
+    path = f"builtin:{family}"
+    inside = save_random_prefix(tmp_path / "inside", 4, seed=6, model_path=path)
+    other = save_random_prefix(tmp_path / "other", 8, seed=7, model_path=path)
+    full = tmp_path / "full"  # the whole model with the prefix inside, as export full writes it
+    assert export_cli.main(["full", "--checkpoint", str(inside), "--out", str(full)]) == 0
+    server = Server("--model-path", str(full), f"--prefix=other={other}", "--no-web", log=tmp_path / "server.log")
+    try:
+        label = "chatglm" if family == "tiny-chatglm" else "chatglm2"
+        assert server.output[0] == (
+            f"serving {full} ({label}, float32 on cpu) with prefixes full (P=4, from {full}, a whole model with its "
+            f"prefix inside), other (P=8, from {other}, ours (prefix.safetensors))")
+        client = server.client()
+        assert [m.id for m in client.models.list().data] == ["full-base", "full", "other"]
+        rows = 3
+        for name, checkpoint in (("full", inside), ("other", other)):  # as evaluate.py answers on the base model
+            reset_accelerate()
+            run(compose_evaluate([f"model={'tiny' if family == 'tiny-chatglm' else family.replace('-', '_')}",
+                                  f"prefix_checkpoint={checkpoint}", f"output_dir={tmp_path / f'{name}-eval'}",
+                                  f"data.cache_dir={tmp_path / 'cache'}",
+                                  f"data.max_eval_samples={rows}", "generation.max_new_tokens=16"]))
+            predictions = [r["predict"] for r in read_jsonl(tmp_path / f"{name}-eval" / "generated_predictions.jsonl")]
+            served = [client.completions.create(model=name, prompt=q, max_tokens=16, temperature=0).choices[0].text
+                      for q in QUERIES[:rows]]
+            assert served == predictions, name
+        bare = [client.completions.create(model="full-base", prompt=q, max_tokens=16, temperature=0).choices[0].text
+                for q in QUERIES[:rows]]
+        assert bare != served
+    finally:
+        assert server.stop() == 0, server.errors()

@@ -14,7 +14,7 @@ import torch
 
 from ptuning.generation import Decoder, DecoderFull, Request, Sampling
 from ptuning.prefix import PrefixEncoder, prefix_module_name, reset_prefix
-from ptuning.serve import PrefixBank, serving_decoder
+from ptuning.serve.engine import PrefixBank, serving_decoder
 from ptuning.serve.scheduler import Delta, Failure, Finish, Job, Scheduler, is_device_fault
 
 from .common import ROOT
@@ -386,14 +386,14 @@ def test_out_of_memory_is_not_a_broken_device():
 
 
 def test_a_batch_whose_cache_cannot_fit_is_refused_before_the_model_loads(monkeypatch, capsys):
-    import ptuning.build
+    import ptuning.serve.cli
     from ptuning.generation import memory
     from ptuning.serve.cli import main
 
     def no_load(*args, **kwargs):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr(ptuning.build, "load", no_load)
+    monkeypatch.setattr(ptuning.serve.cli, "load_folder", no_load)
     assert main(["--max-batch-size", "100000", "--port", "0", "--no-web"]) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert line.startswith("error: --max-batch-size=100000: a generation cache of 100000 rows x 512 positions "

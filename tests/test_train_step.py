@@ -10,6 +10,11 @@ import torch.nn.functional as F
 
 from ptuning.models.chatglm import ChatGLMForConditionalGeneration, tiny_config
 from ptuning.models.chatglm.layers import apply_rotary, rotary_inv_freq, rotary_tables
+from ptuning.models.chatglm2.config import OriginalConfig
+from ptuning.models.chatglm2.family import prefix_shape as chatglm2_prefix_shape
+from ptuning.models.chatglm2.family import rotary_for
+from ptuning.models.hf import attach_prefix
+from ptuning.models.hf import prefix_shape as hf_prefix_shape
 from ptuning.models.loss import FusedCrossEntropy, cross_entropy
 from ptuning.prefix import mark_only_prefix_trainable
 from ptuning.training.loop import token_loss_sum
@@ -154,6 +159,56 @@ def test_step_prefix_gradients_stay_float32_and_match_the_plain_path(dtype, chec
         cosine = F.cosine_similarity(grad_fast.flatten(), grad_plain.flatten(), dim=0)
         assert cosine > 0.999
         assert (grad_fast.norm() / grad_plain.norm() - 1).abs() < 1e-2
+
+
+def decoder(kind: str):
+    """A tiny transformers decoder (Llama) or ChatGLM2 (its original config on ``GlmForCausalLM``) with a prefix
+    of 4, bf16 backbone and float32 prefix, only the prefix trainable."""
+    from transformers import GlmForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    if kind == "llama":
+        config = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+        model = LlamaForCausalLM(config)
+        attach_prefix(model, hf_prefix_shape(config, 4))
+    else:
+        config = OriginalConfig(num_layers=2, hidden_size=64, ffn_hidden_size=96, kv_channels=16, num_attention_heads=4,
+                                multi_query_attention=True, multi_query_group_num=2, padded_vocab_size=300,
+                                seq_length=256, add_qkv_bias=True, chatglm_version=2).glm_config()
+        model = GlmForCausalLM(config)
+        model.model.rotary_emb = rotary_for(config)
+        attach_prefix(model, chatglm2_prefix_shape(config, 4))
+    model.to(torch.bfloat16)
+    model.prefix_encoder.float()
+    mark_only_prefix_trainable(model)
+    return model.train()
+
+
+@pytest.mark.parametrize("kind", ["llama", "chatglm2"])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_transformers_decoders_and_chatglm2_train_with_the_fused_loss(kind, checkpointing):
+    model = decoder(kind)
+    if checkpointing:
+        model.activation_checkpointing_enable()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 300, (3, 16), generator=g)
+    labels = ids.clone()
+    labels[:, :9] = -100
+    grads, losses = [], []
+    for fused in (True, False):
+        model.zero_grad(set_to_none=True)
+        out = model(input_ids=ids, labels=labels, loss_reduction="sum", return_logits=not fused, use_cache=False)
+        assert (type(out.loss.grad_fn).__name__ == "FusedCrossEntropyBackward") == fused
+        out.loss.backward()
+        losses.append(out.loss.detach())
+        grads.append(model.prefix_encoder.embedding.weight.grad.clone())
+    assert losses[0].dtype == torch.float32 and grads[0].dtype == torch.float32
+    # the bf16 backbone rounds the two paths' logits alike (the same projection); the losses differ by float32
+    # summation order, the gradients by one bf16 rounding of the loss gradient
+    assert torch.allclose(losses[0], losses[1], rtol=1e-5)
+    assert F.cosine_similarity(grads[0].flatten(), grads[1].flatten(), dim=0) > 0.999
+    assert (grads[0].norm() / grads[1].norm() - 1).abs() < 1e-2
 
 
 def test_memory_estimate_uses_the_fused_loss_block():

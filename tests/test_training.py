@@ -14,8 +14,9 @@ from safetensors.torch import load_file
 
 from hydra_entry import to_object
 from ptuning.build import load_model
+from ptuning.checkpoint import export_original, load_prefix
 from ptuning.config import ModelConfig
-from ptuning.training import TrainingError, export_original, load_prefix, run
+from ptuning.training import TrainingError, run, run_folder
 from ptuning.training import loop as loop_module
 from ptuning.weights import CheckpointError
 
@@ -152,7 +153,7 @@ def test_prefix_that_does_not_fit_names_both_values(tmp_path):
     with pytest.raises(CheckpointError, match="pre_seq_len=16 but the model has pre_seq_len=8"):
         load_prefix(model, result.checkpoint)
     model = load_model(ModelConfig(prefix_projection=True))
-    with pytest.raises(CheckpointError, match="prefix_projection=False but the model has prefix_projection=True"):
+    with pytest.raises(CheckpointError, match="prefix_projection=false but the model has prefix_projection=true"):
         load_prefix(model, result.checkpoint)
 
 
@@ -245,14 +246,13 @@ def test_overwrite_removes_the_old_run_only_after_checks_and_keeps_the_new_check
     assert result.checkpoint == tmp_path / "checkpoint-3"
     assert checkpoint_names(tmp_path) == ["checkpoint-2", "checkpoint-3"]
     assert (tmp_path / "notes.txt").read_text() == "the user's own file"
-    assert loop_module.resolve_resume(job(tmp_path, "train.resume_from=latest")) == tmp_path / "checkpoint-3"
+    assert run_folder.resolve_resume(job(tmp_path, "train.resume_from=latest")) == tmp_path / "checkpoint-3"
     assert [r["step"] for r in map(json.loads, (tmp_path / "train_log.jsonl").read_text().splitlines())
             if "loss" in r] == [1, 2, 3]
 
 
 def test_pruning_and_latest_never_take_another_runs_checkpoints(tmp_path):
-    from ptuning.evaluation.run import resolve_checkpoint
-    from ptuning.training.checkpoint import latest_checkpoint, prefix_metadata, save_checkpoint
+    from ptuning.checkpoint import latest_checkpoint, prefix_metadata, resolve_checkpoint, save_checkpoint
 
     model = load_model(ModelConfig())
     base = prefix_metadata(model, "builtin:tiny-chatglm")
@@ -263,12 +263,12 @@ def test_pruning_and_latest_never_take_another_runs_checkpoints(tmp_path):
     assert checkpoint_names(tmp_path) == ["checkpoint-2", "checkpoint-3", "checkpoint-800"]
     assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint-3"
     assert resolve_checkpoint(str(tmp_path)) == tmp_path / "checkpoint-3"  # evaluate.py / chat on the run folder
-    assert loop_module.resolve_resume(job(tmp_path, "train.resume_from=latest")) == tmp_path / "checkpoint-3"
+    assert run_folder.resolve_resume(job(tmp_path, "train.resume_from=latest")) == tmp_path / "checkpoint-3"
     # a folder whose recorded run has no checkpoint there: resume refuses the others' instead of taking them
     (tmp_path / "run_config.json").write_text(json.dumps({"run_id": "gone"}))
     with pytest.raises(TrainingError, match=r"the checkpoints in .* \(checkpoint-2, checkpoint-3, checkpoint-800\) "
                                             r"were not written by the run its run_config.json records"):
-        loop_module.resolve_resume(job(tmp_path, "train.resume_from=latest"))
+        run_folder.resolve_resume(job(tmp_path, "train.resume_from=latest"))
 
 
 def test_resume_on_another_base_model_is_refused_and_init_warns(tmp_path, capsys):
@@ -307,8 +307,8 @@ def test_resume_on_another_base_model_is_refused_and_init_warns(tmp_path, capsys
 
 
 def test_a_bundled_model_is_the_same_base_model_by_name_or_by_folder(tmp_path, monkeypatch):
+    from ptuning.checkpoint import base_model_change
     from ptuning.config import BUILTIN_MODEL, PROJECT_ROOT
-    from ptuning.training.checkpoint import base_model_change
 
     monkeypatch.chdir(PROJECT_ROOT / "data")
     same_folder = ["builtin:tiny-chatglm", str(BUILTIN_MODEL), "tiny-chatglm", "./tiny-chatglm/",
@@ -379,7 +379,7 @@ def test_the_console_shows_eval_loss_and_throughput_as_the_docs_say(tmp_path, ca
     assert f"checkpoint-{{{','.join(map(str, kept))}}}/" in readme
 
 
-def test_the_untuned_baseline_reaches_wandb_and_the_loss_plot(tmp_path, monkeypatch):
+def test_the_base_model_baseline_reaches_wandb_and_the_loss_plot(tmp_path, monkeypatch):
     from ptuning.training.plot import loss_curves
     from ptuning.training.tracking import make_tracker
 
@@ -475,13 +475,13 @@ def test_init_prefix_from_a_run_folder_takes_its_latest_checkpoint_and_names_mod
     assert str(err.value) == (f"{tmp_path / 'run' / 'checkpoint-6'}: the prefix was trained with pre_seq_len=16 but "
                               "the model has pre_seq_len=8 (set model.pre_seq_len=16 to load it)")
     taken = []
-    real = loop_module.load_prefix
+    real = loop_module.load_model_with_prefix
 
-    def recording(model, checkpoint):
+    def recording(cfg, checkpoint, **kwargs):
         taken.append(checkpoint)
-        return real(model, checkpoint)
+        return real(cfg, checkpoint, **kwargs)
 
-    monkeypatch.setattr(loop_module, "load_prefix", recording)
+    monkeypatch.setattr(loop_module, "load_model_with_prefix", recording)
     again = train(tmp_path / "again", f"train.init_prefix_from={tmp_path / 'run'}", "train.max_steps=1")
     assert again.step == 1 and taken == [tmp_path / "run" / "checkpoint-6"]
 
@@ -494,7 +494,7 @@ def refused_before_loading(monkeypatch):
     def loaded(*args, **kwargs):
         raise AssertionError("the model was loaded before the refusal")
 
-    monkeypatch.setattr(loop_module, "load", loaded)
+    monkeypatch.setattr(loop_module, "load_model_with_prefix", loaded)
 
 
 def test_overwrite_removes_only_what_the_folders_run_wrote(tmp_path, capsys, monkeypatch):

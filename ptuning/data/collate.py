@@ -5,6 +5,8 @@
   pads come after ``<eop>``, are never attended to by a real token in the causal part, and carry
   label -100). They hold ``input_ids`` and ``labels`` only: the model builds its mask and positions
   from the ids.
+* Packed training rows (:mod:`ptuning.data.packing`) carry ``sequence_ids``; a batch of them is padded to
+  ``pack_length`` (one static shape for every step), the padding's ``sequence_ids`` being -1.
 * Generation batches are LEFT-padded, so that every prompt ends at the last column where decoding
   continues. They hold ``input_ids`` and the padding mask ``attention_mask`` ``[B, S]`` (1 = real
   token), from which the model builds the original tokenizer's mask and positions.
@@ -22,39 +24,56 @@ from typing import Any
 import torch
 from torch.utils.data import Sampler
 
+from ..models.packed import PADDING_SEQUENCE
 from .config import DataConfig
 from .features import IGNORE_INDEX
 
 
 @dataclass
 class TrainingCollator:
-    """Right-pads training rows to the batch's longest.
+    """Right-pads training rows to the batch's longest, and packed rows to ``pack_length``.
 
     Attributes:
         pad_token_id: fills ``input_ids``.
         label_pad_id: fills ``labels``: -100 (ignored by the loss), or the pad id when
             ``ignore_pad_token_for_loss`` is off, as the original.
+        pack_length: the width of a batch of packed rows (rows with ``sequence_ids``); None: their longest.
     """
 
     pad_token_id: int
     label_pad_id: int = IGNORE_INDEX
+    pack_length: int | None = None
 
     @classmethod
     def from_config(cls, tokenizer, cfg: DataConfig) -> TrainingCollator:
         pad = tokenizer.pad_token_id
-        return cls(pad_token_id=pad, label_pad_id=IGNORE_INDEX if cfg.ignore_pad_token_for_loss else pad)
+        return cls(pad_token_id=pad, label_pad_id=IGNORE_INDEX if cfg.ignore_pad_token_for_loss else pad,
+                   pack_length=cfg.pack_length if cfg.packing else None)
 
     def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        """Rows with ``input_ids`` and ``labels`` -> ``input_ids`` and ``labels`` ``[B, S]`` int64."""
+        """Rows with ``input_ids`` and ``labels`` (and ``sequence_ids`` when packed) -> the same ``[B, S]``
+        int64 tensors."""
         longest = max(len(row["input_ids"]) for row in rows)
+        packed = "sequence_ids" in rows[0]
+        if packed and self.pack_length is not None:
+            if longest > self.pack_length:
+                raise ValueError(f"a packed row of {longest} tokens is longer than pack_length={self.pack_length}")
+            longest = self.pack_length
         # on the host, whatever the default device (the loop moves batches to the model's device)
         input_ids = torch.full((len(rows), longest), self.pad_token_id, dtype=torch.long, device="cpu")
         labels = torch.full((len(rows), longest), self.label_pad_id, dtype=torch.long, device="cpu")
+        sequence_ids = (torch.full((len(rows), longest), PADDING_SEQUENCE, dtype=torch.long, device="cpu")
+                        if packed else None)
         for i, row in enumerate(rows):
             length = len(row["input_ids"])
             input_ids[i, :length] = torch.as_tensor(row["input_ids"], device="cpu")
             labels[i, :length] = torch.as_tensor(row["labels"], device="cpu")
-        return {"input_ids": input_ids, "labels": labels}
+            if sequence_ids is not None:
+                sequence_ids[i, :length] = torch.as_tensor(row["sequence_ids"], device="cpu")
+        batch = {"input_ids": input_ids, "labels": labels}
+        if sequence_ids is not None:
+            batch["sequence_ids"] = sequence_ids
+        return batch
 
 
 @dataclass

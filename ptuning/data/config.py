@@ -31,6 +31,10 @@ class DataConfig:
         skip_bad_rows: skip malformed rows (counted and reported once) instead of stopping at the first.
         overwrite_cache: recompute the cached features instead of reusing them.
         cache_dir: where normalized files and cached features go (None: the ``datasets`` cache).
+        packing: train on packed rows: whole rows concatenated into sequences of ``pack_length`` tokens, each
+            row seeing the prefix and its own tokens only (see :mod:`ptuning.data.packing`); then
+            ``train.per_device_batch_size`` counts packed sequences, not rows. Evaluation stays unpacked.
+        pack_length: tokens of a packed sequence (at least the longest training row); used with ``packing``.
     """
 
     train_file: str | None = None
@@ -51,6 +55,8 @@ class DataConfig:
     skip_bad_rows: bool = False
     overwrite_cache: bool = False
     cache_dir: str | None = None
+    packing: bool = False
+    pack_length: int = 1024
 
     def __post_init__(self) -> None:
         # evaluation keeps max_source_length - 2 prompt tokens, training max_target_length - 2 response ones
@@ -66,6 +72,12 @@ class DataConfig:
             raise ValueError(f"prompt_column and response_column are both {self.prompt_column!r}")
         if self.tools_column is not None and self.conversation_column is None:
             raise ValueError("tools_column needs conversation_column (tools belong to chat-format rows)")
+        if self.pack_length < 2:
+            raise ValueError(f"pack_length must be >= 2, got {self.pack_length}")
+        if self.packing and not self.ignore_pad_token_for_loss:
+            raise ValueError(
+                "packing needs ignore_pad_token_for_loss=true: packed rows have no pads of their own to score"
+            )
         if self.conversation_column is not None and self.history_column is not None:
             raise ValueError("history_column and conversation_column exclude each other (a conversation holds its history)")
 

@@ -29,6 +29,7 @@ from typing import Any
 
 import datasets
 
+from ..models.base import Conversation, conversation_from_messages
 from .config import DataConfig
 from .features import preprocess_eval, preprocess_train
 
@@ -217,8 +218,6 @@ CHAT_COLUMNS = ("history", "system", "extra", "tools")
 def _check_conversation(record: dict, cfg: DataConfig, from_csv: bool) -> tuple[dict[str, Any] | None, str | None]:
     """A chat-format row (``conversation_column`` [+ ``tools_column``]) normalized to the prompt, response,
     history, system, extra and tools columns (the last three as JSON text), or the problem with it."""
-    from ..models.base import conversation_from_messages
-
     column = cfg.conversation_column
     if column not in record:
         return None, f"no column {column!r} (columns: {', '.join(map(repr, record)) or 'none'})"
@@ -288,8 +287,6 @@ def _column_hint(column: str, cfg: DataConfig, key: str | None) -> str:
 
 def _row_conversation(row: dict[str, Any], cfg: DataConfig):
     """A normalized chat-format row as the :class:`~ptuning.models.base.Conversation` the template sees."""
-    from ..models.base import Conversation
-
     return Conversation(query=row[cfg.prompt_column], history=[tuple(t) for t in row["history"]],
                         system=row["system"] or None, source_prefix=cfg.source_prefix,
                         extra=json.loads(row["extra"]), tools=json.loads(row["tools"]) if row["tools"] else None)
@@ -408,13 +405,22 @@ def load_rows(path: str | os.PathLike, cfg: DataConfig, key: str | None = None, 
             for row in report.rows:
                 out.write(json.dumps(row, ensure_ascii=False) + "\n")
         os.replace(partial_file, normalized)
-    return datasets.load_dataset(
-        "json",
-        data_files=str(normalized),
-        split="train",
-        features=_features(cfg),
-        cache_dir=str(_cache_root(cfg) / "datasets"),
-    )
+    # datasets' own "Generating train split: N examples" bar names a split of its own making (every file is
+    # read as "train") and counts rows that this pass already counted: it stays off (the tokenizing bar says)
+    quiet = datasets.is_progress_bar_enabled()
+    if quiet:
+        datasets.disable_progress_bars()
+    try:
+        return datasets.load_dataset(
+            "json",
+            data_files=str(normalized),
+            split="train",
+            features=_features(cfg),
+            cache_dir=str(_cache_root(cfg) / "datasets"),
+        )
+    finally:
+        if quiet:
+            datasets.enable_progress_bars()
 
 
 def build_datasets(cfg: DataConfig, template, split: str, features: str | None = None) -> datasets.Dataset:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..config import ConfigError
 from ..generation import Decoder, PrefixTable, Request, Sampling, run_to_end, stream
 from ..prefix import PrefixKV
 
@@ -36,8 +37,6 @@ class GenerationSettings:
         Raises:
             ConfigError: naming the key, the value and what is allowed.
         """
-        from ..config import ConfigError
-
         def need(ok: bool, key: str, allowed: str) -> None:
             if not ok:
                 # flags spell the field names with hyphens

@@ -17,17 +17,41 @@ from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+
+from ..build import load
+from ..checkpoint import (
+    META_FILE,
+    ORIGINAL_FILE,
+    PREFIX_FILE,
+    STATE_FILE,
+    PrefixCheckpoint,
+    list_checkpoints,
+    load_model_with_prefix,
+    prefix_fit_mismatch,
+    read_checkpoint,
+    resolve_checkpoint,
+)
 from ..config import ConfigError, LoggerConfig, ModelConfig, check_data_file
+from ..data import DataError, build_datasets
 from ..data.config import DataConfig
+from ..data.loading import check_positions
+from ..distributed import LaunchError, start
+from ..faults import kill_point
+from ..generation import packed_linears, vocab_limit
+from ..perf import set_cpu_threads
+from ..prefix import PrefixKV
+from ..weights import CheckpointError
 from .generate import GenerationSettings, batched, generate_ids, make_decoder
-from .metrics import METRIC_NAMES
+from .metrics import METRIC_NAMES, compute_metrics
 
 PREDICTIONS_FILE = "generated_predictions.jsonl"
 METRICS_FILE = "metrics.json"
 EVAL_FILES = (PREDICTIONS_FILE, METRICS_FILE)
-DEFAULT_RUN = Path("outputs") / "default"
 # Files that mark a folder as a checkpoint, a training run or a model: evaluation never writes there.
-CHECKPOINT_MARKERS = ("prefix.safetensors", "prefix_config.json", "training_state.pt", "pytorch_model.bin")
+CHECKPOINT_MARKERS = (PREFIX_FILE, META_FILE, STATE_FILE, ORIGINAL_FILE)
 RUN_MARKERS = ("train_log.jsonl", "run_config.json", "config.json", "model.safetensors")
 
 
@@ -109,46 +133,53 @@ def base_model_output_dir(model_name: str) -> Path:
     return Path("outputs") / f"eval-base-{safe}"
 
 
-def resolve_checkpoint(prefix_checkpoint: str | None, key: str = "prefix_checkpoint") -> Path:
-    """The checkpoint folder to evaluate.
-
-    Args:
-        prefix_checkpoint: a checkpoint folder (ours or the original's), a training output folder (its
-            latest ``checkpoint-N``), or None for the latest checkpoint of ``outputs/default``.
-        key: how the setting is named in messages (``--prefix-checkpoint`` for the chat command).
+def check_prompt_format(checkpoint: Path, meta: dict | None, data: DataConfig) -> None:
+    """That evaluation renders prompts as the prefix was trained on them: ``prompt_format`` in the checkpoint's
+    ``prefix_config.json`` is ``chat`` (rows with earlier turns: ``data.history_column`` or
+    ``data.conversation_column``) or ``plain`` (prompt -> response rows). Checkpoints that record none (the
+    original script's, earlier versions') are not checked.
 
     Raises:
-        ConfigError: nothing to evaluate there; the message says what to run or set.
+        ConfigError: the data settings render the other format (chat rows would lose their earlier turns,
+            plain-trained prefixes would see chat templates); names the key to set or unset, and for a chat
+            prefix the column its run used when the run's ``run_config.json`` beside it says.
     """
-    from ..training.checkpoint import latest_checkpoint
+    recorded = (meta or {}).get("prompt_format")
+    chat = bool(data.history_column or data.conversation_column)
+    if recorded not in ("chat", "plain") or (recorded == "chat") == chat:
+        return
+    source = f"prompt_format {recorded} in its prefix_config.json"
+    if recorded == "plain":
+        key = "data.history_column" if data.history_column else "data.conversation_column"
+        raise ConfigError(
+            f"{checkpoint} was trained on plain prompt -> response rows ({source}) but {key}="
+            f"{data.history_column or data.conversation_column} renders chat prompts: leave {key} unset"
+        )
+    key, column = _trained_chat_column(checkpoint, meta)
+    raise ConfigError(
+        f"{checkpoint} was trained on chat prompts with earlier turns ({source}) but {key} is not set, "
+        f"so evaluation would leave the rows' earlier turns out: set "
+        + (f"{key}={column} (what its run used)" if column else
+           "data.history_column=<the column of earlier turns> (data.conversation_column for chat-format rows)")
+    )
 
-    if prefix_checkpoint is not None and not str(prefix_checkpoint).strip():
-        raise ConfigError(f"{key} is empty; expected a checkpoint-N folder or a run folder (its latest checkpoint)")
-    if prefix_checkpoint is None:
-        found = latest_checkpoint(DEFAULT_RUN)
-        if found is None:
-            raise ConfigError(
-                f"{key} is not set and {DEFAULT_RUN} holds no checkpoint: run `python train.py` "
-                f"first or set {key}=/path/to/checkpoint-N"
-            )
-        return found
-    path = Path(prefix_checkpoint).expanduser()
-    if not path.exists():
-        raise ConfigError(f"{key}={prefix_checkpoint}: no such folder")
-    if not path.is_dir():
-        raise ConfigError(f"{key}={prefix_checkpoint}: not a folder (expected a checkpoint-N folder)")
-    if not any((path / name).is_file() for name in CHECKPOINT_MARKERS):
-        # a training output folder: its newest checkpoint, as with the default
-        found = latest_checkpoint(path)
-        if found is not None:
-            return found
-    return path
+
+def _trained_chat_column(checkpoint: Path, meta: dict | None) -> tuple[str, str | None]:
+    """``(key, column)`` of the chat data the checkpoint's run trained on, from the ``run_config.json`` of the run
+    folder it sits in (``("data.history_column", None)`` when that record is not there or not its run's)."""
+    try:
+        record = json.loads((checkpoint.parent / "run_config.json").read_text(encoding="utf-8"))
+        data = record["data"] if record.get("run_id") == (meta or {}).get("run_id") else {}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
+        data = {}
+    for key in ("history_column", "conversation_column"):
+        if isinstance(data, dict) and isinstance(data.get(key), str) and data[key]:
+            return f"data.{key}", data[key]
+    return "data.history_column", None
 
 
 def _why_not_writable(folder: Path) -> str | None:
     """Why evaluation must not write into ``folder`` (an existing folder), or None when it may."""
-    from ..training.checkpoint import list_checkpoints
-
     if any((folder / name).exists() for name in CHECKPOINT_MARKERS):
         return "it is a checkpoint folder"
     if list_checkpoints(folder):
@@ -160,8 +191,6 @@ def _why_not_writable(folder: Path) -> str | None:
 
 def _is_training_output(folder: Path) -> bool:
     """``folder`` holds a training run's outputs (its record, log or checkpoint-N folders)."""
-    from ..training.checkpoint import list_checkpoints
-
     return any((folder / name).is_file() for name in ("train_log.jsonl", "run_config.json")) or bool(
         list_checkpoints(folder))
 
@@ -266,7 +295,7 @@ def predict(
     batch_size: int | None = None,
     progress: bool = True,
     examples: list[dict] | None = None,
-    prefix=None,
+    prefix: PrefixKV | None = None,
 ) -> tuple[dict, list[dict]]:
     """Generates for every example of ``split`` and scores the predictions.
 
@@ -292,17 +321,11 @@ def predict(
         ``new_tokens``, ``generation_s``, ``new_tokens_per_s``) and the predictions ``[{"prompt", "labels",
         "predict"}]`` in input order.
     """
-    from ..generation import packed_linears, vocab_limit
-    from ..training.faults import kill_point
-    from .metrics import compute_metrics
-
     if not isinstance(settings, GenerationSettings):
         batch_size = batch_size or settings.eval_batch_size
         settings = GenerationSettings(max_new_tokens=settings.max_new_tokens)
     batch_size = batch_size or 16
     if examples is None:
-        from ..data import build_datasets
-
         examples = build_datasets(data_cfg, template, split).to_list()
     world = comm.num_processes if comm is not None else 1
     rank = comm.process_index if comm is not None else 0
@@ -310,13 +333,41 @@ def predict(
     # longest prompts first: batches of similar length waste less on padding, and the ETA errs on the
     # safe side
     mine.sort(key=lambda i: -len(examples[i]["input_ids"]))
+    start = time.perf_counter()
+    outputs, new_tokens, stopped = _generate(model, template, examples, mine, settings, batch_size,
+                                             progress and rank == 0, prefix)
+    elapsed = time.perf_counter() - start
+    if world > 1:
+        outputs = comm.gather_objects(outputs)
+        counts = comm.gather_objects([(new_tokens, elapsed, stopped)])
+        new_tokens = sum(n for n, _, _ in counts)
+        stopped = sum(s for _, _, s in counts)
+        # the processes run side by side: the run took as long as the slowest one
+        elapsed = max(t for _, t, _ in counts)
+    by_index = dict(outputs)
+    rows = [
+        {"prompt": ex["prompt"], "labels": ex["reference"], "predict": by_index[i]}
+        for i, ex in enumerate(examples)
+    ]
+    metrics = compute_metrics([r["predict"] for r in rows], [r["labels"] for r in rows])
+    metrics["num_stopped_predictions"] = stopped
+    metrics["new_tokens"] = new_tokens
+    metrics["generation_s"] = elapsed
+    metrics["new_tokens_per_s"] = new_tokens / elapsed if elapsed > 0 else 0.0
+    return metrics, rows
+
+
+def _generate(model, template, examples: list[dict], mine: list[int], settings: GenerationSettings,
+              batch_size: int, progress: bool, prefix: PrefixKV | None = None) -> tuple[list[tuple[int, str]], int, int]:
+    """Decodes the examples ``mine`` (indices into ``examples``) in batches of ``batch_size`` (``prefix``
+    instead of the model's own, when given).
+
+    Returns:
+        ``(index, decoded answer)`` of each, the number of tokens generated and of answers a stop token ended.
+    """
     was_training = model.training
     model.eval()
-    bar = None
-    if progress and rank == 0:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(mine), desc="generate", unit="example", dynamic_ncols=True)
+    bar = tqdm(total=len(mine), desc="generate", unit="example", dynamic_ncols=True) if progress else None
     outputs: list[tuple[int, str]] = []
     new_tokens = stopped = 0
     start = time.perf_counter()
@@ -356,25 +407,7 @@ def predict(
         if bar is not None:
             bar.close()
         model.train(was_training)
-    elapsed = time.perf_counter() - start
-    if world > 1:
-        outputs = comm.gather_objects(outputs)
-        counts = comm.gather_objects([(new_tokens, elapsed, stopped)])
-        new_tokens = sum(n for n, _, _ in counts)
-        stopped = sum(s for _, _, s in counts)
-        # the processes run side by side: the run took as long as the slowest one
-        elapsed = max(t for _, t, _ in counts)
-    by_index = dict(outputs)
-    rows = [
-        {"prompt": ex["prompt"], "labels": ex["reference"], "predict": by_index[i]}
-        for i, ex in enumerate(examples)
-    ]
-    metrics = compute_metrics([r["predict"] for r in rows], [r["labels"] for r in rows])
-    metrics["num_stopped_predictions"] = stopped
-    metrics["new_tokens"] = new_tokens
-    metrics["generation_s"] = elapsed
-    metrics["new_tokens_per_s"] = new_tokens / elapsed if elapsed > 0 else 0.0
-    return metrics, rows
+    return outputs, new_tokens, stopped
 
 
 def evaluate_model(
@@ -388,7 +421,7 @@ def evaluate_model(
     batch_size: int | None = None,
     progress: bool = True,
     examples: list[dict] | None = None,
-    prefix=None,
+    prefix: PrefixKV | None = None,
 ) -> dict:
     """The metrics of :func:`predict` alone (training-time evaluation)."""
     metrics, _ = predict(
@@ -467,8 +500,6 @@ def run(cfg: EvaluateJobConfig, *, tracker=None) -> dict:
     Raises:
         ConfigError, DataError, CheckpointError: user mistakes, with a one-line message.
     """
-    import torch
-
     threads = torch.get_num_threads()
     try:
         return _evaluate(cfg, tracker)
@@ -477,61 +508,25 @@ def run(cfg: EvaluateJobConfig, *, tracker=None) -> dict:
 
 
 def _evaluate(cfg: EvaluateJobConfig, tracker) -> dict:
-    from accelerate.utils import set_seed
-
-    from ..build import base_metadata, load
-    from ..data import DataError, build_datasets
-    from ..data.loading import check_positions
-    from ..distributed import LaunchError, start
-    from ..perf import set_cpu_threads
-    from ..training.checkpoint import base_model_change, load_prefix
-
-    cfg.validate()
-    base_only = cfg.prefix_checkpoint == NO_PREFIX
-    if base_only:
-        checkpoint, meta = None, None
-        out = resolve_output_dir(None, cfg.output_dir, base_model_output_dir(cfg.model.name))
-        check_no_prefix_shape(cfg.model)
-    else:
-        checkpoint = resolve_checkpoint(cfg.prefix_checkpoint)
-        out = resolve_output_dir(checkpoint, cfg.output_dir)
-        meta = take_prefix_shape(cfg.model, checkpoint)
-    replacing = earlier_results(out, cfg.overwrite)
-    # checked by every process before any work: an unwritable folder fails at once, and on all processes
-    # alike; it is made only when the results are written, so a refused evaluation leaves no empty folder
-    check_writable(out)
+    checkpoint, out, replacing = _check_job(cfg)
     data_file = getattr(cfg.data, f"{cfg.split}_file")
-
     try:
         accelerator, comm = start()
     except LaunchError as err:
         raise ConfigError(str(err)) from None
     main = comm.is_main_process
     set_seed(cfg.seed + comm.process_index)  # sampling: a different stream on each process
-    loaded = load(cfg.model, device=accelerator.device, init=False, **({"pre_seq_len": None} if base_only else {}))
+    if checkpoint is None:  # prefix_checkpoint=none: the base model as published
+        loaded = load(cfg.model, device=accelerator.device, pre_seq_len=None, init=False)
+    else:
+        loaded = load_model_with_prefix(cfg.model, checkpoint, device=accelerator.device)
     model, template = loaded.model, loaded.template
     set_cpu_threads(model, accelerator.device)
-    changed = None if base_only else base_model_change(load_prefix(model, checkpoint), base_metadata(cfg.model, model))
-    if changed and main:
-        print(f"warning: {checkpoint} {changed}", file=sys.stderr)
-    # The main process fills the datasets cache first, the others then read it. A data error is raised
-    # only after the barrier, so that every process reaches it and then fails with the same message.
-    if not main:
-        comm.barrier()
-    examples, error = None, None
-    try:
-        examples = build_datasets(cfg.data, template, cfg.split).to_list()
-        check_positions([len(x["input_ids"]) for x in examples], loaded.max_positions, data_file,
-                        "lower data.max_source_length or generation.max_new_tokens",
-                        extra=cfg.generation.max_new_tokens, what="prompts")
-    except DataError as err:
-        error = err
+    if loaded.base_change and main:
+        print(f"warning: {checkpoint.path} {loaded.base_change}", file=sys.stderr)
+    examples = _build_examples(cfg, comm, loaded)
     if main:
-        comm.barrier()
-    if error is not None:
-        raise error
-    if main:
-        what = f"the base model {cfg.model.base_model_name} (no prefix)" if base_only else str(checkpoint)
+        what = checkpoint.path if checkpoint is not None else f"the base model {cfg.model.base_model_name} (no prefix)"
         print(
             f"evaluating {what} on {data_file} ({len(examples)} examples) with {comm.num_processes} "
             f"process(es), batch_size={cfg.batch_size}, {'sampling' if cfg.generation.do_sample else 'greedy'}"
@@ -542,57 +537,49 @@ def _evaluate(cfg: EvaluateJobConfig, tracker) -> dict:
         model, template, cfg.data, cfg.generation, comm, batch_size=cfg.batch_size, examples=examples
     )
     metrics.update(
-        checkpoint=None if base_only else str(checkpoint),  # None: the base model, no prefix
+        checkpoint=str(checkpoint.path) if checkpoint is not None else None,  # None: the base model, no prefix
         base_model=cfg.model.base_model_name,
-        run_id=(meta or {}).get("run_id"),  # the training run that wrote it: train.overwrite knows its evaluations
+        run_id=(checkpoint.meta or {}).get("run_id") if checkpoint is not None else None,  # the training run that wrote it: train.overwrite knows its evaluations
         data_file=str(data_file),
         batch_size=cfg.batch_size,
         num_processes=comm.num_processes,
         generation=asdict(cfg.generation),
     )
     if main:
-        if replacing:
-            print(f"overwrite=true: replacing the earlier {', '.join(replacing)} in {out}")
-        write_outputs(out, rows, metrics)
-        print(format_table(metrics))
-        print(f"wrote {out / PREDICTIONS_FILE} and {out / METRICS_FILE}")
-        if tracker is not None:
-            tracker.start(asdict(cfg), out, job_type="evaluate")
-            tracker.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, 0)
-            tracker.log_table(
-                "predictions",
-                ["prompt", "labels", "predict"],
-                [[r["prompt"], r["labels"], r["predict"]] for r in rows],
-            )
-            tracker.finish()
+        _report(cfg, out, replacing, rows, metrics, tracker)
     comm.barrier()
     metrics["output_dir"] = str(out)
     return metrics
 
 
-def take_prefix_shape(model_cfg: EvaluateModelConfig, checkpoint: Path) -> dict | None:
-    """Sets ``model_cfg``'s ``pre_seq_len`` and ``prefix_projection`` to the checkpoint's prefix and validates
-    it. Returns the checkpoint's metadata (None for an original-format checkpoint, whose shape is read off
-    its tensors).
-
-    Raises:
-        CheckpointError: a value given in ``model.*`` differs from the checkpoint's.
-    """
-    from ..training.checkpoint import infer_prefix_shape, read_prefix
-    from ..weights import CheckpointError
-
-    prefix, meta = read_prefix(checkpoint)
-    shape = meta if meta and "pre_seq_len" in meta else infer_prefix_shape(prefix)
-    for key, value in (("pre_seq_len", shape["pre_seq_len"]), ("prefix_projection", shape.get("prefix_projection", False))):
-        given = getattr(model_cfg, key)
-        if given is not None and given != value:
-            raise CheckpointError(
-                f"{checkpoint}: the prefix was trained with {key}={value} but the model has {key}={given} "
-                f"(model.{key}; leave it unset to take the checkpoint's)"
-            )
-        setattr(model_cfg, key, value)
-    model_cfg.validate()
-    return meta
+def _check_job(cfg: EvaluateJobConfig) -> tuple[PrefixCheckpoint | None, Path, list[str]]:
+    """Everything checked before a model is loaded: the config, the checkpoint (read, and its prefix's sizes
+    set as ``cfg.model``'s; None for ``prefix_checkpoint=none``), the output folder and the earlier results it
+    would replace."""
+    cfg.validate()
+    if cfg.prefix_checkpoint == NO_PREFIX:
+        out = resolve_output_dir(None, cfg.output_dir, base_model_output_dir(cfg.model.name))
+        replacing = earlier_results(out, cfg.overwrite)
+        check_no_prefix_shape(cfg.model)
+        check_writable(out)
+        return None, out, replacing
+    path = resolve_checkpoint(cfg.prefix_checkpoint)
+    out = resolve_output_dir(path, cfg.output_dir)
+    replacing = earlier_results(out, cfg.overwrite)
+    checkpoint = read_checkpoint(path)
+    check_prompt_format(path, checkpoint.meta, cfg.data)
+    # the prefix decides the model's prefix shape; an original-format checkpoint has no metadata
+    trained = checkpoint.sizes
+    given = {key: getattr(cfg.model, key) for key in trained if getattr(cfg.model, key) is not None}
+    mismatch = prefix_fit_mismatch(trained, given, hint="leave {names} unset to take the checkpoint's")
+    if mismatch:
+        raise CheckpointError(f"{path}: {mismatch}")
+    cfg.model.pre_seq_len, cfg.model.prefix_projection = trained["pre_seq_len"], trained["prefix_projection"]
+    cfg.model.validate()
+    # checked by every process before any work: an unwritable folder fails at once, and on all processes
+    # alike; it is made only when the results are written, so a refused evaluation leaves no empty folder
+    check_writable(out)
+    return checkpoint, out, replacing
 
 
 def check_no_prefix_shape(model_cfg: EvaluateModelConfig) -> None:
@@ -607,6 +594,50 @@ def check_no_prefix_shape(model_cfg: EvaluateModelConfig) -> None:
                               f"is evaluated without a prefix (leave model.{key} unset)")
     # the model's other keys are checked as for any evaluation (a prefix size is needed only to check them)
     dataclasses.replace(model_cfg, pre_seq_len=1, prefix_projection=False).validate()
+
+
+def _build_examples(cfg: EvaluateJobConfig, comm, loaded) -> list[dict]:
+    """The generation features of the data file, checked against the model's positions.
+
+    The main process fills the datasets cache first, the others then read it. A data error is raised only
+    after the barrier, so that every process reaches it and then fails with the same message.
+    """
+    main = comm.is_main_process
+    if not main:
+        comm.barrier()
+    examples, error = None, None
+    try:
+        examples = build_datasets(cfg.data, loaded.template, cfg.split).to_list()
+        check_positions([len(x["input_ids"]) for x in examples], loaded.max_positions,
+                        getattr(cfg.data, f"{cfg.split}_file"),
+                        "lower data.max_source_length or generation.max_new_tokens",
+                        extra=cfg.generation.max_new_tokens, what="prompts")
+    except DataError as err:
+        error = err
+    if main:
+        comm.barrier()
+    if error is not None:
+        raise error
+    return examples
+
+
+def _report(cfg: EvaluateJobConfig, out: Path, replacing: list[str], rows: list[dict], metrics: dict,
+            tracker) -> None:
+    """Writes the predictions and metrics, prints the table and logs to the tracker (main process)."""
+    if replacing:
+        print(f"overwrite=true: replacing the earlier {', '.join(replacing)} in {out}")
+    write_outputs(out, rows, metrics)
+    print(format_table(metrics))
+    print(f"wrote {out / PREDICTIONS_FILE} and {out / METRICS_FILE}")
+    if tracker is not None:
+        tracker.start(asdict(cfg), out, job_type="evaluate")
+        tracker.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, 0)
+        tracker.log_table(
+            "predictions",
+            ["prompt", "labels", "predict"],
+            [[r["prompt"], r["labels"], r["predict"]] for r in rows],
+        )
+        tracker.finish()
 
 
 def format_table(metrics: dict) -> str:

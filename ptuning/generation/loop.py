@@ -216,10 +216,8 @@ class Decoder:
         own = model_prefix(model)
         self.prefixes = prefixes if prefixes is not None else PrefixTable(own)
         self.device = next(model.parameters()).device
-        prepare = getattr(model, "store_lm_head_column_major", None)
-        if prepare is not None:
-            prepare()  # a CPU layout; the model leaves a weight on any other device as it is
-        groups, head_dim, layers = cache_shape(model)
+        model.store_lm_head_column_major()  # a CPU layout; the model leaves a weight on any other device as it is
+        groups, head_dim, layers = model.cache_shape()
         self.cache = SlotCache(
             num_layers=layers, slots=max_batch_size, num_key_value_heads=groups, head_dim=head_dim,
             capacity=min(capacity or 0, max_length), prefix_room=self.prefixes.length,
@@ -469,18 +467,6 @@ def refuse_cuda_graphs(options: dict) -> None:
         what = f"mode={mode!r}" if mode in _CUDA_GRAPH_MODES else "options={'triton.cudagraphs': True}"
         raise ValueError(f"compile {what} captures CUDA graphs, which the decode step does not support (it writes the "
                          "cache in place at per-step columns); use the default mode or 'max-autotune-no-cudagraphs'")
-
-
-def cache_shape(model) -> tuple[int, int, int]:
-    """(key/value heads G, head size D, layers L) of the model's attention, from its config (ChatGLM-6B:
-    ``num_attention_heads`` / ``num_layers``; transformers' decoders: ``num_key_value_heads``, ``head_dim`` /
-    ``num_hidden_layers``)."""
-    cfg = model.config
-    heads = cfg.num_attention_heads
-    groups = getattr(cfg, "num_key_value_heads", None) or heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    layers = getattr(cfg, "num_hidden_layers", None) or cfg.num_layers
-    return groups, head_dim, layers
 
 
 def _empty_prefix(cache: SlotCache) -> PrefixKV:

@@ -1,6 +1,7 @@
-"""Interoperability: peft prefix adapters (both directions) and the original ChatGLM-6B full-model layout."""
+"""Interoperability: peft prefix adapters (both directions); the original full-model layouts are the families' own
+(:meth:`ptuning.models.base.Family.export_full`; ChatGLM-6B's re-exported here)."""
 
-from .original import export_full, original_config, original_state_dict
+from ..models.chatglm.original import export_full, original_config, original_state_dict
 from .peft import (
     export_peft,
     export_peft_checkpoint,

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..weights import is_gguf_file
+from ..weights import CheckpointError, is_gguf_file
 from .base import Conversation, Family, PromptIds, PromptTemplate, TrainRow, conversation_from_messages
 
 
@@ -81,11 +81,10 @@ def read_config(folder: str | Path) -> dict:
     folder = Path(folder)
     path = folder / "config.json"
     if is_gguf_file(folder):
-        from ..weights import CheckpointError
-        from .hf.gguf import gguf_config  # transformers' GGUF reader, only for .gguf files
-
+        # only transformers' decoders come as single GGUF files: their family reads the config stored in one
+        # (transformers' GGUF reader; loaded on first use, as every family's code)
         try:
-            return gguf_config(folder)
+            return family_named("hf").model_config(folder).to_dict()
         except CheckpointError as err:
             raise UnsupportedModelError(str(err)) from None
     if not folder.is_dir():

@@ -1,33 +1,17 @@
-"""The seam between the toolkit and a model family.
+"""The seam between the toolkit and a model family, as code: :class:`Family` (the family object) and
+:class:`PrefixTunedModel` (the model it loads).
 
 A family (ChatGLM-6B, ChatGLM2/3, transformers' own decoders) answers a few questions — load the model and
 the tokenizer from a folder, turn rows and conversations into token ids, the shape of its prefix, how long a
-sequence may be — and the training loop, evaluation, chat and the server ask only these. Nothing outside a
-family's package knows its specifics.
+sequence may be, how its weights are exported and what a train step holds in memory — and the training loop,
+evaluation, chat, the server, memory estimates and the exports ask only these. Nothing outside a family's
+package knows its specifics.
 
-The model a family loads (:meth:`Family.load_model`) is a transformers ``PreTrainedModel`` with
-``GenerationMixin`` that keeps these promises:
-
-* ``model.forward(input_ids [B, S], attention_mask [B, S] (1 = real token) | None, position_ids | None,
-  labels [B, S] | None (-100 = ignored), loss_reduction="mean" | "sum", return_logits=True,
-  prefix: PrefixKV | None, past_key_values, use_cache, ...)`` returns a ``CausalLMOutputWithPast``. With
-  labels the loss is the next-token cross-entropy in float32 over every target token of the batch (their
-  mean, or their sum); ``return_logits=False`` projects only the positions that predict a target.
-  Right-padded training batches need no mask (pads come after the end token and carry -100).
-* Its prefix encoder (if ``pre_seq_len``) is a :class:`~ptuning.prefix.PrefixEncoder` somewhere in the
-  module tree under the attribute name ``prefix_encoder`` (float32); :func:`ptuning.prefix.is_prefix_param`
-  finds it. ``prefix`` given to ``forward`` replaces the model's own prefix for that call (per-row
-  prefixes when serving); the prefix is never written into the cache.
-* ``model.generate(input_ids, attention_mask=...)`` works for left-padded batches.
-* For decode loops of our own (:mod:`ptuning.generation`: evaluation, chat, the server):
-  ``model.prompt_position_ids(input_ids, attention_mask)`` gives the positions of a left-padded prompt batch in
-  the family's own form (``[B, S]``, or ChatGLM-6B's 2D ``[B, 2, S]``), and ``model.next_position_ids(last)``
-  the positions of the token after one at ``last`` (the last column of those positions);
-  ``model.prefix_key_values(batch_size, dtype)`` the model's own prefix (a ``PrefixKV``, None without one);
-  ``forward(..., slot_cache=SlotCache, use_cache=False)`` stores every layer's new keys and values in the
-  slot cache (the model's own cache off) and, in the cache's decode step (one token per row, explicit
-  ``position_ids``), attends over the prefix and each row's cached tokens with the cache's mask. A
-  ``prefix`` of length 0 means no prefix (not the model's own).
+The contract is executable: ``isinstance(model, PrefixTunedModel)`` checks that a loaded model has every hook
+(``typing.runtime_checkable``), the signatures are there for a type checker, and ``tests/test_family_contract.py``
+runs the same checks (load, prefix shape, template, train step with and without gradient checkpointing, the
+decode loop against ``generate()``, save / load, the export hooks) over every family and its built-in tiny
+model. ``docs/adding-a-family.md`` says how a new family joins.
 """
 
 from __future__ import annotations
@@ -38,13 +22,19 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
+import torch
 from torch import nn
 
-from ..prefix import PrefixShape
+from ..prefix import PrefixKV, PrefixShape
+from ..weights import CheckpointError
+from .loss import IGNORE_INDEX  # noqa: F401 - the templates and the data read it from here
 
-IGNORE_INDEX = -100
+if TYPE_CHECKING:
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    from ..memory import ArchitectureMemory
 
 
 @dataclass
@@ -170,22 +160,25 @@ def drop_oldest_turns(
     return None, len(history)
 
 
-def cut_query_from_left(query: str, length: Callable[[str], int], max_tokens: int) -> int:
-    """The rule's second half: the smallest ``start`` such that the prompt with ``query[start:]`` fits.
+def keep_query_start(query: str, length: Callable[[str], int], max_tokens: int) -> int:
+    """The rule's second half: the largest ``end`` such that the prompt with ``query[:end]`` fits. A question
+    that alone does not fit keeps its start, in every family, as the original P-Tuning v2 scripts of ChatGLM-6B,
+    ChatGLM2-6B and ChatGLM3-6B (``finetune_demo``) all cut an over-long input (they keep its first tokens);
+    the template's frame around the question (``答：``, ``<|assistant|>``, the generation prompt) stays.
 
     The query is cut on characters and the whole prompt re-encoded, so the kept part tokenizes exactly as it
-    would in place. Its end (next to where the answer starts) stays.
+    would in place.
 
     Args:
         length: prompt length in tokens for a given (cut) query.
     """
     lo, hi = 0, len(query)
     while lo < hi:
-        mid = (lo + hi) // 2
-        if length(query[mid:]) <= max_tokens:
-            hi = mid
+        mid = (lo + hi + 1) // 2
+        if length(query[:mid]) <= max_tokens:
+            lo = mid
         else:
-            lo = mid + 1
+            hi = mid - 1
     return lo
 
 
@@ -202,7 +195,8 @@ class PromptTemplate(ABC):
     """How one family turns conversations into token ids, for training, evaluation, chat and serving alike.
 
     The truncation rule is the same everywhere: whole oldest turns go first; the current query's turn is
-    always kept; only if it alone does not fit is the query itself cut.
+    always kept; only if it alone does not fit is the query itself cut, keeping its start (see
+    :func:`keep_query_start`).
     """
 
     tokenizer: Any
@@ -283,21 +277,142 @@ class PromptTemplate(ABC):
         return max((len(p) for p in pieces if isinstance(p, str)), default=None)
 
 
-class Family(ABC):
-    """One model family. Subclasses are registered in :mod:`ptuning.models` by ``architectures`` /
-    ``model_type`` of ``config.json``."""
+@runtime_checkable
+class PrefixTunedModel(Protocol):
+    """What the model a family loads (:meth:`Family.load_model`) must do: a transformers ``PreTrainedModel``
+    with ``GenerationMixin`` and these hooks. The training loop calls ``forward`` with labels, evaluation
+    ``generate`` and the decode loop (:mod:`ptuning.generation`: evaluation, chat, the server) the position,
+    prefix and cache hooks.
 
+    Its prefix encoder (with ``pre_seq_len``) is a float32 :class:`~ptuning.prefix.PrefixEncoder` somewhere in
+    the module tree under the attribute name ``prefix_encoder`` (:func:`ptuning.prefix.prefix_module_name` finds
+    it, :func:`ptuning.prefix.is_prefix_param` decides what trains and what is saved); the prefix is never
+    written into a cache.
+
+    Shapes: B batch, S tokens, P prefix length, G key/value heads, D head size, L layers, V vocabulary.
+    """
+
+    config: Any
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache: Any = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        loss_reduction: str = "mean",
+        return_logits: bool = True,
+        prefix: PrefixKV | None = None,
+        slot_cache: Any = None,
+        sequence_ids: torch.Tensor | None = None,
+    ) -> CausalLMOutputWithPast:
+        """Logits and loss of a batch, the prefix in every attention layer.
+
+        Args:
+            input_ids: ``[B, S]``.
+            attention_mask: ``[B, cached + S]`` (1 = real token) or None; right-padded training batches need
+                none (pads come after the end token and carry -100).
+            position_ids: the family's own form (``[B, S]``, ChatGLM-6B's ``[B, 2, S]``) or None.
+            cache: a transformers ``Cache`` of the tokens (never the prefix); with ``use_cache`` and a prefix of
+                length 0 its ``layers[i].keys`` / ``.values`` are the text's own keys and values
+                (``model.prefix_init=text`` reads them).
+            labels: ``[B, S]`` (-100 = ignored): the loss is :func:`ptuning.models.loss.project_and_loss`'s, the
+                next-token cross-entropy in float32 over every target of the batch (their mean, or their sum
+                with ``loss_reduction="sum"``).
+            return_logits: False with labels: no logits, the output projection only at the positions that
+                predict a target, the fused loss (the training loop's call).
+            prefix: replaces the model's own prefix for this call (per-row prefixes when serving); a prefix of
+                length 0 means none (not the model's own).
+            slot_cache: a decode loop's :class:`~ptuning.generation.SlotCache`: the model's own cache is off,
+                every layer stores its new keys and values in the slots and, in the cache's decode step (one
+                token per row, explicit ``position_ids``), attends over the prefix and the row's cached tokens
+                with the cache's mask.
+            sequence_ids: ``[B, S]`` for packed training rows (:mod:`ptuning.data.packing`: the rows of each
+                sequence numbered 0, 1, ..., the padding after them -1; no ``attention_mask``, no cache): every row
+                computes what it computes alone, its positions from 0 and its attention over the prefix and its
+                own tokens only, so the summed loss is the rows' unpacked.
+
+        Returns:
+            ``CausalLMOutputWithPast`` with ``loss``, ``logits`` ``[B, S, V]`` (None with
+            ``return_logits=False``) and ``cache``.
+        """
+        ...
+
+    def __call__(self, *args: Any, **kwargs: Any) -> CausalLMOutputWithPast: ...
+
+    def generate(self, inputs: torch.Tensor | None = None, generation_config: Any = None, **kwargs: Any) -> Any:
+        """transformers' ``generate``; works for left-padded batches with ``attention_mask`` ``[B, S]``."""
+        ...
+
+    def prompt_position_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The positions of a left-padded prompt batch in the family's own form (``[B, S]``, ChatGLM-6B's
+        ``[B, 2, S]``), as ``generate()`` numbers them."""
+        ...
+
+    def next_position_ids(self, last: torch.Tensor) -> torch.Tensor:
+        """The positions of the token after one at ``last`` (the last column of those positions)."""
+        ...
+
+    def prefix_key_values(self, batch_size: int, dtype: torch.dtype) -> PrefixKV | None:
+        """The model's own prefix for a batch (per layer ``[B, G, P, D]`` in ``dtype``, dropout applied in
+        training), or None without a prefix encoder."""
+        ...
+
+    def cache_shape(self) -> tuple[int, int, int]:
+        """``(G, D, L)``: key/value heads, head size and layers of the attention, the shape of a decode loop's
+        slot cache (the prefix's shape too)."""
+        ...
+
+    def store_lm_head_column_major(self) -> None:
+        """Prepares the output projection for one-token decode steps (the decode loop and ``generate()`` call
+        it once before decoding); a no-op where nothing is faster."""
+        ...
+
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None) -> None:
+        """Gradient checkpointing of every layer, the prefix's gradient intact (non-reentrant)."""
+        ...
+
+    def get_input_embeddings(self) -> nn.Module:
+        """The token embedding; its weight's dtype is the compute dtype of the backbone."""
+        ...
+
+
+class Family(ABC):
+    """One model family: the hooks the toolkit asks, grouped by who asks. Subclasses are registered in
+    :data:`ptuning.models.FAMILIES` (one row: which ``config.json`` it takes and where its class lives).
+
+    Abstract methods every family implements; the others have a default that says "not supported" (or the
+    generic answer), which a family overrides where it has more to say.
+    """
+
+    #: recorded as ``family`` in every checkpoint's ``prefix_config.json`` (never change it)
     name: ClassVar[str]
     #: what a user calls it in messages
     label: ClassVar[str]
 
+    # ---- loading (build.load, evaluation, chat, the server, export, memory) ----
+
     @abstractmethod
     def load_model(self, folder: Path, *, dtype, pre_seq_len: int | None, prefix_projection: bool,
-                   prefix_dropout: float, device=None) -> nn.Module:
-        """The frozen backbone in ``dtype`` with a float32 prefix of ``pre_seq_len`` (None = no prefix).
+                   prefix_dropout: float, device=None) -> PrefixTunedModel:
+        """The frozen backbone in ``dtype`` with a float32 prefix of ``pre_seq_len`` (None = no prefix), a
+        :class:`PrefixTunedModel`.
 
         Raises:
             CheckpointError: the folder's config or weights cannot be loaded (names the file and key).
+        """
+
+    @abstractmethod
+    def model_config(self, folder: Path) -> Any:
+        """The config :meth:`load_model` would give the model (``model.config``), read without the weights (the
+        server sizes its generation cache before loading; exports read the base model's sizes).
+
+        Raises:
+            CheckpointError: no or unreadable ``config.json``, or values the family cannot represent.
         """
 
     @abstractmethod
@@ -308,30 +423,25 @@ class Family(ABC):
             ConfigError: no usable tokenizer files.
         """
 
+    def describe(self, model_config=None) -> str:
+        """What a user calls a model of this family in messages (default :attr:`label`)."""
+        return self.label
+
+    # ---- prompts (data, evaluation, chat, the server) ----
+
     @abstractmethod
     def template(self, tokenizer, model_config) -> PromptTemplate:
         """The prompt template of this family."""
 
     @abstractmethod
-    def prefix_shape(self, model_config, pre_seq_len: int, prefix_projection: bool) -> PrefixShape:
-        """The prefix that fits ``model_config``."""
-
-    @abstractmethod
     def max_positions(self, model_config) -> int:
         """The longest sequence (prompt + answer) the model's positions cover."""
 
-    def model_config(self, folder: Path):
-        """The model's config as :meth:`load_model` builds it, read without the weights (the server sizes its
-        generation cache before loading), or None when this family cannot tell it apart from loading."""
-        return None
+    # ---- the prefix and checkpoints (build, checkpoints, the server's prefix bank) ----
 
-    def fingerprint_keys(self, model_config) -> dict:
-        """The config values that decide what the backbone computes (recorded with every checkpoint)."""
-        return {}
-
-    def fingerprint(self, model_config) -> str:
-        blob = json.dumps({"family": self.name, **self.fingerprint_keys(model_config)}, sort_keys=True, default=str)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    @abstractmethod
+    def prefix_shape(self, model_config, pre_seq_len: int, prefix_projection: bool) -> PrefixShape:
+        """The prefix that fits ``model_config`` (``pre_seq_len`` 0: the attention's shape alone)."""
 
     def text_prefix_input(self, tokenizer, ids: list[int]) -> list[int]:
         """The input that ``model.prefix_init=text`` runs to read the model's keys and values of the text
@@ -343,14 +453,36 @@ class Family(ABC):
         the model's own (0, 1, ...)."""
         return None
 
-    def export_unsupported(self, kind: str) -> str | None:
-        """Why ``python -m ptuning.export <kind>`` (``peft``, ``from-peft``, ``original``, ``full``) cannot carry
-        this family's prefix, or None when it can."""
-        return None
+    def fingerprint_keys(self, model_config) -> dict:
+        """The config values that decide what the backbone computes (recorded with every checkpoint)."""
+        return {}
+
+    def fingerprint(self, model_config) -> str:
+        """A hash of :meth:`fingerprint_keys` and the family's name (``base_config_fingerprint``)."""
+        blob = json.dumps({"family": self.name, **self.fingerprint_keys(model_config)}, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    # ---- performance and memory (the training loop's MFU, CPU threads, quantization, ptuning.memory) ----
+
+    def matmul_weights(self, model_config) -> int:
+        """Matmul weights one token passes through (embeddings excluded), for FLOP counts."""
+        return 0
 
     def block_linear_names(self) -> tuple[str, ...]:
         """Names (last attribute) of the per-layer linears that weight-only quantization replaces."""
         return ()
+
+    def train_memory(self) -> ArchitectureMemory | None:
+        """The formulas of :mod:`ptuning.memory` for this family's architecture (weight bytes, the
+        activations a train step keeps), or None when ``python -m ptuning.memory`` has none for it."""
+        return None
+
+    # ---- export (python -m ptuning.export, ptuning.interop) ----
+
+    def export_unsupported(self, kind: str) -> str | None:
+        """Why ``python -m ptuning.export <kind>`` (``peft``, ``from-peft``, ``original``, ``full``) cannot carry
+        this family's prefix, or None when it can."""
+        return None
 
     def original_prefix_key(self, local_key: str) -> str | None:
         """The key under which the family's original P-Tuning v2 code saves a prefix weight (``local_key`` is
@@ -366,10 +498,4 @@ class Family(ABC):
         Raises:
             CheckpointError: the family has no original layout, or the model cannot be written (e.g. quantized).
         """
-        from ..weights import CheckpointError
-
         raise CheckpointError(f"{self.label} has no original full-model layout to export to")
-
-    def matmul_weights(self, model_config) -> int:
-        """Matmul weights one token passes through (embeddings excluded), for FLOP counts."""
-        return 0

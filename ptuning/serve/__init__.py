@@ -7,8 +7,7 @@ frozen backbone.
 * :mod:`.service`: model names, prompts through the family's template, requests in flight;
 * :mod:`.protocol`: OpenAI's request bodies and error body;
 * :mod:`.app`: the FastAPI routes; :mod:`.web`: the Gradio page; :mod:`.cli`: ``ptuning-serve``.
+
+The package itself imports nothing: ``python -m ptuning.serve`` imports it before its ``__main__``, which answers
+Ctrl-C during the (seconds of) library imports with one line.
 """
-
-from .engine import PrefixBank, serving_decoder
-
-__all__ = ["PrefixBank", "serving_decoder"]

@@ -2,6 +2,10 @@
 
 import sys
 
-from .cli import main
+try:  # Ctrl-C while the libraries load (seconds): one line, as everywhere else
+    from .cli import main
+except KeyboardInterrupt:
+    print("\ninterrupted", file=sys.stderr)
+    sys.exit(130)
 
 sys.exit(main())

@@ -32,6 +32,7 @@ from ..models.base import Conversation
 from .protocol import APIError, parse_chat, parse_completion, parse_json
 from .scheduler import Delta, Failure, Finish
 from .service import Generation, Service, failure_error
+from .web import mount_web
 
 log = logging.getLogger("ptuning.serve")
 WEB_PATH = "/ui"
@@ -170,8 +171,6 @@ def create_app(service: Service, *, api_key: str | None = None, web: bool = True
         }
 
     if web:
-        from .web import mount_web
-
         @app.get("/", include_in_schema=False)
         async def root():
             return RedirectResponse(f"{WEB_PATH}/")

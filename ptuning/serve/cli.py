@@ -6,7 +6,9 @@ HTTP API and a chat page.
 
 Each ``--prefix NAME=CHECKPOINT`` (our format or the original P-Tuning v2's; a training output folder means its
 latest checkpoint) becomes a ``model`` of the API; the base model alone is served under its folder's name (or
-``--model-name``). The process exits 0 after SIGTERM or Ctrl-C once in-flight requests are finished (those
+``--model-name``). A model folder with its prefix inside (``export full``, a ChatGLM3 ``finetune_demo``
+checkpoint) is served as it is under that name, its prefix as one of the prefixes, and the backbone alone as
+``<name>-base``. The process exits 0 after SIGTERM or Ctrl-C once in-flight requests are finished (those
 still running after ``--shutdown-timeout`` seconds get a 503 ``server_shutting_down`` error), and 2 after a
 one-line ``error: ...`` for a user mistake.
 """
@@ -21,8 +23,43 @@ import signal
 import socket
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
-from ..config import ConfigError, is_model_reference
+import torch
+import uvicorn
+
+from ..build import load as load_folder
+from ..build import model_family
+from ..checkpoint import (
+    PrefixCheckpoint,
+    backbone_metadata,
+    base_model_change,
+    folder_prefix_length,
+    ignored_config_prefix,
+    load_prefix_encoder,
+    prefix_format,
+    read_checkpoint,
+    resolve_checkpoint,
+)
+from ..config import GGUF_SUFFIX, ConfigError, ModelConfig, is_model_reference
+from ..generation import compute_dtype, packed_linears, vocab_limit
+from ..generation import memory as cache_memory
+from ..generation.memory import (
+    CacheMemoryError,
+    CacheShape,
+    cache_dtype,
+    check_fits,
+    gib,
+    rows_that_fit,
+)
+from ..models import UnsupportedModelError, family_named, read_config
+from ..perf import set_cpu_threads
+from ..prefix import PrefixShape
+from ..weights import CheckpointError
+from .app import WEB_PATH, GracefulServer, create_app
+from .engine import PrefixBank, serving_decoder
+from .scheduler import Scheduler
+from .service import Service
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
 
@@ -127,24 +164,12 @@ def check_args(args: argparse.Namespace) -> list[tuple[str, str]]:
 
 
 def load(args: argparse.Namespace, prefixes: list[tuple[str, str]]) -> Loaded:
-    """The base model (no prefix encoder: every prefix is an input of each call) and each prefix's keys and
-    values, computed once in float32.
+    """The base model and each prefix's keys and values, computed once in float32. A model folder with its prefix
+    inside loads with it (every prefix is still an input of each call: the engine passes the rows' own).
 
     Raises:
         ConfigError, CheckpointError: a path or value that cannot work (one line naming the flag).
     """
-    import torch
-
-    from ..build import base_weights_digest, model_family
-    from ..build import load as load_folder
-    from ..config import ModelConfig
-    from ..evaluation.run import resolve_checkpoint
-    from ..generation import compute_dtype
-    from ..perf import set_cpu_threads
-    from ..prefix import PrefixEncoder
-    from ..training.checkpoint import base_model_change, infer_prefix_shape, load_prefix, read_prefix
-    from ..weights import CheckpointError
-
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device={args.device}: CUDA is not available on this machine")
@@ -156,70 +181,87 @@ def load(args: argparse.Namespace, prefixes: list[tuple[str, str]]) -> Loaded:
         cfg.validate()
     except ConfigError as err:
         raise ConfigError(str(err).replace("model.path=", "--model-path=", 1)) from None
-    # read every checkpoint before the (slow) model load, so a wrong path or file fails at once
-    checkpoints = []
-    for name, path in prefixes:
-        checkpoint = resolve_checkpoint(path, key=f"--prefix {name}")
-        try:
-            checkpoints.append((name, checkpoint, *read_prefix(checkpoint)))
-        except CheckpointError as err:
-            raise CheckpointError(f"--prefix {name}: {err}") from None
+    checkpoints = read_checkpoints(prefixes)  # before the (slow) model load: a wrong path or file fails at once
     family = model_family(cfg)
-    room = max((prefix_length(state, meta) for _, _, state, meta in checkpoints), default=0)
+    room = max((prefix_length(checkpoint) for _, checkpoint in checkpoints), default=0)
     try:  # the config alone: a cache that cannot fit is refused before the (slow) model load
         early = family.model_config(cfg.resolved_path)
     except Exception:  # noqa: BLE001 - no cheap config: checked after loading only
         early = None
     if early is not None:
         check_cache_memory(args, family, early, device, cache_compute_dtype(dtype, args.quantization_bit), room)
-    loaded = load_folder(cfg, device=device, pre_seq_len=None, init=False)
+    # a folder with its prefix inside (export full, finetune_demo) loads with it: main serves that prefix as one of
+    # the prefixes, the backbone as the base model
+    own = folder_prefix_length(cfg.resolved_path)
+    if own:
+        cfg.prefix_projection = bool(read_config(cfg.resolved_path).get("prefix_projection"))
+    else:
+        note = ignored_config_prefix(cfg.resolved_path, "each prefix is its --prefix's")
+        if note:
+            print(note, file=sys.stderr)
+    loaded = load_folder(cfg, device=device, pre_seq_len=own, init=False)
     model, family = loaded.model, loaded.family
     # again with the weights in memory: what is free now is what the cache can have
     max_length = check_cache_memory(args, family, model.config, device, compute_dtype(model), room)
     model.eval()
     set_cpu_threads(model, device)  # one intra-op thread for a small model on a CPU (unless OMP_NUM_THREADS)
-    # how checkpoints describe this backbone (ptuning.build.base_metadata, without a prefix of its own)
-    current = {"base_model": cfg.base_model_name, "base_config_fingerprint": family.fingerprint(model.config)}
-    if (digest := base_weights_digest(cfg)) is not None:
-        current["base_weights_sha256"] = digest
-    banks = {}
-    for name, checkpoint, state, meta in checkpoints:
-        if meta and meta.get("family") not in (None, family.name):
-            raise CheckpointError(f"--prefix {name}={checkpoint}: a prefix of a {family_label(meta['family'])} "
-                                  f"model ({meta.get('base_model', 'unknown')}); the model is a "
-                                  f"{family_label(family.name, model.config)} model")
-        sizes = meta if meta and "pre_seq_len" in meta else infer_prefix_shape(state)
-        shape = family.prefix_shape(model.config, prefix_length(state, meta), bool(sizes.get("prefix_projection")))
-        holder = torch.nn.Module()
-        holder.prefix_encoder = PrefixEncoder(shape)
-        try:
-            load_prefix(holder, checkpoint)  # the checks evaluation and chat make
-        except CheckpointError as err:
-            raise CheckpointError(f"--prefix {name}: {err}") from None
-        changed = base_model_change(meta, current)
-        if changed:
-            print(f"warning: --prefix {name}: {checkpoint} {changed}", file=sys.stderr)
-        with torch.no_grad():
-            banks[name] = holder.prefix_encoder().float()  # (P, K)
+    current = backbone_metadata(cfg, model)  # how checkpoints describe this backbone
+    banks, sources = prefix_banks(checkpoints, model, family, current)
     where = "the built-in tiny model" if cfg.path is None else str(cfg.path)
     what = f"{where} ({family.name}, {dtype} on {device})"
     if banks:
-        what += " with prefixes " + ", ".join(f"{n} (P={t.shape[0]})" for n, t in banks.items())
+        what += " with prefixes " + ", ".join(f"{n} (P={t.shape[0]}, from {sources[n]})" for n, t in banks.items())
     return Loaded(family, model, loaded.template, max_length, banks, what, device)
 
 
-def prefix_length(state: dict, meta: dict | None) -> int:
-    """P of a checkpoint's prefix, from its metadata or its tensors."""
-    from ..training.checkpoint import infer_prefix_shape
+def read_checkpoints(prefixes: list[tuple[str, str]]) -> list[tuple[str, PrefixCheckpoint]]:
+    """``(name, checkpoint)`` of each ``--prefix NAME=PATH`` (a run folder: its latest checkpoint), read. Raises
+    :class:`CheckpointError` / :class:`ConfigError` naming the flag."""
+    checkpoints = []
+    for name, path in prefixes:
+        checkpoint = resolve_checkpoint(path, key=f"--prefix {name}")
+        try:
+            checkpoints.append((name, read_checkpoint(checkpoint)))
+        except CheckpointError as err:
+            raise CheckpointError(f"--prefix {name}: {err}") from None
+    return checkpoints
 
-    sizes = meta if meta and "pre_seq_len" in meta else infer_prefix_shape(state)
-    return int(sizes["pre_seq_len"])
+
+def prefix_banks(checkpoints: list[tuple[str, PrefixCheckpoint]], model, family, current: dict) -> tuple[dict, dict]:
+    """Each prefix's keys and values ``name -> [P, K]`` (float32) and its source in words (``<folder>, ours
+    (prefix.safetensors)``), checked as evaluation and chat check a prefix; a prefix trained on another backbone
+    gets a one-line warning.
+
+    Raises:
+        CheckpointError: a prefix of another family or one that does not fit the model (names the flag).
+    """
+    banks, sources = {}, {}
+    for name, checkpoint in checkpoints:
+        meta = checkpoint.meta
+        if meta and meta.get("family") not in (None, family.name):
+            raise CheckpointError(f"--prefix {name}={checkpoint.path}: a prefix of a {family_label(meta['family'])} "
+                                  f"model ({meta.get('base_model', 'unknown')}); the model is a "
+                                  f"{family_label(family.name, model.config)} model")
+        try:
+            encoder = load_prefix_encoder(checkpoint, family, model.config)  # the checks evaluation and chat make
+        except CheckpointError as err:
+            raise CheckpointError(f"--prefix {name}: {err}") from None
+        changed = base_model_change(meta, current, checkpoint.path)
+        if changed:
+            print(f"warning: --prefix {name}: {checkpoint.path} {changed}", file=sys.stderr)
+        with torch.no_grad():
+            banks[name] = encoder().float()  # (P, K)
+        sources[name] = f"{checkpoint.path}, {prefix_format(checkpoint.path)}"
+    return banks, sources
+
+
+def prefix_length(checkpoint: PrefixCheckpoint) -> int:
+    """P of a checkpoint's prefix, from its metadata or its tensors."""
+    return int(checkpoint.sizes["pre_seq_len"])
 
 
 def cache_compute_dtype(dtype: str, quantization_bit: int):
     """The activations' dtype of a backbone loaded as ``dtype`` (a quantized one computes in 16 bits)."""
-    import torch
-
     compute = getattr(torch, dtype)
     return torch.bfloat16 if quantization_bit and compute == torch.float32 else compute
 
@@ -232,16 +274,6 @@ def check_cache_memory(args: argparse.Namespace, family, model_config, device, c
         ConfigError: ``--max-length`` beyond the model's positions, or a cache that does not fit (one line with
             the bytes, what is free and the ``--max-batch-size`` that fits).
     """
-    from ..generation.memory import (
-        CacheMemoryError,
-        CacheShape,
-        available_bytes,
-        cache_dtype,
-        check_fits,
-        gib,
-        rows_that_fit,
-    )
-
     positions = family.max_positions(model_config)
     if args.max_length is not None and args.max_length > positions:
         raise ConfigError(f"--max-length={args.max_length}: the model has {positions} positions")
@@ -249,7 +281,7 @@ def check_cache_memory(args: argparse.Namespace, family, model_config, device, c
     shape = family.prefix_shape(model_config, 1, False)  # per layer: key/value heads x head size, as the cache
     cache = CacheShape(shape.num_layers, shape.num_key_value_heads, shape.head_dim, cache_dtype(compute, device))
     rows, columns = args.max_batch_size, room + length
-    free = available_bytes(device)
+    free = cache_memory.available_bytes(device)
     fits = rows_that_fit(cache, columns, device, free)
     hint = (f"at most {fits} rows fit: use --max-batch-size {fits}" if fits else "not one row fits") + \
         f" (or a smaller --max-length; {gib(cache.bytes(1, columns))} per row)"
@@ -265,35 +297,34 @@ def check_cache_memory(args: argparse.Namespace, family, model_config, device, c
 def family_label(name: str, config=None) -> str:
     """What a user calls a family (``ChatGLM-6B``; a transformers decoder with its architecture,
     ``transformers decoder (GlmForCausalLM)``), from the name checkpoints record."""
-    from ..models import UnsupportedModelError, family_named
-
     try:
-        label = family_named(name).label
+        return family_named(name).describe(config)
     except UnsupportedModelError:
         return name
-    architectures = getattr(config, "architectures", None) or []
-    return f"{label} ({architectures[0]})" if name == "hf" and architectures else label
+
+
+#: the base model of a folder with its own prefix (served under the folder's name) is served as ``<name>-base``
+BACKBONE_SUFFIX = "-base"
+
+
+def own_prefix(args: argparse.Namespace) -> Path | None:
+    """``--model-path`` when its weights hold a prefix (``export full``, a ChatGLM3 ``finetune_demo``
+    checkpoint), else None."""
+    folder = ModelConfig(path=args.model_path).resolved_path
+    return folder if folder.is_dir() and folder_prefix_length(folder) else None
 
 
 def base_name(args: argparse.Namespace) -> str:
     """The base model's name in the API: ``--model-name``, else its folder's name (``tiny-chatglm`` for the
-    built-in model)."""
+    built-in model; a ``.gguf`` file's name without ``.gguf``)."""
     if args.model_name:
         return args.model_name
-    from ..config import GGUF_SUFFIX, ModelConfig
-
     path = ModelConfig(path=args.model_path).resolved_path.resolve()
     return (path.stem if path.suffix.lower() == GGUF_SUFFIX else path.name) or "base"
 
 
 def build_service(loaded: Loaded, name: str, *, max_batch_size: int, default_max_tokens: int):
     """The decoder, scheduler and service over a loaded model."""
-    from ..generation import vocab_limit
-    from ..prefix import PrefixShape
-    from .engine import PrefixBank, serving_decoder
-    from .scheduler import Scheduler
-    from .service import Service
-
     model = loaded.model
     embeddings = model.get_input_embeddings().weight  # the activations' dtype, also of a quantized backbone
     shape: PrefixShape = loaded.family.prefix_shape(model.config, 1, False)
@@ -329,16 +360,31 @@ SHUTDOWN_GRACE = 10.0
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``ptuning-serve``. Returns 0 after a clean shutdown, 2 after a one-line ``error: ...`` on stderr."""
-    args = parse_args(argv)
-    from ..weights import CheckpointError
+    """``ptuning-serve``. Returns 0 after a clean shutdown, 2 after a one-line ``error: ...`` on stderr, 130 after
+    Ctrl-C while starting (before the server listens, Ctrl-C ends the start-up at once: nothing to drain)."""
+    try:
+        return serve(argv)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
 
+
+def serve(argv: list[str] | None = None) -> int:
+    """Starts the server and serves until SIGTERM / Ctrl-C (then drains, see :func:`main`)."""
+    args = parse_args(argv)
     try:
         prefixes = check_args(args)
         name = base_name(args)
+        own = own_prefix(args)
         if any(p == name for p, _ in prefixes):
-            raise ConfigError(f"--prefix {name}=...: {name!r} is the base model's name; choose another "
-                              "(or set --model-name)")
+            raise ConfigError(f"--prefix {name}=...: {name!r} is the {'model folder' if own else 'base model'}'s "
+                              "name; choose another (or set --model-name)")
+        if own:  # the folder as it is, its prefix included, under its name; the backbone alone beside it
+            prefixes.insert(0, (name, str(own)))
+            name = f"{name}{BACKBONE_SUFFIX}"
+            if any(p == name for p, _ in prefixes):
+                raise ConfigError(f"--prefix {name}=...: {name!r} is the name of the backbone without the model "
+                                  "folder's prefix; choose another")
         sock = bind(args.host, args.port)
     except (ConfigError, CheckpointError) as error:
         print(f"error: {error}", file=sys.stderr)
@@ -349,10 +395,6 @@ def main(argv: list[str] | None = None) -> int:
         sock.close()
         print(f"error: {error}", file=sys.stderr)
         return 2
-
-    import uvicorn
-
-    from .app import WEB_PATH, GracefulServer, create_app
 
     service = build_service(loaded, name, max_batch_size=args.max_batch_size,
                             default_max_tokens=args.default_max_tokens)
@@ -376,8 +418,6 @@ def main(argv: list[str] | None = None) -> int:
     # uvicorn re-raises the signal that stopped it once it has shut down; a handler of ours turns that into a
     # normal return (exit status 0) instead of death by the signal
     previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGTERM, signal.SIGINT)}
-    from ..generation import packed_linears
-
     try:
         # on a CPU: oneDNN's pre-packed weights for the backbone's linears (the process only generates)
         with packed_linears(loaded.model, rows=args.max_batch_size):

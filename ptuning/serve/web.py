@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 
 from ..models.base import Conversation
 from .protocol import APIError, Sampling
@@ -116,7 +117,6 @@ def mount_web(app, service: Service, path: str, *, api_key: str | None = None):
 
     auth = None
     if api_key is not None:
-        import secrets
 
         def auth(user: str, password: str) -> bool:
             return secrets.compare_digest(password.encode(), api_key.encode())

@@ -1,15 +1,6 @@
-"""The accelerate training loop, prefix checkpoints and experiment tracking."""
+"""The accelerate training recipe, its output folder's rules and experiment tracking."""
 
-from .checkpoint import export_original, latest_checkpoint, load_prefix, read_prefix, save_checkpoint
-from .loop import TrainingError, TrainResult, run
+from .errors import TrainingError, TrainingInterrupted
+from .loop import TrainResult, run
 
-__all__ = [
-    "TrainResult",
-    "TrainingError",
-    "export_original",
-    "latest_checkpoint",
-    "load_prefix",
-    "read_prefix",
-    "run",
-    "save_checkpoint",
-]
+__all__ = ["TrainResult", "TrainingError", "TrainingInterrupted", "run"]

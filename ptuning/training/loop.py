@@ -1,90 +1,70 @@
-"""The training loop: accelerate for devices and processes, a deterministic batch plan, prefix-only
+"""The training recipe: accelerate for devices and processes, a deterministic batch plan, prefix-only
 checkpoints with exact resume.
+
+A run is a :class:`Recipe` read in the order it happens (as torchtune's recipes and litgpt's ``fit``):
+
+* :meth:`Recipe.setup`: check everything (config, output folder, resume), load the model with its prefix,
+  the data, the optimizer, restore the training state of a resumed run, then make the output folder;
+* :meth:`Recipe.evaluate_before_training`: score the base model, no prefix (``train.eval_before_training``);
+* :meth:`Recipe.train`: optimizer steps (:meth:`Recipe.step_gradients`), each followed by logging, an evaluation
+  (:meth:`Recipe.evaluate_loss`) and a checkpoint (:meth:`Recipe.save`) when they are due;
+* :meth:`Recipe.finish`: the end-of-run evaluation, the loss plot, the result.
 
 The loss of an optimizer step is the mean over every target token of its global batch (all processes,
 all accumulation micro-steps), so one process and several give the same update for the same global batch.
+The output folder's rules are in :mod:`ptuning.training.run_folder`.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import shutil
 import sys
-import tempfile
 import time
 import uuid
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
+from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from ..build import base_weights_digest, load, model_family
-from ..config import TrainJobConfig
-from ..distributed import Collectives, LaunchError, start
-from ..evaluation.metrics import METRIC_NAMES
-from ..perf import matmul_peak_flops, model_train_flops_per_token, peak_memory_mib, set_cpu_threads
-from ..prefix import PrefixKV, mark_only_prefix_trainable, no_prefix, prefix_module_name
-from ..weights import BIN_INDEX, SAFE_INDEX, SAFE_SINGLE, CheckpointError
-from .checkpoint import (
-    CHECKPOINT_FILES,
-    CHECKPOINT_RE,
-    ORIGINAL_FILE,
-    PREFIX_FILE,
-    RUN_FILE,
-    STATE_FILE,
-    base_model_change,
+from ..build import model_family
+from ..checkpoint import (
+    base_metadata,
     capture_rng,
     checkpoint_in,
-    checkpoint_run_id,
-    folder_run_id,
-    foreign_files,
+    ignored_config_prefix,
     latest_checkpoint,
-    list_checkpoints,
-    load_prefix,
+    load_model_with_prefix,
     load_training_state,
-    not_our_checkpoint,
-    prefix_metadata,
     restore_rng,
-    run_checkpoints,
     save_checkpoint,
 )
-from .faults import kill_point
-
-LOG_FILE = "train_log.jsonl"
-PLOT_FILE = "loss.png"
-# the files of a run in its output folder, beside its checkpoint-N folders
-RUN_OUTPUT_FILES = (LOG_FILE, PLOT_FILE, RUN_FILE)
-# settings that shape the updates: resuming with another value gives another result than the run it continues
-RESUME_KEYS = ("train.per_device_batch_size", "train.gradient_accumulation_steps", "train.learning_rate",
-               "train.weight_decay", "train.lr_scheduler", "train.warmup_steps", "train.max_grad_norm", "train.seed",
-               "data.train_file", "data.max_train_samples")
-
-
-class TrainingError(RuntimeError):
-    """A run that cannot start or go on; the message says why and what to do."""
-
-
-class TrainingInterrupted(Exception):
-    """Ctrl-C (SIGINT) stopped the run; the message says where and how to go on.
-
-    Attributes:
-        step: the last completed optimizer step.
-        checkpoint: the run's last checkpoint, or None when it wrote none yet.
-    """
-
-    def __init__(self, step: int, checkpoint: Path | None):
-        self.step, self.checkpoint = step, checkpoint
-        if checkpoint is None:
-            text = f"interrupted at step {step}, before the first checkpoint: nothing to resume, start the run again"
-        else:
-            text = f"interrupted at step {step}; last checkpoint {checkpoint}; continue with train.resume_from=latest"
-        super().__init__(text)
+from ..config import TrainJobConfig
+from ..data import PackedRows, TrainingCollator, build_datasets
+from ..data.loading import check_positions
+from ..distributed import Collectives, LaunchError, start
+from ..evaluation.metrics import METRIC_NAMES
+from ..evaluation.run import evaluate_model
+from ..faults import kill_point
+from ..perf import matmul_peak_flops, model_train_flops_per_token, peak_memory_mib, set_cpu_threads
+from ..prefix import PrefixKV, mark_only_prefix_trainable, no_prefix, prefix_module_name
+from ..weights import CheckpointError
+from .errors import TrainingError, TrainingInterrupted
+from .plot import plot_losses
+from .run_folder import (
+    PLOT_FILE,
+    check_output_dir,
+    check_resumable,
+    open_run_folder,
+    past_the_end,
+    resolve_resume,
+    warn_changed_settings,
+)
 
 
 @dataclass
@@ -113,11 +93,11 @@ class BatchPlan:
     ``seed + epoch`` and cuts them into global micro-batches (the incomplete last one is dropped).
     Resuming needs only ``k``."""
 
-    def __init__(self, num_examples: int, global_batch: int, seed: int):
+    def __init__(self, num_examples: int, global_batch: int, seed: int, unit: str = "examples"):
         self.per_epoch = num_examples // global_batch
         if self.per_epoch == 0:
             raise TrainingError(
-                f"the training set has {num_examples} examples, fewer than one global batch "
+                f"the training set has {num_examples} {unit}, fewer than one global batch "
                 f"({global_batch} = per_device_batch_size x processes)"
             )
         self.num_examples, self.global_batch, self.seed = num_examples, global_batch, seed
@@ -136,14 +116,18 @@ def target_count(labels: list[int]) -> int:
     return sum(1 for t in labels[1:] if t != -100)
 
 
-def token_loss_sum(model, ids: torch.Tensor, labels: torch.Tensor, prefix: PrefixKV | None = None) -> torch.Tensor:
+def token_loss_sum(model, ids: torch.Tensor, labels: torch.Tensor, **inputs) -> torch.Tensor:
     """Summed next-token cross-entropy (float32) over the batch's target tokens: the model's loss times
     its target count. Logits are formed only where a target is predicted, and no generation cache is built
-    (writing every layer's keys and values into one, and its backward, cost ~5% of a CPU step). ``prefix``
-    replaces the model's own (:func:`~ptuning.prefix.no_prefix`: the base model)."""
-    extra = {} if prefix is None else {"prefix": prefix}
+    (writing every layer's keys and values into one, and its backward, cost ~5% of a CPU step). ``inputs``:
+    further model inputs of the batch (``sequence_ids`` of packed rows)."""
     return model(input_ids=ids, labels=labels, loss_reduction="sum", return_logits=False, use_cache=False,
-                 **extra).loss
+                 **inputs).loss
+
+
+def model_inputs(batch: dict, device) -> dict:
+    """The collated batch's model inputs besides ``input_ids`` and ``labels`` (e.g. ``sequence_ids``), on ``device``."""
+    return {key: value.to(device) for key, value in batch.items() if key not in ("input_ids", "labels")}
 
 
 def make_accelerator(cfg: TrainJobConfig) -> tuple[Accelerator, Collectives]:
@@ -191,317 +175,6 @@ def configure_deepspeed(accelerator: Accelerator, cfg: TrainJobConfig, world: in
             section["enabled"] = cfg.train.mixed_precision == precision
 
 
-def check_output_dir(out: Path) -> None:
-    """Refuses a ``train.output_dir`` that cannot hold a run, before anything is loaded: a file, a folder that
-    cannot be created or written, a model folder, a checkpoint folder or a folder inside one.
-
-    Raises:
-        TrainingError: ``train.output_dir=<folder>: <why>``.
-    """
-    def refuse(why: str) -> TrainingError:
-        return TrainingError(f"train.output_dir={out}: {why}")
-
-    absolute = Path(os.path.abspath(out))
-    if out.exists() and not out.is_dir():
-        raise refuse("exists and is not a folder")
-    for parent in absolute.parents:
-        if any((parent / name).is_file() for name in CHECKPOINT_FILES):
-            raise refuse(f"it is inside the checkpoint folder {parent}; choose another folder")
-    if out.is_dir():
-        if (out / "config.json").is_file() and any(
-            (out / name).is_file() for name in (SAFE_SINGLE, SAFE_INDEX, BIN_INDEX, ORIGINAL_FILE)
-        ):
-            raise refuse("it is a model folder (config.json + weights); choose another folder")
-        if any((out / name).is_file() for name in (*CHECKPOINT_FILES, ORIGINAL_FILE)):
-            raise refuse("it is a checkpoint folder; choose another folder")
-        if not os.access(out, os.W_OK | os.X_OK):
-            raise refuse("not writable")
-        return
-    # it would be made: the nearest folder that exists must take a new folder (a uniquely named probe, removed
-    # at once: several processes may check the same folder together)
-    existing = next(p for p in absolute.parents if p.exists())
-    if not existing.is_dir():
-        raise refuse(f"cannot be created: {existing} is not a folder")
-    try:
-        os.rmdir(tempfile.mkdtemp(prefix=".ptuning-probe-", dir=existing))
-    except OSError as err:
-        raise refuse(f"cannot be created in {existing} ({err.strerror or err})") from None
-
-
-@dataclass
-class FolderSurvey:
-    """What an output folder holds under the names a run writes.
-
-    Attributes:
-        run_id: the run that ``run_config.json`` records (None: none).
-        ours: what this toolkit wrote for that run: its checkpoints (and their unfinished writes), evaluations
-            of its checkpoints, and the files ``train_log.jsonl``, ``loss.png``, ``run_config.json``.
-        others: ``(path, why)`` of each other entry named like a run's output (``checkpoint-N``,
-            ``eval-checkpoint-N`` ...) that this toolkit did not write for that run: kept by every run.
-    """
-
-    run_id: str | None
-    ours: list[Path]
-    others: list[tuple[Path, str]]
-
-
-def survey_output_dir(out: Path) -> FolderSurvey:
-    """Sorts what ``out`` holds under a run's names into the recorded run's outputs and everything else."""
-    from ..evaluation.run import evaluation_run_id
-
-    recorded = folder_run_id(out)
-    survey = FolderSurvey(recorded, [], [])
-    for path in sorted(out.iterdir()) if out.is_dir() else []:
-        name = path.name
-        if name in RUN_OUTPUT_FILES:
-            why = None if path.is_file() else "not a file"
-        elif CHECKPOINT_RE.match(name):
-            why = not_our_checkpoint(path, recorded)
-        elif name.startswith(".tmp-") and CHECKPOINT_RE.match(name[len(".tmp-"):]):
-            # an interrupted checkpoint write: checkpoint files only, of the recorded run (or not yet saying)
-            ok = (path.is_dir() and recorded is not None and not foreign_files(path, CHECKPOINT_FILES)
-                  and checkpoint_run_id(path) in (None, recorded))
-            why = None if ok else "not an unfinished checkpoint of the run recorded here"
-        elif name.startswith("eval-") and CHECKPOINT_RE.match(name[len("eval-"):]):
-            ok = path.is_dir() and recorded is not None and evaluation_run_id(path) == recorded
-            why = None if ok else "not an evaluation of the run recorded here"
-        else:
-            continue
-        if why is None:
-            survey.ours.append(path)
-        else:
-            survey.others.append((path, why))
-    return survey
-
-
-def _describe(others: list[tuple[Path, str]]) -> str:
-    return ", ".join(f"{path.name} ({why})" for path, why in others)
-
-
-def resolve_resume(cfg: TrainJobConfig) -> Path | None:
-    """The checkpoint to resume from, or None for a fresh run.
-
-    A fresh run refuses a folder that holds outputs under a run's names unless ``train.overwrite=true``
-    (which removes only the recorded run's own outputs, see :func:`clear_previous_run`). Any run refuses to
-    start when a checkpoint it would save would replace a folder it did not write.
-    """
-    out = Path(cfg.train.output_dir)
-    resume = cfg.train.resume_from
-    if resume is None:
-        survey = survey_output_dir(out)
-        if (survey.ours or survey.others) and not cfg.train.overwrite:
-            parts = []
-            if survey.ours:
-                parts.append(f"an earlier run's outputs ({_names(survey.ours)})")
-            if survey.others:
-                parts.append(f"{_describe(survey.others)}, which no run here wrote")
-            options = []
-            latest = latest_checkpoint(out)
-            if latest is not None and all((latest / name).is_file() for name in (PREFIX_FILE, STATE_FILE)):
-                options.append("resume with train.resume_from=latest")
-            options.append("choose another train.output_dir")
-            if survey.ours and survey.others:
-                options.append(f"set train.overwrite=true to remove the earlier run's outputs and start over "
-                               f"(it keeps {_names([p for p, _ in survey.others])})")
-            elif survey.ours:
-                options.append("set train.overwrite=true to remove them and start over")
-            else:
-                options.append("set train.overwrite=true to start a new run beside them (they are kept)")
-            raise TrainingError(
-                f"{out} already holds {' and '.join(parts)}: {', '.join(options[:-1])}, or {options[-1]}"
-            )
-        # with overwrite the recorded run's checkpoints go; a checkpoint folder that stays must not be in the way
-        leftover = [(p, why) for p, why in survey.others]
-        leftover += [(p, "it holds files a checkpoint does not: " + ", ".join(foreign_files(p, CHECKPOINT_FILES)))
-                     for p in survey.ours if p.is_dir() and CHECKPOINT_RE.match(p.name)
-                     and foreign_files(p, CHECKPOINT_FILES)]
-        _check_save_targets(cfg, leftover, start=0)
-        return None
-    if resume == "latest":
-        found = latest_checkpoint(out)
-        if found is None and list_checkpoints(out):
-            raise TrainingError(
-                f"train.resume_from=latest: the checkpoints in {out} ({_names(list_checkpoints(out))}) were not "
-                f"written by the run its {RUN_FILE} records; resume one on purpose with train.resume_from=<folder>"
-            )
-        if found is None:
-            raise TrainingError(f"train.resume_from=latest: {out} holds no checkpoint-N folder to resume")
-        path = found
-    else:
-        path = Path(resume)
-        if not path.exists():
-            raise TrainingError(f"train.resume_from={resume!r}: no such checkpoint folder")
-        if not path.is_dir():
-            raise TrainingError(f"train.resume_from={resume}: not a folder (expected a checkpoint-N folder)")
-        if not (path / PREFIX_FILE).is_file():
-            if (path / ORIGINAL_FILE).is_file():
-                raise TrainingError(
-                    f"train.resume_from={resume}: an original P-Tuning v2 checkpoint ({ORIGINAL_FILE}) holds no "
-                    f"training state to resume; start from its prefix with train.init_prefix_from={resume}"
-                )
-            hint = ""
-            if list_checkpoints(path):
-                hint = (f"; it is a training output folder: resume its latest with train.output_dir={resume} "
-                        "train.resume_from=latest")
-            raise TrainingError(f"train.resume_from={resume}: not a checkpoint (no {PREFIX_FILE}){hint}")
-        recorded = folder_run_id(out)
-        if recorded is not None and checkpoint_run_id(path) != recorded and run_checkpoints(out, recorded):
-            raise TrainingError(
-                f"train.resume_from={resume}: {out} holds checkpoints of another run ({_names(run_checkpoints(out, recorded))}); "
-                "resume into the checkpoint's own folder or choose another train.output_dir"
-            )
-    named = CHECKPOINT_RE.match(path.name)
-    at = int(named.group(1)) if named else 0
-    if at > cfg.train.max_steps:
-        raise _past_the_end(path, at, cfg)
-    # the checkpoints it saves replace only the same run's (a re-save after a crash); anything else is in the way
-    run_id = checkpoint_run_id(path)
-    _check_save_targets(cfg, [(p, why) for p in list_checkpoints(out)
-                              if (why := not_our_checkpoint(p, run_id) or _extra_files(p)) is not None],
-                        start=at)
-    return path
-
-
-def check_resumable(path: Path) -> None:
-    """Refuses a checkpoint without training state before anything is loaded."""
-    if not (path / STATE_FILE).is_file():
-        raise TrainingError(
-            f"{path / STATE_FILE}: missing; {path} cannot be resumed (it holds no training state); start from its "
-            f"prefix with train.init_prefix_from={path}"
-        )
-
-
-def _extra_files(path: Path) -> str | None:
-    extra = foreign_files(path, CHECKPOINT_FILES)
-    return f"it holds files a checkpoint does not: {', '.join(extra)}" if extra else None
-
-
-def _past_the_end(path: Path, step: int, cfg: TrainJobConfig) -> TrainingError:
-    return TrainingError(
-        f"train.resume_from: {path} is at step {step}, past train.max_steps={cfg.train.max_steps}: nothing to "
-        f"train; raise train.max_steps to train on (or evaluate it with evaluate.py prefix_checkpoint={path})"
-    )
-
-
-def _check_save_targets(cfg: TrainJobConfig, in_the_way: list[tuple[Path, str]], start: int) -> None:
-    """Refuses a run whose checkpoint-N (a step after ``start`` that it saves; written through
-    ``.tmp-checkpoint-N``) would replace a folder of ``in_the_way`` (folders it must not remove)."""
-    max_steps, every = cfg.train.max_steps, cfg.train.save_steps
-    for path, why in in_the_way:
-        m = CHECKPOINT_RE.match(path.name.removeprefix(".tmp-"))
-        step = int(m.group(1)) if m else None
-        if step is not None and start < step <= max_steps and (step % every == 0 or step == max_steps):
-            raise TrainingError(
-                f"train.output_dir={cfg.train.output_dir}: this run would save checkpoint-{step}, but {path} is "
-                f"already there ({why}) and a run replaces only its own checkpoints: move it, or choose another "
-                "train.output_dir"
-            )
-
-
-def warn_changed_settings(cfg: TrainJobConfig, resume: Path) -> str | None:
-    """The warning when a resumed run's settings that shape the updates differ from those of the run that
-    wrote ``resume`` (its folder's ``run_config.json``, when it records the checkpoint's run), else None."""
-    try:
-        record = json.loads((resume.parent / RUN_FILE).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    if not isinstance(record, dict) or record.get("run_id") != checkpoint_run_id(resume):
-        return None
-    now = asdict(cfg)
-    changed = []
-    for key in RESUME_KEYS:
-        section, name = key.split(".")
-        before, after = (record.get(section) or {}).get(name), now[section][name]
-        if key == "data.train_file" and before is not None and after is not None:
-            same = str(before) == str(after) or _same_file(before, after)
-        else:
-            same = before == after
-        if not same and name in (record.get(section) or {}):
-            changed.append(f"{key} ({before} -> {after})")
-    if not changed:
-        return None
-    return (f"warning: resuming {resume} with {', '.join(changed)} changed from the run that wrote it "
-            f"({resume.parent / RUN_FILE}): the result will differ from an uninterrupted run")
-
-
-def _same_file(a: str, b: str) -> bool:
-    try:
-        return os.path.samefile(Path(a).expanduser(), Path(b).expanduser())
-    except OSError:
-        return False
-
-
-def _names(paths: list[Path]) -> str:
-    return ", ".join(p.name for p in paths)
-
-
-def clear_previous_run(out: Path) -> tuple[list[str], list[str]]:
-    """``train.overwrite=true``: removes the outputs of the run that ``out`` records (see
-    :func:`survey_output_dir`): the files its checkpoints and evaluations consist of (then each folder, when
-    nothing else is left in it), its log, loss plot and run record.
-
-    Returns:
-        ``(removed, kept)``: names removed, and what stays that a run here did not write (named with why, and
-        ``checkpoint-3/notes.txt`` for a file a user put inside a removed checkpoint).
-    """
-    from ..evaluation.run import EVAL_FILES
-
-    survey = survey_output_dir(out)
-    removed: list[str] = []
-    kept = [f"{path.name} ({why})" for path, why in survey.others]
-    for path in survey.ours:
-        if path.is_file():
-            path.unlink()
-            removed.append(path.name)
-            continue
-        files = EVAL_FILES if path.name.startswith("eval-") else CHECKPOINT_FILES
-        for name in files:
-            (path / name).unlink(missing_ok=True)
-        left = sorted(p.name for p in path.iterdir())
-        if left:  # a user's file inside: it stays, and so does the folder
-            kept += [f"{path.name}/{name}" for name in left]
-            removed.append(f"{path.name}'s {'evaluation' if path.name.startswith('eval-') else 'checkpoint'} files")
-        else:
-            path.rmdir()
-            removed.append(path.name)
-    return removed, kept
-
-
-class RunLog:
-    """``train_log.jsonl`` (main process only): one JSON object per log or eval step."""
-
-    def __init__(self, path: Path, enabled: bool, keep_until_step: int | None, end_step: int | None = None):
-        self.path, self.enabled = path, enabled
-        if enabled and path.exists():
-            # resuming: drop what the interrupted run logged after its checkpoint, including the end-of-run
-            # evaluation when it resumes from the final step (that evaluation runs again), and a last line
-            # torn by a kill
-            kept = []
-            for line in path.read_text().splitlines():
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                at = record.get("step", 0)
-                after_final_save = at == end_step and "loss" not in record
-                if keep_until_step is not None and (at < keep_until_step or (at == keep_until_step and not after_final_save)):
-                    kept.append(line)
-            # through a temporary file: a kill during this rewrite must not lose the log
-            tmp = path.with_name(f".{path.name}.tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            os.replace(tmp, path)
-
-    def write(self, record: dict) -> None:
-        if self.enabled:
-            with open(self.path, "a", encoding="utf-8") as fh:
-                fh.write(json.dumps(record, ensure_ascii=False) + "\n")
-
-    def records(self) -> list[dict]:
-        if not self.path.exists():
-            return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
-
-
 def run(cfg: TrainJobConfig, *, trackers=None) -> TrainResult:
     """Trains the prefix as ``cfg`` says. ``trackers``: an optional :class:`ptuning.training.tracking.Tracker`.
 
@@ -516,7 +189,11 @@ def run(cfg: TrainJobConfig, *, trackers=None) -> TrainResult:
     where = _Progress()
     threads = torch.get_num_threads()
     try:
-        return _train(cfg, trackers, where)
+        recipe = Recipe(cfg, trackers, where)
+        recipe.setup()
+        recipe.evaluate_before_training()
+        recipe.train()
+        return recipe.finish()
     except KeyboardInterrupt:
         raise TrainingInterrupted(where.step, where.checkpoint) from None
     finally:
@@ -525,364 +202,466 @@ def run(cfg: TrainJobConfig, *, trackers=None) -> TrainResult:
         torch.set_num_threads(threads)
 
 
-def _train(cfg: TrainJobConfig, trackers, where: _Progress) -> TrainResult:
-    from ..data import TrainingCollator, build_datasets  # imported here: it pulls in datasets
-    from ..data.loading import check_positions
+@dataclass
+class _Window:
+    """The steps since the last log line: their mean loss and throughput."""
 
-    cfg.validate()
-    out = Path(cfg.train.output_dir)
-    check_output_dir(out)
-    model_family(cfg.model)  # a folder no family handles fails here, before anything is written
-    accelerator, comm = make_accelerator(cfg)
-    resume = resolve_resume(cfg)
-    # a training output folder starts from its latest checkpoint, as prefix_checkpoint= takes it
-    init_from = checkpoint_in(cfg.train.init_prefix_from) if cfg.train.init_prefix_from else None
-    if resume is not None:
-        check_resumable(resume)
-    main = comm.is_main_process
-    if resume is not None and main:
-        changed = warn_changed_settings(cfg, resume)
-        if changed:
-            print(changed, file=sys.stderr)
-    set_seed(cfg.train.seed)
+    loss: float = 0.0
+    steps: int = 0
+    tokens: int = 0
+    samples: int = 0
+    start: float = field(default_factory=time.perf_counter)
 
-    # the prefix starts as model.prefix_init says unless a checkpoint's prefix replaces it
-    loaded = load(cfg.model, init=resume is None and not cfg.train.init_prefix_from)
-    model, template = loaded.model, loaded.template
-    set_cpu_threads(model, accelerator.device)
-    # before accelerate.prepare: ZeRO-3 partitions the parameters there
-    trained_meta = None
-    if resume is not None:
-        trained_meta = load_prefix(model, resume)
-    elif cfg.train.init_prefix_from:
-        trained_meta = load_prefix(model, init_from)
-    trainable, total = mark_only_prefix_trainable(model)
-    if cfg.model.gradient_checkpointing:
-        model.activation_checkpointing_enable()
-    meta = prefix_metadata(model, cfg.model.base_model_name, base_weights_digest(cfg.model))
-    changed = base_model_change(trained_meta, meta)
-    if changed and resume is not None and not cfg.train.allow_base_model_change:
-        raise TrainingError(
-            f"{resume} {changed}: resume on the model it was trained on, or set "
-            "train.allow_base_model_change=true to go on with this one on purpose"
+
+class Recipe:
+    """One training run, phase by phase (see the module's docstring). Each phase reads and sets the run's
+    state on ``self``: the step and micro-batch counters, the model (``model`` as accelerate prepared it,
+    ``raw`` the model itself), the optimizer and scheduler, the data and the log."""
+
+    def __init__(self, cfg: TrainJobConfig, trackers, where: _Progress):
+        self.cfg, self.trackers, self.where = cfg, trackers, where
+        self.step = self.micro = self.skipped = 0
+        self.last_checkpoint: Path | None = None
+        self.train_loss: float | None = None
+        self.eval_loss: float | None = None
+        self.baseline: dict = {}
+        self.progress = None
+
+    # ---- set-up ----
+
+    def setup(self) -> None:
+        """Everything before the first step; nothing is written before the last check has passed."""
+        self._check()
+        self._load_model()
+        self._load_data()
+        self._build_optimizer()
+        self._restore()
+        # everything is checked: from here on the run writes (the main process only)
+        self.log = open_run_folder(self.cfg, self.run_id, self.resume, self.step, self.trackers, self.main)
+        self.peak = matmul_peak_flops(
+            torch.bfloat16 if self.cfg.train.mixed_precision == "bf16" else torch.float32, device=self.device
         )
-    if changed and main:
-        print(f"warning: {resume or init_from} {changed}", file=sys.stderr)
-    # the run's id marks its checkpoints as its own: a resumed run keeps the id of the run it continues
-    run_id = (trained_meta or {}).get("run_id") if resume is not None else None
-    meta["run_id"] = run_id = run_id or uuid.uuid4().hex[:12]
-    # how the prompts were rendered: chat (history / conversations, the chat template) or plain (ADGEN rows)
-    meta["prompt_format"] = "chat" if cfg.data.history_column or cfg.data.conversation_column else "plain"
-    with accelerator.main_process_first():
-        train_ds = build_datasets(cfg.data, template, "train")
-        eval_ds = (build_datasets(cfg.data, template, "validation", features="train")
-                   if cfg.data.validation_file else None)
-        # generation features, built once for the evaluations before and after training
-        gen_examples = (build_datasets(cfg.data, template, "validation").to_list()
-                        if cfg.data.validation_file and (cfg.train.eval_generation or cfg.train.eval_before_training)
-                        else None)
-    # every process checks the same rows, so all stop with the same message
-    limit = loaded.max_positions
-    shorten = "lower data.max_source_length / data.max_target_length (rows are cut to them)"
-    check_positions([len(x) for x in train_ds["input_ids"]], limit, cfg.data.train_file, shorten)
-    if eval_ds is not None:
-        check_positions([len(x) for x in eval_ds["input_ids"]], limit, cfg.data.validation_file, shorten)
-    if gen_examples is not None:
-        check_positions([len(x["input_ids"]) for x in gen_examples], limit, cfg.data.validation_file,
-                        "lower data.max_source_length or train.max_new_tokens", extra=cfg.train.max_new_tokens,
-                        what="prompts")
-    collate = TrainingCollator.from_config(template, cfg.data)
-    targets = [target_count(lab) for lab in train_ds["labels"]]
-    world, rank, bs = comm.num_processes, comm.process_index, cfg.train.per_device_batch_size
-    plan = BatchPlan(len(train_ds), bs * world, cfg.train.seed)
+        if self.main:
+            self._announce()
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay)
-    scheduler = get_scheduler(
-        cfg.train.lr_scheduler,
-        optimizer,
-        num_warmup_steps=cfg.train.warmup_steps,
-        num_training_steps=cfg.train.max_steps,
-    )
-    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
-    if deepspeed:
-        configure_deepspeed(accelerator, cfg, world)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    # accelerate's unwrap_model imports DeepSpeed whenever it is installed (seconds, and a warning on stdout)
-    raw = accelerator.unwrap_model(model) if deepspeed else getattr(model, "module", model)
-
-    step, micro = 0, 0
-    if resume is not None:
-        state = load_training_state(resume)
-        if state.get("world_size", 1) != world:
-            raise TrainingError(
-                f"{resume} was written by {state.get('world_size', 1)} process(es); resume it with the same number "
-                f"(now {world}) so the data order and optimizer state line up"
-            )
-        if deepspeed:
-            optimizer.optimizer.load_state_dict(state["optimizer"])  # the ZeRO optimizer picks its own part
-        else:
-            optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        step, micro = state["step"], state["micro_batch"]
-        if step > cfg.train.max_steps:
-            raise _past_the_end(resume, step, cfg)
-        restore_rng(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
-        if main:
-            print(f"resumed from {resume} at step {step}")
-            if step == cfg.train.max_steps:
-                print(f"{resume} is at train.max_steps={step}: nothing left to train; running the end-of-run "
-                      "evaluation only (raise train.max_steps to train on)")
-    where.step, where.checkpoint = step, resume
-    # everything is checked: from here on the run writes (the main process only)
-    if main:
-        created = not out.exists()
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise TrainingError(f"train.output_dir={out}: cannot be created ({err.strerror or err})") from None
-        if trackers is not None:
-            try:
-                trackers.start(asdict(cfg), out)
-            except Exception as err:  # noqa: BLE001 - the tracker's own failure (network, login), one line
-                if created:
-                    shutil.rmtree(out, ignore_errors=True)
-                reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-                raise TrainingError(f"logger.backend={cfg.logger.backend}: the tracker did not start ({reason})") from None
-        removed, kept = clear_previous_run(out) if resume is None and cfg.train.overwrite else ([], [])
-        if removed:
-            print(f"train.overwrite=true: removed the previous run's {', '.join(removed)} from {out}")
-        if kept:
-            print(f"train.overwrite=true: kept what a run here did not write in {out}: {', '.join(kept)}")
-    log = RunLog(out / LOG_FILE, main, keep_until_step=step if resume is not None else None,
-                 end_step=cfg.train.max_steps)
-    if main and (resume is None or folder_run_id(out) != run_id):
-        if resume is None:
-            (out / LOG_FILE).write_text("")
-        (out / RUN_FILE).write_text(
-            json.dumps({"run_id": run_id, **asdict(cfg)}, indent=2, ensure_ascii=False, default=str) + "\n"
-        )
-
-    device = accelerator.device
-    peak = matmul_peak_flops(
-        torch.bfloat16 if cfg.train.mixed_precision == "bf16" else torch.float32, device=device
-    )
-    if main:
+    def _announce(self) -> None:
+        """The start-up lines: what trains, on how many processes, for how long."""
+        meta = self.meta
+        note = ignored_config_prefix(self.cfg.model.resolved_path,
+                                     f"the prefix is model.pre_seq_len={meta['pre_seq_len']}")
+        if note:
+            print(note, file=sys.stderr)
         print(
-            f"training {trainable:,} of {total:,} parameters ({100 * trainable / total:.3f}%) on {world} "
-            f"process(es), {len(train_ds)} examples, {_count(cfg.train.max_steps, 'step')}"
+            f"training {self.trainable:,} of {self.total:,} parameters ({100 * self.trainable / self.total:.3f}%, a "
+            f"{meta['pre_seq_len']}-token prefix{' with projection' if meta['prefix_projection'] else ''}) on "
+            f"{self.world} process(es), {len(self.train_ds)} examples"
+            + (f" in {len(self.units)} {self.unit} ({100 * self.units.fill():.1f}% filled)" if self.cfg.data.packing
+               else "")
+            + f", {_count(self.cfg.train.max_steps, 'step')}"
         )
 
-    def save(at_step: int) -> Path | None:
-        rng = comm.gather_objects([capture_rng()])
-        # ZeRO partitions the optimizer state: keep every rank's part
-        shards = comm.gather_objects([optimizer.state_dict()]) if deepspeed else None
-        path = None
-        with gathered(raw.get_submodule(prefix_module_name(raw)).parameters(), deepspeed):
-            if main:
-                state = {
-                    "optimizer": shards if deepspeed else optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "step": at_step,
-                    "micro_batch": micro,
-                    "rng": rng,
-                    "world_size": world,
-                    "skipped_nonfinite_steps": skipped,
-                }
-                path = save_checkpoint(out, at_step, raw, meta, state, cfg.train.save_total_limit)
-        comm.barrier()
-        return path
+    def _check(self) -> None:
+        """The config, the output folder and the checkpoint to resume or start from, before any loading."""
+        cfg = self.cfg
+        cfg.validate()
+        self.out = Path(cfg.train.output_dir)
+        check_output_dir(self.out)
+        model_family(cfg.model)  # a folder no family handles fails here, before anything is written
+        self.accelerator, self.comm = make_accelerator(cfg)
+        self.device = self.accelerator.device
+        self.main = self.comm.is_main_process
+        self.world, self.rank = self.comm.num_processes, self.comm.process_index
+        self.resume = resolve_resume(cfg)
+        # a training output folder starts from its latest checkpoint, as prefix_checkpoint= takes it
+        self.init_from = checkpoint_in(cfg.train.init_prefix_from) if cfg.train.init_prefix_from else None
+        if self.resume is not None:
+            check_resumable(self.resume)
+        if self.resume is not None and self.main:
+            changed = warn_changed_settings(cfg, self.resume)
+            if changed:
+                print(changed, file=sys.stderr)
+        set_seed(cfg.train.seed)
 
-    def evaluate_loss(prefix: PrefixKV | None = None) -> float | None:
-        if eval_ds is None:
+    def _load_model(self) -> None:
+        """The model with the prefix to train: the checkpoint's (resume, ``train.init_prefix_from``) or a new
+        one initialised as ``model.prefix_init`` says; only the prefix trainable. Also the metadata its
+        checkpoints record, with the run's id."""
+        cfg, resume = self.cfg, self.resume
+        # loaded before accelerate.prepare: ZeRO-3 partitions the parameters there
+        loaded = load_model_with_prefix(cfg.model, resume or self.init_from, sizes="config")
+        self.loaded, self.model, self.template = loaded, loaded.model, loaded.template
+        set_cpu_threads(self.model, self.device)
+        self.trainable, self.total = mark_only_prefix_trainable(self.model)
+        if cfg.model.gradient_checkpointing:
+            self.model.activation_checkpointing_enable()
+        changed = loaded.base_change
+        if changed and resume is not None and not cfg.train.allow_base_model_change:
+            raise TrainingError(
+                f"{resume} {changed}: resume on the model it was trained on, or set "
+                "train.allow_base_model_change=true to go on with this one on purpose"
+            )
+        if changed and self.main:
+            print(f"warning: {resume or self.init_from} {changed}", file=sys.stderr)
+        self.meta = base_metadata(cfg.model, self.model)
+        # the run's id marks its checkpoints as its own: a resumed run keeps the id of the run it continues
+        run_id = (loaded.prefix_meta or {}).get("run_id") if resume is not None else None
+        self.meta["run_id"] = self.run_id = run_id or uuid.uuid4().hex[:12]
+        # how the prompts were rendered: chat (history / conversations, the chat template) or plain (ADGEN rows)
+        chat = cfg.data.history_column or cfg.data.conversation_column
+        self.meta["prompt_format"] = "chat" if chat else "plain"
+
+    def _load_data(self) -> None:
+        """The training set (and its batch plan), the validation set for the loss and its generation
+        features, each checked against the model's positions."""
+        cfg, template = self.cfg, self.template
+        with self.accelerator.main_process_first():
+            self.train_ds = build_datasets(cfg.data, template, "train")
+            self.eval_ds = (build_datasets(cfg.data, template, "validation", features="train")
+                            if cfg.data.validation_file else None)
+            # generation features, built once for the evaluations before and after training
+            generate = cfg.data.validation_file and (cfg.train.eval_generation or cfg.train.eval_before_training)
+            self.gen_examples = build_datasets(cfg.data, template, "validation").to_list() if generate else None
+        # every process checks the same rows, so all stop with the same message
+        limit = self.loaded.max_positions
+        shorten = "lower data.max_source_length / data.max_target_length (rows are cut to them)"
+        check_positions([len(x) for x in self.train_ds["input_ids"]], limit, cfg.data.train_file, shorten)
+        if self.eval_ds is not None:
+            check_positions([len(x) for x in self.eval_ds["input_ids"]], limit, cfg.data.validation_file, shorten)
+        if self.gen_examples is not None:
+            check_positions([len(x["input_ids"]) for x in self.gen_examples], limit, cfg.data.validation_file,
+                            "lower data.max_source_length or train.max_new_tokens", extra=cfg.train.max_new_tokens,
+                            what="prompts")
+        self.collate = TrainingCollator.from_config(template, cfg.data)
+        self.targets = [target_count(lab) for lab in self.train_ds["labels"]]
+        # the batch plan draws rows, or packs of rows (made once from the row lengths and the seed)
+        self.units, self.unit = self.train_ds, "examples"
+        if cfg.data.packing:
+            try:
+                self.units = PackedRows.from_rows(self.train_ds, cfg.data.pack_length, cfg.train.seed)
+            except ValueError as err:
+                raise TrainingError(f"{cfg.data.train_file}: {err}") from None
+            self.targets = self.units.per_pack(self.targets)
+            self.unit = f"packed sequences of {cfg.data.pack_length} tokens"
+        self.plan = BatchPlan(len(self.units), cfg.train.per_device_batch_size * self.world, cfg.train.seed,
+                              self.unit)
+
+    def _build_optimizer(self) -> None:
+        """AdamW over the prefix and the learning-rate schedule; accelerate (DDP, DeepSpeed) wraps the model
+        and the optimizer."""
+        train = self.cfg.train
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(self.params, lr=train.learning_rate, weight_decay=train.weight_decay)
+        self.scheduler = get_scheduler(
+            train.lr_scheduler,
+            optimizer,
+            num_warmup_steps=train.warmup_steps,
+            num_training_steps=train.max_steps,
+        )
+        self.deepspeed = self.accelerator.distributed_type == DistributedType.DEEPSPEED
+        if self.deepspeed:
+            configure_deepspeed(self.accelerator, self.cfg, self.world)
+        self.model, self.optimizer = self.accelerator.prepare(self.model, optimizer)
+        # accelerate's unwrap_model imports DeepSpeed whenever it is installed (seconds, and a warning on stdout)
+        if self.deepspeed:
+            self.raw = self.accelerator.unwrap_model(self.model)
+        else:
+            self.raw = getattr(self.model, "module", self.model)
+
+    def _restore(self) -> None:
+        """A resumed run's optimizer, scheduler, counters and RNG states, as its checkpoint saved them."""
+        resume = self.resume
+        self.last_checkpoint = resume
+        if resume is not None:
+            state = load_training_state(resume)
+            if state.get("world_size", 1) != self.world:
+                raise TrainingError(
+                    f"{resume} was written by {state.get('world_size', 1)} process(es); resume it with the same "
+                    f"number (now {self.world}) so the data order and optimizer state line up"
+                )
+            if self.deepspeed:
+                self.optimizer.optimizer.load_state_dict(state["optimizer"])  # the ZeRO optimizer picks its own part
+            else:
+                self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.step, self.micro = state["step"], state["micro_batch"]
+            if self.step > self.cfg.train.max_steps:
+                raise past_the_end(resume, self.step, self.cfg)
+            restore_rng(state["rng"][self.rank] if self.rank < len(state["rng"]) else state["rng"][0])
+            # a resumed run goes on counting: the metric covers the whole run
+            self.skipped = state.get("skipped_nonfinite_steps", 0)
+            if self.main:
+                print(f"resumed from {resume} at step {self.step}")
+                if self.step == self.cfg.train.max_steps:
+                    print(f"{resume} is at train.max_steps={self.step}: nothing left to train; running the "
+                          "end-of-run evaluation only (raise train.max_steps to train on)")
+        self.where.step, self.where.checkpoint = self.step, resume
+
+    # ---- evaluate ----
+
+    def evaluate_before_training(self) -> None:
+        """``train.eval_before_training``: the base model's loss and generation metrics (the model as published,
+        no prefix: the baseline, not the prefix before training), logged at step 0."""
+        cfg = self.cfg
+        if not (cfg.train.eval_before_training and cfg.data.validation_file and self.resume is None):
+            return
+        base = no_prefix(self.raw)
+        self.baseline = evaluate_model(self.raw, self.template, cfg.data, cfg.train, self.comm,
+                                       examples=self.gen_examples, prefix=base)
+        record = {"eval_loss": self.evaluate_loss(base), **{f"eval_{k}": v for k, v in self.baseline.items()}}
+        self.log.write({"step": 0, **record})
+        if self.trackers is not None and self.main:
+            self.trackers.log(record, 0)
+        if self.main:
+            print(f"base model (no prefix): eval loss {record['eval_loss']:.4f}, "
+                  + ", ".join(f"{k} {self.baseline[k]:.2f}" for k in METRIC_NAMES))
+
+    def evaluate_loss(self, prefix: PrefixKV | None = None) -> float | None:
+        """The validation loss: the mean over every target token of the validation set (all processes);
+        None without a validation set. ``prefix`` replaces the model's own (:func:`~ptuning.prefix.no_prefix`:
+        the base model)."""
+        if self.eval_ds is None:
             return None
-        model.eval()
-        loss_sum = torch.zeros((), device=device)
-        count = torch.zeros((), device=device)
-        n = len(eval_ds)
-        mine = list(range(rank, n, world))
+        self.model.eval()
+        loss_sum = torch.zeros((), device=self.device)
+        count = torch.zeros((), device=self.device)
+        mine = list(range(self.rank, len(self.eval_ds), self.world))
+        size = self.cfg.train.eval_batch_size
+        extra = {} if prefix is None else {"prefix": prefix}
         with torch.no_grad():
-            for start in range(0, len(mine), cfg.train.eval_batch_size):
-                batch = collate([eval_ds[i] for i in mine[start : start + cfg.train.eval_batch_size]])
-                ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
-                with accelerator.autocast():
-                    loss_sum += token_loss_sum(model, ids, labels, prefix)
+            for start in range(0, len(mine), size):
+                batch = self.collate([self.eval_ds[i] for i in mine[start : start + size]])
+                ids, labels = batch["input_ids"].to(self.device), batch["labels"].to(self.device)
+                with self.accelerator.autocast():
+                    loss_sum += token_loss_sum(self.model, ids, labels, **extra)
                 count += (labels[:, 1:] != -100).sum()
-                kill_point("eval", step)  # test-only: SIGKILL during an evaluation
-        stats = comm.sum(torch.stack([loss_sum, count.float()]))
-        model.train()
+                kill_point("eval", self.step)  # test-only: SIGKILL during an evaluation
+        stats = self.comm.sum(torch.stack([loss_sum, count.float()]))
+        self.model.train()
         return (stats[0] / stats[1]).item()
 
-    baseline: dict = {}
-    if cfg.train.eval_before_training and cfg.data.validation_file and resume is None:
-        from ..evaluation.run import evaluate_model
+    # ---- train ----
 
-        # the baseline is the base model as published (no prefix), not the prefix before training
-        base = no_prefix(raw)
-        baseline = evaluate_model(raw, template, cfg.data, cfg.train, comm, examples=gen_examples, prefix=base)
-        record = {"eval_loss": evaluate_loss(base), **{f"eval_{k}": v for k, v in baseline.items()}}
-        log.write({"step": 0, **record})
-        if trackers is not None and main:
-            trackers.log(record, 0)
-        if main:
-            print(f"base model (no prefix): eval loss {record['eval_loss']:.4f}, "
-                  + ", ".join(f"{k} {baseline[k]:.2f}" for k in METRIC_NAMES))
+    def train(self) -> None:
+        """Optimizer steps up to ``train.max_steps``; after each, the log line, the evaluation and the
+        checkpoint that are due."""
+        max_steps = self.cfg.train.max_steps
+        if self.main:
+            self.progress = self.where.bar = tqdm(total=max_steps, initial=self.step, desc="train",
+                                                  dynamic_ncols=True)
+        self.window = _Window()
+        self.shown: dict[str, str] = {}  # the progress bar's postfix
+        self.model.train()
+        while self.step < max_steps:
+            self.step += 1
+            loss, grad_norm, tokens, samples = self.step_gradients()
+            if math.isfinite(loss) and math.isfinite(grad_norm):
+                self._update()
+                self._log_step(loss, grad_norm, tokens, samples)
+                self._evaluate_if_due()
+                if self._save_if_due():
+                    kill_point("saved", self.step)  # test-only: SIGKILL right after a checkpoint
+            else:
+                self._skip_nonfinite_step(loss, grad_norm)
+            self.where.step, self.where.checkpoint = self.step, self.last_checkpoint
+        if self.progress is not None:
+            self.progress.close()
 
-    progress = None
-    if main:
-        from tqdm.auto import tqdm
+    def step_gradients(self) -> tuple[float, float, int, int]:
+        """The gradients of one optimizer step over its global batch (every accumulation micro-batch of every
+        process), scaled so that the update follows the mean loss over the global batch's target tokens.
 
-        progress = where.bar = tqdm(total=cfg.train.max_steps, initial=step, desc="train", dynamic_ncols=True)
-    window_loss, window_steps, window_tokens, window_samples = 0.0, 0, 0, 0
-    window_start = time.perf_counter()
-    shown: dict[str, str] = {}  # the progress bar's postfix
-    last_checkpoint = resume
-    train_loss = eval_loss = None
-    # a resumed run goes on counting: the metric covers the whole run
-    skipped = state.get("skipped_nonfinite_steps", 0) if resume is not None else 0
-    model.train()
-    while step < cfg.train.max_steps:
-        step += 1
-        batches = [plan(micro + a) for a in range(cfg.train.gradient_accumulation_steps)]
-        micro += len(batches)
-        global_targets = sum(targets[i] for b in batches for i in b)
-        local_loss = torch.zeros((), device=device)
+        Returns:
+            The step's loss (that mean), the gradient norm (clipped to ``train.max_grad_norm`` when set), and
+            the tokens and examples of the global batch.
+        """
+        bs = self.cfg.train.per_device_batch_size
+        batches = [self.plan(self.micro + a) for a in range(self.cfg.train.gradient_accumulation_steps)]
+        self.micro += len(batches)
+        global_targets = sum(self.targets[i] for b in batches for i in b)
+        # DDP and DeepSpeed average gradients over processes: scale so the update is the global token mean
+        scale = self.world / max(global_targets, 1)
+        local_loss = torch.zeros((), device=self.device)
         local_tokens = 0
         for a, indices in enumerate(batches):
-            batch = collate([train_ds[i] for i in indices[rank * bs : (rank + 1) * bs]])
-            ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
-            sync = a == len(batches) - 1
-            # DDP and DeepSpeed average gradients over processes: scale so the update is the global token mean
-            scale = world / max(global_targets, 1)
-            if deepspeed:
-                with accelerator.autocast():
-                    loss_sum = token_loss_sum(model, ids, labels)
-                model.set_gradient_accumulation_boundary(sync)
-                model.backward(loss_sum * scale, scale_wrt_gas=False)
-                if sync:
-                    model.step()  # clips with the config's gradient_clipping, then the optimizer step
-            else:
-                with nullcontext() if sync else accelerator.no_sync(model):
-                    with accelerator.autocast():
-                        loss_sum = token_loss_sum(model, ids, labels)
-                    accelerator.backward(loss_sum * scale)
-            local_loss += loss_sum.detach()
+            batch = self.collate([self.units[i] for i in indices[self.rank * bs : (self.rank + 1) * bs]])
+            ids, labels = batch["input_ids"].to(self.device), batch["labels"].to(self.device)
+            inputs = model_inputs(batch, self.device)
+            local_loss += self._backward(ids, labels, inputs, scale, sync=a == len(batches) - 1).detach()
             local_tokens += ids.numel()
-        comm.average_gradients(params)  # no-op unless accelerate could not set up DDP itself
-        kill_point("step", step)  # test-only: SIGKILL with the gradients computed, the update not applied
-        if deepspeed:
-            grad_norm = model.get_global_grad_norm()
-            grad_norm = float("nan") if grad_norm is None else grad_norm
-        elif cfg.train.max_grad_norm is not None:
-            grad_norm = accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm)
-        else:
-            grad_norm = torch.linalg.vector_norm(
-                torch.stack([p.grad.norm() for p in params if p.grad is not None])
-            )
-        grad_norm = float(grad_norm)
-        stats = comm.sum(torch.tensor([local_loss.item(), float(local_tokens)], device=device))
-        step_loss = stats[0].item() / max(global_targets, 1)
-        if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
-            if cfg.train.mixed_precision == "fp16":
-                # skipped and counted. A loss scaler (fp16 on a GPU) must see the overflow: its step skips
-                # the update and lowers the scale. Without one (accelerate has none on a CPU; DeepSpeed
-                # scales inside model.step()) a step would apply the non-finite gradients: drop them.
-                if accelerator.scaler is not None:
-                    optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                skipped += 1
-                log.write({"step": step, "skipped_nonfinite_steps": skipped})
-                if step % cfg.train.save_steps == 0 or step == cfg.train.max_steps:
-                    # the checkpoint schedule holds whether or not this step updated (else a skipped last
-                    # step would leave the run without its final checkpoint)
-                    try:
-                        last_checkpoint = save(step)
-                    except CheckpointError as err:
-                        raise TrainingError(str(err)) from None
-                where.step, where.checkpoint = step, last_checkpoint
-                continue
-            last = latest_checkpoint(out)
+        self.comm.average_gradients(self.params)  # no-op unless accelerate could not set up DDP itself
+        kill_point("step", self.step)  # test-only: SIGKILL with the gradients computed, the update not applied
+        grad_norm = self._grad_norm()
+        stats = self.comm.sum(torch.tensor([local_loss.item(), float(local_tokens)], device=self.device))
+        loss = stats[0].item() / max(global_targets, 1)
+        return loss, grad_norm, int(stats[1].item()), bs * self.world * len(batches)
+
+    def _backward(self, ids: torch.Tensor, labels: torch.Tensor, inputs: dict, scale: float,
+                  sync: bool) -> torch.Tensor:
+        """Forward and backward of one micro-batch (``inputs``: its further model inputs, ``sequence_ids`` of
+        packed rows); ``sync``: the last of the step (gradients are reduced over processes, and DeepSpeed steps
+        its optimizer). Returns the summed loss."""
+        if self.deepspeed:
+            with self.accelerator.autocast():
+                loss_sum = token_loss_sum(self.model, ids, labels, **inputs)
+            self.model.set_gradient_accumulation_boundary(sync)
+            self.model.backward(loss_sum * scale, scale_wrt_gas=False)
+            if sync:
+                self.model.step()  # clips with the config's gradient_clipping, then the optimizer step
+            return loss_sum
+        with nullcontext() if sync else self.accelerator.no_sync(self.model):
+            with self.accelerator.autocast():
+                loss_sum = token_loss_sum(self.model, ids, labels, **inputs)
+            self.accelerator.backward(loss_sum * scale)
+        return loss_sum
+
+    def _grad_norm(self) -> float:
+        if self.deepspeed:
+            grad_norm = self.model.get_global_grad_norm()
+            return float("nan") if grad_norm is None else float(grad_norm)
+        if self.cfg.train.max_grad_norm is not None:
+            return float(self.accelerator.clip_grad_norm_(self.params, self.cfg.train.max_grad_norm))
+        return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in self.params if p.grad is not None])))
+
+    def _update(self) -> None:
+        if not self.deepspeed:  # DeepSpeed stepped inside its engine
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+
+    def _skip_nonfinite_step(self, loss: float, grad_norm: float) -> None:
+        """A non-finite loss or gradient norm: with fp16 the step is skipped and counted; otherwise the run
+        stops, naming its last good checkpoint."""
+        if self.cfg.train.mixed_precision != "fp16":
+            last = latest_checkpoint(self.out)
             raise TrainingError(
-                f"step {step}: non-finite {'loss' if not math.isfinite(step_loss) else 'gradient norm'} "
-                f"(loss={step_loss}, grad_norm={grad_norm}); last good checkpoint: {last or 'none'}"
+                f"step {self.step}: non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} "
+                f"(loss={loss}, grad_norm={grad_norm}); last good checkpoint: {last or 'none'}"
             )
-        if not deepspeed:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
+        # A loss scaler (fp16 on a GPU) must see the overflow: its step skips the update and lowers the scale.
+        # Without one (accelerate has none on a CPU; DeepSpeed scales inside model.step()) a step would apply
+        # the non-finite gradients: drop them.
+        if self.accelerator.scaler is not None:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.skipped += 1
+        self.log.write({"step": self.step, "skipped_nonfinite_steps": self.skipped})
+        # the checkpoint schedule holds whether or not this step updated (else a skipped last step would
+        # leave the run without its final checkpoint)
+        self._save_if_due()
 
-        window_loss += step_loss
-        window_steps += 1
-        window_tokens += int(stats[1].item())
-        window_samples += bs * world * len(batches)
-        train_loss = step_loss
-        if progress is not None:
-            progress.update(1)
-            # tokens/s is the last logging window's (a single step's timing jitters too much to read)
-            shown.update(loss=f"{step_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", grad_norm=f"{grad_norm:.3f}")
-            progress.set_postfix(shown)
-        if step % cfg.train.logging_steps == 0 or step == cfg.train.max_steps:
-            elapsed = time.perf_counter() - window_start
-            tokens_per_s = window_tokens / elapsed
-            seq = window_tokens / max(window_samples, 1)
-            achieved = model_train_flops_per_token(raw, int(round(seq))) * tokens_per_s
-            record = {
-                "step": step,
-                "loss": window_loss / window_steps,
-                "learning_rate": scheduler.get_last_lr()[0],
-                "grad_norm": grad_norm,
-                "tokens_per_s": tokens_per_s,
-                "samples_per_s": window_samples / elapsed,
-                "peak_memory_mib": peak_memory_mib(device),
-                "matmul_peak_fraction": achieved / peak,
-                "skipped_nonfinite_steps": skipped,
-            }
-            log.write(record)
-            if trackers is not None and main:
-                trackers.log(record, step)
-            if progress is not None:
-                shown["tokens_per_s"] = f"{tokens_per_s:,.0f}"
-                progress.set_postfix(shown)
-            window_loss, window_steps, window_tokens, window_samples = 0.0, 0, 0, 0
-            window_start = time.perf_counter()
-        if cfg.train.eval_steps and step % cfg.train.eval_steps == 0 and step != cfg.train.max_steps:
-            eval_loss = evaluate_loss()
-            if eval_loss is not None:
-                log.write({"step": step, "eval_loss": eval_loss})
-                if trackers is not None and main:
-                    trackers.log({"eval_loss": eval_loss}, step)
-                if progress is not None:
-                    progress.write(f"step {step}: eval loss {eval_loss:.4f}")
-        if step % cfg.train.save_steps == 0 or step == cfg.train.max_steps:
-            try:
-                last_checkpoint = save(step)
-            except CheckpointError as err:
-                raise TrainingError(str(err)) from None
-            kill_point("saved", step)  # test-only: SIGKILL right after a checkpoint
-        where.step, where.checkpoint = step, last_checkpoint
-    if progress is not None:
-        progress.close()
+    def _log_step(self, loss: float, grad_norm: float, tokens: int, samples: int) -> None:
+        """The progress bar after every step; every ``train.logging_steps`` a log record of the window's mean
+        loss and throughput (tokens/s is the window's: a single step's timing jitters too much to read)."""
+        window = self.window
+        window.loss += loss
+        window.steps += 1
+        window.tokens += tokens
+        window.samples += samples
+        self.train_loss = loss
+        lr = self.scheduler.get_last_lr()[0]
+        if self.progress is not None:
+            self.progress.update(1)
+            self.shown.update(loss=f"{loss:.4f}", lr=f"{lr:.2e}", grad_norm=f"{grad_norm:.3f}")
+            self.progress.set_postfix(self.shown)
+        if self.step % self.cfg.train.logging_steps != 0 and self.step != self.cfg.train.max_steps:
+            return
+        elapsed = time.perf_counter() - window.start
+        tokens_per_s = window.tokens / elapsed
+        seq = window.tokens / max(window.samples, 1)
+        achieved = model_train_flops_per_token(self.raw, int(round(seq))) * tokens_per_s
+        record = {
+            "step": self.step,
+            "loss": window.loss / window.steps,
+            "learning_rate": lr,
+            "grad_norm": grad_norm,
+            "tokens_per_s": tokens_per_s,
+            "samples_per_s": window.samples / elapsed,
+            "peak_memory_mib": peak_memory_mib(self.device),
+            "matmul_peak_fraction": achieved / self.peak,
+            "skipped_nonfinite_steps": self.skipped,
+        }
+        self.log.write(record)
+        if self.trackers is not None and self.main:
+            self.trackers.log(record, self.step)
+        if self.progress is not None:
+            self.shown["tokens_per_s"] = f"{tokens_per_s:,.0f}"
+            self.progress.set_postfix(self.shown)
+        self.window = _Window()
 
-    eval_loss = evaluate_loss()
-    metrics: dict = {}
-    if eval_loss is not None:
-        log.write({"step": step, "eval_loss": eval_loss})
-    if cfg.train.eval_generation and cfg.data.validation_file:
-        from ..evaluation.run import evaluate_model
+    def _evaluate_if_due(self) -> None:
+        """The validation loss every ``train.eval_steps`` (the last step's comes with :meth:`finish`)."""
+        every = self.cfg.train.eval_steps
+        if not every or self.step % every != 0 or self.step == self.cfg.train.max_steps:
+            return
+        self.eval_loss = self.evaluate_loss()
+        if self.eval_loss is not None:
+            self.log.write({"step": self.step, "eval_loss": self.eval_loss})
+            if self.trackers is not None and self.main:
+                self.trackers.log({"eval_loss": self.eval_loss}, self.step)
+            if self.progress is not None:
+                self.progress.write(f"step {self.step}: eval loss {self.eval_loss:.4f}")
 
-        metrics = evaluate_model(raw, template, cfg.data, cfg.train, comm, examples=gen_examples)
-        log.write({"step": step, **{f"eval_{k}": v for k, v in metrics.items()}})
-    if trackers is not None and main:
-        trackers.log({"eval_loss": eval_loss, **{f"eval_{k}": v for k, v in metrics.items()}}, step)
-    if main:
-        if cfg.train.plot:
-            from .plot import plot_losses
+    # ---- save ----
 
-            plot_losses(log.records(), out / PLOT_FILE)
-        if trackers is not None:
-            trackers.finish()
-    comm.barrier()
-    return TrainResult(out, step, last_checkpoint, train_loss, eval_loss, metrics, baseline, main)
+    def _save_if_due(self) -> bool:
+        """A checkpoint every ``train.save_steps`` and at the last step; True when one was saved."""
+        if self.step % self.cfg.train.save_steps != 0 and self.step != self.cfg.train.max_steps:
+            return False
+        try:
+            self.last_checkpoint = self.save()
+        except CheckpointError as err:
+            raise TrainingError(str(err)) from None
+        return True
+
+    def save(self) -> Path | None:
+        """Writes ``checkpoint-{step}`` (the main process; the others take part in the gathers): the prefix,
+        its metadata and the training state to resume from. Returns the folder (None on the other
+        processes)."""
+        rng = self.comm.gather_objects([capture_rng()])
+        # ZeRO partitions the optimizer state: keep every rank's part
+        shards = self.comm.gather_objects([self.optimizer.state_dict()]) if self.deepspeed else None
+        path = None
+        with gathered(self.raw.get_submodule(prefix_module_name(self.raw)).parameters(), self.deepspeed):
+            if self.main:
+                state = {
+                    "optimizer": shards if self.deepspeed else self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(),
+                    "step": self.step,
+                    "micro_batch": self.micro,
+                    "rng": rng,
+                    "world_size": self.world,
+                    "skipped_nonfinite_steps": self.skipped,
+                }
+                path = save_checkpoint(self.out, self.step, self.raw, self.meta, state,
+                                       self.cfg.train.save_total_limit)
+        self.comm.barrier()
+        return path
+
+    # ---- finish ----
+
+    def finish(self) -> TrainResult:
+        """The end-of-run evaluation (loss, and generation metrics with ``train.eval_generation``), the loss
+        plot, the tracker's end; the run's result."""
+        cfg = self.cfg
+        self.eval_loss = self.evaluate_loss()
+        metrics: dict = {}
+        if self.eval_loss is not None:
+            self.log.write({"step": self.step, "eval_loss": self.eval_loss})
+        if cfg.train.eval_generation and cfg.data.validation_file:
+            metrics = evaluate_model(self.raw, self.template, cfg.data, cfg.train, self.comm,
+                                     examples=self.gen_examples)
+            self.log.write({"step": self.step, **{f"eval_{k}": v for k, v in metrics.items()}})
+        if self.trackers is not None and self.main:
+            self.trackers.log({"eval_loss": self.eval_loss, **{f"eval_{k}": v for k, v in metrics.items()}},
+                              self.step)
+        if self.main:
+            if cfg.train.plot:
+                plot_losses(self.log.records(), self.out / PLOT_FILE)
+            if self.trackers is not None:
+                self.trackers.finish()
+        self.comm.barrier()
+        return TrainResult(self.out, self.step, self.last_checkpoint, self.train_loss, self.eval_loss, metrics,
+                           self.baseline, self.main)
 
 
 def _count(n: int, noun: str) -> str:

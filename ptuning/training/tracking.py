@@ -6,6 +6,8 @@ import netrc
 import os
 from pathlib import Path
 
+from ..config import ConfigError
+
 
 def has_wandb_key() -> bool:
     if os.environ.get("WANDB_API_KEY"):
@@ -60,8 +62,6 @@ def make_tracker(cfg) -> WandbTracker | None:
     Raises:
         ConfigError: ``logger.mode=online`` without a wandb API key.
     """
-    from ..config import ConfigError
-
     logger = cfg.logger
     if logger.backend != "wandb" or logger.mode == "disabled":
         return None

@@ -19,8 +19,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ptuning.build import load_model
+from ptuning.checkpoint import META_FILE, PREFIX_FILE, STATE_FILE, prefix_metadata, save_checkpoint
 from ptuning.config import BUILTIN_MODEL, ModelConfig
-from ptuning.training.checkpoint import META_FILE, PREFIX_FILE, STATE_FILE, prefix_metadata, save_checkpoint
 from ptuning.weights import save_weights
 
 PAYLOAD_MARKER = "PAYLOAD_RAN"

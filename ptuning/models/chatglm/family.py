@@ -7,11 +7,15 @@ import hashlib
 import json
 from pathlib import Path
 
+from ...errors import ConfigError
 from ...prefix import PrefixShape
 from ..base import Family
 from .config import ChatGLMConfig
+from .memory import ChatGLMMemory
 from .modeling import ChatGLMForConditionalGeneration, prefix_shape
+from .original import export_full
 from .template import ChatGLMTemplate
+from .tokenizer import ChatGLMTokenizer
 
 # Config keys that decide what the backbone computes (not ids or bookkeeping); the fingerprint recorded with
 # every checkpoint hashes exactly these, as checkpoints of earlier versions did.
@@ -40,10 +44,10 @@ class ChatGLMFamily(Family):
             prefix_dropout=prefix_dropout,
         )
 
-    def load_tokenizer(self, folder: Path, vocab_size: int | None = None):
-        from ...config import ConfigError
-        from .tokenizer import ChatGLMTokenizer
+    def model_config(self, folder: Path) -> ChatGLMConfig:
+        return ChatGLMConfig.from_pretrained(str(folder))
 
+    def load_tokenizer(self, folder: Path, vocab_size: int | None = None):
         if not (folder / "ice_text.model").is_file():
             raise ConfigError(f"{folder}: no ice_text.model (the ChatGLM-6B tokenizer) in the model folder")
         try:
@@ -61,9 +65,6 @@ class ChatGLMFamily(Family):
 
     def prefix_shape(self, model_config: ChatGLMConfig, pre_seq_len: int, prefix_projection: bool) -> PrefixShape:
         return prefix_shape(model_config, pre_seq_len, prefix_projection)
-
-    def model_config(self, folder: Path) -> ChatGLMConfig:
-        return ChatGLMConfig.from_pretrained(str(folder))
 
     def max_positions(self, model_config: ChatGLMConfig) -> int:
         return int(model_config.max_sequence_length)
@@ -86,9 +87,11 @@ class ChatGLMFamily(Family):
         return f"transformer.prefix_encoder.{local_key}"
 
     def export_full(self, model, out_dir: Path, *, dtype, max_shard_bytes: int, companions_from: Path | None = None):
-        from ...interop.original import export_full
-
+        """See :func:`ptuning.models.chatglm.original.export_full`."""
         return export_full(model, out_dir, dtype=dtype, max_shard_bytes=max_shard_bytes, companions_from=companions_from)
+
+    def train_memory(self) -> ChatGLMMemory:
+        return ChatGLMMemory()
 
     def matmul_weights(self, model_config) -> int:
         d, inner = model_config.hidden_size, model_config.inner_hidden_size

@@ -110,6 +110,7 @@ class SelfAttention(nn.Module):
         cache=None,
         uniform_rows: torch.Tensor | None = None,
         slot_cache=None,
+        packed_layout=None,
     ) -> torch.Tensor:
         """
         Args:
@@ -123,6 +124,8 @@ class SelfAttention(nn.Module):
             slot_cache: a :class:`~ptuning.generation.SlotCache` of a decode loop of our own (instead of
                 ``cache``): stores the new keys and values; in a decode step attention reads the prefix and the
                 row's cached tokens from it, with its mask (``attn_mask`` is then not used).
+            packed_layout: packed rows (:class:`~ptuning.models.packed.PackedLayout`): attention runs one row per
+                batch row, ``attn_mask`` and ``uniform_rows`` being the rows' (``[R, 1, W, P + W]``, ``[R, 1, W, 1]``).
         """
         bsz, seq, _ = x.shape
         qkv = self.query_key_value(x).view(bsz, seq, self.num_heads, 3 * self.head_dim)  # (B, S, N, 3D)
@@ -131,6 +134,8 @@ class SelfAttention(nn.Module):
         cos, sin = rotary
         q = apply_rotary(q, cos, sin)
         k = apply_rotary(k, cos, sin)
+        if packed_layout is not None:  # training only: no cache
+            return self.dense(self._packed_attention(q, k, v, prefix, attn_mask, uniform_rows, packed_layout, x.dtype))
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)  # (B, N, T, D)
         read = slot_cache.update(self.layer_idx, k, v, prefix) if slot_cache is not None else None
@@ -149,6 +154,21 @@ class SelfAttention(nn.Module):
         ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, N, S, D)
         ctx = ctx.transpose(1, 2).reshape(bsz, seq, -1).to(x.dtype)  # (B, S, H)
         return self.dense(ctx)
+
+
+    @staticmethod
+    def _packed_attention(q, k, v, prefix, attn_mask, uniform_rows, layout, dtype) -> torch.Tensor:
+        """Attention of packed rows one row per batch row: ``q, k, v`` ``[B, N, L, D]`` (the prefix not yet in
+        front) -> ``[B, L, H]``."""
+        q, k, v = layout.to_rows(q), layout.to_rows(k), layout.to_rows(v)  # (R, N, W, D)
+        if prefix is not None:
+            k = torch.cat([layout.per_row(prefix[0]), k], dim=2)  # (R, N, P + W, D)
+            v = torch.cat([layout.per_row(prefix[1]), v], dim=2)
+        if uniform_rows is not None:
+            q = q.masked_fill(uniform_rows, 0.0)
+        ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (R, N, W, D)
+        ctx = layout.from_rows(ctx.transpose(1, 2))  # (B, L, N, D)
+        return ctx.flatten(2).to(dtype)  # (B, L, H)
 
 
 class GLU(nn.Module):
@@ -184,13 +204,14 @@ class GLMBlock(GradientCheckpointingLayer):
         cache=None,
         uniform_rows: torch.Tensor | None = None,
         slot_cache=None,
+        packed_layout=None,
     ) -> torch.Tensor:
         """``hidden`` ``[B, S, H]`` -> ``[B, S, H]``. The prefix tensors are positional so that gradient
         checkpointing passes them through as inputs and their gradients reach the prefix encoder."""
         x = self.input_layernorm(hidden)
         prefix = None if prefix_key is None else (prefix_key, prefix_value)
         attn = self.attention(x, rotary, attn_mask, prefix=prefix, cache=cache, uniform_rows=uniform_rows,
-                              slot_cache=slot_cache)
+                              slot_cache=slot_cache, packed_layout=packed_layout)
         hidden = torch.add(attn, x, alpha=RESIDUAL_ALPHA)  # one pass: attn + sqrt(56)·x
         m = self.post_attention_layernorm(hidden)
         return torch.add(self.mlp(m), m, alpha=RESIDUAL_ALPHA)

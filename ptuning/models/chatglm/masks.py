@@ -12,12 +12,17 @@ Two recipes exist in the original code and both are reproduced here:
 * **padding-aware** (``padding_mask`` given): what the original tokenizer returns for a left-padded
   batch. The recipe runs on the unpadded row; pad rows and columns are hidden and pad positions are 0.
 
+Packed training rows (:func:`build_packed_masks`) get the model-built recipe per row: each row's mask and
+positions are exactly those of the row alone, and no row sees another.
+
 Masks use the original convention: ``True`` = may **not** attend.
 """
 
 from __future__ import annotations
 
 import torch
+
+from ..packed import PADDING_SEQUENCE, sequence_start_index, sequence_starts
 
 
 def _first_index(hits: torch.Tensor) -> torch.Tensor:
@@ -99,6 +104,78 @@ def build_masks(
     if padding_mask is not None:
         pad = ~real
         hidden = hidden | pad[:, None, :] | pad[:, :, None]
+    return hidden[:, None], position_ids
+
+
+def _first_in_row(hits: torch.Tensor, row: torch.Tensor, rows: int) -> torch.Tensor:
+    """For every token, the pack index of the first hit in its row (``rows`` when the row has none).
+
+    Args:
+        hits: ``[B, L]`` bool.
+        row: ``[B, L]`` the row number of each token in its pack (0, 1, ...).
+        rows: the most rows a pack holds.
+    """
+    batch, seq = hits.shape
+    index = torch.arange(seq, device=hits.device).expand(batch, seq)
+    first = torch.full((batch, rows), seq, dtype=torch.long, device=hits.device)
+    first = first.scatter_reduce(1, row, torch.where(hits, index, seq), reduce="amin")  # (B, rows)
+    return first.gather(1, row)  # (B, L)
+
+
+def build_packed_masks(
+    input_ids: torch.Tensor,
+    sequence_ids: torch.Tensor,
+    *,
+    bos_token_id: int,
+    mask_token_id: int,
+    gmask_token_id: int,
+    with_mask: bool = True,
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Attention mask and position ids of packed rows: :func:`build_masks` (model-built recipe) of every row
+    alone, placed on the diagonal of the pack; a row sees no other row.
+
+    Args:
+        input_ids: ``[B, L]``.
+        sequence_ids: ``[B, L]``: the row of each token (0, 1, ...; :data:`PADDING_SEQUENCE` for the padding
+            after the last row, which is causal among itself with positions 0).
+
+        with_mask: False: the positions only (the mask is None).
+
+    Returns:
+        ``hidden`` ``[B, 1, L, L]`` bool (True = hidden) and ``position_ids`` ``[B, 2, L]`` int64.
+
+    Raises:
+        ValueError: a row without ``<sop>`` or without a mask token.
+    """
+    batch, seq = input_ids.shape
+    device = input_ids.device
+    starts = sequence_starts(sequence_ids)
+    row = starts.long().cumsum(dim=-1) - 1  # (B, L): 0, 1, ... per pack
+    rows = int(row.max()) + 1
+    start = sequence_start_index(sequence_ids)  # (B, L)
+    padding = sequence_ids == PADDING_SEQUENCE
+    col = torch.arange(seq, device=device).expand(batch, seq)
+    ctx = _first_in_row(input_ids == bos_token_id, row, rows)  # (B, L)
+    gmask = _first_in_row(input_ids == gmask_token_id, row, rows)
+    mpos = torch.where(gmask < seq, gmask, _first_in_row(input_ids == mask_token_id, row, rows))
+    missing = ~padding & ((ctx == seq) | (mpos == seq))
+    if bool(missing.any()):
+        b, t = missing.nonzero()[0].tolist()
+        what = "<sop>" if int(ctx[b, t]) == seq else "[gMASK] / [MASK]"
+        raise ValueError(
+            f"packed row {int(sequence_ids[b, t])} of batch row {b} has no {what}; ChatGLM inputs end the prompt "
+            "with [gMASK] <sop> (use tokenizer.build_inputs_with_special_tokens)"
+        )
+    ctx = torch.where(padding, start, ctx)  # the padding: all "block", i.e. causal
+    in_block = col >= ctx
+    pos0 = torch.where(in_block, mpos - start, col - start)
+    pos1 = torch.where(in_block, col - ctx + 1, torch.zeros_like(col))
+    position_ids = torch.stack([pos0, pos1], dim=1).masked_fill(padding[:, None], 0)  # (B, 2, L)
+    if not with_mask:
+        return None, position_ids
+    same_row = row[:, :, None] == row[:, None, :]  # (B, L, L)
+    later = col[:, None, :] > col[:, :, None]  # key after query
+    hidden = ~same_row | (later & in_block[:, None, :])
     return hidden[:, None], position_ids
 
 

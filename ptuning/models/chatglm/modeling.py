@@ -11,7 +11,6 @@ import os
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache
@@ -28,11 +27,12 @@ from ...prefix import (
     reset_prefix,
 )
 from ...weights import IGNORED_KEYS, CheckpointError, converted, iter_shards, save_weights
-from ..loss import cross_entropy
+from ..loss import project_and_loss
+from ..packed import PackedLayout, check_sequence_ids
 from .cache import ChatGLMCache
 from .config import ChatGLMConfig
 from .layers import GLMBlock, rotary_inv_freq, rotary_tables
-from .masks import build_masks, extend_step_masks
+from .masks import build_masks, build_packed_masks, extend_step_masks
 
 
 class ChatGLMPreTrainedModel(PreTrainedModel):
@@ -175,6 +175,7 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         output_hidden_states: bool | None = None,
         prefix: PrefixKV | None = None,
         slot_cache=None,
+        sequence_ids: torch.LongTensor | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
         """
@@ -193,6 +194,10 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
             slot_cache: a :class:`~ptuning.generation.SlotCache` of a decode loop of our own (then ``cache`` is not
                 used). In its prefill the masks and positions are built as without a cache; in its decode step
                 (one token per row) ``position_ids`` are required and the attention mask comes from the slots.
+            sequence_ids: ``[B, S]`` for packed rows (see :mod:`ptuning.data.packing`): every row gets the 2D
+                positions it has alone (:func:`~ptuning.models.chatglm.masks.build_packed_masks`) and attends one row
+                per batch row with the mask it has alone (:class:`~ptuning.models.packed.PackedLayout`), seeing no
+                other row (no ``attention_mask``, no cache).
         """
         if inputs_embeds is None:
             inputs_embeds = self.word_embeddings(input_ids)  # (B, S, H)
@@ -200,7 +205,11 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         use_cache = use_cache if use_cache is not None else self.config.use_cache
         if self.gradient_checkpointing and self.training:
             use_cache = False
+        if sequence_ids is not None:
+            check_sequence_ids(sequence_ids, input_ids, attention_mask, cache if slot_cache is None else slot_cache)
+            use_cache = False
         decoding = slot_cache is not None and slot_cache.mode == "decode"
+        packed_layout = None
         if slot_cache is not None:
             use_cache, cache = False, None
         cached_prefix = None
@@ -218,6 +227,17 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
             if position_ids is None:
                 raise ValueError("position_ids [B, 2, 1] are required in a decode step of a slot cache")
             hidden_mask = None  # the slots' own mask, applied in every layer
+        elif sequence_ids is not None:
+            if input_ids is None:
+                raise ValueError("input_ids are needed with sequence_ids to build each packed row's mask and positions")
+            cfg = self.config
+            special = dict(bos_token_id=cfg.bos_token_id, mask_token_id=cfg.mask_token_id,
+                           gmask_token_id=cfg.gmask_token_id)
+            _, built_positions = build_packed_masks(input_ids, sequence_ids, with_mask=False, **special)
+            position_ids = built_positions if position_ids is None else position_ids
+            # attention runs one row per batch row, each with the mask it has alone (see PackedLayout)
+            packed_layout = PackedLayout(sequence_ids)
+            hidden_mask, _ = build_masks(packed_layout.ids_rows(input_ids, cfg.pad_token_id), **special)  # (R, 1, W, W)
         else:
             hidden_mask, position_ids = self._masks_and_positions(
                 input_ids, attention_mask, position_ids, past, batch, seq
@@ -237,6 +257,12 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
             prefix = cached if prefix is None else _concat_prefixes(prefix, cached)
         if decoding:
             attn_mask = uniform_rows = None
+        elif packed_layout is not None:  # the rows' masks (R, 1, W, P + W); every token sees itself
+            rows_prefix = prefix
+            if prefix is not None and prefix.mask is not None:
+                rows_prefix = PrefixKV(prefix.keys, prefix.values, packed_layout.per_row(prefix.mask))
+            attn_mask, uniform_rows = _attention_mask(hidden_mask, rows_prefix, packed_layout.rows,
+                                                      packed_layout.width, 0, rows_may_be_hidden=False)
         else:
             # without a padding mask every token sees itself: no row can be all hidden (no host sync to check)
             attn_mask, uniform_rows = _attention_mask(hidden_mask, prefix, batch, seq, past,
@@ -248,7 +274,7 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
             pk, pv = prefix.layer(i) if prefix is not None else (None, None)
             hidden = layer(
                 hidden, pk, pv, rotary=rotary, attn_mask=attn_mask, cache=cache, uniform_rows=uniform_rows,
-                slot_cache=slot_cache,
+                slot_cache=slot_cache, packed_layout=packed_layout,
             )
             if all_hidden is not None and i < len(self.layers) - 1:
                 all_hidden.append(hidden)
@@ -336,6 +362,11 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         if self.transformer.prefix_encoder is None:
             return None
         return self.transformer.prefix_key_values(batch_size, dtype)
+
+    def cache_shape(self) -> tuple[int, int, int]:
+        """``(N, D, L)``: every attention head keeps its keys and values (no grouped-query attention)."""
+        shape = prefix_shape(self.config, 0)
+        return shape.num_key_value_heads, shape.head_dim, shape.num_layers
 
     def store_lm_head_column_major(self) -> None:
         """On a CPU, stores ``lm_head.weight`` (shape ``[V, H]``, its checkpoint key and shape unchanged)
@@ -464,6 +495,7 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         return_logits: bool = True,
         prefix: PrefixKV | None = None,
         slot_cache=None,
+        sequence_ids: torch.LongTensor | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """Logits ``[B, S, V]`` (the last ``logits_to_keep`` positions when > 0) and, with ``labels``
@@ -471,7 +503,8 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         or their sum with ``loss_reduction="sum"``. With ``return_logits=False`` the output projection
         runs only at the positions that predict a target (training needs nothing else; the prompt's
         logits are most of the memory and a large share of the compute). ``prefix`` replaces the model's own
-        prefix for this call, ``slot_cache`` is a decode loop's cache (see :meth:`ChatGLMModel.forward`)."""
+        prefix for this call, ``slot_cache`` is a decode loop's cache, ``sequence_ids`` mark packed rows (see
+        :meth:`ChatGLMModel.forward`)."""
         out = self.transformer(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -482,17 +515,10 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
             output_hidden_states=output_hidden_states,
             prefix=prefix,
             slot_cache=slot_cache,
+            sequence_ids=sequence_ids,
         )
-        hidden = out.last_hidden_state
-        logits = loss = None
-        if labels is not None and not return_logits:
-            loss = target_token_loss(self.lm_head, hidden, labels, loss_reduction)
-        else:
-            if logits_to_keep and labels is None:
-                hidden = hidden[:, -logits_to_keep:]
-            logits = self.lm_head(hidden)  # (B, S, V)
-            if labels is not None:
-                loss = causal_lm_loss(logits, labels, loss_reduction)
+        logits, loss = project_and_loss(self.lm_head, out.last_hidden_state, labels, loss_reduction,
+                                        return_logits=return_logits, logits_to_keep=logits_to_keep)
         return CausalLMOutputWithPast(
             loss=loss, logits=logits, cache=out.cache, hidden_states=out.hidden_states
         )
@@ -577,24 +603,3 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
             new[:, 1] += step
             model_kwargs["position_ids"] = torch.cat([positions, new], dim=-1)
         return model_kwargs
-
-
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """Cross-entropy of logits at 0..S-2 against labels at 1..S-1, in float32, averaged (or summed) over
-    every non-ignored (-100) token of the batch."""
-    shift_logits = logits[:, :-1].float()  # (B, S-1, V)
-    shift_labels = labels[:, 1:].to(logits.device)  # (B, S-1)
-    return F.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), ignore_index=-100,
-        reduction=reduction,
-    )
-
-
-def target_token_loss(lm_head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, reduction: str = "mean"):
-    """:func:`causal_lm_loss` computed from the final hidden states ``[B, S, H]``, projecting only the
-    T positions whose next label is a target (the loss is :func:`ptuning.models.loss.cross_entropy`, fused
-    when training)."""
-    targets = labels[:, 1:].to(hidden.device)  # (B, S-1)
-    keep = targets != -100
-    logits = lm_head(hidden[:, :-1][keep])  # (T, V), read only by the loss
-    return cross_entropy(logits, targets[keep], reduction)

@@ -11,8 +11,8 @@ P-Tuning v2 ``main.py`` builds them:
 A prompt without history is the raw query (as the original ``chat()``); a prompt with history is
 ``[Round i]\\n问：{query}\\n答：{response}\\n`` per earlier turn and ``[Round n]\\n问：{query}\\n答：``. When a prompt
 does not fit, whole oldest turns go first and the current ``[Round n]`` turn is always kept; only if it alone
-does not fit is its query cut from the left (its end, next to ``答：``, stays). A prompt without history is
-cut as the original cuts it: its first tokens stay (the ADGEN recipe's numbers depend on it).
+does not fit is its query cut, keeping its start (``答：`` stays after it), as the original cuts a prompt: its
+first tokens stay (the ADGEN recipe's numbers depend on it).
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from ..base import (
     PromptIds,
     PromptTemplate,
     TrainRow,
-    cut_query_from_left,
     drop_oldest_turns,
+    keep_query_start,
 )
 from .tokenizer import MAX_BLANK_LENGTH
 
@@ -97,9 +97,9 @@ class ChatGLMTemplate(PromptTemplate):
         )
         if ids is not None:
             return PromptIds(ids, dropped)
-        start = cut_query_from_left(query, lambda q: len(self.encode(pre + _last_round(0, q))), max_tokens)
-        ids = self.encode(pre + _last_round(0, query[start:]))[-max_tokens:] if max_tokens > 0 else []
-        return PromptIds(ids, dropped, len(self.encode(query)) - len(self.encode(query[start:])))
+        end = keep_query_start(query, lambda q: len(self.encode(pre + _last_round(0, q))), max_tokens)
+        ids = self.encode(pre + _last_round(0, query[:end]))[-max_tokens:] if max_tokens > 0 else []
+        return PromptIds(ids, dropped, len(self.encode(query)) - len(self.encode(query[:end])))
 
     def prompt(self, conversation: Conversation, max_tokens: int) -> PromptIds:
         """``prompt [gMASK] <sop>`` of at most ``max_tokens`` ids (``max_tokens - 2`` text ids)."""

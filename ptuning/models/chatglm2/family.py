@@ -12,12 +12,13 @@ from torch import nn
 from transformers import GlmForCausalLM
 from transformers.models.glm.modeling_glm import GlmRotaryEmbedding
 
-from ...config import ConfigError
+from ...errors import ConfigError
 from ...prefix import PrefixShape
 from ...weights import CheckpointError
 from ..base import Family
 from ..hf.modeling import attach_prefix
 from .config import read_original_config
+from .memory import ChatGLM2Memory
 from .rotary import ChatGLM2RotaryEmbedding
 from .template import ChatGLM2Template, ChatGLM3Template
 from .tokenizer import ChatGLM2Tokenizer
@@ -137,6 +138,11 @@ class ChatGLM2Family(Family):
         return load_model(folder, dtype=dtype, pre_seq_len=pre_seq_len, prefix_projection=prefix_projection,
                           prefix_dropout=prefix_dropout, device=device)
 
+    def model_config(self, folder: Path):
+        """The ``GlmConfig`` of an original folder (the version decided as for the model), its built-in prefix
+        (``pre_seq_len`` / ``prefix_projection``) riding along."""
+        return read_original_config(Path(folder)).glm_config()
+
     def load_tokenizer(self, folder: Path, vocab_size: int | None = None) -> ChatGLM2Tokenizer:
         """``tokenizer.model`` of the folder with ChatGLM2's or ChatGLM3's special tokens (the version decided as
         for the model, :func:`ptuning.models.chatglm2.config.chatglm_version`).
@@ -161,9 +167,6 @@ class ChatGLM2Family(Family):
 
     def prefix_shape(self, model_config, pre_seq_len: int, prefix_projection: bool) -> PrefixShape:
         return prefix_shape(model_config, pre_seq_len, prefix_projection)
-
-    def model_config(self, folder: Path):
-        return read_original_config(folder).glm_config()
 
     def max_positions(self, model_config) -> int:
         """``seq_length``: the rows of the original's rotary table."""
@@ -216,6 +219,9 @@ class ChatGLM2Family(Family):
                 written = json.loads((out_dir / "config.json").read_text(encoding="utf-8"))
                 (out_dir / "config.json").write_text(json.dumps({**written, "auto_map": base["auto_map"]}, indent=2) + "\n")
         return paths
+
+    def train_memory(self) -> ChatGLM2Memory:
+        return ChatGLM2Memory()
 
     def matmul_weights(self, model_config) -> int:
         c = model_config

@@ -24,8 +24,8 @@ not its own ``<|assistant|>``. ADGEN rows are one user turn and the answer (the 
 conversion). Answers end at eos, ``<|user|>`` or ``<|observation|>`` (the original ``chat()``).
 
 Both follow the toolkit's one truncation rule: the oldest whole turns go first, the current query's turn is
-always kept, and only if it alone does not fit is the query itself cut, from the left (its end, next to the
-answer, stays). A prompt without earlier turns keeps its first tokens instead, as both originals cut it.
+always kept, and only if it alone does not fit is the query itself cut, keeping its start, as both originals
+cut an over-long input (``finetune_demo`` keeps the first ``max_input_length`` ids, then ``<|assistant|>``).
 ``Conversation.source_prefix`` goes in front of the prompt text (ChatGLM2, as its ``main.py``) or of the
 query's text (ChatGLM3).
 """
@@ -43,8 +43,8 @@ from ..base import (
     PromptIds,
     PromptTemplate,
     TrainRow,
-    cut_query_from_left,
     drop_oldest_turns,
+    keep_query_start,
 )
 from .tokenizer import ChatGLM2Tokenizer
 
@@ -84,8 +84,8 @@ class ChatGLM2Template(PromptTemplate):
         """``[gMASK] sop`` + ``source_prefix`` + the ``[Round N]`` prompt, at most ``max_tokens`` ids.
 
         Without history, the first tokens stay (as the original's tokenizer truncation; the ADGEN recipe's
-        numbers depend on it). With history, whole oldest turns go first, then the current query is cut from
-        the left (its end, next to ``答：``, stays).
+        numbers depend on it). With history, whole oldest turns go first, then the current query keeps its start
+        (``答：`` stays after it).
 
         Raises:
             ValueError: ``max_tokens`` does not hold the current turn's frame with an empty query.
@@ -98,8 +98,8 @@ class ChatGLM2Template(PromptTemplate):
         ids, dropped = drop_oldest_turns(history, max_tokens, lambda kept: self._ids(pre, query, list(kept)))
         if ids is not None:
             return PromptIds(ids, dropped)
-        start = cut_query_from_left(query, lambda q: len(self._ids(pre, q, [])), max_tokens)
-        ids = self._ids(pre, query[start:], [])
+        end = keep_query_start(query, lambda q: len(self._ids(pre, q, [])), max_tokens)
+        ids = self._ids(pre, query[:end], [])
         if len(ids) > max_tokens:
             raise ValueError(f"a prompt budget of {max_tokens} tokens does not hold ChatGLM2's prompt frame")
         return PromptIds(ids, dropped, len(self._ids(pre, query, [])) - len(ids))
@@ -244,9 +244,8 @@ class ChatGLM3Template(PromptTemplate):
                 f"({fixed - len(system)} tokens with an empty query)"
             )
         truncated = max(0, len(query) - room) + cut_system
-        # without history the first tokens stay (as the original's evaluation cut); with history the
-        # query's end, next to the answer, stays
-        query = query[:room] if not turns else (query[len(query) - room:] if room else [])
+        # the query's first tokens stay, as the original's evaluation cut (its first max_input_length ids)
+        query = query[:room]
         ids, flags = start + system, [False] * (len(start) + len(system))
         for turn_ids, turn_flags in turns[dropped:]:
             ids, flags = ids + turn_ids, flags + turn_flags

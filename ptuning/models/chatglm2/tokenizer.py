@@ -33,6 +33,9 @@ import torch
 from transformers import AddedToken, BatchEncoding, PreTrainedTokenizer
 from transformers.utils import PaddingStrategy
 
+from .config import chatglm_version as detect_chatglm_version
+from .config import refuse_glm4_original
+
 VOCAB_FILE = "tokenizer.model"
 CONFIG_FILE = "tokenizer_config.json"
 GLM_TOKENS = ("[MASK]", "[gMASK]", "[sMASK]", "sop", "eop")
@@ -111,8 +114,6 @@ class ChatGLM2Tokenizer(PreTrainedTokenizer):
             ValueError: a config value of the wrong type (names the file and key).
         """
         folder = Path(folder)
-        from .config import refuse_glm4_original
-
         refuse_glm4_original(folder)  # its tokenizer.model is tiktoken's, not SentencePiece
         vocab_file = folder / VOCAB_FILE
         if not vocab_file.is_file():
@@ -124,13 +125,11 @@ class ChatGLM2Tokenizer(PreTrainedTokenizer):
         if config_file.is_file():
             stored = json.loads(config_file.read_text(encoding="utf-8"))
         if chatglm_version is None:
-            from .config import chatglm_version as detect
-
             config_json = folder / "config.json"
             raw = json.loads(config_json.read_text(encoding="utf-8")) if config_json.is_file() else {}
             if "chatglm_version" in stored and "chatglm_version" not in raw:
                 raw["chatglm_version"] = stored["chatglm_version"]
-            chatglm_version = detect(folder, raw)
+            chatglm_version = detect_chatglm_version(folder, raw)
         kwargs: dict[str, Any] = {}
         for key, kind in (("encode_special_tokens", bool), ("padding_side", str)):
             if key in stored:

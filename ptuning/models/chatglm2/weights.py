@@ -29,7 +29,10 @@ from pathlib import Path
 
 import torch
 
+from ...prefix import is_prefix_param
+from ...quantization import is_quantized
 from ...weights import CheckpointError, iter_shards, read_matching, save_weights
+from .config import original_config_dict
 
 ORIGINAL_PREFIX = "transformer.prefix_encoder."
 INV_FREQ = "transformer.rotary_pos_emb.inv_freq"
@@ -185,9 +188,6 @@ def original_state_dict(model, dtype: torch.dtype | None = None, *, with_prefix:
     Raises:
         CheckpointError: the backbone is quantized (export the full-precision model).
     """
-    from ...prefix import is_prefix_param
-    from ...quantization import is_quantized
-
     state = {k: v for k, v in model.state_dict().items() if not is_prefix_param(k)}
     if is_quantized(model):
         raise CheckpointError(
@@ -218,8 +218,6 @@ def save_original(model, folder: str | Path, *, dtype: torch.dtype | None = None
     Returns:
         The weight files written.
     """
-    from .config import original_config_dict
-
     folder = Path(folder)
     state = original_state_dict(model, dtype, with_prefix=with_prefix)
     saved = state["transformer.embedding.word_embeddings.weight"].dtype

@@ -19,6 +19,14 @@ So the backbone's code is untouched, positions are not shifted by P (the model c
 and cache alone), the prefix keys are not rotated, and the prefix is never written into the ``Cache``: exactly
 the prefix of the original P-Tuning v2 and of ChatGLM2's built-in ``pre_seq_len``.
 
+A batch without padding (the model hands over no mask) needs no mask with a prefix either: every query sees the
+whole prefix and the tokens up to itself, which is causal attention aligned to the bottom-right corner of the
+``[S, P + S]`` scores (``torch.nn.attention.bias.causal_lower_right``). :func:`causal_prefix_attention` runs
+it without materializing a mask where a kernel allows (see :func:`no_mask_form`); only padded batches and
+per-row prefix masks build the ``[B, 1, S, P + T]`` mask of :func:`prefixed_mask`. Packed rows (a
+:class:`~ptuning.models.packed.PackedLayout` as the keyword argument ``packed_layout``) attend one row per batch
+row the same way, without the block-diagonal mask over whole packs (except in sliding-window layers).
+
 Shapes: B batch, N query heads, G key/value heads, S queries (new tokens), T token keys (cached + new),
 P prefix length, D head size.
 """
@@ -26,13 +34,23 @@ P prefix length, D head size.
 from __future__ import annotations
 
 import torch
+from torch.nn.attention.bias import causal_lower_right
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from ...prefix import PrefixKV
+from ..packed import PackedLayout
 
 ATTENTION_NAME = "ptuning_prefix"
+
+# A CPU has no lower-right causal kernel: torch materializes ``causal_lower_right`` there. Its causal kernel
+# (``is_causal``) skips the score blocks above the diagonal, so P zero queries in front of the S real ones make
+# the square ``[P + S, P + S]`` causal pattern whose last S rows are exactly the lower-right one, without a mask.
+# Measured side by side (benchmarks/bench_prefix_mask.py --attention-only: forward + backward, B 2, 8 heads of
+# 64, one thread, P 16 and 128): the zero queries run at 0.22-1.08x the speed of the materialized mask for
+# S = 16 to 512 and 1.34-1.41x at S = 1024, so they are used from here on (and only for P <= S).
+CPU_CAUSAL_MIN_QUERIES = 1024
 
 
 def prefixed_mask(
@@ -97,6 +115,66 @@ def prefixed_mask(
     return torch.cat([columns, mask], dim=-1)  # (B or 1, 1, S, P + T)
 
 
+def no_mask_form(device: torch.device, queries: int, prefix_length: int) -> str:
+    """How :func:`causal_prefix_attention` runs a batch without a mask on ``device``.
+
+    Returns:
+        ``"lower_right"``: SDPA with ``causal_lower_right(S, P + S)`` (CUDA runs it in its FlashAttention or
+        memory-efficient kernel; other non-CPU devices as torch dispatches it); ``"zero_queries"``: P zero
+        queries in front and SDPA's ``is_causal`` (a CPU from :data:`CPU_CAUSAL_MIN_QUERIES` queries on, with
+        P <= S); ``"mask"``: the materialized ``[1, 1, S, P + S]`` mask (a CPU below that, where it is faster
+        and what torch would materialize for ``causal_lower_right`` anyway).
+    """
+    if torch.device(device).type != "cpu":
+        return "lower_right"
+    if queries >= CPU_CAUSAL_MIN_QUERIES and prefix_length <= queries:
+        return "zero_queries"
+    return "mask"
+
+
+def causal_prefix_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    *,
+    prefix_length: int,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    form: str | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """Causal attention of S queries over ``[prefix | S tokens]``: query i sees the P prefix keys and the tokens
+    0..i (the bottom-right-aligned causal pattern), with no mask built where a kernel allows.
+
+    Args:
+        query: ``[B, N, S, D]``.
+        key, value: ``[B, G, P + S, D]``, the prefix in front.
+        prefix_length: P.
+        form: ``"lower_right"``, ``"zero_queries"`` or ``"mask"`` (see :func:`no_mask_form`; None: as it says
+            for the query's device). All three compute the same attention.
+
+    Returns:
+        ``([B, S, N, D], None)`` as transformers' attention functions.
+    """
+    batch, heads, queries, dim = query.shape
+    form = form or no_mask_form(query.device, queries, prefix_length)
+    if form == "lower_right":
+        return sdpa_attention_forward(module, query, key, value, causal_lower_right(queries, key.shape[2]),
+                                      dropout=dropout, scaling=scaling, is_causal=False, **kwargs)
+    if form == "zero_queries":
+        padded = torch.cat([query.new_zeros(batch, heads, prefix_length, dim), query], dim=2)  # (B, N, P + S, D)
+        out, weights = sdpa_attention_forward(module, padded, key, value, None, dropout=dropout, scaling=scaling,
+                                              is_causal=True, **kwargs)
+        return out[:, prefix_length:], weights  # (B, S, N, D)
+    if form != "mask":
+        raise ValueError(f"form={form!r}: expected 'lower_right', 'zero_queries' or 'mask'")
+    mask = prefixed_mask(None, None, batch=batch, queries=queries, keys=queries, prefix_length=prefix_length,
+                         causal=True, device=query.device)
+    return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling,
+                                  is_causal=False, **kwargs)
+
+
 def prefix_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -108,6 +186,7 @@ def prefix_attention(
     is_causal: bool | None = None,
     prefix: PrefixKV | None = None,
     slot_cache=None,
+    packed_layout: PackedLayout | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """Attention over the layer's prefix and the tokens (an ``AttentionInterface`` function).
@@ -122,6 +201,9 @@ def prefix_attention(
         slot_cache: a decode loop's :class:`~ptuning.generation.SlotCache` (the model's own cache disabled). In a
             decode step the keys and values are the slots' (``[B, G, P + T, D]``) and so is the mask; a layer
             with a sliding window (``module.sliding_window``) also hides the tokens outside it.
+        packed_layout: the rows of packed training rows (the model's ``sequence_ids``): each row attends over the
+            prefix and its own tokens alone (see :class:`~ptuning.models.packed.PackedLayout`); a sliding-window
+            layer uses the model's block-diagonal mask instead.
 
     Returns:
         ``([B, S, N, D], None)`` as transformers' attention functions.
@@ -158,6 +240,20 @@ def prefix_attention(
     prefix_keys = prefix_keys.to(device=key.device, dtype=key.dtype).expand(batch, -1, -1, -1)
     prefix_values = prefix_values.to(device=value.device, dtype=value.dtype).expand(batch, -1, -1, -1)
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    if packed_layout is not None and prefix.mask is None and causal and not getattr(module, "sliding_window", None):
+        layout = packed_layout
+        key = torch.cat([layout.per_row(prefix_keys), layout.to_rows(key)], dim=2)  # (R, G, P + W, D)
+        value = torch.cat([layout.per_row(prefix_values), layout.to_rows(value)], dim=2)
+        out, weights = causal_prefix_attention(module, layout.to_rows(query), key, value, prefix_length=length,
+                                               dropout=dropout, scaling=scaling, **kwargs)
+        return layout.from_rows(out), weights  # (B, S, N, D)
+    if attention_mask is None and prefix.mask is None and causal and queries > 1:
+        # no padding: the keys beyond S can only be the unfilled slots of a static cache (see prefixed_mask)
+        key, value = key[:, :, :queries], value[:, :, :queries]
+        key = torch.cat([prefix_keys, key], dim=2)  # (B, G, P + S, D)
+        value = torch.cat([prefix_values, value], dim=2)
+        return causal_prefix_attention(module, query, key, value, prefix_length=length, dropout=dropout,
+                                       scaling=scaling, **kwargs)
     mask = prefixed_mask(
         attention_mask, prefix.mask, batch=batch, queries=queries, keys=key.shape[2], prefix_length=length,
         causal=causal, device=query.device,

@@ -8,14 +8,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from transformers import AutoConfig
+from transformers import AutoTokenizer
 
+from ...errors import ConfigError
 from ...prefix import PrefixShape
 from ...weights import CheckpointError, is_gguf_file
 from .. import HF_ARCHITECTURES
 from ..base import Family
-from .gguf import gguf_model_config, load_gguf_tokenizer
-from .modeling import load_prefix_model, prefix_shape
+from .gguf import load_gguf_tokenizer
+from .memory import TransformersDecoderMemory
+from .modeling import load_causal_lm_config, load_prefix_model, prefix_shape
 from .template import ChatTemplatePrompt
 
 #: ``config.json`` ``architectures`` this family takes (the classes whose attention calls the interface with
@@ -75,6 +77,14 @@ class HFFamily(Family):
             prefix_dropout=prefix_dropout, device=device,
         )
 
+    def model_config(self, folder: Path):
+        """The folder's transformers config (``AutoConfig``, never remote code).
+
+        Raises:
+            CheckpointError: no or unreadable ``config.json``, or a ``model_type`` transformers does not know.
+        """
+        return load_causal_lm_config(folder)
+
     def load_tokenizer(self, folder: Path, vocab_size: int | None = None):
         """The folder's fast tokenizer (``tokenizer.json``) with its chat template, through ``AutoTokenizer``
         (never remote code).
@@ -83,10 +93,6 @@ class HFFamily(Family):
             ConfigError: no ``tokenizer.json``, a tokenizer transformers cannot load without remote code, or
                 more tokens than the model's ``vocab_size``.
         """
-        from transformers import AutoTokenizer
-
-        from ...config import ConfigError
-
         folder = Path(folder)
         if is_gguf_file(folder):
             try:
@@ -107,6 +113,11 @@ class HFFamily(Family):
             )
         return tokenizer
 
+    def describe(self, model_config=None) -> str:
+        """The label with the architecture (``transformers decoder (GlmForCausalLM)``) when the config names one."""
+        architectures = getattr(model_config, "architectures", None) or []
+        return f"{self.label} ({architectures[0]})" if architectures else self.label
+
     def template(self, tokenizer, model_config) -> ChatTemplatePrompt:
         stops = _ids(getattr(model_config, "eos_token_id", None))
         folder = getattr(tokenizer, "name_or_path", None)
@@ -125,10 +136,8 @@ class HFFamily(Family):
     def prefix_shape(self, model_config, pre_seq_len: int, prefix_projection: bool) -> PrefixShape:
         return prefix_shape(model_config, pre_seq_len, prefix_projection)
 
-    def model_config(self, folder: Path):
-        if is_gguf_file(folder):
-            return gguf_model_config(folder)
-        return AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
+    def train_memory(self) -> TransformersDecoderMemory:
+        return TransformersDecoderMemory()
 
     def max_positions(self, model_config) -> int:
         return int(model_config.max_position_embeddings)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import hashlib
 from pathlib import Path
 
 import torch
@@ -79,20 +78,6 @@ def _cached_config(path: str, size: int, mtime_ns: int) -> PretrainedConfig:
         return AutoConfig.from_pretrained(str(file.parent), gguf_file=file.name)
     except (OSError, ValueError, KeyError, IndexError, TypeError, ImportError) as err:
         raise CheckpointError(f"{file}: not a GGUF model transformers can read ({_reason(err)})") from None
-
-
-def file_sha256(path: str | Path) -> str:
-    """sha256 of a (model) file, 16 hex digits, computed once per file and process (a 100 MB file: ~0.3 s)."""
-    return _cached_sha256(*_file_key(path))
-
-
-@functools.lru_cache(maxsize=8)
-def _cached_sha256(path: str, size: int, mtime_ns: int) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
 
 
 def load_gguf_causal_lm(path: str | Path, *, dtype: torch.dtype = torch.float32) -> PreTrainedModel:

@@ -28,7 +28,6 @@ import json
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from transformers.cache_utils import Cache
@@ -38,35 +37,10 @@ from transformers.utils.deprecation import deprecate_kwarg
 
 from ...prefix import PrefixEncoder, PrefixKV, PrefixShape, prefix_key_values, reset_prefix
 from ...weights import CheckpointError, is_gguf_file
+from ..loss import project_and_loss
+from ..packed import PackedLayout, check_sequence_ids, packed_position_ids
 from .attention import register
-from .gguf import load_gguf_causal_lm
-
-IGNORE_INDEX = -100
-
-
-def target_token_loss(lm_head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, reduction: str = "mean"):
-    """Next-token cross-entropy in float32 over every target of the batch (labels != -100), projecting only the
-    positions whose next label is a target.
-
-    Args:
-        hidden: final hidden states ``[B, S, H]``.
-        labels: ``[B, S]``; the position s predicts ``labels[:, s + 1]``.
-        reduction: ``mean`` or ``sum`` over the targets.
-    """
-    targets = labels[:, 1:].to(hidden.device)  # (B, S-1)
-    keep = targets != IGNORE_INDEX
-    logits = lm_head(hidden[:, :-1][keep]).float()  # (T, V)
-    return F.cross_entropy(logits, targets[keep], reduction=reduction)
-
-
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """:func:`target_token_loss` from logits ``[B, S, V]`` already computed at every position."""
-    shift_logits = logits[:, :-1].float()  # (B, S-1, V)
-    shift_labels = labels[:, 1:].to(logits.device)  # (B, S-1)
-    return F.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), ignore_index=IGNORE_INDEX,
-        reduction=reduction,
-    )
+from .gguf import gguf_model_config, load_gguf_causal_lm
 
 
 class PrefixCausalLM:
@@ -85,6 +59,14 @@ class PrefixCausalLM:
         if self.prefix_encoder is None:
             return None
         return prefix_key_values(self.prefix_encoder, batch_size, dtype, self.prefix_dropout)
+
+    def cache_shape(self) -> tuple[int, int, int]:
+        """``(G, D, L)`` of the attention, from the config (:func:`prefix_shape`)."""
+        shape = prefix_shape(self.config, 0)
+        return shape.num_key_value_heads, shape.head_dim, shape.num_layers
+
+    def store_lm_head_column_major(self) -> None:
+        """Nothing to prepare: transformers' ``lm_head`` stays as it is loaded (a tied head is the embedding)."""
 
     def _compute_dtype(self) -> torch.dtype:
         weight = self.get_input_embeddings().weight
@@ -105,6 +87,7 @@ class PrefixCausalLM:
         return_logits: bool = True,
         prefix: PrefixKV | None = None,
         slot_cache=None,
+        sequence_ids: torch.LongTensor | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """The backbone's forward with the prefix in every attention layer.
@@ -122,17 +105,26 @@ class PrefixCausalLM:
             slot_cache: a decode loop's :class:`~ptuning.generation.SlotCache`: the model's own cache is disabled
                 and the slots reach every attention layer (see :mod:`ptuning.models.hf.attention`); in a decode
                 step the model builds no mask (the slots have their own) and ``position_ids`` are required.
+            sequence_ids: ``[B, S]`` for packed rows (see :mod:`ptuning.data.packing`): the positions restart at
+                every row (unless ``position_ids`` are given) and each row attends over the prefix and its own
+                tokens alone (:class:`~ptuning.models.packed.PackedLayout`; sliding-window layers through
+                transformers' own packed-sequence mask, block-diagonal causal); no ``attention_mask``, no cache.
             kwargs: passed to the backbone (and from there to every attention layer).
 
         Returns:
             ``CausalLMOutputWithPast`` with ``loss``, ``logits`` ``[B, S or logits_to_keep, V]`` (None with
             ``return_logits=False``), ``cache`` (the tokens only, never the prefix).
         """
-        if loss_reduction not in ("mean", "sum"):
-            raise ValueError(f"loss_reduction={loss_reduction!r}: expected 'mean' or 'sum'")
         if prefix is None:
             batch = (input_ids if input_ids is not None else inputs_embeds).shape[0]
             prefix = self.prefix_key_values(batch, self._compute_dtype())
+        if sequence_ids is not None:
+            check_sequence_ids(sequence_ids, input_ids, attention_mask, cache if slot_cache is None else slot_cache)
+            # transformers reads positions that restart as packed sequences (masking_utils.find_packed_sequence_indices)
+            if position_ids is None:
+                position_ids = packed_position_ids(sequence_ids)
+            kwargs["packed_layout"] = PackedLayout(sequence_ids)  # each row's attention alone (models.hf.attention)
+            use_cache = False
         if slot_cache is not None:
             kwargs["slot_cache"] = slot_cache
             use_cache, cache = False, None
@@ -152,18 +144,8 @@ class PrefixCausalLM:
             prefix=prefix,
             **kwargs,
         )
-        hidden = outputs.last_hidden_state  # (B, S, H)
-        logits = loss = None
-        if labels is not None and not return_logits:
-            loss = target_token_loss(self.lm_head, hidden, labels, loss_reduction)
-        else:
-            if isinstance(logits_to_keep, int):
-                hidden = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
-            else:
-                hidden = hidden[:, logits_to_keep]
-            logits = self.lm_head(hidden)  # (B, S, V)
-            if labels is not None:
-                loss = causal_lm_loss(logits, labels, loss_reduction)
+        logits, loss = project_and_loss(self.lm_head, outputs.last_hidden_state, labels, loss_reduction,
+                                        return_logits=return_logits, logits_to_keep=logits_to_keep)
         return CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
@@ -308,6 +290,35 @@ def attach_prefix(model: PreTrainedModel, shape: PrefixShape | None, dropout: fl
     return model
 
 
+def load_causal_lm_config(folder: str | Path):
+    """The transformers config of a local model folder (``AutoConfig``) or of a ``.gguf`` file (the config stored
+    in it, :mod:`.gguf`); remote code is never run.
+
+    Raises:
+        CheckpointError: no or unreadable ``config.json``, or a ``model_type`` only remote code defines; a file
+            that is no GGUF model.
+    """
+    if is_gguf_file(folder):
+        return gguf_model_config(folder)
+    config_file = Path(folder) / "config.json"
+    try:
+        raw = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{config_file}: cannot read the model config ({err})") from None
+    model_type = raw.get("model_type") if isinstance(raw, dict) else None
+    if model_type not in CONFIG_MAPPING:
+        remote = " (only remote code, auto_map, defines it; that is never run)" if raw.get("auto_map") else ""
+        raise CheckpointError(
+            f"{config_file}: model_type {model_type!r} is not a transformers model{remote}; expected a "
+            "transformers-native checkpoint (e.g. the model's *-hf release)"
+        )
+    try:
+        return AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
+    except (OSError, ValueError, KeyError) as err:
+        lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+        raise CheckpointError(f"{folder}: {lines[-1] if lines else type(err).__name__}") from None
+
+
 def load_causal_lm(folder: str | Path, *, dtype: torch.dtype = torch.float32, device=None) -> PreTrainedModel:
     """A transformers-native causal LM from a local folder (``config.json`` + weights in the HF layout) or a
     ``.gguf`` file (de-quantized by transformers' GGUF loader, :mod:`.gguf`), in ``dtype``, without a prefix
@@ -323,19 +334,8 @@ def load_causal_lm(folder: str | Path, *, dtype: torch.dtype = torch.float32, de
         model = load_gguf_causal_lm(folder, dtype=dtype)
         return model.to(device) if device is not None else model
     config_file = folder / "config.json"
+    config = load_causal_lm_config(folder)
     try:
-        raw = json.loads(config_file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{config_file}: cannot read the model config ({err})") from None
-    model_type = raw.get("model_type") if isinstance(raw, dict) else None
-    if model_type not in CONFIG_MAPPING:
-        remote = " (only remote code, auto_map, defines it; that is never run)" if raw.get("auto_map") else ""
-        raise CheckpointError(
-            f"{config_file}: model_type {model_type!r} is not a transformers model{remote}; expected a "
-            "transformers-native checkpoint (e.g. the model's *-hf release)"
-        )
-    try:
-        config = AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
         model, info = AutoModelForCausalLM.from_pretrained(
             str(folder), config=config, dtype=dtype, trust_remote_code=False, output_loading_info=True,
             attn_implementation="sdpa",

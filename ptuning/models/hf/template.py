@@ -11,8 +11,8 @@
   ``source_prefix + query``; the answer is ``response`` + ``eos``.
 
 Truncation, the same rule everywhere: whole oldest turns go first, the current query's turn is always kept;
-only if it alone does not fit is the query itself cut, keeping its end in chat (next to the generation prompt)
-and its start in plain rows (as the original P-Tuning v2 cuts ADGEN prompts). A response is cut to
+only if it alone does not fit is the query itself cut, keeping its start (as the original P-Tuning v2 scripts
+cut their inputs), in chat re-rendered in its frame so the generation prompt stays. A response is cut to
 ``max_target_length`` tokens including its end tokens.
 """
 
@@ -26,9 +26,9 @@ from ..base import (
     PromptIds,
     PromptTemplate,
     TrainRow,
-    cut_query_from_left,
     drop_incomplete_end,
     drop_oldest_turns,
+    keep_query_start,
 )
 
 # a marker that no tokenizer merges with its neighbours and no template rewrites
@@ -143,13 +143,11 @@ class ChatTemplatePrompt(PromptTemplate):
         )
         if ids is not None:
             return PromptIds(ids, dropped)
-        # the current turn alone does not fit: keep the end of the query, re-rendered in its frame
-        start = cut_query_from_left(
-            query, lambda q: len(self.encode(self._chat_text(conversation, [], q))), max_tokens
-        )
-        ids = self.encode(self._chat_text(conversation, [], query[start:]))
+        # the current turn alone does not fit: keep the start of the query, re-rendered in its frame
+        end = keep_query_start(query, lambda q: len(self.encode(self._chat_text(conversation, [], q))), max_tokens)
+        ids = self.encode(self._chat_text(conversation, [], query[:end]))
         ids = ids[-max_tokens:] if max_tokens > 0 else []
-        return PromptIds(ids, dropped, len(self.encode(query)) - len(self.encode(query[start:])))
+        return PromptIds(ids, dropped, len(self.encode(query)) - len(self.encode(query[:end])))
 
     def render_text(self, conversation: Conversation) -> str:
         if conversation.plain:

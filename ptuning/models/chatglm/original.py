@@ -18,9 +18,10 @@ from pathlib import Path
 
 import torch
 
-from ..models.chatglm.layers import rotary_inv_freq
-from ..prefix import is_prefix_param
-from ..weights import BIN_INDEX, CheckpointError
+from ...prefix import is_prefix_param
+from ...quantization import is_quantized
+from ...weights import BIN_INDEX, CheckpointError
+from .layers import rotary_inv_freq
 
 SHARD_NAME = "pytorch_model-{index:05d}-of-{total:05d}.bin"
 DEFAULT_MAX_SHARD_BYTES = 2 * 10**9  # the original's shards are about 1.7 GB each
@@ -76,8 +77,6 @@ def original_config(config, dtype: torch.dtype) -> dict:
 def original_state_dict(model, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The model's weights under the original keys, backbone in ``dtype`` (prefix float32, as the original
     P-Tuning v2 script saves it), with the per-layer ``rotary_emb.inv_freq`` buffers added."""
-    from ..quantization import is_quantized
-
     if is_quantized(model):
         raise CheckpointError(
             "the model's backbone is quantized: export from the full-precision model (load it without quantization_bit)"
