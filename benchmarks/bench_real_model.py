@@ -32,8 +32,13 @@ machine's load moves all three alike).
 
     python benchmarks/bench_real_model.py                      # 200 steps at batch 4, full train split, full dev
     python benchmarks/bench_real_model.py --steps 30 --dev-rows 20 --json /tmp/quick.json
+    python benchmarks/bench_real_model.py --only ours --json ours.json     # one method (or timing) per invocation
+    python benchmarks/bench_real_model.py --only "" --merge base-lora.json --merge ours.json ... --markdown t.md
 
-Writes ``benchmarks/results-real-model.json`` (``--json``) and prints a Markdown table.
+Writes ``benchmarks/results-real-model.json`` (``--json``) and prints a Markdown report: the table, the step-time
+ratios, the targets the recipe is held to (against the base model, peft's prefix tuning and LoRA) and the first
+dev rows' answers. ``--merge`` takes methods measured by other invocations (each keeps the machine it ran on;
+results measured at another budget are refused).
 """
 
 from __future__ import annotations
@@ -54,6 +59,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # hydra_entry (the composition train.py uses) lives in the project root
 METHODS = ("base", "ours", "peft-prefix", "lora")
+NAMES = {"base": "base model, zero-shot", "ours": "ours: P-Tuning v2", "peft-prefix": "peft prefix tuning",
+         "lora": "peft LoRA r=8 (q, v)"}
 EXAMPLES = 3
 
 
@@ -420,17 +427,101 @@ def table(results: dict) -> str:
     timing = results.get("timing", {}).get("s_per_step_median", {})
     lines = ["| method | trainable params | s/step (median, same run) | peak RSS MiB | dev loss | ROUGE-L | BLEU-4 | "
              "end by themselves | empty |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    names = {"base": "base model, zero-shot", "ours": "ours: P-Tuning v2", "peft-prefix": "peft prefix tuning",
-             "lora": "peft LoRA r=8 (q, v)"}
     for method in METHODS:
         r = results["methods"].get(method)
         if r is None:
             continue
         step = f"{timing[method]:.2f}" if method in timing else "—"
-        lines.append(f"| {names[method]} | {r['trainable_params']:,} | {step} | {r['peak_rss_mib']:,.0f} | "
+        lines.append(f"| {NAMES[method]} | {r['trainable_params']:,} | {step} | {r['peak_rss_mib']:,.0f} | "
                      f"{r['dev_loss']:.3f} | {r['rouge-l']:.2f} | {r['bleu-4']:.2f} | {r['ended_by_themselves']:.0%} | "
                      f"{r['empty']} |")
     return "\n".join(lines)
+
+
+def merge(results: dict, paths: list[str]) -> None:
+    """Methods (and the timing round) measured by other invocations go into ``results``, each with the machine
+    and setup it was measured on; files measured at another budget (steps, batch, rows, seed) are refused."""
+    for other in paths:
+        done = json.loads(Path(other).read_text())
+        setup = done.get("setup")
+        if results.get("setup") is not None and setup != results["setup"]:
+            raise SystemExit(f"--merge {other}: measured with {setup}, not {results['setup']} as the others")
+        results["setup"] = setup
+        for name, measured in [*done.get("methods", {}).items(), *([("timing", done["timing"])] if "timing" in done else [])]:
+            measured.setdefault("machine", done.get("machine"))
+            if name == "timing":
+                results["timing"] = measured
+            else:
+                results["methods"][name] = measured
+
+
+def targets(results: dict) -> list[tuple[str, bool | None, str]]:
+    """The recipe's targets against the base model, peft's prefix tuning and LoRA: (target, held (None: not
+    measured), the numbers)."""
+    m, timing = results["methods"], results.get("timing")
+    ours, base, prefix, lora = (m.get(k) for k in ("ours", "base", "peft-prefix", "lora"))
+    out: list[tuple[str, bool | None, str]] = []
+    if ours and base:
+        gain = ours["rouge-l"] - base["rouge-l"]
+        out.append(("ROUGE-L at least 10 points over the base model's, and a lower dev loss",
+                    gain >= 10 and ours["dev_loss"] < base["dev_loss"],
+                    f"{ours['rouge-l']:.2f} vs {base['rouge-l']:.2f} (+{gain:.2f}); dev loss {ours['dev_loss']:.3f} vs "
+                    f"{base['dev_loss']:.3f}"))
+    if ours:
+        out.append(("at least 90 % of the answers end by themselves", ours["ended_by_themselves"] >= 0.9,
+                    f"{ours['ended_by_themselves']:.0%}"))
+    if ours and prefix:
+        out.append(("ROUGE-L at least peft prefix tuning's", ours["rouge-l"] >= prefix["rouge-l"],
+                    f"{ours['rouge-l']:.2f} vs {prefix['rouge-l']:.2f}"))
+    if ours and lora:
+        out.append(("ROUGE-L within 3 points of peft LoRA r=8's", lora["rouge-l"] - ours["rouge-l"] <= 3,
+                    f"{ours['rouge-l']:.2f} vs {lora['rouge-l']:.2f}"))
+    if timing:
+        ratio = timing["ours_over_peft_prefix"]
+        out.append(("step time at most peft prefix tuning's (same process, same batches)", ratio <= 1.0,
+                    f"{timing['s_per_step_median']['ours']:.2f} s vs {timing['s_per_step_median']['peft-prefix']:.2f} s "
+                    f"(ratio {ratio:.2f})"))
+    for key in (*METHODS, "timing"):
+        if key not in m and (key != "timing" or not timing):
+            out.append((f"{NAMES.get(key, 'the timing round')}", None, "no results yet"))
+    return out
+
+
+def report(results: dict) -> str:
+    """The quality table as Markdown: the setup and machine, the table, the step-time ratios, the targets, and
+    the first dev rows' answers of every method."""
+    setup = results.get("setup") or {}
+    machines = {json.dumps(r.get("machine"), sort_keys=True, default=str) for r in
+                [*results["methods"].values(), *([results["timing"]] if "timing" in results else [])]}
+    lines = [f"{setup.get('steps')} steps at batch {setup.get('batch')}, training rows: {setup.get('train_rows')}, "
+             f"dev rows: {setup.get('dev_rows')}, answers of at most {setup.get('max_new_tokens')} new tokens, "
+             f"seed {setup.get('seed')}."]
+    for machine in sorted(machines):
+        m = json.loads(machine) or {}
+        lines.append(f"Machine: {m.get('cpu')}, {m.get('cores')} cores, intra-op threads {m.get('threads')}, "
+                     f"Python {m.get('python')}.")
+    lines += ["", table(results), ""]
+    timing = results.get("timing")
+    if timing:
+        lines.append(f"Step time: median of {timing['steps']} training steps per method, in turns in one process on "
+                     f"the same batches: ours / peft prefix tuning = {timing['ours_over_peft_prefix']:.2f}, "
+                     f"ours / LoRA = {timing['ours_over_lora']:.2f}.")
+        lines.append("")
+    for target, held, numbers in targets(results):
+        mark = {True: "holds", False: "does not hold", None: "not measured"}[held]
+        lines.append(f"- {target}: **{mark}** ({numbers})")
+    order = [k for k in METHODS if k in results["methods"]]
+    if order:
+        first = results["methods"][order[0]]["examples"]
+        lines += ["", "| reference | " + " | ".join(NAMES[k] for k in order) + " |", "|---" * (len(order) + 1) + "|"]
+        for i, example in enumerate(first):
+            cells = [example["reference"], *(results["methods"][k]["examples"][i]["prediction"] for k in order)]
+            lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def _cell(text: str) -> str:
+    return " ".join(text.split()).replace("|", "\\|")
 
 
 def drop_options(argv: list[str], names: tuple[str, ...]) -> list[str]:
@@ -466,36 +557,40 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--merge", action="append", default=[],
                         help="a results file of another invocation whose methods go into this one's (repeatable)")
     parser.add_argument("--json", default=str(ROOT / "benchmarks" / "results-real-model.json"))
+    parser.add_argument("--markdown", help="also write the report (table, step-time ratios, targets, examples) here")
     parser.add_argument("--method", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.method:
         return child(args)
-    passed = drop_options(argv, ("--only", "--json", "--merge"))
+    passed = drop_options(argv, ("--only", "--json", "--merge", "--markdown"))
     chosen = [m for m in args.only.split(",") if m] if args.only is not None else [*METHODS, "timing"]
     path = Path(args.json)
     results = json.loads(path.read_text()) if path.is_file() and args.only else {"methods": {}}
-    for other in args.merge:  # methods measured by other invocations (e.g. side by side with --only)
-        done = json.loads(Path(other).read_text())
-        results["methods"].update(done.get("methods", {}))
-        if "timing" in done:
-            results["timing"] = done["timing"]
-    from ptuning.perf import cpu_model
+    if chosen:  # what this invocation measures, and where
+        from ptuning.perf import cpu_model
 
-    results["machine"] = {"cpu": cpu_model(), "cores": os.cpu_count(), "threads": os.environ.get("OMP_NUM_THREADS", "torch default"),
-                          "python": platform.python_version(), "load_average_at_start": os.getloadavg()}
-    results["setup"] = {"steps": args.steps, "batch": args.batch, "train_rows": args.train_rows or "all",
-                        "dev_rows": args.dev_rows or "all", "max_new_tokens": args.max_new_tokens, "seed": args.seed}
+        results["machine"] = {"cpu": cpu_model(), "cores": os.cpu_count(),
+                              "threads": os.environ.get("OMP_NUM_THREADS", "torch default"),
+                              "python": platform.python_version(), "load_average_at_start": os.getloadavg()}
+        results["setup"] = {"steps": args.steps, "batch": args.batch, "train_rows": args.train_rows or "all",
+                            "dev_rows": args.dev_rows or "all", "max_new_tokens": args.max_new_tokens,
+                            "seed": args.seed}
+    merge(results, args.merge)
     for method in chosen:
+        measured = spawn(method, args, passed)
+        measured["machine"] = results["machine"]
         if method == "timing":
-            results["timing"] = spawn("timing", args, passed)
+            results["timing"] = measured
         else:
-            results["methods"][method] = spawn(method, args, passed)
+            results["methods"][method] = measured
         path.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
         print(table(results), flush=True)
-    if not chosen:
-        path.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
-        print(table(results), flush=True)
+    path.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+    text = report(results)
+    print(text, flush=True)
+    if args.markdown:
+        Path(args.markdown).write_text(text + "\n", encoding="utf-8")
     return 0
 
 
