@@ -161,8 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     setup = {"steps": args.steps, "batch": args.batch, "train_rows": args.train_rows, "dev_rows": args.dev_rows,
              "seed": args.seed}
     kept = [r for r in saved.get("results", []) if saved.get("setup") == setup and r["name"] not in names]
-    machine = {"cpu": _cpu(), "threads": os.environ.get("OMP_NUM_THREADS", "torch default"),
-               "python": platform.python_version(), "load_average_at_start": os.getloadavg()}
+    machine = {"cpu": _cpu(), "python": platform.python_version()}
+    if not args.collect:  # collected runs were made by other invocations, under their own threads and load
+        machine |= {"threads": os.environ.get("OMP_NUM_THREADS", "torch default"), "load_average_at_start": os.getloadavg()}
     results: dict[str, dict] = {}
     lock = threading.Lock()
 
