@@ -72,6 +72,10 @@ class ModelShape:
     architecture: str = "chatglm"
     kv_heads: int | None = None  # None: one per attention head
     head_dim: int | None = None  # None: hidden // heads
+    #: per layer, the parameters outside the linears' weights (biases, norm weights), and the float32 buffers
+    #: (rotary inverse frequencies), where a config says them (transformers' decoders); None: the formulas' own
+    layer_vector_params: int | None = None
+    buffer_elements: int | None = None
 
     @property
     def groups(self) -> int:

@@ -274,6 +274,9 @@ def attach_prefix(model: PreTrainedModel, shape: PrefixShape | None, dropout: fl
     model.__class__ = prefix_class(type(model))
     model.prefix_encoder = None
     model.prefix_dropout = None
+    # the prefix length on the config, as ChatGLM's configs carry it (the memory estimate of a loaded model)
+    model.config.pre_seq_len = shape.pre_seq_len if shape is not None and shape.pre_seq_len else None
+    model.config.prefix_projection = bool(shape is not None and shape.pre_seq_len and shape.prefix_projection)
     if shape is not None and shape.pre_seq_len:
         layers, groups, head_dim = _layer_key_shape(model)
         want = (shape.num_layers, shape.num_key_value_heads, shape.head_dim)
