@@ -563,14 +563,18 @@ def test_a_log_plot_or_run_record_alone_is_an_earlier_runs_output(tmp_path, monk
     with pytest.raises(TrainingError) as refused:
         train(tmp_path)
     assert str(refused.value) == (
-        f"{tmp_path} already holds an earlier run's outputs (loss.png, run_config.json, train_log.jsonl): choose "
-        "another train.output_dir, or set train.overwrite=true to remove them and start over")
+        f"{tmp_path} already holds an earlier run's outputs (loss.png, run_config.json, train_log.jsonl): start "
+        "that run over with train.resume_from=auto (it has no checkpoint), choose another train.output_dir, or set "
+        "train.overwrite=true to remove them and start over")
     assert file_digests(tmp_path) == before
     handmade = tmp_path / "handmade"  # files of those names, made by hand: not replaced silently either
     handmade.mkdir()
     (handmade / "train_log.jsonl").write_text("my notes\n")
     with pytest.raises(TrainingError, match=r"already holds an earlier run's outputs \(train_log.jsonl\): choose "):
         train(handmade)
+    with pytest.raises(TrainingError, match=r"^train.resume_from=auto: .* holds no checkpoint of a run to resume, "
+                                            r"and holds an earlier run's outputs \(train_log.jsonl\): choose "):
+        train(handmade, "train.resume_from=auto")  # no run's record: auto does not start over it either
     assert (handmade / "train_log.jsonl").read_text() == "my notes\n"
 
 
