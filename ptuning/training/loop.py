@@ -3,8 +3,9 @@ checkpoints with exact resume.
 
 A run is a :class:`Recipe` read in the order it happens (as torchtune's recipes and litgpt's ``fit``):
 
-* :meth:`Recipe.setup`: check everything (config, output folder, resume), load the model with its prefix,
-  the data, the optimizer, restore the training state of a resumed run, then make the output folder;
+* :meth:`Recipe.setup`: check everything (config, output folder, resume), with the output folder held for
+  this run (:func:`~ptuning.training.run_folder.hold_run_folder`), load the model with its prefix, the data,
+  the optimizer, restore the training state of a resumed run, then make the run's first writes;
 * :meth:`Recipe.evaluate_before_training`: score the untuned prefix (``train.eval_before_training``);
 * :meth:`Recipe.train`: optimizer steps (:meth:`Recipe.step_gradients`), each followed by logging, an evaluation
   (:meth:`Recipe.evaluate_loss`) and a checkpoint (:meth:`Recipe.save`) when they are due;
@@ -185,7 +186,8 @@ def run(cfg: TrainJobConfig, *, trackers=None) -> TrainResult:
     """Trains the prefix as ``cfg`` says. ``trackers``: an optional :class:`ptuning.training.tracking.Tracker`.
 
     Nothing in ``train.output_dir`` is written or removed before the config, the model and the data have
-    been checked. A small model on a CPU runs with one intra-op thread unless ``OMP_NUM_THREADS`` is set
+    been checked, but the lock file by which the main process holds the folder for the run (made first, and
+    removed when the run ends). With several processes an error stops every process with the same one. A small model on a CPU runs with one intra-op thread unless ``OMP_NUM_THREADS`` is set
     (:func:`ptuning.perf.set_cpu_threads`); the thread count is restored on return.
 
     Raises:
