@@ -165,7 +165,7 @@ def assert_every_process_stopped_with_one_line(proc, line: str) -> None:
     assert proc.returncode == 1
 
 
-def test_errors_under_accelerate_launch_are_one_line_and_every_process_exits_2(tmp_path):
+def test_errors_under_accelerate_launch_are_one_line_and_every_process_exits_2(single, tmp_path):
     from .test_run_folder import holder
 
     taken = tmp_path / "taken"
@@ -188,6 +188,16 @@ def test_errors_under_accelerate_launch_are_one_line_and_every_process_exits_2(t
         proc.stderr[-3000:]
     assert_every_process_stopped_with_one_line(proc, line[0])
     assert sorted(p.name for p in held.iterdir()) == [".ptuning.lock"]  # the holder's; nothing written
+    # evaluation alike: a metrics.json it did not write is never replaced
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "metrics.json").write_text("{}\n")
+    proc = subprocess.run([*launch_file("cpu_2proc.yaml"), "evaluate.py", f"prefix_checkpoint={single / 'checkpoint-4'}",
+                           f"output_dir={mine}", f"data.cache_dir={tmp_path / 'cache'}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300, env=env())
+    assert_every_process_stopped_with_one_line(
+        proc, f"error: output_dir={mine}: metrics.json there was not written by evaluate.py and is never replaced; "
+              "move it or choose another output_dir")
 
 
 def test_a_full_disk_under_accelerate_launch_stops_every_process_with_one_line(tmp_path):
