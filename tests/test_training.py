@@ -348,8 +348,10 @@ def test_ctrl_c_names_the_step_and_the_checkpoint_to_resume(tmp_path, monkeypatc
                                   "continue with train.resume_from=latest")
     calls["n"] = 4  # the next call is the 5th: Ctrl-C in the first step of a new run
     with pytest.raises(TrainingInterrupted, match=r"^interrupted at step 0, before the first checkpoint: nothing to "
-                                                  r"resume, start the run again$"):
+                                                  r"resume; start the run again with train.resume_from=auto \(it "
+                                                  r"replaces this run's record\)$"):
         train(tmp_path / "early", "train.eval_before_training=false")
+    assert train(tmp_path / "early", "train.eval_before_training=false", "train.resume_from=auto").step == 6
 
 
 def test_the_console_shows_eval_loss_and_throughput_as_the_docs_say(tmp_path, capsys):
