@@ -15,6 +15,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,7 @@ from ptuning.build import load_model, load_tokenizer
 from ptuning.checkpoint import list_checkpoints, prefix_metadata, save_checkpoint
 from ptuning.config import BUILTIN_MODEL, ModelConfig
 from ptuning.faults import ENV as KILL_ENV
+from ptuning.faults import SIGNAL_ENV
 from ptuning.training import TrainingError
 from ptuning.training import loop as loop_module
 from ptuning.training import run_folder as run_folder_module
@@ -159,6 +161,73 @@ def test_runlog_resume_drops_later_records_and_the_final_evaluation(tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     # resumed from the final checkpoint-6: the end-of-run evaluation is redone, so its record goes
     assert RunLog(path, True, keep_until_step=6, end_step=6).records() == rows[:5]
+
+
+# ---- one run per folder ----
+
+
+def train_popen(out: Path, cache: Path, *extra: str, env_extra: dict | None = None) -> subprocess.Popen:
+    """``python train.py`` with the kill run's settings, started and not waited for."""
+    env = {**{k: v for k, v in os.environ.items() if k != KILL_ENV}, **(env_extra or {})}
+    args = [sys.executable, "train.py", *KILL_RUN, f"train.output_dir={out}", f"data.cache_dir={cache}", *extra]
+    return subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("error:")]
+
+
+def assert_one_runs_outputs(out: Path, seed: int) -> None:
+    """``out`` holds one whole run's outputs, the run of ``seed``: its record, and each step logged once."""
+    assert json.loads((out / "run_config.json").read_text())["train"]["seed"] == seed
+    assert [r["step"] for r in log_records(out) if "loss" in r] == list(range(1, 11))
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-10", "checkpoint-9", "run_config.json",
+                                                      "train_log.jsonl"]
+
+
+def test_a_second_run_into_a_running_runs_folder_is_refused_naming_it_and_nothing_mixes(tmp_path):
+    cache = tmp_path / "cache"
+    # the first run stops itself (SIGSTOP) right after taking its folder, before it writes anything
+    out = tmp_path / "held"
+    first = train_popen(out, cache, "train.seed=1",
+                        env_extra={KILL_ENV: "locked@0", SIGNAL_ENV: "SIGSTOP"})
+    try:
+        for _ in range(600):
+            lock = out / ".ptuning.lock"
+            if lock.is_file() and f'"pid": {first.pid},' in lock.read_text():
+                break
+            assert first.poll() is None, first.communicate()
+            time.sleep(0.5)
+        second = train_cli(out, cache, "train.seed=2")
+        assert second.returncode == 2, second.stderr[-3000:]
+        assert "Traceback" not in second.stderr
+        assert len(error_lines(second.stderr)) == 1
+        assert error_lines(second.stderr)[0].startswith(
+            f"error: train.output_dir={out} is in use by another run (pid {first.pid} on "), second.stderr[-3000:]
+        assert re.search(r", started \d{4}-\d\d-\d\d \d\d:\d\d:\d\d: train\.py data\.max_train_samples=64 .*\); wait for it "
+                         r"to end or stop it, or choose another train\.output_dir$", error_lines(second.stderr)[0])
+        assert sorted(p.name for p in out.iterdir()) == [".ptuning.lock"]  # the refused run wrote nothing
+    finally:
+        first.send_signal(signal.SIGCONT)
+    stdout, stderr = first.communicate(timeout=600)
+    assert first.returncode == 0, stderr[-3000:]
+    assert "done: step 10" in stdout
+    assert_one_runs_outputs(out, seed=1)
+
+    # two runs started at the same moment: one runs, the other is refused, and the folder is the first's alone
+    out = tmp_path / "race"
+    runs = {seed: train_popen(out, cache, f"train.seed={seed}") for seed in (1, 2)}
+    ends = {seed: proc.communicate(timeout=600) for seed, proc in runs.items()}
+    codes = {seed: proc.returncode for seed, proc in runs.items()}
+    assert sorted(codes.values()) == [0, 2], {seed: ends[seed][1][-2000:] for seed in runs}
+    winner = next(seed for seed, code in codes.items() if code == 0)
+    loser = 3 - winner
+    refusal = error_lines(ends[loser][1])
+    assert len(refusal) == 1 and "Traceback" not in ends[loser][1], ends[loser][1][-3000:]
+    # refused while the winner ran (almost always), or, when it started that late, by the winner's outputs
+    assert refusal[0].startswith((f"error: train.output_dir={out} is in use by another run (pid {runs[winner].pid} ",
+                                  f"error: {out} already holds an earlier run's outputs")), refusal[0]
+    assert_one_runs_outputs(out, seed=winner)
 
 
 # ---- numerical faults ----
