@@ -187,7 +187,8 @@ def run(cfg: TrainJobConfig, *, trackers=None) -> TrainResult:
 
     Nothing in ``train.output_dir`` is written or removed before the config, the model and the data have
     been checked, but the lock file by which the main process holds the folder for the run (made first, and
-    removed when the run ends). With several processes an error stops every process with the same one. A small model on a CPU runs with one intra-op thread unless ``OMP_NUM_THREADS`` is set
+    removed when the run ends). With several processes an error stops every process with the same one. A
+    small model on a CPU runs with one intra-op thread unless ``OMP_NUM_THREADS`` is set
     (:func:`ptuning.perf.set_cpu_threads`); the thread count is restored on return.
 
     Raises:
