@@ -34,7 +34,7 @@ from .loss import IGNORE_INDEX  # noqa: F401 - the templates and the data read i
 if TYPE_CHECKING:
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
-    from ..memory import ArchitectureMemory
+    from .memory import ArchitectureMemory
 
 
 @dataclass

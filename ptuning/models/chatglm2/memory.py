@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ...memory import ModelShape, compute_bytes, linear_weight_bytes
+from ..memory import ModelShape, compute_bytes, linear_weight_bytes
 from .config import parse_original_config
 
 # ChatGLM2-6B and ChatGLM3-6B (and their -base / -32k) share their shape
@@ -24,7 +24,7 @@ PUBLISHED = ModelShape(architecture="glm", vocab=65024, hidden=4096, layers=28, 
 
 
 class ChatGLM2Memory:
-    """The formulas of :class:`~ptuning.memory.ArchitectureMemory` for ChatGLM2/3."""
+    """The formulas of :class:`~ptuning.models.memory.ArchitectureMemory` for ChatGLM2/3."""
 
     name = "glm"
     label = "ChatGLM2/3"
