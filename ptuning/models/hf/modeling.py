@@ -24,7 +24,6 @@ Shapes: B batch, S tokens, P prefix length, V vocabulary, H hidden size.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -35,6 +34,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.utils.deprecation import deprecate_kwarg
 
+from ...jsonfile import read_json_object
 from ...prefix import PrefixEncoder, PrefixKV, PrefixShape, prefix_key_values, reset_prefix
 from ...weights import CheckpointError
 from ..loss import project_and_loss
@@ -296,11 +296,8 @@ def load_causal_lm_config(folder: str | Path):
         CheckpointError: no or unreadable ``config.json``, or a ``model_type`` only remote code defines.
     """
     config_file = Path(folder) / "config.json"
-    try:
-        raw = json.loads(config_file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{config_file}: cannot read the model config ({err})") from None
-    model_type = raw.get("model_type") if isinstance(raw, dict) else None
+    raw = read_json_object(config_file, CheckpointError, "model config")
+    model_type = raw.get("model_type")
     if model_type not in CONFIG_MAPPING:
         remote = " (only remote code, auto_map, defines it; that is never run)" if raw.get("auto_map") else ""
         raise CheckpointError(
