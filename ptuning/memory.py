@@ -25,7 +25,8 @@ shape is the real ChatGLM-6B with the original's P-Tuning v2 recipe (pre_seq_len
 tokens) as our training loop runs it (logits only where a target is predicted).
 
 The architectures are the families' (:mod:`ptuning.models.chatglm.memory`: ChatGLM-6B, ``architecture
-"chatglm"``; :mod:`ptuning.models.chatglm2.memory`: ChatGLM2/3 on ``GlmForCausalLM``, ``"glm"``), written on
+"chatglm"``; :mod:`ptuning.models.hf.memory`: transformers' decoders, Llama, Qwen2/3, GLM and GLM-4,
+``"decoder"``; :mod:`ptuning.models.chatglm2.memory`: ChatGLM2/3 as GLM on ``GlmForCausalLM``, ``"glm"``), written on
 what :mod:`ptuning.models.memory` gives them (:class:`ModelShape`, the bytes of a weight at each setting);
 ``--model`` offers the published shapes they name.
 """
@@ -195,7 +196,7 @@ def main(argv=None) -> None:
         "from the model shape alone (default: the real ChatGLM-6B, pre_seq_len 128, batch 1, 64 + 64 tokens).",
     )
     parser.add_argument(
-        "--config", help="a ChatGLM-6B / ChatGLM2-6B / ChatGLM3-6B config.json or model folder (instead of --model)"
+        "--config", help="a model folder or its config.json, of any supported family (instead of --model)"
     )
     parser.add_argument("--model", choices=sorted(presets()), default="chatglm-6b",
                         help="a published model's shape (default chatglm-6b)")

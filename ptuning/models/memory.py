@@ -25,7 +25,9 @@ class ModelShape:
 
     ``architecture`` names the family formulas that read it (:func:`architecture`): "chatglm" is ChatGLM-6B
     (``inner`` = the GELU MLP width), "glm" is ChatGLM2/3 (``inner`` = the SwiGLU's ffn_hidden_size,
-    ``kv_heads`` key/value heads of ``head_dim``).
+    ``kv_heads`` key/value heads of ``head_dim``), "decoder" is a transformers decoder (Llama, Qwen2/3, GLM,
+    GLM-4), whose blocks differ as ``model_type``, ``attention_bias``, ``mlp_bias`` and ``rotary_dim`` say
+    (:mod:`ptuning.models.hf.memory`; ChatGLM2/3 run as GLM).
     """
 
     vocab: int = 130528
@@ -43,6 +45,10 @@ class ModelShape:
     architecture: str = "chatglm"
     kv_heads: int | None = None  # None: one per attention head
     head_dim: int | None = None  # None: hidden // heads
+    model_type: str | None = None  # transformers' model_type of a decoder's blocks ("llama", "glm4", ...)
+    attention_bias: bool = False  # the config's attention_bias (biases of the query/key/value projections ...)
+    mlp_bias: bool = False  # Llama's mlp_bias
+    rotary_dim: int | None = None  # the rotated part of a head; None: all of it
 
     @property
     def groups(self) -> int:

@@ -90,8 +90,6 @@ def load_model(folder: str | Path, *, dtype=torch.float32, pre_seq_len: int | No
         )
     shape = prefix_shape(config, pre_seq_len, prefix_projection) if pre_seq_len else None
     attach_prefix(model, shape, prefix_dropout)
-    model.config.pre_seq_len = pre_seq_len or None
-    model.config.prefix_projection = bool(pre_seq_len and prefix_projection)
     if prefix_tensors:
         load_prefix_state(model.prefix_encoder, prefix_tensors, f"{folder} (the prefix stored in the model folder)",
                           expected_by="the model's prefix")

@@ -14,6 +14,7 @@ from ...errors import ConfigError
 from ...prefix import PrefixShape
 from .. import HF_ARCHITECTURES
 from ..base import Family, check_vocab_size
+from .memory import DecoderMemory
 from .modeling import load_causal_lm_config, load_prefix_model, prefix_shape
 from .template import ChatTemplatePrompt
 
@@ -137,6 +138,9 @@ class HFFamily(Family):
 
     def block_linear_names(self) -> tuple[str, ...]:
         return BLOCK_LINEARS
+
+    def train_memory(self) -> DecoderMemory:
+        return DecoderMemory()
 
     def matmul_weights(self, model_config) -> int:
         c = model_config

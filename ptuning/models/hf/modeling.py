@@ -127,12 +127,7 @@ class PrefixCausalLM:
         if slot_cache is not None:
             kwargs["slot_cache"] = slot_cache
             use_cache, cache = False, None
-            if slot_cache.mode == "decode":
-                if position_ids is None:
-                    raise ValueError("position_ids [B, 1] are required in a decode step of a slot cache")
-                # a 4D mask is taken as it is: no mask is built for the step (the slots' mask applies); the cache
-                # holds it on its device, so a step copies nothing from the host
-                attention_mask = slot_cache.all_visible
+            attention_mask = _slot_cache_mask(slot_cache, attention_mask, position_ids)
         outputs = self.base_model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -190,6 +185,21 @@ class PrefixCausalLM:
         if prefix is not None:
             model_kwargs["prefix"] = expand_prefix(prefix, expand_size)
         return input_ids, model_kwargs
+
+
+def _slot_cache_mask(slot_cache, attention_mask, position_ids):
+    """The attention mask the backbone gets with a decode loop's slot cache: in a decode step the slots' own (a 4D
+    mask is taken as it is, so no mask is built for the step; the cache holds it on its device, so a step copies
+    nothing from the host), in a prefill the one given.
+
+    Raises:
+        ValueError: a decode step without ``position_ids``.
+    """
+    if slot_cache.mode != "decode":
+        return attention_mask
+    if position_ids is None:
+        raise ValueError("position_ids [B, 1] are required in a decode step of a slot cache")
+    return slot_cache.all_visible
 
 
 def expand_prefix(prefix: PrefixKV, times: int) -> PrefixKV:
@@ -257,7 +267,8 @@ def attach_prefix(model: PreTrainedModel, shape: PrefixShape | None, dropout: fl
 
     Works on any transformers decoder whose attention layers call the ``AttentionInterface`` with their
     ``layer_idx`` (Llama, Qwen2/3, GLM, GLM-4, ... and ChatGLM2/3 weights mapped onto ``GlmForCausalLM``).
-    The model is changed in place and returned.
+    The model is changed in place and returned; its config records ``pre_seq_len`` (None without a prefix) and
+    ``prefix_projection``.
 
     Args:
         shape: the prefix (e.g. :func:`prefix_shape`), or None / ``pre_seq_len`` 0 for the contract alone
@@ -286,6 +297,10 @@ def attach_prefix(model: PreTrainedModel, shape: PrefixShape | None, dropout: fl
         reset_prefix(encoder, "random")
         model.prefix_encoder = encoder.train(model.training)
         model.prefix_dropout = nn.Dropout(dropout).train(model.training)
+    # the prefix's settings ride along on the config, as ChatGLM-6B's config holds them (the memory estimate and
+    # ChatGLM2/3's original config.json read them there)
+    model.config.pre_seq_len = shape.pre_seq_len if model.prefix_encoder is not None else None
+    model.config.prefix_projection = model.prefix_encoder is not None and shape.prefix_projection
     return model
 
 
