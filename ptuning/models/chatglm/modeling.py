@@ -32,7 +32,7 @@ from ..packed import PackedLayout, check_sequence_ids
 from .cache import ChatGLMCache
 from .config import ChatGLMConfig
 from .layers import GLMBlock, rotary_inv_freq, rotary_tables
-from .masks import build_masks, build_packed_masks, extend_step_masks
+from .masks import build_masks, build_packed_masks, extend_step_masks, mask_token_ids
 
 
 class ChatGLMPreTrainedModel(PreTrainedModel):
@@ -119,13 +119,7 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         if past == 0:
             if input_ids is None:
                 raise ValueError("input_ids are needed to build ChatGLM's mask and positions")
-            hidden, built_positions = build_masks(
-                input_ids,
-                bos_token_id=cfg.bos_token_id,
-                mask_token_id=cfg.mask_token_id,
-                gmask_token_id=cfg.gmask_token_id,
-                padding_mask=padding,
-            )
+            hidden, built_positions = build_masks(input_ids, padding_mask=padding, **mask_token_ids(cfg))
             return hidden, built_positions if position_ids is None else position_ids
         if position_ids is None:
             raise ValueError(
@@ -276,8 +270,7 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         if input_ids is None:
             raise ValueError("input_ids are needed with sequence_ids to build each packed row's mask and positions")
         cfg = self.config
-        special = dict(bos_token_id=cfg.bos_token_id, mask_token_id=cfg.mask_token_id,
-                       gmask_token_id=cfg.gmask_token_id)
+        special = mask_token_ids(cfg)
         _, built_positions = build_packed_masks(input_ids, sequence_ids, with_mask=False, **special)
         position_ids = built_positions if position_ids is None else position_ids
         packed_layout = PackedLayout(sequence_ids)
@@ -601,14 +594,7 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
 
     def prompt_position_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Positions ``[B, 2, S]`` of a (left-padded) prompt batch, as the original tokenizer builds them."""
-        cfg = self.config
-        _, positions = build_masks(
-            input_ids,
-            bos_token_id=cfg.bos_token_id,
-            mask_token_id=cfg.mask_token_id,
-            gmask_token_id=cfg.gmask_token_id,
-            padding_mask=attention_mask,
-        )
+        _, positions = build_masks(input_ids, padding_mask=attention_mask, **mask_token_ids(self.config))
         return positions
 
     @staticmethod
