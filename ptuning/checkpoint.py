@@ -33,21 +33,32 @@ from typing import Literal
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from .build import Loaded, base_weights_digest, load
 from .config import ConfigError, ModelConfig, canonical_base_model
 from .faults import kill_point
+from .jsonfile import read_json_object
 from .models import Family, UnsupportedModelError, family_named, family_of, read_config
-from .prefix import PREFIX_ATTRIBUTE, PrefixEncoder, is_prefix_param, prefix_module_name, prefix_state_dict
+from .prefix import (
+    PREFIX_ATTRIBUTE,
+    PrefixEncoder,
+    is_prefix_param,
+    load_prefix_state,
+    local_prefix_keys,
+    prefix_module_name,
+    prefix_state_dict,
+)
 from .weights import (
     BIN_INDEX,
     SAFE_INDEX,
     SAFE_SINGLE,
     CheckpointError,
+    is_disk_full,
     load_failure,
     read_matching,
     read_weights,
+    save_safetensors,
+    save_torch,
     torch_load,
     weight_files,
 )
@@ -229,6 +240,34 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _write_checkpoint_files(tmp: Path, prefix: dict, meta: dict, training_state: dict | None) -> None:
+    """The checkpoint's files in the (new) folder ``tmp``, each flushed to the disk.
+
+    Raises:
+        OSError: a write failed (``errno`` ENOSPC on a full disk), naming the file.
+    """
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    save_safetensors({k: v.contiguous() for k, v in prefix.items()}, tmp / PREFIX_FILE, metadata={"format": "pt"})
+    (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    if training_state is not None:
+        save_torch(training_state, tmp / STATE_FILE)
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+
+
+def no_space_message(writing: Path, last: Path | None) -> str:
+    """The line of a training run stopped by a full disk while writing ``writing``; ``last``: its last complete
+    checkpoint (None: none yet)."""
+    if last is None:
+        return (f"no space left on device writing {writing}; the run has no complete checkpoint yet; free space and "
+                "start it again with train.resume_from=auto")
+    return (f"no space left on device writing {writing}; the last complete checkpoint is {last}; free space and "
+            "continue with train.resume_from=auto")
+
+
 def save_checkpoint(
     output_dir: str | os.PathLike,
     step: int,
@@ -242,7 +281,8 @@ def save_checkpoint(
 
     Raises:
         CheckpointError: the prefix is not finite (nothing is written), or the write failed (the previous
-            checkpoints are untouched; the temporary folder is removed).
+            checkpoints are untouched; the temporary folder is removed); a full disk says so in one line with
+            the last complete checkpoint (:func:`no_space_message`).
     """
     output_dir = Path(output_dir)
     state = prefix_state_dict(model)
@@ -252,24 +292,12 @@ def save_checkpoint(
     final = output_dir / f"checkpoint-{step}"
     tmp = output_dir / f".tmp-checkpoint-{step}"
     try:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-        save_file(
-            {k: v.contiguous() for k, v in state.items()}, str(tmp / PREFIX_FILE), metadata={"format": "pt"}
-        )
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-        if training_state is not None:
-            torch.save(training_state, tmp / STATE_FILE)
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
+        _write_checkpoint_files(tmp, state, meta, training_state)
         kill_point("save-write", step)  # test-only: a SIGKILL between writing the files and the rename
         if final.exists():  # a re-save of the same step (resume after a crash right after saving)
             why = not_our_checkpoint(final, meta.get("run_id"))
             extra = foreign_files(final, CHECKPOINT_FILES) if why is None else []
             if why is not None or extra:
-                shutil.rmtree(tmp, ignore_errors=True)
                 raise CheckpointError(
                     f"{final}: exists and is not this run's to replace ({why or 'it also holds ' + ', '.join(extra)}); "
                     "move it away and resume with train.resume_from=latest"
@@ -279,9 +307,15 @@ def save_checkpoint(
         _fsync_dir(output_dir)
     except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        if is_disk_full(err):
+            runs = run_checkpoints(output_dir, meta.get("run_id"))
+            raise CheckpointError(no_space_message(final, runs[-1] if runs else None)) from None
         raise CheckpointError(
             f"{final}: writing the checkpoint failed ({err.strerror or err}); earlier checkpoints are intact"
         ) from None
+    except Exception:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if save_total_limit is not None:
         for old in run_checkpoints(output_dir, meta.get("run_id"))[:-save_total_limit]:
             shutil.rmtree(old, ignore_errors=True)
@@ -412,21 +446,7 @@ def _read_meta(path: Path, what: str = "prefix metadata") -> dict | None:
     CheckpointError naming the file."""
     if not path.is_file():
         return None
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{path}: not valid JSON ({err}); expected the {what} object") from None
-    if not isinstance(meta, dict):
-        raise CheckpointError(f"{path}: expected a JSON object of {what}, found {type(meta).__name__}")
-    return meta
-
-
-def local_prefix_keys(prefix: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Prefix weights keyed inside the encoder (``embedding.weight``, ``trans.0.weight`` ...), whatever module
-    path the checkpoint stored them under (``transformer.prefix_encoder.`` for ChatGLM, ``prefix_encoder.``
-    for the others)."""
-    marker = f"{PREFIX_ATTRIBUTE}."
-    return {k[k.index(marker) + len(marker):]: v for k, v in prefix.items()}
+    return read_json_object(path, CheckpointError, what)
 
 
 def base_model_change(trained: dict | None, current: dict, checkpoint: str | os.PathLike | None = None) -> str | None:
@@ -634,8 +654,8 @@ def load_prefix(model: torch.nn.Module, checkpoint: str | os.PathLike | PrefixCh
         ) from None
     if checkpoint.meta is not None and checkpoint.meta.get("family") and hasattr(model, "config"):
         _check_family(model, checkpoint)  # a whole model, not a bare encoder
-    local = _check_fit(encoder, checkpoint)
-    encoder.load_state_dict({k: v.float() for k, v in local.items()})
+    _check_sizes(encoder, checkpoint)
+    load_prefix_state(encoder, checkpoint.prefix, str(checkpoint.path))
     return checkpoint.meta
 
 
@@ -655,32 +675,15 @@ def _check_family(model: torch.nn.Module, checkpoint: PrefixCheckpoint) -> None:
         )
 
 
-def _check_fit(encoder: PrefixEncoder, checkpoint: PrefixCheckpoint) -> dict[str, torch.Tensor]:
-    """The checkpoint's prefix under the encoder's own keys, once its recorded sizes, keys and shapes are
-    checked against ``encoder``."""
-    have = encoder.shape.describe()
-    meta, path = checkpoint.meta, checkpoint.path
-    # what the prefix was trained with: its metadata, else (the original's checkpoints) what its tensors show
+def _check_sizes(encoder: PrefixEncoder, checkpoint: PrefixCheckpoint) -> None:
+    """Refuses a prefix whose recorded sizes (or, for the original's checkpoints, what its tensors show) differ
+    from ``encoder``'s, naming the ``model.*`` keys that would make them agree (keys and shapes are checked as
+    the prefix loads, :func:`~ptuning.prefix.load_prefix_state`)."""
+    meta = checkpoint.meta
     trained = meta if meta is not None and "pre_seq_len" in meta else {**(meta or {}), **checkpoint.sizes}
-    mismatch = prefix_fit_mismatch(trained, have)
+    mismatch = prefix_fit_mismatch(trained, encoder.shape.describe())
     if mismatch:
-        raise CheckpointError(f"{path}: {mismatch}")
-    local = local_prefix_keys(checkpoint.prefix)
-    stored = dict(zip(local, checkpoint.prefix, strict=True))  # local key -> the key as the checkpoint stores it
-    expected = encoder.state_dict()
-    sizes = ", ".join(f"{k}={v}" for k, v in have.items() if k != "prefix_projection")
-    if set(local) != set(expected):
-        hint = "prefix_projection" if len(local) != len(expected) else "keys"
-        raise CheckpointError(
-            f"{path}: prefix keys {sorted(checkpoint.prefix)} do not fit the model's {sorted(expected)} (check {hint})"
-        )
-    for key, tensor in local.items():
-        if tuple(tensor.shape) != tuple(expected[key].shape):
-            raise CheckpointError(
-                f"{path}: '{stored[key]}' has shape {list(tensor.shape)} but the model expects "
-                f"{list(expected[key].shape)} ({sizes})"
-            )
-    return local
+        raise CheckpointError(f"{checkpoint.path}: {mismatch}")
 
 
 def load_prefix_encoder(checkpoint: str | os.PathLike | PrefixCheckpoint, family: Family, config) -> PrefixEncoder:
@@ -766,7 +769,7 @@ def export_original(checkpoint: str | os.PathLike, out_dir: str | os.PathLike) -
         prefix = {keys[k]: v for k, v in local.items()}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    torch.save({k: v.clone() for k, v in prefix.items()}, out_dir / ORIGINAL_FILE)
+    save_torch({k: v.clone() for k, v in prefix.items()}, out_dir / ORIGINAL_FILE)
     if meta is not None:
         (out_dir / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return out_dir / ORIGINAL_FILE

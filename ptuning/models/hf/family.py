@@ -14,9 +14,9 @@ from ...errors import ConfigError
 from ...prefix import PrefixShape
 from ...weights import CheckpointError, is_gguf_file
 from .. import HF_ARCHITECTURES
-from ..base import Family
+from ..base import Family, check_vocab_size
 from .gguf import load_gguf_tokenizer
-from .memory import TransformersDecoderMemory
+from .memory import DecoderMemory
 from .modeling import load_causal_lm_config, load_prefix_model, prefix_shape
 from .template import ChatTemplatePrompt
 
@@ -107,11 +107,7 @@ class HFFamily(Family):
             except (OSError, ValueError, KeyError) as err:
                 lines = [line.strip() for line in str(err).splitlines() if line.strip()]
                 raise ConfigError(f"{folder}: cannot load the tokenizer ({lines[0] if lines else type(err).__name__})") from None
-        if vocab_size is not None and len(tokenizer) > vocab_size:
-            raise ConfigError(
-                f"{folder}: the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {vocab_size}"
-            )
-        return tokenizer
+        return check_vocab_size(tokenizer, folder, vocab_size)
 
     def describe(self, model_config=None) -> str:
         """The label with the architecture (``transformers decoder (GlmForCausalLM)``) when the config names one."""
@@ -136,9 +132,6 @@ class HFFamily(Family):
     def prefix_shape(self, model_config, pre_seq_len: int, prefix_projection: bool) -> PrefixShape:
         return prefix_shape(model_config, pre_seq_len, prefix_projection)
 
-    def train_memory(self) -> TransformersDecoderMemory:
-        return TransformersDecoderMemory()
-
     def max_positions(self, model_config) -> int:
         return int(model_config.max_position_embeddings)
 
@@ -161,6 +154,9 @@ class HFFamily(Family):
 
     def block_linear_names(self) -> tuple[str, ...]:
         return BLOCK_LINEARS
+
+    def train_memory(self) -> DecoderMemory:
+        return DecoderMemory()
 
     def matmul_weights(self, model_config) -> int:
         c = model_config
