@@ -238,9 +238,9 @@ def poison_loss(monkeypatch, steps: set[int], how: str = "loss"):
     real = loop_module.token_loss_sum
     calls = {"n": 0}
 
-    def poisoned(model, ids, labels):
+    def poisoned(model, ids, labels, **kwargs):
         calls["n"] += 1  # one call per micro-batch: with no accumulation, the step number
-        value = real(model, ids, labels)
+        value = real(model, ids, labels, **kwargs)
         if calls["n"] not in steps:
             return value
         if how == "loss":
