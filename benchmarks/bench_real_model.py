@@ -433,7 +433,7 @@ def table(results: dict) -> str:
             continue
         step = f"{timing[method]:.2f}" if method in timing else "—"
         lines.append(f"| {NAMES[method]} | {r['trainable_params']:,} | {step} | {r['peak_rss_mib']:,.0f} | "
-                     f"{r['dev_loss']:.3f} | {r['rouge-l']:.2f} | {r['bleu-4']:.2f} | {r['ended_by_themselves']:.0%} | "
+                     f"{r['dev_loss']:.3f} | {r['rouge-l']:.2f} | {r['bleu-4']:.2f} | {r['ended_by_themselves']:.1%} | "
                      f"{r['empty']} |")
     return "\n".join(lines)
 
@@ -469,7 +469,7 @@ def targets(results: dict) -> list[tuple[str, bool | None, str]]:
                     f"{base['dev_loss']:.3f}"))
     if ours:
         out.append(("at least 90 % of the answers end by themselves", ours["ended_by_themselves"] >= 0.9,
-                    f"{ours['ended_by_themselves']:.0%}"))
+                    f"{ours['ended_by_themselves']:.1%}"))
     if ours and prefix:
         out.append(("ROUGE-L at least peft prefix tuning's", ours["rouge-l"] >= prefix["rouge-l"],
                     f"{ours['rouge-l']:.2f} vs {prefix['rouge-l']:.2f}"))
@@ -491,15 +491,15 @@ def report(results: dict) -> str:
     """The quality table as Markdown: the setup and machine, the table, the step-time ratios, the targets, and
     the first dev rows' answers of every method."""
     setup = results.get("setup") or {}
-    machines = {json.dumps(r.get("machine"), sort_keys=True, default=str) for r in
-                [*results["methods"].values(), *([results["timing"]] if "timing" in results else [])]}
     lines = [f"{setup.get('steps')} steps at batch {setup.get('batch')}, training rows: {setup.get('train_rows')}, "
              f"dev rows: {setup.get('dev_rows')}, answers of at most {setup.get('max_new_tokens')} new tokens, "
              f"seed {setup.get('seed')}."]
-    for machine in sorted(machines):
-        m = json.loads(machine) or {}
-        lines.append(f"Machine: {m.get('cpu')}, {m.get('cores')} cores, intra-op threads {m.get('threads')}, "
-                     f"Python {m.get('python')}.")
+    for r in [*results["methods"].values(), *([results["timing"]] if "timing" in results else [])]:
+        m = r.get("machine") or {}
+        line = (f"Machine: {m.get('cpu')}, {m.get('cores')} cores, intra-op threads {m.get('threads')}, "
+                f"Python {m.get('python')}.")
+        if line not in lines:
+            lines.append(line)
     lines += ["", table(results), ""]
     timing = results.get("timing")
     if timing:
