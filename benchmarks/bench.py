@@ -854,7 +854,7 @@ def print_train_table(rows: dict) -> None:
             print(f"| {name} | error: {r['error']} |||||||")
         elif "achieved_flops" in r:
             print(f"| {name} | {r['step_s']:.3f} | {r['tokens_per_s']:.0f} | {r['achieved_flops'] / 1e9:.1f} | "
-                  f"{r['peak_flops'] / 1e9:.1f} | {r['peak_fraction']:.2f} | {r['peak_memory_mib']:.0f} | "
+                  f"{r['peak_flops'] / 1e9:.1f} | {r['peak_fraction']:.3g} | {r['peak_memory_mib']:.0f} | "
                   f"{', '.join(r.get('attention') or []) or 'none'} |")
     for label in FAMILIES.values():
         padded = next((r for n, r in rows.items() if n.startswith(f"{label}:") and n.endswith("padded")), None)

@@ -191,6 +191,8 @@ def fsdp2_without_gpus(accelerator: Accelerator) -> None:
     :class:`Collectives` goes on synchronising by hand, as it detected."""
     state = accelerator.state
     state.fsdp_plugin = FullyShardedDataParallelPlugin()
+    if accelerator.mixed_precision != "no":
+        state.fsdp_plugin.set_mixed_precision(accelerator.mixed_precision)
     state.distributed_type = DistributedType.FSDP
     PartialState._shared_state["distributed_type"] = DistributedType.FSDP  # as accelerate records it on GPUs
 
