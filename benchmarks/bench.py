@@ -437,7 +437,7 @@ def measure_generate(args) -> dict:
     model.eval()
     model.requires_grad_(False)
     eos, pad = cfg.eos_token_id if cfg.eos_token_id is not None else 2, cfg.pad_token_id or 0
-    new = GEN_NEW
+    new = GEN_NEW if not args.smoke else 8  # the smoke run: every way once, briefly
     sizes = sorted({1, args.batch})
     prompts = {b: generation_prompt(cfg, b, args.device) for b in sizes}
 
@@ -502,7 +502,7 @@ def measure_generate(args) -> dict:
                 took = decode[0]
                 best_decode[name] = min(best_decode[name], decode[1])
             best[name] = min(best[name], took)
-        bandwidth = max(bandwidth, copy_bandwidth(args.device))
+        bandwidth = max(bandwidth, copy_bandwidth(args.device, 512 if not args.smoke else 64))
     weights = weight_bytes(model)
     bound = bandwidth / weights
     result = {"weight_bytes": weights, "copy_bandwidth": bandwidth, "bound_tokens_per_s": bound,

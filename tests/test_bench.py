@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -171,7 +172,11 @@ def test_gpu_sh_check_passes_keeping_torch_installing_only_what_it_needs_and_run
     assert "(dry run)" in installing and "transformers" in installing and "torchao" in installing
     for not_needed in ("deepspeed", "gradio", "wandb", "torch>", "fastapi"):
         assert not_needed not in installing
-    assert proc.stderr.strip().endswith("FSDP2 on 2 processes, decoding)")
+    assert proc.stderr.strip().endswith("FSDP2 on 2 processes, decoding) and so do its correctness checks (resume, fp16)")
+    # the correctness checks the GPU run ends with, each once on the CPU
+    assert "\ncorrectness on CPU (1 process(es) for FSDP2):\n" in proc.stdout
+    assert "  resume with prefix dropout 0.1: max |difference| 0 (0 = bit for bit): ok\n" in proc.stdout
+    assert re.search(r"\n  fp16 gradient norm / float32's, step 1: \d\.\d{4}: ok\n", proc.stdout), proc.stdout[-2000:]
     # the smoke run's tables: each kind of measurement with its numbers and the attention kernel that ran
     rows = {line.split(" | ")[0].lstrip("| "): line for line in proc.stdout.splitlines() if line.startswith("| ")}
     for name in ("ChatGLM-6B: train bf16, 4 rows of 8-32 tokens, packed in 64",
