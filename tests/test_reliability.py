@@ -399,6 +399,56 @@ def test_a_checkpoint_records_and_restores_every_generator_the_run_draws_from(mo
     assert draws()[:3] == first[:3]
 
 
+def test_without_a_gpu_the_cpu_generators_are_kept_and_a_gpu_machines_checkpoint_resumes_with_a_warning():
+    """The path a run on a machine without an accelerator takes (no fake: accelerate's own answer here)."""
+    if checkpoint_module.device_generators() != (None, None):
+        pytest.skip("this machine has an accelerator: the path is the one the fake GPUs above take")
+
+    def draws():
+        return random.random(), float(np.random.rand()), torch.rand(1).item()
+
+    saved = checkpoint_module.capture_rng()
+    assert set(saved) == {"python", "numpy", "torch"}  # nothing recorded for devices this machine lacks
+    first = draws()
+    assert checkpoint_module.restore_rng(saved) is None
+    assert draws() == first
+    # a checkpoint written on a machine with 2 GPUs: the CPU generators come back; the GPUs' cannot, and it says so
+    from_gpus = {**saved, "device_type": "cuda", "device": [torch.Generator().manual_seed(i).get_state() for i in (1, 2)]}
+    assert checkpoint_module.restore_rng(from_gpus) == (
+        "its random state covers 2 cuda device(s), this machine has 0 GPU device(s): dropout will not draw what an "
+        "unbroken run would")
+    assert draws() == first
+    # a checkpoint written before NumPy's and the devices' states were recorded resumes as it did
+    assert checkpoint_module.restore_rng({"python": saved["python"], "torch": saved["torch"]}) is None
+    assert (random.random(), torch.rand(1).item()) == (first[0], first[2])
+
+
+def test_a_gpu_machines_checkpoint_resumes_on_a_cpu_saying_dropout_will_differ(tmp_path, monkeypatch, capsys):
+    if checkpoint_module.device_generators() != (None, None):
+        pytest.skip("this machine has an accelerator")
+    full = train(tmp_path / "full")
+    real_save = loop_module.save_checkpoint
+
+    def save_then_stop(*args, **kwargs):
+        real_save(*args, **kwargs)
+        raise Interrupted
+
+    with monkeypatch.context() as patch:
+        patch.setattr(loop_module, "save_checkpoint", save_then_stop)
+        with pytest.raises(Interrupted):
+            train(tmp_path / "cut")
+    path = tmp_path / "cut" / "checkpoint-3" / "training_state.pt"
+    state = torch.load(path, weights_only=True)
+    state["rng"][0].update(device_type="cuda", device=[torch.Generator().manual_seed(7).get_state()])
+    torch.save(state, path)
+    capsys.readouterr()
+    resumed = train(tmp_path / "cut", "train.resume_from=latest")
+    assert re.search(r"^warning: \S*checkpoint-3: its random state covers 1 cuda device\(s\), this machine has 0 GPU "
+                     r"device\(s\): dropout will not draw what an unbroken run would$", capsys.readouterr().err, re.M)
+    # what the CPU drew (prefix dropout 0.1 here) came back: the run still ends as the unbroken one
+    assert_same_checkpoint(full.checkpoint, resumed.checkpoint)
+
+
 def test_resume_restores_the_gpu_generator_that_prefix_dropout_draws_from(tmp_path, monkeypatch):
     """On a GPU, prefix dropout (0.1 in the tiny preset, as in every real one) draws from the CUDA generator, which
     ``set_seed`` re-seeds when a run resumes. Here every dropout draws from a fake GPU's generator."""
