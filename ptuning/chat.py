@@ -17,7 +17,9 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-try:  # Ctrl-C while the libraries load (seconds): one line, as everywhere else
+from .console import exit_on_interrupt
+
+with exit_on_interrupt(__name__):  # Ctrl-C while the libraries load (seconds): one line, as everywhere else
     import torch
     from transformers import set_seed
 
@@ -36,11 +38,6 @@ try:  # Ctrl-C while the libraries load (seconds): one line, as everywhere else
     from .models import Conversation
     from .perf import set_cpu_threads
     from .weights import CheckpointError
-except KeyboardInterrupt:
-    if __name__ != "__main__":
-        raise
-    print("\ninterrupted", file=sys.stderr)
-    sys.exit(130)
 
 BANNER = "Type a message and press Enter; `clear` starts a new conversation, `exit` quits."
 USER_PREFIX = "You: "

@@ -41,8 +41,17 @@ from safetensors.torch import save_file
 from .build import Loaded, load, weights_digest
 from .config import ConfigError, ModelConfig, canonical_base_model
 from .faults import kill_point
+from .jsonfile import read_json_object
 from .models import Family, UnsupportedModelError, family_named, family_of, read_config
-from .prefix import PREFIX_ATTRIBUTE, PrefixEncoder, is_prefix_param, prefix_module_name, prefix_state_dict
+from .prefix import (
+    PREFIX_ATTRIBUTE,
+    PrefixEncoder,
+    is_prefix_param,
+    load_prefix_state,
+    local_prefix_keys,
+    prefix_module_name,
+    prefix_state_dict,
+)
 from .weights import (
     BIN_INDEX,
     SAFE_INDEX,
@@ -460,21 +469,7 @@ def _read_meta(path: Path, what: str = "prefix metadata") -> dict | None:
     CheckpointError naming the file."""
     if not path.is_file():
         return None
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{path}: not valid JSON ({err}); expected the {what} object") from None
-    if not isinstance(meta, dict):
-        raise CheckpointError(f"{path}: expected a JSON object of {what}, found {type(meta).__name__}")
-    return meta
-
-
-def local_prefix_keys(prefix: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Prefix weights keyed inside the encoder (``embedding.weight``, ``trans.0.weight`` ...), whatever module
-    path the checkpoint stored them under (``transformer.prefix_encoder.`` for ChatGLM, ``prefix_encoder.``
-    for the others)."""
-    marker = f"{PREFIX_ATTRIBUTE}."
-    return {k[k.index(marker) + len(marker):]: v for k, v in prefix.items()}
+    return read_json_object(path, CheckpointError, what)
 
 
 def base_model_change(trained: dict | None, current: dict, checkpoint: str | os.PathLike | None = None) -> str | None:
@@ -682,8 +677,8 @@ def load_prefix(model: torch.nn.Module, checkpoint: str | os.PathLike | PrefixCh
         ) from None
     if checkpoint.meta is not None and checkpoint.meta.get("family") and hasattr(model, "config"):
         _check_family(model, checkpoint)  # a whole model, not a bare encoder
-    local = _check_fit(encoder, checkpoint)
-    encoder.load_state_dict({k: v.float() for k, v in local.items()})
+    _check_sizes(encoder, checkpoint)
+    load_prefix_state(encoder, checkpoint.prefix, str(checkpoint.path))
     return checkpoint.meta
 
 
@@ -703,32 +698,15 @@ def _check_family(model: torch.nn.Module, checkpoint: PrefixCheckpoint) -> None:
         )
 
 
-def _check_fit(encoder: PrefixEncoder, checkpoint: PrefixCheckpoint) -> dict[str, torch.Tensor]:
-    """The checkpoint's prefix under the encoder's own keys, once its recorded sizes, keys and shapes are
-    checked against ``encoder``."""
-    have = encoder.shape.describe()
-    meta, path = checkpoint.meta, checkpoint.path
-    # what the prefix was trained with: its metadata, else (the original's checkpoints) what its tensors show
+def _check_sizes(encoder: PrefixEncoder, checkpoint: PrefixCheckpoint) -> None:
+    """Refuses a prefix whose recorded sizes (or, for the original's checkpoints, what its tensors show) differ
+    from ``encoder``'s, naming the ``model.*`` keys that would make them agree (keys and shapes are checked as
+    the prefix loads, :func:`~ptuning.prefix.load_prefix_state`)."""
+    meta = checkpoint.meta
     trained = meta if meta is not None and "pre_seq_len" in meta else {**(meta or {}), **checkpoint.sizes}
-    mismatch = prefix_fit_mismatch(trained, have)
+    mismatch = prefix_fit_mismatch(trained, encoder.shape.describe())
     if mismatch:
-        raise CheckpointError(f"{path}: {mismatch}")
-    local = local_prefix_keys(checkpoint.prefix)
-    stored = dict(zip(local, checkpoint.prefix, strict=True))  # local key -> the key as the checkpoint stores it
-    expected = encoder.state_dict()
-    sizes = ", ".join(f"{k}={v}" for k, v in have.items() if k != "prefix_projection")
-    if set(local) != set(expected):
-        hint = "prefix_projection" if len(local) != len(expected) else "keys"
-        raise CheckpointError(
-            f"{path}: prefix keys {sorted(checkpoint.prefix)} do not fit the model's {sorted(expected)} (check {hint})"
-        )
-    for key, tensor in local.items():
-        if tuple(tensor.shape) != tuple(expected[key].shape):
-            raise CheckpointError(
-                f"{path}: '{stored[key]}' has shape {list(tensor.shape)} but the model expects "
-                f"{list(expected[key].shape)} ({sizes})"
-            )
-    return local
+        raise CheckpointError(f"{checkpoint.path}: {mismatch}")
 
 
 def load_prefix_encoder(checkpoint: str | os.PathLike | PrefixCheckpoint, family: Family, config) -> PrefixEncoder:

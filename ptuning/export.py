@@ -29,7 +29,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-try:  # Ctrl-C while the libraries load (seconds): one line, as everywhere else
+from .console import exit_on_interrupt
+
+with exit_on_interrupt(__name__, "nothing was written"):  # Ctrl-C while the libraries load: one line
     import torch
 
     from .build import load_model
@@ -44,11 +46,6 @@ try:  # Ctrl-C while the libraries load (seconds): one line, as everywhere else
     from .interop.peft import export_peft_checkpoint, import_peft
     from .models import UnsupportedModelError, family_for, family_named, family_of, read_config
     from .weights import CheckpointError
-except KeyboardInterrupt:
-    if __name__ != "__main__":
-        raise
-    print("\ninterrupted: nothing was written", file=sys.stderr)
-    sys.exit(130)
 
 DTYPES = ("float16", "bfloat16", "float32")
 

@@ -25,8 +25,10 @@ shape is the real ChatGLM-6B with the original's P-Tuning v2 recipe (pre_seq_len
 tokens) as our training loop runs it (logits only where a target is predicted).
 
 The architectures are the families' (:mod:`ptuning.models.chatglm.memory`: ChatGLM-6B, ``architecture
-"chatglm"``; :mod:`ptuning.models.chatglm2.memory`: ChatGLM2/3 on ``GlmForCausalLM``, ``"glm"``); ``--model``
-offers the published shapes they name.
+"chatglm"``; :mod:`ptuning.models.hf.memory`: transformers' decoders, Llama, Qwen2/3, GLM and GLM-4,
+``"decoder"``; :mod:`ptuning.models.chatglm2.memory`: ChatGLM2/3 as GLM on ``GlmForCausalLM``, ``"glm"``), written on
+what :mod:`ptuning.models.memory` gives them (:class:`ModelShape`, the bytes of a weight at each setting);
+``--model`` offers the published shapes they name.
 """
 
 from __future__ import annotations
@@ -36,145 +38,21 @@ import json
 from dataclasses import asdict, dataclass
 from functools import cache
 from pathlib import Path
-from typing import Any, Protocol
 
-from .models import FAMILIES, family_for, family_of
+from .models import family_for
 from .models.loss import BLOCK_ELEMENTS as LOSS_BLOCK_ELEMENTS
+from .models.memory import (
+    SETTINGS,
+    ArchitectureMemory,
+    ModelShape,
+    architecture,
+    architectures,
+    compute_bytes,
+    linear_weight_bytes,
+    memory_of,
+)
 
-SETTINGS = ("fp32", "bf16", "int8", "int4")
-NF4_BLOCK = 64
-NF4_SCALER_BLOCKS = (256, 128, 64, 32, 16, 8, 4, 2, 1)
 GIB = 2**30
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """What the estimate needs: the architecture, the prefix and the batch. Defaults: real ChatGLM-6B.
-
-    ``architecture`` names the family formulas that read it (:func:`architecture`): "chatglm" is ChatGLM-6B
-    (``inner`` = the GELU MLP width), "glm" is ChatGLM2/3 (``inner`` = the SwiGLU's ffn_hidden_size,
-    ``kv_heads`` key/value heads of ``head_dim``).
-    """
-
-    vocab: int = 130528
-    hidden: int = 4096
-    layers: int = 28
-    heads: int = 32
-    inner: int = 16384
-    pre_seq_len: int = 128
-    prefix_projection: bool = False
-    tied_embeddings: bool = False
-    batch: int = 1
-    seq: int = 128
-    checkpointing: bool = False
-    logit_positions: int | None = None  # project only this many positions per example to the vocabulary
-    architecture: str = "chatglm"
-    kv_heads: int | None = None  # None: one per attention head
-    head_dim: int | None = None  # None: hidden // heads
-
-    @property
-    def groups(self) -> int:
-        """G: the key/value heads."""
-        return self.kv_heads or self.heads
-
-    @property
-    def dim(self) -> int:
-        """D: the head size."""
-        return self.head_dim or self.hidden // self.heads
-
-    @property
-    def kv_width(self) -> int:
-        """K = 2·L·G·D: the prefix width per position."""
-        return 2 * self.layers * self.groups * self.dim
-
-    @classmethod
-    def from_config(cls, config, **overrides) -> ModelShape:
-        """The shape of a loaded model's config (its family's :meth:`ArchitectureMemory.shape`); ``overrides``
-        set batch, seq, checkpointing...
-
-        Raises:
-            ValueError: the config's family has no memory formulas.
-        """
-        return memory_of(family_of(config)).shape(config, **overrides)
-
-
-class ArchitectureMemory(Protocol):
-    """What one family's architecture adds to the estimate (:meth:`~ptuning.models.base.Family.train_memory`).
-
-    Attributes:
-        name: ``ModelShape.architecture`` of its shapes.
-        label: how the command's first line calls it.
-        presets: published shapes (``--model``) by name.
-    """
-
-    name: str
-    label: str
-    presets: dict[str, ModelShape]
-
-    def shape(self, config, **overrides) -> ModelShape:
-        """The shape of a config of the family (``overrides`` set batch, seq, ...)."""
-        ...
-
-    def read_config(self, folder: Path) -> Any:
-        """A model folder's config, as far as the sizes go (``--config``)."""
-        ...
-
-    def prefix_embedding_width(self, shape: ModelShape) -> int:
-        """E: the prefix embedding's width with ``prefix_projection``."""
-        ...
-
-    def weight_bytes(self, shape: ModelShape, setting: str) -> int:
-        """Bytes of the blocks, the final norm and any buffers (not the embeddings and the prefix, which
-        :func:`weight_bytes` adds)."""
-        ...
-
-    def parameter_count(self, shape: ModelShape) -> int:
-        """Parameters of the blocks and the final norm (not the embeddings and the prefix)."""
-        ...
-
-    def block_activation_bytes(self, shape: ModelShape, c: int) -> int:
-        """What autograd keeps for one block's backward to its input (``c`` bytes per compute element)."""
-        ...
-
-    def shared_activation_bytes(self, shape: ModelShape, c: int) -> int:
-        """What the blocks share or the model keeps outside them (rotary tables, the final norm)."""
-        ...
-
-
-@cache
-def architectures() -> dict[str, ArchitectureMemory]:
-    """The memory formulas of every family that has them, by ``ModelShape.architecture``."""
-    found = {}
-    for entry in FAMILIES:
-        formulas = entry.load().train_memory()
-        if formulas is not None:
-            found[formulas.name] = formulas
-    return found
-
-
-def architecture(name: str) -> ArchitectureMemory:
-    """The formulas of ``ModelShape.architecture`` ``name``.
-
-    Raises:
-        ValueError: no family has formulas of that name (names the known ones).
-    """
-    known = architectures()
-    if name not in known:
-        raise ValueError(f"architecture {name!r}: expected one of {', '.join(known)}")
-    return known[name]
-
-
-def memory_of(family) -> ArchitectureMemory:
-    """The formulas of a family.
-
-    Raises:
-        ValueError: the family has none (names it).
-    """
-    formulas = family.train_memory()
-    if formulas is None:
-        raise ValueError(f"no memory estimate for {family.label} models (python -m ptuning.memory knows "
-                         f"{', '.join(a.label for a in architectures().values())})")
-    return formulas
 
 
 @dataclass(frozen=True)
@@ -190,26 +68,6 @@ class Estimate:
     @property
     def total(self) -> int:
         return self.weights + self.prefix_state + self.activations + self.logits
-
-
-def compute_bytes(setting: str) -> int:
-    """Bytes per element of everything but the prefix: float32 for fp32, else 16-bit."""
-    if setting not in SETTINGS:
-        raise ValueError(f"setting {setting!r}: expected one of {', '.join(SETTINGS)}")
-    return 4 if setting == "fp32" else 2
-
-
-def linear_weight_bytes(rows: int, cols: int, setting: str) -> int:
-    """Bytes of a ``[rows, cols]`` linear weight at ``setting`` (its bias not included)."""
-    n = rows * cols
-    if setting == "int8":
-        return n + rows * (4 + 1)  # int8 codes, float32 scale and int8 zero point per output channel
-    if setting == "int4":
-        blocks = n // NF4_BLOCK
-        scaler_block = next(s for s in NF4_SCALER_BLOCKS if blocks % s == 0)
-        # codes two per byte, an int8 scale per block, a 16-bit factor per scaler block, the mean, the 16-entry table
-        return n // 2 + blocks + 2 * (blocks // scaler_block) + 2 + 2 * 16
-    return n * compute_bytes(setting)
 
 
 def prefix_bytes(shape: ModelShape) -> int:
@@ -338,7 +196,7 @@ def main(argv=None) -> None:
         "from the model shape alone (default: the real ChatGLM-6B, pre_seq_len 128, batch 1, 64 + 64 tokens).",
     )
     parser.add_argument(
-        "--config", help="a ChatGLM-6B / ChatGLM2-6B / ChatGLM3-6B config.json or model folder (instead of --model)"
+        "--config", help="a model folder or its config.json, of any supported family (instead of --model)"
     )
     parser.add_argument("--model", choices=sorted(presets()), default="chatglm-6b",
                         help="a published model's shape (default chatglm-6b)")

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .weights import CheckpointError
+
 PREFIX_ATTRIBUTE = "prefix_encoder"
 
 
@@ -174,6 +176,50 @@ def mark_only_prefix_trainable(model: nn.Module) -> tuple[int, int]:
 def prefix_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The prefix encoder's weights under their full keys (e.g. ``transformer.prefix_encoder.embedding.weight``)."""
     return {name: tensor.detach().clone() for name, tensor in model.state_dict().items() if is_prefix_param(name)}
+
+
+def local_prefix_keys(prefix: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Prefix weights keyed inside the encoder (``embedding.weight``, ``trans.0.weight`` ...), whatever module
+    path the checkpoint stored them under (``transformer.prefix_encoder.`` for ChatGLM, ``prefix_encoder.``
+    for the others)."""
+    marker = f"{PREFIX_ATTRIBUTE}."
+    return {k[k.index(marker) + len(marker):]: v for k, v in prefix.items()}
+
+
+def load_prefix_state(encoder: PrefixEncoder, prefix: dict[str, torch.Tensor], source: str, *,
+                      expected_by: str = "the model") -> None:
+    """Copies a stored prefix into ``encoder`` (as float32) once its keys and shapes are checked against it: how
+    every prefix is loaded, a checkpoint's (:func:`ptuning.checkpoint.load_prefix`) or the one a model folder
+    holds (ChatGLM2/3's built-in prefix).
+
+    Args:
+        prefix: the prefix weights under their stored keys (``transformer.prefix_encoder.embedding.weight``, ...).
+        source: where they come from, first in every message (a checkpoint or model folder).
+        expected_by: what the messages say expects the shapes (``the model``, ``the model's prefix``).
+
+    Raises:
+        CheckpointError: missing or unexpected keys (and whether the stored ones look like a prefix with or
+            without ``prefix_projection``), or a key of another shape (naming it, both shapes and the encoder's
+            sizes); one line.
+    """
+    local = local_prefix_keys(prefix)
+    stored = dict(zip(local, prefix, strict=True))  # key in the encoder -> the key as stored
+    expected = encoder.state_dict()
+    if set(local) != set(expected):
+        missing, unknown = sorted(set(expected) - set(local)), sorted(set(local) - set(expected))
+        looks = "true" if any(k.startswith("trans.") for k in local) else "false"
+        raise CheckpointError(
+            f"{source}: prefix keys {sorted(prefix)} do not fit the model's prefix encoder (missing "
+            f"{missing or 'none'}, unexpected {unknown or 'none'}; the checkpoint looks like prefix_projection {looks})"
+        )
+    sizes = ", ".join(f"{k}={v}" for k, v in encoder.shape.describe().items() if k != "prefix_projection")
+    for key, tensor in local.items():
+        if tuple(tensor.shape) != tuple(expected[key].shape):
+            raise CheckpointError(
+                f"{source}: '{stored[key]}' has shape {list(tensor.shape)} but {expected_by} expects "
+                f"{list(expected[key].shape)} ({sizes})"
+            )
+    encoder.load_state_dict({k: v.float() for k, v in local.items()})
 
 
 def prefix_module_name(model: nn.Module) -> str:

@@ -138,26 +138,31 @@ def _json_array_records(path: Path, text: str) -> Iterator[tuple[int, Any, str |
 def _csv_records(path: Path, text: str) -> Iterator[tuple[int, Any, str | None]]:
     """``(line, record, problem)`` for each data row of a CSV text with a header row."""
     reader = csv.reader(io.StringIO(text, newline=""), strict=True)
-    try:
-        header = next(reader)
-    except StopIteration:
+    header = _next_csv_row(reader, path, 1, "CSV header")
+    if header is None:
         return
-    except csv.Error as err:
-        raise DataError(f"{path}, line 1: malformed CSV header: {err}") from None
     start = reader.line_num + 1
-    while True:
-        try:
-            row = next(reader)
-        except StopIteration:
-            return
-        except csv.Error as err:
-            raise DataError(f"{path}, line {start}: malformed CSV: {err}") from None
+    while (row := _next_csv_row(reader, path, start)) is not None:
         if row:  # csv yields [] for a blank line
             if len(row) != len(header):
                 yield start, None, f"{_plural(len(row), 'field')}, but the header has {len(header)}"
             else:
                 yield start, dict(zip(header, row, strict=True)), None
         start = reader.line_num + 1
+
+
+def _next_csv_row(reader, path: Path, line: int, what: str = "CSV") -> list[str] | None:
+    """The reader's next row (starting at ``line``), None at the end of the text.
+
+    Raises:
+        DataError: the row is malformed CSV (``what``: ``CSV``, ``CSV header``), naming the file and line.
+    """
+    try:
+        return next(reader)
+    except StopIteration:
+        return None
+    except csv.Error as err:
+        raise DataError(f"{path}, line {line}: malformed {what}: {err}") from None
 
 
 def _records(path: Path, raw: bytes) -> tuple[Iterator[tuple[int, Any, str | None]], bool]:

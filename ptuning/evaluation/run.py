@@ -386,33 +386,6 @@ def _generate(model, template, examples: list[dict], mine: list[int], settings: 
     return outputs, new_tokens
 
 
-def evaluate_model(
-    model,
-    template,
-    data_cfg: DataConfig,
-    settings,
-    comm=None,
-    *,
-    split: str = "validation",
-    batch_size: int | None = None,
-    progress: bool = True,
-    examples: list[dict] | None = None,
-) -> dict:
-    """The metrics of :func:`predict` alone (training-time evaluation)."""
-    metrics, _ = predict(
-        model,
-        template,
-        data_cfg,
-        settings,
-        comm,
-        split=split,
-        batch_size=batch_size,
-        progress=progress,
-        examples=examples,
-    )
-    return metrics
-
-
 # ---- the job ----
 
 

@@ -8,11 +8,11 @@ files) is never looked at, let alone run. Nothing else in the toolkit branches o
 from __future__ import annotations
 
 import importlib
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..jsonfile import read_json_object
 from .base import Conversation, Family, PromptIds, PromptTemplate, TrainRow, conversation_from_messages
 
 
@@ -81,13 +81,7 @@ def read_config(folder: str | Path) -> dict:
         raise UnsupportedModelError(f"{folder}: not a folder (expected a model folder with config.json and weights)")
     if not path.is_file():
         raise UnsupportedModelError(f"{folder}: no config.json (expected a model folder with config.json and weights)")
-    try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise UnsupportedModelError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(cfg, dict):
-        raise UnsupportedModelError(f"{path}: expected a JSON object, found {type(cfg).__name__}")
-    return cfg
+    return read_json_object(path, UnsupportedModelError)
 
 
 def supported() -> list[str]:

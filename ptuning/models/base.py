@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from ..errors import ConfigError
 from ..prefix import PrefixKV, PrefixShape
 from ..weights import CheckpointError
 from .loss import IGNORE_INDEX  # noqa: F401 - the templates and the data read it from here
@@ -34,7 +35,7 @@ from .loss import IGNORE_INDEX  # noqa: F401 - the templates and the data read i
 if TYPE_CHECKING:
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
-    from ..memory import ArchitectureMemory
+    from .memory import ArchitectureMemory
 
 
 @dataclass
@@ -373,6 +374,22 @@ class PrefixTunedModel(Protocol):
         ...
 
 
+def check_vocab_size(tokenizer, folder: Path, vocab_size: int | None, key: str = "vocab_size"):
+    """``tokenizer``, once it is known to fit the model's embedding rows (every family's
+    :meth:`Family.load_tokenizer` asks this).
+
+    Args:
+        vocab_size: the model's embedding rows (None: not checked).
+        key: the config key that sets them, for the message (ChatGLM2/3: ``padded_vocab_size``).
+
+    Raises:
+        ConfigError: the tokenizer has more tokens than the model has rows (one line naming the folder).
+    """
+    if vocab_size is not None and len(tokenizer) > vocab_size:
+        raise ConfigError(f"{folder}: the tokenizer has {len(tokenizer)} tokens but the model's {key} is {vocab_size}")
+    return tokenizer
+
+
 class Family(ABC):
     """One model family: the hooks the toolkit asks, grouped by who asks. Subclasses are registered in
     :data:`ptuning.models.FAMILIES` (one row: which ``config.json`` it takes and where its class lives).
@@ -409,10 +426,11 @@ class Family(ABC):
 
     @abstractmethod
     def load_tokenizer(self, folder: Path, vocab_size: int | None = None) -> Any:
-        """The tokenizer of the folder (checked against the model's ``vocab_size`` when given).
+        """The tokenizer of the folder (checked against the model's ``vocab_size`` when given, see
+        :func:`check_vocab_size`).
 
         Raises:
-            ConfigError: no usable tokenizer files.
+            ConfigError: no usable tokenizer files, or more tokens than the model's ``vocab_size``.
         """
 
     def describe(self, model_config=None) -> str:

@@ -2,10 +2,9 @@
 
 import sys
 
-try:  # Ctrl-C while the libraries load (seconds): one line, as everywhere else
+from ..console import exit_on_interrupt
+
+with exit_on_interrupt(__name__):  # Ctrl-C while the libraries load (seconds): one line, as everywhere else
     from .cli import main
-except KeyboardInterrupt:
-    print("\ninterrupted", file=sys.stderr)
-    sys.exit(130)
 
 sys.exit(main())

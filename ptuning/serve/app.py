@@ -55,6 +55,24 @@ def create_app(service: Service, *, api_key: str | None = None, web: bool = True
         on_startup: called once the scheduler runs (the command prints where it listens).
         max_request_bytes: larger request bodies of the API get 413 ``request_too_large``.
     """
+    app = FastAPI(title="ptuning", lifespan=_lifespan(service, on_startup), docs_url=None, redoc_url=None,
+                  openapi_url=None)
+    _add_error_handlers(app)
+    if api_key is not None:
+        app.add_middleware(BearerAuth, api_key=api_key)
+    _add_status_routes(app, service)
+    _add_completion_routes(app, service, max_request_bytes)
+    if web:
+        @app.get("/", include_in_schema=False)
+        async def root():
+            return RedirectResponse(f"{WEB_PATH}/")
+
+        app = mount_web(app, service, WEB_PATH, api_key=api_key)
+    return app
+
+
+def _lifespan(service: Service, on_startup):
+    """The app's lifespan: the scheduler runs from start-up (then ``on_startup`` is called) to shutdown."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -67,7 +85,11 @@ def create_app(service: Service, *, api_key: str | None = None, web: bool = True
             # uvicorn has let in-flight requests finish (or cancelled them after its graceful timeout)
             service.scheduler.stop(drain=False, timeout=30)
 
-    app = FastAPI(title="ptuning", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    return lifespan
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error as OpenAI's body: ours (:class:`APIError`), unknown routes and methods, and faults (500)."""
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, err: APIError):
@@ -85,8 +107,9 @@ def create_app(service: Service, *, api_key: str | None = None, web: bool = True
         body = APIError(500, f"internal error: {type(err).__name__}: {err}", type="server_error").body()
         return JSONResponse(body, status_code=500)
 
-    if api_key is not None:
-        app.add_middleware(BearerAuth, api_key=api_key)
+
+def _add_status_routes(app: FastAPI, service: Service) -> None:
+    """``/health`` and the model list ``/v1/models`` (the base model and every prefix)."""
 
     @app.get("/health")
     async def health():
@@ -115,28 +138,15 @@ def create_app(service: Service, *, api_key: str | None = None, web: bool = True
         service.resolve(name)
         return card(name)
 
-    def prepare_chat(raw: bytes):
-        req = parse_chat(parse_json(raw))
-        prefix = service.resolve(req.model)
-        service.check_system(req.conversation, req.system_index)
-        prompt = service.prompt(req.conversation, req.sampling.max_tokens,
-                                max_tokens_name=req.sampling.max_tokens_param)
-        return req, prefix, [prompt]
 
-    def prepare_completion(raw: bytes):
-        req = parse_completion(parse_json(raw))
-        prefix = service.resolve(req.model)
-        # a completion prompt is plain text (families with a chat template leave it out, as for data rows
-        # without history); /v1/chat/completions goes through the chat template
-        prompts = [service.prompt(Conversation(query=text, plain=True), req.sampling.max_tokens,
-                                  param="prompt" if len(req.prompts) == 1 else f"prompt[{i}]")
-                   for i, text in enumerate(req.prompts)]
-        return req, prefix, prompts
+def _add_completion_routes(app: FastAPI, service: Service, max_request_bytes: int) -> None:
+    """``/v1/chat/completions`` and ``/v1/completions``: a body is read (at most ``max_request_bytes``), then
+    parsed, checked and tokenized in a worker thread; the answer is one JSON body or, with ``stream``, SSE."""
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         raw = await read_body(request, max_request_bytes)
-        req, prefix, prompts = await run_in_threadpool(prepare_chat, raw)  # JSON, checks, tokenizing
+        req, prefix, prompts = await run_in_threadpool(_prepare_chat, service, raw)  # JSON, checks, tokenizing
         generation = service.start(prompts, prefix, req.sampling)
         ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if req.sampling.stream:
@@ -154,7 +164,7 @@ def create_app(service: Service, *, api_key: str | None = None, web: bool = True
     @app.post("/v1/completions")
     async def completions(request: Request):
         raw = await read_body(request, max_request_bytes)
-        req, prefix, prompts = await run_in_threadpool(prepare_completion, raw)
+        req, prefix, prompts = await run_in_threadpool(_prepare_completion, service, raw)
         generation = service.start(prompts, prefix, req.sampling)
         ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         if req.sampling.stream:
@@ -170,13 +180,26 @@ def create_app(service: Service, *, api_key: str | None = None, web: bool = True
             "usage": _usage(generation), "system_fingerprint": None,
         }
 
-    if web:
-        @app.get("/", include_in_schema=False)
-        async def root():
-            return RedirectResponse(f"{WEB_PATH}/")
 
-        app = mount_web(app, service, WEB_PATH, api_key=api_key)
-    return app
+def _prepare_chat(service: Service, raw: bytes):
+    """A chat request's body -> the request, its prefix and its one prompt (rendered by the chat template)."""
+    req = parse_chat(parse_json(raw))
+    prefix = service.resolve(req.model)
+    service.check_system(req.conversation, req.system_index)
+    prompt = service.prompt(req.conversation, req.sampling.max_tokens, max_tokens_name=req.sampling.max_tokens_param)
+    return req, prefix, [prompt]
+
+
+def _prepare_completion(service: Service, raw: bytes):
+    """A completion request's body -> the request, its prefix and a prompt per text."""
+    req = parse_completion(parse_json(raw))
+    prefix = service.resolve(req.model)
+    # a completion prompt is plain text (families with a chat template leave it out, as for data rows
+    # without history); /v1/chat/completions goes through the chat template
+    prompts = [service.prompt(Conversation(query=text, plain=True), req.sampling.max_tokens,
+                              param="prompt" if len(req.prompts) == 1 else f"prompt[{i}]")
+               for i, text in enumerate(req.prompts)]
+    return req, prefix, prompts
 
 
 class GracefulServer(uvicorn.Server):

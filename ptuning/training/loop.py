@@ -59,7 +59,7 @@ from ..distributed import (
     start,
 )
 from ..evaluation.metrics import METRIC_NAMES
-from ..evaluation.run import evaluate_model
+from ..evaluation.run import predict
 from ..faults import kill_point
 from ..perf import matmul_peak_flops, model_train_flops_per_token, peak_memory_mib, set_cpu_threads
 from ..prefix import mark_only_prefix_trainable, prefix_module_name
@@ -428,9 +428,7 @@ class Recipe:
         cfg = self.cfg
         if not (cfg.train.eval_before_training and cfg.data.validation_file and self.resume is None):
             return
-        with gathered_for_generation(self.raw):
-            self.baseline = evaluate_model(self.raw, self.template, cfg.data, cfg.train, self.comm,
-                                           examples=self.gen_examples)
+        self.baseline = self.generation_metrics()
         record = {"eval_loss": self.evaluate_loss(), **{f"eval_{k}": v for k, v in self.baseline.items()}}
         self.log.write({"step": 0, **record})
         if self.trackers is not None and self.main:
@@ -438,6 +436,15 @@ class Recipe:
         if self.main:
             print(f"untuned prefix: eval loss {record['eval_loss']:.4f}, "
                   + ", ".join(f"{k} {self.baseline[k]:.2f}" for k in METRIC_NAMES))
+
+    def generation_metrics(self) -> dict:
+        """BLEU/ROUGE of the validation set's answers through the decode loop (all processes; the metrics of
+        :func:`~ptuning.evaluation.run.predict`). Under FSDP2 on the model gathered whole on every process
+        (:func:`~ptuning.distributed.gathered_for_generation`: each decodes its own rows)."""
+        with gathered_for_generation(self.raw):
+            metrics, _ = predict(self.raw, self.template, self.cfg.data, self.cfg.train, self.comm,
+                                 examples=self.gen_examples)
+        return metrics
 
     def evaluate_loss(self) -> float | None:
         """The validation loss: the mean over every target token of the validation set (all processes);
@@ -698,9 +705,7 @@ class Recipe:
         if self.eval_loss is not None:
             self.log.write({"step": self.step, "eval_loss": self.eval_loss})
         if cfg.train.eval_generation and cfg.data.validation_file:
-            with gathered_for_generation(self.raw):
-                metrics = evaluate_model(self.raw, self.template, cfg.data, cfg.train, self.comm,
-                                         examples=self.gen_examples)
+            metrics = self.generation_metrics()
             self.log.write({"step": self.step, **{f"eval_{k}": v for k, v in metrics.items()}})
         if self.trackers is not None and self.main:
             self.trackers.log({"eval_loss": self.eval_loss, **{f"eval_{k}": v for k, v in metrics.items()}},

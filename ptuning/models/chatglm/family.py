@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ...errors import ConfigError
 from ...prefix import PrefixShape
-from ..base import Family
+from ..base import Family, check_vocab_size
 from .config import ChatGLMConfig
 from .memory import ChatGLMMemory
 from .modeling import ChatGLMForConditionalGeneration, prefix_shape
@@ -54,11 +54,7 @@ class ChatGLMFamily(Family):
             tokenizer = ChatGLMTokenizer.from_pretrained(str(folder))
         except (FileNotFoundError, ValueError) as err:
             raise ConfigError(str(err)) from None
-        if vocab_size is not None and len(tokenizer) > vocab_size:
-            raise ConfigError(
-                f"{folder}: the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {vocab_size}"
-            )
-        return tokenizer
+        return check_vocab_size(tokenizer, folder, vocab_size)
 
     def template(self, tokenizer, model_config) -> ChatGLMTemplate:
         return ChatGLMTemplate(tokenizer)

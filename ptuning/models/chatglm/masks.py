@@ -61,6 +61,13 @@ def mask_positions(input_ids: torch.Tensor, mask_token_id: int, gmask_token_id: 
     return torch.where(has_gmask, _first_index(gmask), _first_index(mask))
 
 
+def mask_token_ids(config) -> dict[str, int]:
+    """The special ids :func:`build_masks` and :func:`build_packed_masks` take (``bos_token_id``,
+    ``mask_token_id``, ``gmask_token_id``), read from a :class:`~ptuning.models.chatglm.config.ChatGLMConfig`."""
+    return dict(bos_token_id=config.bos_token_id, mask_token_id=config.mask_token_id,
+                gmask_token_id=config.gmask_token_id)
+
+
 def build_masks(
     input_ids: torch.Tensor,
     *,

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ...memory import ModelShape, compute_bytes, linear_weight_bytes
+from ..memory import ModelShape, compute_bytes, linear_weight_bytes
 from .config import ChatGLMConfig
 
 
 class ChatGLMMemory:
-    """The formulas of :class:`~ptuning.memory.ArchitectureMemory` for ChatGLM-6B."""
+    """The formulas of :class:`~ptuning.models.memory.ArchitectureMemory` for ChatGLM-6B."""
 
     name = "chatglm"
     label = "ChatGLM"

@@ -32,7 +32,7 @@ from ..packed import PackedLayout, check_sequence_ids
 from .cache import ChatGLMCache
 from .config import ChatGLMConfig
 from .layers import GLMBlock, rotary_inv_freq, rotary_tables
-from .masks import build_masks, build_packed_masks, extend_step_masks
+from .masks import build_masks, build_packed_masks, extend_step_masks, mask_token_ids
 
 
 class ChatGLMPreTrainedModel(PreTrainedModel):
@@ -119,13 +119,7 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         if past == 0:
             if input_ids is None:
                 raise ValueError("input_ids are needed to build ChatGLM's mask and positions")
-            hidden, built_positions = build_masks(
-                input_ids,
-                bos_token_id=cfg.bos_token_id,
-                mask_token_id=cfg.mask_token_id,
-                gmask_token_id=cfg.gmask_token_id,
-                padding_mask=padding,
-            )
+            hidden, built_positions = build_masks(input_ids, padding_mask=padding, **mask_token_ids(cfg))
             return hidden, built_positions if position_ids is None else position_ids
         if position_ids is None:
             raise ValueError(
@@ -202,14 +196,47 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         if inputs_embeds is None:
             inputs_embeds = self.word_embeddings(input_ids)  # (B, S, H)
         batch, seq = inputs_embeds.shape[:2]
+        dtype = inputs_embeds.dtype
+        cache, cached_prefix, attention_mask = self._call_cache(
+            cache, use_cache, input_ids, attention_mask, position_ids, seq, slot_cache, sequence_ids
+        )
+        past = cache.get_seq_length() if cache is not None else 0
+        decoding = slot_cache is not None and slot_cache.mode == "decode"
+        hidden_mask, position_ids, packed_layout = self._token_masks(
+            input_ids, attention_mask, position_ids, past, batch, seq, decoding, sequence_ids
+        )
+        rotary = rotary_tables(position_ids, self._inv_freq(inputs_embeds.device), dtype)
+        prefix = self._call_prefix(prefix, cached_prefix, batch, dtype)
+        if decoding:
+            attn_mask = uniform_rows = None  # the slots' own mask, applied in every layer
+        else:
+            attn_mask, uniform_rows = _layer_attention_mask(hidden_mask, prefix, packed_layout, batch, seq, past,
+                                                            padded=attention_mask is not None)
+        hidden, all_hidden = self._run_layers(
+            inputs_embeds, prefix, output_hidden_states, rotary=rotary, attn_mask=attn_mask, cache=cache,
+            uniform_rows=uniform_rows, slot_cache=slot_cache, packed_layout=packed_layout,
+        )
+        return BaseModelOutputWithPast(
+            last_hidden_state=hidden,
+            cache=cache,
+            hidden_states=tuple(all_hidden) if all_hidden is not None else None,
+        )
+
+    def _call_cache(self, cache, use_cache, input_ids, attention_mask, position_ids, seq: int, slot_cache,
+                    sequence_ids):
+        """The transformers cache this call reads and writes (None: none), the prefix that arrived as a cache
+        (peft's prefix tuning, see :meth:`_cache_as_prefix`; else None) and the attention mask without its
+        columns.
+
+        No cache is kept under gradient checkpointing in training, for packed rows or with a slot cache (which
+        is the cache then); a call that asks for one and brings none gets a new :class:`ChatGLMCache`.
+        """
         use_cache = use_cache if use_cache is not None else self.config.use_cache
         if self.gradient_checkpointing and self.training:
             use_cache = False
         if sequence_ids is not None:
             check_sequence_ids(sequence_ids, input_ids, attention_mask, cache if slot_cache is None else slot_cache)
             use_cache = False
-        decoding = slot_cache is not None and slot_cache.mode == "decode"
-        packed_layout = None
         if slot_cache is not None:
             use_cache, cache = False, None
         cached_prefix = None
@@ -221,31 +248,38 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
             cache = ChatGLMCache(self.config)
         if not use_cache:
             cache = None
-        past = cache.get_seq_length() if cache is not None else 0
+        return cache, cached_prefix, attention_mask
 
+    def _token_masks(self, input_ids, attention_mask, position_ids, past: int, batch: int, seq: int,
+                     decoding: bool, sequence_ids):
+        """ChatGLM's ``hidden`` mask of the tokens (True = hidden; ``[B, 1, S, T]``, packed rows ``[R, 1, W, W]``,
+        or None: every key visible, or a slot cache's decode step, whose slots hold the mask), the positions
+        ``[B, 2, S]`` and the packed rows' :class:`~ptuning.models.packed.PackedLayout` (None unless packed)."""
         if decoding:
             if position_ids is None:
                 raise ValueError("position_ids [B, 2, 1] are required in a decode step of a slot cache")
-            hidden_mask = None  # the slots' own mask, applied in every layer
-        elif sequence_ids is not None:
-            if input_ids is None:
-                raise ValueError("input_ids are needed with sequence_ids to build each packed row's mask and positions")
-            cfg = self.config
-            special = dict(bos_token_id=cfg.bos_token_id, mask_token_id=cfg.mask_token_id,
-                           gmask_token_id=cfg.gmask_token_id)
-            _, built_positions = build_packed_masks(input_ids, sequence_ids, with_mask=False, **special)
-            position_ids = built_positions if position_ids is None else position_ids
-            # attention runs one row per batch row, each with the mask it has alone (see PackedLayout)
-            packed_layout = PackedLayout(sequence_ids)
-            hidden_mask, _ = build_masks(packed_layout.ids_rows(input_ids, cfg.pad_token_id), **special)  # (R, 1, W, W)
-        else:
-            hidden_mask, position_ids = self._masks_and_positions(
-                input_ids, attention_mask, position_ids, past, batch, seq
-            )
-        dtype = inputs_embeds.dtype
-        inv_freq = self._inv_freq(inputs_embeds.device)
-        rotary = rotary_tables(position_ids, inv_freq, dtype)
+            return None, position_ids, None
+        if sequence_ids is not None:
+            return self._packed_masks(input_ids, position_ids, sequence_ids)
+        hidden_mask, position_ids = self._masks_and_positions(input_ids, attention_mask, position_ids, past, batch, seq)
+        return hidden_mask, position_ids, None
 
+    def _packed_masks(self, input_ids, position_ids, sequence_ids):
+        """:meth:`_token_masks` of packed rows: every row's 2D positions as it has them alone, and attention one
+        row per batch row, each with the mask it has alone (see :class:`~ptuning.models.packed.PackedLayout`)."""
+        if input_ids is None:
+            raise ValueError("input_ids are needed with sequence_ids to build each packed row's mask and positions")
+        cfg = self.config
+        special = mask_token_ids(cfg)
+        _, built_positions = build_packed_masks(input_ids, sequence_ids, with_mask=False, **special)
+        position_ids = built_positions if position_ids is None else position_ids
+        packed_layout = PackedLayout(sequence_ids)
+        hidden_mask, _ = build_masks(packed_layout.ids_rows(input_ids, cfg.pad_token_id), **special)  # (R, 1, W, W)
+        return hidden_mask, position_ids, packed_layout
+
+    def _call_prefix(self, prefix: PrefixKV | None, cached_prefix, batch: int, dtype: torch.dtype) -> PrefixKV | None:
+        """The prefix of this call in ``dtype``: the one given (P = 0: none), else the model's own (dropped out
+        in training), followed by a prefix that arrived as a cache (peft's); None without any."""
         if prefix is None and self.prefix_encoder is not None:
             prefix = self.prefix_key_values(batch, dtype)
         if prefix is not None and prefix.length == 0:
@@ -255,37 +289,22 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         if cached_prefix is not None:
             cached = PrefixKV([k.to(dtype) for k, _ in cached_prefix], [v.to(dtype) for _, v in cached_prefix])
             prefix = cached if prefix is None else _concat_prefixes(prefix, cached)
-        if decoding:
-            attn_mask = uniform_rows = None
-        elif packed_layout is not None:  # the rows' masks (R, 1, W, P + W); every token sees itself
-            rows_prefix = prefix
-            if prefix is not None and prefix.mask is not None:
-                rows_prefix = PrefixKV(prefix.keys, prefix.values, packed_layout.per_row(prefix.mask))
-            attn_mask, uniform_rows = _attention_mask(hidden_mask, rows_prefix, packed_layout.rows,
-                                                      packed_layout.width, 0, rows_may_be_hidden=False)
-        else:
-            # without a padding mask every token sees itself: no row can be all hidden (no host sync to check)
-            attn_mask, uniform_rows = _attention_mask(hidden_mask, prefix, batch, seq, past,
-                                                      rows_may_be_hidden=attention_mask is not None)
+        return prefix
 
-        hidden = inputs_embeds
+    def _run_layers(self, hidden: torch.Tensor, prefix: PrefixKV | None, output_hidden_states: bool | None,
+                    **layer_inputs):
+        """The blocks (each with its layer's prefix keys and values) and the final norm: the last hidden state
+        ``[B, S, H]`` and, with ``output_hidden_states``, every block's input and the normed output."""
         all_hidden = [hidden] if output_hidden_states else None
         for i, layer in enumerate(self.layers):
             pk, pv = prefix.layer(i) if prefix is not None else (None, None)
-            hidden = layer(
-                hidden, pk, pv, rotary=rotary, attn_mask=attn_mask, cache=cache, uniform_rows=uniform_rows,
-                slot_cache=slot_cache, packed_layout=packed_layout,
-            )
+            hidden = layer(hidden, pk, pv, **layer_inputs)
             if all_hidden is not None and i < len(self.layers) - 1:
                 all_hidden.append(hidden)
         hidden = self.final_layernorm(hidden)
         if all_hidden is not None:
             all_hidden.append(hidden)
-        return BaseModelOutputWithPast(
-            last_hidden_state=hidden,
-            cache=cache,
-            hidden_states=tuple(all_hidden) if all_hidden is not None else None,
-        )
+        return hidden, all_hidden
 
 
 def prefix_shape(config: ChatGLMConfig, pre_seq_len: int | None = None, prefix_projection: bool | None = None) -> PrefixShape:
@@ -346,6 +365,22 @@ def _attention_mask(hidden_mask, prefix: PrefixKV | None, batch: int, seq: int, 
     if bool(full.any()):
         return attn_mask | full, full
     return attn_mask, None
+
+
+def _layer_attention_mask(hidden_mask, prefix: PrefixKV | None, packed_layout: PackedLayout | None, batch: int,
+                          seq: int, past: int, *, padded: bool):
+    """The mask every block attends with (:func:`_attention_mask`): of the batch's rows, or with packed rows of
+    the rows laid out one per batch row (``[R, 1, W, P + W]``; the prefix's own mask follows its pack's rows).
+
+    Without a padding mask (``padded`` False) and in packed rows every token sees itself, so no row can be all
+    hidden (no host sync to check)."""
+    if packed_layout is None:
+        return _attention_mask(hidden_mask, prefix, batch, seq, past, rows_may_be_hidden=padded)
+    rows_prefix = prefix
+    if prefix is not None and prefix.mask is not None:
+        rows_prefix = PrefixKV(prefix.keys, prefix.values, packed_layout.per_row(prefix.mask))
+    return _attention_mask(hidden_mask, rows_prefix, packed_layout.rows, packed_layout.width, 0,
+                           rows_may_be_hidden=False)
 
 
 class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
@@ -559,14 +594,7 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
 
     def prompt_position_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Positions ``[B, 2, S]`` of a (left-padded) prompt batch, as the original tokenizer builds them."""
-        cfg = self.config
-        _, positions = build_masks(
-            input_ids,
-            bos_token_id=cfg.bos_token_id,
-            mask_token_id=cfg.mask_token_id,
-            gmask_token_id=cfg.gmask_token_id,
-            padding_mask=attention_mask,
-        )
+        _, positions = build_masks(input_ids, padding_mask=attention_mask, **mask_token_ids(self.config))
         return positions
 
     @staticmethod

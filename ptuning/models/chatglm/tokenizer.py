@@ -20,21 +20,19 @@ of the original folder is ignored and no code from it is ever run.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
 from typing import Any
 
-import sentencepiece as spm
 import torch
-from transformers import AddedToken, PreTrainedTokenizer
+from transformers import AddedToken
 from transformers.utils import PaddingStrategy
 
+from ..sentencepiece_tokenizer import CONFIG_FILE, SentencePieceTokenizer
 from .masks import build_masks
 
 VOCAB_FILE = "ice_text.model"
-CONFIG_FILE = "tokenizer_config.json"
 MAX_BLANK_LENGTH = 80
 # tokenizer_config.json keys this class reads and writes; everything else there (auto_map,
 # added_tokens_decoder, name_or_path, ...) is ignored on loading.
@@ -78,7 +76,7 @@ def decode_whitespace(text: str) -> str:
     return _BLANK_TOKEN.sub(lambda m: " " * int(m.group(1)), text)
 
 
-class ChatGLMTokenizer(PreTrainedTokenizer):
+class ChatGLMTokenizer(SentencePieceTokenizer):
     """ChatGLM-6B tokenizer on a SentencePiece model (``ice_text.model``).
 
     Args:
@@ -95,8 +93,6 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
     """
 
     vocab_files_names = {"vocab_file": VOCAB_FILE}
-    model_input_names = ["input_ids", "attention_mask", "position_ids"]
-    padding_side = "left"
 
     def __init__(
         self,
@@ -117,15 +113,7 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
             raise ValueError(f"mask_style must be one of {MASK_STYLES}, got {mask_style!r}")
         if num_image_tokens < 0:
             raise ValueError(f"num_image_tokens must be >= 0, got {num_image_tokens}")
-        # Set before the base constructor: it registers the special tokens, which needs the vocabulary.
-        self.vocab_file = str(vocab_file)
-        try:
-            self.sp = spm.SentencePieceProcessor(model_file=self.vocab_file)
-        except (RuntimeError, OSError):  # SentencePiece cannot parse it: a corrupt or truncated file
-            raise ValueError(
-                f"{self.vocab_file}: not a readable SentencePiece model (expected the ChatGLM-6B tokenizer; "
-                "a corrupt or truncated file?)"
-            ) from None
+        self._load_sentencepiece(vocab_file, "ChatGLM-6B")
         for name, token in (
             ("bos_token", bos_token),
             ("eos_token", eos_token),
@@ -188,14 +176,12 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
                 f"({VOCAB_FILE} + {CONFIG_FILE})"
             )
         config: dict[str, Any] = {}
-        config_file = folder / CONFIG_FILE
-        if config_file.is_file():
-            stored = json.loads(config_file.read_text(encoding="utf-8"))
-            for key in CONFIG_KEYS:
-                if key in stored:
-                    value = stored[key]
-                    # older files store tokens as serialized AddedToken objects
-                    config[key] = value["content"] if isinstance(value, dict) else value
+        stored = cls._stored_config(folder)
+        for key in CONFIG_KEYS:
+            if key in stored:
+                value = stored[key]
+                # older files store tokens as serialized AddedToken objects
+                config[key] = value["content"] if isinstance(value, dict) else value
         config.update(overrides)
         return cls(vocab_file=str(vocab_file), name_or_path=str(folder), **config)
 
@@ -205,22 +191,10 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
         Returns:
             The paths written.
         """
-        folder = Path(save_directory)
-        folder.mkdir(parents=True, exist_ok=True)
-        (vocab_path,) = self.save_vocabulary(str(folder))
         config = {"tokenizer_class": type(self).__name__}
         for key in CONFIG_KEYS:
             config[key] = getattr(self, key)
-        config_path = folder / CONFIG_FILE
-        config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        return vocab_path, str(config_path)
-
-    def save_vocabulary(self, save_directory: str, filename_prefix: str | None = None) -> tuple[str]:
-        """Write the SentencePiece model as ``[prefix-]ice_text.model`` in ``save_directory``."""
-        name = f"{filename_prefix}-{VOCAB_FILE}" if filename_prefix else VOCAB_FILE
-        path = Path(save_directory) / name
-        path.write_bytes(self.sp.serialized_model_proto())
-        return (str(path),)
+        return self._save_files(save_directory, config)
 
     # ---- vocabulary ----
 
@@ -296,11 +270,6 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
         if token_ids_1 is not None:
             mask += [0] * len(token_ids_1) + [1]
         return mask
-
-    def create_token_type_ids_from_sequences(
-        self, token_ids_0: list[int], token_ids_1: list[int] | None = None
-    ) -> list[int]:
-        return [0] * len(self.build_inputs_with_special_tokens(token_ids_0, token_ids_1))
 
     def _pad(
         self,

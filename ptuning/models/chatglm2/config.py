@@ -26,6 +26,7 @@ from typing import Any
 
 from transformers import GlmConfig
 
+from ...jsonfile import read_json_object
 from ...weights import CheckpointError
 
 VERSIONS = (2, 3)
@@ -224,12 +225,7 @@ def chatglm_version(folder: Path, raw: dict) -> int:
     tokenizer_config: dict = {}
     tok_path = folder / "tokenizer_config.json"
     if tok_path.is_file():
-        try:
-            tokenizer_config = json.loads(tok_path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise CheckpointError(f"{tok_path}: not valid JSON ({err})") from None
-        if not isinstance(tokenizer_config, dict):
-            raise CheckpointError(f"{tok_path}: expected a JSON object")
+        tokenizer_config = read_json_object(tok_path, CheckpointError)
     for name in (raw.get("_name_or_path"), tokenizer_config.get("name_or_path")):
         for version in (3, 2):
             if _mentions(name, f"chatglm{version}"):
@@ -305,10 +301,7 @@ def read_original_config(folder: str | Path, raw: dict | None = None, version: i
     if raw is None:
         if not path.is_file():
             raise CheckpointError(f"{folder}: no config.json (expected a ChatGLM2-6B / ChatGLM3-6B model folder)")
-        try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise CheckpointError(f"{path}: not valid JSON ({err})") from None
+        raw = read_json_object(path, CheckpointError)
     refuse_glm4_original(folder, raw)
     if version is not None and version not in VERSIONS:
         raise CheckpointError(f"chatglm_version {version!r}: expected 2 or 3")

@@ -13,9 +13,9 @@ from transformers import GlmForCausalLM
 from transformers.models.glm.modeling_glm import GlmRotaryEmbedding
 
 from ...errors import ConfigError
-from ...prefix import PrefixShape
+from ...prefix import PrefixShape, load_prefix_state
 from ...weights import CheckpointError
-from ..base import Family
+from ..base import Family, check_vocab_size
 from ..hf.modeling import attach_prefix
 from .config import read_original_config
 from .memory import ChatGLM2Memory
@@ -55,32 +55,6 @@ def prefix_shape(config, pre_seq_len: int, prefix_projection: bool = False) -> P
     return shape
 
 
-def load_prefix_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
-    """Copies ``transformer.prefix_encoder.*`` tensors (original keys) into the model's prefix encoder.
-
-    Raises:
-        CheckpointError: missing, unexpected or mis-shaped keys (names them and the shapes).
-    """
-    encoder = model.prefix_encoder
-    expected = encoder.state_dict()
-    given = {k[len(ORIGINAL_PREFIX):]: v for k, v in tensors.items()}
-    unknown = sorted(set(given) - set(expected))
-    missing = sorted(set(expected) - set(given))
-    if unknown or missing:
-        what = "prefix_projection true" if any(k.startswith("trans.") for k in given) else "prefix_projection false"
-        raise CheckpointError(
-            f"{source}: the prefix does not fit the model's prefix encoder (missing {missing or 'none'}, "
-            f"unexpected {unknown or 'none'}; the checkpoint looks like {what})"
-        )
-    for key, value in given.items():
-        if tuple(value.shape) != tuple(expected[key].shape):
-            raise CheckpointError(
-                f"{source}: '{ORIGINAL_PREFIX}{key}' has shape {list(value.shape)} but the model's prefix expects "
-                f"{list(expected[key].shape)} (pre_seq_len {encoder.pre_seq_len})"
-            )
-    encoder.load_state_dict({k: v.float() for k, v in given.items()})
-
-
 def load_model(folder: str | Path, *, dtype=torch.float32, pre_seq_len: int | None = None,
                prefix_projection: bool = False, prefix_dropout: float = 0.0, device=None,
                chatglm_version: int | None = None) -> nn.Module:
@@ -116,10 +90,9 @@ def load_model(folder: str | Path, *, dtype=torch.float32, pre_seq_len: int | No
         )
     shape = prefix_shape(config, pre_seq_len, prefix_projection) if pre_seq_len else None
     attach_prefix(model, shape, prefix_dropout)
-    model.config.pre_seq_len = pre_seq_len or None
-    model.config.prefix_projection = bool(pre_seq_len and prefix_projection)
     if prefix_tensors:
-        load_prefix_tensors(model, prefix_tensors, f"{folder} (the prefix stored in the model folder)")
+        load_prefix_state(model.prefix_encoder, prefix_tensors, f"{folder} (the prefix stored in the model folder)",
+                          expected_by="the model's prefix")
     model.name_or_path = str(folder)
     if device is not None:
         model.to(device)
@@ -156,11 +129,7 @@ class ChatGLM2Family(Family):
             tokenizer = ChatGLM2Tokenizer.from_pretrained(folder)
         except (FileNotFoundError, ValueError) as err:
             raise ConfigError(str(err)) from None
-        if vocab_size is not None and len(tokenizer) > vocab_size:
-            raise ConfigError(
-                f"{folder}: the tokenizer has {len(tokenizer)} tokens but the model's padded_vocab_size is {vocab_size}"
-            )
-        return tokenizer
+        return check_vocab_size(tokenizer, folder, vocab_size, "padded_vocab_size")
 
     def template(self, tokenizer, model_config):
         return ChatGLM3Template(tokenizer) if model_config.chatglm_version == 3 else ChatGLM2Template(tokenizer)
@@ -230,4 +199,4 @@ class ChatGLM2Family(Family):
         return c.num_hidden_layers * per_layer + c.vocab_size * c.hidden_size
 
 
-__all__ = ["BLOCK_LINEARS", "ChatGLM2Family", "load_model", "load_prefix_tensors", "prefix_shape", "rotary_for"]
+__all__ = ["BLOCK_LINEARS", "ChatGLM2Family", "load_model", "prefix_shape", "rotary_for"]

@@ -28,22 +28,22 @@ import re
 from pathlib import Path
 from typing import Any
 
-import sentencepiece as spm
 import torch
-from transformers import AddedToken, BatchEncoding, PreTrainedTokenizer
+from transformers import AddedToken, BatchEncoding
 from transformers.utils import PaddingStrategy
 
+from ...jsonfile import read_json_object
+from ..sentencepiece_tokenizer import CONFIG_FILE, SentencePieceTokenizer
 from .config import chatglm_version as detect_chatglm_version
 from .config import refuse_glm4_original
 
 VOCAB_FILE = "tokenizer.model"
-CONFIG_FILE = "tokenizer_config.json"
 GLM_TOKENS = ("[MASK]", "[gMASK]", "[sMASK]", "sop", "eop")
 ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|observation|>")
 ROLES = ("system", "user", "assistant", "observation")
 
 
-class ChatGLM2Tokenizer(PreTrainedTokenizer):
+class ChatGLM2Tokenizer(SentencePieceTokenizer):
     """ChatGLM2-6B / ChatGLM3-6B tokenizer on ``tokenizer.model``.
 
     Args:
@@ -54,8 +54,6 @@ class ChatGLM2Tokenizer(PreTrainedTokenizer):
     """
 
     vocab_files_names = {"vocab_file": VOCAB_FILE}
-    model_input_names = ["input_ids", "attention_mask", "position_ids"]
-    padding_side = "left"
 
     def __init__(self, vocab_file: str, chatglm_version: int = 2, encode_special_tokens: bool = False,
                  padding_side: str = "left", clean_up_tokenization_spaces: bool = False, **kwargs: Any) -> None:
@@ -63,14 +61,7 @@ class ChatGLM2Tokenizer(PreTrainedTokenizer):
             raise ValueError(f"chatglm_version must be 2 or 3, got {chatglm_version!r}")
         if encode_special_tokens and chatglm_version != 3:
             raise ValueError("encode_special_tokens is a ChatGLM3 option (its role tokens)")
-        self.vocab_file = str(vocab_file)
-        try:
-            self.sp = spm.SentencePieceProcessor(model_file=self.vocab_file)
-        except (RuntimeError, OSError):  # SentencePiece cannot parse it: a corrupt or truncated file
-            raise ValueError(
-                f"{self.vocab_file}: not a readable SentencePiece model (expected the ChatGLM2/3 tokenizer; "
-                "a corrupt or truncated file?)"
-            ) from None
+        self._load_sentencepiece(vocab_file, "ChatGLM2/3")
         self.chatglm_version = chatglm_version
         self.encode_special_tokens = encode_special_tokens
         self.sp_size = self.sp.get_piece_size()
@@ -120,13 +111,11 @@ class ChatGLM2Tokenizer(PreTrainedTokenizer):
             raise FileNotFoundError(
                 f"no {VOCAB_FILE} in {folder}: expected a ChatGLM2/3 tokenizer folder ({VOCAB_FILE} + {CONFIG_FILE})"
             )
-        stored: dict[str, Any] = {}
+        stored = cls._stored_config(folder)
         config_file = folder / CONFIG_FILE
-        if config_file.is_file():
-            stored = json.loads(config_file.read_text(encoding="utf-8"))
         if chatglm_version is None:
             config_json = folder / "config.json"
-            raw = json.loads(config_json.read_text(encoding="utf-8")) if config_json.is_file() else {}
+            raw = read_json_object(config_json) if config_json.is_file() else {}
             if "chatglm_version" in stored and "chatglm_version" not in raw:
                 raw["chatglm_version"] = stored["chatglm_version"]
             chatglm_version = detect_chatglm_version(folder, raw)
@@ -147,9 +136,6 @@ class ChatGLM2Tokenizer(PreTrainedTokenizer):
         Returns:
             The paths written.
         """
-        folder = Path(save_directory)
-        folder.mkdir(parents=True, exist_ok=True)
-        (vocab_path,) = self.save_vocabulary(str(folder))
         config = {
             "tokenizer_class": "ChatGLMTokenizer",
             "chatglm_version": self.chatglm_version,
@@ -163,15 +149,7 @@ class ChatGLM2Tokenizer(PreTrainedTokenizer):
         }
         if self.chatglm_version == 3:
             config["encode_special_tokens"] = self.encode_special_tokens
-        path = folder / CONFIG_FILE
-        path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        return vocab_path, str(path)
-
-    def save_vocabulary(self, save_directory: str, filename_prefix: str | None = None) -> tuple[str]:
-        name = f"{filename_prefix}-{VOCAB_FILE}" if filename_prefix else VOCAB_FILE
-        path = Path(save_directory) / name
-        path.write_bytes(self.sp.serialized_model_proto())
-        return (str(path),)
+        return self._save_files(save_directory, config)
 
     # ---- vocabulary ----
 
@@ -280,10 +258,6 @@ class ChatGLM2Tokenizer(PreTrainedTokenizer):
 
     def num_special_tokens_to_add(self, pair: bool = False) -> int:
         return 3 if pair else 2
-
-    def create_token_type_ids_from_sequences(self, token_ids_0: list[int], token_ids_1: list[int] | None = None
-                                             ) -> list[int]:
-        return [0] * len(self.build_inputs_with_special_tokens(token_ids_0, token_ids_1))
 
     def build_prompt(self, query: str, history: list[tuple[str, str]] | None = None) -> str:
         """ChatGLM2's chat prompt: ``[Round n]\\n\\n问：{query}\\n\\n答：{response}\\n\\n`` per earlier turn (n from 1),

@@ -209,36 +209,16 @@ def prefix_attention(
         ``([B, S, N, D], None)`` as transformers' attention functions.
     """
     if slot_cache is not None:
-        layer_prefix = None
-        if prefix is not None and prefix.length:
-            pk, pv = prefix.layer(module.layer_idx)
-            layer_prefix = (pk.to(dtype=key.dtype), pv.to(dtype=value.dtype))
-        read = slot_cache.update(module.layer_idx, key, value, layer_prefix)
-        if read is not None:
-            key, value, mask = read
-            window = getattr(module, "sliding_window", None)
-            if window:
-                mask = slot_cache.window_mask(window)
-            # a float32 cache of a 16-bit model (see ptuning.generation.default_cache_dtype): attend in float32
-            out, weights = sdpa_attention_forward(
-                module, query.to(key.dtype), key, value, mask, dropout=dropout, scaling=scaling, is_causal=False,
-                **kwargs
-            )
-            return out.to(query.dtype), weights
+        read = _store_in_slots(module, key, value, prefix, slot_cache)
+        if read is not None:  # a decode step: attend over the slots
+            return _slot_attention(module, query, *read, slot_cache, dropout=dropout, scaling=scaling, **kwargs)
     if prefix is None or prefix.length == 0:
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
         )
     batch, _, queries, _ = query.shape
-    prefix_keys, prefix_values = prefix.layer(module.layer_idx)
+    prefix_keys, prefix_values = _layer_prefix(module, prefix, key, value, batch)
     length = prefix_keys.shape[2]
-    if prefix_keys.shape[1] != key.shape[1] or prefix_keys.shape[3] != key.shape[3]:
-        raise ValueError(
-            f"layer {module.layer_idx}: prefix keys of shape {tuple(prefix_keys.shape)} do not fit keys of shape "
-            f"{tuple(key.shape)} (expected [batch, {key.shape[1]} key/value heads, P, {key.shape[3]}])"
-        )
-    prefix_keys = prefix_keys.to(device=key.device, dtype=key.dtype).expand(batch, -1, -1, -1)
-    prefix_values = prefix_values.to(device=value.device, dtype=value.dtype).expand(batch, -1, -1, -1)
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     if packed_layout is not None and prefix.mask is None and causal and not getattr(module, "sliding_window", None):
         layout = packed_layout
@@ -263,6 +243,50 @@ def prefix_attention(
     return sdpa_attention_forward(
         module, query, key, value, mask, dropout=dropout, scaling=scaling, is_causal=False, **kwargs
     )
+
+
+def _layer_prefix(module: torch.nn.Module, prefix: PrefixKV, key: torch.Tensor, value: torch.Tensor,
+                  batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prefix keys and values of layer ``module.layer_idx``, ``[B, G, P, D]`` each, on the device and in the
+    dtype of the token keys / values.
+
+    Raises:
+        ValueError: their key/value heads or head size differ from the token keys'.
+    """
+    prefix_keys, prefix_values = prefix.layer(module.layer_idx)
+    if prefix_keys.shape[1] != key.shape[1] or prefix_keys.shape[3] != key.shape[3]:
+        raise ValueError(
+            f"layer {module.layer_idx}: prefix keys of shape {tuple(prefix_keys.shape)} do not fit keys of shape "
+            f"{tuple(key.shape)} (expected [batch, {key.shape[1]} key/value heads, P, {key.shape[3]}])"
+        )
+    prefix_keys = prefix_keys.to(device=key.device, dtype=key.dtype).expand(batch, -1, -1, -1)
+    prefix_values = prefix_values.to(device=value.device, dtype=value.dtype).expand(batch, -1, -1, -1)
+    return prefix_keys, prefix_values
+
+
+def _store_in_slots(module: torch.nn.Module, key: torch.Tensor, value: torch.Tensor, prefix: PrefixKV | None,
+                    slot_cache):
+    """Stores the layer's new keys and values (and its prefix, where it changed) in the slot cache; in a decode
+    step returns what to attend over: keys and values ``[B, G, P + T, D]`` and their mask (None in a prefill)."""
+    layer_prefix = None
+    if prefix is not None and prefix.length:
+        pk, pv = prefix.layer(module.layer_idx)
+        layer_prefix = (pk.to(dtype=key.dtype), pv.to(dtype=value.dtype))
+    return slot_cache.update(module.layer_idx, key, value, layer_prefix)
+
+
+def _slot_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask,
+                    slot_cache, *, dropout: float, scaling: float | None, **kwargs) -> tuple[torch.Tensor, None]:
+    """A decode step's attention over the slots (prefix in front, each row's own tokens) with the slots' mask;
+    a sliding-window layer also hides the tokens outside its window."""
+    window = getattr(module, "sliding_window", None)
+    if window:
+        mask = slot_cache.window_mask(window)
+    # a float32 cache of a 16-bit model (see ptuning.generation.default_cache_dtype): attend in float32
+    out, weights = sdpa_attention_forward(
+        module, query.to(key.dtype), key, value, mask, dropout=dropout, scaling=scaling, is_causal=False, **kwargs
+    )
+    return out.to(query.dtype), weights
 
 
 def register() -> str:

@@ -13,7 +13,8 @@ from transformers import AutoTokenizer
 from ...errors import ConfigError
 from ...prefix import PrefixShape
 from .. import HF_ARCHITECTURES
-from ..base import Family
+from ..base import Family, check_vocab_size
+from .memory import DecoderMemory
 from .modeling import load_causal_lm_config, load_prefix_model, prefix_shape
 from .template import ChatTemplatePrompt
 
@@ -98,11 +99,7 @@ class HFFamily(Family):
         except (OSError, ValueError, KeyError) as err:
             lines = [line.strip() for line in str(err).splitlines() if line.strip()]
             raise ConfigError(f"{folder}: cannot load the tokenizer ({lines[0] if lines else type(err).__name__})") from None
-        if vocab_size is not None and len(tokenizer) > vocab_size:
-            raise ConfigError(
-                f"{folder}: the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {vocab_size}"
-            )
-        return tokenizer
+        return check_vocab_size(tokenizer, folder, vocab_size)
 
     def describe(self, model_config=None) -> str:
         """The label with the architecture (``transformers decoder (GlmForCausalLM)``) when the config names one."""
@@ -141,6 +138,9 @@ class HFFamily(Family):
 
     def block_linear_names(self) -> tuple[str, ...]:
         return BLOCK_LINEARS
+
+    def train_memory(self) -> DecoderMemory:
+        return DecoderMemory()
 
     def matmul_weights(self, model_config) -> int:
         c = model_config

@@ -24,7 +24,6 @@ Shapes: B batch, S tokens, P prefix length, V vocabulary, H hidden size.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -35,6 +34,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.utils.deprecation import deprecate_kwarg
 
+from ...jsonfile import read_json_object
 from ...prefix import PrefixEncoder, PrefixKV, PrefixShape, prefix_key_values, reset_prefix
 from ...weights import CheckpointError
 from ..loss import project_and_loss
@@ -127,12 +127,7 @@ class PrefixCausalLM:
         if slot_cache is not None:
             kwargs["slot_cache"] = slot_cache
             use_cache, cache = False, None
-            if slot_cache.mode == "decode":
-                if position_ids is None:
-                    raise ValueError("position_ids [B, 1] are required in a decode step of a slot cache")
-                # a 4D mask is taken as it is: no mask is built for the step (the slots' mask applies); the cache
-                # holds it on its device, so a step copies nothing from the host
-                attention_mask = slot_cache.all_visible
+            attention_mask = _slot_cache_mask(slot_cache, attention_mask, position_ids)
         outputs = self.base_model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -190,6 +185,21 @@ class PrefixCausalLM:
         if prefix is not None:
             model_kwargs["prefix"] = expand_prefix(prefix, expand_size)
         return input_ids, model_kwargs
+
+
+def _slot_cache_mask(slot_cache, attention_mask, position_ids):
+    """The attention mask the backbone gets with a decode loop's slot cache: in a decode step the slots' own (a 4D
+    mask is taken as it is, so no mask is built for the step; the cache holds it on its device, so a step copies
+    nothing from the host), in a prefill the one given.
+
+    Raises:
+        ValueError: a decode step without ``position_ids``.
+    """
+    if slot_cache.mode != "decode":
+        return attention_mask
+    if position_ids is None:
+        raise ValueError("position_ids [B, 1] are required in a decode step of a slot cache")
+    return slot_cache.all_visible
 
 
 def expand_prefix(prefix: PrefixKV, times: int) -> PrefixKV:
@@ -257,7 +267,8 @@ def attach_prefix(model: PreTrainedModel, shape: PrefixShape | None, dropout: fl
 
     Works on any transformers decoder whose attention layers call the ``AttentionInterface`` with their
     ``layer_idx`` (Llama, Qwen2/3, GLM, GLM-4, ... and ChatGLM2/3 weights mapped onto ``GlmForCausalLM``).
-    The model is changed in place and returned.
+    The model is changed in place and returned; its config records ``pre_seq_len`` (None without a prefix) and
+    ``prefix_projection``.
 
     Args:
         shape: the prefix (e.g. :func:`prefix_shape`), or None / ``pre_seq_len`` 0 for the contract alone
@@ -286,6 +297,10 @@ def attach_prefix(model: PreTrainedModel, shape: PrefixShape | None, dropout: fl
         reset_prefix(encoder, "random")
         model.prefix_encoder = encoder.train(model.training)
         model.prefix_dropout = nn.Dropout(dropout).train(model.training)
+    # the prefix's settings ride along on the config, as ChatGLM-6B's config holds them (the memory estimate and
+    # ChatGLM2/3's original config.json read them there)
+    model.config.pre_seq_len = shape.pre_seq_len if model.prefix_encoder is not None else None
+    model.config.prefix_projection = model.prefix_encoder is not None and shape.prefix_projection
     return model
 
 
@@ -296,11 +311,8 @@ def load_causal_lm_config(folder: str | Path):
         CheckpointError: no or unreadable ``config.json``, or a ``model_type`` only remote code defines.
     """
     config_file = Path(folder) / "config.json"
-    try:
-        raw = json.loads(config_file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{config_file}: cannot read the model config ({err})") from None
-    model_type = raw.get("model_type") if isinstance(raw, dict) else None
+    raw = read_json_object(config_file, CheckpointError, "model config")
+    model_type = raw.get("model_type")
     if model_type not in CONFIG_MAPPING:
         remote = " (only remote code, auto_map, defines it; that is never run)" if raw.get("auto_map") else ""
         raise CheckpointError(
