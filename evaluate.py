@@ -35,9 +35,14 @@ def main(cfg: DictConfig) -> None:
 
     try:
         job = to_object(cfg)
-        run(job, tracker=make_tracker(job))
-    except (ConfigError, DataError, CheckpointError) as err:
+        tracker = make_tracker(job)
+    except ConfigError as err:  # the command line: the same on every process
         fail(str(err))
+    try:
+        run(job, tracker=tracker)
+    except (ConfigError, DataError, CheckpointError) as err:
+        # an error every process raised alike is printed once (by the main process)
+        fail(str(err), every_process=getattr(err, "every_process", False))
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import difflib
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 import yaml
 from hydra.core.config_store import ConfigStore
@@ -18,6 +19,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from ptuning.config import PROJECT_ROOT, ConfigError, ModelConfig, TrainJobConfig
+from ptuning.distributed import exit_together, process_rank
 from ptuning.evaluation.run import EvaluateJobConfig, EvaluateModelConfig
 
 CONF_DIR = str(Path(__file__).resolve().parent / "conf")
@@ -257,10 +259,16 @@ def _quoting_hint(override: str) -> str:
     )
 
 
-def fail(message: str) -> None:
-    """One line on stderr and a non-zero exit: user mistakes get no traceback."""
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
+def fail(message: str, *, every_process: bool = True) -> NoReturn:
+    """One line on stderr and exit status 2: user mistakes get no traceback.
+
+    In a run of several processes (``accelerate launch``) every process exits with 2, and the line is printed
+    once, by the main process, when ``every_process`` raised it alike (the command line, the config, or an
+    error the processes agreed on: :func:`ptuning.distributed.on_every_process`); an error of this process
+    alone is printed by it."""
+    if not every_process or process_rank() == 0:
+        print(f"error: {message}", file=sys.stderr)
+    exit_together(2)
 
 
 register()

@@ -40,9 +40,14 @@ def main(cfg: DictConfig) -> None:
             hydra_cfg = HydraConfig.get()
             multirun = hydra_cfg.mode == RunMode.MULTIRUN
             job.train.output_dir = hydra_cfg.runtime.output_dir if multirun else os.path.join("outputs", job.run_name)
-        result = run(job, trackers=make_tracker(job))
-    except (ConfigError, DataError, CheckpointError, TrainingError) as err:
+        trackers = make_tracker(job)
+    except ConfigError as err:  # the command line: the same on every process
         fail(str(err))
+    try:
+        result = run(job, trackers=trackers)
+    except (ConfigError, DataError, CheckpointError, TrainingError) as err:
+        # an error every process raised alike is printed once (by the main process)
+        fail(str(err), every_process=getattr(err, "every_process", False))
     except TrainingInterrupted as interrupted:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"\n{interrupted}", file=sys.stderr)

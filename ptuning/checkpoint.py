@@ -36,7 +36,6 @@ import numpy as np
 import torch
 from accelerate.utils import get_torch_accelerator_backend
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from .build import Loaded, load, weights_digest
 from .config import ConfigError, ModelConfig, canonical_base_model
@@ -57,9 +56,12 @@ from .weights import (
     SAFE_INDEX,
     SAFE_SINGLE,
     CheckpointError,
+    is_disk_full,
     load_failure,
     read_matching,
     read_weights,
+    save_safetensors,
+    save_torch,
     torch_load,
     weight_files,
 )
@@ -240,6 +242,34 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _write_checkpoint_files(tmp: Path, prefix: dict, meta: dict, training_state: dict | None) -> None:
+    """The checkpoint's files in the (new) folder ``tmp``, each flushed to the disk.
+
+    Raises:
+        OSError: a write failed (``errno`` ENOSPC on a full disk), naming the file.
+    """
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    save_safetensors({k: v.contiguous() for k, v in prefix.items()}, tmp / PREFIX_FILE, metadata={"format": "pt"})
+    (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    if training_state is not None:
+        save_torch(training_state, tmp / STATE_FILE)
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+
+
+def no_space_message(writing: Path, last: Path | None) -> str:
+    """The line of a training run stopped by a full disk while writing ``writing``; ``last``: its last complete
+    checkpoint (None: none yet)."""
+    if last is None:
+        return (f"no space left on device writing {writing}; the run has no complete checkpoint yet; free space and "
+                "start it again with train.resume_from=auto")
+    return (f"no space left on device writing {writing}; the last complete checkpoint is {last}; free space and "
+            "continue with train.resume_from=auto")
+
+
 def save_checkpoint(
     output_dir: str | os.PathLike,
     step: int,
@@ -257,7 +287,8 @@ def save_checkpoint(
 
     Raises:
         CheckpointError: the prefix is not finite (nothing is written), or the write failed (the previous
-            checkpoints are untouched; the temporary folder is removed).
+            checkpoints are untouched; the temporary folder is removed); a full disk says so in one line with
+            the last complete checkpoint (:func:`no_space_message`).
     """
     output_dir = Path(output_dir)
     state = prefix_state_dict(model) if prefix is None else prefix
@@ -267,24 +298,12 @@ def save_checkpoint(
     final = output_dir / f"checkpoint-{step}"
     tmp = output_dir / f".tmp-checkpoint-{step}"
     try:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-        save_file(
-            {k: v.contiguous() for k, v in state.items()}, str(tmp / PREFIX_FILE), metadata={"format": "pt"}
-        )
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-        if training_state is not None:
-            torch.save(training_state, tmp / STATE_FILE)
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
+        _write_checkpoint_files(tmp, state, meta, training_state)
         kill_point("save-write", step)  # test-only: a SIGKILL between writing the files and the rename
         if final.exists():  # a re-save of the same step (resume after a crash right after saving)
             why = not_our_checkpoint(final, meta.get("run_id"))
             extra = foreign_files(final, CHECKPOINT_FILES) if why is None else []
             if why is not None or extra:
-                shutil.rmtree(tmp, ignore_errors=True)
                 raise CheckpointError(
                     f"{final}: exists and is not this run's to replace ({why or 'it also holds ' + ', '.join(extra)}); "
                     "move it away and resume with train.resume_from=latest"
@@ -294,9 +313,15 @@ def save_checkpoint(
         _fsync_dir(output_dir)
     except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        if is_disk_full(err):
+            runs = run_checkpoints(output_dir, meta.get("run_id"))
+            raise CheckpointError(no_space_message(final, runs[-1] if runs else None)) from None
         raise CheckpointError(
             f"{final}: writing the checkpoint failed ({err.strerror or err}); earlier checkpoints are intact"
         ) from None
+    except Exception:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if save_total_limit is not None:
         for old in run_checkpoints(output_dir, meta.get("run_id"))[:-save_total_limit]:
             shutil.rmtree(old, ignore_errors=True)
@@ -792,7 +817,7 @@ def export_original(checkpoint: str | os.PathLike, out_dir: str | os.PathLike) -
         prefix = {keys[k]: v for k, v in local.items()}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    torch.save({k: v.clone() for k, v in prefix.items()}, out_dir / ORIGINAL_FILE)
+    save_torch({k: v.clone() for k, v in prefix.items()}, out_dir / ORIGINAL_FILE)
     if meta is not None:
         (out_dir / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return out_dir / ORIGINAL_FILE

@@ -144,7 +144,8 @@ class TrainConfig:
     eval_steps: int | None = None  # null = only at the end
     save_steps: int = 100
     save_total_limit: int | None = 3
-    resume_from: str | None = None  # null / latest / a checkpoint folder
+    # null / latest / auto (latest, or a fresh start where there is none) / a checkpoint folder
+    resume_from: str | None = None
     overwrite: bool = False  # a new run over an earlier run's outputs: removes them (only what that run wrote)
     allow_base_model_change: bool = False  # resume a checkpoint on another base model than it was trained on
     init_prefix_from: str | None = None  # start from this prefix (ours or the original's checkpoint-N)

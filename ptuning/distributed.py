@@ -31,10 +31,12 @@ from __future__ import annotations
 import io
 import os
 import re
+import signal
 import sys
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, redirect_stdout
+from typing import NoReturn, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -48,6 +50,8 @@ from accelerate.utils import (
 )
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
+
+T = TypeVar("T")
 
 
 class LaunchError(RuntimeError):
@@ -125,6 +129,75 @@ class Collectives:
             dist.barrier()
         else:
             self.accelerator.wait_for_everyone()
+
+    def raise_together(self, failure: BaseException | None) -> None:
+        """A barrier at which every process learns whether any of them failed: when one did, every process
+        raises the same error (the failure of the lowest rank that failed), marked :func:`on_every_process`,
+        so that all of them stop with one message and one exit status. ``failure`` is this process's error (it
+        must pickle: the one-line errors of the toolkit do), or None."""
+        if self.num_processes == 1:
+            if failure is not None:
+                raise on_every_process(failure)
+            return
+        failures = [f for f in self.gather_objects([failure]) if f is not None]
+        if failures:
+            raise on_every_process(failures[0]) from None
+
+    def together(self, fn: Callable[[], T], errors: tuple[type[BaseException], ...]) -> T:
+        """``fn()`` on every process; when it raises one of ``errors`` on any process, every process raises
+        that error (see :meth:`raise_together`). Blocks with collectives inside must not raise between them."""
+        try:
+            result, failure = fn(), None
+        except errors as err:
+            result, failure = None, err
+        self.raise_together(failure)
+        return result
+
+    def from_main(self, fn: Callable[[], T], errors: tuple[type[BaseException], ...]) -> T:
+        """``fn()`` on the main process only (a decision that must be the same everywhere: which checkpoint to
+        resume, a lock only it takes); every process returns its result, or raises its error (one of
+        ``errors``)."""
+        result, failure = None, None
+        if self.is_main_process:
+            try:
+                result = fn()
+            except errors as err:
+                failure = err
+        if self.num_processes > 1:
+            result, failure = self.gather_objects([(result, failure)])[0]
+        if failure is not None:
+            raise on_every_process(failure) from None
+        return result
+
+
+def on_every_process(err: BaseException) -> BaseException:
+    """Marks ``err`` as raised by every process of the run alike (a check of the same inputs, or an error the
+    processes agreed on): the main process alone reports it."""
+    err.every_process = True
+    return err
+
+
+# what the launchers that accelerate reads set for a process's global rank (torchrun, Intel MPI / MPICH, Open MPI,
+# MVAPICH)
+RANK_VARS = ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK")
+
+
+def process_rank(environ=None) -> int:
+    """This process's global rank as its launcher set it (0 when launched alone), readable before any process
+    group exists."""
+    env = os.environ if environ is None else environ
+    return next((int(env[k]) for k in RANK_VARS if env.get(k, "").isdigit()), 0)
+
+
+def exit_together(code: int) -> NoReturn:
+    """Exits with ``code`` once the processes agreed to stop. Under a launcher that stops the other processes
+    of a run when one exits (torchrun's SIGTERM), a process still on its way out ignores that signal, so every
+    process ends with the same status instead of some with SIGTERM's."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    sys.exit(code)
 
 
 # what the launchers that accelerate reads set for a process of a multi-process run (torchrun, Intel MPI /

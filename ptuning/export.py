@@ -45,7 +45,7 @@ with exit_on_interrupt(__name__, "nothing was written"):  # Ctrl-C while the lib
     from .config import BUILTIN_SCHEME, PROJECT_ROOT, ConfigError, ModelConfig, builtin_models
     from .interop.peft import export_peft_checkpoint, import_peft
     from .models import UnsupportedModelError, family_for, family_named, family_of, read_config
-    from .weights import CheckpointError
+    from .weights import CheckpointError, is_disk_full
 
 DTYPES = ("float16", "bfloat16", "float32")
 
@@ -308,7 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
 def export(argv=None) -> int:
     """Parses the command line and writes the export (see :func:`main`)."""
     args = build_parser().parse_args(argv)
-
+    out = Path(args.out).expanduser()
+    tmp = None  # the folder the export is written into, once it exists
     try:
         if args.kind == "from-peft":
             model_path = model_argument(args.model) if args.model else None
@@ -324,7 +325,6 @@ def export(argv=None) -> int:
             raise CheckpointError(
                 "full: give the base model with --model (the checkpoint records none that exists here)"
             )
-        out = Path(args.out).expanduser()
         with new_folder(out) as tmp:
             if args.kind == "peft":
                 export_peft_checkpoint(
@@ -356,7 +356,30 @@ def export(argv=None) -> int:
     except (CheckpointError, ConfigError, UnsupportedModelError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # a write into the export's folder failed: that folder is removed already
+        line = write_error(err, tmp, out)
+        if line is None:
+            raise
+        print(f"error: {line}", file=sys.stderr)
+        return 2
     return 0
+
+
+def write_error(err: OSError, tmp: Path | None, out: Path) -> str | None:
+    """The line of an export whose write into ``tmp`` (the folder renamed to ``out`` at the end, removed when
+    a write failed) failed: the file under its final name, and why. None when ``err`` is not such a write."""
+    if tmp is None:
+        return None
+    writing = out
+    if err.filename:
+        try:
+            writing = out / Path(err.filename).resolve().relative_to(tmp.resolve())
+        except ValueError:
+            return None
+    if is_disk_full(err):
+        return (f"no space left on device writing {writing}; the partial export was removed ({out} is not written); "
+                "free space and run the export again")
+    return f"cannot write {writing} ({err.strerror or err}); the partial export was removed ({out} is not written)"
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ environment lookup.
 
 Points:
 
+* ``locked``: at the start, right after the run took its output folder (its lock), before anything is written
+  (``step`` is 0);
 * ``step``: in the middle of a step: gradients computed, the optimizer update not yet applied;
 * ``eval``: inside the evaluation loss, after its first batch (``step`` is the training step it follows);
 * ``save-write``: inside a checkpoint write: every file complete in the ``.tmp-checkpoint-N`` folder,
@@ -25,7 +27,7 @@ import signal
 
 ENV = "PTUNING_TEST_KILL_AT"
 SIGNAL_ENV = "PTUNING_TEST_KILL_SIGNAL"
-POINTS = ("step", "eval", "save-write", "saved", "generate")
+POINTS = ("locked", "step", "eval", "save-write", "saved", "generate")
 
 
 def kill_point(point: str, step: int) -> None:

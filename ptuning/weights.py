@@ -8,6 +8,8 @@ A folder holds ``config.json`` and one of: ``model.safetensors``; sharded safete
 from __future__ import annotations
 
 import ctypes
+import errno
+import io
 import json
 import mmap
 import os
@@ -19,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 SAFE_SINGLE = "model.safetensors"
@@ -33,6 +35,68 @@ IGNORED_KEYS = re.compile(r".*rotary_emb\.inv_freq$")
 
 class CheckpointError(ValueError):
     """A weights folder or file that cannot be loaded into the model; the message names what and why."""
+
+
+# ---- writing files: a failed write is an OSError that names the file and says why ----
+
+#: ``errno`` of a write that found no room: the device is full, or the user's disk quota is used up
+NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+def is_disk_full(err: BaseException) -> bool:
+    """Whether ``err`` is a write that found no space left (ENOSPC, or EDQUOT: over the disk quota)."""
+    return isinstance(err, OSError) and err.errno in NO_SPACE_ERRNOS
+
+
+class _Sink(io.RawIOBase):
+    """A file that keeps the error of a failed write: ``torch.save`` turns it into a RuntimeError that says
+    only ``unexpected pos ...``."""
+
+    def __init__(self, fh):
+        super().__init__()
+        self.fh, self.error = fh, None
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        try:
+            return self.fh.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+
+def save_torch(obj, path: str | os.PathLike) -> None:
+    """``torch.save(obj)`` into the file ``path`` (streamed, as torch.save writes it).
+
+    Raises:
+        OSError: the write failed (``errno`` ENOSPC on a full disk), naming ``path``.
+    """
+    with open(path, "wb") as fh:
+        sink = _Sink(fh)
+        try:
+            torch.save(obj, sink)
+        except RuntimeError:
+            if sink.error is not None:
+                raise OSError(sink.error.errno, sink.error.strerror, str(path)) from None
+            raise
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict | None = None) -> None:
+    """safetensors' ``save_file``.
+
+    Raises:
+        OSError: the write failed (``errno`` ENOSPC on a full disk), naming ``path``; safetensors reports it as
+            ``SafetensorError: ... (os error 28)``.
+    """
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as err:
+        code = re.search(r"\(os error (\d+)\)", str(err))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from None
 
 
 def load_failure(err: BaseException, *, torch_file: bool = False) -> str:
@@ -232,9 +296,9 @@ def save_weights(
 
     def write(part: dict[str, torch.Tensor], path: Path) -> None:
         if safe:
-            save_file(part, str(path), metadata={"format": "pt"})
+            save_safetensors(part, path, metadata={"format": "pt"})
         else:
-            torch.save(part, str(path))
+            save_torch(part, path)
 
     if len(shards) == 1:
         path = folder / (SAFE_SINGLE if safe else BIN_SINGLE)

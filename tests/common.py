@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import json
+import shutil
 import struct
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -55,3 +61,27 @@ def read_wandb_history(run_file: Path) -> list[dict]:
             if record.WhichOneof("record_type") == "history":
                 rows.append({"/".join(i.nested_key) or i.key: json.loads(i.value_json) for i in record.history.item})
     return rows
+
+
+@contextmanager
+def small_disk(folder: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` (``300k``) mounted at ``folder`` for the block: a real disk that fills up. Grow it with
+    :func:`resize_disk`. Skips the test, saying why, where this process may not mount (not root, or a container
+    without the capability); the same behaviours are also tested with the failing write injected."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if shutil.which("mount") is None:
+        pytest.skip("a real full disk needs a small tmpfs, and there is no mount command here")
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"a real full disk needs a small tmpfs, which this process may not mount "
+                    f"({proc.stderr.strip() or f'mount exited {proc.returncode}'})")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+def resize_disk(folder: Path, size: str) -> None:
+    """Gives the tmpfs at ``folder`` (:func:`small_disk`) the size ``size``: space is freed."""
+    subprocess.run(["mount", "-o", f"remount,size={size}", str(folder)], check=True, capture_output=True)

@@ -16,7 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from .common import ROOT
+from .common import ROOT, small_disk
+from .test_run_folder import holder
 
 pytestmark = pytest.mark.multiproc
 
@@ -189,6 +190,67 @@ def test_deepspeed_config_conflicting_with_training_keys_is_named(tmp_path):
                   tmp_path / "out", "train.per_device_batch_size=4", check=False)
     assert proc.returncode != 0
     assert "train_micro_batch_size_per_gpu=2 conflicts with train.per_device_batch_size (4)" in proc.stderr
+
+
+# ---- errors under accelerate launch: one line, one exit status ----
+
+
+def assert_every_process_stopped_with_one_line(proc, line: str) -> None:
+    """The error line once (the main process's), and every process exited 2 (the launcher's report lists each:
+    none was stopped by its SIGTERM, none left waiting). The launcher then reports the failure in its own lines
+    and exits 1: it does not pass its processes' status on."""
+    errors = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
+    assert errors == [line], proc.stderr[-3000:]
+    assert sorted(re.findall(r"^\s*exitcode\s*:\s*(-?\d+)", proc.stderr, re.M)) == ["2", "2"], proc.stderr[-3000:]
+    assert "File \"" + str(ROOT) not in proc.stderr  # no traceback of the toolkit's code
+    assert proc.returncode == 1
+
+
+def test_errors_under_accelerate_launch_are_one_line_and_every_process_exits_2(single, tmp_path):
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "train_log.jsonl").write_text("my notes\n")
+    # as docs/distributed.md launches: --quiet, and the launcher adds its table of failed processes, no traceback
+    proc = launch(launch_file("cpu_2proc.yaml", "--quiet"), taken, "train.per_device_batch_size=4", check=False)
+    assert_every_process_stopped_with_one_line(
+        proc, f"error: {taken} already holds an earlier run's outputs (train_log.jsonl): choose another "
+              "train.output_dir, or set train.overwrite=true to remove them and start over")
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    # a folder another run holds: only the main process takes the lock, and every process stops with its line
+    held = tmp_path / "held"
+    other = holder(held)
+    try:
+        proc = launch(launch_file("cpu_2proc.yaml"), held, "train.per_device_batch_size=4", check=False)
+    finally:
+        other.kill()
+        other.wait()
+    line = [x for x in proc.stderr.splitlines() if x.startswith("error:")][:1]
+    assert line and line[0].startswith(f"error: train.output_dir={held} is in use by another run (pid {other.pid} "), \
+        proc.stderr[-3000:]
+    assert_every_process_stopped_with_one_line(proc, line[0])
+    assert sorted(p.name for p in held.iterdir()) == [".ptuning.lock"]  # the holder's; nothing written
+    # evaluation alike: a metrics.json it did not write is never replaced
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "metrics.json").write_text("{}\n")
+    proc = subprocess.run([*launch_file("cpu_2proc.yaml"), "evaluate.py", f"prefix_checkpoint={single / 'checkpoint-4'}",
+                           f"output_dir={mine}", f"data.cache_dir={tmp_path / 'cache'}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300, env=env())
+    assert_every_process_stopped_with_one_line(
+        proc, f"error: output_dir={mine}: metrics.json there was not written by evaluate.py and is never replaced; "
+              "move it or choose another output_dir")
+
+
+def test_a_full_disk_under_accelerate_launch_stops_every_process_with_one_line(tmp_path):
+    with small_disk(tmp_path / "disk", "300k") as disk:  # one checkpoint of the built-in model fits, not two
+        out = disk / "run"
+        cmd = [*launch_file("cpu_2proc.yaml"), "train.py", *FAST, "train.per_device_batch_size=4",
+               f"train.output_dir={out}", f"data.cache_dir={tmp_path / 'cache'}"]
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env())
+        assert_every_process_stopped_with_one_line(
+            proc, f"error: no space left on device writing {out / 'checkpoint-4'}; the last complete checkpoint is "
+                  f"{out / 'checkpoint-2'}; free space and continue with train.resume_from=auto")
+        assert sorted(p.name for p in out.iterdir()) == ["checkpoint-2", "run_config.json", "train_log.jsonl"]
 
 
 # ---- faults found by trying the toolkit as a user would (one test per kind, named by item) ----

@@ -3,6 +3,7 @@ the original checkpoint format, where outputs may go, user mistakes, wandb."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -380,6 +381,46 @@ def test_earlier_results_are_replaced_only_when_asked_and_a_users_file_never(tra
         assert str(refused.value) == (f"output_dir={mine}: metrics.json there was not written by evaluate.py and is "
                                       "never replaced; move it or choose another output_dir")
     assert [(p.name, p.read_text()) for p in mine.iterdir()] == [("metrics.json", '{"my": "numbers"}\n')]
+
+
+def _pair(out):
+    return {name: (out / name).read_text() for name in ("generated_predictions.jsonl", "metrics.json")}
+
+
+@pytest.mark.parametrize("disk", ["injected", "tmpfs"])
+def test_a_full_disk_writing_the_results_is_one_line_and_keeps_the_earlier_ones(tmp_path, monkeypatch, disk):
+    from contextlib import nullcontext
+    from pathlib import Path
+
+    from ptuning.evaluation.run import write_outputs
+
+    from .common import small_disk
+
+    with small_disk(tmp_path / "disk", "64k") if disk == "tmpfs" else nullcontext(tmp_path / "disk") as folder:
+        out = folder / "eval"
+        write_outputs(out, [{"predict": "a"}], {"bleu-4": 1.0})
+        earlier = _pair(out)
+        rows = [{"predict": "x" * 1000}] * 100  # 100 KB: more than the disk holds
+        if disk == "injected":
+            real = Path.write_text
+
+            def metrics_find_no_space(path, *args, **kwargs):
+                if "metrics.json" in path.name:
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                return real(path, *args, **kwargs)
+
+            monkeypatch.setattr(Path, "write_text", metrics_find_no_space)
+        with pytest.raises(ConfigError) as stopped:
+            write_outputs(out, rows, {"bleu-4": 2.0})
+        writing = out / ("metrics.json" if disk == "injected" else "generated_predictions.jsonl")
+        assert str(stopped.value) == (f"no space left on device writing {writing}; no results were written ({out} "
+                                      "is as it was); free space and run the evaluation again")
+        with pytest.raises(ConfigError, match="^no space left on device writing "):
+            write_outputs(folder / "new", rows, {})
+        monkeypatch.undo()
+        assert not (folder / "new").exists()  # a folder made for the results goes again
+        assert _pair(out) == earlier  # the new predictions never sit beside the old metrics
+        assert sorted(p.name for p in out.iterdir()) == ["generated_predictions.jsonl", "metrics.json"]
 
 
 def test_an_empty_prefix_checkpoint_names_the_key(tmp_path, monkeypatch):

@@ -476,6 +476,37 @@ def test_export_writes_a_new_or_empty_folder_and_leaves_nothing_when_it_fails(qa
     assert not [p for p in (tmp_path / "a" / "b").iterdir() if p.name != "adapter"]  # no temporary folder left
 
 
+def test_an_export_that_fills_the_disk_is_one_line_and_leaves_nothing(qa_checkpoints, tmp_path, capsys, monkeypatch):
+    import errno
+    import os
+
+    from ptuning import checkpoint as checkpoint_module
+
+    from .common import small_disk
+
+    ckpt = qa_checkpoints["tiny-chatglm"]
+
+    def no_space(obj, path):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(checkpoint_module, "save_torch", no_space)
+    out = tmp_path / "exports" / "original"
+    assert export_cli.main(["original", "--checkpoint", str(ckpt), "--out", str(out)]) == 2
+    assert _one_error(capsys) == (f"error: no space left on device writing {out / 'pytorch_model.bin'}; the partial "
+                                  f"export was removed ({out} is not written); free space and run the export again")
+    assert not (tmp_path / "exports").exists()
+    monkeypatch.undo()
+    # a real full disk: the whole model does not fit in 300 KB
+    with small_disk(tmp_path / "disk", "300k") as disk:
+        out = disk / "full"
+        assert export_cli.main(["full", "--checkpoint", str(ckpt), "--out", str(out)]) == 2
+        err = _one_error(capsys)
+        assert re.fullmatch(rf"error: no space left on device writing {re.escape(str(out))}/pytorch_model-\d+-of-\d+"
+                            rf"\.bin; the partial export was removed \({re.escape(str(out))} is not written\); free "
+                            r"space and run the export again", err), err
+        assert list(disk.iterdir()) == []
+
+
 @pytest.mark.parametrize("name", ["tiny-chatglm2", "tiny-chatglm3"])
 def test_peft_export_of_a_chatglm2_or_3_prefix_is_refused_in_one_line(qa_checkpoints, tmp_path, capsys, name):
     ckpt = qa_checkpoints[name]

@@ -17,6 +17,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -31,13 +32,15 @@ from ptuning.build import load_model, load_tokenizer
 from ptuning.checkpoint import list_checkpoints, prefix_metadata, save_checkpoint
 from ptuning.config import BUILTIN_MODEL, ModelConfig
 from ptuning.faults import ENV as KILL_ENV
+from ptuning.faults import SIGNAL_ENV
 from ptuning.training import TrainingError
 from ptuning.training import loop as loop_module
+from ptuning.training import run_folder as run_folder_module
 from ptuning.training.run_folder import RunLog, resolve_resume
 from ptuning.weights import CheckpointError, read_weights, save_weights
 
 from .bad_inputs.recipes import Payload
-from .common import ROOT
+from .common import ROOT, resize_disk, small_disk
 from .test_evaluate import reset_accelerate
 from .test_training import job
 from .test_training import train as train_with_baseline
@@ -89,50 +92,60 @@ def assert_same_checkpoint(a: Path, b: Path) -> None:
             assert torch.equal(value, sb["optimizer"]["state"][key][name]), f"optimizer {key}.{name} differs"
 
 
-def test_killed_anywhere_resumes_exactly(tmp_path):
-    """One uninterrupted run, and one killed five times (at a different moment each time) and resumed."""
+def test_one_command_restarts_a_run_killed_at_any_moment_to_the_same_prefix(tmp_path):
+    """One uninterrupted run, and one started with ``train.resume_from=auto`` and killed seven times (at a
+    different moment each time, before its first checkpoint too), each restart the very same command."""
     cache = tmp_path / "cache"
     full, cut = tmp_path / "full", tmp_path / "cut"
     done = train_cli(full, cache)
     assert done.returncode == 0, done.stderr[-3000:]
     assert checkpoint_names(full) == ["checkpoint-9", "checkpoint-10"]
+    auto = "train.resume_from=auto"
 
-    def killed(*extra, at):
-        proc = train_cli(cut, cache, *extra, kill=at)
+    def killed(at):
+        proc = train_cli(cut, cache, auto, kill=at)
         assert proc.returncode == -signal.SIGKILL, (at, proc.returncode, proc.stderr[-3000:])
         assert "Traceback" not in proc.stderr
+        return proc
 
-    resume = "train.resume_from=latest"
-    # 1. inside the write of the first checkpoint: its files are complete in the temporary folder, not
-    # renamed. There is nothing to resume (resume_from=latest says so); the run's log and record are there,
-    # so a fresh start says so too, and train.overwrite=true removes them (and the unfinished write).
-    killed(at="save-write@3")
+    # 1. the first start, right after it took the folder: nothing written but the lock file, whose lock died with
+    # the process
+    killed("locked@0")
+    assert sorted(p.name for p in cut.iterdir()) == [".ptuning.lock"]
+    # 2. in the middle of step 2, before the first checkpoint: the run's record and log are there
+    killed("step@2")
+    assert sorted(p.name for p in cut.iterdir()) == [".ptuning.lock", "run_config.json", "train_log.jsonl"]
+    first_run = json.loads((cut / "run_config.json").read_text())["run_id"]
+    # 3. inside the write of the first checkpoint: its files are complete in the temporary folder, not renamed.
+    # resume_from=latest has nothing to resume; a fresh start without auto is refused and says how to go on
+    proc = killed("save-write@3")
+    assert ("starting the run over (replacing the record of the run that has none: run_config.json, "
+            "train_log.jsonl)") in proc.stdout
     assert sorted(p.name for p in (cut / ".tmp-checkpoint-3").iterdir()) == [
         "prefix.safetensors", "prefix_config.json", "training_state.pt"]
-    assert checkpoint_names(cut) == []
+    assert checkpoint_names(cut) == [] and json.loads((cut / "run_config.json").read_text())["run_id"] != first_run
     with pytest.raises(TrainingError, match=rf"^train.resume_from=latest: {cut} holds no checkpoint-N folder"):
-        resolve_resume(job(cut, resume))
+        resolve_resume(job(cut, "train.resume_from=latest"))
     with pytest.raises(TrainingError, match=rf"^{cut} already holds an earlier run's outputs \(.tmp-checkpoint-3, "
-                                            r"run_config.json, train_log.jsonl\): choose another train.output_dir, "
-                                            r"or set train.overwrite=true to remove them and start over$"):
+                                            r"run_config.json, train_log.jsonl\): start that run over with "
+                                            r"train.resume_from=auto \(it has no checkpoint\), "):
         resolve_resume(job(cut))
-    assert resolve_resume(job(cut, "train.overwrite=true")) is None
-    # 2. in the middle of step 5 (gradients computed, not applied), after checkpoint-3
-    killed("train.overwrite=true", at="step@5")
+    # 4. in the middle of step 5 (gradients computed, not applied), after checkpoint-3
+    killed("step@5")
     assert checkpoint_names(cut) == ["checkpoint-3"] and not (cut / ".tmp-checkpoint-3").exists()
     with open(cut / "train_log.jsonl", "a") as fh:  # as if the kill had also torn the log's last line
         fh.write('{"step": 5, "loss": 2.1')
-    # 3. during the evaluation after step 8 (checkpoint-6 is the latest)
-    killed(resume, at="eval@8")
+    # 5. during the evaluation after step 8 (checkpoint-6 is the latest)
+    assert "resumed from" in killed("eval@8").stdout
     assert checkpoint_names(cut) == ["checkpoint-3", "checkpoint-6"]
-    # 4. right after checkpoint-9 is in place (and checkpoint-3 pruned)
-    killed(resume, at="saved@9")
+    # 6. right after checkpoint-9 is in place (and checkpoint-3 pruned)
+    killed("saved@9")
     assert checkpoint_names(cut) == ["checkpoint-6", "checkpoint-9"]
-    # 5. during the final evaluation, after the last checkpoint
-    killed(resume, at="eval@10")
+    # 7. during the final evaluation, after the last checkpoint
+    killed("eval@10")
     assert checkpoint_names(cut) == ["checkpoint-9", "checkpoint-10"]
     # and the last restart finishes
-    proc = train_cli(cut, cache, resume)
+    proc = train_cli(cut, cache, auto)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "done: step 10" in proc.stdout
 
@@ -141,7 +154,7 @@ def test_killed_anywhere_resumes_exactly(tmp_path):
     assert log_records(cut) == log_records(full)
     assert [r["step"] for r in log_records(full) if "loss" in r] == list(range(1, 11))
     assert [r["step"] for r in log_records(full) if "eval_loss" in r] == [4, 8, 10]
-    assert not list(cut.glob(".tmp-*"))
+    assert sorted(p.name for p in cut.iterdir()) == sorted(p.name for p in full.iterdir())  # no .tmp-, no lock
 
 
 def test_runlog_resume_drops_later_records_and_the_final_evaluation(tmp_path):
@@ -154,6 +167,73 @@ def test_runlog_resume_drops_later_records_and_the_final_evaluation(tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     # resumed from the final checkpoint-6: the end-of-run evaluation is redone, so its record goes
     assert RunLog(path, True, keep_until_step=6, end_step=6).records() == rows[:5]
+
+
+# ---- one run per folder ----
+
+
+def train_popen(out: Path, cache: Path, *extra: str, env_extra: dict | None = None) -> subprocess.Popen:
+    """``python train.py`` with the kill run's settings, started and not waited for."""
+    env = {**{k: v for k, v in os.environ.items() if k != KILL_ENV}, **(env_extra or {})}
+    args = [sys.executable, "train.py", *KILL_RUN, f"train.output_dir={out}", f"data.cache_dir={cache}", *extra]
+    return subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("error:")]
+
+
+def assert_one_runs_outputs(out: Path, seed: int) -> None:
+    """``out`` holds one whole run's outputs, the run of ``seed``: its record, and each step logged once."""
+    assert json.loads((out / "run_config.json").read_text())["train"]["seed"] == seed
+    assert [r["step"] for r in log_records(out) if "loss" in r] == list(range(1, 11))
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-10", "checkpoint-9", "run_config.json",
+                                                      "train_log.jsonl"]
+
+
+def test_a_second_run_into_a_running_runs_folder_is_refused_naming_it_and_nothing_mixes(tmp_path):
+    cache = tmp_path / "cache"
+    # the first run stops itself (SIGSTOP) right after taking its folder, before it writes anything
+    out = tmp_path / "held"
+    first = train_popen(out, cache, "train.seed=1",
+                        env_extra={KILL_ENV: "locked@0", SIGNAL_ENV: "SIGSTOP"})
+    try:
+        for _ in range(600):
+            lock = out / ".ptuning.lock"
+            if lock.is_file() and f'"pid": {first.pid},' in lock.read_text():
+                break
+            assert first.poll() is None, first.communicate()
+            time.sleep(0.5)
+        second = train_cli(out, cache, "train.seed=2")
+        assert second.returncode == 2, second.stderr[-3000:]
+        assert "Traceback" not in second.stderr
+        assert len(error_lines(second.stderr)) == 1
+        assert error_lines(second.stderr)[0].startswith(
+            f"error: train.output_dir={out} is in use by another run (pid {first.pid} on "), second.stderr[-3000:]
+        assert re.search(r", started \d{4}-\d\d-\d\d \d\d:\d\d:\d\d: train\.py data\.max_train_samples=64 .*\); wait for it "
+                         r"to end or stop it, or choose another train\.output_dir$", error_lines(second.stderr)[0])
+        assert sorted(p.name for p in out.iterdir()) == [".ptuning.lock"]  # the refused run wrote nothing
+    finally:
+        first.send_signal(signal.SIGCONT)
+    stdout, stderr = first.communicate(timeout=600)
+    assert first.returncode == 0, stderr[-3000:]
+    assert "done: step 10" in stdout
+    assert_one_runs_outputs(out, seed=1)
+
+    # two runs started at the same moment: one runs, the other is refused, and the folder is the first's alone
+    out = tmp_path / "race"
+    runs = {seed: train_popen(out, cache, f"train.seed={seed}") for seed in (1, 2)}
+    ends = {seed: proc.communicate(timeout=600) for seed, proc in runs.items()}
+    codes = {seed: proc.returncode for seed, proc in runs.items()}
+    assert sorted(codes.values()) == [0, 2], {seed: ends[seed][1][-2000:] for seed in runs}
+    winner = next(seed for seed, code in codes.items() if code == 0)
+    loser = 3 - winner
+    refusal = error_lines(ends[loser][1])
+    assert len(refusal) == 1 and "Traceback" not in ends[loser][1], ends[loser][1][-3000:]
+    # refused while the winner ran (almost always), or, when it started that late, by the winner's outputs
+    assert refusal[0].startswith((f"error: train.output_dir={out} is in use by another run (pid {runs[winner].pid} ",
+                                  f"error: {out} already holds an earlier run's outputs")), refusal[0]
+    assert_one_runs_outputs(out, seed=winner)
 
 
 # ---- numerical faults ----
@@ -239,34 +319,96 @@ def test_a_nonfinite_prefix_is_never_written(tmp_path):
 # ---- storage faults ----
 
 
-@pytest.mark.parametrize(("writer", "code"), [("save_file", errno.ENOSPC), ("torch.save", errno.EACCES)])
-def test_failing_write_keeps_the_previous_checkpoint_and_stops(tmp_path, monkeypatch, writer, code):
-    # tests run as root, which a read-only folder would not stop: the write itself fails instead
+@pytest.mark.parametrize(("writer", "code"), [("save_safetensors", errno.ENOSPC), ("save_torch", errno.ENOSPC),
+                                              ("save_torch", errno.EACCES)])
+def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, writer, code):
+    # tests run as root, which a read-only folder would not stop: the write itself fails instead (as a full
+    # disk's does: ptuning.weights turns what torch and safetensors report into the OSError of the write)
     before = {}
-
-    def failing(*args, **kwargs):
-        before.update({p.name: p.read_bytes() for p in (tmp_path / "checkpoint-3").iterdir()})
-        raise OSError(code, os.strerror(code))
-
+    real = getattr(checkpoint_module, writer)
     calls = {"n": 0}
-    real = checkpoint_module.save_file if writer == "save_file" else checkpoint_module.torch.save
 
-    def second_call_fails(*args, **kwargs):
+    def second_call_fails(obj, path, *args, **kwargs):
         calls["n"] += 1
-        return real(*args, **kwargs) if calls["n"] == 1 else failing()
+        if calls["n"] == 1:
+            return real(obj, path, *args, **kwargs)
+        before.update({p.name: p.read_bytes() for p in (tmp_path / "checkpoint-3").iterdir()})
+        raise OSError(code, os.strerror(code), str(path))
 
-    if writer == "save_file":
-        monkeypatch.setattr(checkpoint_module, "save_file", second_call_fails)
+    monkeypatch.setattr(checkpoint_module, writer, second_call_fails)
+    if code == errno.ENOSPC:
+        expected = (f"no space left on device writing {tmp_path / 'checkpoint-6'}; the last complete checkpoint is "
+                    f"{tmp_path / 'checkpoint-3'}; free space and continue with train.resume_from=auto")
     else:
-        monkeypatch.setattr(checkpoint_module.torch, "save", second_call_fails)
-    with pytest.raises(TrainingError, match=rf"checkpoint-6: writing the checkpoint failed \({os.strerror(code)}\); "
-                                            r"earlier checkpoints are intact$"):
+        expected = f"{tmp_path / 'checkpoint-6'}: writing the checkpoint failed (Permission denied); earlier checkpoints are intact"
+    with pytest.raises(TrainingError) as stopped:
         train(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir() if "checkpoint" in p.name) == ["checkpoint-3"]
+    assert str(stopped.value) == expected
+    assert sorted(p.name for p in tmp_path.iterdir() if "checkpoint" in p.name) == ["checkpoint-3"]  # no .tmp-
     assert {p.name: p.read_bytes() for p in (tmp_path / "checkpoint-3").iterdir()} == before
-    if code == errno.ENOSPC:  # once space is back, it resumes from the intact checkpoint
+    assert not (tmp_path / ".ptuning.lock").exists()  # the run let go of its folder
+    if code == errno.ENOSPC:  # once space is back, the command the line gives continues from the intact checkpoint
         monkeypatch.undo()
-        assert train(tmp_path, "train.resume_from=latest").step == 6
+        assert train(tmp_path, "train.resume_from=auto").step == 6
+
+
+def test_a_full_disk_before_the_first_checkpoint_or_in_the_log_is_one_line_too(tmp_path, monkeypatch):
+    def no_space(obj, path, *args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(checkpoint_module, "save_torch", no_space)
+    with pytest.raises(TrainingError) as stopped:
+        train(tmp_path / "first")
+    assert str(stopped.value) == (
+        f"no space left on device writing {tmp_path / 'first' / 'checkpoint-3'}; the run has no complete checkpoint "
+        "yet; free space and start it again with train.resume_from=auto")
+    assert sorted(p.name for p in (tmp_path / "first").iterdir()) == [".cache", "run_config.json", "train_log.jsonl"]
+    monkeypatch.undo()
+    assert train(tmp_path / "first", "train.resume_from=auto").step == 6  # it starts over
+
+    appends = {"n": 0}
+
+    def log_full_after_step_3(file, mode="r", *args, **kwargs):
+        if mode == "a":
+            appends["n"] += 1
+            if appends["n"] > 3:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(run_folder_module, "open", log_full_after_step_3, raising=False)
+    with pytest.raises(TrainingError) as stopped:
+        train(tmp_path / "log")
+    assert str(stopped.value) == (
+        f"no space left on device writing {tmp_path / 'log' / 'train_log.jsonl'}; the last complete checkpoint is "
+        f"{tmp_path / 'log' / 'checkpoint-3'}; free space and continue with train.resume_from=auto")
+
+
+def test_a_real_full_disk_stops_the_run_in_one_line_and_the_command_it_gives_continues(tmp_path):
+    """A 300 KB tmpfs holds one checkpoint of the built-in model (213 KB), not two."""
+    with small_disk(tmp_path / "disk", "300k") as disk:
+        out = disk / "run"
+
+        def train_py(*extra):
+            args = [sys.executable, "train.py", "data.max_train_samples=64", "data.max_eval_samples=8",
+                    "train.max_steps=60", "train.save_steps=20", "train.eval_steps=20", "train.eval_generation=false",
+                    "train.plot=false", f"train.output_dir={out}", f"data.cache_dir={tmp_path / 'cache'}", *extra]
+            return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+        proc = train_py()
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        assert "Traceback" not in proc.stderr
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+        assert errors == [f"error: no space left on device writing {out / 'checkpoint-40'}; the last complete "
+                          f"checkpoint is {out / 'checkpoint-20'}; free space and continue with "
+                          "train.resume_from=auto"], proc.stderr[-3000:]
+        assert sorted(p.name for p in out.iterdir()) == ["checkpoint-20", "run_config.json", "train_log.jsonl"]
+        assert sorted(p.name for p in (out / "checkpoint-20").iterdir()) == [
+            "prefix.safetensors", "prefix_config.json", "training_state.pt"]
+        resize_disk(disk, "8m")
+        proc = train_py("train.resume_from=auto")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert f"resumed from {out / 'checkpoint-20'} at step 20" in proc.stdout
+        assert "done: step 60" in proc.stdout
 
 
 # ---- safe loading ----

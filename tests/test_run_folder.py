@@ -6,17 +6,25 @@ The end-to-end runs over the same rules are in tests/test_training.py and tests/
 from __future__ import annotations
 
 import json
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
-from ptuning.config import TrainJobConfig
+from ptuning.config import ConfigError, TrainJobConfig
 from ptuning.training import TrainingError
 from ptuning.training.run_folder import (
+    LOCK_FILE,
     LOG_FILE,
     RunLog,
     check_output_dir,
     check_resumable,
     clear_previous_run,
+    hold_run_folder,
     open_run_folder,
     resolve_resume,
     survey_output_dir,
@@ -83,6 +91,70 @@ def test_an_output_dir_that_would_be_made_is_only_probed(tmp_path):
     (tmp_path / "blocker").write_text("x")
     with pytest.raises(TrainingError, match=r"cannot be created: .*blocker is not a folder$"):
         check_output_dir(tmp_path / "blocker" / "run")
+
+
+# ---- one run per folder ----
+
+HOLD = """
+import sys
+from pathlib import Path
+from ptuning.training.run_folder import hold_run_folder
+lock = hold_run_folder(Path(sys.argv[1]))
+print("held", flush=True)
+sys.stdin.read()  # until the test closes it, or kills this process
+lock.release(wrote=True)
+"""
+
+
+def holder(folder):
+    """Another process that holds ``folder`` as a run does (``python -c HOLD <folder>``)."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(folder), "--some", "arguments"], env=env,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "held\n"
+    return proc
+
+
+def test_a_folder_held_by_a_running_process_refuses_another_run_naming_the_holder(tmp_path):
+    out = tmp_path / "run"
+    proc = holder(out)
+    try:
+        with pytest.raises(TrainingError) as refused:
+            hold_run_folder(out)
+        assert re.fullmatch(
+            rf"train.output_dir={out} is in use by another run \(pid {proc.pid} on {re.escape(socket.gethostname())}, "
+            rf"started \d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d: -c {out} --some arguments\); wait for it to end or stop "
+            r"it, or choose another train.output_dir", str(refused.value)), str(refused.value)
+        # what overwrite and the folder rules see: the lock file is no run output, and stays
+        record_run(out, "run1")
+        assert survey_output_dir(out).ours == [out / "run_config.json"]
+        clear_previous_run(out)
+        assert sorted(p.name for p in out.iterdir()) == [LOCK_FILE]
+    finally:
+        proc.kill()
+        proc.wait()
+    # a killed holder never blocks the next run: the OS released its lock (its file stays until then)
+    assert (out / LOCK_FILE).is_file()
+    lock = hold_run_folder(out)
+    assert json.loads((out / LOCK_FILE).read_text())["pid"] == os.getpid()
+    lock.release(wrote=True)
+    assert sorted(p.name for p in out.iterdir()) == []
+    proc = holder(out)  # and the folder is free again once a run ends
+    proc.communicate("")
+    assert proc.returncode == 0
+    hold_run_folder(out).release(wrote=True)
+
+
+def test_a_run_that_stops_before_writing_removes_the_folders_it_made_to_hold_its_own(tmp_path):
+    out = tmp_path / "a" / "b" / "run"
+    lock = hold_run_folder(out)
+    assert out.is_dir() and (out / LOCK_FILE).is_file()
+    lock.release(wrote=False)
+    assert sorted(tmp_path.iterdir()) == []
+    (tmp_path / "kept").mkdir()
+    lock = hold_run_folder(tmp_path / "kept")
+    lock.release(wrote=False)
+    assert sorted(tmp_path.iterdir()) == [tmp_path / "kept"]  # it was there before: only the lock file goes
 
 
 # ---- what a folder holds ----
@@ -164,8 +236,59 @@ def test_resume_latest_takes_the_recorded_runs_newest_checkpoint_only(tmp_path):
     with pytest.raises(TrainingError, match=r"the checkpoints in .* \(checkpoint-3, checkpoint-4\) were not written "
                                             r"by the run its run_config.json records"):
         resolve_resume(job(tmp_path, resume_from="latest"))
-    with pytest.raises(TrainingError, match=r"^train.resume_from=latest: .*empty holds no checkpoint-N folder"):
+    with pytest.raises(TrainingError, match=r"^train.resume_from=latest: .*empty holds no checkpoint-N folder to "
+                                            r"resume \(train.resume_from=auto starts the run over where there is none\)$"):
         resolve_resume(job(tmp_path / "empty", resume_from="latest"))
+
+
+def test_resume_auto_takes_the_latest_checkpoint_or_starts_over_a_run_stopped_before_its_first(tmp_path, capsys):
+    auto = {"resume_from": "auto"}
+    assert resolve_resume(job(tmp_path / "new", **auto)) is None  # nothing there: a fresh run
+    # only the record of a run killed before its first checkpoint (in the middle of writing it): a fresh run,
+    # which replaces that record and nothing else
+    out = tmp_path / "killed"
+    record_run(out, "run1")
+    (out / LOG_FILE).write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo')
+    checkpoint(out, 3, "run1").rename(out / ".tmp-checkpoint-3")
+    (out / "wandb").mkdir()
+    (out / "notes.txt").write_text("the user's")
+    with pytest.raises(TrainingError) as refused:  # a fresh run without auto says how to start it again
+        resolve_resume(job(out))
+    assert str(refused.value) == (
+        f"{out} already holds an earlier run's outputs (.tmp-checkpoint-3, run_config.json, train_log.jsonl): start "
+        "that run over with train.resume_from=auto (it has no checkpoint), choose another "
+        "train.output_dir, or set train.overwrite=true to remove them and start over")
+    assert resolve_resume(job(out, **auto)) is None
+    open_run_folder(job(out, **auto), "run2", None, 0, None, main=True)
+    assert capsys.readouterr().out == (
+        f"train.resume_from=auto: {out} holds no checkpoint to resume; starting the run over (replacing the record "
+        "of the run that has none: .tmp-checkpoint-3, run_config.json, train_log.jsonl)\n")
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "run_config.json", "train_log.jsonl", "wandb"]
+    assert json.loads((out / "run_config.json").read_text())["run_id"] == "run2"
+    assert (out / LOG_FILE).read_text() == ""
+    # once it has a checkpoint, the same command resumes it
+    checkpoint(out, 3, "run2")
+    checkpoint(out, 6, "run2")
+    assert resolve_resume(job(out, **auto)) == out / "checkpoint-6"
+    # a folder with outputs no run here wrote, or another run's evaluations, is no run to start over
+    theirs = tmp_path / "theirs"
+    record_run(theirs, "run1")
+    checkpoint(theirs, 3, "run2")
+    with pytest.raises(TrainingError) as refused:
+        resolve_resume(job(theirs, **auto))
+    assert str(refused.value) == (
+        f"train.resume_from=auto: {theirs} holds no checkpoint of a run to resume, and holds an earlier run's outputs "
+        "(run_config.json) and checkpoint-3 (written by run run2; run_config.json records run run1), which no run "
+        "here wrote: choose another train.output_dir, or set train.overwrite=true instead of train.resume_from=auto "
+        "to remove the earlier run's outputs and start over (it keeps checkpoint-3)")
+    scored = tmp_path / "scored"
+    record_run(scored, "run1")
+    evaluation(scored, "eval-checkpoint-3", "run1")
+    with pytest.raises(TrainingError, match=r"^train.resume_from=auto: .* holds no checkpoint of a run to resume, "
+                                            r"and holds an earlier run's outputs \(eval-checkpoint-3, run_config.json\)"):
+        resolve_resume(job(scored, **auto))
+    with pytest.raises(ConfigError, match=r"train.resume_from=auto and train.overwrite=true contradict each other"):
+        job(out, overwrite=True, **auto).validate()
 
 
 def test_resume_from_a_folder_says_what_the_folder_is_instead(tmp_path):

@@ -348,8 +348,10 @@ def test_ctrl_c_names_the_step_and_the_checkpoint_to_resume(tmp_path, monkeypatc
                                   "continue with train.resume_from=latest")
     calls["n"] = 4  # the next call is the 5th: Ctrl-C in the first step of a new run
     with pytest.raises(TrainingInterrupted, match=r"^interrupted at step 0, before the first checkpoint: nothing to "
-                                                  r"resume, start the run again$"):
+                                                  r"resume; start the run again with train.resume_from=auto \(it "
+                                                  r"replaces this run's record\)$"):
         train(tmp_path / "early", "train.eval_before_training=false")
+    assert train(tmp_path / "early", "train.eval_before_training=false", "train.resume_from=auto").step == 6
 
 
 def test_the_console_shows_eval_loss_and_throughput_as_the_docs_say(tmp_path, capsys):
@@ -563,14 +565,18 @@ def test_a_log_plot_or_run_record_alone_is_an_earlier_runs_output(tmp_path, monk
     with pytest.raises(TrainingError) as refused:
         train(tmp_path)
     assert str(refused.value) == (
-        f"{tmp_path} already holds an earlier run's outputs (loss.png, run_config.json, train_log.jsonl): choose "
-        "another train.output_dir, or set train.overwrite=true to remove them and start over")
+        f"{tmp_path} already holds an earlier run's outputs (loss.png, run_config.json, train_log.jsonl): start "
+        "that run over with train.resume_from=auto (it has no checkpoint), choose another train.output_dir, or set "
+        "train.overwrite=true to remove them and start over")
     assert file_digests(tmp_path) == before
     handmade = tmp_path / "handmade"  # files of those names, made by hand: not replaced silently either
     handmade.mkdir()
     (handmade / "train_log.jsonl").write_text("my notes\n")
     with pytest.raises(TrainingError, match=r"already holds an earlier run's outputs \(train_log.jsonl\): choose "):
         train(handmade)
+    with pytest.raises(TrainingError, match=r"^train.resume_from=auto: .* holds no checkpoint of a run to resume, "
+                                            r"and holds an earlier run's outputs \(train_log.jsonl\): choose "):
+        train(handmade, "train.resume_from=auto")  # no run's record: auto does not start over it either
     assert (handmade / "train_log.jsonl").read_text() == "my notes\n"
 
 

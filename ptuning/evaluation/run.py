@@ -36,17 +36,19 @@ from ..config import ConfigError, LoggerConfig, ModelConfig, check_data_file
 from ..data import DataError, build_datasets
 from ..data.config import DataConfig
 from ..data.loading import check_positions
-from ..distributed import LaunchError, start
+from ..distributed import LaunchError, on_every_process, start
 from ..faults import kill_point
 from ..generation import packed_linears, vocab_limit
 from ..perf import set_cpu_threads
-from ..weights import CheckpointError
+from ..weights import CheckpointError, is_disk_full
 from .generate import GenerationSettings, batched, generate_ids, make_decoder
 from .metrics import METRIC_NAMES, compute_metrics
 
 PREDICTIONS_FILE = "generated_predictions.jsonl"
 METRICS_FILE = "metrics.json"
 EVAL_FILES = (PREDICTIONS_FILE, METRICS_FILE)
+# the one-line errors of an evaluation that cannot run: every process of it stops with the same one
+USER_ERRORS = (ConfigError, DataError, CheckpointError)
 # Files that mark a folder as a checkpoint, a training run or a model: evaluation never writes there.
 CHECKPOINT_MARKERS = (PREFIX_FILE, META_FILE, STATE_FILE, ORIGINAL_FILE)
 RUN_MARKERS = ("train_log.jsonl", "run_config.json", "config.json", "model.safetensors")
@@ -389,16 +391,6 @@ def _generate(model, template, examples: list[dict], mine: list[int], settings: 
 # ---- the job ----
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    # a crash or Ctrl-C while writing leaves the previous file (or none), never half a file
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def check_writable(out: Path) -> None:
     """That ``out`` can be made (or, when it exists, written to), without making it.
 
@@ -417,16 +409,35 @@ def check_writable(out: Path) -> None:
 
 
 def write_outputs(out: Path, rows: list[dict], metrics: dict) -> None:
-    """Writes ``generated_predictions.jsonl`` (UTF-8, not escaped, input order) and ``metrics.json``.
+    """Writes ``generated_predictions.jsonl`` (UTF-8, not escaped, input order) and ``metrics.json``: both
+    beside their names first, renamed into place once both are whole, so a crash, Ctrl-C or a full disk leaves
+    the earlier pair (or none), never new predictions beside old metrics.
 
     Raises:
-        ConfigError: the folder cannot be created or written.
+        ConfigError: the folder cannot be created or written (a full disk: one line naming the file; nothing
+            is replaced, and a folder made for the results is removed again).
     """
+    texts = {PREDICTIONS_FILE: "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
+             METRICS_FILE: json.dumps(metrics, indent=2, ensure_ascii=False) + "\n"}
+    made = not out.exists()
+    written: list[tuple[Path, Path]] = []
+    writing = out
     try:
         out.mkdir(parents=True, exist_ok=True)
-        _write_atomic(out / PREDICTIONS_FILE, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-        _write_atomic(out / METRICS_FILE, json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
+        for name, text in texts.items():
+            writing = out / name
+            written.append((out / f".{name}.{os.getpid()}.tmp", writing))
+            written[-1][0].write_text(text, encoding="utf-8")
+        for tmp, path in written:
+            os.replace(tmp, path)
     except OSError as err:
+        for tmp, _ in written:
+            tmp.unlink(missing_ok=True)
+        if made and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        if is_disk_full(err):
+            raise ConfigError(f"no space left on device writing {writing}; no results were written ({out} is as it "
+                              "was); free space and run the evaluation again") from None
         raise ConfigError(f"output_dir={out}: cannot write ({err.strerror or err})") from None
 
 
@@ -455,20 +466,21 @@ def run(cfg: EvaluateJobConfig, *, tracker=None) -> dict:
 
 
 def _evaluate(cfg: EvaluateJobConfig, tracker) -> dict:
-    checkpoint, out, replacing = _check_job(cfg)
-    data_file = getattr(cfg.data, f"{cfg.split}_file")
     try:
         accelerator, comm = start()
-    except LaunchError as err:
-        raise ConfigError(str(err)) from None
+    except LaunchError as err:  # how the processes were started: every one of them sees it
+        raise on_every_process(ConfigError(str(err))) from None
+    # every process checks the same job; any error stops every process with one message
+    checkpoint, out, replacing = comm.together(lambda: _check_job(cfg), USER_ERRORS)
+    data_file = getattr(cfg.data, f"{cfg.split}_file")
     main = comm.is_main_process
     set_seed(cfg.seed + comm.process_index)  # sampling: a different stream on each process
-    loaded = load_model_with_prefix(cfg.model, checkpoint, device=accelerator.device)
+    loaded = comm.together(lambda: load_model_with_prefix(cfg.model, checkpoint, device=accelerator.device), USER_ERRORS)
     model, template = loaded.model, loaded.template
     set_cpu_threads(model, accelerator.device)
     if loaded.base_change and main:
         print(f"warning: {checkpoint.path} {loaded.base_change}", file=sys.stderr)
-    examples = _build_examples(cfg, comm, loaded)
+    examples = comm.together(lambda: _build_examples(cfg, comm, loaded), USER_ERRORS)
     if main:
         print(
             f"evaluating {checkpoint.path} on {data_file} ({len(examples)} examples) with {comm.num_processes} "
@@ -487,9 +499,13 @@ def _evaluate(cfg: EvaluateJobConfig, tracker) -> dict:
         num_processes=comm.num_processes,
         generation=asdict(cfg.generation),
     )
+    failure = None
     if main:
-        _report(cfg, out, replacing, rows, metrics, tracker)
-    comm.barrier()
+        try:
+            _report(cfg, out, replacing, rows, metrics, tracker)
+        except USER_ERRORS as err:
+            failure = err
+    comm.raise_together(failure)  # every process stops with the main process's error, or goes on
     metrics["output_dir"] = str(out)
     return metrics
 

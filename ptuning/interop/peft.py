@@ -21,12 +21,11 @@ from pathlib import Path
 import torch
 from peft import PeftConfig, PrefixTuningConfig, TaskType
 from peft.utils import load_peft_weights
-from safetensors.torch import save_file
 
 from ..checkpoint import META_FILE, PREFIX_FILE, infer_prefix_shape, local_prefix_keys, read_prefix
 from ..models import FAMILIES, Family, family_of
 from ..prefix import PREFIX_ATTRIBUTE, PrefixEncoder, PrefixShape, prefix_module_name, prefix_state_dict
-from ..weights import CheckpointError
+from ..weights import CheckpointError, save_safetensors
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -97,7 +96,7 @@ def write_peft_adapter(
     out_dir.mkdir(parents=True, exist_ok=True)
     embeddings = encoder_output(shape, prefix)
     peft_config_for(shape, base_model_name_or_path=base_model_name_or_path).save_pretrained(str(out_dir))
-    save_file({"prompt_embeddings": embeddings}, str(out_dir / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    save_safetensors({"prompt_embeddings": embeddings}, out_dir / ADAPTER_WEIGHTS, metadata={"format": "pt"})
     return out_dir
 
 
@@ -273,7 +272,7 @@ def import_peft(
     out_dir.mkdir(parents=True, exist_ok=True)
     # under the family's own key (what its original code and our loading both read), else the bare encoder's
     key = family.original_prefix_key("embedding.weight") or f"{PREFIX_ATTRIBUTE}.embedding.weight"
-    save_file({key: emb.contiguous()}, str(out_dir / PREFIX_FILE), metadata={"format": "pt"})
+    save_safetensors({key: emb.contiguous()}, out_dir / PREFIX_FILE, metadata={"format": "pt"})
     # what ptuning.checkpoint.prefix_metadata records; without a config nothing says what the
     # backbone computes, so no fingerprint
     meta = {**shape.describe(), "family": family.name,

@@ -20,7 +20,8 @@ class TrainingInterrupted(Exception):
     def __init__(self, step: int, checkpoint: Path | None):
         self.step, self.checkpoint = step, checkpoint
         if checkpoint is None:
-            text = f"interrupted at step {step}, before the first checkpoint: nothing to resume, start the run again"
+            text = (f"interrupted at step {step}, before the first checkpoint: nothing to resume; start the run again "
+                    "with train.resume_from=auto (it replaces this run's record)")
         else:
             text = f"interrupted at step {step}; last checkpoint {checkpoint}; continue with train.resume_from=latest"
         super().__init__(text)

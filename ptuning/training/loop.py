@@ -3,8 +3,9 @@ checkpoints with exact resume.
 
 A run is a :class:`Recipe` read in the order it happens (as torchtune's recipes and litgpt's ``fit``):
 
-* :meth:`Recipe.setup`: check everything (config, output folder, resume), load the model with its prefix,
-  the data, the optimizer, restore the training state of a resumed run, then make the output folder;
+* :meth:`Recipe.setup`: check everything (config, output folder, resume), with the output folder held for
+  this run (:func:`~ptuning.training.run_folder.hold_run_folder`), load the model with its prefix, the data,
+  the optimizer, restore the training state of a resumed run, then make the run's first writes;
 * :meth:`Recipe.evaluate_before_training`: score the untuned prefix (``train.eval_before_training``);
 * :meth:`Recipe.train`: optimizer steps (:meth:`Recipe.step_gradients`), each followed by logging, an evaluation
   (:meth:`Recipe.evaluate_loss`) and a checkpoint (:meth:`Recipe.save`) when they are due;
@@ -45,14 +46,15 @@ from ..checkpoint import (
     restore_rng,
     save_checkpoint,
 )
-from ..config import TrainJobConfig
-from ..data import PackedRows, TrainingCollator, build_datasets
+from ..config import ConfigError, TrainJobConfig
+from ..data import DataError, PackedRows, TrainingCollator, build_datasets
 from ..data.loading import check_positions
 from ..distributed import (
     Collectives,
     LaunchError,
     full_state,
     gathered_for_generation,
+    on_every_process,
     shard_apart,
     sharded_state,
     sharding_summary,
@@ -68,13 +70,19 @@ from .errors import TrainingError, TrainingInterrupted
 from .plot import plot_losses
 from .run_folder import (
     PLOT_FILE,
+    FolderLock,
     check_output_dir,
     check_resumable,
+    hold_run_folder,
     open_run_folder,
     past_the_end,
     resolve_resume,
     warn_changed_settings,
+    write_failure,
 )
+
+# the one-line errors of a run that cannot start or go on: every process of a run stops with the same one
+USER_ERRORS = (ConfigError, DataError, CheckpointError, TrainingError)
 
 
 @dataclass
@@ -143,8 +151,8 @@ def model_inputs(batch: dict, device) -> dict:
 def make_accelerator(cfg: TrainJobConfig) -> tuple[Accelerator, Collectives]:
     try:
         return start(mixed_precision=cfg.train.mixed_precision)
-    except LaunchError as err:
-        raise TrainingError(str(err)) from None
+    except LaunchError as err:  # how the processes were started: every one of them sees it
+        raise on_every_process(TrainingError(str(err))) from None
 
 
 def gathered(params, deepspeed: bool):
@@ -189,7 +197,9 @@ def run(cfg: TrainJobConfig, *, trackers=None) -> TrainResult:
     """Trains the prefix as ``cfg`` says. ``trackers``: an optional :class:`ptuning.training.tracking.Tracker`.
 
     Nothing in ``train.output_dir`` is written or removed before the config, the model and the data have
-    been checked. A small model on a CPU runs with one intra-op thread unless ``OMP_NUM_THREADS`` is set
+    been checked, but the lock file by which the main process holds the folder for the run (made first, and
+    removed when the run ends). With several processes an error stops every process with the same one. A
+    small model on a CPU runs with one intra-op thread unless ``OMP_NUM_THREADS`` is set
     (:func:`ptuning.perf.set_cpu_threads`); the thread count is restored on return.
 
     Raises:
@@ -198,8 +208,8 @@ def run(cfg: TrainJobConfig, *, trackers=None) -> TrainResult:
     """
     where = _Progress()
     threads = torch.get_num_threads()
+    recipe = Recipe(cfg, trackers, where)
     try:
-        recipe = Recipe(cfg, trackers, where)
         recipe.setup()
         recipe.evaluate_before_training()
         recipe.train()
@@ -209,6 +219,8 @@ def run(cfg: TrainJobConfig, *, trackers=None) -> TrainResult:
     finally:
         if where.bar is not None:
             where.bar.close()
+        if recipe.lock is not None:  # the folder is free for the next run (a killed run's lock goes with it)
+            recipe.lock.release(wrote=recipe.log is not None)
         torch.set_num_threads(threads)
 
 
@@ -236,18 +248,25 @@ class Recipe:
         self.eval_loss: float | None = None
         self.baseline: dict = {}
         self.progress = None
+        self.lock: FolderLock | None = None  # the main process's hold on the output folder
+        self.log = None  # the run's log, once the run has written its first files
 
     # ---- set-up ----
 
     def setup(self) -> None:
         """Everything before the first step; nothing is written before the last check has passed."""
         self._check()
-        self._load_model()
-        self._load_data()
+        # every process loads and checks the same inputs; any error stops every process with one message
+        self.comm.together(self._load_model, USER_ERRORS)
+        self.comm.together(self._load_data, USER_ERRORS)
         self._build_optimizer()
-        self._restore()
+        self.comm.together(self._restore, USER_ERRORS)
         # everything is checked: from here on the run writes (the main process only)
-        self.log = open_run_folder(self.cfg, self.run_id, self.resume, self.step, self.trackers, self.main)
+        self.log = self.comm.together(
+            lambda: open_run_folder(self.cfg, self.run_id, self.resume, self.step, self.trackers, self.main,
+                                    defer_failures=self.world > 1),
+            USER_ERRORS,
+        )
         self.peak = matmul_peak_flops(
             torch.bfloat16 if self.cfg.train.mixed_precision == "bf16" else torch.float32, device=self.device
         )
@@ -273,26 +292,39 @@ class Recipe:
             print(f"FSDP2 shards the model over {self.world} process(es) in these units: {sharding_summary(self.raw)}")
 
     def _check(self) -> None:
-        """The config, the output folder and the checkpoint to resume or start from, before any loading."""
+        """The config, the output folder (taken for this run by the main process) and the checkpoint to resume
+        or start from, before any loading."""
         cfg = self.cfg
-        cfg.validate()
+        try:
+            cfg.validate()
+        except ConfigError as err:  # the same config on every process
+            raise on_every_process(err) from None
         self.out = Path(cfg.train.output_dir)
-        check_output_dir(self.out)
-        model_family(cfg.model)  # a folder no family handles fails here, before anything is written
         self.accelerator, self.comm = make_accelerator(cfg)
         self.device = self.accelerator.device
         self.main = self.comm.is_main_process
         self.world, self.rank = self.comm.num_processes, self.comm.process_index
-        self.resume = resolve_resume(cfg)
+        # a folder no family handles fails here, before anything is written
+        self.comm.together(lambda: (check_output_dir(self.out), model_family(cfg.model)), USER_ERRORS)
+        # the main process holds the folder and decides what to resume, for every process
+        self.resume = self.comm.from_main(self._hold_and_resolve, USER_ERRORS)
         # a training output folder starts from its latest checkpoint, as prefix_checkpoint= takes it
         self.init_from = checkpoint_in(cfg.train.init_prefix_from) if cfg.train.init_prefix_from else None
-        if self.resume is not None:
-            check_resumable(self.resume)
         if self.resume is not None and self.main:
             changed = warn_changed_settings(cfg, self.resume)
             if changed:
                 print(changed, file=sys.stderr)
         set_seed(cfg.train.seed)
+
+    def _hold_and_resolve(self) -> Path | None:
+        """(Main process.) Takes the output folder for this run, before anything in it is read, written or
+        removed; then the checkpoint to resume (None: a fresh run)."""
+        self.lock = hold_run_folder(self.out)
+        kill_point("locked", 0)  # test-only: a SIGKILL with the folder held, nothing written yet
+        resume = resolve_resume(self.cfg)
+        if resume is not None:
+            check_resumable(resume)
+        return resume
 
     def _load_model(self) -> None:
         """The model with the prefix to train: the checkpoint's (resume, ``train.init_prefix_from``) or a new
@@ -326,13 +358,19 @@ class Recipe:
         """The training set (and its batch plan), the validation set for the loss and its generation
         features, each checked against the model's positions."""
         cfg, template = self.cfg, self.template
-        with self.accelerator.main_process_first():
-            self.train_ds = build_datasets(cfg.data, template, "train")
-            self.eval_ds = (build_datasets(cfg.data, template, "validation", features="train")
-                            if cfg.data.validation_file else None)
-            # generation features, built once for the evaluations before and after training
-            generate = cfg.data.validation_file and (cfg.train.eval_generation or cfg.train.eval_before_training)
-            self.gen_examples = build_datasets(cfg.data, template, "validation").to_list() if generate else None
+        failure = None
+        with self.accelerator.main_process_first():  # the main process fills the datasets cache first
+            try:
+                self.train_ds = build_datasets(cfg.data, template, "train")
+                self.eval_ds = (build_datasets(cfg.data, template, "validation", features="train")
+                                if cfg.data.validation_file else None)
+                # generation features, built once for the evaluations before and after training
+                generate = cfg.data.validation_file and (cfg.train.eval_generation or cfg.train.eval_before_training)
+                self.gen_examples = build_datasets(cfg.data, template, "validation").to_list() if generate else None
+            except USER_ERRORS as err:  # raised once every process has left the block (it ends in a barrier)
+                failure = err
+        if failure is not None:
+            raise failure
         # every process checks the same rows, so all stop with the same message
         limit = self.loaded.max_positions
         shorten = "lower data.max_source_length / data.max_target_length (rows are cut to them)"
@@ -379,7 +417,7 @@ class Recipe:
         )
         self.deepspeed = self.accelerator.distributed_type == DistributedType.DEEPSPEED
         if self.deepspeed:
-            configure_deepspeed(self.accelerator, self.cfg, self.world)
+            self.comm.together(lambda: configure_deepspeed(self.accelerator, self.cfg, self.world), USER_ERRORS)
         self.model, self.optimizer = self.accelerator.prepare(self.model, optimizer)
         # accelerate's unwrap_model imports DeepSpeed whenever it is installed (seconds, and a warning on stdout)
         if self.deepspeed:
@@ -671,7 +709,7 @@ class Recipe:
         else:
             optimizer = self.optimizer.state_dict()
         prefix = self._full_prefix() if self.fsdp else None
-        path = None
+        path, failure = None, None
         with gathered(self.raw.get_submodule(prefix_module_name(self.raw)).parameters(), self.deepspeed):
             if self.main:
                 state = {
@@ -683,9 +721,15 @@ class Recipe:
                     "world_size": self.world,
                     "skipped_nonfinite_steps": self.skipped,
                 }
-                path = save_checkpoint(self.out, self.step, self.raw, self.meta, state,
-                                       self.cfg.train.save_total_limit, prefix=prefix)
-        self.comm.barrier()
+                try:
+                    self.log.raise_failure()  # a log line was lost (a full disk): no later checkpoint
+                    path = save_checkpoint(self.out, self.step, self.raw, self.meta, state,
+                                           self.cfg.train.save_total_limit, prefix=prefix)
+                except CheckpointError as err:
+                    failure = TrainingError(str(err))
+                except TrainingError as err:
+                    failure = err
+        self.comm.raise_together(failure)  # every process goes on, or stops with the main process's error
         return path
 
     def _full_prefix(self) -> dict[str, torch.Tensor]:
@@ -710,14 +754,26 @@ class Recipe:
         if self.trackers is not None and self.main:
             self.trackers.log({"eval_loss": self.eval_loss, **{f"eval_{k}": v for k, v in metrics.items()}},
                               self.step)
+        failure = None
         if self.main:
-            if cfg.train.plot:
-                plot_losses(self.log.records(), self.out / PLOT_FILE)
+            try:
+                self.log.raise_failure()
+                if cfg.train.plot:
+                    self._plot()
+            except TrainingError as err:
+                failure = err
             if self.trackers is not None:
                 self.trackers.finish()
-        self.comm.barrier()
+        self.comm.raise_together(failure)
         return TrainResult(self.out, self.step, self.last_checkpoint, self.train_loss, self.eval_loss, metrics,
                            self.baseline, self.main)
+
+    def _plot(self) -> None:
+        path = self.out / PLOT_FILE
+        try:
+            plot_losses(self.log.records(), path)
+        except OSError as err:
+            raise write_failure(path, self.out, err) from None
 
 
 def _count(n: int, noun: str) -> str:

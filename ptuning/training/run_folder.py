@@ -5,11 +5,16 @@ id), its log ``train_log.jsonl``, its loss plot ``loss.png``, its ``checkpoint-N
 evaluations of those (``eval-checkpoint-N``). A run never deletes or resumes from what it did not write:
 
 * :func:`check_output_dir` refuses a folder that cannot hold a run, before anything is loaded;
+* :func:`hold_run_folder` takes the folder for the run (an OS lock on ``.ptuning.lock``, released when the
+  process ends however it ends), so that a second run started into it at the same moment is refused;
 * :func:`resolve_resume` decides the checkpoint a run resumes from (None: a fresh run) and refuses a folder
   that holds outputs under a run's names unless the user said what to do with them;
 * :func:`open_run_folder` is the first write: it makes the folder, removes the recorded run's outputs with
   ``train.overwrite=true`` (:func:`clear_previous_run`) and records the run;
 * :class:`RunLog` appends to ``train_log.jsonl`` and, on resume, drops what came after the checkpoint.
+
+A write that finds the disk full stops the run with one line naming the file and the last complete
+checkpoint (:func:`write_failure`).
 """
 
 from __future__ import annotations
@@ -17,9 +22,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
+import sys
 import tempfile
-from dataclasses import asdict, dataclass
+import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # not a POSIX system: runs are not locked (hold_run_folder says so)
+    fcntl = None
 
 from ..checkpoint import (
     CHECKPOINT_FILES,
@@ -33,16 +46,18 @@ from ..checkpoint import (
     foreign_files,
     latest_checkpoint,
     list_checkpoints,
+    no_space_message,
     not_our_checkpoint,
     run_checkpoints,
 )
 from ..config import TrainJobConfig
 from ..evaluation.run import EVAL_FILES, evaluation_run_id
-from ..weights import BIN_INDEX, SAFE_INDEX, SAFE_SINGLE
+from ..weights import BIN_INDEX, SAFE_INDEX, SAFE_SINGLE, is_disk_full
 from .errors import TrainingError
 
 LOG_FILE = "train_log.jsonl"
 PLOT_FILE = "loss.png"
+LOCK_FILE = ".ptuning.lock"  # the OS lock of the run that holds the folder, and who that run is
 # the files of a run in its output folder, beside its checkpoint-N folders
 RUN_OUTPUT_FILES = (LOG_FILE, PLOT_FILE, RUN_FILE)
 # settings that shape the updates: resuming with another value gives another result than the run it continues
@@ -86,6 +101,114 @@ def check_output_dir(out: Path) -> None:
         os.rmdir(tempfile.mkdtemp(prefix=".ptuning-probe-", dir=existing))
     except OSError as err:
         raise refuse(f"cannot be created in {existing} ({err.strerror or err})") from None
+
+
+# ---- the lock: one run per folder ----
+
+
+@dataclass
+class FolderLock:
+    """The run's hold on its output folder (:func:`hold_run_folder`).
+
+    Attributes:
+        path: the lock file ``<output_dir>/.ptuning.lock``.
+        fd: its descriptor, which holds the lock (None: the file system has no locks).
+        made: the folders made to hold it, outermost first (removed again, when empty, if the run wrote nothing).
+    """
+
+    path: Path
+    fd: int | None
+    made: list[Path] = field(default_factory=list)
+
+    def release(self, wrote: bool) -> None:
+        """Lets go of the folder: removes the lock file and, when the run wrote nothing there (``wrote``
+        false: it stopped before its first write), the folders it made for it that are empty now."""
+        if self.fd is None:
+            return
+        try:
+            self.path.unlink(missing_ok=True)  # while still held: a run that opens it next makes a new one
+            for folder in reversed(self.made if not wrote else []):
+                if folder.is_dir() and not any(folder.iterdir()):
+                    folder.rmdir()
+        except OSError:
+            pass  # the lock goes with the descriptor; a file left behind does not hold the folder
+        finally:
+            os.close(self.fd)
+            self.fd = None
+
+
+def hold_run_folder(out: Path) -> FolderLock:
+    """Takes ``out`` for this run: makes it (when it does not exist) and takes an exclusive OS lock
+    (``flock``) on ``out/.ptuning.lock``, recording there who holds it (pid, host, start time, command). The
+    OS releases the lock when the process ends, however it ends, so a killed run never blocks a restart.
+
+    Raises:
+        TrainingError: another process holds the folder (the line names it), or the folder cannot be made.
+    """
+    made = [p for p in reversed([Path(os.path.abspath(out)), *Path(os.path.abspath(out)).parents]) if not p.exists()]
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise TrainingError(f"train.output_dir={out}: cannot be created ({err.strerror or err})") from None
+    path = out / LOCK_FILE
+    if fcntl is None:
+        print(f"warning: {out} cannot be locked on this system: nothing stops another run from writing into it "
+              "at the same time", file=sys.stderr)
+        return FolderLock(path, None, made)
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise write_failure(path, out, err) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _holder(fd)
+            os.close(fd)
+            raise TrainingError(
+                f"train.output_dir={out} is in use by another run ({holder}); wait for it to end or stop it, or "
+                "choose another train.output_dir"
+            ) from None
+        except OSError as err:  # a file system without locks (some network file systems)
+            print(f"warning: {out} cannot be locked ({err.strerror or err}): nothing stops another run from "
+                  "writing into it at the same time", file=sys.stderr)
+            os.close(fd)
+            return FolderLock(path, None, made)
+        # the holder before us may have removed the file between our open and our lock: lock the file that is there
+        try:
+            if os.path.samestat(os.fstat(fd), os.stat(path)):
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+              "command": " ".join(sys.argv)}
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
+    except OSError:
+        pass  # a full disk: the lock holds without the note (a refused run then cannot say who holds it)
+    return FolderLock(path, fd, made)
+
+
+def _holder(fd: int, longest: int = 300) -> str:
+    """Who holds the lock, from what it recorded in the lock file."""
+    try:
+        record = json.loads(os.pread(fd, 65536, 0).decode("utf-8"))
+        command = str(record["command"])
+        if len(command) > longest:
+            command = command[: longest - 3] + "..."
+        return f"pid {record['pid']} on {record['host']}, started {record['started']}: {command}"
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+        return "it has not recorded who it is yet"
+
+
+def write_failure(path: Path, out: Path, err: OSError) -> TrainingError:
+    """The one-line error of a failed write of ``path`` in the run folder ``out``: a full disk names the last
+    complete checkpoint and how to continue."""
+    if is_disk_full(err):
+        return TrainingError(no_space_message(path, latest_checkpoint(out)))
+    return TrainingError(f"{path}: cannot write ({err.strerror or err})")
 
 
 @dataclass
@@ -149,7 +272,10 @@ def resolve_resume(cfg: TrainJobConfig) -> Path | None:
     """The checkpoint to resume from, or None for a fresh run.
 
     A fresh run refuses a folder that holds outputs under a run's names unless ``train.overwrite=true``
-    (which removes only the recorded run's own outputs, see :func:`clear_previous_run`). Any run refuses to
+    (which removes only the recorded run's own outputs, see :func:`clear_previous_run`). With
+    ``train.resume_from=auto`` it is the latest checkpoint of the folder's recorded run, or a fresh run where
+    there is none: in a folder without a run's outputs, or one that holds only the record of a run stopped
+    before its first checkpoint (which the run then replaces, see :func:`open_run_folder`). Any run refuses to
     start when a checkpoint it would save would replace a folder it did not write.
 
     Raises:
@@ -157,6 +283,11 @@ def resolve_resume(cfg: TrainJobConfig) -> Path | None:
     """
     out = Path(cfg.train.output_dir)
     resume = cfg.train.resume_from
+    if resume == "auto":
+        if latest_checkpoint(out) is None:
+            _check_fresh_run(cfg, out)
+            return None
+        resume = "latest"
     if resume is None:
         _check_fresh_run(cfg, out)
         return None
@@ -173,37 +304,54 @@ def resolve_resume(cfg: TrainJobConfig) -> Path | None:
     return path
 
 
+def only_a_run_record(survey: FolderSurvey) -> bool:
+    """Whether the folder's run outputs are only the record of a run without a checkpoint (one stopped before
+    its first): its ``run_config.json`` naming the run (the first file a run writes), its log and plot, its
+    unfinished checkpoint writes (``.tmp-checkpoint-N``), and nothing else under a run's names."""
+    return (survey.run_id is not None and not survey.others
+            and all(p.name in RUN_OUTPUT_FILES or p.name.startswith(".tmp-") for p in survey.ours))
+
+
 def _check_fresh_run(cfg: TrainJobConfig, out: Path) -> None:
     """A fresh run starts in a folder without outputs under a run's names, or with ``train.overwrite=true``
-    where the checkpoints it saves replace none of the folders that stay."""
+    where the checkpoints it saves replace none of the folders that stay, or with ``train.resume_from=auto``
+    over the record of a run stopped before its first checkpoint."""
     survey = survey_output_dir(out)
-    if (survey.ours or survey.others) and not cfg.train.overwrite:
-        parts = []
-        if survey.ours:
-            parts.append(f"an earlier run's outputs ({_names(survey.ours)})")
-        if survey.others:
-            parts.append(f"{_describe(survey.others)}, which no run here wrote")
-        options = []
-        latest = latest_checkpoint(out)
-        if latest is not None and all((latest / name).is_file() for name in (PREFIX_FILE, STATE_FILE)):
-            options.append("resume with train.resume_from=latest")
-        options.append("choose another train.output_dir")
-        if survey.ours and survey.others:
-            options.append(f"set train.overwrite=true to remove the earlier run's outputs and start over "
-                           f"(it keeps {_names([p for p, _ in survey.others])})")
-        elif survey.ours:
-            options.append("set train.overwrite=true to remove them and start over")
-        else:
-            options.append("set train.overwrite=true to start a new run beside them (they are kept)")
-        raise TrainingError(
-            f"{out} already holds {' and '.join(parts)}: {', '.join(options[:-1])}, or {options[-1]}"
-        )
+    auto = cfg.train.resume_from == "auto"
+    if (survey.ours or survey.others) and not cfg.train.overwrite and not (auto and only_a_run_record(survey)):
+        raise _refusal(out, survey, auto)
     # with overwrite the recorded run's checkpoints go; a checkpoint folder that stays must not be in the way
     leftover = [(p, why) for p, why in survey.others]
     leftover += [(p, "it holds files a checkpoint does not: " + ", ".join(foreign_files(p, CHECKPOINT_FILES)))
                  for p in survey.ours if p.is_dir() and CHECKPOINT_RE.match(p.name)
                  and foreign_files(p, CHECKPOINT_FILES)]
     _check_save_targets(cfg, leftover, start=0)
+
+
+def _refusal(out: Path, survey: FolderSurvey, auto: bool) -> TrainingError:
+    """Why a fresh run does not start over what ``out`` holds, and the ways on."""
+    parts = []
+    if survey.ours:
+        parts.append(f"an earlier run's outputs ({_names(survey.ours)})")
+    if survey.others:
+        parts.append(f"{_describe(survey.others)}, which no run here wrote")
+    options = []
+    latest = latest_checkpoint(out)
+    if latest is not None and all((latest / name).is_file() for name in (PREFIX_FILE, STATE_FILE)):
+        options.append("resume with train.resume_from=latest")
+    elif not auto and only_a_run_record(survey):
+        options.append("start that run over with train.resume_from=auto (it has no checkpoint)")
+    options.append("choose another train.output_dir")
+    instead = " instead of train.resume_from=auto" if auto else ""
+    if survey.ours and survey.others:
+        options.append(f"set train.overwrite=true{instead} to remove the earlier run's outputs and start over "
+                       f"(it keeps {_names([p for p, _ in survey.others])})")
+    elif survey.ours:
+        options.append(f"set train.overwrite=true{instead} to remove them and start over")
+    else:
+        options.append(f"set train.overwrite=true{instead} to start a new run beside them (they are kept)")
+    start = f"train.resume_from=auto: {out} holds no checkpoint of a run to resume, and" if auto else f"{out} already"
+    return TrainingError(f"{start} holds {' and '.join(parts)}: {', '.join(options[:-1])}, or {options[-1]}")
 
 
 def _latest_to_resume(out: Path) -> Path:
@@ -215,7 +363,8 @@ def _latest_to_resume(out: Path) -> Path:
             f"written by the run its {RUN_FILE} records; resume one on purpose with train.resume_from=<folder>"
         )
     if found is None:
-        raise TrainingError(f"train.resume_from=latest: {out} holds no checkpoint-N folder to resume")
+        raise TrainingError(f"train.resume_from=latest: {out} holds no checkpoint-N folder to resume (train.resume_from="
+                            "auto starts the run over where there is none)")
     return found
 
 
@@ -348,10 +497,17 @@ def clear_previous_run(out: Path) -> tuple[list[str], list[str]]:
 
 
 class RunLog:
-    """``train_log.jsonl`` (main process only): one JSON object per log or eval step."""
+    """``train_log.jsonl`` (main process only): one JSON object per log or eval step.
 
-    def __init__(self, path: Path, enabled: bool, keep_until_step: int | None, end_step: int | None = None):
-        self.path, self.enabled = path, enabled
+    A write that fails (a full disk) stops the run at once (:func:`write_failure`); with ``defer`` the error is
+    kept and raised by :meth:`raise_failure` instead, at a point where every process of the run stops together,
+    and nothing more is written to the log meanwhile.
+    """
+
+    def __init__(self, path: Path, enabled: bool, keep_until_step: int | None, end_step: int | None = None,
+                 defer: bool = False):
+        self.path, self.enabled, self.defer = path, enabled, defer
+        self.failure: TrainingError | None = None
         if enabled and path.exists():
             # resuming: drop what the interrupted run logged after its checkpoint, including the end-of-run
             # evaluation when it resumes from the final step (that evaluation runs again), and a last line
@@ -367,14 +523,23 @@ class RunLog:
                 if keep_until_step is not None and (at < keep_until_step or (at == keep_until_step and not after_final_save)):
                     kept.append(line)
             # through a temporary file: a kill during this rewrite must not lose the log
-            tmp = path.with_name(f".{path.name}.tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            os.replace(tmp, path)
+            _write_atomic(path, "".join(line + "\n" for line in kept))
 
     def write(self, record: dict) -> None:
-        if self.enabled:
+        if not self.enabled or self.failure is not None:
+            return
+        try:
             with open(self.path, "a", encoding="utf-8") as fh:
                 fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+        except OSError as err:
+            self.failure = write_failure(self.path, self.path.parent, err)
+            if not self.defer:
+                raise self.failure from None
+
+    def raise_failure(self) -> None:
+        """Raises the error of a write that failed (with ``defer``), if one did."""
+        if self.failure is not None:
+            raise self.failure
 
     def records(self) -> list[dict]:
         if not self.path.exists():
@@ -382,42 +547,71 @@ class RunLog:
         return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
 
 
+def _write_atomic(path: Path, text: str) -> None:
+    """``path`` with ``text``, written beside it and renamed: a kill or a full disk leaves the old file whole.
+
+    Raises:
+        TrainingError: the write failed (:func:`write_failure`).
+    """
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise write_failure(path, path.parent, err) from None
+
+
 def open_run_folder(cfg: TrainJobConfig, run_id: str, resume: Path | None, step: int, trackers,
-                    main: bool) -> RunLog:
+                    main: bool, defer_failures: bool = False) -> RunLog:
     """The run's first writes, once everything is checked (main process only; the others get a disabled log):
     makes ``train.output_dir``, starts the tracker, removes the recorded run's outputs when
-    ``train.overwrite=true`` starts a fresh run, and records this run in ``run_config.json``.
+    ``train.overwrite=true`` starts a fresh run (or the record of a run stopped before its first checkpoint
+    when ``train.resume_from=auto`` starts over), and records this run in ``run_config.json``.
 
     Args:
         run_id: this run's id (a resumed run keeps the id of the run it continues).
         resume: the checkpoint it resumes from (None: a fresh run).
         step: the step it starts after (the log keeps what was logged up to it).
         trackers: a :class:`~ptuning.training.tracking.WandbTracker` or None.
+        defer_failures: see :class:`RunLog` (a run of several processes).
 
     Returns:
         The run's log.
 
     Raises:
-        TrainingError: the folder cannot be made, or the tracker did not start (a folder made for the run is
-            removed again).
+        TrainingError: the folder cannot be made or written, or the tracker did not start (a folder made for
+            the run is removed again).
     """
     out = Path(cfg.train.output_dir)
     if main:
         _make_folder(cfg, out, trackers)
-        removed, kept = clear_previous_run(out) if resume is None and cfg.train.overwrite else ([], [])
+        _clear_for_a_fresh_run(cfg, out, resume)
+    log = RunLog(out / LOG_FILE, main, keep_until_step=step if resume is not None else None,
+                 end_step=cfg.train.max_steps, defer=defer_failures)
+    if main and (resume is None or folder_run_id(out) != run_id):
+        # the record first: a folder with a log but no record was not written by a run
+        _write_atomic(out / RUN_FILE,
+                      json.dumps({"run_id": run_id, **asdict(cfg)}, indent=2, ensure_ascii=False, default=str) + "\n")
+        if resume is None:
+            _write_atomic(out / LOG_FILE, "")
+    return log
+
+
+def _clear_for_a_fresh_run(cfg: TrainJobConfig, out: Path, resume: Path | None) -> None:
+    """A fresh run's removals, said in one line each: the recorded run's outputs (``train.overwrite=true``),
+    or the record of a run stopped before its first checkpoint (``train.resume_from=auto``)."""
+    if resume is not None or not (cfg.train.overwrite or cfg.train.resume_from == "auto"):
+        return
+    removed, kept = clear_previous_run(out)
+    if cfg.train.overwrite:
         if removed:
             print(f"train.overwrite=true: removed the previous run's {', '.join(removed)} from {out}")
         if kept:
             print(f"train.overwrite=true: kept what a run here did not write in {out}: {', '.join(kept)}")
-    log = RunLog(out / LOG_FILE, main, keep_until_step=step if resume is not None else None,
-                 end_step=cfg.train.max_steps)
-    if main and (resume is None or folder_run_id(out) != run_id):
-        if resume is None:
-            (out / LOG_FILE).write_text("")
-        (out / RUN_FILE).write_text(
-            json.dumps({"run_id": run_id, **asdict(cfg)}, indent=2, ensure_ascii=False, default=str) + "\n"
-        )
-    return log
+    elif removed:
+        print(f"train.resume_from=auto: {out} holds no checkpoint to resume; starting the run over (replacing the "
+              f"record of the run that has none: {', '.join(removed)})")
 
 
 def _make_folder(cfg: TrainJobConfig, out: Path, trackers) -> None:
@@ -427,9 +621,15 @@ def _make_folder(cfg: TrainJobConfig, out: Path, trackers) -> None:
     except OSError as err:
         raise TrainingError(f"train.output_dir={out}: cannot be created ({err.strerror or err})") from None
     if trackers is not None:
+        before = set(out.iterdir())
         try:
             trackers.start(asdict(cfg), out)
         except Exception as err:  # noqa: BLE001 - the tracker's own failure (network, login), one line
+            for path in set(out.iterdir()) - before:  # what the tracker made (its wandb/ folder)
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
             if created:
                 shutil.rmtree(out, ignore_errors=True)
             reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

@@ -20,7 +20,7 @@ import torch
 
 from ...prefix import is_prefix_param
 from ...quantization import is_quantized
-from ...weights import BIN_INDEX, CheckpointError
+from ...weights import BIN_INDEX, CheckpointError, save_torch
 from .layers import rotary_inv_freq
 
 SHARD_NAME = "pytorch_model-{index:05d}-of-{total:05d}.bin"
@@ -136,7 +136,7 @@ def export_full(
     paths, weight_map = [], {}
     for i, part in enumerate(shards, start=1):
         name = SHARD_NAME.format(index=i, total=len(shards))
-        torch.save(part, out_dir / name)
+        save_torch(part, out_dir / name)
         paths.append(out_dir / name)
         weight_map.update({key: name for key in part})
     index = {
