@@ -3,7 +3,8 @@
     python benchmarks/bench.py                 # CPU, the bench configuration; prints a table, writes JSON
     python benchmarks/bench.py --quick         # fewer repeats and a smaller scaling grid
     python benchmarks/bench.py --only generate --profile --compile   # generation alone, profiled, compiled too
-    python benchmarks/bench.py --device cuda --gpu-shape   # the real ChatGLM-6B shape (see benchmarks/gpu.sh)
+    python benchmarks/bench.py --device cuda --gpu-shape   # the real shapes (see benchmarks/gpu.sh)
+    python benchmarks/bench.py --smoke        # the --gpu-shape plan at a tiny shape on the CPU, FSDP2 on 2 processes
 
 The bench configuration: ChatGLM-6B architecture with hidden 512, 8 heads, 4 layers, inner 2048, vocab
 32000, pre_seq_len 32, random weights, frozen backbone. A train step is forward + backward + AdamW on the
@@ -20,6 +21,13 @@ use), at batch 1 and 8, in turns, the best of the rounds each. Rates are new tok
 (prefill included) and, for our loop, of the decode steps alone. The bound is streaming the weights once per
 token: a large copy's bandwidth (measured in the same rounds) / weight bytes. ``--profile`` splits a decode
 step into its linears alone, the bound and the rest, with torch.profiler's top operators.
+
+``--gpu-shape`` measures two families at their real shapes, bf16 weights, P 128: ChatGLM-6B (our own model code)
+and a transformers decoder shaped as Qwen3-8B (``Qwen3ForCausalLM`` with the prefix attention): the train step
+at batch 16 x 128 and its memory at batch 1; rows of varied lengths (seeded, 32-128 tokens) padded to the
+batch's longest against the same rows packed (``ptuning.data.packing``), at equal row tokens per step; greedy
+decoding; and with several GPUs the train step under FSDP2 (``launch/accelerate/fsdp2.yaml``, all GPUs). Each
+train row names the SDPA backend that ran (the ``aten::_scaled_dot_product_*`` ops torch.profiler recorded).
 
 The float32 and bf16 train steps are measured side by side: ``--rounds`` alternating pairs of fresh
 processes (float32, bf16, float32, ...), each the median of its own steps; the table gives the best and
@@ -50,6 +58,18 @@ from ptuning.perf import BENCH_SHAPE  # noqa: E402
 BENCH = dict(BENCH_SHAPE, max_sequence_length=4096)
 GPU_SHAPE = dict(hidden_size=4096, num_attention_heads=32, num_layers=28, inner_hidden_size=16384,
                  vocab_size=130528, pre_seq_len=128, max_sequence_length=2048)
+# a transformers decoder: Qwen3-8B's shape (grouped-query attention, 8 key/value heads, head_dim 128)
+QWEN3_GPU_SHAPE = dict(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                       num_hidden_layers=36, intermediate_size=12288, vocab_size=151936, pre_seq_len=128,
+                       max_position_embeddings=4096)
+QWEN3_BENCH = dict(hidden_size=512, num_attention_heads=8, num_key_value_heads=2, head_dim=64, num_hidden_layers=4,
+                   intermediate_size=2048, vocab_size=32000, pre_seq_len=32, max_position_embeddings=4096)
+# --smoke: every part of the --gpu-shape plan at a size a CPU runs in seconds
+SMOKE = {"chatglm": dict(BENCH, hidden_size=64, num_attention_heads=4, num_layers=2, inner_hidden_size=256,
+                         vocab_size=1000, pre_seq_len=8),
+         "qwen3": dict(QWEN3_BENCH, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                       num_hidden_layers=2, intermediate_size=256, vocab_size=1000, pre_seq_len=8)}
+FAMILIES = {"chatglm": "ChatGLM-6B", "qwen3": "Qwen3-8B-shaped decoder"}
 # The original ChatGLM-6B implementation's float32 train step on the bench configuration, from its own
 # measurement on this 2-core machine (its remote code is never run here, so it is not re-measured).
 ORIGINAL_FP32_STEP_S = (0.90, 0.94)
@@ -59,23 +79,43 @@ TARGET_SPEEDUP = 4.0  # bf16 step vs the original's float32 step
 # ---------------------------------------------------------------- measurements (run in a child process)
 
 
-def build(shape: dict, device: str, dtype: str, prefix: int | None):
-    """A random ChatGLM-6B-architecture model of ``shape``, made on ``device`` directly in ``dtype`` (the real
-    shape in float32 first would take ~27 GB on the GPU for a moment), the prefix float32 and alone trainable."""
+def shape_of(args) -> dict:
+    """The model shape a child measures: its family's at the bench size, the real one (``--gpu-shape``) or the
+    smoke one (``--smoke``)."""
+    if getattr(args, "smoke", False):
+        return SMOKE[args.family]
+    if args.family == "qwen3":
+        return QWEN3_GPU_SHAPE if args.gpu_shape else QWEN3_BENCH
+    return GPU_SHAPE if args.gpu_shape else BENCH
+
+
+def build(shape: dict, device: str, dtype: str, prefix: int | None, family: str = "chatglm"):
+    """A random model of ``family`` and ``shape`` (ChatGLM-6B's architecture, or Qwen3's through transformers with
+    the prefix attention), made on ``device`` directly in ``dtype`` (the real shape in float32 first would take
+    ~27 GB on the GPU for a moment), the prefix float32 and alone trainable."""
     import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
 
     from ptuning.models.chatglm import ChatGLMForConditionalGeneration, tiny_config
+    from ptuning.models.hf import attach_prefix, prefix_shape
     from ptuning.prefix import cast_backbone, mark_only_prefix_trainable
 
     torch.manual_seed(0)
-    cfg = tiny_config(**{**shape, "pre_seq_len": prefix or None})
+    if family == "qwen3":
+        cfg = Qwen3Config(**{k: v for k, v in shape.items() if k != "pre_seq_len"}, tie_word_embeddings=False)
+        cfg._attn_implementation = "sdpa"
+    else:
+        cfg = tiny_config(**{**shape, "pre_seq_len": prefix or None})
     previous = torch.get_default_dtype()
     torch.set_default_dtype(getattr(torch, dtype))
     try:
         with torch.device(device):
-            model = ChatGLMForConditionalGeneration(cfg)
+            model = (Qwen3ForCausalLM if family == "qwen3" else ChatGLMForConditionalGeneration)(cfg)
     finally:
         torch.set_default_dtype(previous)
+    if family == "qwen3":
+        attach_prefix(model, prefix_shape(cfg, prefix or 0))
+        cfg.pre_seq_len = prefix or 0
     cast_backbone(model, getattr(torch, dtype))  # the prefix encoder (made in dtype too) back to float32
     if prefix:
         mark_only_prefix_trainable(model)
@@ -84,18 +124,58 @@ def build(shape: dict, device: str, dtype: str, prefix: int | None):
     return model, cfg
 
 
+def training_rows(cfg, lengths: list[int], seed: int = 0) -> list[dict]:
+    """Random training rows of ``lengths`` tokens: a prompt (the first half; ChatGLM-6B's ends in ``[gMASK]
+    <sop>``) whose labels are -100, and a target ending in the end token."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    chatglm = hasattr(cfg, "gmask_token_id")
+    rows = []
+    for length in lengths:
+        prompt = length // 2
+        ids = torch.randint(5, min(cfg.vocab_size, 30000) - 10, (length,), generator=g)
+        if chatglm:
+            ids[prompt - 1], ids[prompt] = cfg.gmask_token_id, cfg.bos_token_id
+        ids[-1] = cfg.eos_token_id if chatglm else 2
+        labels = ids.clone()
+        labels[:prompt] = -100
+        rows.append({"input_ids": ids.tolist(), "labels": labels.tolist()})
+    return rows
+
+
 def batch(cfg, batch_size: int, seq: int, device: str):
     import torch
 
-    g = torch.Generator().manual_seed(0)
-    prompt = seq // 2
-    ids = torch.randint(5, min(cfg.vocab_size, 30000) - 10, (batch_size, seq), generator=g)
-    ids[:, prompt - 1] = cfg.gmask_token_id
-    ids[:, prompt] = cfg.bos_token_id
-    ids[:, -1] = cfg.eos_token_id
-    labels = ids.clone()
-    labels[:, :prompt] = -100
+    rows = training_rows(cfg, [seq] * batch_size)
+    ids = torch.tensor([r["input_ids"] for r in rows])
+    labels = torch.tensor([r["labels"] for r in rows])
     return ids.to(device), labels.to(device)
+
+
+def varied_lengths(batch_size: int, seq: int, seed: int = 0) -> list[int]:
+    """``batch_size`` row lengths, seeded, uniform over ``seq // 4 .. seq``."""
+    import random
+
+    draw = random.Random(seed)
+    return [draw.randint(seq // 4, seq) for _ in range(batch_size)]
+
+
+def varied_batch(cfg, args) -> tuple[dict, int]:
+    """``args.batch`` rows of varied lengths (:func:`varied_lengths`) as the training loop batches them: right-padded
+    to the longest, or (``args.pack``) packed into rows of ``args.pack`` tokens. Returns the batch and its row
+    tokens (padding excluded)."""
+    from ptuning.data import PackedRows, TrainingCollator
+
+    lengths = varied_lengths(args.batch, args.seq)
+    rows = training_rows(cfg, lengths)
+    pad = cfg.pad_token_id if cfg.pad_token_id is not None else 0
+    if args.pack:
+        packed = PackedRows(rows, lengths, args.pack, seed=0)
+        out = TrainingCollator(pad_token_id=pad, pack_length=args.pack)([packed[i] for i in range(len(packed))])
+    else:
+        out = TrainingCollator(pad_token_id=pad)(rows)
+    return {k: v.to(args.device) for k, v in out.items()}, sum(lengths)
 
 
 def sync(device: str):
@@ -105,46 +185,69 @@ def sync(device: str):
         torch.cuda.synchronize()
 
 
-def train_step(args):
-    """The model, its config and one train step (forward + backward + AdamW on the prefix) as a closure."""
+def train_step(args, model=None, cfg=None, backward=None, optimizer=None):
+    """The model, its config, one train step (forward + backward + AdamW on the prefix) as a closure, and the row
+    tokens of its batch (padding excluded). ``model`` (with ``cfg``), ``backward`` and ``optimizer``: a model
+    already prepared, and how its loss is backpropagated and its optimizer made (FSDP2: accelerate's)."""
     import torch
 
-    from ptuning.training.loop import token_loss_sum
+    from ptuning.training.loop import model_inputs, token_loss_sum
 
-    shape = GPU_SHAPE if args.gpu_shape else BENCH
+    shape = shape_of(args)
     prefix = shape["pre_seq_len"] if args.prefix is None else args.prefix
-    model, cfg = build(shape, args.device, args.dtype, prefix)
+    if model is None:
+        model, cfg = build(shape, args.device, args.dtype, prefix, args.family)
     model.train()
     if args.checkpointing:
         model.activation_checkpointing_enable()
-    ids, labels = batch(cfg, args.batch, args.seq, args.device)
+    if args.varied:
+        inputs, tokens = varied_batch(cfg, args)
+        ids, labels = inputs["input_ids"], inputs["labels"]
+        inputs = model_inputs(inputs, args.device)
+    else:
+        (ids, labels), inputs, tokens = batch(cfg, args.batch, args.seq, args.device), {}, args.batch * args.seq
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-3) if params else None
+    if optimizer is None:
+        optimizer = torch.optim.AdamW(params, lr=1e-3) if params else None
+    backward = backward or (lambda loss: loss.backward())
     autocast = torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16, enabled=args.autocast)
 
     def step():
         with autocast:
             if prefix:
-                loss = token_loss_sum(model, ids, labels)  # the training loop's own call
+                loss = token_loss_sum(model, ids, labels, **inputs)  # the training loop's own call
             else:  # no prefix: backward to the activations only, the same work the formula counts
                 embeds = model.transformer.word_embeddings(ids).detach().requires_grad_()
                 loss = model(inputs_embeds=embeds, input_ids=ids, labels=labels, loss_reduction="sum",
                              return_logits=False, use_cache=False).loss
-        loss.backward()
+        backward(loss)
         if optimizer is not None:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
-    return model, cfg, step
+    return model, cfg, step, tokens
 
 
-def measure_train(args) -> dict:
+def attention_kernels(step, device: str) -> list[str]:
+    """The SDPA backends one call of ``step`` ran: the ``aten::_scaled_dot_product_*`` ops torch.profiler records
+    (``..._flash_attention``, ``..._efficient_attention``, ``..._cudnn_attention``, ``..._attention_math``; on a CPU
+    ``..._flash_attention_for_cpu``), by name, with how many calls."""
+    from collections import Counter
+
+    from torch.profiler import profile
+
+    with profile(activities=profile_activities(device)) as prof:
+        step()
+        sync(device)
+    calls = Counter(e.name for e in prof.events() if e.name.startswith("aten::_scaled_dot_product"))
+    return [f"{name.removeprefix('aten::_scaled_dot_product_')} x{n}" for name, n in sorted(calls.items())]
+
+
+def time_steps(step, args) -> tuple[list[float], list[float]]:
+    """Wall and CPU seconds of ``args.repeats`` calls of ``step`` after ``args.warmup``; peak memory counted from
+    the first timed one."""
     import torch
 
-    from ptuning.perf import matmul_peak_flops, peak_memory_mib, train_flops_per_token
-
-    model, cfg, step = train_step(args)
-    prefix = cfg.pre_seq_len or 0
     for _ in range(args.warmup):
         step()
     if args.device.startswith("cuda"):
@@ -157,14 +260,62 @@ def measure_train(args) -> dict:
         sync(args.device)
         times.append(time.perf_counter() - start)
         cpu_times.append(time.process_time() - cpu_start)
+    return times, cpu_times
+
+
+def measure_train(args) -> dict:
+    """One train step's time, row tokens/s, achieved FLOP/s (of the row tokens, at their mean length) against the
+    measured matmul peak of the compute dtype, peak memory, and the SDPA backends it ran."""
+    import torch
+
+    from ptuning.perf import matmul_peak_flops, peak_memory_mib, train_flops_per_token
+
+    model, cfg, step, tokens = train_step(args)
+    prefix = cfg.pre_seq_len or 0
+    times, cpu_times = time_steps(step, args)
     step_s = statistics.median(times)
-    tokens = args.batch * args.seq
-    flops = train_flops_per_token(cfg, args.seq, prefix) * tokens / step_s
+    flops = train_flops_per_token(cfg, round(tokens / args.batch), prefix) * tokens / step_s
     peak_dtype = torch.bfloat16 if (args.autocast or args.dtype == "bfloat16") else torch.float32
     peak = matmul_peak_flops(peak_dtype, device=args.device)
     return {"step_s": step_s, "best_step_s": min(times), "cpu_s": statistics.median(cpu_times),
             "threads": torch.get_num_threads(), "tokens_per_s": tokens / step_s, "achieved_flops": flops,
-            "peak_flops": peak, "peak_fraction": flops / peak, "peak_memory_mib": peak_memory_mib(args.device)}
+            "peak_flops": peak, "peak_fraction": flops / peak, "peak_memory_mib": peak_memory_mib(args.device),
+            "row_tokens": tokens, "attention": attention_kernels(step, args.device)}
+
+
+def measure_train_fsdp2(args) -> dict:
+    """The train step under FSDP2 on every process of an ``accelerate launch --config_file
+    launch/accelerate/fsdp2.yaml`` (the toolkit's own set-up: ``ptuning.distributed``); each process its own
+    batch. The main process prints global tokens/s, the fraction of the processes' summed matmul peak, and the
+    largest process's peak memory."""
+    import torch
+
+    from ptuning.distributed import shard_apart, start
+    from ptuning.perf import matmul_peak_flops, peak_memory_mib, train_flops_per_token
+    from ptuning.prefix import prefix_module_name
+
+    accelerator, comm = start(mixed_precision="no")
+    args.device = str(accelerator.device)
+    shape = shape_of(args)
+    model, cfg = build(shape, args.device, args.dtype, shape["pre_seq_len"], args.family)
+    if args.checkpointing:
+        model.activation_checkpointing_enable()
+    shard_apart(accelerator, model.get_submodule(prefix_module_name(model)))
+    params = [p for p in model.parameters() if p.requires_grad]
+    model, optimizer = accelerator.prepare(model, torch.optim.AdamW(params, lr=1e-3))
+    _, _, step, tokens = train_step(args, model, cfg, accelerator.backward, optimizer)
+    times, _ = time_steps(step, args)
+    step_s = max(comm.gather_objects([statistics.median(times)]))  # the slowest process sets the pace
+    memory = max(comm.gather_objects([peak_memory_mib(args.device)]))
+    kernels = attention_kernels(step, args.device)  # a sharded step: every process runs it
+    world = comm.num_processes
+    flops = train_flops_per_token(cfg, round(tokens / args.batch), cfg.pre_seq_len) * tokens * world / step_s
+    peak = matmul_peak_flops(torch.bfloat16 if args.dtype == "bfloat16" else torch.float32, device=args.device)
+    if not comm.is_main_process:
+        return None  # only the main process reports
+    return {"step_s": step_s, "processes": world, "tokens_per_s": tokens * world / step_s, "achieved_flops": flops,
+            "peak_flops": peak * world, "peak_fraction": flops / (peak * world), "peak_memory_mib": memory,
+            "row_tokens": tokens * world, "attention": kernels}
 
 
 MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addbmm"}
@@ -211,7 +362,7 @@ def measure_train_profile(args) -> dict:
 
     from ptuning.perf import matmul_peak_flops
 
-    model, cfg, step = train_step(args)
+    model, cfg, step, _ = train_step(args)
     for _ in range(args.warmup):
         step()
     sync(args.device)
@@ -256,13 +407,15 @@ GEN_PROMPT, GEN_NEW = 64, 64  # prompt tokens (62 + [gMASK] <sop>) and new token
 def generation_prompt(cfg, batch_size: int, device: str):
     ids, _ = batch(cfg, batch_size, 2 * GEN_PROMPT, device)
     prompt = ids[:, :GEN_PROMPT].clone()
-    prompt[:, GEN_PROMPT - 2], prompt[:, GEN_PROMPT - 1] = cfg.gmask_token_id, cfg.bos_token_id
+    if hasattr(cfg, "gmask_token_id"):  # ChatGLM-6B's prompts end in [gMASK] <sop>
+        prompt[:, GEN_PROMPT - 2], prompt[:, GEN_PROMPT - 1] = cfg.gmask_token_id, cfg.bos_token_id
     return prompt
 
 
 def weight_bytes(model) -> int:
     """Bytes a token streams: every weight but the embedding table (a token reads one row of it)."""
-    return sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "word_embeddings" not in n)
+    embedding = model.get_input_embeddings().weight
+    return sum(p.numel() * p.element_size() for p in model.parameters() if p is not embedding)
 
 
 def measure_generate(args) -> dict:
@@ -279,18 +432,19 @@ def measure_generate(args) -> dict:
 
     from ptuning.generation import Decoder, Request, packed_linears
 
-    shape = GPU_SHAPE if args.gpu_shape else BENCH
-    model, cfg = build(shape, args.device, args.dtype, shape["pre_seq_len"])
+    shape = shape_of(args)
+    model, cfg = build(shape, args.device, args.dtype, shape["pre_seq_len"], args.family)
     model.eval()
     model.requires_grad_(False)
-    new = GEN_NEW
+    eos, pad = cfg.eos_token_id if cfg.eos_token_id is not None else 2, cfg.pad_token_id or 0
+    new = GEN_NEW if not args.smoke else 8  # the smoke run: every way once, briefly
     sizes = sorted({1, args.batch})
     prompts = {b: generation_prompt(cfg, b, args.device) for b in sizes}
 
     def run_generate(b):
         with torch.no_grad():
             out = model.generate(prompts[b], max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                                 eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id)
+                                 eos_token_id=eos, pad_token_id=pad)
         assert out.shape[1] == GEN_PROMPT + new
 
     def run_ours(b, packed: bool, compiled: bool = False):
@@ -348,7 +502,7 @@ def measure_generate(args) -> dict:
                 took = decode[0]
                 best_decode[name] = min(best_decode[name], decode[1])
             best[name] = min(best[name], took)
-        bandwidth = max(bandwidth, copy_bandwidth(args.device))
+        bandwidth = max(bandwidth, copy_bandwidth(args.device, 512 if not args.smoke else 64))
     weights = weight_bytes(model)
     bound = bandwidth / weights
     result = {"weight_bytes": weights, "copy_bandwidth": bandwidth, "bound_tokens_per_s": bound,
@@ -373,8 +527,8 @@ def measure_profile(args) -> dict:
 
     from ptuning.generation import Decoder, Request, packed_linears
 
-    shape = GPU_SHAPE if args.gpu_shape else BENCH
-    model, cfg = build(shape, args.device, args.dtype, shape["pre_seq_len"])
+    shape = shape_of(args)
+    model, cfg = build(shape, args.device, args.dtype, shape["pre_seq_len"], args.family)
     model.eval()
     model.requires_grad_(False)
     b = args.batch
@@ -417,11 +571,26 @@ def measure_profile(args) -> dict:
 # ---------------------------------------------------------------- the driver (runs each measurement alone)
 
 
-def child(extra: list[str]) -> dict:
-    """One measurement in a fresh process. A failed one is ``{"error": its last line}``; its last lines of stderr
-    are printed at once (an unattended run's log then says why, not only the table's one line)."""
-    cmd = [sys.executable, __file__, "--child", *extra]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+def fsdp2_launcher(processes: int) -> list[str]:
+    """``accelerate launch`` with the toolkit's FSDP2 launch file, ``processes`` processes (one per GPU; on a machine
+    without GPUs, on the CPU over gloo)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+            str(ROOT / "launch" / "accelerate" / "fsdp2.yaml"), "--num_processes", str(processes),
+            "--main_process_port", str(port)]
+
+
+def child(extra: list[str], launcher: list[str] | None = None) -> dict:
+    """One measurement in a fresh process (or the processes ``launcher`` starts). A failed one is ``{"error": its
+    last line}``; its last lines of stderr are printed at once (an unattended run's log then says why, not only the
+    table's one line)."""
+    cmd = [*(launcher or [sys.executable]), __file__, "--child", *extra]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
     if proc.returncode != 0:
         lines = proc.stderr.strip().splitlines()
         print(f"measurement failed (exit {proc.returncode}): {' '.join(extra)}", file=sys.stderr)
@@ -586,14 +755,19 @@ def print_profile(profile: dict | None) -> None:
           f"{ORIGINAL_FP32_STEP_S[1] / TARGET_SPEEDUP:.3f} s.")
 
 
-def main() -> None:
+def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--gpu-shape", action="store_true", help="the real ChatGLM-6B shape, bf16 weights")
+    parser.add_argument("--gpu-shape", action="store_true",
+                        help="the real shapes (ChatGLM-6B and a Qwen3-8B-shaped decoder), bf16 weights, FSDP2 on "
+                             "several GPUs")
+    parser.add_argument("--smoke", action="store_true",
+                        help="every part of the --gpu-shape plan at a tiny shape, once each (FSDP2 on 2 processes)")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--json", default=str(ROOT / "benchmarks" / "results.json"))
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--kind", default="train", choices=["train", "generate", "profile", "train-profile"], help=argparse.SUPPRESS)
+    parser.add_argument("--kind", default="train", help=argparse.SUPPRESS,
+                        choices=["train", "generate", "profile", "train-profile", "train-fsdp2"])
     parser.add_argument("--compile", action="store_true",
                         help="also time our decode loop with torch.compile (its compile time is reported apart)")
     parser.add_argument("--dense", action="store_true", help="also time our decode loop on the dense linears")
@@ -602,6 +776,9 @@ def main() -> None:
                         help="measure only the train step (and its scaling) or only generation")
     parser.add_argument("--rounds", type=int, default=None,
                         help="alternating float32 / bf16 train-step rounds (default 3, --quick 2)")
+    parser.add_argument("--family", choices=sorted(FAMILIES), default="chatglm", help=argparse.SUPPRESS)
+    parser.add_argument("--varied", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--pack", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
     parser.add_argument("--autocast", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)
@@ -611,73 +788,83 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help=argparse.SUPPRESS)
     parser.add_argument("--repeats", type=int, default=7, help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.child:
-        if args.threads:
-            import torch
+    return parser.parse_args()
 
-            torch.set_num_threads(args.threads)
-        measure = {"train": measure_train, "generate": measure_generate, "profile": measure_profile,
-                   "train-profile": measure_train_profile}[args.kind]
-        result = measure(args)
-        print(json.dumps(result))
-        return
 
-    rep = ["--repeats", "3" if args.quick else "7"]
-    common = ["--device", args.device, *(["--gpu-shape"] if args.gpu_shape else []), *rep]
+def gpu_plan(args, gpus: int) -> dict[str, tuple[list[str], list[str] | None]]:
+    """The measurements of ``--gpu-shape`` (and, at the tiny shape on the CPU, of ``--smoke``): per family the
+    train step at batch 16 x 128 and 1 x 128, padded against packed rows of varied lengths, greedy decoding; the
+    train step under FSDP2 over ``gpus`` processes when there are several. Name -> (child flags, launcher)."""
+    half = "bfloat16"
+    batch, seq, pack = ("16", "128", "512") if not args.smoke else ("4", "32", "64")
+    plan: dict[str, tuple[list[str], list[str] | None]] = {}
+    for family, label in FAMILIES.items():
+        train = ["--family", family, "--dtype", half, "--seq", seq]
+        plan[f"{label}: train bf16, batch {batch} x {seq}"] = ([*train, "--batch", batch], None)
+        plan[f"{label}: train bf16, batch 1 x {seq}"] = ([*train, "--batch", "1"], None)
+        rows = f"{batch} rows of {int(seq) // 4}-{seq} tokens"
+        plan[f"{label}: train bf16, {rows}, padded"] = ([*train, "--batch", batch, "--varied"], None)
+        plan[f"{label}: train bf16, {rows}, packed in {pack}"] = (
+            [*train, "--batch", batch, "--varied", "--pack", pack], None)
+        if gpus > 1:
+            plan[f"{label}: FSDP2 on {gpus} processes, train bf16 + checkpointing, batch {batch} x {seq} each"] = (
+                ["--kind", "train-fsdp2", *train, "--batch", batch, "--checkpointing"], fsdp2_launcher(gpus))
+        plan[f"{label}: generate bf16"] = (["--kind", "generate", "--family", family, "--dtype", half, "--batch",
+                                            "8" if not args.smoke else "2"], None)
+    if args.smoke:  # each kind of measurement once: both batchings, both families, FSDP2, decoding
+        keep = ("ChatGLM-6B: train bf16, 4 rows of 8-32 tokens, packed", "Qwen3-8B-shaped decoder: train bf16, 4 rows",
+                "Qwen3-8B-shaped decoder: FSDP2", "Qwen3-8B-shaped decoder: generate")
+        return {name: v for name, v in plan.items() if name.startswith(keep)}
+    plan["ChatGLM-6B: train bf16 + checkpointing, batch 16 x 128"] = (
+        ["--dtype", half, "--batch", "16", "--seq", "128", "--checkpointing"], None)
+    plan["train bf16 step profiled"] = (["--kind", "train-profile", "--dtype", half, "--batch", "16", "--seq", "128",
+                                         "--repeats", "3"], None)
+    return plan
+
+
+def cpu_plan(args, common: list[str]) -> tuple[dict[str, dict], dict[str, tuple[list[str], None]]]:
+    """The bench configuration's measurements on a CPU: the side-by-side rows measured here, and the plan."""
     half = "bfloat16"
     gen_flags = [*(["--compile"] if args.compile else []), *(["--dense"] if args.dense else [])]
-    rows: dict[str, dict] = {}
-    if args.gpu_shape:
-        plan = {
-            "train bf16, batch 16 x 128": ["--dtype", half, "--batch", "16", "--seq", "128"],
-            "train bf16, batch 1 x 128": ["--dtype", half, "--batch", "1", "--seq", "128"],
-            "train bf16 + checkpointing, batch 16 x 128": ["--dtype", half, "--batch", "16", "--seq", "128",
-                                                           "--checkpointing"],
-            "train bf16 step profiled": ["--kind", "train-profile", "--dtype", half, "--batch", "16", "--seq", "128",
-                                         "--repeats", "3"],
-            "generate bf16": ["--kind", "generate", "--dtype", half, "--batch", "8", *gen_flags],
-        }
-    else:
-        if args.only != "generate":
-            rows.update(side_by_side(common, args.rounds or (2 if args.quick else 3)))
-        plan = {
-            "train float32 + checkpointing": ["--checkpointing"],
-            "train bf16 autocast + checkpointing": ["--dtype", half, "--autocast", "--checkpointing"],
-            "train bf16 step profiled, 1 thread": ["--kind", "train-profile", "--dtype", half, "--autocast", "--repeats", "3",
-                                                   "--threads", "1"],
-            "generate float32": ["--kind", "generate", "--batch", "8", *gen_flags],
-            "generate bf16": ["--kind", "generate", "--dtype", half, "--batch", "8", *gen_flags],
-        }
-        seqs = [128, 512, 1024] if args.quick else [128, 256, 512, 1024]
-        for prefix in ([0, 32] if args.quick else [0, 32, 128]):
-            for seq in seqs:
-                plan[f"scaling S={seq} P={prefix}"] = ["--seq", str(seq), "--batch", str(1024 // seq),
-                                                       "--prefix", str(prefix), "--repeats", "3"]
-    if args.only:
-        plan = {name: extra for name, extra in plan.items() if (args.only == "generate") == name.startswith("generate")}
-    if args.profile:
-        for dtype, b in (("float32", 1), ("float32", 8), (half, 1), (half, 8)):
-            plan[f"profile {dtype}, batch {b}"] = ["--kind", "profile", "--dtype", dtype, "--batch", str(b)]
-    for name, extra in plan.items():
-        print(f"measuring {name} ...", file=sys.stderr, flush=True)
-        rows[name] = child([*common, *extra])
+    rows = side_by_side(common, args.rounds or (2 if args.quick else 3)) if args.only != "generate" else {}
+    plan = {
+        "train float32 + checkpointing": ["--checkpointing"],
+        "train bf16 autocast + checkpointing": ["--dtype", half, "--autocast", "--checkpointing"],
+        "train bf16 step profiled, 1 thread": ["--kind", "train-profile", "--dtype", half, "--autocast", "--repeats",
+                                               "3", "--threads", "1"],
+        "generate float32": ["--kind", "generate", "--batch", "8", *gen_flags],
+        "generate bf16": ["--kind", "generate", "--dtype", half, "--batch", "8", *gen_flags],
+    }
+    seqs = [128, 512, 1024] if args.quick else [128, 256, 512, 1024]
+    for prefix in ([0, 32] if args.quick else [0, 32, 128]):
+        for seq in seqs:
+            plan[f"scaling S={seq} P={prefix}"] = ["--seq", str(seq), "--batch", str(1024 // seq),
+                                                   "--prefix", str(prefix), "--repeats", "3"]
+    return rows, {name: (extra, None) for name, extra in plan.items()}
 
-    info = machine(args.device)
-    print(f"\nmachine: {info}\n")
-    print("| measurement | step s | tokens/s | achieved GFLOP/s | peak GFLOP/s | fraction of peak | peak MiB |")
-    print("|---|---|---|---|---|---|---|")
+
+def print_train_table(rows: dict) -> None:
+    """The train rows: time, row tokens/s, achieved and peak FLOP/s, memory, the SDPA backends; then each
+    family's packed / padded ratio."""
+    print("| measurement | step s | row tokens/s | achieved GFLOP/s | peak GFLOP/s | fraction of peak | peak MiB | "
+          "attention (SDPA backend x calls per step) |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, r in rows.items():
         if "error" in r:
-            print(f"| {name} | error: {r['error']} |||||")
+            print(f"| {name} | error: {r['error']} |||||||")
         elif "achieved_flops" in r:
             print(f"| {name} | {r['step_s']:.3f} | {r['tokens_per_s']:.0f} | {r['achieved_flops'] / 1e9:.1f} | "
-                  f"{r['peak_flops'] / 1e9:.1f} | {r['peak_fraction']:.2f} | {r['peak_memory_mib']:.0f} |")
-    summary = speedups(rows)
-    print_speedups(rows, summary, rep[1])
-    print_profile(rows.get("train bf16 step profiled, 1 thread") or rows.get("train bf16 step profiled"))
-    print_generation(rows)
-    print_profiles(rows)
+                  f"{r['peak_flops'] / 1e9:.1f} | {r['peak_fraction']:.3g} | {r['peak_memory_mib']:.0f} | "
+                  f"{', '.join(r.get('attention') or []) or 'none'} |")
+    for label in FAMILIES.values():
+        padded = next((r for n, r in rows.items() if n.startswith(f"{label}:") and n.endswith("padded")), None)
+        packed = next((r for n, r in rows.items() if n.startswith(f"{label}:") and "packed in" in n), None)
+        if padded and packed and "tokens_per_s" in padded and "tokens_per_s" in packed:
+            print(f"{label}: packed / padded row tokens/s at equal row tokens per step: "
+                  f"{packed['tokens_per_s'] / padded['tokens_per_s']:.2f}x")
+
+
+def write_results(args, info: dict, rows: dict, summary: dict | None) -> None:
     info["load_average"] = [round(x, 2) for x in os.getloadavg()]  # the machine is shared: how busy it was
     info["command"] = " ".join(["python", "benchmarks/bench.py", *sys.argv[1:]])
     out = {"machine": info, "speedups": summary, "results": rows}
@@ -692,6 +879,56 @@ def main() -> None:
                "speedups": summary if args.only == "train" else old.get("speedups")}
     path.write_text(json.dumps(out, indent=2) + "\n")
     print(f"\nwrote {args.json}")
+
+
+def run_child(args) -> None:
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    measure = {"train": measure_train, "generate": measure_generate, "profile": measure_profile,
+               "train-profile": measure_train_profile, "train-fsdp2": measure_train_fsdp2}[args.kind]
+    result = measure(args)
+    if result is not None:  # None: another process of a launch, which the main one reports for
+        print(json.dumps(result))
+
+
+def main() -> None:
+    args = parse_args()
+    if args.child:
+        run_child(args)
+        return
+    if args.smoke:
+        args.device, args.quick = "cpu", True
+    rep = ["--repeats", "1" if args.smoke else "3" if args.quick else "7"]
+    common = ["--device", args.device, *(["--gpu-shape"] if args.gpu_shape else []),
+              *(["--smoke", "--warmup", "1"] if args.smoke else []), *rep]
+    rows: dict[str, dict] = {}
+    if args.gpu_shape or args.smoke:
+        import torch
+
+        gpus = 2 if args.smoke else torch.cuda.device_count()
+        plan = gpu_plan(args, gpus)
+    else:
+        rows, plan = cpu_plan(args, common)
+    if args.only:
+        plan = {name: v for name, v in plan.items() if (args.only == "generate") == ("generate" in name)}
+    if args.profile:
+        for dtype, b in (("float32", 1), ("float32", 8), ("bfloat16", 1), ("bfloat16", 8)):
+            plan[f"profile {dtype}, batch {b}"] = (["--kind", "profile", "--dtype", dtype, "--batch", str(b)], None)
+    for name, (extra, launcher) in plan.items():
+        print(f"measuring {name} ...", file=sys.stderr, flush=True)
+        rows[name] = child([*common, *extra], launcher)
+
+    info = machine(args.device)
+    print(f"\nmachine: {info}\n")
+    print_train_table(rows)
+    summary = speedups(rows)
+    print_speedups(rows, summary, rep[1])
+    print_profile(rows.get("train bf16 step profiled, 1 thread") or rows.get("train bf16 step profiled"))
+    print_generation(rows)
+    print_profiles(rows)
+    write_results(args, info, rows, summary)
     failed = [name for name, r in rows.items() if "error" in r]
     if failed:
         sys.exit(f"{len(failed)} measurement(s) failed: {', '.join(failed)}")

@@ -1,11 +1,20 @@
 #!/usr/bin/env bash
-# One unattended run on a fresh GPU machine: the real ChatGLM-6B shape (28 layers, hidden 4096, 32 heads,
-# inner 16384, vocab 130528) with random bf16 weights, pre_seq_len 128, sequence 64 + 64: step time and fraction
-# of the bf16 matmul peak at batch 16, peak memory at batch 1, a profiled step (kernel time), generation.
-# Prints one table at the end and writes benchmarks/results-gpu.json.
+# One unattended run on a fresh GPU machine, random bf16 weights, pre_seq_len 128, for two families at their real
+# shapes: ChatGLM-6B (28 layers, hidden 4096, 32 heads, inner 16384, vocab 130528) and a transformers decoder
+# shaped as Qwen3-8B (36 layers, hidden 4096, 32 heads, 8 key/value heads, vocab 151936). For each: the train
+# step's time and fraction of the bf16 matmul peak at batch 16 x 128, peak memory at batch 1, rows of varied
+# lengths padded and packed (row tokens/s, their ratio), decode tokens/s, and which SDPA kernel ran; with more
+# than one GPU, the train step under FSDP2 on all of them (launch/accelerate/fsdp2.yaml). Plus a profiled
+# ChatGLM-6B step (kernel time). Prints the tables at the end and writes benchmarks/results-gpu.json. Then
+# benchmarks/gpu_checks.py: short train.py runs that check on the GPUs what the CPU tests reach only with mocks or
+# gloo (resume bit for bit with prefix dropout drawn on the GPU, the fp16 gradient norm after unscaling, FSDP2
+# against one process and its resume).
 #
 #   benchmarks/gpu.sh [bench.py options]   # on the GPU machine
-#   benchmarks/gpu.sh --check              # a dry run anywhere (a CPU is fine): every step but the measurements
+#   benchmarks/gpu.sh --check              # anywhere (a CPU is fine): the install as a dry run, the imports, and
+#                                          # every kind of measurement once at a tiny shape on the CPU
+#                                          # (bench.py --smoke: both families, packed rows, FSDP2 on 2 processes)
+#                                          # and gpu_checks.py on one process
 #
 # It keeps the machine's torch (pip may not replace it: it is pinned to the installed version), installs only
 # what the benchmark imports (not DeepSpeed, Gradio, wandb, the server's packages), and stops at the first step
@@ -18,8 +27,9 @@ if [[ "${1:-}" == "--check" ]]; then
     CHECK=1
     shift
 fi
-# the project's requirements the benchmark does not import (the rest of pyproject.toml's list is installed)
-NOT_NEEDED="torch deepspeed wandb gradio fastapi uvicorn hydra-core omegaconf matplotlib"
+# the project's requirements the benchmark and the checks do not import (the rest of pyproject.toml's list is
+# installed; the checks run train.py, which composes its config with Hydra)
+NOT_NEEDED="torch deepspeed wandb gradio fastapi uvicorn matplotlib"
 
 say() { echo "gpu.sh: $*" >&2; }
 fail() {
@@ -79,20 +89,39 @@ import sys
 sys.path.insert(0, ".")
 import torch
 
+import accelerate  # noqa: F401
+import ptuning.distributed
 import ptuning.generation
 import ptuning.models.chatglm
+import ptuning.models.hf
 import ptuning.perf
+import hydra_entry  # noqa: F401  (train.py, which the correctness checks run)
 from ptuning.training.loop import token_loss_sum  # noqa: F401
+from transformers import Qwen3ForCausalLM  # noqa: F401
 
 if torch.__version__ != sys.argv[1]:
     sys.exit(f"torch changed from {sys.argv[1]} to {torch.__version__}")
 EOF
 
 if [[ $CHECK == 1 ]]; then
-    say "check passed: torch $torch_version kept, the packages resolve, the benchmark's imports work"
+    say "the benchmark's imports work; every kind of measurement once, tiny, on the CPU (bench.py --smoke) ..."
+    # its tables on stdout; its progress and errors kept, shown if it fails
+    "$PYTHON" benchmarks/bench.py --smoke --json "$work/smoke.json" 2>"$work/smoke.log" || {
+        tail -n 30 "$work/smoke.log" >&2
+        fail "the benchmark's smoke run failed (its last lines above)"
+    }
+    say "the correctness checks on one process on the CPU (gpu_checks.py) ..."
+    "$PYTHON" benchmarks/gpu_checks.py --processes 1 || fail "a correctness check failed (above)"
+    say "check passed: torch $torch_version kept, the packages resolve, the benchmark's imports work, its" \
+        "measurements run (both families, padded and packed rows, FSDP2 on 2 processes, decoding) and so do" \
+        "its correctness checks (resume, fp16)"
     exit 0
 fi
 
 # 4. the measurements (bench.py exits non-zero when one of them failed, after printing the table and why)
 "$PYTHON" benchmarks/bench.py --device cuda --gpu-shape --json benchmarks/results-gpu.json "$@" ||
     fail "a measurement failed (its error is in the table and above)"
+
+# 5. correctness on the GPUs: resume, fp16, and FSDP2 on every GPU when there are several
+gpus=$("$PYTHON" -c "import torch; print(torch.cuda.device_count())")
+"$PYTHON" benchmarks/gpu_checks.py --processes "$gpus" || fail "a correctness check failed (above)"

@@ -7,7 +7,8 @@ A checkpoint folder ``checkpoint-{step}/`` holds
 * ``prefix.safetensors``: the prefix encoder's weights under ``transformer.prefix_encoder.*``;
 * ``prefix_config.json``: what they fit (pre_seq_len, prefix_projection, layers, width, heads), the base
   model and a fingerprint of its config, and the id of the training run that wrote it (``run_id``);
-* ``training_state.pt``: optimizer, scheduler, step, RNG states and data position, for exact resume.
+* ``training_state.pt``: optimizer, scheduler, step, the state of every random generator (Python's, NumPy's,
+  torch's on the CPU and on each GPU, per process) and data position, for exact resume.
 
 It is written to a temporary folder and renamed, so a crash never leaves a half-written checkpoint. Reading
 also takes the original P-Tuning v2 script's checkpoints (``pytorch_model.bin`` holding the prefix) and whole
@@ -31,7 +32,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
+from accelerate.utils import get_torch_accelerator_backend
 from safetensors import safe_open
 
 from .build import Loaded, base_weights_digest, load
@@ -275,9 +278,13 @@ def save_checkpoint(
     meta: dict,
     training_state: dict | None = None,
     save_total_limit: int | None = None,
+    *,
+    prefix: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Writes ``checkpoint-{step}`` atomically and prunes the oldest beyond ``save_total_limit``, counting
     only the checkpoints of the same run (``meta["run_id"]``): another run's checkpoints are never removed.
+    ``prefix``: the prefix's weights under their full keys when the caller gathered them (a sharded model);
+    by default :func:`~ptuning.prefix.prefix_state_dict` of ``model``.
 
     Raises:
         CheckpointError: the prefix is not finite (nothing is written), or the write failed (the previous
@@ -285,7 +292,7 @@ def save_checkpoint(
             the last complete checkpoint (:func:`no_space_message`).
     """
     output_dir = Path(output_dir)
-    state = prefix_state_dict(model)
+    state = prefix_state_dict(model) if prefix is None else prefix
     bad = [k for k, v in state.items() if not torch.isfinite(v).all()]
     if bad:
         raise CheckpointError(f"step {step}: the prefix has non-finite values ({', '.join(bad)}); not saved")
@@ -322,13 +329,55 @@ def save_checkpoint(
     return final
 
 
+def device_generators() -> tuple[str | None, object]:
+    """This machine's accelerator type (``"cuda"``, ...) and the torch module that holds its random generators
+    (``torch.cuda``), as accelerate finds them; ``(None, None)`` on a machine without one."""
+    device_type, module = get_torch_accelerator_backend()
+    if device_type is not None and not hasattr(module, "get_rng_state"):  # the generic torch.accelerator
+        module = torch.get_device_module(device_type)
+    return device_type, module
+
+
 def capture_rng() -> dict:
-    return {"python": random.getstate(), "torch": torch.get_rng_state()}
+    """The state of every random generator this process draws from: Python's, NumPy's, torch's on the CPU
+    and on each of the machine's GPUs (prefix and attention dropout draw there), what accelerate's own
+    checkpoints record. NumPy's key array (uint32) is stored as an int64 tensor (the weights-only loader reads tensors)."""
+    kind, key, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": (kind, torch.from_numpy(key.astype(np.int64)), pos, has_gauss, cached),
+             "torch": torch.get_rng_state()}
+    device_type, module = device_generators()
+    if device_type is not None:
+        get_all = getattr(module, "get_rng_state_all", None)
+        state["device_type"] = device_type
+        state["device"] = list(get_all()) if get_all is not None else [module.get_rng_state()]
+    return state
 
 
-def restore_rng(state: dict) -> None:
+def restore_rng(state: dict) -> str | None:
+    """Puts back the generators :func:`capture_rng` recorded. Returns a warning when the device generators
+    cannot all be restored (the checkpoint comes from a machine with other GPUs, or none): the run goes on,
+    with dropout no longer drawing what an unbroken run would."""
     random.setstate(state["python"])
     torch.set_rng_state(state["torch"])
+    if "numpy" in state:
+        kind, key, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((kind, key.numpy().astype(np.uint32), pos, has_gauss, cached))
+    device_type, module = device_generators()
+    saved, saved_type = state.get("device") or [], state.get("device_type")
+    have = 0
+    if device_type is not None:
+        get_all = getattr(module, "get_rng_state_all", None)
+        have = len(get_all()) if get_all is not None else 1
+    if have == len(saved) and (not saved or device_type == saved_type):
+        if not saved:
+            return None
+        if hasattr(module, "set_rng_state_all"):
+            module.set_rng_state_all(saved)
+        else:
+            module.set_rng_state(saved[0])
+        return None
+    return (f"its random state covers {len(saved)} {saved_type or 'GPU'} device(s), this machine has {have} "
+            f"{device_type or 'GPU'} device(s): dropout will not draw what an unbroken run would")
 
 
 def load_training_state(checkpoint: str | os.PathLike) -> dict:

@@ -8,7 +8,22 @@ synchronisation with ``torch.distributed`` directly (gloo), so the run stays cor
 A launch that cannot give what it asked for stops with :class:`LaunchError` before anything runs: several
 processes without a process group; accelerate's CPU launcher (``distributed_type: MULTI_CPU`` / ``--cpu`` with
 ``num_processes`` > 1), which starts several processes only through ``mpirun`` and otherwise ONE; more
-processes on a machine than it has GPUs.
+processes on a machine than it has GPUs; FSDP version 1.
+
+FSDP2 (``distributed_type: FSDP`` with ``fsdp_version: 2``) is accelerate's: it shards the frozen backbone per
+block (``fully_shard``). Three things are the toolkit's own, because the prefix is unlike the backbone:
+
+* :func:`shard_apart` makes the float32 prefix encoder its own FSDP unit, kept in float32 (FSDP2 casts a unit's
+  parameters to one dtype) and gathered from its forward until the backward has used it (its output is the
+  gathered weight itself, which every layer's backward reads);
+* :func:`full_state` / :func:`sharded_state` turn the sharded optimizer state into the one-process layout on the
+  CPU (the checkpoint) and back;
+* :func:`gathered_for_generation` holds the whole model gathered while each process decodes its own rows (a
+  sharded forward is a collective, and the processes' rows end after different numbers of steps).
+
+accelerate runs FSDP on GPUs only: on a machine without them it reports no distributed setup. There
+:func:`start` switches its state to FSDP2 itself (gloo), so that ``accelerator.prepare`` shards the model through
+the same code as on GPUs.
 """
 
 from __future__ import annotations
@@ -18,14 +33,23 @@ import os
 import re
 import signal
 import sys
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, redirect_stdout
 from typing import NoReturn, TypeVar
 
 import torch
 import torch.distributed as dist
-from accelerate import Accelerator
-from accelerate.utils import DistributedType, InitProcessGroupKwargs, gather_object
+from accelerate import Accelerator, PartialState
+from accelerate.utils import (
+    DistributedType,
+    FullyShardedDataParallelPlugin,
+    InitProcessGroupKwargs,
+    gather_object,
+    send_to_device,
+)
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 T = TypeVar("T")
 
@@ -84,9 +108,16 @@ class Collectives:
             return list(items)
         return gather_object(items)
 
+    def gather_to_cpu(self, item) -> list:
+        """Every process's ``item`` (nested dicts / lists of tensors and plain values), in process order, with
+        every tensor moved to the CPU first: unpickled on another process, a CUDA tensor would be rebuilt on
+        that process's GPU (memory on every GPU, or "invalid device ordinal" where each sees one)."""
+        return self.gather_objects([send_to_device(item, "cpu")])
+
     def average_gradients(self, params) -> None:
-        """Mean of each gradient over processes (what DDP does); only needed when syncing by hand."""
-        if not self.manual:
+        """Mean of each gradient over processes (what DDP does); only needed when syncing by hand (not when
+        FSDP2 reduces them)."""
+        if not self.manual or self.accelerator.distributed_type != DistributedType.NO:
             return
         for p in params:
             if p.grad is not None:
@@ -190,6 +221,9 @@ def check_launch(environ=None) -> None:
             "accelerate started 1 process although its config asks for several: a CPU config (distributed_type: "
             "MULTI_CPU, or --cpu) starts them only through mpirun (mpirun_config); " + ONE_MACHINE_HINT
         )
+    if env.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and env.get("FSDP_VERSION", "1") != "2":
+        raise LaunchError("FSDP version 1 is not supported: set fsdp_version: 2 in the accelerate config "
+                          "(launch/accelerate/fsdp2.yaml)")
     local = int(env.get("LOCAL_WORLD_SIZE", "1"))
     if local > 1 and torch.cuda.is_available() and env.get("ACCELERATE_USE_CPU", "").lower() != "true":
         gpus = torch.cuda.device_count()
@@ -217,7 +251,95 @@ def start(**accelerator_kwargs) -> tuple[Accelerator, Collectives]:
     check_launch()
     with without_lines(DEEPSPEED_BUILD_LINE):
         accelerator = Accelerator(kwargs_handlers=process_group_kwargs(), **accelerator_kwargs)
-    return accelerator, Collectives(accelerator)
+    comm = Collectives(accelerator)
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and comm.manual:
+        fsdp2_without_gpus(accelerator)
+    return accelerator, comm
+
+
+def fsdp2_without_gpus(accelerator: Accelerator) -> None:
+    """Switches accelerate's state to FSDP2 where it reports no distributed setup (several processes on a
+    machine without GPUs: accelerate enables FSDP for GPU launches only), with the plugin it would have made
+    from the launch's ``FSDP_*`` variables; ``accelerator.prepare`` then shards the model as on GPUs (gloo).
+    :class:`Collectives` goes on synchronising by hand, as it detected."""
+    state = accelerator.state
+    state.fsdp_plugin = FullyShardedDataParallelPlugin()
+    if accelerator.mixed_precision != "no":
+        state.fsdp_plugin.set_mixed_precision(accelerator.mixed_precision)
+    state.distributed_type = DistributedType.FSDP
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP  # as accelerate records it on GPUs
+
+
+def shard_apart(accelerator: Accelerator, module: torch.nn.Module) -> None:
+    """FSDP2: makes ``module`` (the prefix encoder) its own unit before ``accelerator.prepare`` shards the rest:
+    in its parameters' own dtype (float32, whatever the backbone's mixed precision), its gradients reduced in
+    float32, and gathered from its forward until the end of the backward (not re-gathered: its output is the
+    gathered weight itself, which every layer's backward reads). On the mesh and with the offload policy
+    accelerate uses for the other units."""
+    plugin = accelerator.state.fsdp_plugin
+    mesh = accelerator.torch_device_mesh
+    if mesh is not None:
+        mesh = mesh[tuple(accelerator.parallelism_config.fsdp_dim_names)]
+    fully_shard(module, mesh=mesh, reshard_after_forward=False, mp_policy=MixedPrecisionPolicy(),
+                offload_policy=plugin.cpu_offload)
+
+
+def full_state(state: dict) -> dict:
+    """An optimizer's ``state_dict()`` with every sharded tensor (a DTensor) gathered whole onto the CPU: the
+    layout of a one-process run. A collective: every process calls it."""
+    def whole(value):
+        return value.full_tensor().cpu() if isinstance(value, DTensor) else value
+
+    return {**state, "state": {k: {name: whole(v) for name, v in s.items()} for k, s in state["state"].items()}}
+
+
+def sharded_state(state: dict, params: list[torch.nn.Parameter]) -> dict:
+    """The reverse of :func:`full_state` for this process: each whole tensor of parameter ``i``'s state cut to
+    the shard its parameter holds (``params`` in the optimizer's order; no communication: every process
+    read the whole file)."""
+    def shard(value, param):
+        if isinstance(param, DTensor) and isinstance(value, torch.Tensor) and value.shape == param.shape:
+            return distribute_tensor(value.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
+        return value
+
+    return {**state, "state": {k: {name: shard(v, params[k]) for name, v in s.items()}
+                               for k, s in state["state"].items()}}
+
+
+def sharding_summary(model: torch.nn.Module) -> str:
+    """The FSDP2 units of ``model`` by class, in module order (e.g. ``4 GLMBlock, PrefixEncoder``); the empty
+    string for a model that is not sharded."""
+    names = Counter(type(m).__name__.removeprefix("FSDP") for m in model.modules() if isinstance(m, FSDPModule))
+    return ", ".join(f"{n} {name}" if n > 1 else name for name, n in names.items())
+
+
+@contextmanager
+def gathered_for_generation(model: torch.nn.Module) -> Iterator[None]:
+    """FSDP2: every unit of ``model`` gathered for the block and not resharded after a forward, so each
+    process may run its own number of forwards (it decodes its own rows); resharded as before afterwards.
+    A no-op for a model that is not sharded. Costs the whole model's memory on every process meanwhile.
+
+    FSDP2 has no public getter for a unit's ``reshard_after_forward``: each group's ``post_forward_mesh_info``
+    (what ``set_reshard_after_forward`` sets) is kept and put back. The root is made the root first (FSDP2 takes
+    the first module to run forward as the root, and the decode loop calls the prefix encoder alone)."""
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    if not units:
+        yield
+        return
+    # the root is decided by the first forward; generation also calls the prefix encoder alone
+    units[0]._get_fsdp_state()._lazy_init()
+    groups = [g for m in units for g in m._get_fsdp_state()._fsdp_param_groups]
+    before = [g.post_forward_mesh_info for g in groups]
+    for unit in units:
+        unit.set_reshard_after_forward(False, recurse=False)
+        unit.unshard()
+    try:
+        yield
+    finally:
+        for group, info in zip(groups, before, strict=True):
+            group.post_forward_mesh_info = info
+        for unit in units:
+            unit.reshard()
 
 
 #: what DeepSpeed prints to stdout in every process when its communication backend starts (``DeepSpeed

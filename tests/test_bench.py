@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -139,10 +140,12 @@ def test_the_matmul_peak_times_enough_synchronised_work(monkeypatch):
 GPU_SH = ROOT / "benchmarks" / "gpu.sh"
 
 
-def fake_python(folder, *, pip_error: str | None = None, no_torch: bool = False):
+def fake_python(folder, *, pip_error: str | None = None, no_torch: bool = False, bench_error: str | None = None):
     """A ``python`` for gpu.sh that is this one, except for what is made to fail."""
     path = folder / "python"
     lines = ["#!/usr/bin/env bash"]
+    if bench_error:
+        lines.append(f'if [[ "$1" == benchmarks/bench.py ]]; then echo "{bench_error}" >&2; exit 1; fi')
     if no_torch:
         lines.append('if [[ "$1" == "-c" && "$2" == *"import torch"* ]]; then '
                      'echo "ModuleNotFoundError: No module named \'torch\'" >&2; exit 1; fi')
@@ -155,11 +158,11 @@ def fake_python(folder, *, pip_error: str | None = None, no_torch: bool = False)
 
 
 def gpu_sh(*args, python, **env):
-    return subprocess.run(["bash", str(GPU_SH), *args], capture_output=True, text=True, timeout=300,
+    return subprocess.run(["bash", str(GPU_SH), *args], capture_output=True, text=True, timeout=900,
                           env={**os.environ, "PYTHON": str(python), "PIP_NO_INDEX": "1", **env})
 
 
-def test_gpu_sh_check_passes_keeping_torch_and_installing_only_what_the_benchmark_needs():
+def test_gpu_sh_check_passes_keeping_torch_installing_only_what_it_needs_and_running_every_measurement():
     proc = gpu_sh("--check", python=sys.executable)
     assert proc.returncode == 0, proc.stderr
     import torch
@@ -169,7 +172,35 @@ def test_gpu_sh_check_passes_keeping_torch_and_installing_only_what_the_benchmar
     assert "(dry run)" in installing and "transformers" in installing and "torchao" in installing
     for not_needed in ("deepspeed", "gradio", "wandb", "torch>", "fastapi"):
         assert not_needed not in installing
-    assert proc.stderr.strip().endswith("the benchmark's imports work")
+    assert proc.stderr.strip().endswith("FSDP2 on 2 processes, decoding) and so do its correctness checks (resume, fp16)")
+    # the correctness checks the GPU run ends with, each once on the CPU
+    assert "\ncorrectness on CPU (1 process(es) for FSDP2):\n" in proc.stdout
+    assert "  resume with prefix dropout 0.1: max |difference| 0 (0 = bit for bit): ok\n" in proc.stdout
+    assert re.search(r"\n  fp16 gradient norm / float32's, step 1: \d\.\d{4}: ok\n", proc.stdout), proc.stdout[-2000:]
+    # the smoke run's tables: each kind of measurement with its numbers and the attention kernel that ran
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in proc.stdout.splitlines() if line.startswith("| ")}
+    for name in ("ChatGLM-6B: train bf16, 4 rows of 8-32 tokens, packed in 64",
+                 "Qwen3-8B-shaped decoder: train bf16, 4 rows of 8-32 tokens, padded",
+                 "Qwen3-8B-shaped decoder: train bf16, 4 rows of 8-32 tokens, packed in 64",
+                 "Qwen3-8B-shaped decoder: FSDP2 on 2 processes, train bf16 + checkpointing, batch 4 x 32 each"):
+        cells = rows[name].split(" | ")
+        assert float(cells[1]) > 0 and 0 < float(cells[5]) < 1, rows[name]  # step s, fraction of the peak
+        assert "flash_attention_for_cpu x" in cells[7], rows[name]
+    assert "Qwen3-8B-shaped decoder: packed / padded row tokens/s at equal row tokens per step: " in proc.stdout
+    ours = next(line for line in proc.stdout.splitlines()
+                if line.startswith("| Qwen3-8B-shaped decoder: generate bf16 | ours b1 |"))
+    assert float(ours.split(" | ")[3]) > 0  # decode tokens/s
+
+
+def test_gpu_sh_check_stops_when_a_measurement_fails(tmp_path):
+    python = fake_python(tmp_path, bench_error="RuntimeError: the packed step broke")
+    proc = gpu_sh("--check", python=python)
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert "RuntimeError: the packed step broke" in lines and lines[-2:] == [
+        "gpu.sh: the benchmark's smoke run failed (its last lines above)",
+        "gpu.sh: stopped; nothing was measured",
+    ]
 
 
 def test_gpu_sh_stops_at_a_failed_install_with_pips_reason(tmp_path):

@@ -185,6 +185,33 @@ def test_deepspeed_zero3_equals_one_process_and_resumes_exactly(single, tmp_path
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+EVALUATING = ["data.max_eval_samples=5", "train.eval_before_training=true", "train.eval_generation=true",
+              "train.max_new_tokens=4", "train.eval_batch_size=2", "train.eval_steps=2"]
+
+
+@pytest.mark.multiproc
+def test_fsdp2_equals_one_process_and_evaluates_rows_the_processes_split_unevenly(tmp_path):
+    """FSDP2 with gradient checkpointing; 5 validation rows (3 and 2 per process): the loss evaluation runs as many
+    sharded forwards on each process, and generation decodes on the gathered model."""
+    run("train.py", "model=tiny_glm4", *FAST, *EVALUATING, f"train.output_dir={tmp_path / 'one'}",
+        f"data.cache_dir={tmp_path}/.cache", "train.per_device_batch_size=8")
+    config = ROOT / "launch" / "accelerate" / "fsdp2.yaml"
+    proc = subprocess.run(
+        [*ACCELERATE, "--config_file", str(config), "--main_process_port", str(free_port()), "train.py",
+         "model=tiny_glm4", *FAST, *EVALUATING, "model.gradient_checkpointing=true",
+         f"train.output_dir={tmp_path / 'two'}", f"data.cache_dir={tmp_path}/.cache2", "train.per_device_batch_size=4"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, env=one_thread_env(),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "4 Glm4DecoderLayer" in proc.stdout and proc.stdout.count("untuned -> tuned prefix on ") == 1
+    assert max_diff(prefix(tmp_path / "one"), prefix(tmp_path / "two")) <= 1e-5
+    one, two = (log_records(tmp_path / name) for name in ("one", "two"))
+    losses = [[(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r] for records in (one, two)]
+    assert [step for step, _ in losses[1]] == [0, 2, 4]
+    assert all(abs(a - b) <= 1e-5 for (_, a), (_, b) in zip(*losses, strict=True)), losses
+    assert [r["step"] for r in two if "eval_rouge-l" in r] == [0, 4]
+
+
 @pytest.mark.slow
 def test_killed_mid_step_resumes_bitwise(tmp_path):
     cache, full, cut = tmp_path / "cache", tmp_path / "full", tmp_path / "cut"

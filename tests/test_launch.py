@@ -21,6 +21,7 @@ PROMISES = {
     "multi_gpu.yaml": (8, "one process per GPU"),
     "deepspeed_zero2.yaml": (2, "DeepSpeed ZeRO-2, one process per GPU (2 here"),
     "deepspeed_zero3.yaml": (2, "DeepSpeed ZeRO-3, one process per GPU (2 here"),
+    "fsdp2.yaml": (2, "FSDP2 (PyTorch's fully_shard), one process per GPU (2 here"),
 }
 
 
@@ -66,3 +67,20 @@ def test_a_multi_cpu_config_without_mpirun_stops_before_training(tmp_path):
     assert proc.returncode != 0
     assert "accelerate started 1 process although its config asks for several" in proc.stderr, proc.stderr[-2000:]
     assert "training " not in proc.stdout and not (tmp_path / "out").exists()
+
+
+def test_the_fsdp2_launch_file_shards_each_layer_and_leaves_checkpointing_to_the_model():
+    config = yaml.safe_load((LAUNCH / "fsdp2.yaml").read_text())
+    fsdp = config["fsdp_config"]
+    assert (config["distributed_type"], fsdp["fsdp_version"], fsdp["fsdp_auto_wrap_policy"]) == (
+        "FSDP", 2, "TRANSFORMER_BASED_WRAP")
+    # no class names: each family's own _no_split_modules (its decoder layer) are the units
+    assert "fsdp_transformer_layer_cls_to_wrap" not in fsdp
+    assert fsdp["fsdp_activation_checkpointing"] is False  # model.gradient_checkpointing does it
+
+
+def test_fsdp_version_1_is_refused_before_anything_runs():
+    with pytest.raises(LaunchError, match=r"^FSDP version 1 is not supported: set fsdp_version: 2 in the accelerate "
+                                          r"config \(launch/accelerate/fsdp2.yaml\)$"):
+        check_launch({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"})
+    check_launch({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"})

@@ -9,18 +9,23 @@ the process sends itself SIGKILL there, so the moment is exact and the death as 
 from __future__ import annotations
 
 import errno
+import io
 import json
 import os
+import random
 import re
 import signal
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
 from ptuning import checkpoint as checkpoint_module
 from ptuning.build import load_model, load_tokenizer
@@ -36,6 +41,7 @@ from ptuning.weights import CheckpointError, read_weights, save_weights
 
 from .bad_inputs.recipes import Payload
 from .common import ROOT, resize_disk, small_disk
+from .test_evaluate import reset_accelerate
 from .test_training import job
 from .test_training import train as train_with_baseline
 
@@ -277,9 +283,9 @@ def test_fp16_skips_and_counts_nonfinite_steps_across_a_resume(tmp_path, monkeyp
     real_save = loop_module.save_checkpoint
     seen = {}
 
-    def save_then_stop(output_dir, step, model, meta, state, limit):
+    def save_then_stop(output_dir, step, model, meta, state, limit, **kwargs):
         seen["prefix_at_3"] = model.transformer.prefix_encoder.embedding.weight.detach().clone()
-        real_save(output_dir, step, model, meta, state, limit)
+        real_save(output_dir, step, model, meta, state, limit, **kwargs)
         raise Interrupted
 
     monkeypatch.setattr(loop_module, "save_checkpoint", save_then_stop)
@@ -478,3 +484,214 @@ def test_same_seed_same_loss_curve(tmp_path):
     pa = load_file(str(tmp_path / "a" / "checkpoint-4" / "prefix.safetensors"))
     pb = load_file(str(tmp_path / "b" / "checkpoint-4" / "prefix.safetensors"))
     assert all(torch.equal(pa[k], pb[k]) for k in pa)
+
+
+# ---- what a GPU run keeps and gathers, checked on a CPU ----
+
+
+class FakeCuda:
+    """``torch.cuda``'s generator calls for ``devices`` GPUs, each a CPU generator: what a checkpoint must record
+    on a GPU machine, on a machine without one."""
+
+    def __init__(self, devices: int = 1):
+        self.generators = [torch.Generator().manual_seed(1000 + i) for i in range(devices)]
+
+    def get_rng_state(self, device: int = 0) -> torch.Tensor:
+        return self.generators[device].get_state()
+
+    def get_rng_state_all(self) -> list[torch.Tensor]:
+        return [g.get_state() for g in self.generators]
+
+    def set_rng_state_all(self, states) -> None:
+        for generator, state in zip(self.generators, states, strict=True):
+            generator.set_state(state)
+
+    def manual_seed_all(self, seed: int) -> None:
+        for generator in self.generators:
+            generator.manual_seed(seed)
+
+
+def on_this_machine(monkeypatch, fake: FakeCuda) -> None:
+    monkeypatch.setattr(checkpoint_module, "get_torch_accelerator_backend", lambda: ("cuda", fake))
+
+
+def test_a_checkpoint_records_and_restores_every_generator_the_run_draws_from(monkeypatch):
+    fake = FakeCuda(devices=2)
+    on_this_machine(monkeypatch, fake)
+
+    def draws():
+        return (random.random(), float(np.random.rand()), torch.rand(1).item(),
+                *(torch.rand(1, generator=g).item() for g in fake.generators))
+
+    draws()
+    buffer = io.BytesIO()
+    torch.save(checkpoint_module.capture_rng(), buffer)  # as the checkpoint stores it, and reads it back
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    assert saved["device_type"] == "cuda" and len(saved["device"]) == 2
+    first = draws()
+    assert draws() != first
+    assert checkpoint_module.restore_rng(saved) is None
+    assert draws() == first  # Python, NumPy, torch's CPU generator and both GPUs' draw the same again
+    # resumed on a machine with one GPU: the CPU generators are restored, the run says dropout will differ
+    on_this_machine(monkeypatch, FakeCuda(devices=1))
+    assert checkpoint_module.restore_rng(saved) == (
+        "its random state covers 2 cuda device(s), this machine has 1 cuda device(s): dropout will not draw what "
+        "an unbroken run would")
+    assert draws()[:3] == first[:3]
+
+
+def test_without_a_gpu_the_cpu_generators_are_kept_and_a_gpu_machines_checkpoint_resumes_with_a_warning():
+    """The path a run on a machine without an accelerator takes (no fake: accelerate's own answer here)."""
+    if checkpoint_module.device_generators() != (None, None):
+        pytest.skip("this machine has an accelerator: the path is the one the fake GPUs above take")
+
+    def draws():
+        return random.random(), float(np.random.rand()), torch.rand(1).item()
+
+    saved = checkpoint_module.capture_rng()
+    assert set(saved) == {"python", "numpy", "torch"}  # nothing recorded for devices this machine lacks
+    first = draws()
+    assert checkpoint_module.restore_rng(saved) is None
+    assert draws() == first
+    # a checkpoint written on a machine with 2 GPUs: the CPU generators come back; the GPUs' cannot, and it says so
+    from_gpus = {**saved, "device_type": "cuda", "device": [torch.Generator().manual_seed(i).get_state() for i in (1, 2)]}
+    assert checkpoint_module.restore_rng(from_gpus) == (
+        "its random state covers 2 cuda device(s), this machine has 0 GPU device(s): dropout will not draw what an "
+        "unbroken run would")
+    assert draws() == first
+    # a checkpoint written before NumPy's and the devices' states were recorded resumes as it did
+    assert checkpoint_module.restore_rng({"python": saved["python"], "torch": saved["torch"]}) is None
+    assert (random.random(), torch.rand(1).item()) == (first[0], first[2])
+
+
+def test_a_gpu_machines_checkpoint_resumes_on_a_cpu_saying_dropout_will_differ(tmp_path, monkeypatch, capsys):
+    if checkpoint_module.device_generators() != (None, None):
+        pytest.skip("this machine has an accelerator")
+    full = train(tmp_path / "full")
+    real_save = loop_module.save_checkpoint
+
+    def save_then_stop(*args, **kwargs):
+        real_save(*args, **kwargs)
+        raise Interrupted
+
+    with monkeypatch.context() as patch:
+        patch.setattr(loop_module, "save_checkpoint", save_then_stop)
+        with pytest.raises(Interrupted):
+            train(tmp_path / "cut")
+    path = tmp_path / "cut" / "checkpoint-3" / "training_state.pt"
+    state = torch.load(path, weights_only=True)
+    state["rng"][0].update(device_type="cuda", device=[torch.Generator().manual_seed(7).get_state()])
+    torch.save(state, path)
+    capsys.readouterr()
+    resumed = train(tmp_path / "cut", "train.resume_from=latest")
+    assert re.search(r"^warning: \S*checkpoint-3: its random state covers 1 cuda device\(s\), this machine has 0 GPU "
+                     r"device\(s\): dropout will not draw what an unbroken run would$", capsys.readouterr().err, re.M)
+    # what the CPU drew (prefix dropout 0.1 here) came back: the run still ends as the unbroken one
+    assert_same_checkpoint(full.checkpoint, resumed.checkpoint)
+
+
+def test_resume_restores_the_gpu_generator_that_prefix_dropout_draws_from(tmp_path, monkeypatch):
+    """On a GPU, prefix dropout (0.1 in the tiny preset, as in every real one) draws from the CUDA generator, which
+    ``set_seed`` re-seeds when a run resumes. Here every dropout draws from a fake GPU's generator."""
+    fake = FakeCuda()
+    on_this_machine(monkeypatch, fake)
+    real_seed = loop_module.set_seed
+
+    def set_seed(seed):  # accelerate's set_seed seeds every GPU too
+        real_seed(seed)
+        fake.manual_seed_all(seed)
+
+    def dropout_on_the_gpu(input, p=0.5, training=True, inplace=False):
+        if not training or p == 0:
+            return input
+        keep = torch.empty_like(input).bernoulli_(1 - p, generator=fake.generators[0])
+        return input * keep / (1 - p)
+
+    monkeypatch.setattr(loop_module, "set_seed", set_seed)
+    monkeypatch.setattr(torch.nn.functional, "dropout", dropout_on_the_gpu)
+    full = train(tmp_path / "full")
+    real_save = loop_module.save_checkpoint
+
+    def save_then_stop(*args, **kwargs):
+        real_save(*args, **kwargs)
+        raise Interrupted
+
+    monkeypatch.setattr(loop_module, "save_checkpoint", save_then_stop)
+    with pytest.raises(Interrupted):
+        train(tmp_path / "cut")
+    monkeypatch.setattr(loop_module, "save_checkpoint", real_save)
+    state = torch.load(tmp_path / "cut" / "checkpoint-3" / "training_state.pt", weights_only=True)
+    # the GPU generator had moved on from its seed: re-seeding it alone would repeat step 1's dropout masks
+    assert not torch.equal(state["rng"][0]["device"][0], torch.Generator().manual_seed(42).get_state())
+    resumed = train(tmp_path / "cut", "train.resume_from=latest")
+    assert_same_checkpoint(full.checkpoint, resumed.checkpoint)
+    assert log_records(tmp_path / "full") == log_records(tmp_path / "cut")
+
+
+def tensors_in(value) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in tensors_in(v)]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in tensors_in(v)]
+    return []
+
+
+def test_every_tensor_a_save_gathers_is_on_the_cpu(tmp_path, monkeypatch):
+    """Under DeepSpeed every process's ZeRO optimizer part is gathered for the checkpoint; its tensors live on the
+    GPU, and a CUDA tensor sent to another process is rebuilt on that process's GPU. Here a recipe pretends to run
+    under DeepSpeed with its optimizer state on a (fake) GPU; what reaches the gathers must be on the CPU."""
+    recipe = loop_module.Recipe(job(tmp_path), None, loop_module._Progress())
+    reset_accelerate()
+    recipe.setup()
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        on_gpu = {"exp_avg": torch.zeros(16, 1024, device="cuda"), "step": torch.zeros((), device="cuda")}
+    zero_part = {"state": {0: on_gpu}, "param_groups": [{"params": [0], "lr": 0.1}]}
+    gathered: list = []
+
+    def gather_objects(items):
+        gathered.extend(items)
+        return list(items)
+
+    recipe.deepspeed = True
+    monkeypatch.setattr(loop_module, "gathered", lambda params, deepspeed: nullcontext())
+    monkeypatch.setattr(recipe.optimizer, "state_dict", lambda: zero_part)
+    monkeypatch.setattr(recipe.comm, "gather_objects", gather_objects)
+    monkeypatch.setattr(loop_module, "save_checkpoint", lambda *args, **kwargs: tmp_path / "not-written")
+    on_this_machine(monkeypatch, FakeCuda())
+    recipe.save()
+    found = tensors_in(gathered)
+    assert sum(isinstance(t, FakeTensor) for t in found) == 2  # the optimizer's two went through the gathers
+    assert {t.device.type for t in found} == {"cpu"}
+
+
+def test_fp16_loss_scaling_logs_the_unscaled_gradient_norm_and_trains_as_without_it(tmp_path, monkeypatch):
+    """fp16 on a GPU scales the loss by 65536 before the backward (torch.amp.GradScaler); the gradient norm that is
+    logged, checked and clipped is the unscaled one. On a CPU accelerate makes no scaler: one is given to it, and
+    its autocast left out (fp16 matmuls on a CPU would change the numbers). Scaling by a power of two and back is
+    exact, so the run equals one without a scaler, with clipping (train.max_grad_norm) and without."""
+    real_accelerator, real_build = loop_module.make_accelerator, loop_module.Recipe._build_optimizer
+
+    def with_a_loss_scaler(cfg):
+        accelerator, comm = real_accelerator(cfg)
+        accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=65536.0)  # before prepare: the optimizer's
+        accelerator.autocast = nullcontext
+        return accelerator, comm
+
+    def build(self):
+        real_build(self)
+        self.accelerator.native_amp = True  # as accelerate sets it on a GPU (after prepare: no autocast forward)
+
+    for clip in ("train.max_grad_norm=null", "train.max_grad_norm=0.01"):
+        plain = train(tmp_path / f"plain{clip[-4:]}", clip, "train.max_steps=3")
+        with monkeypatch.context() as patch:
+            patch.setattr(loop_module, "make_accelerator", with_a_loss_scaler)
+            patch.setattr(loop_module.Recipe, "_build_optimizer", build)
+            scaled = train(tmp_path / f"scaled{clip[-4:]}", clip, "train.max_steps=3", "train.mixed_precision=fp16")
+        norms = [[r["grad_norm"] for r in log_records(out.output_dir) if "grad_norm" in r] for out in (plain, scaled)]
+        assert len(norms[0]) == 3 and norms[0] == norms[1], (clip, norms)
+        assert [r["skipped_nonfinite_steps"] for r in log_records(scaled.output_dir) if "loss" in r] == [0, 0, 0]
+        a, b = load_file(str(plain.checkpoint / "prefix.safetensors")), load_file(str(scaled.checkpoint / "prefix.safetensors"))
+        assert all(torch.equal(a[k], b[k]) for k in a), clip

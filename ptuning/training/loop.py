@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
+from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
@@ -48,7 +49,17 @@ from ..checkpoint import (
 from ..config import ConfigError, TrainJobConfig
 from ..data import DataError, PackedRows, TrainingCollator, build_datasets
 from ..data.loading import check_positions
-from ..distributed import Collectives, LaunchError, on_every_process, start
+from ..distributed import (
+    Collectives,
+    LaunchError,
+    full_state,
+    gathered_for_generation,
+    on_every_process,
+    shard_apart,
+    sharded_state,
+    sharding_summary,
+    start,
+)
 from ..evaluation.metrics import METRIC_NAMES
 from ..evaluation.run import predict
 from ..faults import kill_point
@@ -277,6 +288,8 @@ class Recipe:
                else "")
             + f", {_count(self.cfg.train.max_steps, 'step')}"
         )
+        if self.fsdp:
+            print(f"FSDP2 shards the model over {self.world} process(es) in these units: {sharding_summary(self.raw)}")
 
     def _check(self) -> None:
         """The config, the output folder (taken for this run by the main process) and the checkpoint to resume
@@ -383,9 +396,17 @@ class Recipe:
                               self.unit)
 
     def _build_optimizer(self) -> None:
-        """AdamW over the prefix and the learning-rate schedule; accelerate (DDP, DeepSpeed) wraps the model
-        and the optimizer."""
+        """AdamW over the prefix and the learning-rate schedule; accelerate (DDP, DeepSpeed, FSDP2) wraps the
+        model and the optimizer. Under FSDP2 the prefix encoder is its own float32 unit
+        (:func:`~ptuning.distributed.shard_apart`), sharded before the optimizer takes its parameters."""
         train = self.cfg.train
+        self.fsdp = self.accelerator.is_fsdp2
+        if self.fsdp:
+            if self.accelerator.state.fsdp_plugin.activation_checkpointing and self.cfg.model.gradient_checkpointing:
+                raise TrainingError("fsdp_activation_checkpointing and model.gradient_checkpointing both checkpoint "
+                                    "every layer: keep model.gradient_checkpointing and set "
+                                    "fsdp_activation_checkpointing: false in the accelerate config")
+            shard_apart(self.accelerator, self.model.get_submodule(prefix_module_name(self.model)))
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(self.params, lr=train.learning_rate, weight_decay=train.weight_decay)
         self.scheduler = get_scheduler(
@@ -402,7 +423,7 @@ class Recipe:
         if self.deepspeed:
             self.raw = self.accelerator.unwrap_model(self.model)
         else:
-            self.raw = getattr(self.model, "module", self.model)
+            self.raw = getattr(self.model, "module", self.model)  # DDP's module; FSDP2 shards the model in place
 
     def _restore(self) -> None:
         """A resumed run's optimizer, scheduler, counters and RNG states, as its checkpoint saved them."""
@@ -417,13 +438,18 @@ class Recipe:
                 )
             if self.deepspeed:
                 self.optimizer.optimizer.load_state_dict(state["optimizer"])  # the ZeRO optimizer picks its own part
+            elif self.fsdp:  # the whole state, as one process has it: each process takes its shards
+                params = [p for group in self.optimizer.param_groups for p in group["params"]]
+                self.optimizer.load_state_dict(sharded_state(state["optimizer"], params))
             else:
                 self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
             self.step, self.micro = state["step"], state["micro_batch"]
             if self.step > self.cfg.train.max_steps:
                 raise past_the_end(resume, self.step, self.cfg)
-            restore_rng(state["rng"][self.rank] if self.rank < len(state["rng"]) else state["rng"][0])
+            note = restore_rng(state["rng"][self.rank] if self.rank < len(state["rng"]) else state["rng"][0])
+            if note and self.main:
+                print(f"warning: {resume}: {note}", file=sys.stderr)
             # a resumed run goes on counting: the metric covers the whole run
             self.skipped = state.get("skipped_nonfinite_steps", 0)
             if self.main:
@@ -454,9 +480,11 @@ class Recipe:
     def generation_metrics(self, prefix: PrefixKV | None = None) -> dict:
         """BLEU/ROUGE of the validation set's answers through the decode loop (all processes; the metrics of
         :func:`~ptuning.evaluation.run.predict`); ``prefix`` replaces the model's own
-        (:func:`~ptuning.prefix.no_prefix`: the base model)."""
-        metrics, _ = predict(self.raw, self.template, self.cfg.data, self.cfg.train, self.comm,
-                             examples=self.gen_examples, prefix=prefix)
+        (:func:`~ptuning.prefix.no_prefix`: the base model). Under FSDP2 on the model gathered whole on every
+        process (:func:`~ptuning.distributed.gathered_for_generation`: each decodes its own rows)."""
+        with gathered_for_generation(self.raw):
+            metrics, _ = predict(self.raw, self.template, self.cfg.data, self.cfg.train, self.comm,
+                                 examples=self.gen_examples, prefix=prefix)
         return metrics
 
     def evaluate_loss(self, prefix: PrefixKV | None = None) -> float | None:
@@ -471,13 +499,20 @@ class Recipe:
         mine = list(range(self.rank, len(self.eval_ds), self.world))
         size = self.cfg.train.eval_batch_size
         extra = {} if prefix is None else {"prefix": prefix}
+        # a sharded forward is a collective: under FSDP2 / ZeRO-3 every process runs as many as the first (which
+        # has the most rows); one that has run out scores its first row again and counts nothing
+        sharded = self.fsdp or (self.deepspeed and self.accelerator.state.deepspeed_plugin.zero_stage == 3)
+        batches = math.ceil(len(range(0, len(self.eval_ds), self.world)) / size) if sharded else None
         with torch.no_grad():
-            for start in range(0, len(mine), size):
-                batch = self.collate([self.eval_ds[i] for i in mine[start : start + size]])
+            for start in range(0, len(mine) if batches is None else batches * size, size):
+                rows, weight = mine[start : start + size], 1.0
+                if not rows:
+                    rows, weight = mine[:1] or [0], 0.0
+                batch = self.collate([self.eval_ds[i] for i in rows])
                 ids, labels = batch["input_ids"].to(self.device), batch["labels"].to(self.device)
                 with self.accelerator.autocast():
-                    loss_sum += token_loss_sum(self.model, ids, labels, **extra)
-                count += (labels[:, 1:] != -100).sum()
+                    loss_sum += weight * token_loss_sum(self.model, ids, labels, **extra)
+                count += weight * (labels[:, 1:] != -100).sum()
                 kill_point("eval", self.step)  # test-only: SIGKILL during an evaluation
         stats = self.comm.sum(torch.stack([loss_sum, count.float()]))
         self.model.train()
@@ -559,12 +594,21 @@ class Recipe:
         return loss_sum
 
     def _grad_norm(self) -> float:
+        """The global gradient norm of the step, of the gradients as the update sees them: after the fp16 loss
+        scaler's factor is taken out (``accelerator.unscale_gradients``, once per step: the scaler's own step
+        then skips an overflow and lowers its scale), over every shard of a sharded prefix. Clips to
+        ``train.max_grad_norm`` when set (``torch.nn.utils.clip_grad_norm_``'s arithmetic)."""
         if self.deepspeed:
             grad_norm = self.model.get_global_grad_norm()
             return float("nan") if grad_norm is None else float(grad_norm)
+        self.accelerator.unscale_gradients()
+        grads = [p.grad for p in self.params if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads)
+        if isinstance(norm, DTensor):  # the norm of this process's shards: combine them
+            norm = norm.full_tensor()
         if self.cfg.train.max_grad_norm is not None:
-            return float(self.accelerator.clip_grad_norm_(self.params, self.cfg.train.max_grad_norm))
-        return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in self.params if p.grad is not None])))
+            torch.nn.utils.clip_grads_with_norm_(self.params, self.cfg.train.max_grad_norm, norm)
+        return float(norm)
 
     def _update(self) -> None:
         if not self.deepspeed:  # DeepSpeed stepped inside its engine
@@ -660,15 +704,21 @@ class Recipe:
     def save(self) -> Path | None:
         """Writes ``checkpoint-{step}`` (the main process; the others take part in the gathers): the prefix,
         its metadata and the training state to resume from. Returns the folder (None on the other
-        processes)."""
-        rng = self.comm.gather_objects([capture_rng()])
-        # ZeRO partitions the optimizer state: keep every rank's part
-        shards = self.comm.gather_objects([self.optimizer.state_dict()]) if self.deepspeed else None
+        processes). Every gather brings tensors to the CPU: each process's random state, and the optimizer
+        state ZeRO partitions (every rank's part) or FSDP2 shards (whole, as one process has it)."""
+        rng = self.comm.gather_to_cpu(capture_rng())
+        if self.deepspeed:
+            optimizer = self.comm.gather_to_cpu(self.optimizer.state_dict())
+        elif self.fsdp:
+            optimizer = full_state(self.optimizer.state_dict())
+        else:
+            optimizer = self.optimizer.state_dict()
+        prefix = self._full_prefix() if self.fsdp else None
         path, failure = None, None
         with gathered(self.raw.get_submodule(prefix_module_name(self.raw)).parameters(), self.deepspeed):
             if self.main:
                 state = {
-                    "optimizer": shards if self.deepspeed else self.optimizer.state_dict(),
+                    "optimizer": optimizer,
                     "scheduler": self.scheduler.state_dict(),
                     "step": self.step,
                     "micro_batch": self.micro,
@@ -679,13 +729,19 @@ class Recipe:
                 try:
                     self.log.raise_failure()  # a log line was lost (a full disk): no later checkpoint
                     path = save_checkpoint(self.out, self.step, self.raw, self.meta, state,
-                                           self.cfg.train.save_total_limit)
+                                           self.cfg.train.save_total_limit, prefix=prefix)
                 except CheckpointError as err:
                     failure = TrainingError(str(err))
                 except TrainingError as err:
                     failure = err
         self.comm.raise_together(failure)  # every process goes on, or stops with the main process's error
         return path
+
+    def _full_prefix(self) -> dict[str, torch.Tensor]:
+        """FSDP2: the prefix encoder's weights whole on the CPU, under their full keys (a collective)."""
+        name = prefix_module_name(self.raw)
+        encoder = self.raw.get_submodule(name).state_dict(prefix=f"{name}.")
+        return {key: tensor.full_tensor().cpu() for key, tensor in encoder.items()}
 
     # ---- finish ----
 
