@@ -203,7 +203,7 @@ def test_fsdp2_equals_one_process_and_evaluates_rows_the_processes_split_unevenl
         cwd=ROOT, capture_output=True, text=True, timeout=300, env=one_thread_env(),
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "4 Glm4DecoderLayer" in proc.stdout and proc.stdout.count("untuned -> tuned prefix on ") == 1
+    assert "4 Glm4DecoderLayer" in proc.stdout and proc.stdout.count("base model (no prefix) -> tuned prefix on ") == 1
     assert max_diff(prefix(tmp_path / "one"), prefix(tmp_path / "two")) <= 1e-5
     one, two = (log_records(tmp_path / name) for name in ("one", "two"))
     losses = [[(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r] for records in (one, two)]
