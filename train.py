@@ -62,7 +62,7 @@ def main(cfg: DictConfig) -> None:
     print(line)
     if result.baseline_metrics and result.metrics:
         gains = ", ".join(f"{k} {result.baseline_metrics[k]:.2f} -> {result.metrics[k]:.2f}" for k in METRIC_NAMES)
-        print(f"untuned -> tuned prefix on {job.data.validation_file}: {gains}")
+        print(f"base model (no prefix) -> tuned prefix on {job.data.validation_file}: {gains}")
 
 
 if __name__ == "__main__":

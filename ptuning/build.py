@@ -16,11 +16,11 @@ import torch
 from torch import nn
 from transformers.utils import logging as hf_logging
 
-from .config import BUILTIN_MODEL, ConfigError, ModelConfig
+from .config import BUILTIN_MODEL, BUILTIN_SCHEME, ConfigError, ModelConfig, is_gguf_file
 from .models import Family, PromptTemplate, UnsupportedModelError, family_for
 from .prefix import PrefixKV, PrefixShape, prefix_module_name, reset_prefix, set_prefix_from_key_values
 from .quantization import quantize_backbone
-from .weights import weight_files
+from .weights import file_sha256, weight_files
 
 
 @dataclass
@@ -63,11 +63,24 @@ def base_model_name(cfg: ModelConfig) -> str:
 
 
 def weights_digest(folder: Path) -> str:
-    """sha256 of a built-in backbone's weight files (they are small): recorded in checkpoint metadata."""
+    """sha256 of a built-in backbone's weight files (they are small), or of a ``.gguf`` file: recorded in
+    checkpoint metadata."""
+    if is_gguf_file(folder):
+        return file_sha256(folder)
     digest = hashlib.sha256()
     for path in weight_files(folder):
         digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
+
+
+def base_weights_digest(cfg: ModelConfig) -> str | None:
+    """The weights digest checkpoints record for ``cfg``'s backbone: a built-in model's weight files and a
+    ``.gguf`` file (config, tokenizer and weights in one file, so a different quantization of the same config
+    is told apart) are hashed; a model folder is named by its path and config fingerprint only (hashing
+    gigabytes at every start would cost minutes)."""
+    if cfg.base_model_name.startswith(BUILTIN_SCHEME) or is_gguf_file(cfg.resolved_path):
+        return weights_digest(cfg.resolved_path)
+    return None
 
 
 def load_model(cfg: ModelConfig, *, family: Family | None = None, **overrides) -> nn.Module:
@@ -179,8 +192,10 @@ def init_prefix(loaded: Loaded, cfg: ModelConfig) -> None:
     * ``zeros``: every prefix key and value 0 (:func:`ptuning.prefix.reset_prefix`);
     * ``text``: the frozen model's own keys and values for the first P tokens of ``cfg.prefix_init_text``
       (repeated when shorter): the text is run through the model without a prefix and each layer's cached
-      keys (rotated at positions 0..P-1, as the cache holds them) and values become the prefix. peft's
-      MetaMathQA comparison of prefix tuning: 18.6 % from random init, 35.8 % from zeros, 41.6 % from text.
+      keys (rotated at the positions the family gives, :meth:`~ptuning.models.base.Family.text_prefix_positions`:
+      -P..-1 for transformers' decoders, right before the prompt; 0..P-1 otherwise) and values become the
+      prefix. peft's MetaMathQA comparison of prefix tuning: 18.6 % from random init, 35.8 % from zeros,
+      41.6 % from text.
 
     Raises:
         ConfigError: ``text`` with ``prefix_projection``, or a text that gives no tokens.
@@ -210,7 +225,9 @@ def init_prefix(loaded: Loaded, cfg: ModelConfig) -> None:
     hidden = torch.zeros(1, shape.num_key_value_heads, 0, shape.head_dim, dtype=dtype, device=device)
     no_prefix = PrefixKV([hidden] * shape.num_layers, [hidden] * shape.num_layers)
     run = loaded.family.text_prefix_input(loaded.tokenizer, ids)
-    out = model(input_ids=torch.tensor([run], device=device), use_cache=True, prefix=no_prefix)
+    positions = loaded.family.text_prefix_positions(len(run))
+    where = {} if positions is None else {"position_ids": torch.tensor([positions], device=device)}
+    out = model(input_ids=torch.tensor([run], device=device), use_cache=True, prefix=no_prefix, **where)
     cache = out.cache
     keys = [layer.keys[0, :, :length].float() for layer in cache.layers]  # (G, P, D) each
     values = [layer.values[0, :, :length].float() for layer in cache.layers]
@@ -225,6 +242,7 @@ __all__ = [
     "BUILTIN_MODEL",
     "Loaded",
     "base_model_name",
+    "base_weights_digest",
     "init_prefix",
     "load",
     "load_model",

@@ -15,7 +15,6 @@ import contextlib
 import json
 import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 from .console import exit_on_interrupt
 
@@ -31,7 +30,7 @@ with exit_on_interrupt(__name__):  # Ctrl-C while the libraries load (seconds): 
         read_checkpoint,
         resolve_checkpoint,
     )
-    from .config import ConfigError, ModelConfig
+    from .config import ConfigError, ModelConfig, is_model_reference
     from .evaluation import generate
     from .evaluation.generate import GenerationSettings
     from .generation import Detokenizer, packed_linears, vocab_limit
@@ -199,8 +198,8 @@ def load(args: argparse.Namespace):
     dtype = args.dtype
     if dtype == "auto":
         dtype = "bfloat16" if device.type == "cuda" else "float32"
-    if args.model_path is not None and not args.model_path.startswith("builtin:") and not Path(args.model_path).expanduser().is_dir():
-        raise ConfigError(f"--model-path={args.model_path}: no such folder (expected a model folder)")
+    if args.model_path is not None and not is_model_reference(args.model_path):
+        raise ConfigError(f"--model-path={args.model_path}: no such folder (expected a model folder or a .gguf file)")
     cfg = ModelConfig(path=args.model_path, dtype=dtype)
     try:
         cfg.validate()

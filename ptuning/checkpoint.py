@@ -37,7 +37,7 @@ import torch
 from accelerate.utils import get_torch_accelerator_backend
 from safetensors import safe_open
 
-from .build import Loaded, load, weights_digest
+from .build import Loaded, base_weights_digest, load
 from .config import ConfigError, ModelConfig, canonical_base_model
 from .faults import kill_point
 from .jsonfile import read_json_object
@@ -85,10 +85,11 @@ def backbone_metadata(cfg: ModelConfig, model: torch.nn.Module) -> dict:
     """How ``prefix_config.json`` describes the backbone that ``cfg`` loads (``model``, with or without a prefix
     encoder): its name (:attr:`~ptuning.config.ModelConfig.base_model_name`), the fingerprint of its config (a
     hash of the values that decide what it computes, the family's choice of keys) and, for a built-in model, a
-    digest of its weights."""
+    digest of its weights (a built-in model's weight files, a ``.gguf`` file: :func:`~ptuning.build.base_weights_digest`)."""
     meta = {"base_model": cfg.base_model_name, "base_config_fingerprint": family_of(model).fingerprint(model.config)}
-    if cfg.base_model_name.startswith("builtin:"):
-        meta["base_weights_sha256"] = weights_digest(cfg.resolved_path)
+    digest = base_weights_digest(cfg)
+    if digest is not None:
+        meta["base_weights_sha256"] = digest
     return meta
 
 

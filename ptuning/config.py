@@ -8,6 +8,8 @@ from pathlib import Path
 
 from .data.config import DataConfig
 from .errors import ConfigError
+from .paths import PACKAGE_SCHEME, package_file
+from .weights import GGUF_SUFFIX, is_gguf_file  # noqa: F401 - GGUF_SUFFIX: part of config's vocabulary
 
 DTYPES = ("float32", "bfloat16", "float16")
 MIXED_PRECISION = ("no", "bf16", "fp16")
@@ -30,11 +32,21 @@ def builtin_models() -> list[str]:
     return sorted(p.name for p in (PROJECT_ROOT / "data").glob("tiny-*") if (p / "config.json").is_file())
 
 
+def is_model_reference(path: str) -> bool:
+    """``path`` (a ``--model-path`` / ``model.path`` value) may name a model: ``builtin:`` / ``package:``
+    (checked when resolved), an existing folder or an existing ``.gguf`` file."""
+    text = str(path)
+    if text.startswith((BUILTIN_SCHEME, PACKAGE_SCHEME)):
+        return True
+    return Path(text).expanduser().is_dir() or is_gguf_file(text)
+
+
 def canonical_base_model(name: str) -> str:
     """How checkpoints name a base model, whichever way it was given: ``builtin:<name>`` for a bundled model,
-    also when given (or recorded) as its folder ``data/<name>`` by any relative or absolute path; else the
-    folder's absolute path (symlinks resolved)."""
-    if name.startswith(BUILTIN_SCHEME):
+    also when given (or recorded) as its folder ``data/<name>`` by any relative or absolute path;
+    ``package:<module>/<file>`` as given (the same name on every machine); else the folder's (or ``.gguf``
+    file's) absolute path (symlinks resolved)."""
+    if name.startswith((BUILTIN_SCHEME, PACKAGE_SCHEME)):
         return name
     folder = Path(name).expanduser().resolve()
     if folder.parent == (PROJECT_ROOT / "data").resolve() and folder.name in builtin_models():
@@ -66,7 +78,9 @@ def check_data_file(key: str, path: str, none_hint: str = "") -> None:
 class ModelConfig:
     """``model.*``: the frozen backbone and the prefix."""
 
-    path: str | None = None  # a model folder (any supported family); null = the built-in tiny ChatGLM-6B
+    # a model folder (any supported family), a .gguf file (transformers' decoders), builtin:<name> or
+    # package:<module>/<file>; null = the built-in tiny ChatGLM-6B
+    path: str | None = None
     name: str = "tiny"  # a label recorded in checkpoints and logs
     pre_seq_len: int = 16
     prefix_projection: bool = False
@@ -100,20 +114,35 @@ class ModelConfig:
                 self.resolved_path.is_dir(), "model.path", self.path,
                 "a built-in model (" + ", ".join(f"{BUILTIN_SCHEME}{n}" for n in builtin_models()) + ") or a model folder",
             )
+        elif self.path is not None and str(self.path).startswith(PACKAGE_SCHEME):
+            try:
+                found = self.resolved_path
+            except ConfigError as err:
+                raise ConfigError(f"model.path={err}") from None
+            _need(is_gguf_file(found) or found.is_dir(), "model.path", self.path,
+                  f"a .gguf file or model folder in the installed package (not found at {found})")
         elif self.path is not None:
             p = Path(self.path).expanduser()
             _need(
-                p.is_dir(), "model.path", self.path, "an existing model folder (config.json + weights)"
+                p.is_dir() or is_gguf_file(p), "model.path", self.path,
+                "an existing model folder (config.json + weights) or .gguf file",
             )
 
     @property
     def resolved_path(self) -> Path:
-        """The model folder: ``model.path`` (relative to the working folder), a bundled ``builtin:<name>``
-        (``data/<name>`` of the project, wherever the command runs), or the built-in tiny ChatGLM-6B."""
+        """The model folder or ``.gguf`` file: ``model.path`` (relative to the working folder), a bundled
+        ``builtin:<name>`` (``data/<name>`` of the project, wherever the command runs), a file of an installed
+        package (``package:<module>/<file>``, see :func:`package_file`), or the built-in tiny ChatGLM-6B.
+
+        Raises:
+            ConfigError: a ``package:`` reference whose package is not installed.
+        """
         if self.path is None:
             return BUILTIN_MODEL
         if str(self.path).startswith(BUILTIN_SCHEME):
             return PROJECT_ROOT / "data" / str(self.path)[len(BUILTIN_SCHEME):]
+        if str(self.path).startswith(PACKAGE_SCHEME):
+            return package_file(str(self.path))
         return Path(self.path).expanduser()
 
     @property
@@ -150,7 +179,7 @@ class TrainConfig:
     allow_base_model_change: bool = False  # resume a checkpoint on another base model than it was trained on
     init_prefix_from: str | None = None  # start from this prefix (ours or the original's checkpoint-N)
     eval_generation: bool = True  # generate on the validation set at the end and compute BLEU/ROUGE
-    eval_before_training: bool = False  # also score the untuned prefix first (step 0), to see what tuning gained
+    eval_before_training: bool = False  # also score the base model (no prefix) first (step 0): what tuning gained
     max_new_tokens: int = 64
     eval_batch_size: int = 16
     plot: bool = True  # write loss.png at the end

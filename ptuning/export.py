@@ -42,7 +42,15 @@ with exit_on_interrupt(__name__, "nothing was written"):  # Ctrl-C while the lib
         read_prefix,
         resolve_checkpoint,
     )
-    from .config import BUILTIN_SCHEME, PROJECT_ROOT, ConfigError, ModelConfig, builtin_models
+    from .config import (
+        BUILTIN_SCHEME,
+        PACKAGE_SCHEME,
+        PROJECT_ROOT,
+        ConfigError,
+        ModelConfig,
+        builtin_models,
+        is_gguf_file,
+    )
     from .interop.peft import export_peft_checkpoint, import_peft
     from .models import UnsupportedModelError, family_for, family_named, family_of, read_config
     from .weights import CheckpointError, is_disk_full
@@ -51,11 +59,22 @@ DTYPES = ("float16", "bfloat16", "float32")
 
 
 def model_argument(model: str) -> Path:
-    """``--model`` as a folder: ``builtin:<name>`` (a bundled model, as ``model.path`` takes it) or a path.
+    """``--model`` as a folder: ``builtin:<name>`` (a bundled model, as ``model.path`` takes it) or a path; or a
+    ``.gguf`` file (also as ``package:<module>/<file>``).
 
     Raises:
-        CheckpointError: no such built-in model or folder.
+        CheckpointError: no such built-in model, folder or file.
     """
+    if model.startswith(PACKAGE_SCHEME):
+        try:
+            path = ModelConfig(path=model).resolved_path
+        except ConfigError as err:
+            raise CheckpointError(f"--model {err}") from None
+        if not (is_gguf_file(path) or path.is_dir()):
+            raise CheckpointError(f"--model {model}: no such file in the installed package ({path})")
+        return path
+    if is_gguf_file(model):
+        return Path(model).expanduser()
     if model.startswith(BUILTIN_SCHEME):
         path = ModelConfig(path=model).resolved_path
         if not (path / "config.json").is_file():
@@ -78,7 +97,12 @@ def base_model_path(checkpoint: str | None, model: str | None) -> Path | None:
     recorded = (meta or {}).get("base_model")
     if recorded and recorded.startswith(BUILTIN_SCHEME):
         return ModelConfig(path=recorded).resolved_path
-    if recorded and Path(recorded).is_dir():
+    if recorded and recorded.startswith(PACKAGE_SCHEME):
+        try:
+            return ModelConfig(path=recorded).resolved_path
+        except ConfigError:
+            return None  # the package is not installed here: as a folder that is not here
+    if recorded and (Path(recorded).is_dir() or is_gguf_file(recorded)):
         return Path(recorded)
     return None
 

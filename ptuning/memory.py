@@ -51,6 +51,7 @@ from .models.memory import (
     linear_weight_bytes,
     memory_of,
 )
+from .paths import PACKAGE_SCHEME, package_file
 
 GIB = 2**30
 
@@ -155,11 +156,14 @@ def __getattr__(name: str):
 
 
 def config_shape(path: str | Path) -> ModelShape:
-    """The shape of a model folder (or its ``config.json``), read by its family.
+    """The shape of a model folder (or its ``config.json``), or of a ``.gguf`` file (also as
+    ``package:<module>/<file>``), read by its family.
 
     Raises:
         ValueError: no family takes the folder, or its family has no memory formulas (one line).
     """
+    if str(path).startswith(PACKAGE_SCHEME):  # a file of an installed package, as model.path takes it
+        path = package_file(str(path))
     folder = Path(path)
     folder = folder.parent if folder.name == "config.json" else folder
     formulas = memory_of(family_for(folder))
@@ -196,7 +200,8 @@ def main(argv=None) -> None:
         "from the model shape alone (default: the real ChatGLM-6B, pre_seq_len 128, batch 1, 64 + 64 tokens).",
     )
     parser.add_argument(
-        "--config", help="a model folder or its config.json, of any supported family (instead of --model)"
+        "--config", help="a model folder or its config.json, of any supported family, or a .gguf file (also "
+        "package:<module>/<file>) (instead of --model)"
     )
     parser.add_argument("--model", choices=sorted(presets()), default="chatglm-6b",
                         help="a published model's shape (default chatglm-6b)")

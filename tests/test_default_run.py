@@ -28,10 +28,10 @@ def test_default_run_learns_and_evaluate_reproduces_it(tmp_path):
     records = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if "loss" in r]
     assert losses[-1] < 0.5 * losses[0], losses
-    untuned = next(r for r in records if r["step"] == 0 and "eval_rouge-l" in r)
+    base = next(r for r in records if r["step"] == 0 and "eval_rouge-l" in r)
     tuned = [r for r in records if r["step"] == 800 and "eval_rouge-l" in r][-1]
-    assert tuned["eval_rouge-l"] >= untuned["eval_rouge-l"] + 10, (untuned, tuned)
-    assert "untuned -> tuned prefix" in proc.stdout
+    assert tuned["eval_rouge-l"] >= base["eval_rouge-l"] + 10, (base, tuned)
+    assert "base model (no prefix) -> tuned prefix" in proc.stdout
     assert (out / "loss.png").is_file() and (out / "checkpoint-800" / "prefix.safetensors").is_file()
     # evaluate.py on the same prefix gives the same numbers
     run("evaluate.py", f"prefix_checkpoint={out / 'checkpoint-800'}", f"output_dir={tmp_path / 'eval'}",

@@ -262,10 +262,10 @@ REPORTING = ["data.max_eval_samples=4", "train.eval_before_training=true", "trai
 def assert_only_the_main_process_reports(proc):
     out, bars = proc.stdout, proc.stderr.replace("\r", "\n")
     assert out.count("done: step 4, checkpoint ") == 1 and "checkpoint None" not in out, out
-    assert out.count("untuned -> tuned prefix on ") == 1 and out.count("untuned prefix: eval loss ") == 1, out
+    assert out.count("base model (no prefix) -> tuned prefix on ") == 1 and out.count("base model (no prefix): eval loss ") == 1, out
     assert out.count("step 2: eval loss ") == 1, out
     assert out.count("training 16,384 of ") == 1, out
-    # each progress bar is drawn once: the untuned and the tuned generation, and the training steps
+    # each progress bar is drawn once: the base model's and the tuned generation, and the training steps
     assert len(re.findall(r"^generate:\s+0%", bars, re.M)) == 2, bars[-3000:]
     assert len(re.findall(r"^train:\s+0%", bars, re.M)) == 1, bars[-3000:]
 

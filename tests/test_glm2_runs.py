@@ -100,16 +100,16 @@ def test_train_checkpoint_evaluate(tmp_path, version):
 @pytest.mark.parametrize("version", [2, 3])
 def test_default_run_shows_the_gain(tmp_path, version):
     """The default run (800 steps, P 16) on the tiny model: the prefix teaches the frozen chat model the
-    task's format (its untuned answers wrap the ad in chatty openings and closings)."""
+    task's format (its answers without a prefix wrap the ad in chatty openings and closings)."""
     reset_accelerate()
     cfg = to_object(compose_train([f"model=tiny_chatglm{version}", f"train.output_dir={tmp_path / 'run'}",
                                    f"data.cache_dir={tmp_path / 'cache'}", "train.plot=false"]))
     train_run(cfg)
     records = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
-    untuned = next(r for r in records if r["step"] == 0 and "eval_rouge-l" in r)
+    base = next(r for r in records if r["step"] == 0 and "eval_rouge-l" in r)
     tuned = [r for r in records if r["step"] == 800 and "eval_rouge-l" in r][-1]
-    assert tuned["eval_bleu-4"] >= untuned["eval_bleu-4"] + 25, (untuned, tuned)
-    assert tuned["eval_rouge-l"] >= untuned["eval_rouge-l"] + 20, (untuned, tuned)
+    assert tuned["eval_bleu-4"] >= base["eval_bleu-4"] + 25, (base, tuned)
+    assert tuned["eval_rouge-l"] >= base["eval_rouge-l"] + 20, (base, tuned)
 
 
 def original_checkpoint(folder, embedding: torch.Tensor):

@@ -39,7 +39,7 @@ def run(*args, timeout=600, check=True):
 
 @pytest.fixture(scope="module")
 def tuned(tmp_path_factory):
-    """A short run of ``python train.py model=tiny_glm4`` with the untuned prefix scored first."""
+    """A short run of ``python train.py model=tiny_glm4`` with the base model (no prefix) scored first."""
     out = tmp_path_factory.mktemp("tiny-glm4")
     proc = run("train.py", "model=tiny_glm4", "train.max_steps=60", "train.save_steps=60", "train.eval_steps=null",
                "data.max_eval_samples=32", "train.plot=false", f"train.output_dir={out}",
@@ -53,10 +53,10 @@ def test_tiny_glm4_run_learns_and_evaluate_reproduces_it(tuned, tmp_path):
     records = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if "loss" in r]
     assert losses[-1] < 0.8 * losses[0], losses
-    untuned = next(r for r in records if r["step"] == 0 and "eval_rouge-l" in r)
+    base = next(r for r in records if r["step"] == 0 and "eval_rouge-l" in r)
     done = [r for r in records if r["step"] == 60 and "eval_rouge-l" in r][-1]
-    assert done["eval_rouge-l"] >= untuned["eval_rouge-l"] + 5, (untuned, done)
-    assert "untuned -> tuned prefix" in proc.stdout
+    assert done["eval_rouge-l"] >= base["eval_rouge-l"] + 5, (base, done)
+    assert "base model (no prefix) -> tuned prefix" in proc.stdout
     meta = json.loads((out / "checkpoint-60" / "prefix_config.json").read_text())
     assert (meta["family"], meta["base_model"], meta["prompt_format"]) == ("hf", "builtin:tiny-glm4", "plain")
     assert (meta["num_layers"], meta["num_key_value_heads"], meta["head_dim"], meta["pre_seq_len"]) == (4, 2, 32, 16)
@@ -203,7 +203,7 @@ def test_fsdp2_equals_one_process_and_evaluates_rows_the_processes_split_unevenl
         cwd=ROOT, capture_output=True, text=True, timeout=300, env=one_thread_env(),
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "4 Glm4DecoderLayer" in proc.stdout and proc.stdout.count("untuned -> tuned prefix on ") == 1
+    assert "4 Glm4DecoderLayer" in proc.stdout and proc.stdout.count("base model (no prefix) -> tuned prefix on ") == 1
     assert max_diff(prefix(tmp_path / "one"), prefix(tmp_path / "two")) <= 1e-5
     one, two = (log_records(tmp_path / name) for name in ("one", "two"))
     losses = [[(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r] for records in (one, two)]

@@ -47,7 +47,7 @@ from .test_training import train as train_with_baseline
 
 
 def train(tmp_path, *overrides):
-    """test_training's in-process run without the untuned-prefix generation first (not needed here)."""
+    """test_training's in-process run without the base model's generation first (not needed here)."""
     return train_with_baseline(tmp_path, "train.eval_before_training=false", *overrides)
 
 # A short default run: checkpoints at 3, 6, 9 and 10 (two kept), evaluations at 4 and 8 and at the end.
@@ -244,9 +244,9 @@ def poison_loss(monkeypatch, steps: set[int], how: str = "loss"):
     real = loop_module.token_loss_sum
     calls = {"n": 0}
 
-    def poisoned(model, ids, labels):
+    def poisoned(model, ids, labels, **kwargs):
         calls["n"] += 1  # one call per micro-batch: with no accumulation, the step number
-        value = real(model, ids, labels)
+        value = real(model, ids, labels, **kwargs)
         if calls["n"] not in steps:
             return value
         if how == "loss":

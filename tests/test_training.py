@@ -161,9 +161,9 @@ def test_nonfinite_loss_stops_naming_step_and_checkpoint(tmp_path, monkeypatch):
     real = loop_module.token_loss_sum
     calls = {"n": 0}
 
-    def poisoned(model, ids, labels):
-        calls["n"] += model.training  # training steps only (the untuned prefix's eval loss comes first)
-        value = real(model, ids, labels)
+    def poisoned(model, ids, labels, **kwargs):
+        calls["n"] += model.training  # training steps only (the base model's eval loss comes first)
+        value = real(model, ids, labels, **kwargs)
         return value * float("nan") if calls["n"] == 5 and model.training else value
 
     monkeypatch.setattr(loop_module, "token_loss_sum", poisoned)
@@ -335,11 +335,11 @@ def test_ctrl_c_names_the_step_and_the_checkpoint_to_resume(tmp_path, monkeypatc
     real = loop_module.token_loss_sum
     calls = {"n": 0}
 
-    def interrupted_in_step_5(model, ids, labels):
+    def interrupted_in_step_5(model, ids, labels, **kwargs):
         calls["n"] += model.training
         if calls["n"] == 5 and model.training:
             raise KeyboardInterrupt
-        return real(model, ids, labels)
+        return real(model, ids, labels, **kwargs)
 
     monkeypatch.setattr(loop_module, "token_loss_sum", interrupted_in_step_5)
     with pytest.raises(TrainingInterrupted) as stopped:
@@ -381,7 +381,7 @@ def test_the_console_shows_eval_loss_and_throughput_as_the_docs_say(tmp_path, ca
     assert f"checkpoint-{{{','.join(map(str, kept))}}}/" in readme
 
 
-def test_the_untuned_baseline_reaches_wandb_and_the_loss_plot(tmp_path, monkeypatch):
+def test_the_base_model_baseline_reaches_wandb_and_the_loss_plot(tmp_path, monkeypatch):
     from ptuning.training.plot import loss_curves
     from ptuning.training.tracking import make_tracker
 
@@ -428,9 +428,9 @@ def test_a_small_model_on_cpu_runs_with_one_thread_unless_omp_num_threads_says(t
         seen = []
         real = loop_module.token_loss_sum
 
-        def spy(*args):
+        def spy(*args, **kwargs):
             seen.append(torch.get_num_threads())
-            return real(*args)
+            return real(*args, **kwargs)
 
         monkeypatch.setattr(loop_module, "token_loss_sum", spy)
         train(tmp_path, "train.max_steps=2", "train.eval_before_training=false")

@@ -24,8 +24,9 @@ class DataConfig:
             evaluation ``max_source_length - 2``, as the original P-Tuning v2 script.
         max_target_length: response budget: training keeps ``max_target_length - 2`` response tokens.
         max_train_samples, max_eval_samples: keep only the first N rows of the train / eval splits.
-        ignore_pad_token_for_loss: pad positions of the labels are -100 (ignored by the loss) rather
-            than the pad id.
+        ignore_pad_token_for_loss: the padding the collator adds is labelled -100 (ignored by the loss)
+            rather than with the pad id; it never touches a row's end token, also when its id is the pad id
+            (ChatGLM-6B's template also drops a pad token written inside an answer, as its original).
         preprocessing_num_workers: processes for tokenization (None: in this process).
         skip_bad_rows: skip malformed rows (counted and reported once) instead of stopping at the first.
         overwrite_cache: recompute the cached features instead of reusing them.

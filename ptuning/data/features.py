@@ -51,27 +51,38 @@ def preprocess_train(
 ) -> dict[str, list]:
     """Training features of a batch of rows.
 
+    The labels are the template's: every answer token and the token that ends the answer are targets, also
+    when the tokenizer's pad id is its end token (SmolLM2, GLM-4 and most Llama / Qwen set-ups: pad = eos =
+    ``<|im_end|>`` / ``<|endoftext|>``), so a tuned prefix learns to stop. Rows are not padded here; the
+    collator pads and masks the padding by position. Only a template whose original script did so
+    (``PromptTemplate.ignores_pad_id_in_answers``: ChatGLM-6B) turns a pad token written inside an answer's
+    text into -100 with ``data.ignore_pad_token_for_loss``, never the row's last target (its end token).
+
     Returns:
         ``input_ids`` and ``labels``: one unpadded list per row, both of the row's length; ``dropped_turns``
         and ``truncated_tokens``: what each row lost to fit ``max_source_length``; ``truncated_answer_tokens``:
         response tokens cut to fit ``max_target_length``.
     """
-    pad = template.pad_token_id
+    masks_pad = cfg.ignore_pad_token_for_loss and template.ignores_pad_id_in_answers
     features: dict[str, list] = {"input_ids": [], "labels": [], "dropped_turns": [], "truncated_tokens": [],
                                  "truncated_answer_tokens": []}
     for conversation, response in zip(conversations(examples, cfg), examples[cfg.response_column], strict=True):
         row = template.train_row(conversation, response, cfg.max_source_length, cfg.max_target_length)
-        labels = row.labels
-        if cfg.ignore_pad_token_for_loss:
-            # The original padded first and then turned every pad id into -100; here the pads come in
-            # the collator, and only a literal pad token in the text can still produce that id.
-            labels = [IGNORE_INDEX if label == pad else label for label in labels]
+        labels = ignore_pad_in_answer(row.labels, template.pad_token_id) if masks_pad else row.labels
         features["input_ids"].append(row.input_ids)
         features["labels"].append(labels)
         features["dropped_turns"].append(row.dropped_turns)
         features["truncated_tokens"].append(row.truncated_tokens)
         features["truncated_answer_tokens"].append(row.truncated_answer_tokens)
     return features
+
+
+def ignore_pad_in_answer(labels: list[int], pad_id: int) -> list[int]:
+    """``labels`` with every target equal to ``pad_id`` set to -100 except the last target (the row's end
+    token): the original ChatGLM-6B script's ``ignore_pad_token_for_loss`` on a row without its padding (its
+    pad id, 3, is never its end token, so this is exactly what it computed)."""
+    last = max((i for i, label in enumerate(labels) if label != IGNORE_INDEX), default=-1)
+    return [IGNORE_INDEX if label == pad_id and i != last else label for i, label in enumerate(labels)]
 
 
 def preprocess_eval(examples: dict[str, list[Any]], template: PromptTemplate, cfg: DataConfig) -> dict[str, list]:

@@ -8,6 +8,7 @@ folder that is never a training output or checkpoint folder.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -20,6 +21,7 @@ import torch
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
+from ..build import load
 from ..checkpoint import (
     META_FILE,
     ORIGINAL_FILE,
@@ -40,6 +42,7 @@ from ..distributed import LaunchError, on_every_process, start
 from ..faults import kill_point
 from ..generation import packed_linears, vocab_limit
 from ..perf import set_cpu_threads
+from ..prefix import PrefixKV
 from ..weights import CheckpointError, is_disk_full
 from .generate import GenerationSettings, batched, generate_ids, make_decoder
 from .metrics import METRIC_NAMES, compute_metrics
@@ -77,10 +80,11 @@ class EvaluateJobConfig:
         generation: decoding settings (greedy by default).
         prefix_checkpoint: a checkpoint folder of ours or of the original P-Tuning v2 script, or a
             training output folder (its latest checkpoint); null = the latest checkpoint of
-            ``outputs/default``.
+            ``outputs/default``; ``none`` = no prefix: the base model as published (the baseline a prefix is
+            measured against).
         batch_size: prompts decoded together on each process.
         output_dir: where the predictions and metrics go; null = ``eval-<checkpoint name>`` beside the
-            checkpoint.
+            checkpoint (``outputs/eval-base-<model.name>`` for ``prefix_checkpoint=none``).
         overwrite: replace the predictions and metrics of an earlier evaluation in ``output_dir`` (only files
             that evaluate.py wrote; without it, existing results are never replaced).
         split: ``test`` or ``validation``: which data file to evaluate.
@@ -120,6 +124,15 @@ class EvaluateJobConfig:
 
 
 # ---- where to read and where to write ----
+
+#: ``prefix_checkpoint=none``: evaluate the base model without any prefix
+NO_PREFIX = "none"
+
+
+def base_model_output_dir(model_name: str) -> Path:
+    """Where ``prefix_checkpoint=none`` writes by default: ``outputs/eval-base-<model.name>``."""
+    safe = "".join(c if c.isalnum() or c in "._-" else "-" for c in model_name) or "model"
+    return Path("outputs") / f"eval-base-{safe}"
 
 
 def check_prompt_format(checkpoint: Path, meta: dict | None, data: DataConfig) -> None:
@@ -234,21 +247,22 @@ def earlier_results(out: Path, overwrite: bool) -> list[str]:
     return [p.name for p in found]
 
 
-def resolve_output_dir(checkpoint: Path, output_dir: str | None) -> Path:
-    """The evaluation's output folder: ``output_dir`` or ``eval-<checkpoint name>`` beside the checkpoint.
+def resolve_output_dir(checkpoint: Path | None, output_dir: str | None, default: Path | None = None) -> Path:
+    """The evaluation's output folder: ``output_dir`` or ``default`` (``eval-<checkpoint name>`` beside the
+    checkpoint unless given; ``checkpoint`` None: the base model's evaluation, which needs ``default``).
 
     Raises:
         ConfigError: the folder is, or lies inside, a checkpoint, or is (or lies inside) a training output or
             model folder, other than the checkpoint's own ``eval-<checkpoint name>``: evaluation files there
             could overwrite or be mistaken for training outputs.
     """
-    default = checkpoint.parent / f"eval-{checkpoint.name}"
+    default = default or checkpoint.parent / f"eval-{checkpoint.name}"
     out = Path(output_dir).expanduser() if output_dir else default
     resolved = out.resolve()
     why = None
     if resolved.exists() and not resolved.is_dir():
         why = "it exists and is not a folder"
-    elif resolved == checkpoint.resolve() or checkpoint.resolve() in resolved.parents:
+    elif checkpoint is not None and (resolved == checkpoint.resolve() or checkpoint.resolve() in resolved.parents):
         why = "it is inside the checkpoint being evaluated"
     elif resolved.is_dir():
         why = _why_not_writable(resolved)
@@ -283,6 +297,7 @@ def predict(
     batch_size: int | None = None,
     progress: bool = True,
     examples: list[dict] | None = None,
+    prefix: PrefixKV | None = None,
 ) -> tuple[dict, list[dict]]:
     """Generates for every example of ``split`` and scores the predictions.
 
@@ -300,11 +315,13 @@ def predict(
         batch_size: prompts decoded together (default: the training config's, else 16).
         progress: show a progress bar with ETA on the main process.
         examples: generation features (``prompt``, ``input_ids``, ``reference``) built beforehand.
+        prefix: replaces the model's own prefix (:func:`~ptuning.prefix.no_prefix`: the base model).
 
     Returns:
-        The metrics (the four scores, ``num_samples``, ``num_empty_predictions``, ``new_tokens``,
-        ``generation_s``, ``new_tokens_per_s``) and the predictions ``[{"prompt", "labels", "predict"}]``
-        in input order.
+        The metrics (the four scores, ``num_samples``, ``num_empty_predictions``, ``num_stopped_predictions``
+        (answers that ended with a stop token within ``max_new_tokens``: the model ended them itself),
+        ``new_tokens``, ``generation_s``, ``new_tokens_per_s``) and the predictions ``[{"prompt", "labels",
+        "predict"}]`` in input order.
     """
     if not isinstance(settings, GenerationSettings):
         batch_size = batch_size or settings.eval_batch_size
@@ -319,20 +336,23 @@ def predict(
     # safe side
     mine.sort(key=lambda i: -len(examples[i]["input_ids"]))
     start = time.perf_counter()
-    outputs, new_tokens = _generate(model, template, examples, mine, settings, batch_size, progress and rank == 0)
+    outputs, new_tokens, stopped = _generate(model, template, examples, mine, settings, batch_size,
+                                             progress and rank == 0, prefix)
     elapsed = time.perf_counter() - start
     if world > 1:
         outputs = comm.gather_objects(outputs)
-        counts = comm.gather_objects([(new_tokens, elapsed)])
-        new_tokens = sum(n for n, _ in counts)
+        counts = comm.gather_objects([(new_tokens, elapsed, stopped)])
+        new_tokens = sum(n for n, _, _ in counts)
+        stopped = sum(s for _, _, s in counts)
         # the processes run side by side: the run took as long as the slowest one
-        elapsed = max(t for _, t in counts)
+        elapsed = max(t for _, t, _ in counts)
     by_index = dict(outputs)
     rows = [
         {"prompt": ex["prompt"], "labels": ex["reference"], "predict": by_index[i]}
         for i, ex in enumerate(examples)
     ]
     metrics = compute_metrics([r["predict"] for r in rows], [r["labels"] for r in rows])
+    metrics["num_stopped_predictions"] = stopped
     metrics["new_tokens"] = new_tokens
     metrics["generation_s"] = elapsed
     metrics["new_tokens_per_s"] = new_tokens / elapsed if elapsed > 0 else 0.0
@@ -340,17 +360,18 @@ def predict(
 
 
 def _generate(model, template, examples: list[dict], mine: list[int], settings: GenerationSettings,
-              batch_size: int, progress: bool) -> tuple[list[tuple[int, str]], int]:
-    """Decodes the examples ``mine`` (indices into ``examples``) in batches of ``batch_size``.
+              batch_size: int, progress: bool, prefix: PrefixKV | None = None) -> tuple[list[tuple[int, str]], int, int]:
+    """Decodes the examples ``mine`` (indices into ``examples``) in batches of ``batch_size`` (``prefix``
+    instead of the model's own, when given).
 
     Returns:
-        ``(index, decoded answer)`` of each, and the number of tokens generated.
+        ``(index, decoded answer)`` of each, the number of tokens generated and of answers a stop token ended.
     """
     was_training = model.training
     model.eval()
     bar = tqdm(total=len(mine), desc="generate", unit="example", dynamic_ncols=True) if progress else None
     outputs: list[tuple[int, str]] = []
-    new_tokens = 0
+    new_tokens = stopped = 0
     start = time.perf_counter()
     stack = ExitStack()
     limit = vocab_limit(template.tokenizer)  # ids without a piece are never chosen, as chat and the server
@@ -363,7 +384,7 @@ def _generate(model, template, examples: list[dict], mine: list[int], settings: 
         if settings.num_beams == 1 and mine:
             longest = max(len(examples[i]["input_ids"]) for i in mine) + settings.max_new_tokens
             decoder = make_decoder(model, settings, max_batch_size=min(batch_size, len(mine)), max_length=longest,
-                                   pad_id=template.pad_token_id, vocab_limit=limit)
+                                   pad_id=template.pad_token_id, vocab_limit=limit, prefix=prefix)
         for number, chunk in enumerate(batched(mine, batch_size)):
             kill_point("generate", number)  # test-only: a signal before generating batch ``number``
             ids = generate_ids(
@@ -372,10 +393,13 @@ def _generate(model, template, examples: list[dict], mine: list[int], settings: 
                 settings,
                 pad_id=template.pad_token_id,
                 stop_ids=template.stop_token_ids,
+                prefix=prefix,
                 vocab_limit=limit,
                 decoder=decoder,
             )
             new_tokens += sum(len(x) for x in ids)
+            # the ids end before the stop token: fewer than max_new_tokens means a stop token ended the answer
+            stopped += sum(len(x) < settings.max_new_tokens for x in ids)
             outputs += [(i, template.decode(x)) for i, x in zip(chunk, ids, strict=True)]
             if bar is not None:
                 bar.update(len(chunk))
@@ -385,7 +409,7 @@ def _generate(model, template, examples: list[dict], mine: list[int], settings: 
         if bar is not None:
             bar.close()
         model.train(was_training)
-    return outputs, new_tokens
+    return outputs, new_tokens, stopped
 
 
 # ---- the job ----
@@ -475,15 +499,21 @@ def _evaluate(cfg: EvaluateJobConfig, tracker) -> dict:
     data_file = getattr(cfg.data, f"{cfg.split}_file")
     main = comm.is_main_process
     set_seed(cfg.seed + comm.process_index)  # sampling: a different stream on each process
-    loaded = comm.together(lambda: load_model_with_prefix(cfg.model, checkpoint, device=accelerator.device), USER_ERRORS)
+    if checkpoint is None:  # prefix_checkpoint=none: the base model as published
+        loaded = comm.together(lambda: load(cfg.model, device=accelerator.device, pre_seq_len=None, init=False),
+                               USER_ERRORS)
+    else:
+        loaded = comm.together(lambda: load_model_with_prefix(cfg.model, checkpoint, device=accelerator.device),
+                               USER_ERRORS)
     model, template = loaded.model, loaded.template
     set_cpu_threads(model, accelerator.device)
     if loaded.base_change and main:
         print(f"warning: {checkpoint.path} {loaded.base_change}", file=sys.stderr)
     examples = comm.together(lambda: _build_examples(cfg, comm, loaded), USER_ERRORS)
     if main:
+        what = checkpoint.path if checkpoint is not None else f"the base model {cfg.model.base_model_name} (no prefix)"
         print(
-            f"evaluating {checkpoint.path} on {data_file} ({len(examples)} examples) with {comm.num_processes} "
+            f"evaluating {what} on {data_file} ({len(examples)} examples) with {comm.num_processes} "
             f"process(es), batch_size={cfg.batch_size}, {'sampling' if cfg.generation.do_sample else 'greedy'}"
             + ("; generation.compile=true: the first decode step waits for torch.compile (tens of seconds on a CPU)"
                if cfg.generation.compile else "")
@@ -492,8 +522,9 @@ def _evaluate(cfg: EvaluateJobConfig, tracker) -> dict:
         model, template, cfg.data, cfg.generation, comm, batch_size=cfg.batch_size, examples=examples
     )
     metrics.update(
-        checkpoint=str(checkpoint.path),
-        run_id=(checkpoint.meta or {}).get("run_id"),  # the training run that wrote it: train.overwrite knows its evaluations
+        checkpoint=str(checkpoint.path) if checkpoint is not None else None,  # None: the base model, no prefix
+        base_model=cfg.model.base_model_name,
+        run_id=(checkpoint.meta or {}).get("run_id") if checkpoint is not None else None,  # the training run that wrote it: train.overwrite knows its evaluations
         data_file=str(data_file),
         batch_size=cfg.batch_size,
         num_processes=comm.num_processes,
@@ -510,10 +541,17 @@ def _evaluate(cfg: EvaluateJobConfig, tracker) -> dict:
     return metrics
 
 
-def _check_job(cfg: EvaluateJobConfig) -> tuple[PrefixCheckpoint, Path, list[str]]:
+def _check_job(cfg: EvaluateJobConfig) -> tuple[PrefixCheckpoint | None, Path, list[str]]:
     """Everything checked before a model is loaded: the config, the checkpoint (read, and its prefix's sizes
-    set as ``cfg.model``'s), the output folder and the earlier results it would replace."""
+    set as ``cfg.model``'s; None for ``prefix_checkpoint=none``), the output folder and the earlier results it
+    would replace."""
     cfg.validate()
+    if cfg.prefix_checkpoint == NO_PREFIX:
+        out = resolve_output_dir(None, cfg.output_dir, base_model_output_dir(cfg.model.name))
+        replacing = earlier_results(out, cfg.overwrite)
+        check_no_prefix_shape(cfg.model)
+        check_writable(out)
+        return None, out, replacing
     path = resolve_checkpoint(cfg.prefix_checkpoint)
     out = resolve_output_dir(path, cfg.output_dir)
     replacing = earlier_results(out, cfg.overwrite)
@@ -531,6 +569,20 @@ def _check_job(cfg: EvaluateJobConfig) -> tuple[PrefixCheckpoint, Path, list[str
     # alike; it is made only when the results are written, so a refused evaluation leaves no empty folder
     check_writable(out)
     return checkpoint, out, replacing
+
+
+def check_no_prefix_shape(model_cfg: EvaluateModelConfig) -> None:
+    """``prefix_checkpoint=none`` loads no prefix: a prefix size given in ``model.*`` is a contradiction.
+
+    Raises:
+        ConfigError: ``model.pre_seq_len`` / ``model.prefix_projection`` is set (names it).
+    """
+    for key in ("pre_seq_len", "prefix_projection"):
+        if getattr(model_cfg, key) is not None:
+            raise ConfigError(f"model.{key}={getattr(model_cfg, key)} with prefix_checkpoint=none: the base model "
+                              f"is evaluated without a prefix (leave model.{key} unset)")
+    # the model's other keys are checked as for any evaluation (a prefix size is needed only to check them)
+    dataclasses.replace(model_cfg, pre_seq_len=1, prefix_projection=False).validate()
 
 
 def _build_examples(cfg: EvaluateJobConfig, comm, loaded) -> list[dict]:
@@ -578,9 +630,11 @@ def _report(cfg: EvaluateJobConfig, out: Path, replacing: list[str], rows: list[
 
 
 def format_table(metrics: dict) -> str:
-    """The four scores, the sample counts and the throughput as a one-row Markdown table."""
-    head = "| " + " | ".join(METRIC_NAMES) + " | samples | empty | new tokens/s |"
-    rule = "|" + "---|" * (len(METRIC_NAMES) + 3)
+    """The four scores, the sample counts (empty answers; answers a stop token ended) and the throughput as a
+    one-row Markdown table."""
+    head = "| " + " | ".join(METRIC_NAMES) + " | samples | empty | stopped | new tokens/s |"
+    rule = "|" + "---|" * (len(METRIC_NAMES) + 4)
     row = "| " + " | ".join(f"{metrics[n]:.2f}" for n in METRIC_NAMES)
-    row += f" | {metrics['num_samples']} | {metrics['num_empty_predictions']} | {metrics['new_tokens_per_s']:.1f} |"
+    row += (f" | {metrics['num_samples']} | {metrics['num_empty_predictions']} | {metrics['num_stopped_predictions']}"
+            f" | {metrics['new_tokens_per_s']:.1f} |")
     return "\n".join([head, rule, row])

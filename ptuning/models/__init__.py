@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..jsonfile import read_json_object
+from ..weights import CheckpointError, is_gguf_file
 from .base import Conversation, Family, PromptIds, PromptTemplate, TrainRow, conversation_from_messages
 
 
@@ -70,15 +71,25 @@ FAMILIES: list[FamilyEntry] = [
 
 
 def read_config(folder: str | Path) -> dict:
-    """The folder's ``config.json`` as a dict.
+    """The folder's ``config.json`` as a dict; for a ``.gguf`` file, the transformers config stored in it (its
+    ``architectures`` is None: the family is found by ``model_type``).
 
     Raises:
-        UnsupportedModelError: no such folder, no ``config.json``, or not a JSON object (names the file).
+        UnsupportedModelError: no such folder, no ``config.json``, or not a JSON object (names the file); a
+            ``.gguf`` file transformers cannot read.
     """
     folder = Path(folder)
     path = folder / "config.json"
+    if is_gguf_file(folder):
+        # only transformers' decoders come as single GGUF files: their family reads the config stored in one
+        # (transformers' GGUF reader; loaded on first use, as every family's code)
+        try:
+            return family_named("hf").model_config(folder).to_dict()
+        except CheckpointError as err:
+            raise UnsupportedModelError(str(err)) from None
     if not folder.is_dir():
-        raise UnsupportedModelError(f"{folder}: not a folder (expected a model folder with config.json and weights)")
+        raise UnsupportedModelError(
+            f"{folder}: not a folder (expected a model folder with config.json and weights, or a .gguf file)")
     if not path.is_file():
         raise UnsupportedModelError(f"{folder}: no config.json (expected a model folder with config.json and weights)")
     return read_json_object(path, UnsupportedModelError)
@@ -100,7 +111,7 @@ def family_for(folder: str | Path) -> Family:
     for entry in FAMILIES:
         if entry.matches(cfg):
             return entry.load()
-    path = Path(folder) / "config.json"
+    path = Path(folder) if is_gguf_file(folder) else Path(folder) / "config.json"
     arch = cfg.get("architectures")
     what = f"architectures={arch!r}, model_type={cfg.get('model_type')!r}"
     if cfg.get("auto_map"):

@@ -204,6 +204,12 @@ class PromptTemplate(ABC):
     #: the template writes ``Conversation.system`` into the prompt (its own system turn, or in front of the
     #: first query); False: it has no place for one, and ``check`` refuses a conversation that has one
     renders_system: ClassVar[bool] = True
+    #: the family's original script turned every label equal to the pad id into -100 after padding (its
+    #: ``ignore_pad_token_for_loss``), which besides its padding also drops a pad token written in an answer's
+    #: text; True keeps that for the answer's text (ChatGLM-6B, whose pad id is never its end token). Padding is
+    #: masked by position (the collator) and a row's end token is a target whatever the pad id is
+    #: (:func:`ptuning.data.features.preprocess_train`).
+    ignores_pad_id_in_answers: ClassVar[bool] = False
 
     @abstractmethod
     def prompt(self, conversation: Conversation, max_tokens: int) -> PromptIds:
@@ -213,7 +219,9 @@ class PromptTemplate(ABC):
     def train_row(
         self, conversation: Conversation, response: str, max_source_length: int, max_target_length: int
     ) -> TrainRow:
-        """Prompt and response as one training row; the response (and the end token) are the targets."""
+        """Prompt and response as one training row; the response and the token that ends it (eos,
+        ``<|im_end|>``, ``<|user|>``: what the family's answers end with) are the targets, also when that
+        token's id is the pad id."""
 
     def generation_budget(self, max_source_length: int) -> int:
         """The prompt budget of evaluation for a ``data.max_source_length`` (family-specific, as its
@@ -457,6 +465,11 @@ class Family(ABC):
         """The input that ``model.prefix_init=text`` runs to read the model's keys and values of the text
         ``ids`` (they sit at its first ``len(ids)`` positions). Default: the ids themselves."""
         return list(ids)
+
+    def text_prefix_positions(self, length: int) -> list[int] | None:
+        """The positions at which ``model.prefix_init=text`` runs its input of ``length`` ids; None (default):
+        the model's own (0, 1, ...)."""
+        return None
 
     def fingerprint_keys(self, model_config) -> dict:
         """The config values that decide what the backbone computes (recorded with every checkpoint)."""

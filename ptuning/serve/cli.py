@@ -41,7 +41,7 @@ from ..checkpoint import (
     read_checkpoint,
     resolve_checkpoint,
 )
-from ..config import ConfigError, ModelConfig
+from ..config import GGUF_SUFFIX, ConfigError, ModelConfig, is_model_reference
 from ..generation import compute_dtype, packed_linears, vocab_limit
 from ..generation import memory as cache_memory
 from ..generation.memory import (
@@ -174,9 +174,8 @@ def load(args: argparse.Namespace, prefixes: list[tuple[str, str]]) -> Loaded:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device={args.device}: CUDA is not available on this machine")
     dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
-    if args.model_path is not None and not args.model_path.startswith("builtin:") and \
-            not Path(args.model_path).expanduser().is_dir():
-        raise ConfigError(f"--model-path={args.model_path}: no such folder (expected a model folder)")
+    if args.model_path is not None and not is_model_reference(args.model_path):
+        raise ConfigError(f"--model-path={args.model_path}: no such folder (expected a model folder or a .gguf file)")
     cfg = ModelConfig(path=args.model_path, dtype=dtype, quantization_bit=args.quantization_bit)
     try:
         cfg.validate()
@@ -317,10 +316,11 @@ def own_prefix(args: argparse.Namespace) -> Path | None:
 
 def base_name(args: argparse.Namespace) -> str:
     """The base model's name in the API: ``--model-name``, else its folder's name (``tiny-chatglm`` for the
-    built-in model)."""
+    built-in model; a ``.gguf`` file's name without ``.gguf``)."""
     if args.model_name:
         return args.model_name
-    return ModelConfig(path=args.model_path).resolved_path.resolve().name or "base"
+    path = ModelConfig(path=args.model_path).resolved_path.resolve()
+    return (path.stem if path.suffix.lower() == GGUF_SUFFIX else path.name) or "base"
 
 
 def build_service(loaded: Loaded, name: str, *, max_batch_size: int, default_max_tokens: int):

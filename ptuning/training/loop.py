@@ -6,7 +6,7 @@ A run is a :class:`Recipe` read in the order it happens (as torchtune's recipes 
 * :meth:`Recipe.setup`: check everything (config, output folder, resume), with the output folder held for
   this run (:func:`~ptuning.training.run_folder.hold_run_folder`), load the model with its prefix, the data,
   the optimizer, restore the training state of a resumed run, then make the run's first writes;
-* :meth:`Recipe.evaluate_before_training`: score the untuned prefix (``train.eval_before_training``);
+* :meth:`Recipe.evaluate_before_training`: score the base model, no prefix (``train.eval_before_training``);
 * :meth:`Recipe.train`: optimizer steps (:meth:`Recipe.step_gradients`), each followed by logging, an evaluation
   (:meth:`Recipe.evaluate_loss`) and a checkpoint (:meth:`Recipe.save`) when they are due;
 * :meth:`Recipe.finish`: the end-of-run evaluation, the loss plot, the result.
@@ -64,7 +64,7 @@ from ..evaluation.metrics import METRIC_NAMES
 from ..evaluation.run import predict
 from ..faults import kill_point
 from ..perf import matmul_peak_flops, model_train_flops_per_token, peak_memory_mib, set_cpu_threads
-from ..prefix import mark_only_prefix_trainable, prefix_module_name
+from ..prefix import PrefixKV, mark_only_prefix_trainable, no_prefix, prefix_module_name
 from ..weights import CheckpointError
 from .errors import TrainingError, TrainingInterrupted
 from .plot import plot_losses
@@ -93,7 +93,7 @@ class TrainResult:
     train_loss: float | None = None
     eval_loss: float | None = None
     metrics: dict = field(default_factory=dict)
-    baseline_metrics: dict = field(default_factory=dict)  # the untuned prefix (eval_before_training)
+    baseline_metrics: dict = field(default_factory=dict)  # the base model, no prefix (eval_before_training)
     main_process: bool = True  # False on the other processes of a run: only the main one reports
 
 
@@ -462,31 +462,35 @@ class Recipe:
     # ---- evaluate ----
 
     def evaluate_before_training(self) -> None:
-        """``train.eval_before_training``: the untuned prefix's loss and generation metrics, logged at step 0."""
+        """``train.eval_before_training``: the base model's loss and generation metrics (the model as published,
+        no prefix: the baseline, not the prefix before training), logged at step 0."""
         cfg = self.cfg
         if not (cfg.train.eval_before_training and cfg.data.validation_file and self.resume is None):
             return
-        self.baseline = self.generation_metrics()
-        record = {"eval_loss": self.evaluate_loss(), **{f"eval_{k}": v for k, v in self.baseline.items()}}
+        base = no_prefix(self.raw)
+        self.baseline = self.generation_metrics(prefix=base)
+        record = {"eval_loss": self.evaluate_loss(base), **{f"eval_{k}": v for k, v in self.baseline.items()}}
         self.log.write({"step": 0, **record})
         if self.trackers is not None and self.main:
             self.trackers.log(record, 0)
         if self.main:
-            print(f"untuned prefix: eval loss {record['eval_loss']:.4f}, "
+            print(f"base model (no prefix): eval loss {record['eval_loss']:.4f}, "
                   + ", ".join(f"{k} {self.baseline[k]:.2f}" for k in METRIC_NAMES))
 
-    def generation_metrics(self) -> dict:
+    def generation_metrics(self, prefix: PrefixKV | None = None) -> dict:
         """BLEU/ROUGE of the validation set's answers through the decode loop (all processes; the metrics of
-        :func:`~ptuning.evaluation.run.predict`). Under FSDP2 on the model gathered whole on every process
-        (:func:`~ptuning.distributed.gathered_for_generation`: each decodes its own rows)."""
+        :func:`~ptuning.evaluation.run.predict`); ``prefix`` replaces the model's own
+        (:func:`~ptuning.prefix.no_prefix`: the base model). Under FSDP2 on the model gathered whole on every
+        process (:func:`~ptuning.distributed.gathered_for_generation`: each decodes its own rows)."""
         with gathered_for_generation(self.raw):
             metrics, _ = predict(self.raw, self.template, self.cfg.data, self.cfg.train, self.comm,
-                                 examples=self.gen_examples)
+                                 examples=self.gen_examples, prefix=prefix)
         return metrics
 
-    def evaluate_loss(self) -> float | None:
+    def evaluate_loss(self, prefix: PrefixKV | None = None) -> float | None:
         """The validation loss: the mean over every target token of the validation set (all processes);
-        None without a validation set."""
+        None without a validation set. ``prefix`` replaces the model's own (:func:`~ptuning.prefix.no_prefix`:
+        the base model)."""
         if self.eval_ds is None:
             return None
         self.model.eval()
@@ -494,6 +498,7 @@ class Recipe:
         count = torch.zeros((), device=self.device)
         mine = list(range(self.rank, len(self.eval_ds), self.world))
         size = self.cfg.train.eval_batch_size
+        extra = {} if prefix is None else {"prefix": prefix}
         # a sharded forward is a collective: under FSDP2 / ZeRO-3 every process runs as many as the first (which
         # has the most rows); one that has run out scores its first row again and counts nothing
         sharded = self.fsdp or (self.deepspeed and self.accelerator.state.deepspeed_plugin.zero_stage == 3)
@@ -506,7 +511,7 @@ class Recipe:
                 batch = self.collate([self.eval_ds[i] for i in rows])
                 ids, labels = batch["input_ids"].to(self.device), batch["labels"].to(self.device)
                 with self.accelerator.autocast():
-                    loss_sum += weight * token_loss_sum(self.model, ids, labels)
+                    loss_sum += weight * token_loss_sum(self.model, ids, labels, **extra)
                 count += weight * (labels[:, 1:] != -100).sum()
                 kill_point("eval", self.step)  # test-only: SIGKILL during an evaluation
         stats = self.comm.sum(torch.stack([loss_sum, count.float()]))

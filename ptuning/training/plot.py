@@ -7,7 +7,7 @@ from pathlib import Path
 
 def loss_curves(records: list[dict]) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
     """``(step, loss)`` of the training loss and ``(step, eval_loss)`` of the evaluations, from
-    ``train_log.jsonl``'s records; the untuned prefix's evaluation is step 0."""
+    ``train_log.jsonl``'s records; the base model's evaluation (no prefix) is step 0."""
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
     evals = [(r["step"], r["eval_loss"]) for r in records if r.get("eval_loss") is not None]
     return train, evals

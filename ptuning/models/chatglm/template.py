@@ -63,6 +63,7 @@ class ChatGLMTemplate(PromptTemplate):
 
     #: the original has no system message (``chat()`` takes a query and the history only)
     renders_system = False
+    ignores_pad_id_in_answers = True  # the original main.py: a "<pad>" written in an answer is no target
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer

@@ -1,6 +1,6 @@
 """transformers' own decoders as a model family: GLM (``THUDM/glm-4-9b-chat-hf``), GLM-4-0414, Llama, Qwen2
 and Qwen3, loaded with ``AutoModelForCausalLM`` / ``AutoTokenizer`` from a local folder (weights in the HF
-layout, a fast ``tokenizer.json``), remote code never run. The prefix enters through the attention interface
+layout, a fast ``tokenizer.json``) or a single ``.gguf`` file (:mod:`.gguf`), remote code never run. The prefix enters through the attention interface
 (:mod:`.attention`, :mod:`.modeling`); prompts through the tokenizer's chat template (:mod:`.template`)."""
 
 from __future__ import annotations
@@ -12,8 +12,10 @@ from transformers import AutoTokenizer
 
 from ...errors import ConfigError
 from ...prefix import PrefixShape
+from ...weights import CheckpointError, is_gguf_file
 from .. import HF_ARCHITECTURES
 from ..base import Family, check_vocab_size
+from .gguf import load_gguf_tokenizer
 from .memory import DecoderMemory
 from .modeling import load_causal_lm_config, load_prefix_model, prefix_shape
 from .template import ChatTemplatePrompt
@@ -92,13 +94,19 @@ class HFFamily(Family):
                 more tokens than the model's ``vocab_size``.
         """
         folder = Path(folder)
-        if not (folder / "tokenizer.json").is_file():
+        if is_gguf_file(folder):
+            try:
+                tokenizer = load_gguf_tokenizer(folder)
+            except CheckpointError as err:
+                raise ConfigError(str(err)) from None
+        elif not (folder / "tokenizer.json").is_file():
             raise ConfigError(f"{folder}: no tokenizer.json (a transformers fast tokenizer) in the model folder")
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
-        except (OSError, ValueError, KeyError) as err:
-            lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-            raise ConfigError(f"{folder}: cannot load the tokenizer ({lines[0] if lines else type(err).__name__})") from None
+        else:
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+            except (OSError, ValueError, KeyError) as err:
+                lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+                raise ConfigError(f"{folder}: cannot load the tokenizer ({lines[0] if lines else type(err).__name__})") from None
         return check_vocab_size(tokenizer, folder, vocab_size)
 
     def describe(self, model_config=None) -> str:
@@ -112,6 +120,14 @@ class HFFamily(Family):
         if folder:
             stops += generation_stop_ids(Path(folder))
         return ChatTemplatePrompt(tokenizer, stops)
+
+    def text_prefix_positions(self, length: int) -> list[int]:
+        """``-length .. -1``: the text is read where it would stand right before the prompt (whose positions
+        start at 0). Rotary attention depends on the distance between a query and a key only, so every prompt
+        token then sees the prefix as it would see that text read first (its keys and values exactly; the
+        prefix keys are used as given, never rotated again). At 0 .. P-1 the text's keys would sit at the
+        prompt's own positions, where no text ever stood."""
+        return list(range(-length, 0))
 
     def prefix_shape(self, model_config, pre_seq_len: int, prefix_projection: bool) -> PrefixShape:
         return prefix_shape(model_config, pre_seq_len, prefix_projection)

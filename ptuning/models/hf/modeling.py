@@ -36,10 +36,11 @@ from transformers.utils.deprecation import deprecate_kwarg
 
 from ...jsonfile import read_json_object
 from ...prefix import PrefixEncoder, PrefixKV, PrefixShape, prefix_key_values, reset_prefix
-from ...weights import CheckpointError
+from ...weights import CheckpointError, is_gguf_file
 from ..loss import project_and_loss
 from ..packed import PackedLayout, check_sequence_ids, packed_position_ids
 from .attention import register
+from .gguf import gguf_model_config, load_gguf_causal_lm
 
 
 class PrefixCausalLM:
@@ -305,11 +306,15 @@ def attach_prefix(model: PreTrainedModel, shape: PrefixShape | None, dropout: fl
 
 
 def load_causal_lm_config(folder: str | Path):
-    """The transformers config of a local model folder (``AutoConfig``); remote code is never run.
+    """The transformers config of a local model folder (``AutoConfig``) or of a ``.gguf`` file (the config stored
+    in it, :mod:`.gguf`); remote code is never run.
 
     Raises:
-        CheckpointError: no or unreadable ``config.json``, or a ``model_type`` only remote code defines.
+        CheckpointError: no or unreadable ``config.json``, or a ``model_type`` only remote code defines; a file
+            that is no GGUF model.
     """
+    if is_gguf_file(folder):
+        return gguf_model_config(folder)
     config_file = Path(folder) / "config.json"
     raw = read_json_object(config_file, CheckpointError, "model config")
     model_type = raw.get("model_type")
@@ -327,15 +332,19 @@ def load_causal_lm_config(folder: str | Path):
 
 
 def load_causal_lm(folder: str | Path, *, dtype: torch.dtype = torch.float32, device=None) -> PreTrainedModel:
-    """A transformers-native causal LM from a local folder (``config.json`` + weights in the HF layout), in
-    ``dtype``, without a prefix (see :func:`attach_prefix`). Remote code is never run: the config's
-    ``model_type`` must be one transformers knows.
+    """A transformers-native causal LM from a local folder (``config.json`` + weights in the HF layout) or a
+    ``.gguf`` file (de-quantized by transformers' GGUF loader, :mod:`.gguf`), in ``dtype``, without a prefix
+    (see :func:`attach_prefix`). Remote code is never run: the config's ``model_type`` must be one transformers
+    knows.
 
     Raises:
         CheckpointError: no config, a config only remote code defines (``auto_map``), or weights that do not
-            fit (names the keys).
+            fit (names the keys); a file that is no GGUF model.
     """
     folder = Path(folder)
+    if is_gguf_file(folder):
+        model = load_gguf_causal_lm(folder, dtype=dtype)
+        return model.to(device) if device is not None else model
     config_file = folder / "config.json"
     config = load_causal_lm_config(folder)
     try:

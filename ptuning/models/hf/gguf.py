@@ -1,0 +1,120 @@
+"""Single-file GGUF models (llama.cpp's format: config, tokenizer and weights in one ``.gguf`` file) as
+transformers decoders.
+
+transformers' own GGUF loader reads the file (through the ``gguf`` package) and de-quantizes every weight
+into a dense model of the dtype asked for (``GgufConfig(dequantize=True)``: the same dense model whether or
+not a packed-matmul kernel is installed). Once loaded, the model is no longer quantized, so its
+quantization record is removed (:meth:`transformers.quantizers.HfQuantizer.remove_quantization_config`, the
+method transformers' own ``dequantize()`` ends with): ``save_pretrained`` then writes it as any dense model,
+which is what ``python -m ptuning.convert gguf`` does. A GGUF config names no ``architectures``; the
+loaded model's config gets its class's name, so a saved folder is an ordinary transformers folder.
+
+Reading a GGUF file's metadata parses its whole tokenizer (seconds for a 49k-token vocabulary): the config is
+read once per file and process (:func:`gguf_config`).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GgufConfig,
+    PretrainedConfig,
+    PreTrainedModel,
+)
+
+from ...weights import CheckpointError
+
+
+def _file_key(path: str | Path) -> tuple[str, int, int]:
+    path = Path(path).expanduser().resolve()
+    stat = path.stat()
+    return str(path), stat.st_size, stat.st_mtime_ns
+
+
+def _reason(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    return lines[-1] if lines else type(err).__name__
+
+
+def gguf_config(path: str | Path) -> dict:
+    """The transformers config of a ``.gguf`` file as a dict (``model_type``, sizes; ``architectures`` None).
+
+    Raises:
+        CheckpointError: the file cannot be read as a GGUF model (names the file and the reason).
+    """
+    return _config(path).to_dict()
+
+
+def gguf_model_config(path: str | Path) -> PretrainedConfig:
+    """The transformers config object of a ``.gguf`` file, as :func:`load_gguf_causal_lm` builds the model from
+    it (a copy: read once per file and process).
+
+    Raises:
+        CheckpointError: the file cannot be read as a GGUF model.
+    """
+    return _config(path)
+
+
+def _config(path: str | Path) -> PretrainedConfig:
+    """A copy of the file's config object (read once per file and process)."""
+    try:
+        key = _file_key(path)
+    except OSError as err:
+        raise CheckpointError(f"{path}: cannot read ({err.strerror or err})") from None
+    return copy.deepcopy(_cached_config(*key))
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_config(path: str, size: int, mtime_ns: int) -> PretrainedConfig:
+    file = Path(path)
+    try:
+        return AutoConfig.from_pretrained(str(file.parent), gguf_file=file.name)
+    except (OSError, ValueError, KeyError, IndexError, TypeError, ImportError) as err:
+        raise CheckpointError(f"{file}: not a GGUF model transformers can read ({_reason(err)})") from None
+
+
+def load_gguf_causal_lm(path: str | Path, *, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """The dense transformers causal LM of a ``.gguf`` file, de-quantized to ``dtype``, in eval mode, with SDPA
+    attention and no quantization record (it saves with ``save_pretrained`` like any dense model).
+
+    Raises:
+        CheckpointError: the file is no GGUF model transformers can load (names the file).
+    """
+    file = Path(path).expanduser()
+    config = _config(file)  # read once per process (from_pretrained would parse the file's metadata again)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(file.parent), gguf_file=file.name, config=config, quantization_config=GgufConfig(dequantize=True),
+            dtype=dtype, trust_remote_code=False, attn_implementation="sdpa",
+        )
+    except (OSError, ValueError, KeyError, IndexError, TypeError, ImportError) as err:
+        raise CheckpointError(f"{file}: not a GGUF model transformers can load ({_reason(err)})") from None
+    packed = [name for name, p in model.named_parameters() if not p.is_floating_point()]
+    if packed:
+        raise CheckpointError(f"{file}: weights stayed packed after de-quantizing ({', '.join(packed[:3])})")
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:
+        quantizer.remove_quantization_config(model)  # every weight is a dense tensor now
+    if not model.config.architectures:
+        model.config.architectures = [type(model).__name__]
+    return model.eval()
+
+
+def load_gguf_tokenizer(path: str | Path):
+    """The fast tokenizer (with its chat template) stored in a ``.gguf`` file.
+
+    Raises:
+        CheckpointError: the file holds no tokenizer transformers can read.
+    """
+    file = Path(path).expanduser()
+    try:
+        return AutoTokenizer.from_pretrained(str(file.parent), gguf_file=file.name, trust_remote_code=False)
+    except (OSError, ValueError, KeyError, IndexError, TypeError, ImportError) as err:
+        raise CheckpointError(f"{file}: no tokenizer transformers can read in the GGUF file ({_reason(err)})") from None
