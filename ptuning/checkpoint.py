@@ -1,6 +1,6 @@
 """Prefix checkpoints: the formats, saving and resume state, finding the latest, and loading a model with a
-checkpoint's prefix (:func:`load_model_with_prefix`, the one way training, evaluation, chat, serving and export
-get one).
+checkpoint's prefix (:func:`load_model_with_prefix`, the one way training, evaluation, chat and export get one;
+the server loads one backbone and each prefix with :func:`load_prefix_encoder`).
 
 A checkpoint folder ``checkpoint-{step}/`` holds
 

@@ -281,9 +281,10 @@ class PromptTemplate(ABC):
 @runtime_checkable
 class PrefixTunedModel(Protocol):
     """What the model a family loads (:meth:`Family.load_model`) must do: a transformers ``PreTrainedModel``
-    with ``GenerationMixin`` and these hooks. The training loop calls ``forward`` with labels, evaluation
-    ``generate`` and the decode loop (:mod:`ptuning.generation`: evaluation, chat, the server) the position,
-    prefix and cache hooks.
+    with ``GenerationMixin`` and these hooks. The training loop calls ``forward`` with labels; the decode loop
+    (:mod:`ptuning.generation`: evaluation, chat, the server) calls the position, prefix and cache hooks;
+    ``generate()`` runs only for beam search (``num_beams`` > 1, :func:`ptuning.evaluation.generate.generate_ids`)
+    and as the reference the contract test compares the decode loop with.
 
     Its prefix encoder (with ``pre_seq_len``) is a float32 :class:`~ptuning.prefix.PrefixEncoder` somewhere in
     the module tree under the attribute name ``prefix_encoder`` (:func:`ptuning.prefix.prefix_module_name` finds
@@ -499,8 +500,23 @@ class Family(ABC):
 
     def export_unsupported(self, kind: str) -> str | None:
         """Why ``python -m ptuning.export <kind>`` (``peft``, ``from-peft``, ``original``, ``full``) cannot carry
-        this family's prefix, or None when it can."""
-        return None
+        this family's prefix (one line), or None when it can.
+
+        The default refuses every kind, since the other defaults cannot do them: peft's ``PREFIX_TUNING``
+        feeds the prefix as P cached tokens and shifts the real tokens' positions by P (a different model
+        wherever positions are rotary), :meth:`original_prefix_key` has no key and :meth:`export_full`
+        raises. A family overrides this for the kinds it carries (and the hooks those kinds use).
+        """
+        if kind in ("peft", "from-peft"):
+            return (
+                f"peft's PREFIX_TUNING feeds the prefix as P cached tokens and shifts the positions of the real tokens "
+                f"by P; {self.label} does not say that this computes its prefix"
+            )
+        if kind == "original":
+            return f"{self.label} has no original P-Tuning v2 prefix format (its prefix stays in prefix.safetensors)"
+        if kind == "full":
+            return f"{self.label} has no original full-model layout to export to"
+        return f"'{kind}' is not an export (peft, from-peft, original or full)"
 
     def original_prefix_key(self, local_key: str) -> str | None:
         """The key under which the family's original P-Tuning v2 code saves a prefix weight (``local_key`` is

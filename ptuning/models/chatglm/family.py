@@ -82,6 +82,13 @@ class ChatGLMFamily(Family):
     def original_prefix_key(self, local_key: str) -> str:
         return f"transformer.prefix_encoder.{local_key}"
 
+    def export_unsupported(self, kind: str) -> None:
+        """None: every export carries a ChatGLM-6B prefix: ``peft``/``from-peft`` (the model reads peft's
+        pre-filled cache as a prefix, see :mod:`ptuning.interop.peft`), ``original``
+        (``transformer.prefix_encoder.*``, as THUDM's ``ptuning/main.py`` saves it) and ``full`` (the published
+        folder layout)."""
+        return None
+
     def export_full(self, model, out_dir: Path, *, dtype, max_shard_bytes: int, companions_from: Path | None = None):
         """See :func:`ptuning.models.chatglm.original.export_full`."""
         return export_full(model, out_dir, dtype=dtype, max_shard_bytes=max_shard_bytes, companions_from=companions_from)
