@@ -9,9 +9,9 @@ package knows its specifics.
 
 The contract is executable: ``isinstance(model, PrefixTunedModel)`` checks that a loaded model has every hook
 (``typing.runtime_checkable``), the signatures are there for a type checker, and ``tests/test_family_contract.py``
-runs the same checks (load, prefix shape, template, train step with and without gradient checkpointing, the
-decode loop against ``generate()``, save / load, the export hooks) over every family and its built-in tiny
-model. ``docs/adding-a-family.md`` says how a new family joins.
+runs the same checks (load, prefix shape, template, train step with and without gradient checkpointing,
+packed rows against the same rows unpacked, the decode loop against ``generate()``, save / load, the export
+hooks, the FLOP and memory hooks) over every family and its built-in tiny model. ``docs/adding-a-family.md`` says how a new family joins.
 """
 
 from __future__ import annotations
