@@ -403,7 +403,7 @@ print(json.dumps([shown, documented_path_warnings()]))
     assert any("`past_key_values` is deprecated" in text for text in without), without
 
 
-# ---- QA: the export command line writes only into a new folder, and refuses what it cannot carry ----
+# ---- the export command line writes only into a new folder, and refuses what it cannot carry ----
 
 
 def _tree(folder):
