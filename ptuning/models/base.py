@@ -251,6 +251,8 @@ class PromptTemplate(ABC):
 
     @property
     def pad_token_id(self) -> int:
+        """The id that pads a batch: right of training rows (their labels there are -100) and left of
+        generation prompts (masked out); the tokenizer's ``pad_token_id``."""
         return self.tokenizer.pad_token_id
 
     def decode(self, ids: Sequence[int]) -> str:
@@ -388,8 +390,13 @@ def check_vocab_size(tokenizer, folder: Path, vocab_size: int | None, key: str =
     :meth:`Family.load_tokenizer` asks this).
 
     Args:
+        tokenizer: the loaded tokenizer (``len(tokenizer)``: its tokens, added ones included).
+        folder: the model folder it came from, for the message.
         vocab_size: the model's embedding rows (None: not checked).
         key: the config key that sets them, for the message (ChatGLM2/3: ``padded_vocab_size``).
+
+    Returns:
+        ``tokenizer`` itself (fewer tokens than rows is fine: the extra rows are never produced as text).
 
     Raises:
         ConfigError: the tokenizer has more tokens than the model has rows (one line naming the folder).

@@ -31,6 +31,13 @@ FINGERPRINT_KEYS = (
 
 
 class ChatGLMFamily(Family):
+    """ChatGLM-6B (``model_type`` "chatglm" with ``inner_hidden_size``): our own model code
+    (:class:`~.modeling.ChatGLMForConditionalGeneration`, numbers equal to THUDM's), the ``ice_text.model``
+    SentencePiece tokenizer, the original's prompts (chat turns as ``[Round N]\\n问：...\\n答：``) ending in
+    ``[gMASK] <sop>``, 2D positions; prefix ``[B, heads, P, head size]`` per layer (no grouped keys/values).
+    It carries every export: peft adapters both ways, the original prefix file and the original full-model
+    folder."""
+
     name = "chatglm"
     label = "ChatGLM-6B"
 
