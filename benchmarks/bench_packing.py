@@ -44,7 +44,7 @@ def compose(overrides: list[str]):
     from hydra_entry import CONF_DIR, to_object
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = hydra_compose("train", overrides=["train.output_dir=/tmp/unused", *overrides])
+        cfg = hydra_compose("train", overrides=["train.output_dir=outputs/unused", *overrides])
     return to_object(cfg)
 
 

@@ -31,7 +31,7 @@ same batches (after one warm-up step each); the median of each and the ratios ar
 machine's load moves all three alike).
 
     python benchmarks/bench_real_model.py                      # 200 steps at batch 4, full train split, full dev
-    python benchmarks/bench_real_model.py --steps 30 --dev-rows 20 --json /tmp/quick.json
+    python benchmarks/bench_real_model.py --steps 30 --dev-rows 20 --json outputs/quick.json
     python benchmarks/bench_real_model.py --only ours --json ours.json     # one method (or timing) per invocation
     python benchmarks/bench_real_model.py --only "" --merge base-lora.json --merge ours.json ... --markdown t.md
 

@@ -33,7 +33,7 @@ Rules (applied in this order, files in sorted order, so a Python version always 
 Run from the repository root (a few seconds)::
 
     python data/make_docstring_task.py                 # -> data/docstrings/
-    python data/make_docstring_task.py --out /tmp/task
+    python data/make_docstring_task.py --out outputs/docstring-task
 """
 
 from __future__ import annotations
@@ -161,8 +161,9 @@ def collect(root: Path) -> tuple[list[dict], dict]:
     return rows, counts
 
 
-def write(rows: list[dict], out: Path, counts: dict, root: Path) -> dict:
-    """Splits, shuffles and writes ``train.json``, ``dev.json`` (JSON lines) and ``meta.json``."""
+def write(rows: list[dict], out: Path, counts: dict) -> dict:
+    """Splits, shuffles and writes ``train.json``, ``dev.json`` (JSON lines) and ``meta.json`` (what it records
+    holds on any machine: the Python version names the standard library, not its folder)."""
     splits = {"train": [r for r in rows if not is_dev(r["module"])], "dev": [r for r in rows if is_dev(r["module"])]}
     out.mkdir(parents=True, exist_ok=True)
     for name, part in splits.items():
@@ -172,7 +173,6 @@ def write(rows: list[dict], out: Path, counts: dict, root: Path) -> dict:
     meta = {
         "task": "docstring body -> its summary line (PEP 257), from the Python standard library",
         "python": sys.version.split()[0],
-        "stdlib": str(root),
         "instruction": INSTRUCTION,
         "rows": {name: len(part) for name, part in splits.items()},
         "modules": {name: len({r["module"].split(".")[0] for r in part}) for name, part in splits.items()},
@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --stdlib {root}: not a Python standard library folder (no os.py)", file=sys.stderr)
         return 2
     rows, counts = collect(root)
-    meta = write(rows, Path(args.out), counts, root)
+    meta = write(rows, Path(args.out), counts)
     print(f"wrote {meta['rows']['train']} train and {meta['rows']['dev']} dev rows "
           f"({meta['modules']['train']} and {meta['modules']['dev']} top-level modules, Python {meta['python']}) "
           f"to {args.out}")

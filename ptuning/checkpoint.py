@@ -1,6 +1,6 @@
 """Prefix checkpoints: the formats, saving and resume state, finding the latest, and loading a model with a
-checkpoint's prefix (:func:`load_model_with_prefix`, the one way training, evaluation, chat, serving and export
-get one).
+checkpoint's prefix (:func:`load_model_with_prefix`, the one way training, evaluation, chat and export get one;
+the server loads one backbone and each prefix with :func:`load_prefix_encoder`).
 
 A checkpoint folder ``checkpoint-{step}/`` holds
 
@@ -381,6 +381,18 @@ def restore_rng(state: dict) -> str | None:
 
 
 def load_training_state(checkpoint: str | os.PathLike) -> dict:
+    """The resume state of a checkpoint folder: its ``training_state.pt`` as saved, on the CPU (weights-only
+    unpickling; DeepSpeed's few optimizer-state classes allowed when this run uses DeepSpeed).
+
+    Returns:
+        ``{"optimizer", "scheduler", "step", "micro_batch", "rng", "world_size", ...}``: the optimizer and
+        scheduler state dicts, the optimizer steps done, the micro-batches consumed, the random generators'
+        states (one entry per process) and the process count that wrote it.
+
+    Raises:
+        CheckpointError: no ``training_state.pt`` (the folder cannot be resumed), or it cannot be read
+            (truncated, not a torch file, or a DeepSpeed run's state read without DeepSpeed); names the file.
+    """
     path = Path(checkpoint) / STATE_FILE
     if not path.is_file():
         raise CheckpointError(f"{path}: missing; {checkpoint} cannot be resumed (it holds no training state)")

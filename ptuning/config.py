@@ -92,6 +92,15 @@ class ModelConfig:
     quantization_bit: int = 0  # 0 (none), 8 or 4: weight-only quantized frozen backbone
 
     def validate(self) -> None:
+        """Checks every ``model.*`` value before anything is loaded.
+
+        Raises:
+            ConfigError: one line naming the key, the value and what is allowed (``model.pre_seq_len=0: expected
+                a positive integer``): a non-positive ``pre_seq_len``, ``prefix_dropout`` outside [0, 1), an
+                unknown ``prefix_init`` / ``dtype`` / ``quantization_bit``, ``prefix_init=text`` without a text
+                or with ``prefix_projection``, a ``prefix_init_text`` without ``prefix_init=text``, a ``path``
+                that names no built-in model, installed package file, model folder or ``.gguf`` file.
+        """
         _need(self.pre_seq_len > 0, "model.pre_seq_len", self.pre_seq_len, "a positive integer")
         _need(0.0 <= self.prefix_dropout < 1.0, "model.prefix_dropout", self.prefix_dropout, "a probability in [0, 1)")
         _need(self.prefix_init in PREFIX_INITS, "model.prefix_init", self.prefix_init, " / ".join(PREFIX_INITS))
@@ -158,20 +167,20 @@ class ModelConfig:
 class TrainConfig:
     """``train.*``: the optimisation loop, checkpoints and evaluation during training."""
 
-    output_dir: str | None = "outputs/default"  # train.py: null = outputs/<run_name> (a sweep: its job folder)
-    max_steps: int = 300
+    output_dir: str | None = None  # train.py: null = outputs/<run_name> (a sweep: its job folder)
+    max_steps: int = 800
     per_device_batch_size: int = 8
     gradient_accumulation_steps: int = 1
-    learning_rate: float = 2e-2
+    learning_rate: float = 3e-2
     weight_decay: float = 0.0
     lr_scheduler: str = "linear"  # one of SCHEDULERS
     warmup_steps: int = 0
     max_grad_norm: float | None = 1.0
     mixed_precision: str = "no"  # no / bf16 / fp16 (fp16 uses loss scaling)
     seed: int = 42
-    logging_steps: int = 10
-    eval_steps: int | None = None  # null = only at the end
-    save_steps: int = 100
+    logging_steps: int = 20
+    eval_steps: int | None = 200  # null = the validation loss only at the end
+    save_steps: int = 200
     save_total_limit: int | None = 3
     # null / latest / auto (latest, or a fresh start where there is none) / a checkpoint folder
     resume_from: str | None = None
@@ -179,12 +188,22 @@ class TrainConfig:
     allow_base_model_change: bool = False  # resume a checkpoint on another base model than it was trained on
     init_prefix_from: str | None = None  # start from this prefix (ours or the original's checkpoint-N)
     eval_generation: bool = True  # generate on the validation set at the end and compute BLEU/ROUGE
-    eval_before_training: bool = False  # also score the base model (no prefix) first (step 0): what tuning gained
+    eval_before_training: bool = True  # also score the base model (no prefix) first (step 0): what tuning gained
     max_new_tokens: int = 64
-    eval_batch_size: int = 16
+    eval_batch_size: int = 32
     plot: bool = True  # write loss.png at the end
 
     def validate(self) -> None:
+        """Checks every ``train.*`` value before anything is loaded (``output_dir`` must be set by then:
+        ``train.py`` turns null into ``outputs/<run_name>``).
+
+        Raises:
+            ConfigError: one line naming the key, the value and what is allowed: no ``output_dir``; a step count,
+                batch size or ``max_new_tokens`` that is not a positive integer; a learning rate that is not
+                positive; negative ``warmup_steps``; an unknown ``lr_scheduler`` / ``mixed_precision``; a
+                ``max_grad_norm``, ``eval_steps`` or ``save_total_limit`` neither null nor positive;
+                ``resume_from`` together with ``overwrite``.
+        """
         _need(bool(self.output_dir), "train.output_dir", self.output_dir, "a folder")
         for key in (
             "max_steps",
@@ -244,6 +263,12 @@ class LoggerConfig:
     mode: str | None = None  # online / offline / disabled; null = online with an API key, else offline
 
     def validate(self) -> None:
+        """Checks ``logger.*``.
+
+        Raises:
+            ConfigError: an unknown ``backend`` or ``mode`` (one line naming the key and what is allowed), or
+                ``mode`` online / offline without ``logger=wandb``.
+        """
         _need(self.backend in ("none", "wandb"), "logger.backend", self.backend, "none / wandb")
         _need(
             self.mode in (None, "online", "offline", "disabled"),
@@ -268,6 +293,12 @@ class TrainJobConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
 
     def validate(self) -> TrainJobConfig:
+        """Checks the whole job (each section's ``validate``, then that ``data.train_file`` and
+        ``data.validation_file`` name existing files) and returns it.
+
+        Raises:
+            ConfigError: the first bad value, one line naming its key (``data.train_file=x.json: no such file``).
+        """
         self.model.validate()
         self.train.validate()
         self.logger.validate()

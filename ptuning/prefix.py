@@ -111,9 +111,15 @@ class PrefixKV:
 
     @property
     def length(self) -> int:
+        """P: the prefix columns (dim 2 of each layer's ``[B, G, P, D]``); 0 for no layers (no prefix)."""
         return self.keys[0].shape[2] if self.keys else 0
 
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(keys, values)`` of layer ``i``, each ``[B, G, P, D]``.
+
+        Raises:
+            IndexError: ``i`` is not a layer of the prefix.
+        """
         return self.keys[i], self.values[i]
 
     def __iter__(self):

@@ -206,7 +206,7 @@ def test_ctrl_c_while_the_chat_loads_exits_130_without_a_traceback(monkeypatch, 
     assert capsys.readouterr().err.strip() == "interrupted"
 
 
-# ---- QA: --no-prefix on a folder with a prefix inside; ChatGLM3's metadata line ----
+# ---- --no-prefix on a folder with a prefix inside; ChatGLM3's metadata line ----
 
 
 @pytest.mark.parametrize("builtin", ["tiny-chatglm", "tiny-chatglm2"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from hydra_entry import CONF_DIR, EvaluateSchema, TrainSchema, to_object
-from ptuning.config import ConfigError
+from ptuning.config import ConfigError, DataConfig, LoggerConfig, ModelConfig, TrainConfig
 
 from .common import ROOT
 
@@ -33,6 +34,15 @@ def test_default_composes_to_typed_config():
     assert job.model.path is None and job.model.pre_seq_len == 16
     assert job.data.train_file == "data/adgen_sample/train.json"  # tests run in the project folder
     job.validate()
+
+
+def test_the_dataclass_defaults_are_the_default_runs_yaml():
+    # a TrainJobConfig built in code (tests, scripts) trains as `python train.py` does
+    composed = OmegaConf.to_container(compose_train(), resolve=False)
+    for section, cls in (("model", ModelConfig), ("train", TrainConfig), ("logger", LoggerConfig)):
+        assert asdict(cls()) == composed[section], section
+    data = {k: v for k, v in composed["data"].items() if not k.endswith("_file")}  # the files: ${project:...}
+    assert {k: v for k, v in asdict(DataConfig()).items() if k in data} == data
 
 
 @pytest.mark.parametrize("group", GROUPS)
@@ -159,7 +169,7 @@ def test_a_key_added_with_plus_fails_like_one_without_it(override, message):
     assert str(err.value) == message
 
 
-# ---- QA: quoting a value for Hydra, prefix_init_text checks ----
+# ---- quoting a value for Hydra, prefix_init_text checks ----
 
 @pytest.mark.parametrize("value", ["用简洁的广告文案描述这件商品。", "a b,c", "(x"])
 def test_an_unreadable_override_says_how_to_quote_it(value, capsys):

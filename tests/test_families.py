@@ -168,7 +168,7 @@ def test_prefix_init_checks_are_one_line():
         ModelConfig(prefix_init="text", prefix_init_text="x", prefix_projection=True).validate()
 
 
-# ---- QA: corrupt SentencePiece files, GLM-4's original remote-code folder ----
+# ---- corrupt SentencePiece files, GLM-4's original remote-code folder ----
 
 @pytest.mark.parametrize(("builtin", "vocab"), [("tiny-chatglm", "ice_text.model"), ("tiny-chatglm2", "tokenizer.model"),
                                                 ("tiny-chatglm3", "tokenizer.model")])

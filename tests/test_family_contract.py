@@ -330,3 +330,19 @@ def test_the_flop_quantization_and_memory_hooks_agree_with_the_loaded_model(case
         assert shape.architecture == formulas.name
         assert memory.weight_bytes(shape, "fp32") == measured_weight_bytes(model)
         assert memory.config_shape(case.folder).layers == layers
+
+
+def test_a_family_that_keeps_the_default_export_hooks_refuses_every_export_with_its_reason(tmp_path):
+    class Defaults(Family):  # the abstract hooks only; every export hook is the default
+        name, label = "defaults", "A family with the default hooks"
+        load_model = model_config = load_tokenizer = template = max_positions = prefix_shape = None
+
+    family = Defaults()
+    for kind in ("peft", "from-peft", "original", "full"):
+        why = family.export_unsupported(kind)
+        assert isinstance(why, str) and why and "\n" not in why, kind
+    assert "full-model layout" in family.export_unsupported("full")
+    assert "shifts the positions" in family.export_unsupported("peft")
+    assert family.original_prefix_key("embedding.weight") is None
+    with pytest.raises(CheckpointError, match="no original full-model layout"):
+        family.export_full(nn.Linear(1, 1), tmp_path / "full", dtype=torch.float32, max_shard_bytes=1 << 30)

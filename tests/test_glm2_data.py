@@ -105,7 +105,7 @@ def test_training_on_chat_data_with_the_tiny_chatglm3(tmp_path):
     assert any("eval_rouge-l" in r for r in log)  # generation on the chat rows' final answers
 
 
-# ---- QA: tool turns on families without tools, unknown roles ----
+# ---- tool turns on families without tools, unknown roles ----
 
 def _templates():
     from ptuning.build import load

@@ -17,7 +17,6 @@ from ptuning.build import load_model
 from ptuning.checkpoint import load_prefix, prefix_metadata, save_checkpoint
 from ptuning.config import ModelConfig
 from ptuning.interop import (
-    export_full,
     export_peft,
     export_peft_checkpoint,
     import_peft,
@@ -26,6 +25,7 @@ from ptuning.interop import (
 )
 from ptuning.models.chatglm import ChatGLMForConditionalGeneration, CheckpointError, tiny_config
 from ptuning.models.chatglm.layers import rotary_inv_freq
+from ptuning.models.chatglm.original import export_full
 
 from .common import ASSETS
 from .test_model import batch
@@ -403,7 +403,7 @@ print(json.dumps([shown, documented_path_warnings()]))
     assert any("`past_key_values` is deprecated" in text for text in without), without
 
 
-# ---- QA: the export command line writes only into a new folder, and refuses what it cannot carry ----
+# ---- the export command line writes only into a new folder, and refuses what it cannot carry ----
 
 
 def _tree(folder):

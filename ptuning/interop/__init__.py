@@ -1,7 +1,6 @@
-"""Interoperability: peft prefix adapters (both directions); the original full-model layouts are the families' own
-(:meth:`ptuning.models.base.Family.export_full`; ChatGLM-6B's re-exported here)."""
+"""Interoperability: peft prefix adapters (both directions). The original full-model layouts are the families' own
+(:meth:`ptuning.models.base.Family.export_full`, e.g. :mod:`ptuning.models.chatglm.original`)."""
 
-from ..models.chatglm.original import export_full, original_config, original_state_dict
 from .peft import (
     export_peft,
     export_peft_checkpoint,
@@ -13,13 +12,10 @@ from .peft import (
 )
 
 __all__ = [
-    "export_full",
     "export_peft",
     "export_peft_checkpoint",
     "import_peft",
     "load_peft_prefix",
-    "original_config",
-    "original_state_dict",
     "peft_config_for",
     "prefix_output",
     "read_peft_adapter",

@@ -9,9 +9,9 @@ package knows its specifics.
 
 The contract is executable: ``isinstance(model, PrefixTunedModel)`` checks that a loaded model has every hook
 (``typing.runtime_checkable``), the signatures are there for a type checker, and ``tests/test_family_contract.py``
-runs the same checks (load, prefix shape, template, train step with and without gradient checkpointing, the
-decode loop against ``generate()``, save / load, the export hooks) over every family and its built-in tiny
-model. ``docs/adding-a-family.md`` says how a new family joins.
+runs the same checks (load, prefix shape, template, train step with and without gradient checkpointing,
+packed rows against the same rows unpacked, the decode loop against ``generate()``, save / load, the export
+hooks, the FLOP and memory hooks) over every family and its built-in tiny model. ``docs/adding-a-family.md`` says how a new family joins.
 """
 
 from __future__ import annotations
@@ -251,6 +251,8 @@ class PromptTemplate(ABC):
 
     @property
     def pad_token_id(self) -> int:
+        """The id that pads a batch: right of training rows (their labels there are -100) and left of
+        generation prompts (masked out); the tokenizer's ``pad_token_id``."""
         return self.tokenizer.pad_token_id
 
     def decode(self, ids: Sequence[int]) -> str:
@@ -281,9 +283,10 @@ class PromptTemplate(ABC):
 @runtime_checkable
 class PrefixTunedModel(Protocol):
     """What the model a family loads (:meth:`Family.load_model`) must do: a transformers ``PreTrainedModel``
-    with ``GenerationMixin`` and these hooks. The training loop calls ``forward`` with labels, evaluation
-    ``generate`` and the decode loop (:mod:`ptuning.generation`: evaluation, chat, the server) the position,
-    prefix and cache hooks.
+    with ``GenerationMixin`` and these hooks. The training loop calls ``forward`` with labels; the decode loop
+    (:mod:`ptuning.generation`: evaluation, chat, the server) calls the position, prefix and cache hooks;
+    ``generate()`` runs only for beam search (``num_beams`` > 1, :func:`ptuning.evaluation.generate.generate_ids`)
+    and as the reference the contract test compares the decode loop with.
 
     Its prefix encoder (with ``pre_seq_len``) is a float32 :class:`~ptuning.prefix.PrefixEncoder` somewhere in
     the module tree under the attribute name ``prefix_encoder`` (:func:`ptuning.prefix.prefix_module_name` finds
@@ -387,8 +390,13 @@ def check_vocab_size(tokenizer, folder: Path, vocab_size: int | None, key: str =
     :meth:`Family.load_tokenizer` asks this).
 
     Args:
+        tokenizer: the loaded tokenizer (``len(tokenizer)``: its tokens, added ones included).
+        folder: the model folder it came from, for the message.
         vocab_size: the model's embedding rows (None: not checked).
         key: the config key that sets them, for the message (ChatGLM2/3: ``padded_vocab_size``).
+
+    Returns:
+        ``tokenizer`` itself (fewer tokens than rows is fine: the extra rows are never produced as text).
 
     Raises:
         ConfigError: the tokenizer has more tokens than the model has rows (one line naming the folder).
@@ -499,8 +507,23 @@ class Family(ABC):
 
     def export_unsupported(self, kind: str) -> str | None:
         """Why ``python -m ptuning.export <kind>`` (``peft``, ``from-peft``, ``original``, ``full``) cannot carry
-        this family's prefix, or None when it can."""
-        return None
+        this family's prefix (one line), or None when it can.
+
+        The default refuses every kind, since the other defaults cannot do them: peft's ``PREFIX_TUNING``
+        feeds the prefix as P cached tokens and shifts the real tokens' positions by P (a different model
+        wherever positions are rotary), :meth:`original_prefix_key` has no key and :meth:`export_full`
+        raises. A family overrides this for the kinds it carries (and the hooks those kinds use).
+        """
+        if kind in ("peft", "from-peft"):
+            return (
+                f"peft's PREFIX_TUNING feeds the prefix as P cached tokens and shifts the positions of the real tokens "
+                f"by P; {self.label} does not say that this computes its prefix"
+            )
+        if kind == "original":
+            return f"{self.label} has no original P-Tuning v2 prefix format (its prefix stays in prefix.safetensors)"
+        if kind == "full":
+            return f"{self.label} has no original full-model layout to export to"
+        return f"'{kind}' is not an export (peft, from-peft, original or full)"
 
     def original_prefix_key(self, local_key: str) -> str | None:
         """The key under which the family's original P-Tuning v2 code saves a prefix weight (``local_key`` is

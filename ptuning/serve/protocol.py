@@ -56,6 +56,14 @@ class APIError(Exception):
 
 
 def bad_request(param: str | None, message: str, code: str | None = None) -> APIError:
+    """The 400 ``invalid_request_error`` for a request field the server refuses (returned, for the caller to
+    raise).
+
+    Args:
+        param: the field as OpenAI names it (``messages[1].role``), or None for the request as a whole.
+        message: one line naming the field, the value and what was expected.
+        code: a machine-readable code (``context_length_exceeded``, ``invalid_json``), or None.
+    """
     return APIError(400, message, param=param, code=code)
 
 

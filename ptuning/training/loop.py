@@ -87,6 +87,23 @@ USER_ERRORS = (ConfigError, DataError, CheckpointError, TrainingError)
 
 @dataclass
 class TrainResult:
+    """What :func:`run` returns.
+
+    Attributes:
+        output_dir: the run's output folder.
+        step: the optimizer steps done (``train.max_steps`` when it ran to the end).
+        checkpoint: the last checkpoint folder written (None: none was).
+        train_loss: the last optimizer step's loss (mean next-token cross-entropy over its global batch, in
+            nats), None before any step.
+        eval_loss: the final validation loss (mean over every target token of the validation set, nats), None
+            without a validation set.
+        metrics: the final BLEU-4 / ROUGE-1/2/L (percent) of the validation set's generated answers (empty
+            without ``train.eval_generation`` or a validation set).
+        baseline_metrics: the same metrics of the base model with no prefix (``train.eval_before_training``),
+            or empty.
+        main_process: False on the other processes of a run: only the main one reports.
+    """
+
     output_dir: Path
     step: int
     checkpoint: Path | None
@@ -149,6 +166,13 @@ def model_inputs(batch: dict, device) -> dict:
 
 
 def make_accelerator(cfg: TrainJobConfig) -> tuple[Accelerator, Collectives]:
+    """This process's ``Accelerator`` (``train.mixed_precision``) and the run's collectives
+    (:func:`ptuning.distributed.start`).
+
+    Raises:
+        TrainingError: the processes were launched in a way that cannot synchronise (raised alike on every
+            process).
+    """
     try:
         return start(mixed_precision=cfg.train.mixed_precision)
     except LaunchError as err:  # how the processes were started: every one of them sees it

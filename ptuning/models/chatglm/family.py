@@ -31,6 +31,13 @@ FINGERPRINT_KEYS = (
 
 
 class ChatGLMFamily(Family):
+    """ChatGLM-6B (``model_type`` "chatglm" with ``inner_hidden_size``): our own model code
+    (:class:`~.modeling.ChatGLMForConditionalGeneration`, numbers equal to THUDM's), the ``ice_text.model``
+    SentencePiece tokenizer, the original's prompts (chat turns as ``[Round N]\\n问：...\\n答：``) ending in
+    ``[gMASK] <sop>``, 2D positions; prefix ``[B, heads, P, head size]`` per layer (no grouped keys/values).
+    It carries every export: peft adapters both ways, the original prefix file and the original full-model
+    folder."""
+
     name = "chatglm"
     label = "ChatGLM-6B"
 
@@ -81,6 +88,13 @@ class ChatGLMFamily(Family):
 
     def original_prefix_key(self, local_key: str) -> str:
         return f"transformer.prefix_encoder.{local_key}"
+
+    def export_unsupported(self, kind: str) -> None:
+        """None: every export carries a ChatGLM-6B prefix: ``peft``/``from-peft`` (the model reads peft's
+        pre-filled cache as a prefix, see :mod:`ptuning.interop.peft`), ``original``
+        (``transformer.prefix_encoder.*``, as THUDM's ``ptuning/main.py`` saves it) and ``full`` (the published
+        folder layout)."""
+        return None
 
     def export_full(self, model, out_dir: Path, *, dtype, max_shard_bytes: int, companions_from: Path | None = None):
         """See :func:`ptuning.models.chatglm.original.export_full`."""

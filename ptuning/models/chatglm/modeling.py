@@ -36,6 +36,12 @@ from .masks import build_masks, build_packed_masks, extend_step_masks, mask_toke
 
 
 class ChatGLMPreTrainedModel(PreTrainedModel):
+    """What ChatGLM-6B's model classes share with transformers' ``PreTrainedModel``: the config class, the
+    checkpoint key prefix ``transformer.``, the prefix encoder kept in float32 whatever the load dtype, and the
+    weight init of a new model (normal, std 0.02, as the original; the prefix embedding N(0, 1), as the
+    original leaves it). The published checkpoints' ``rotary_emb.inv_freq`` buffers are ignored when loading
+    (recomputed)."""
+
     config_class = ChatGLMConfig
     base_model_prefix = "transformer"
     supports_gradient_checkpointing = True

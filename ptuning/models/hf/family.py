@@ -68,6 +68,16 @@ def _ids(value) -> list[int]:
 
 
 class HFFamily(Family):
+    """transformers' own decoders (:data:`ARCHITECTURES`: GLM, GLM-4-0414, Llama, Qwen2, Qwen3), from a folder
+    or one ``.gguf`` file: transformers' model class with the prefix attached (:func:`~.modeling.attach_prefix`;
+    per layer ``[B, num_key_value_heads, P, head_dim]``, read by the attention interface, never rotated), the
+    folder's fast tokenizer and its chat template. The prefix stays in this toolkit's checkpoint format: every
+    export is refused (peft would shift the rotary positions; ``original`` and ``full`` are ChatGLM layouts).
+
+    Raises (:meth:`load_model`, :meth:`model_config`):
+        CheckpointError: no readable config, or a ``model_type`` only remote code defines.
+    """
+
     name = "hf"
     label = "transformers decoder"
 
