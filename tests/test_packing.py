@@ -219,6 +219,19 @@ def test_a_packed_run_says_how_full_its_packs_are_and_resumes_exactly(tmp_path, 
     assert losses(tmp_path / "full") == losses(tmp_path / "cut")
 
 
+def test_resuming_warns_against_the_settings_of_the_run_that_wrote_the_checkpoint(tmp_path, capsys):
+    import shutil
+
+    train(tmp_path, *PACKED)  # checkpoint-3 and checkpoint-6, packed
+    shutil.rmtree(tmp_path / "checkpoint-6")
+    unpacked = ["train.per_device_batch_size=2", "model.prefix_dropout=0", "train.resume_from=latest"]
+    train(tmp_path, *unpacked)  # resumes the packed checkpoint-3 and writes checkpoint-6 unpacked
+    assert (f"data.packing (True -> False), data.pack_length ({PACK} -> 1024) changed from the run that wrote it "
+            f"({tmp_path / 'checkpoint-3' / 'prefix_config.json'})") in capsys.readouterr().err
+    train(tmp_path, *unpacked, "train.max_steps=9")  # resumes checkpoint-6, written with these settings
+    assert "changed from the run that wrote it" not in capsys.readouterr().err
+
+
 def test_a_packed_run_with_gradient_checkpointing_gives_the_same_prefix(tmp_path):
     plain = train(tmp_path / "plain", *PACKED, "train.max_steps=2", "train.save_steps=2")
     checkpointed = train(tmp_path / "ckpt", *PACKED, "train.max_steps=2", "train.save_steps=2",

@@ -77,6 +77,7 @@ from .run_folder import (
     open_run_folder,
     past_the_end,
     resolve_resume,
+    update_settings,
     warn_changed_settings,
     write_failure,
 )
@@ -377,6 +378,8 @@ class Recipe:
         # how the prompts were rendered: chat (history / conversations, the chat template) or plain (ADGEN rows)
         chat = cfg.data.history_column or cfg.data.conversation_column
         self.meta["prompt_format"] = "chat" if chat else "plain"
+        # the settings that shape the updates, which a resume of this checkpoint is compared with
+        self.meta["update_settings"] = update_settings(cfg)
 
     def _load_data(self) -> None:
         """The training set (and its batch plan), the validation set for the loss and its generation
