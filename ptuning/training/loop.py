@@ -86,6 +86,21 @@ from .run_folder import (
 USER_ERRORS = (ConfigError, DataError, CheckpointError, TrainingError)
 
 
+def check_fsdp_settings(accelerator, cfg: TrainJobConfig) -> None:
+    """Refuses FSDP2's own activation checkpointing (``fsdp_activation_checkpointing: true`` in the accelerate
+    config) together with ``model.gradient_checkpointing=true``: both would checkpoint every layer.
+
+    Raises:
+        TrainingError: both are on (every process raises it alike, before the model is loaded).
+    """
+    plugin = getattr(accelerator.state, "fsdp_plugin", None)
+    if (accelerator.is_fsdp2 and plugin is not None and plugin.activation_checkpointing
+            and cfg.model.gradient_checkpointing):
+        raise TrainingError("fsdp_activation_checkpointing and model.gradient_checkpointing both checkpoint every "
+                            "layer: keep model.gradient_checkpointing and set fsdp_activation_checkpointing: false "
+                            "in the accelerate config")
+
+
 @dataclass
 class TrainResult:
     """What :func:`run` returns.
@@ -329,6 +344,7 @@ class Recipe:
         self.device = self.accelerator.device
         self.main = self.comm.is_main_process
         self.world, self.rank = self.comm.num_processes, self.comm.process_index
+        self.comm.together(lambda: check_fsdp_settings(self.accelerator, cfg), USER_ERRORS)
         # a folder no family handles fails here, before anything is written
         self.comm.together(lambda: (check_output_dir(self.out), model_family(cfg.model)), USER_ERRORS)
         # the main process holds the folder and decides what to resume, for every process
@@ -429,10 +445,6 @@ class Recipe:
         train = self.cfg.train
         self.fsdp = self.accelerator.is_fsdp2
         if self.fsdp:
-            if self.accelerator.state.fsdp_plugin.activation_checkpointing and self.cfg.model.gradient_checkpointing:
-                raise TrainingError("fsdp_activation_checkpointing and model.gradient_checkpointing both checkpoint "
-                                    "every layer: keep model.gradient_checkpointing and set "
-                                    "fsdp_activation_checkpointing: false in the accelerate config")
             shard_apart(self.accelerator, self.model.get_submodule(prefix_module_name(self.model)))
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(self.params, lr=train.learning_rate, weight_decay=train.weight_decay)
