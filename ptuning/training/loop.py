@@ -101,6 +101,28 @@ def check_fsdp_settings(accelerator, cfg: TrainJobConfig) -> None:
                             "in the accelerate config")
 
 
+def check_one_global_batch(cfg: TrainJobConfig, units: int, world: int) -> None:
+    """Refuses a training set of fewer ``units`` (examples, or packed sequences with ``data.packing``) than
+    one global batch (``train.per_device_batch_size`` x ``world`` processes), saying which keys to change.
+
+    Raises:
+        TrainingError: one line with the counts, the keys as the command line writes them and what to do.
+    """
+    per_device = cfg.train.per_device_batch_size
+    if units >= per_device * world:
+        return
+    if cfg.data.packing:
+        what = (f"{_count(units, 'packed sequence')} of {cfg.data.pack_length} tokens (data.pack_length="
+                f"{cfg.data.pack_length})")
+        fix = "lower data.pack_length or train.per_device_batch_size, or train on more rows"
+    else:
+        what, fix = _count(units, "example"), "lower train.per_device_batch_size, or train on more rows"
+    raise TrainingError(
+        f"the training set has {what}, fewer than one global batch of {per_device * world} "
+        f"(train.per_device_batch_size={per_device} x {_count(world, 'process')}): {fix}"
+    )
+
+
 @dataclass
 class TrainResult:
     """What :func:`run` returns.
@@ -147,10 +169,8 @@ class BatchPlan:
     def __init__(self, num_examples: int, global_batch: int, seed: int, unit: str = "examples"):
         self.per_epoch = num_examples // global_batch
         if self.per_epoch == 0:
-            raise TrainingError(
-                f"the training set has {num_examples} {unit}, fewer than one global batch "
-                f"({global_batch} = per_device_batch_size x processes)"
-            )
+            raise TrainingError(f"the training set has {num_examples} {unit}, fewer than one global batch of "
+                                f"{global_batch}")
         self.num_examples, self.global_batch, self.seed = num_examples, global_batch, seed
         self._epoch, self._perm = -1, None
 
@@ -435,6 +455,7 @@ class Recipe:
                 raise TrainingError(f"{cfg.data.train_file}: {err}") from None
             self.targets = self.units.per_pack(self.targets)
             self.unit = f"packed sequences of {cfg.data.pack_length} tokens"
+        check_one_global_batch(cfg, len(self.units), self.world)
         self.plan = BatchPlan(len(self.units), cfg.train.per_device_batch_size * self.world, cfg.train.seed,
                               self.unit)
 
@@ -821,4 +842,5 @@ class Recipe:
 
 
 def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}{'' if n == 1 else 's'}"
+    """``1 step``, ``2 steps``, ``2 processes``."""
+    return f"{n} {noun}{'' if n == 1 else 'es' if noun.endswith('s') else 's'}"
