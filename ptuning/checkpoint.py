@@ -6,7 +6,9 @@ A checkpoint folder ``checkpoint-{step}/`` holds
 
 * ``prefix.safetensors``: the prefix encoder's weights under ``transformer.prefix_encoder.*``;
 * ``prefix_config.json``: what they fit (pre_seq_len, prefix_projection, layers, width, heads), the base
-  model and a fingerprint of its config, and the id of the training run that wrote it (``run_id``);
+  model and a fingerprint of its config, the id of the training run that wrote it (``run_id``), how its
+  prompts were rendered (``prompt_format``) and the settings that shaped its updates (``update_settings``,
+  compared with those of a run that resumes it);
 * ``training_state.pt``: optimizer, scheduler, step, the state of every random generator (Python's, NumPy's,
   torch's on the CPU and on each GPU, per process) and data position, for exact resume.
 

@@ -188,7 +188,9 @@ class TrainConfig:
     allow_base_model_change: bool = False  # resume a checkpoint on another base model than it was trained on
     init_prefix_from: str | None = None  # start from this prefix (ours or the original's checkpoint-N)
     eval_generation: bool = True  # generate on the validation set at the end and compute BLEU/ROUGE
-    eval_before_training: bool = True  # also score the base model (no prefix) first (step 0): what tuning gained
+    # score the base model (no prefix) first, at step 0 (loss and BLEU/ROUGE, whatever eval_generation says):
+    # what tuning gained
+    eval_before_training: bool = True
     max_new_tokens: int = 64
     eval_batch_size: int = 32
     plot: bool = True  # write loss.png at the end

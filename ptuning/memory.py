@@ -54,6 +54,8 @@ from .models.memory import (
 from .paths import PACKAGE_SCHEME, package_file
 
 GIB = 2**30
+MIB = 2**20
+DEFAULT_PRE_SEQ_LEN = ModelShape.pre_seq_len  # the original recipe's 128 (--pre-seq-len)
 
 
 @dataclass(frozen=True)
@@ -129,18 +131,31 @@ def estimate(shape: ModelShape, setting: str) -> Estimate:
 
 
 def table(shape: ModelShape, settings=SETTINGS) -> str:
-    """A markdown table of the estimate at each setting (GiB)."""
+    """A markdown table of the estimate at each setting: in GiB, or in MiB for a model whose fp32 training peak
+    is under 1 GiB (a small model's numbers would all read 0.00 GiB)."""
+    unit, size = ("GiB", GIB) if estimate(shape, "fp32").total >= GIB else ("MiB", MIB)
     rows = [
-        "| setting | weights GiB | prefix + AdamW GiB | activations GiB | logits + loss GiB | training peak GiB |",
+        f"| setting | weights {unit} | prefix + AdamW {unit} | activations {unit} | logits + loss {unit} | "
+        f"training peak {unit} |",
         "| --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for setting in settings:
         e = estimate(shape, setting)
         rows.append(
-            f"| {setting} | {e.weights / GIB:.2f} | {e.prefix_state / GIB:.3f} | {e.activations / GIB:.3f} | "
-            f"{e.logits / GIB:.3f} | {e.total / GIB:.2f} |"
+            f"| {setting} | {e.weights / size:.2f} | {e.prefix_state / size:.3f} | {e.activations / size:.3f} | "
+            f"{e.logits / size:.3f} | {e.total / size:.2f} |"
         )
     return "\n".join(rows)
+
+
+def count(n: float) -> str:
+    """A parameter count as the summary prints it: ``6.25 B``, ``134.7 M``, or exactly (``16,384``) under a
+    million."""
+    if n >= 1e9:
+        return f"{n / 1e9:.2f} B"
+    if n >= 1e6:
+        return f"{n / 1e6:.2f} M"
+    return f"{round(n):,}"
 
 
 @cache
@@ -157,7 +172,8 @@ def __getattr__(name: str):
 
 def config_shape(path: str | Path) -> ModelShape:
     """The shape of a model folder (or its ``config.json``), or of a ``.gguf`` file (also as
-    ``package:<module>/<file>``), read by its family.
+    ``package:<module>/<file>``), read by its family. The prefix is the config's ``pre_seq_len``, or
+    :data:`DEFAULT_PRE_SEQ_LEN` where it sets none (a backbone's config).
 
     Raises:
         ValueError: no family takes the folder, or its family has no memory formulas (one line).
@@ -167,11 +183,14 @@ def config_shape(path: str | Path) -> ModelShape:
     folder = Path(path)
     folder = folder.parent if folder.name == "config.json" else folder
     formulas = memory_of(family_for(folder))
-    return formulas.shape(formulas.read_config(folder))
+    config = formulas.read_config(folder)
+    if getattr(config, "pre_seq_len", None) is None:  # a backbone's config: the default prefix (--pre-seq-len)
+        return formulas.shape(config, pre_seq_len=DEFAULT_PRE_SEQ_LEN)
+    return formulas.shape(config)
 
 
 def _shape_from_args(args: argparse.Namespace) -> ModelShape:
-    base = config_shape(args.config) if args.config else presets()[args.model]
+    base = config_shape(args.config) if args.config else presets()[args.model or "chatglm-6b"]
     overrides = {
         key: value
         for key, value in dict(
@@ -203,9 +222,11 @@ def main(argv=None) -> None:
         "--config", help="a model folder or its config.json, of any supported family, or a .gguf file (also "
         "package:<module>/<file>) (instead of --model)"
     )
-    parser.add_argument("--model", choices=sorted(presets()), default="chatglm-6b",
+    parser.add_argument("--model", choices=sorted(presets()),
                         help="a published model's shape (default chatglm-6b)")
-    parser.add_argument("--pre-seq-len", type=int)
+    parser.add_argument("--pre-seq-len", type=int,
+                        help=f"prefix length (default: the pre_seq_len that --config's config.json sets, else "
+                        f"{DEFAULT_PRE_SEQ_LEN})")
     parser.add_argument("--prefix-projection", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument(
         "--tied-embeddings",
@@ -225,6 +246,9 @@ def main(argv=None) -> None:
     )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
+    if args.config and args.model:
+        parser.error(f"--config {args.config} and --model {args.model}: give one (--config reads a model's shape "
+                     "instead of --model's published one)")
     try:
         shape = _shape_from_args(args)
     except ValueError as err:
@@ -235,7 +259,8 @@ def main(argv=None) -> None:
     if shape.pre_seq_len < 0 or shape.seq < 2:
         parser.error("pre_seq_len must be >= 0 and seq >= 2")
     if shape.logit_positions is not None and not 0 < shape.logit_positions < shape.seq:
-        parser.error("--logit-positions must be 0 (all) or between 1 and seq - 1")
+        parser.error(f"--logit-positions {shape.logit_positions}: must be 0 (all) or between 1 and seq - 1 = "
+                     f"{shape.seq - 1} (--seq {shape.seq})")
     if args.json:
         out = {s: {**asdict(estimate(shape, s)), "total": estimate(shape, s).total} for s in SETTINGS}
         print(json.dumps({"shape": asdict(shape), "estimate_bytes": out}, indent=2))
@@ -252,8 +277,8 @@ def main(argv=None) -> None:
     print()
     print("Tensors only: add the process overhead (CUDA context ~0.5 GiB; CPU process ~0.4 GiB RSS).")
     print(
-        f"Parameters: {_param_count(shape) / 1e9:.2f} B (embeddings {'tied' if shape.tied_embeddings else 'separate'}); "
-        f"prefix {prefix_bytes(shape) // 4 / 1e6:.2f} M."
+        f"Parameters: {count(_param_count(shape))} (embeddings {'tied' if shape.tied_embeddings else 'separate'}); "
+        f"prefix {count(prefix_bytes(shape) // 4)}."
     )
 
 

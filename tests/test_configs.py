@@ -360,7 +360,7 @@ def test_packing_keys_compose_and_contradictions_name_the_key():
     assert to_object(compose_train(["train.output_dir=/tmp/x"])).data.packing is False
     with pytest.raises(ConfigError, match=r"^data.pack_length must be >= 2, got 1$"):
         to_object(compose_train(["train.output_dir=/tmp/x", "data.packing=true", "data.pack_length=1"]))
-    with pytest.raises(ConfigError, match=r"^data.packing needs ignore_pad_token_for_loss=true: packed rows have no pads"):
+    with pytest.raises(ConfigError, match=r"^data.packing needs data.ignore_pad_token_for_loss=true \(the default\): packed rows have no pads"):
         to_object(compose_train(["train.output_dir=/tmp/x", "data.packing=true",
                                  "data.ignore_pad_token_for_loss=false"]))
 

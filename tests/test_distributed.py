@@ -242,6 +242,18 @@ def test_errors_under_accelerate_launch_are_one_line_and_every_process_exits_2(s
               "move it or choose another output_dir")
 
 
+def test_fsdp_activation_checkpointing_with_gradient_checkpointing_is_one_line_under_accelerate_launch(tmp_path):
+    config = tmp_path / "fsdp2_ac.yaml"
+    text = (ROOT / "launch" / "accelerate" / "fsdp2.yaml").read_text()
+    config.write_text(text.replace("fsdp_activation_checkpointing: false", "fsdp_activation_checkpointing: true"))
+    args = [*ACCELERATE, "--config_file", str(config), "--quiet", "--main_process_port", str(free_port())]
+    proc = launch(args, tmp_path / "run", "model.gradient_checkpointing=true", check=False)
+    assert_every_process_stopped_with_one_line(
+        proc, "error: fsdp_activation_checkpointing and model.gradient_checkpointing both checkpoint every layer: "
+              "keep model.gradient_checkpointing and set fsdp_activation_checkpointing: false in the accelerate config")
+    assert not (tmp_path / "run" / "run_config.json").exists()
+
+
 def test_a_full_disk_under_accelerate_launch_stops_every_process_with_one_line(tmp_path):
     with small_disk(tmp_path / "disk", "300k") as disk:  # one checkpoint of the built-in model fits, not two
         out = disk / "run"

@@ -80,3 +80,16 @@ def test_every_training_command_of_the_readme_composes():
                     section, field = key.split(".", 1)
                     held = getattr(getattr(job, section), field)
                     assert (held == float(value)) if isinstance(held, float) else str(held) == value, (args, key)
+
+
+def test_every_evaluate_table_header_in_the_docs_is_the_one_evaluate_prints():
+    from ptuning.evaluation.run import format_table
+
+    metrics = {"bleu-4": 1.0, "rouge-1": 1.0, "rouge-2": 1.0, "rouge-l": 1.0, "num_samples": 1,
+               "num_empty_predictions": 0, "num_stopped_predictions": 1, "new_tokens_per_s": 1.0}
+    printed = format_table(metrics).splitlines()[0]
+    found = []
+    for page in PAGES:
+        text = re.sub(r"\s*\n\s*", " ", page.read_text(encoding="utf-8"))  # a header wrapped over lines
+        found += [(page.name, m.group(0)) for m in re.finditer(r"\| bleu-4 \| rouge-1 \|[^`\n]*?tokens/s \|", text)]
+    assert found and all(header == printed for _, header in found), (printed, found)

@@ -98,7 +98,8 @@ def test_published_smollm2_shape(capsys):
     main(["--model", "smollm2-135m", "--pre-seq-len", "16"])
     out = capsys.readouterr().out
     assert "transformers decoder shape: vocab 49152, hidden 576, 30 layers, 9 heads (3 key/value heads of 64)" in out
-    assert "Parameters: 0.13 B (embeddings tied)" in out  # 134.5 M: 106.2 M in the blocks, 28.3 M embeddings
+    # 134.5 M: 106.2 M in the blocks, 28.3 M embeddings; and the prefix, 184,320
+    assert "Parameters: 134.70 M (embeddings tied); prefix 184,320." in out
     assert DecoderMemory().parameter_count(shape) + 49152 * 576 == 134_515_008
     assert prefix_bytes(ModelShape(**{**shape.__dict__, "pre_seq_len": 16})) // 4 == 16 * 2 * 30 * 3 * 64
 

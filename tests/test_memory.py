@@ -186,6 +186,34 @@ def test_command_reads_a_config(capsys):
     )
 
 
+def test_a_config_without_pre_seq_len_estimates_the_documented_default_prefix_in_mib(capsys):
+    main(["--config", str(ROOT / "data" / "tiny-glm4"), "--json"])
+    assert json.loads(capsys.readouterr().out)["shape"]["pre_seq_len"] == 128
+    main(["--config", str(ROOT / "data" / "tiny-glm4")])
+    out = capsys.readouterr().out
+    assert "pre_seq_len 128" in out and "| training peak MiB |" in out
+    fp32 = next(line for line in out.splitlines() if line.startswith("| fp32 |"))
+    assert all(float(cell) > 0 for cell in fp32.strip(" |").split("|")[1:]), fp32
+    # 4 layers x 2 (keys, values) x 2 key/value heads x 32 = 512 per position
+    assert "Parameters: 1.24 M (embeddings separate); prefix 65,536." in out
+    main(["--config", str(ROOT / "data" / "tiny-glm4"), "--pre-seq-len", "16", "--json"])
+    assert json.loads(capsys.readouterr().out)["shape"]["pre_seq_len"] == 16
+
+
+def test_config_with_model_or_logit_positions_past_seq_is_a_one_line_usage_error(capsys):
+    folder = str(ROOT / "data" / "tiny-glm4")
+    for argv, line in [
+        (["--config", folder, "--model", "chatglm-6b"],
+         f"--config {folder} and --model chatglm-6b: give one (--config reads a model's shape instead of --model's "
+         "published one)"),
+        (["--logit-positions", "200"], "--logit-positions 200: must be 0 (all) or between 1 and seq - 1 = 127 (--seq 128)"),
+    ]:
+        with pytest.raises(SystemExit) as stop:
+            main(argv)
+        assert stop.value.code == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1] == f"python -m ptuning.memory: error: {line}"
+
+
 def test_a_model_no_family_takes_is_a_one_line_usage_error(capsys, tmp_path):
     folder = tmp_path / "mamba"
     folder.mkdir()

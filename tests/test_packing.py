@@ -219,6 +219,19 @@ def test_a_packed_run_says_how_full_its_packs_are_and_resumes_exactly(tmp_path, 
     assert losses(tmp_path / "full") == losses(tmp_path / "cut")
 
 
+def test_resuming_warns_against_the_settings_of_the_run_that_wrote_the_checkpoint(tmp_path, capsys):
+    import shutil
+
+    train(tmp_path, *PACKED)  # checkpoint-3 and checkpoint-6, packed
+    shutil.rmtree(tmp_path / "checkpoint-6")
+    unpacked = ["train.per_device_batch_size=2", "model.prefix_dropout=0", "train.resume_from=latest"]
+    train(tmp_path, *unpacked)  # resumes the packed checkpoint-3 and writes checkpoint-6 unpacked
+    assert (f"data.packing (True -> False), data.pack_length ({PACK} -> 1024) changed from the run that wrote it "
+            f"({tmp_path / 'checkpoint-3' / 'prefix_config.json'})") in capsys.readouterr().err
+    train(tmp_path, *unpacked, "train.max_steps=9")  # resumes checkpoint-6, written with these settings
+    assert "changed from the run that wrote it" not in capsys.readouterr().err
+
+
 def test_a_packed_run_with_gradient_checkpointing_gives_the_same_prefix(tmp_path):
     plain = train(tmp_path / "plain", *PACKED, "train.max_steps=2", "train.save_steps=2")
     checkpointed = train(tmp_path / "ckpt", *PACKED, "train.max_steps=2", "train.save_steps=2",
@@ -227,14 +240,38 @@ def test_a_packed_run_with_gradient_checkpointing_gives_the_same_prefix(tmp_path
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
 
 
+def test_too_few_for_one_global_batch_names_the_keys_in_the_right_number_and_what_to_do():
+    from ptuning.config import TrainJobConfig
+    from ptuning.training import TrainingError
+    from ptuning.training.loop import check_one_global_batch
+
+    cfg = TrainJobConfig()
+    cfg.data.packing, cfg.data.pack_length, cfg.train.per_device_batch_size = True, 100000000, 1
+    check_one_global_batch(cfg, 2, 2)  # one global batch fits
+    with pytest.raises(TrainingError) as few:
+        check_one_global_batch(cfg, 1, 2)
+    assert str(few.value) == (
+        "the training set has 1 packed sequence of 100000000 tokens (data.pack_length=100000000), fewer than one "
+        "global batch of 2 (train.per_device_batch_size=1 x 2 processes): lower data.pack_length or "
+        "train.per_device_batch_size, or train on more rows")
+    cfg.data.packing, cfg.train.per_device_batch_size = False, 8
+    with pytest.raises(TrainingError) as few:
+        check_one_global_batch(cfg, 3, 1)
+    assert str(few.value) == ("the training set has 3 examples, fewer than one global batch of 8 (train."
+                              "per_device_batch_size=8 x 1 process): lower train.per_device_batch_size, or train "
+                              "on more rows")
+
+
 def test_a_pack_length_shorter_than_a_row_or_too_few_packs_for_a_batch_is_one_line(tmp_path):
     from ptuning.training import TrainingError
 
     with pytest.raises(TrainingError, match=r"train.json: row \d+ has \d+ tokens, more than data.pack_length=16: "
                                             r"raise data.pack_length to at least the longest row$"):
         train(tmp_path / "short", "data.packing=true", "data.pack_length=16")
-    with pytest.raises(TrainingError, match=r"^the training set has \d+ packed sequences of 4096 tokens, fewer than "
-                                            r"one global batch \(64 = per_device_batch_size x processes\)$"):
+    with pytest.raises(TrainingError, match=r"^the training set has \d+ packed sequences? of 4096 tokens \(data.pack_length"
+                                            r"=4096\), fewer than one global batch of 64 \(train.per_device_batch_size=64 "
+                                            r"x 1 process\): lower data.pack_length or train.per_device_batch_size, "
+                                            r"or train on more rows$"):
         train(tmp_path / "few", "data.packing=true", "data.pack_length=4096", "train.per_device_batch_size=64")
     for out in (tmp_path / "short", tmp_path / "few"):  # nothing written but the data cache
         assert [p.name for p in out.iterdir()] == [".cache"]

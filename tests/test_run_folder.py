@@ -28,6 +28,7 @@ from ptuning.training.run_folder import (
     open_run_folder,
     resolve_resume,
     survey_output_dir,
+    update_settings,
     warn_changed_settings,
 )
 
@@ -334,6 +335,33 @@ def test_resuming_with_other_update_settings_warns_with_before_and_after(tmp_pat
         f"({tmp_path / 'run_config.json'}): the result will differ from an uninterrupted run")
     record_run(tmp_path, "another", train={"learning_rate": 0.02})
     assert warn_changed_settings(cfg, ckpt) is None  # the record is not of the checkpoint's run
+
+
+def test_resuming_compares_with_the_settings_the_checkpoint_was_written_with_not_the_first_run(tmp_path):
+    # the folder's record is of the first, packed run; checkpoint-8 was written by a resume without packing
+    record_run(tmp_path, "run1", data={"packing": True, "pack_length": 128})
+    first = job(tmp_path)
+    first.data.packing, first.data.pack_length = True, 128
+    packed = checkpoint(tmp_path, 4, "run1")
+    (packed / "prefix_config.json").write_text(json.dumps({"run_id": "run1", "update_settings": update_settings(first)}))
+    unpacked_cfg = job(tmp_path)
+    unpacked = checkpoint(tmp_path, 8, "run1")
+    (unpacked / "prefix_config.json").write_text(
+        json.dumps({"run_id": "run1", "update_settings": update_settings(unpacked_cfg)}))
+    assert warn_changed_settings(unpacked_cfg, unpacked) is None
+    assert warn_changed_settings(unpacked_cfg, packed) == (
+        f"warning: resuming {packed} with data.packing (True -> False), data.pack_length (128 -> 1024) changed from "
+        f"the run that wrote it ({packed / 'prefix_config.json'}): the result will differ from an uninterrupted run")
+
+
+def test_pack_length_is_no_change_when_neither_run_packs(tmp_path):
+    record_run(tmp_path, "run1", data={"packing": False, "pack_length": 128})
+    ckpt = checkpoint(tmp_path, 3, "run1")
+    cfg = job(tmp_path)
+    assert not cfg.data.packing and cfg.data.pack_length != 128
+    assert warn_changed_settings(cfg, ckpt) is None
+    cfg.data.packing = True
+    assert "data.packing (False -> True), data.pack_length (128 -> " in warn_changed_settings(cfg, ckpt)
 
 
 # ---- the first writes ----

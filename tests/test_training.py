@@ -71,6 +71,10 @@ def test_run_writes_prefix_only_checkpoints_and_logs(tmp_path):
                 "matmul_peak_fraction"):
         assert all(math.isfinite(r[key]) for r in steps), key
     assert any("eval_loss" in r for r in records)
+    # train.eval_generation=false (FAST) skips generation at the end, not the base model's scores at step 0
+    # (train.eval_before_training, true by default), as docs/configuration.md says
+    assert "eval_rouge-l" in next(r for r in records if r["step"] == 0)
+    assert not any("eval_rouge-l" in r for r in records if r["step"] > 0)
     assert (tmp_path / "loss.png").stat().st_size > 1000
     assert not list(tmp_path.glob(".tmp-*"))
 

@@ -76,7 +76,8 @@ class DataConfig:
             raise ValueError(f"pack_length must be >= 2, got {self.pack_length}")
         if self.packing and not self.ignore_pad_token_for_loss:
             raise ValueError(
-                "packing needs ignore_pad_token_for_loss=true: packed rows have no pads of their own to score"
+                "packing needs data.ignore_pad_token_for_loss=true (the default): packed rows have no pads of their "
+                "own to score; set it, or turn data.packing off"
             )
         if self.conversation_column is not None and self.history_column is not None:
             raise ValueError("history_column and conversation_column exclude each other (a conversation holds its history)")

@@ -77,12 +77,50 @@ from .run_folder import (
     open_run_folder,
     past_the_end,
     resolve_resume,
+    update_settings,
     warn_changed_settings,
     write_failure,
 )
 
 # the one-line errors of a run that cannot start or go on: every process of a run stops with the same one
 USER_ERRORS = (ConfigError, DataError, CheckpointError, TrainingError)
+
+
+def check_fsdp_settings(accelerator, cfg: TrainJobConfig) -> None:
+    """Refuses FSDP2's own activation checkpointing (``fsdp_activation_checkpointing: true`` in the accelerate
+    config) together with ``model.gradient_checkpointing=true``: both would checkpoint every layer.
+
+    Raises:
+        TrainingError: both are on (every process raises it alike, before the model is loaded).
+    """
+    plugin = getattr(accelerator.state, "fsdp_plugin", None)
+    if (accelerator.is_fsdp2 and plugin is not None and plugin.activation_checkpointing
+            and cfg.model.gradient_checkpointing):
+        raise TrainingError("fsdp_activation_checkpointing and model.gradient_checkpointing both checkpoint every "
+                            "layer: keep model.gradient_checkpointing and set fsdp_activation_checkpointing: false "
+                            "in the accelerate config")
+
+
+def check_one_global_batch(cfg: TrainJobConfig, units: int, world: int) -> None:
+    """Refuses a training set of fewer ``units`` (examples, or packed sequences with ``data.packing``) than
+    one global batch (``train.per_device_batch_size`` x ``world`` processes), saying which keys to change.
+
+    Raises:
+        TrainingError: one line with the counts, the keys as the command line writes them and what to do.
+    """
+    per_device = cfg.train.per_device_batch_size
+    if units >= per_device * world:
+        return
+    if cfg.data.packing:
+        what = (f"{_count(units, 'packed sequence')} of {cfg.data.pack_length} tokens (data.pack_length="
+                f"{cfg.data.pack_length})")
+        fix = "lower data.pack_length or train.per_device_batch_size, or train on more rows"
+    else:
+        what, fix = _count(units, "example"), "lower train.per_device_batch_size, or train on more rows"
+    raise TrainingError(
+        f"the training set has {what}, fewer than one global batch of {per_device * world} "
+        f"(train.per_device_batch_size={per_device} x {_count(world, 'process')}): {fix}"
+    )
 
 
 @dataclass
@@ -131,10 +169,8 @@ class BatchPlan:
     def __init__(self, num_examples: int, global_batch: int, seed: int, unit: str = "examples"):
         self.per_epoch = num_examples // global_batch
         if self.per_epoch == 0:
-            raise TrainingError(
-                f"the training set has {num_examples} {unit}, fewer than one global batch "
-                f"({global_batch} = per_device_batch_size x processes)"
-            )
+            raise TrainingError(f"the training set has {num_examples} {unit}, fewer than one global batch of "
+                                f"{global_batch}")
         self.num_examples, self.global_batch, self.seed = num_examples, global_batch, seed
         self._epoch, self._perm = -1, None
 
@@ -328,6 +364,7 @@ class Recipe:
         self.device = self.accelerator.device
         self.main = self.comm.is_main_process
         self.world, self.rank = self.comm.num_processes, self.comm.process_index
+        self.comm.together(lambda: check_fsdp_settings(self.accelerator, cfg), USER_ERRORS)
         # a folder no family handles fails here, before anything is written
         self.comm.together(lambda: (check_output_dir(self.out), model_family(cfg.model)), USER_ERRORS)
         # the main process holds the folder and decides what to resume, for every process
@@ -377,6 +414,8 @@ class Recipe:
         # how the prompts were rendered: chat (history / conversations, the chat template) or plain (ADGEN rows)
         chat = cfg.data.history_column or cfg.data.conversation_column
         self.meta["prompt_format"] = "chat" if chat else "plain"
+        # the settings that shape the updates, which a resume of this checkpoint is compared with
+        self.meta["update_settings"] = update_settings(cfg)
 
     def _load_data(self) -> None:
         """The training set (and its batch plan), the validation set for the loss and its generation
@@ -416,6 +455,7 @@ class Recipe:
                 raise TrainingError(f"{cfg.data.train_file}: {err}") from None
             self.targets = self.units.per_pack(self.targets)
             self.unit = f"packed sequences of {cfg.data.pack_length} tokens"
+        check_one_global_batch(cfg, len(self.units), self.world)
         self.plan = BatchPlan(len(self.units), cfg.train.per_device_batch_size * self.world, cfg.train.seed,
                               self.unit)
 
@@ -426,10 +466,6 @@ class Recipe:
         train = self.cfg.train
         self.fsdp = self.accelerator.is_fsdp2
         if self.fsdp:
-            if self.accelerator.state.fsdp_plugin.activation_checkpointing and self.cfg.model.gradient_checkpointing:
-                raise TrainingError("fsdp_activation_checkpointing and model.gradient_checkpointing both checkpoint "
-                                    "every layer: keep model.gradient_checkpointing and set "
-                                    "fsdp_activation_checkpointing: false in the accelerate config")
             shard_apart(self.accelerator, self.model.get_submodule(prefix_module_name(self.model)))
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(self.params, lr=train.learning_rate, weight_decay=train.weight_decay)
@@ -806,4 +842,5 @@ class Recipe:
 
 
 def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}{'' if n == 1 else 's'}"
+    """``1 step``, ``2 steps``, ``2 processes``."""
+    return f"{n} {noun}{'' if n == 1 else 'es' if noun.endswith('s') else 's'}"

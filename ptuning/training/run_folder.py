@@ -37,6 +37,7 @@ except ImportError:  # not a POSIX system: runs are not locked (hold_run_folder 
 from ..checkpoint import (
     CHECKPOINT_FILES,
     CHECKPOINT_RE,
+    META_FILE,
     ORIGINAL_FILE,
     PREFIX_FILE,
     RUN_FILE,
@@ -433,30 +434,68 @@ def _check_save_targets(cfg: TrainJobConfig, in_the_way: list[tuple[Path, str]],
             )
 
 
-def warn_changed_settings(cfg: TrainJobConfig, resume: Path) -> str | None:
-    """The warning when a resumed run's settings that shape the updates differ from those of the run that
-    wrote ``resume`` (its folder's ``run_config.json``, when it records the checkpoint's run), else None."""
+def update_settings(cfg: TrainJobConfig) -> dict:
+    """The values of :data:`RESUME_KEYS` (``{"train.learning_rate": 0.02, ...}``) that each checkpoint records
+    in its ``prefix_config.json`` (``update_settings``), for :func:`warn_changed_settings` when it is resumed."""
+    now = asdict(cfg)
+    settings = {}
+    for key in RESUME_KEYS:
+        section, name = key.split(".")
+        value = now[section][name]
+        settings[key] = str(value) if isinstance(value, Path) else value
+    return settings
+
+
+def _writer_settings(resume: Path) -> tuple[dict, Path] | None:
+    """What the run that wrote ``resume`` used, and the file that says so: the checkpoint's own record
+    (``update_settings`` in its ``prefix_config.json``), else (a checkpoint of an earlier version) the folder's
+    ``run_config.json`` when it records the checkpoint's run; None when neither says."""
+    meta_file = resume / META_FILE
+    try:
+        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        meta = None
+    if isinstance(meta, dict) and isinstance(meta.get("update_settings"), dict):
+        return meta["update_settings"], meta_file
     try:
         record = json.loads((resume.parent / RUN_FILE).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
     if not isinstance(record, dict) or record.get("run_id") != checkpoint_run_id(resume):
         return None
-    now = asdict(cfg)
-    changed = []
+    settings = {}
     for key in RESUME_KEYS:
         section, name = key.split(".")
-        before, after = (record.get(section) or {}).get(name), now[section][name]
+        if isinstance(record.get(section), dict) and name in record[section]:
+            settings[key] = record[section][name]
+    return settings, resume.parent / RUN_FILE
+
+
+def warn_changed_settings(cfg: TrainJobConfig, resume: Path) -> str | None:
+    """The warning when a resumed run's settings that shape the updates (:data:`RESUME_KEYS`) differ from those
+    of the run that wrote ``resume`` (see :func:`_writer_settings`), else None. ``data.pack_length`` counts
+    only when either run packs."""
+    found = _writer_settings(resume)
+    if found is None:
+        return None
+    before_all, source = found
+    now = update_settings(cfg)
+    packed = bool(before_all.get("data.packing")) or bool(now["data.packing"])
+    changed = []
+    for key in RESUME_KEYS:
+        if key not in before_all or (key == "data.pack_length" and not packed):
+            continue
+        before, after = before_all[key], now[key]
         if key == "data.train_file" and before is not None and after is not None:
             same = str(before) == str(after) or _same_file(before, after)
         else:
             same = before == after
-        if not same and name in (record.get(section) or {}):
+        if not same:
             changed.append(f"{key} ({before} -> {after})")
     if not changed:
         return None
     return (f"warning: resuming {resume} with {', '.join(changed)} changed from the run that wrote it "
-            f"({resume.parent / RUN_FILE}): the result will differ from an uninterrupted run")
+            f"({source}): the result will differ from an uninterrupted run")
 
 
 def _same_file(a: str, b: str) -> bool:
