@@ -199,6 +199,30 @@ def test_overwrite_removes_only_the_recorded_runs_files_and_names_what_stays(tmp
                                                        "training_state.pt"]
 
 
+def test_a_log_no_run_recorded_is_never_removed_and_stops_the_run_naming_it(tmp_path):
+    (tmp_path / LOG_FILE).write_text('{"my": "log"}\n')  # the user's file: no run_config.json records a run
+    (tmp_path / "run_config.json").write_text('{"my": "settings"}')
+    survey = survey_output_dir(tmp_path)
+    assert survey.ours == [] and survey.others == [
+        (tmp_path / "run_config.json", "no run recorded it (no run id in run_config.json)"),
+        (tmp_path / LOG_FILE, "no run recorded it")]
+    assert clear_previous_run(tmp_path) == ([], ["run_config.json (no run recorded it (no run id in run_config.json))",
+                                                 "train_log.jsonl (no run recorded it)"])
+    (tmp_path / "run_config.json").unlink()
+    for how in ({}, {"overwrite": True}, {"resume_from": "auto"}):
+        with pytest.raises(TrainingError) as refused:
+            resolve_resume(job(tmp_path, **how))
+        assert str(refused.value) == (
+            f"train.output_dir={tmp_path}: this run writes train_log.jsonl, but {tmp_path / LOG_FILE} is already "
+            "there (no run recorded it) and a run replaces only its own files: move it, or choose another "
+            "train.output_dir")
+    # resuming a checkpoint into that folder would rewrite the log too
+    elsewhere = checkpoint(tmp_path / "run", 3, "run1")
+    with pytest.raises(TrainingError, match=r"this run writes train_log.jsonl, but .* \(no run recorded it\)"):
+        resolve_resume(job(tmp_path, resume_from=str(elsewhere)))
+    assert (tmp_path / LOG_FILE).read_text() == '{"my": "log"}\n'
+
+
 # ---- which checkpoint a run resumes from ----
 
 
