@@ -576,11 +576,10 @@ def test_a_log_plot_or_run_record_alone_is_an_earlier_runs_output(tmp_path, monk
     handmade = tmp_path / "handmade"  # files of those names, made by hand: not replaced silently either
     handmade.mkdir()
     (handmade / "train_log.jsonl").write_text("my notes\n")
-    with pytest.raises(TrainingError, match=r"already holds an earlier run's outputs \(train_log.jsonl\): choose "):
-        train(handmade)
-    with pytest.raises(TrainingError, match=r"^train.resume_from=auto: .* holds no checkpoint of a run to resume, "
-                                            r"and holds an earlier run's outputs \(train_log.jsonl\): choose "):
-        train(handmade, "train.resume_from=auto")  # no run's record: auto does not start over it either
+    for how in ((), ("train.overwrite=true",), ("train.resume_from=auto",)):  # no run's record: none replaces it
+        with pytest.raises(TrainingError, match=r"this run writes train_log.jsonl, but .*handmade/train_log.jsonl is "
+                                                r"already there \(no run recorded it\)"):
+            train(handmade, *how)
     assert (handmade / "train_log.jsonl").read_text() == "my notes\n"
 
 
