@@ -291,7 +291,8 @@ def save_checkpoint(
     Raises:
         CheckpointError: the prefix is not finite (nothing is written), or the write failed (the previous
             checkpoints are untouched; the temporary folder is removed); a full disk says so in one line with
-            the last complete checkpoint (:func:`no_space_message`).
+            the last complete checkpoint (:func:`no_space_message`). Any other exception, and
+            KeyboardInterrupt, also removes the temporary folder before it goes on.
     """
     output_dir = Path(output_dir)
     state = prefix_state_dict(model) if prefix is None else prefix
@@ -322,7 +323,7 @@ def save_checkpoint(
         raise CheckpointError(
             f"{final}: writing the checkpoint failed ({err.strerror or err}); earlier checkpoints are intact"
         ) from None
-    except Exception:
+    except BaseException:  # any error, and Ctrl-C: the half-written folder of this save goes with it
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if save_total_limit is not None:

@@ -358,6 +358,38 @@ def test_ctrl_c_names_the_step_and_the_checkpoint_to_resume(tmp_path, monkeypatc
     assert train(tmp_path / "early", "train.eval_before_training=false", "train.resume_from=auto").step == 6
 
 
+def test_ctrl_c_right_after_or_during_a_save_names_the_done_step_and_the_newest_checkpoint(tmp_path, monkeypatch):
+    """Ctrl-C at the moments around a checkpoint (the fault points, raising KeyboardInterrupt there): the line
+    names the step whose update was applied and the newest complete checkpoint, and a save that was
+    interrupted leaves no ``.tmp-checkpoint-N`` behind."""
+    from ptuning import checkpoint as checkpoint_module
+    from ptuning.training.loop import TrainingInterrupted
+
+    def ctrl_c_at(point: str, step: int):
+        def fault(name: str, at: int) -> None:
+            if (name, at) == (point, step):
+                raise KeyboardInterrupt
+        monkeypatch.setattr(loop_module, "kill_point", fault)
+        monkeypatch.setattr(checkpoint_module, "kill_point", fault)
+
+    cases = {  # where: (step, last checkpoint, the checkpoints on disk)
+        ("saved", 3): (3, "checkpoint-3", ["checkpoint-3"]),  # right after the first save
+        ("save-write", 6): (6, "checkpoint-3", ["checkpoint-3"]),  # inside the final save, before its rename
+        ("saved", 6): (6, "checkpoint-6", ["checkpoint-3", "checkpoint-6"]),  # right after the final save
+    }
+    for (point, step), (done, last, on_disk) in cases.items():
+        out = tmp_path / f"{point}-{step}"
+        ctrl_c_at(point, step)
+        with pytest.raises(TrainingInterrupted) as stopped:
+            train(out, "train.eval_before_training=false")
+        assert str(stopped.value) == (f"interrupted at step {done}; last checkpoint {out / last}; continue with "
+                                      "train.resume_from=latest")
+        assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name) == on_disk
+    ctrl_c_at("none", 0)
+    assert train(tmp_path / "save-write-6", "train.eval_before_training=false",
+                 "train.resume_from=latest").checkpoint == tmp_path / "save-write-6" / "checkpoint-6"
+
+
 def test_the_console_shows_eval_loss_and_throughput_as_the_docs_say(tmp_path, capsys):
     import re
 

@@ -595,6 +595,7 @@ class Recipe:
             loss, grad_norm, tokens, samples = self.step_gradients()
             if math.isfinite(loss) and math.isfinite(grad_norm):
                 self._update()
+                self.where.step = self.step  # Ctrl-C from here on: this step is done (its update applied)
                 self._log_step(loss, grad_norm, tokens, samples)
                 self._evaluate_if_due()
                 if self._save_if_due():
@@ -757,6 +758,7 @@ class Recipe:
             return False
         try:
             self.last_checkpoint = self.save()
+            self.where.checkpoint = self.last_checkpoint  # Ctrl-C from here on names it
         except CheckpointError as err:
             raise TrainingError(str(err)) from None
         return True
