@@ -316,6 +316,31 @@ def test_resume_auto_takes_the_latest_checkpoint_or_starts_over_a_run_stopped_be
         job(out, overwrite=True, **auto).validate()
 
 
+def test_resume_auto_in_a_folder_that_records_no_run_resumes_nothing_it_finds_there(tmp_path):
+    copied = tmp_path / "copied"  # a checkpoint copied in from another run, no run_config.json
+    theirs = checkpoint(copied, 3, "run2")
+    for how in ({"resume_from": "auto"}, {}):
+        with pytest.raises(TrainingError) as refused:
+            resolve_resume(job(copied, **how))
+        start = (f"train.resume_from=auto: {copied} holds no checkpoint of a run to resume, and holds" if how
+                 else f"{copied} already holds")
+        instead = " instead of train.resume_from=auto" if how else ""
+        assert str(refused.value) == (
+            f"{start} checkpoint-3 (a checkpoint of run run2; the folder records no run (run_config.json)), which "
+            f"no run here wrote: resume checkpoint-3 on purpose with train.resume_from={theirs}, choose another "
+            f"train.output_dir, or set train.overwrite=true{instead} to start a new run beside them (they are kept)")
+    made = tmp_path / "made"  # a folder a user made under a checkpoint's name: not called a checkpoint
+    (made / "checkpoint-5").mkdir(parents=True)
+    with pytest.raises(TrainingError, match=r"^train.resume_from=auto: .* holds checkpoint-5 \(not a checkpoint: no "
+                                            r"prefix.safetensors\), which no run here wrote: choose another "):
+        resolve_resume(job(made, resume_from="auto"))
+    with pytest.raises(TrainingError) as refused:
+        resolve_resume(job(made, resume_from="latest"))
+    assert str(refused.value) == (
+        f"train.resume_from=latest: {made / 'checkpoint-5'} is not a checkpoint (no prefix.safetensors): move it "
+        "away, or resume a checkpoint on purpose with train.resume_from=<folder>")
+
+
 def test_resume_from_a_folder_says_what_the_folder_is_instead(tmp_path):
     original = tmp_path / "original"
     original.mkdir()

@@ -555,8 +555,9 @@ def test_overwrite_removes_only_what_the_folders_run_wrote(tmp_path, capsys, mon
     with pytest.raises(TrainingError) as refused:
         train(out, "train.max_steps=2", "train.eval_before_training=false")
     assert str(refused.value) == (
-        f"{out} already holds {foreign}, which no run here wrote: resume with train.resume_from=latest, choose another "
-        "train.output_dir, or set train.overwrite=true to start a new run beside them (they are kept)")
+        f"{out} already holds {foreign}, which no run here wrote: resume checkpoint-9 on purpose with "
+        f"train.resume_from={out / 'checkpoint-9'}, choose another train.output_dir, or set train.overwrite=true to "
+        "start a new run beside them (they are kept)")
     assert file_digests(out) == before
     # overwrite: nothing of it is removed, all of it is named
     capsys.readouterr()

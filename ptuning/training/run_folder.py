@@ -289,7 +289,9 @@ def resolve_resume(cfg: TrainJobConfig) -> Path | None:
     out = Path(cfg.train.output_dir)
     resume = cfg.train.resume_from
     if resume == "auto":
-        if latest_checkpoint(out) is None:
+        # only the recorded run's own checkpoints resume without being named: in a folder that records no run,
+        # a checkpoint (copied in from another run, or a folder a user made) stops it as it stops a fresh run
+        if folder_run_id(out) is None or latest_checkpoint(out) is None:
             _check_fresh_run(cfg, out)
             return None
         resume = "latest"
@@ -357,7 +359,10 @@ def _refusal(out: Path, survey: FolderSurvey, auto: bool) -> TrainingError:
     options = []
     latest = latest_checkpoint(out)
     if latest is not None and all((latest / name).is_file() for name in (PREFIX_FILE, STATE_FILE)):
-        options.append("resume with train.resume_from=latest")
+        if survey.run_id is None:  # no run recorded it: resuming it is the user's choice, said by its path
+            options.append(f"resume {latest.name} on purpose with train.resume_from={latest}")
+        else:
+            options.append("resume with train.resume_from=latest")
     elif not auto and only_a_run_record(survey):
         options.append("start that run over with train.resume_from=auto (it has no checkpoint)")
     options.append("choose another train.output_dir")
@@ -384,6 +389,9 @@ def _latest_to_resume(out: Path) -> Path:
     if found is None:
         raise TrainingError(f"train.resume_from=latest: {out} holds no checkpoint-N folder to resume (train.resume_from="
                             "auto starts the run over where there is none)")
+    if not (found / PREFIX_FILE).is_file() and not (found / ORIGINAL_FILE).is_file():
+        raise TrainingError(f"train.resume_from=latest: {found} is not a checkpoint (no {PREFIX_FILE}): move it away, "
+                            "or resume a checkpoint on purpose with train.resume_from=<folder>")
     return found
 
 
