@@ -326,10 +326,20 @@ def save_checkpoint(
     except BaseException:  # any error, and Ctrl-C: the half-written folder of this save goes with it
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if save_total_limit is not None:
-        for old in run_checkpoints(output_dir, meta.get("run_id"))[:-save_total_limit]:
-            shutil.rmtree(old, ignore_errors=True)
+    prune_checkpoints(output_dir, meta.get("run_id"), save_total_limit)
     return final
+
+
+def prune_checkpoints(output_dir: str | os.PathLike, run_id: str | None, save_total_limit: int | None) -> list[Path]:
+    """Removes the oldest checkpoints of run ``run_id`` in ``output_dir`` beyond the newest
+    ``save_total_limit`` (None: keeps all); another run's checkpoints are never counted or removed.
+    Returns the folders removed."""
+    if save_total_limit is None:
+        return []
+    old = run_checkpoints(output_dir, run_id)[:-save_total_limit]
+    for path in old:
+        shutil.rmtree(path, ignore_errors=True)
+    return old
 
 
 def device_generators() -> tuple[str | None, object]:

@@ -390,6 +390,15 @@ def test_ctrl_c_right_after_or_during_a_save_names_the_done_step_and_the_newest_
                  "train.resume_from=latest").checkpoint == tmp_path / "save-write-6" / "checkpoint-6"
 
 
+def test_a_resume_with_nothing_left_to_train_still_keeps_only_save_total_limit_checkpoints(tmp_path):
+    every = ["train.max_steps=4", "train.save_steps=1", "train.eval_before_training=false"]
+    train(tmp_path, *every)  # save_total_limit=null: all four kept
+    assert [p.name for p in sorted(tmp_path.glob("checkpoint-*"))] == [f"checkpoint-{n}" for n in (1, 2, 3, 4)]
+    result = train(tmp_path, *every, "train.resume_from=latest", "train.save_total_limit=3")
+    assert result.step == 4 and result.checkpoint == tmp_path / "checkpoint-4"
+    assert [p.name for p in sorted(tmp_path.glob("checkpoint-*"))] == ["checkpoint-2", "checkpoint-3", "checkpoint-4"]
+
+
 def test_the_console_shows_eval_loss_and_throughput_as_the_docs_say(tmp_path, capsys):
     import re
 

@@ -43,6 +43,7 @@ from ..checkpoint import (
     latest_checkpoint,
     load_model_with_prefix,
     load_training_state,
+    prune_checkpoints,
     restore_rng,
     save_checkpoint,
 )
@@ -811,6 +812,8 @@ class Recipe:
         """The end-of-run evaluation (loss, and generation metrics with ``train.eval_generation``), the loss
         plot, the tracker's end; the run's result."""
         cfg = self.cfg
+        if self.main:  # a resumed run with nothing left to train saved nothing: its limit holds all the same
+            prune_checkpoints(self.out, self.run_id, cfg.train.save_total_limit)
         self.eval_loss = self.evaluate_loss()
         metrics: dict = {}
         if self.eval_loss is not None:
