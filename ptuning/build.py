@@ -45,17 +45,22 @@ class Loaded:
         return self.family.max_positions(self.model.config)
 
 
-def model_family(cfg: ModelConfig) -> Family:
-    """The family of ``cfg``'s model folder.
+def model_family(cfg: ModelConfig, key: str = "model.path") -> Family:
+    """The family of ``cfg``'s model folder (or ``.gguf`` file).
+
+    Args:
+        key: the setting or flag that named the model, for messages (``--model-path`` in chat and serve).
 
     Raises:
-        ConfigError: no family handles it (one line naming ``model.path``, ``architectures`` and what is
-            supported).
+        ConfigError: no family handles it, or the file cannot be read (one line, ``model.path=X: why``, naming
+            ``architectures`` and what is supported).
     """
     try:
         return family_for(cfg.resolved_path)
     except UnsupportedModelError as err:
-        raise ConfigError(f"model.path: {err}") from None
+        text = str(err)
+        own = f"{cfg.resolved_path}: "
+        raise ConfigError(f"{key}={cfg.path if cfg.path is not None else cfg.resolved_path}: {text[len(own):] if text.startswith(own) else text}") from None
 
 
 def base_model_name(cfg: ModelConfig) -> str:

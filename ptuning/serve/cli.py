@@ -182,7 +182,7 @@ def load(args: argparse.Namespace, prefixes: list[tuple[str, str]]) -> Loaded:
     except ConfigError as err:
         raise ConfigError(str(err).replace("model.path=", "--model-path=", 1)) from None
     checkpoints = read_checkpoints(prefixes)  # before the (slow) model load: a wrong path or file fails at once
-    family = model_family(cfg)
+    family = model_family(cfg, key="--model-path")
     room = max((prefix_length(checkpoint) for _, checkpoint in checkpoints), default=0)
     try:  # the config alone: a cache that cannot fit is refused before the (slow) model load
         early = family.model_config(cfg.resolved_path)
