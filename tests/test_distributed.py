@@ -202,7 +202,8 @@ def assert_every_process_stopped_with_one_line(proc, line: str) -> None:
     errors = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
     assert errors == [line], proc.stderr[-3000:]
     assert sorted(re.findall(r"^\s*exitcode\s*:\s*(-?\d+)", proc.stderr, re.M)) == ["2", "2"], proc.stderr[-3000:]
-    assert "File \"" + str(ROOT) not in proc.stderr  # no traceback of the toolkit's code
+    # no traceback of the toolkit's code (the launcher's own, from a virtualenv inside the checkout, is its own)
+    assert not re.search(r'File "' + re.escape(str(ROOT)) + r'/(?!\.venv/)', proc.stderr), proc.stderr[-3000:]
     assert proc.returncode == 1
 
 
