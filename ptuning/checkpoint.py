@@ -536,7 +536,8 @@ def base_model_change(trained: dict | None, current: dict, checkpoint: str | os.
 
     Returns:
         ``"was trained on A (config fingerprint a) but the model is B (config fingerprint b)"``, or None
-        when the base model's name, config fingerprint and (where both record it) weights digest agree. Names
+        when the base model's name, config fingerprint and (where both record it) weights digest agree, or
+        both record the same weights digest and config fingerprint (whatever the names). Names
         are compared as :func:`~ptuning.config.canonical_base_model` writes them: ``builtin:<name>`` and the
         folder it stands for (by any path) are the same model; a different weights digest still differs.
     """
@@ -551,6 +552,8 @@ def base_model_change(trained: dict | None, current: dict, checkpoint: str | os.
     keys = ("base_model", "base_config_fingerprint", "base_weights_sha256")
     if all(same(k) for k in keys if k in trained and k in current):
         return None
+    if all(k in trained and k in current and same(k) for k in keys[1:]):
+        return None  # the same weights and config under another name (a .gguf file and the folder converted from it)
 
     def name(meta: dict) -> str:
         text = f"{meta.get('base_model')} (config fingerprint {meta.get('base_config_fingerprint')}"

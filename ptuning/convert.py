@@ -4,8 +4,9 @@ ordinary transformers model folder.
 The file is read by transformers' GGUF loader and de-quantized (:mod:`ptuning.models.hf.gguf`); the folder
 gets ``config.json`` (with ``architectures``, which a GGUF config lacks), ``generation_config.json``, the
 weights as ``model.safetensors`` (sharded above ``--max-shard-size``) and the tokenizer with its chat template
-(``tokenizer.json``, ``tokenizer_config.json``, ``chat_template.jinja``). Every command takes the ``.gguf``
-file itself as ``model.path`` too; the folder starts in about a second, where the file is parsed and
+(``tokenizer.json``, ``tokenizer_config.json``, ``chat_template.jinja``), and ``converted_from.json`` (the
+file's name and weights digest: a prefix trained on the file goes into the folder without a warning). Every
+command takes the ``.gguf`` file itself as ``model.path`` too; the folder starts in about a second, where the file is parsed and
 de-quantized at every start (tens of seconds for SmolLM2-135M on a small CPU).
 
 ``FILE`` may be ``package:<module>/<file>`` (a file of an installed package, as ``model.path`` takes it). The
@@ -23,8 +24,8 @@ import torch
 
 from .config import ConfigError, ModelConfig, is_gguf_file
 from .export import check_out, new_folder, parse_size
-from .models.hf.gguf import load_gguf_causal_lm, load_gguf_tokenizer
-from .weights import CheckpointError
+from .models.hf.gguf import gguf_config, load_gguf_causal_lm, load_gguf_tokenizer
+from .weights import CheckpointError, file_sha256, write_source_record
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -45,19 +46,27 @@ def gguf_file(text: str) -> Path:
     return path
 
 
-def convert_gguf(source: Path, out: Path, *, dtype: str = "float32", max_shard_bytes: int = 2 * 10**9) -> list[str]:
+def convert_gguf(source: Path, out: Path, *, dtype: str = "float32", max_shard_bytes: int = 2 * 10**9,
+                 name: str | None = None) -> list[str]:
     """Writes the GGUF model ``source`` as a transformers folder ``out`` (see the module). Returns the names of
     the files written.
+
+    Args:
+        name: how checkpoints name ``source`` (``package:<module>/<file>``; default its path): recorded with
+            the file's weights digest in ``converted_from.json`` (:func:`~ptuning.weights.write_source_record`),
+            so a prefix trained on the file goes into the folder without a base model warning, and back.
 
     Raises:
         CheckpointError: the file cannot be loaded, or ``out`` is not a new or empty folder.
     """
-    check_out(out)  # before the (slow) load: a folder in the way fails at once
+    check_out(out, "a conversion")  # before the (slow) load: a folder in the way fails at once
+    gguf_config(source)  # a file that is no GGUF model says so first (not "no tokenizer")
     tokenizer = load_gguf_tokenizer(source)
     model = load_gguf_causal_lm(source, dtype=getattr(torch, dtype))
-    with new_folder(out) as tmp:
+    with new_folder(out, "a conversion") as tmp:
         model.save_pretrained(tmp, max_shard_size=max_shard_bytes)
         tokenizer.save_pretrained(tmp)
+        write_source_record(tmp, name or str(source.resolve()), file_sha256(source))
         names = sorted(p.name for p in tmp.iterdir())
     return names
 
@@ -75,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         source = gguf_file(args.file)
         out = Path(args.out).expanduser()
-        names = convert_gguf(source, out, dtype=args.dtype, max_shard_bytes=args.max_shard_size)
+        names = convert_gguf(source, out, dtype=args.dtype, max_shard_bytes=args.max_shard_size,
+                             name=ModelConfig(path=args.file).base_model_name)
     except (CheckpointError, ConfigError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -197,8 +197,11 @@ def _what_folder(folder: Path) -> str | None:
     return None
 
 
-def check_out(out: Path) -> None:
+def check_out(out: Path, writer: str = "an export") -> None:
     """Refuses an ``--out`` that holds anything, or that lies in a checkpoint, model or training output folder.
+
+    Args:
+        writer: what writes the folder, for the message (``"a conversion"`` in ``python -m ptuning.convert``).
 
     Raises:
         CheckpointError: one line naming ``--out`` and what is there.
@@ -209,7 +212,7 @@ def check_out(out: Path) -> None:
         what = _what_folder(out)
         raise CheckpointError(
             f"--out {out}: {'is ' + what if what else 'the folder is not empty'}; give a new or empty folder "
-            "(an export never overwrites or adds to what is there)"
+            f"({writer} never overwrites or adds to what is there)"
         )
     resolved = out.resolve()
     for folder in resolved.parents:
@@ -219,10 +222,11 @@ def check_out(out: Path) -> None:
 
 
 @contextmanager
-def new_folder(out: Path) -> Iterator[Path]:
+def new_folder(out: Path, writer: str = "an export") -> Iterator[Path]:
     """A temporary folder beside ``out`` to write the export into; renamed to ``out`` when the block ends
-    without an error, removed (with any parent folders made for it) when it raises."""
-    check_out(out)
+    without an error, removed (with any parent folders made for it) when it raises (``writer``: as
+    :func:`check_out` names it)."""
+    check_out(out, writer)
     made = []
     parent = out.resolve().parent
     while not parent.exists():

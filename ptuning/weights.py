@@ -57,6 +57,35 @@ def _cached_sha256(path: str, size: int, mtime_ns: int) -> str:
     return digest.hexdigest()[:16]
 
 
+SOURCE_FILE = "converted_from.json"  # what a model folder was converted from (python -m ptuning.convert)
+
+
+def _stamps(folder: Path) -> dict[str, list[int]]:
+    """``{weight file: [bytes, modification time in ns]}`` of a model folder."""
+    return {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in weight_files(folder)}
+
+
+def write_source_record(folder: str | os.PathLike, source: str, sha256: str) -> None:
+    """Records in ``folder`` (a model folder just written from the model file ``source``, named as checkpoints
+    name it) the source's weights digest (:func:`file_sha256`) with the size and modification time of each
+    weight file written, so that :func:`recorded_source_digest` can tell the folder is still those weights."""
+    record = {"source": source, "sha256": sha256, "weight_files": _stamps(Path(folder))}
+    (Path(folder) / SOURCE_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+
+
+def recorded_source_digest(folder: str | os.PathLike) -> str | None:
+    """The weights digest of the file a model folder was converted from (:func:`write_source_record`), or
+    None: no record, an unreadable one, or weight files changed since (another size or modification time:
+    a folder re-saved or copied without keeping times is named by its path again)."""
+    try:
+        record = json.loads((Path(folder) / SOURCE_FILE).read_text(encoding="utf-8"))
+        if record["weight_files"] == _stamps(Path(folder)) and isinstance(record["sha256"], str):
+            return record["sha256"]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, CheckpointError):
+        pass
+    return None
+
+
 # Stored by the original checkpoint but recomputed by the model.
 IGNORED_KEYS = re.compile(r".*rotary_emb\.inv_freq$")
 

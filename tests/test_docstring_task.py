@@ -100,3 +100,32 @@ def test_the_shipped_files_are_what_the_script_writes_for_their_python(tmp_path)
             assert (tmp_path / name).read_bytes() == (folder / name).read_bytes(), name
     else:  # another Python's standard library: other pairs, recorded as such
         assert json.loads((tmp_path / "meta.json").read_text())["python"] != meta["python"]
+
+
+def test_an_out_that_is_a_file_is_one_line(tmp_path, capsys):
+    target = tmp_path / "README.md"
+    target.write_text("mine\n")
+    assert task.main(["--stdlib", str(tmp_path), "--out", str(target)]) == 2
+    assert capsys.readouterr().err == f"error: --out {target}: exists and is not a folder\n"
+    assert target.read_text() == "mine\n"
+
+
+def test_a_users_own_train_json_is_never_overwritten(tmp_path, capsys):
+    fake_stdlib(tmp_path / "lib")
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "train.json").write_text('{"prompt": "mine"}\n')
+    assert task.main(["--stdlib", str(tmp_path / "lib"), "--out", str(out)]) == 2
+    assert capsys.readouterr().err == (f"error: --out {out}: train.json was not written by this script (no meta.json "
+                                       f"of the docstring task beside it) and is never overwritten: choose a new folder\n")
+    assert sorted(p.name for p in out.iterdir()) == ["train.json"]
+    assert (out / "train.json").read_text() == '{"prompt": "mine"}\n'
+
+
+def test_a_folder_the_script_wrote_is_written_again(tmp_path):
+    fake_stdlib(tmp_path / "lib")
+    out = tmp_path / "out"
+    assert task.main(["--stdlib", str(tmp_path / "lib"), "--out", str(out)]) == 0
+    first = {name: (out / name).read_bytes() for name in task.OUTPUT_FILES}
+    assert task.main(["--stdlib", str(tmp_path / "lib"), "--out", str(out)]) == 0
+    assert {name: (out / name).read_bytes() for name in task.OUTPUT_FILES} == first

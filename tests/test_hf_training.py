@@ -231,10 +231,10 @@ def test_killed_mid_step_resumes_bitwise(tmp_path):
 
 @pytest.mark.parametrize(("config", "expect"), [
     ({"architectures": ["MambaForCausalLM"], "model_type": "mamba"},
-     r"^error: model.path: .*config.json: no model family handles architectures=\['MambaForCausalLM'\], "
+     r"^error: model.path=.*config.json: no model family handles architectures=\['MambaForCausalLM'\], "
      r"model_type='mamba'; supported: .*Qwen3ForCausalLM"),
     ({"architectures": ["ChatGLMModel"], "model_type": "chatglm", "auto_map": {"AutoModel": "modeling_chatglm.X"}},
-     r"^error: model.path: .* is defined only by remote code \(auto_map\), which is never run; convert the "
+     r"^error: model.path=.* is defined only by remote code \(auto_map\), which is never run; convert the "
      r"checkpoint to a transformers-native layout .*GlmForCausalLM"),
 ])
 def test_train_py_on_an_unsupported_folder_is_one_line(tmp_path, config, expect):

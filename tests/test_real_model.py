@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 from hydra_entry import to_object
 from ptuning.build import base_weights_digest, load
 from ptuning.chat import ChatSession
+from ptuning.checkpoint import backbone_metadata, base_model_change
 from ptuning.config import ModelConfig
 from ptuning.evaluation.generate import GenerationSettings
 from ptuning.training import run as train_run
@@ -88,7 +89,7 @@ def test_greedy_chat_through_the_decode_loop_knows_the_capital_of_france(gguf):
 
 
 def test_convert_writes_a_transformers_folder_with_the_same_weights(gguf, converted):
-    _, loaded = gguf
+    cfg, loaded = gguf
     names = sorted(p.name for p in converted.iterdir())
     assert {"config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja"} <= set(names)
     assert json.loads((converted / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
@@ -97,8 +98,13 @@ def test_convert_writes_a_transformers_folder_with_the_same_weights(gguf, conver
     assert set(saved) <= set(state) and len(saved) > 200
     for key, tensor in saved.items():
         assert torch.equal(tensor, state[key]), key
-    folder = load(ModelConfig(path=str(converted)), pre_seq_len=None, init=False)
+    folder_cfg = ModelConfig(path=str(converted))
+    folder = load(folder_cfg, pre_seq_len=None, init=False)
     assert folder.template.stop_token_ids == loaded.template.stop_token_ids
+    # the same weights under another name: a prefix trained on either goes into the other without a warning
+    assert base_weights_digest(folder_cfg) == base_weights_digest(cfg)
+    on_file, on_folder = backbone_metadata(cfg, loaded.model), backbone_metadata(folder_cfg, folder.model)
+    assert on_file["base_model"] != on_folder["base_model"] and base_model_change(on_file, on_folder) is None
 
 
 def test_thirty_steps_of_the_recipe_beat_the_base_model_and_end_their_answers(converted, tmp_path):

