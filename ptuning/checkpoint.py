@@ -291,7 +291,8 @@ def save_checkpoint(
     Raises:
         CheckpointError: the prefix is not finite (nothing is written), or the write failed (the previous
             checkpoints are untouched; the temporary folder is removed); a full disk says so in one line with
-            the last complete checkpoint (:func:`no_space_message`).
+            the last complete checkpoint (:func:`no_space_message`). Any other exception, and
+            KeyboardInterrupt, also removes the temporary folder before it goes on.
     """
     output_dir = Path(output_dir)
     state = prefix_state_dict(model) if prefix is None else prefix
@@ -322,13 +323,23 @@ def save_checkpoint(
         raise CheckpointError(
             f"{final}: writing the checkpoint failed ({err.strerror or err}); earlier checkpoints are intact"
         ) from None
-    except Exception:
+    except BaseException:  # any error, and Ctrl-C: the half-written folder of this save goes with it
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if save_total_limit is not None:
-        for old in run_checkpoints(output_dir, meta.get("run_id"))[:-save_total_limit]:
-            shutil.rmtree(old, ignore_errors=True)
+    prune_checkpoints(output_dir, meta.get("run_id"), save_total_limit)
     return final
+
+
+def prune_checkpoints(output_dir: str | os.PathLike, run_id: str | None, save_total_limit: int | None) -> list[Path]:
+    """Removes the oldest checkpoints of run ``run_id`` in ``output_dir`` beyond the newest
+    ``save_total_limit`` (None: keeps all); another run's checkpoints are never counted or removed.
+    Returns the folders removed."""
+    if save_total_limit is None:
+        return []
+    old = run_checkpoints(output_dir, run_id)[:-save_total_limit]
+    for path in old:
+        shutil.rmtree(path, ignore_errors=True)
+    return old
 
 
 def device_generators() -> tuple[str | None, object]:

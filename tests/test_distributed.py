@@ -214,8 +214,9 @@ def test_errors_under_accelerate_launch_are_one_line_and_every_process_exits_2(s
     # as docs/distributed.md launches: --quiet, and the launcher adds its table of failed processes, no traceback
     proc = launch(launch_file("cpu_2proc.yaml", "--quiet"), taken, "train.per_device_batch_size=4", check=False)
     assert_every_process_stopped_with_one_line(
-        proc, f"error: {taken} already holds an earlier run's outputs (train_log.jsonl): choose another "
-              "train.output_dir, or set train.overwrite=true to remove them and start over")
+        proc, f"error: train.output_dir={taken}: this run writes train_log.jsonl, but {taken}/train_log.jsonl is "
+              "already there (no run recorded it) and a run replaces only its own files: move it, or choose "
+              "another train.output_dir")
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     # a folder another run holds: only the main process takes the lock, and every process stops with its line
     held = tmp_path / "held"

@@ -199,6 +199,30 @@ def test_overwrite_removes_only_the_recorded_runs_files_and_names_what_stays(tmp
                                                        "training_state.pt"]
 
 
+def test_a_log_no_run_recorded_is_never_removed_and_stops_the_run_naming_it(tmp_path):
+    (tmp_path / LOG_FILE).write_text('{"my": "log"}\n')  # the user's file: no run_config.json records a run
+    (tmp_path / "run_config.json").write_text('{"my": "settings"}')
+    survey = survey_output_dir(tmp_path)
+    assert survey.ours == [] and survey.others == [
+        (tmp_path / "run_config.json", "no run recorded it (no run id in run_config.json)"),
+        (tmp_path / LOG_FILE, "no run recorded it")]
+    assert clear_previous_run(tmp_path) == ([], ["run_config.json (no run recorded it (no run id in run_config.json))",
+                                                 "train_log.jsonl (no run recorded it)"])
+    (tmp_path / "run_config.json").unlink()
+    for how in ({}, {"overwrite": True}, {"resume_from": "auto"}):
+        with pytest.raises(TrainingError) as refused:
+            resolve_resume(job(tmp_path, **how))
+        assert str(refused.value) == (
+            f"train.output_dir={tmp_path}: this run writes train_log.jsonl, but {tmp_path / LOG_FILE} is already "
+            "there (no run recorded it) and a run replaces only its own files: move it, or choose another "
+            "train.output_dir")
+    # resuming a checkpoint into that folder would rewrite the log too
+    elsewhere = checkpoint(tmp_path / "run", 3, "run1")
+    with pytest.raises(TrainingError, match=r"this run writes train_log.jsonl, but .* \(no run recorded it\)"):
+        resolve_resume(job(tmp_path, resume_from=str(elsewhere)))
+    assert (tmp_path / LOG_FILE).read_text() == '{"my": "log"}\n'
+
+
 # ---- which checkpoint a run resumes from ----
 
 
@@ -290,6 +314,31 @@ def test_resume_auto_takes_the_latest_checkpoint_or_starts_over_a_run_stopped_be
         resolve_resume(job(scored, **auto))
     with pytest.raises(ConfigError, match=r"train.resume_from=auto and train.overwrite=true contradict each other"):
         job(out, overwrite=True, **auto).validate()
+
+
+def test_resume_auto_in_a_folder_that_records_no_run_resumes_nothing_it_finds_there(tmp_path):
+    copied = tmp_path / "copied"  # a checkpoint copied in from another run, no run_config.json
+    theirs = checkpoint(copied, 3, "run2")
+    for how in ({"resume_from": "auto"}, {}):
+        with pytest.raises(TrainingError) as refused:
+            resolve_resume(job(copied, **how))
+        start = (f"train.resume_from=auto: {copied} holds no checkpoint of a run to resume, and holds" if how
+                 else f"{copied} already holds")
+        instead = " instead of train.resume_from=auto" if how else ""
+        assert str(refused.value) == (
+            f"{start} checkpoint-3 (a checkpoint of run run2; the folder records no run (run_config.json)), which "
+            f"no run here wrote: resume checkpoint-3 on purpose with train.resume_from={theirs}, choose another "
+            f"train.output_dir, or set train.overwrite=true{instead} to start a new run beside them (they are kept)")
+    made = tmp_path / "made"  # a folder a user made under a checkpoint's name: not called a checkpoint
+    (made / "checkpoint-5").mkdir(parents=True)
+    with pytest.raises(TrainingError, match=r"^train.resume_from=auto: .* holds checkpoint-5 \(not a checkpoint: no "
+                                            r"prefix.safetensors\), which no run here wrote: choose another "):
+        resolve_resume(job(made, resume_from="auto"))
+    with pytest.raises(TrainingError) as refused:
+        resolve_resume(job(made, resume_from="latest"))
+    assert str(refused.value) == (
+        f"train.resume_from=latest: {made / 'checkpoint-5'} is not a checkpoint (no prefix.safetensors): move it "
+        "away, or resume a checkpoint on purpose with train.resume_from=<folder>")
 
 
 def test_resume_from_a_folder_says_what_the_folder_is_instead(tmp_path):

@@ -358,6 +358,47 @@ def test_ctrl_c_names_the_step_and_the_checkpoint_to_resume(tmp_path, monkeypatc
     assert train(tmp_path / "early", "train.eval_before_training=false", "train.resume_from=auto").step == 6
 
 
+def test_ctrl_c_right_after_or_during_a_save_names_the_done_step_and_the_newest_checkpoint(tmp_path, monkeypatch):
+    """Ctrl-C at the moments around a checkpoint (the fault points, raising KeyboardInterrupt there): the line
+    names the step whose update was applied and the newest complete checkpoint, and a save that was
+    interrupted leaves no ``.tmp-checkpoint-N`` behind."""
+    from ptuning import checkpoint as checkpoint_module
+    from ptuning.training.loop import TrainingInterrupted
+
+    def ctrl_c_at(point: str, step: int):
+        def fault(name: str, at: int) -> None:
+            if (name, at) == (point, step):
+                raise KeyboardInterrupt
+        monkeypatch.setattr(loop_module, "kill_point", fault)
+        monkeypatch.setattr(checkpoint_module, "kill_point", fault)
+
+    cases = {  # where: (step, last checkpoint, the checkpoints on disk)
+        ("saved", 3): (3, "checkpoint-3", ["checkpoint-3"]),  # right after the first save
+        ("save-write", 6): (6, "checkpoint-3", ["checkpoint-3"]),  # inside the final save, before its rename
+        ("saved", 6): (6, "checkpoint-6", ["checkpoint-3", "checkpoint-6"]),  # right after the final save
+    }
+    for (point, step), (done, last, on_disk) in cases.items():
+        out = tmp_path / f"{point}-{step}"
+        ctrl_c_at(point, step)
+        with pytest.raises(TrainingInterrupted) as stopped:
+            train(out, "train.eval_before_training=false")
+        assert str(stopped.value) == (f"interrupted at step {done}; last checkpoint {out / last}; continue with "
+                                      "train.resume_from=latest")
+        assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name) == on_disk
+    ctrl_c_at("none", 0)
+    assert train(tmp_path / "save-write-6", "train.eval_before_training=false",
+                 "train.resume_from=latest").checkpoint == tmp_path / "save-write-6" / "checkpoint-6"
+
+
+def test_a_resume_with_nothing_left_to_train_still_keeps_only_save_total_limit_checkpoints(tmp_path):
+    every = ["train.max_steps=4", "train.save_steps=1", "train.eval_before_training=false"]
+    train(tmp_path, *every)  # save_total_limit=null: all four kept
+    assert [p.name for p in sorted(tmp_path.glob("checkpoint-*"))] == [f"checkpoint-{n}" for n in (1, 2, 3, 4)]
+    result = train(tmp_path, *every, "train.resume_from=latest", "train.save_total_limit=3")
+    assert result.step == 4 and result.checkpoint == tmp_path / "checkpoint-4"
+    assert [p.name for p in sorted(tmp_path.glob("checkpoint-*"))] == ["checkpoint-2", "checkpoint-3", "checkpoint-4"]
+
+
 def test_the_console_shows_eval_loss_and_throughput_as_the_docs_say(tmp_path, capsys):
     import re
 
@@ -523,8 +564,9 @@ def test_overwrite_removes_only_what_the_folders_run_wrote(tmp_path, capsys, mon
     with pytest.raises(TrainingError) as refused:
         train(out, "train.max_steps=2", "train.eval_before_training=false")
     assert str(refused.value) == (
-        f"{out} already holds {foreign}, which no run here wrote: resume with train.resume_from=latest, choose another "
-        "train.output_dir, or set train.overwrite=true to start a new run beside them (they are kept)")
+        f"{out} already holds {foreign}, which no run here wrote: resume checkpoint-9 on purpose with "
+        f"train.resume_from={out / 'checkpoint-9'}, choose another train.output_dir, or set train.overwrite=true to "
+        "start a new run beside them (they are kept)")
     assert file_digests(out) == before
     # overwrite: nothing of it is removed, all of it is named
     capsys.readouterr()
@@ -576,11 +618,10 @@ def test_a_log_plot_or_run_record_alone_is_an_earlier_runs_output(tmp_path, monk
     handmade = tmp_path / "handmade"  # files of those names, made by hand: not replaced silently either
     handmade.mkdir()
     (handmade / "train_log.jsonl").write_text("my notes\n")
-    with pytest.raises(TrainingError, match=r"already holds an earlier run's outputs \(train_log.jsonl\): choose "):
-        train(handmade)
-    with pytest.raises(TrainingError, match=r"^train.resume_from=auto: .* holds no checkpoint of a run to resume, "
-                                            r"and holds an earlier run's outputs \(train_log.jsonl\): choose "):
-        train(handmade, "train.resume_from=auto")  # no run's record: auto does not start over it either
+    for how in ((), ("train.overwrite=true",), ("train.resume_from=auto",)):  # no run's record: none replaces it
+        with pytest.raises(TrainingError, match=r"this run writes train_log.jsonl, but .*handmade/train_log.jsonl is "
+                                                r"already there \(no run recorded it\)"):
+            train(handmade, *how)
     assert (handmade / "train_log.jsonl").read_text() == "my notes\n"
 
 

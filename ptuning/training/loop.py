@@ -43,6 +43,7 @@ from ..checkpoint import (
     latest_checkpoint,
     load_model_with_prefix,
     load_training_state,
+    prune_checkpoints,
     restore_rng,
     save_checkpoint,
 )
@@ -595,6 +596,7 @@ class Recipe:
             loss, grad_norm, tokens, samples = self.step_gradients()
             if math.isfinite(loss) and math.isfinite(grad_norm):
                 self._update()
+                self.where.step = self.step  # Ctrl-C from here on: this step is done (its update applied)
                 self._log_step(loss, grad_norm, tokens, samples)
                 self._evaluate_if_due()
                 if self._save_if_due():
@@ -757,6 +759,7 @@ class Recipe:
             return False
         try:
             self.last_checkpoint = self.save()
+            self.where.checkpoint = self.last_checkpoint  # Ctrl-C from here on names it
         except CheckpointError as err:
             raise TrainingError(str(err)) from None
         return True
@@ -809,6 +812,8 @@ class Recipe:
         """The end-of-run evaluation (loss, and generation metrics with ``train.eval_generation``), the loss
         plot, the tracker's end; the run's result."""
         cfg = self.cfg
+        if self.main:  # a resumed run with nothing left to train saved nothing: its limit holds all the same
+            prune_checkpoints(self.out, self.run_id, cfg.train.save_total_limit)
         self.eval_loss = self.evaluate_loss()
         metrics: dict = {}
         if self.eval_loss is not None:

@@ -247,7 +247,11 @@ def _not_the_recorded_runs(path: Path, recorded: str | None) -> str | None:
     when its name is none of a run's."""
     name = path.name
     if name in RUN_OUTPUT_FILES:
-        return None if path.is_file() else "not a file"
+        if not path.is_file():
+            return "not a file"
+        if recorded is None:  # a log or plot without a record, or a record without a run id: no run's
+            return f"no run recorded it (no run id in {RUN_FILE})" if name == RUN_FILE else "no run recorded it"
+        return None
     if CHECKPOINT_RE.match(name):
         return not_our_checkpoint(path, recorded)
     if name.startswith(".tmp-") and CHECKPOINT_RE.match(name[len(".tmp-"):]):
@@ -285,7 +289,9 @@ def resolve_resume(cfg: TrainJobConfig) -> Path | None:
     out = Path(cfg.train.output_dir)
     resume = cfg.train.resume_from
     if resume == "auto":
-        if latest_checkpoint(out) is None:
+        # only the recorded run's own checkpoints resume without being named: in a folder that records no run,
+        # a checkpoint (copied in from another run, or a folder a user made) stops it as it stops a fresh run
+        if folder_run_id(out) is None or latest_checkpoint(out) is None:
             _check_fresh_run(cfg, out)
             return None
         resume = "latest"
@@ -297,6 +303,8 @@ def resolve_resume(cfg: TrainJobConfig) -> Path | None:
     at = int(named.group(1)) if named else 0
     if at > cfg.train.max_steps:
         raise past_the_end(path, at, cfg)
+    # its log and record go where no run's files of those names are
+    _check_run_files(cfg, survey_output_dir(out).others)
     # the checkpoints it saves replace only the same run's (a re-save after a crash); anything else is in the way
     run_id = checkpoint_run_id(path)
     _check_save_targets(cfg, [(p, why) for p in list_checkpoints(out)
@@ -318,6 +326,7 @@ def _check_fresh_run(cfg: TrainJobConfig, out: Path) -> None:
     where the checkpoints it saves replace none of the folders that stay, or with ``train.resume_from=auto``
     over the record of a run stopped before its first checkpoint."""
     survey = survey_output_dir(out)
+    _check_run_files(cfg, survey.others)
     auto = cfg.train.resume_from == "auto"
     if (survey.ours or survey.others) and not cfg.train.overwrite and not (auto and only_a_run_record(survey)):
         raise _refusal(out, survey, auto)
@@ -327,6 +336,17 @@ def _check_fresh_run(cfg: TrainJobConfig, out: Path) -> None:
                  for p in survey.ours if p.is_dir() and CHECKPOINT_RE.match(p.name)
                  and foreign_files(p, CHECKPOINT_FILES)]
     _check_save_targets(cfg, leftover, start=0)
+
+
+def _check_run_files(cfg: TrainJobConfig, others: list[tuple[Path, str]]) -> None:
+    """Refuses a run that would write its log, plot or record (:data:`RUN_OUTPUT_FILES`) over a file of that
+    name that no run recorded here (``others`` of :func:`survey_output_dir`): a run never replaces it."""
+    for path, why in others:
+        if path.name in RUN_OUTPUT_FILES:
+            raise TrainingError(
+                f"train.output_dir={cfg.train.output_dir}: this run writes {path.name}, but {path} is already there "
+                f"({why}) and a run replaces only its own files: move it, or choose another train.output_dir"
+            )
 
 
 def _refusal(out: Path, survey: FolderSurvey, auto: bool) -> TrainingError:
@@ -339,7 +359,10 @@ def _refusal(out: Path, survey: FolderSurvey, auto: bool) -> TrainingError:
     options = []
     latest = latest_checkpoint(out)
     if latest is not None and all((latest / name).is_file() for name in (PREFIX_FILE, STATE_FILE)):
-        options.append("resume with train.resume_from=latest")
+        if survey.run_id is None:  # no run recorded it: resuming it is the user's choice, said by its path
+            options.append(f"resume {latest.name} on purpose with train.resume_from={latest}")
+        else:
+            options.append("resume with train.resume_from=latest")
     elif not auto and only_a_run_record(survey):
         options.append("start that run over with train.resume_from=auto (it has no checkpoint)")
     options.append("choose another train.output_dir")
@@ -366,6 +389,9 @@ def _latest_to_resume(out: Path) -> Path:
     if found is None:
         raise TrainingError(f"train.resume_from=latest: {out} holds no checkpoint-N folder to resume (train.resume_from="
                             "auto starts the run over where there is none)")
+    if not (found / PREFIX_FILE).is_file() and not (found / ORIGINAL_FILE).is_file():
+        raise TrainingError(f"train.resume_from=latest: {found} is not a checkpoint (no {PREFIX_FILE}): move it away, "
+                            "or resume a checkpoint on purpose with train.resume_from=<folder>")
     return found
 
 
