@@ -296,6 +296,18 @@ class _Window:
     start: float = field(default_factory=time.perf_counter)
 
 
+def drop_inference_tensors(model: torch.nn.Module) -> None:
+    """Gives every parameter whose data is an inference tensor a normal copy of it (the same values).
+
+    The decode loop runs under ``torch.inference_mode``. DeepSpeed ZeRO-3 gathers a partitioned parameter into
+    ``param.data`` when a module runs, and keeps the small ones gathered ("persistent" parameters): gathered
+    during generation, they stay inference tensors, and the next training forward fails with "Inference
+    tensors cannot be saved for backward". A no-op for a model whose parameters were never gathered there."""
+    for param in model.parameters():
+        if param.data.is_inference():
+            param.data = param.data.clone()
+
+
 class Recipe:
     """One training run, phase by phase (see the module's docstring). Each phase reads and sets the run's
     state on ``self``: the step and micro-batch counters, the model (``model`` as accelerate prepared it,
@@ -546,6 +558,7 @@ class Recipe:
         with gathered_for_generation(self.raw):
             metrics, _ = predict(self.raw, self.template, self.cfg.data, self.cfg.train, self.comm,
                                  examples=self.gen_examples, prefix=prefix)
+        drop_inference_tensors(self.raw)
         return metrics
 
     def evaluate_loss(self, prefix: PrefixKV | None = None) -> float | None:
