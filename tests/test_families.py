@@ -70,7 +70,7 @@ def test_train_py_on_an_unsupported_folder_is_one_line(tmp_path):
     )
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and "MambaForCausalLM" in lines[0] and "model.path:" in lines[0], proc.stderr[-2000:]
+    assert len(lines) == 1 and "MambaForCausalLM" in lines[0] and f"model.path={folder}:" in lines[0], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "out").exists()
 

@@ -693,7 +693,8 @@ def test_resume_says_when_nothing_is_left_and_what_changed(tmp_path, capsys, mon
         f"warning: resuming {tmp_path / 'checkpoint-3'} with train.per_device_batch_size (4 -> 2), "
         f"train.gradient_accumulation_steps (1 -> 2), train.learning_rate ({before['train']['learning_rate']} -> 0.01), "
         f"train.seed (42 -> 7), data.train_file ({before['data']['train_file']} -> {other_data}) changed from the "
-        f"run that wrote it ({tmp_path / 'run_config.json'}): the result will differ from an uninterrupted run"]
+        f"run that wrote it ({tmp_path / 'checkpoint-3' / 'prefix_config.json'}): the result will differ from an "
+        "uninterrupted run"]
     # the same settings (the same file by another path): no warning
     shutil.rmtree(tmp_path / "checkpoint-6")
     capsys.readouterr()
