@@ -192,11 +192,14 @@ def process_rank(environ=None) -> int:
 def exit_together(code: int) -> NoReturn:
     """Exits with ``code`` once the processes agreed to stop. Under a launcher that stops the other processes
     of a run when one exits (torchrun's SIGTERM), a process still on its way out ignores that signal, so every
-    process ends with the same status instead of some with SIGTERM's."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    process ends with the same status instead of some with SIGTERM's. With several processes the exit skips
+    the interpreter's teardown (``os._exit`` after flushing): tearing down a live process group's threads
+    can abort a process ("terminate called without an active exception", status -6) on a loaded machine."""
     sys.stdout.flush()
     sys.stderr.flush()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        os._exit(code)
     sys.exit(code)
 
 
