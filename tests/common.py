@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -85,3 +86,19 @@ def small_disk(folder: Path, size: str) -> Iterator[Path]:
 def resize_disk(folder: Path, size: str) -> None:
     """Gives the tmpfs at ``folder`` (:func:`small_disk`) the size ``size``: space is freed."""
     subprocess.run(["mount", "-o", f"remount,size={size}", str(folder)], check=True, capture_output=True)
+
+
+def saved_activation_bytes(model, input_ids, labels) -> int:
+    """Bytes of the tensors autograd saves for backward during one training forward of ``model`` (each
+    storage once; the parameters' own storages not counted): what an activation-memory formula predicts."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = {}
+
+    def pack(t):
+        if type(t) in (torch.Tensor, torch.nn.Parameter) and t.untyped_storage().data_ptr() not in params:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=input_ids, labels=labels)
+    return sum(saved.values())
