@@ -18,6 +18,7 @@ try:  # Ctrl-C while the libraries load (seconds): one line, as everywhere else
     from omegaconf import DictConfig
 
     from hydra_entry import CONF_DIR, check_overrides, fail, to_object
+    from ptuning.distributed import exit_together
 except KeyboardInterrupt:
     if __name__ != "__main__":
         raise
@@ -53,3 +54,6 @@ if __name__ == "__main__":
         if int(os.environ.get("RANK", "0")) == 0:
             print("\ninterrupted: nothing was written", file=sys.stderr)
         sys.exit(130)
+    # a finished run of several processes ends without the interpreter's teardown, where freeing the process
+    # groups' threads could abort one (status -6) after it had succeeded
+    exit_together(0)

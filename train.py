@@ -15,6 +15,7 @@ try:  # Ctrl-C while the libraries load (seconds): one line, as everywhere else
     from omegaconf import DictConfig
 
     from hydra_entry import CONF_DIR, check_overrides, fail, to_object
+    from ptuning.distributed import exit_together
 except KeyboardInterrupt:
     if __name__ != "__main__":
         raise
@@ -72,3 +73,6 @@ if __name__ == "__main__":
     except KeyboardInterrupt:  # before the run started (composing, imports)
         print("\ninterrupted before training started", file=sys.stderr)
         sys.exit(130)
+    # a finished run of several processes ends without the interpreter's teardown, where freeing the process
+    # groups' threads could abort one (status -6) after it had succeeded
+    exit_together(0)

@@ -252,7 +252,10 @@ def main(argv=None) -> None:
     try:
         shape = _shape_from_args(args)
     except ValueError as err:
-        parser.error(f"--config {args.config}: {err}")
+        # a reader's message may already start with the file it names
+        said = str(err)
+        parser.error(f"--config: {said}" if args.config and said.startswith(str(args.config))
+                     else f"--config {args.config}: {said}")
     for key in ("batch", "seq", "layers", "hidden", "heads", "inner", "vocab"):
         if getattr(shape, key) <= 0:
             parser.error(f"{key} must be positive, got {getattr(shape, key)}")

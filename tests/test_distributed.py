@@ -302,3 +302,30 @@ def test_zero3_reports_once_without_known_noise(tmp_path):
     assert (proc.stdout + proc.stderr).count("Setting accelerator to CPU") <= 1, proc.stdout
     # nor that DeepSpeed built its communication op (it printed that to stdout, where the results go, in every process)
     assert "built successfully" not in proc.stdout + proc.stderr, proc.stdout
+
+
+CLOSE_SNIPPET = """
+import types
+import torch.distributed as dist
+from accelerate.utils import DistributedType
+from ptuning.distributed import Collectives
+dist.init_process_group("gloo")
+comm = Collectives(types.SimpleNamespace(distributed_type=DistributedType.NO, num_processes=1))
+comm.close()
+print("initialized after close:", dist.is_initialized())
+"""
+
+
+def test_close_leaves_the_process_group_on_every_process(tmp_path):
+    # a finished run leaves its process group before the interpreter's teardown, which otherwise could abort a
+    # process whose run had succeeded ("terminate called without an active exception", status -6)
+    port = str(free_port())
+    procs = [
+        subprocess.Popen([sys.executable, "-c", CLOSE_SNIPPET], cwd=ROOT, stdout=subprocess.PIPE, text=True,
+                         env={**env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "RANK": str(rank),
+                              "WORLD_SIZE": "2", "PYTHONPATH": str(ROOT)})
+        for rank in range(2)
+    ]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert all("initialized after close: False" in out for out in outs), outs

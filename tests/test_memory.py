@@ -213,3 +213,13 @@ def test_a_model_no_family_takes_is_a_one_line_usage_error(capsys, tmp_path):
     assert stop.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert str(folder) in err and "no model family handles" in err
+
+
+def test_an_unreadable_config_file_is_named_once(capsys, tmp_path):
+    fake = tmp_path / "model.gguf"
+    fake.write_text("not a model")
+    with pytest.raises(SystemExit) as stop:
+        main(["--config", str(fake)])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == f"python -m ptuning.memory: error: --config: {fake}: not a GGUF file (it does not start with the bytes b'GGUF')"

@@ -537,6 +537,7 @@ def _evaluate(cfg: EvaluateJobConfig, tracker) -> dict:
         except USER_ERRORS as err:
             failure = err
     comm.raise_together(failure)  # every process stops with the main process's error, or goes on
+    comm.close()
     metrics["output_dir"] = str(out)
     return metrics
 

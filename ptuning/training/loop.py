@@ -274,7 +274,9 @@ def run(cfg: TrainJobConfig, *, trackers=None) -> TrainResult:
         recipe.setup()
         recipe.evaluate_before_training()
         recipe.train()
-        return recipe.finish()
+        result = recipe.finish()
+        recipe.comm.close()
+        return result
     except KeyboardInterrupt:
         raise TrainingInterrupted(where.step, where.checkpoint) from None
     finally:
