@@ -130,16 +130,6 @@ class Collectives:
         else:
             self.accelerator.wait_for_everyone()
 
-    def close(self) -> None:
-        """Ends a multi-process run that succeeded: every process waits for the others, then leaves the process
-        group (``destroy_process_group``), so that no communication thread is still running when the
-        interpreter tears down (on a loaded machine that teardown could abort a process with "terminate called
-        without an active exception", status -6, after a run that had finished). A no-op for one process."""
-        if self.num_processes == 1 or not dist.is_initialized():
-            return
-        self.barrier()
-        dist.destroy_process_group()
-
     def raise_together(self, failure: BaseException | None) -> None:
         """A barrier at which every process learns whether any of them failed: when one did, every process
         raises the same error (the failure of the lowest rank that failed), marked :func:`on_every_process`,
@@ -200,13 +190,13 @@ def process_rank(environ=None) -> int:
 
 
 def exit_together(code: int) -> NoReturn:
-    """Exits with ``code`` once the processes agreed to stop, or finished (0). Under a launcher that stops the other processes
-    of a run when one exits (torchrun's SIGTERM), a process still on its way out ignores that signal, so every
-    process ends with the same status instead of some with SIGTERM's. With several processes the exit skips
-    the interpreter's teardown (``os._exit`` after flushing; every file the run wrote is closed by then):
-    freeing the process groups' threads (gloo's, DeepSpeed's, which :meth:`Collectives.close` cannot reach)
-    can abort a process ("terminate called without an active exception", status -6) on a loaded machine,
-    after it had succeeded."""
+    """Exits with ``code`` once the processes agreed to stop, or finished (0). Under a launcher that stops the
+    other processes of a run when one exits (torchrun's SIGTERM), a process still on its way out ignores that
+    signal, so every process ends with the same status instead of some with SIGTERM's. With several processes
+    the exit skips the interpreter's teardown (``os._exit`` after flushing; every file the run wrote is closed
+    by then): freeing the process groups' threads (gloo's; DeepSpeed keeps its groups past
+    ``destroy_process_group``) can abort a process ("terminate called without an active exception", status
+    -6) on a loaded machine, after it had succeeded."""
     sys.stdout.flush()
     sys.stderr.flush()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:

@@ -291,11 +291,25 @@ def test_two_processes_report_once(tmp_path):
     assert_only_the_main_process_reports(proc)
 
 
-def test_zero3_reports_once_without_known_noise(tmp_path):
+def test_zero3_reports_once_without_known_noise_and_refuses_generation_in_one_line(tmp_path):
     config = ROOT / "launch" / "accelerate" / "deepspeed_zero3.yaml"
-    proc = launch([*ACCELERATE, "--config_file", str(config), "--main_process_port", str(free_port())], tmp_path,
-                  "train.per_device_batch_size=4", *REPORTING)
-    assert_only_the_main_process_reports(proc)
+    args = [*ACCELERATE, "--config_file", str(config), "--main_process_port", str(free_port())]
+    # generation during training: each process decodes its own number of steps, which ZeRO-3's gathers cannot
+    # follow (gloo failed on mismatched sizes, or a process waited for ever); refused before anything loads
+    refused = launch(args, tmp_path / "generate", "train.per_device_batch_size=4", *REPORTING, check=False)
+    assert_every_process_stopped_with_one_line(
+        refused, "error: train.eval_generation=true and train.eval_before_training=true: generation during training "
+                 "does not run under DeepSpeed ZeRO-3 (each process decodes its own number of steps; ZeRO-3 gathers "
+                 "every layer with all processes); set train.eval_generation=false train.eval_before_training=false "
+                 "and score the checkpoints with evaluate.py, or use ZeRO-2 or FSDP2 (launch/accelerate/fsdp2.yaml)")
+    assert not (tmp_path / "generate" / "run_config.json").exists()
+    args[-1] = str(free_port())
+    proc = launch(args, tmp_path / "run", "train.per_device_batch_size=4", *REPORTING,
+                  "train.eval_before_training=false", "train.eval_generation=false")
+    out = proc.stdout
+    assert out.count("done: step 4, checkpoint ") == 1 and out.count("step 2: eval loss ") == 1, out
+    assert out.count("training 16,384 of ") == 1 and "base model" not in out, out
+    assert len(re.findall(r"^train:\s+0%", proc.stderr.replace("\r", "\n"), re.M)) == 1, proc.stderr[-3000:]
     assert "FutureWarning" not in proc.stderr, proc.stderr[-3000:]
     # the processes of the run say nothing about the accelerator; `accelerate launch` itself imports DeepSpeed
     # before any of our code runs and may say it once
@@ -304,28 +318,13 @@ def test_zero3_reports_once_without_known_noise(tmp_path):
     assert "built successfully" not in proc.stdout + proc.stderr, proc.stdout
 
 
-CLOSE_SNIPPET = """
-import types
-import torch.distributed as dist
-from accelerate.utils import DistributedType
-from ptuning.distributed import Collectives
-dist.init_process_group("gloo")
-comm = Collectives(types.SimpleNamespace(distributed_type=DistributedType.NO, num_processes=1))
-comm.close()
-print("initialized after close:", dist.is_initialized())
-"""
 
-
-def test_close_leaves_the_process_group_on_every_process(tmp_path):
-    # a finished run leaves its process group before the interpreter's teardown, which otherwise could abort a
-    # process whose run had succeeded ("terminate called without an active exception", status -6)
-    port = str(free_port())
-    procs = [
-        subprocess.Popen([sys.executable, "-c", CLOSE_SNIPPET], cwd=ROOT, stdout=subprocess.PIPE, text=True,
-                         env={**env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "RANK": str(rank),
-                              "WORLD_SIZE": "2", "PYTHONPATH": str(ROOT)})
-        for rank in range(2)
-    ]
-    outs = [p.communicate(timeout=120)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outs
-    assert all("initialized after close: False" in out for out in outs), outs
+def test_a_sweep_of_two_jobs_under_accelerate_launch_runs_both(tmp_path):
+    # each job of a Hydra sweep runs in the same launched processes: the first must leave the process group usable
+    cmd = [*launch_file("cpu_2proc.yaml"), str(ROOT / "train.py"), "-m", *FAST, "train.per_device_batch_size=4",
+           f"data.cache_dir={tmp_path / 'cache'}", f"hydra.sweep.dir={tmp_path / 'sweep'}", "model.pre_seq_len=8,16"]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("done: step 4, checkpoint ") == 2, proc.stdout
+    shapes = [load_file(str(tmp_path / "sweep" / str(job) / "checkpoint-4" / "prefix.safetensors")) for job in (0, 1)]
+    assert [next(iter(s.values())).shape[0] for s in shapes] == [8, 16]

@@ -185,6 +185,23 @@ def test_deepspeed_zero3_equals_one_process_and_resumes_exactly(single, tmp_path
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.multiproc
+def test_evaluate_under_a_zero3_launch_loads_the_model_whole_and_equals_one_process(single, tmp_path):
+    # transformers partitions a model at load under a ZeRO-3 launch; evaluation hands it to no DeepSpeed engine
+    # (it failed with "Padding_idx must be within num_embeddings" at the first decode)
+    config = ROOT / "launch" / "accelerate" / "deepspeed_zero3.yaml"
+    common = ["evaluate.py", "model=tiny_glm4", f"prefix_checkpoint={single / 'checkpoint-4'}",
+              "data.max_eval_samples=5", "generation.max_new_tokens=8", f"data.cache_dir={tmp_path}/.cache"]
+    run(*common, f"output_dir={tmp_path / 'one'}")
+    proc = subprocess.run([*ACCELERATE, "--config_file", str(config), "--main_process_port", str(free_port()),
+                           *common, f"output_dir={tmp_path / 'zero3'}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300, env=one_thread_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "with 2 process(es)" in proc.stdout
+    rows = [(tmp_path / name / "generated_predictions.jsonl").read_text() for name in ("one", "zero3")]
+    assert rows[0] == rows[1] and rows[0].count("\n") == 5
+
+
 EVALUATING = ["data.max_eval_samples=5", "train.eval_before_training=true", "train.eval_generation=true",
               "train.max_new_tokens=4", "train.eval_batch_size=2", "train.eval_steps=2"]
 

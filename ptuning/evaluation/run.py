@@ -18,8 +18,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from tqdm.auto import tqdm
+from transformers.integrations import unset_hf_deepspeed_config
 
 from ..build import load
 from ..checkpoint import (
@@ -494,6 +495,10 @@ def _evaluate(cfg: EvaluateJobConfig, tracker) -> dict:
         accelerator, comm = start()
     except LaunchError as err:  # how the processes were started: every one of them sees it
         raise on_every_process(ConfigError(str(err))) from None
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        # evaluation never hands the model to DeepSpeed: every process holds it whole. Under a ZeRO-3 launch
+        # transformers would otherwise partition its weights at load, for an engine that never comes.
+        unset_hf_deepspeed_config()
     # every process checks the same job; any error stops every process with one message
     checkpoint, out, replacing = comm.together(lambda: _check_job(cfg), USER_ERRORS)
     data_file = getattr(cfg.data, f"{cfg.split}_file")
@@ -537,7 +542,6 @@ def _evaluate(cfg: EvaluateJobConfig, tracker) -> dict:
         except USER_ERRORS as err:
             failure = err
     comm.raise_together(failure)  # every process stops with the main process's error, or goes on
-    comm.close()
     metrics["output_dir"] = str(out)
     return metrics
 

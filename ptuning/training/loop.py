@@ -225,6 +225,28 @@ def gathered(params, deepspeed: bool):
     return nullcontext()
 
 
+def check_generation_under_zero3(accelerator: Accelerator, cfg: TrainJobConfig) -> None:
+    """Refuses generation during training (``train.eval_generation``, ``train.eval_before_training``) under
+    DeepSpeed ZeRO-3, before anything is loaded: each process decodes its own rows, for as many steps as its
+    answers need, while every ZeRO-3 forward gathers each layer's weights with all processes (a process that
+    stops decoding first leaves the others waiting, or gloo fails on mismatched sizes).
+
+    Raises:
+        TrainingError: the keys that are on and what to do instead.
+    """
+    if accelerator.distributed_type != DistributedType.DEEPSPEED or accelerator.state.deepspeed_plugin.zero_stage != 3:
+        return
+    keys = [k for k in ("eval_generation", "eval_before_training") if getattr(cfg.train, k)]
+    if not keys or not cfg.data.validation_file:
+        return
+    raise TrainingError(
+        f"{' and '.join(f'train.{k}=true' for k in keys)}: generation during training does not run under DeepSpeed "
+        "ZeRO-3 (each process decodes its own number of steps; ZeRO-3 gathers every layer with all processes); "
+        f"set {' '.join(f'train.{k}=false' for k in keys)} and score the checkpoints with evaluate.py, or use "
+        "ZeRO-2 or FSDP2 (launch/accelerate/fsdp2.yaml)"
+    )
+
+
 def configure_deepspeed(accelerator: Accelerator, cfg: TrainJobConfig, world: int) -> None:
     """Fills the DeepSpeed config's batch / accumulation / clipping from the training keys; a value the user
     set that contradicts them is an error naming both."""
@@ -274,9 +296,7 @@ def run(cfg: TrainJobConfig, *, trackers=None) -> TrainResult:
         recipe.setup()
         recipe.evaluate_before_training()
         recipe.train()
-        result = recipe.finish()
-        recipe.comm.close()
-        return result
+        return recipe.finish()
     except KeyboardInterrupt:
         raise TrainingInterrupted(where.step, where.checkpoint) from None
     finally:
@@ -379,7 +399,8 @@ class Recipe:
         self.device = self.accelerator.device
         self.main = self.comm.is_main_process
         self.world, self.rank = self.comm.num_processes, self.comm.process_index
-        self.comm.together(lambda: check_fsdp_settings(self.accelerator, cfg), USER_ERRORS)
+        self.comm.together(lambda: (check_fsdp_settings(self.accelerator, cfg),
+                                    check_generation_under_zero3(self.accelerator, cfg)), USER_ERRORS)
         # a folder no family handles fails here, before anything is written
         self.comm.together(lambda: (check_output_dir(self.out), model_family(cfg.model)), USER_ERRORS)
         # the main process holds the folder and decides what to resume, for every process
