@@ -102,3 +102,25 @@ def saved_activation_bytes(model, input_ids, labels) -> int:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         model(input_ids=input_ids, labels=labels)
     return sum(saved.values())
+
+
+def small_chatml_template(chat_template: str, end_token: str):
+    """A ChatML tokenizer trained on a few sentences (byte-level BPE, 300 ids, then ``<|endoftext|>``,
+    ``<|im_start|>``, ``<|im_end|>``) with ``end_token`` as its eos and pad token, as the prompt template of the
+    transformers family."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from ptuning.models.hf.template import ChatTemplatePrompt
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    texts = ["hello world, how are you", "the quick brown fox jumps over the lazy dog"] * 20
+    tokenizer.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=300,
+                                                             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                             show_progress=False))
+    tokenizer.add_special_tokens(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=end_token, pad_token=end_token)
+    fast.chat_template = chat_template
+    return ChatTemplatePrompt(fast)

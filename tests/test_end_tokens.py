@@ -11,8 +11,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoConfig, PreTrainedTokenizerFast
+from transformers import AutoConfig
 
 from ptuning.data import IGNORE_INDEX, DataConfig, TrainingCollator, build_datasets, preprocess_train
 from ptuning.models.chatglm.template import ChatGLMTemplate
@@ -21,7 +20,7 @@ from ptuning.models.chatglm2.tokenizer import ChatGLM2Tokenizer
 from ptuning.models.hf.family import HFFamily
 from ptuning.models.hf.template import ChatTemplatePrompt
 
-from .common import ROOT
+from .common import ROOT, small_chatml_template
 from .test_data import EOS, CharTokenizer
 
 CHATML = (
@@ -45,17 +44,7 @@ def chatglm2_pad_is_eos(folder: str) -> ChatGLM2Tokenizer:
 
 def chatml_pad_is_im_end() -> ChatTemplatePrompt:
     """A small ChatML tokenizer laid out as SmolLM2-Instruct's: eos = pad = ``<|im_end|>``."""
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    texts = ["hello world, how are you", "the quick brown fox jumps over the lazy dog"] * 20
-    tokenizer.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=300,
-                                                             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                                             show_progress=False))
-    tokenizer.add_special_tokens(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|im_end|>", pad_token="<|im_end|>")
-    fast.chat_template = CHATML
-    return ChatTemplatePrompt(fast)
+    return small_chatml_template(CHATML, "<|im_end|>")
 
 
 def glm4_pad_is_eos() -> ChatTemplatePrompt:

@@ -10,7 +10,6 @@ import json
 import shutil
 
 import pytest
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoConfig, PreTrainedTokenizerFast
 
 from ptuning.config import ConfigError
@@ -18,7 +17,7 @@ from ptuning.models import HF_ARCHITECTURES, Conversation, UnsupportedModelError
 from ptuning.models.hf.family import HFFamily
 from ptuning.models.hf.template import ChatTemplatePrompt
 
-from .common import ROOT
+from .common import ROOT, small_chatml_template
 
 TINY = ROOT / "data" / "tiny-glm4"
 CHATML = (
@@ -43,17 +42,7 @@ def glm4(family):
 @pytest.fixture(scope="module")
 def chatml():
     """A small ChatML tokenizer (Qwen's special tokens, no leading special tokens)."""
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    texts = ["hello world, how are you", "the quick brown fox jumps over the lazy dog"] * 20
-    tokenizer.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=300,
-                                                             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                                             show_progress=False))
-    tokenizer.add_special_tokens(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
-    fast.chat_template = CHATML
-    return ChatTemplatePrompt(fast)
+    return small_chatml_template(CHATML, "<|endoftext|>")
 
 
 def write_config(folder, **cfg):
