@@ -9,7 +9,7 @@ from pathlib import Path
 from .data.config import DataConfig
 from .errors import ConfigError
 from .paths import PACKAGE_SCHEME, package_file
-from .weights import GGUF_SUFFIX, is_gguf_file  # noqa: F401 - GGUF_SUFFIX: part of config's vocabulary
+from .weights import is_gguf_file
 
 DTYPES = ("float32", "bfloat16", "float16")
 MIXED_PRECISION = ("no", "bf16", "fp16")

@@ -41,7 +41,7 @@ from ..checkpoint import (
     read_checkpoint,
     resolve_checkpoint,
 )
-from ..config import GGUF_SUFFIX, ConfigError, ModelConfig, is_model_reference
+from ..config import ConfigError, ModelConfig, is_model_reference
 from ..generation import compute_dtype, packed_linears, vocab_limit
 from ..generation import memory as cache_memory
 from ..generation.memory import (
@@ -55,7 +55,7 @@ from ..generation.memory import (
 from ..models import UnsupportedModelError, family_named, read_config
 from ..perf import set_cpu_threads
 from ..prefix import PrefixShape
-from ..weights import CheckpointError
+from ..weights import GGUF_SUFFIX, CheckpointError
 from .app import WEB_PATH, GracefulServer, create_app
 from .engine import PrefixBank, serving_decoder
 from .scheduler import Scheduler

@@ -167,10 +167,10 @@ class BatchPlan:
     ``seed + epoch`` and cuts them into global micro-batches (the incomplete last one is dropped).
     Resuming needs only ``k``."""
 
-    def __init__(self, num_examples: int, global_batch: int, seed: int, unit: str = "examples"):
+    def __init__(self, num_examples: int, global_batch: int, seed: int):
         self.per_epoch = num_examples // global_batch
-        if self.per_epoch == 0:
-            raise TrainingError(f"the training set has {num_examples} {unit}, fewer than one global batch of "
+        if self.per_epoch == 0:  # a run checks this first, naming its keys (check_one_global_batch)
+            raise TrainingError(f"the training set has {num_examples} examples, fewer than one global batch of "
                                 f"{global_batch}")
         self.num_examples, self.global_batch, self.seed = num_examples, global_batch, seed
         self._epoch, self._perm = -1, None
@@ -316,18 +316,6 @@ class _Window:
     tokens: int = 0
     samples: int = 0
     start: float = field(default_factory=time.perf_counter)
-
-
-def drop_inference_tensors(model: torch.nn.Module) -> None:
-    """Gives every parameter whose data is an inference tensor a normal copy of it (the same values).
-
-    The decode loop runs under ``torch.inference_mode``. DeepSpeed ZeRO-3 gathers a partitioned parameter into
-    ``param.data`` when a module runs, and keeps the small ones gathered ("persistent" parameters): gathered
-    during generation, they stay inference tensors, and the next training forward fails with "Inference
-    tensors cannot be saved for backward". A no-op for a model whose parameters were never gathered there."""
-    for param in model.parameters():
-        if param.data.is_inference():
-            param.data = param.data.clone()
 
 
 class Recipe:
@@ -492,8 +480,7 @@ class Recipe:
             self.targets = self.units.per_pack(self.targets)
             self.unit = f"packed sequences of {cfg.data.pack_length} tokens"
         check_one_global_batch(cfg, len(self.units), self.world)
-        self.plan = BatchPlan(len(self.units), cfg.train.per_device_batch_size * self.world, cfg.train.seed,
-                              self.unit)
+        self.plan = BatchPlan(len(self.units), cfg.train.per_device_batch_size * self.world, cfg.train.seed)
 
     def _build_optimizer(self) -> None:
         """AdamW over the prefix and the learning-rate schedule; accelerate (DDP, DeepSpeed, FSDP2) wraps the
@@ -581,7 +568,6 @@ class Recipe:
         with gathered_for_generation(self.raw):
             metrics, _ = predict(self.raw, self.template, self.cfg.data, self.cfg.train, self.comm,
                                  examples=self.gen_examples, prefix=prefix)
-        drop_inference_tensors(self.raw)
         return metrics
 
     def evaluate_loss(self, prefix: PrefixKV | None = None) -> float | None:
@@ -595,7 +581,6 @@ class Recipe:
         count = torch.zeros((), device=self.device)
         mine = list(range(self.rank, len(self.eval_ds), self.world))
         size = self.cfg.train.eval_batch_size
-        extra = {} if prefix is None else {"prefix": prefix}
         # a sharded forward is a collective: under FSDP2 / ZeRO-3 every process runs as many as the first (which
         # has the most rows); one that has run out scores its first row again and counts nothing
         sharded = self.fsdp or (self.deepspeed and self.accelerator.state.deepspeed_plugin.zero_stage == 3)
@@ -608,7 +593,7 @@ class Recipe:
                 batch = self.collate([self.eval_ds[i] for i in rows])
                 ids, labels = batch["input_ids"].to(self.device), batch["labels"].to(self.device)
                 with self.accelerator.autocast():
-                    loss_sum += weight * token_loss_sum(self.model, ids, labels, **extra)
+                    loss_sum += weight * token_loss_sum(self.model, ids, labels, prefix=prefix)
                 count += weight * (labels[:, 1:] != -100).sum()
                 kill_point("eval", self.step)  # test-only: SIGKILL during an evaluation
         stats = self.comm.sum(torch.stack([loss_sum, count.float()]))

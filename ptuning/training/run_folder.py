@@ -463,12 +463,17 @@ def _check_save_targets(cfg: TrainJobConfig, in_the_way: list[tuple[Path, str]],
 def update_settings(cfg: TrainJobConfig) -> dict:
     """The values of :data:`RESUME_KEYS` (``{"train.learning_rate": 0.02, ...}``) that each checkpoint records
     in its ``prefix_config.json`` (``update_settings``), for :func:`warn_changed_settings` when it is resumed."""
-    now = asdict(cfg)
+    return {key: str(value) if isinstance(value, Path) else value
+            for key, value in _resume_settings(asdict(cfg)).items()}
+
+
+def _resume_settings(sections: dict) -> dict:
+    """The values of :data:`RESUME_KEYS` that ``sections`` (a config as nested dicts) holds, by dotted key."""
     settings = {}
     for key in RESUME_KEYS:
         section, name = key.split(".")
-        value = now[section][name]
-        settings[key] = str(value) if isinstance(value, Path) else value
+        if isinstance(sections.get(section), dict) and name in sections[section]:
+            settings[key] = sections[section][name]
     return settings
 
 
@@ -487,14 +492,10 @@ def _writer_settings(resume: Path) -> tuple[dict, Path] | None:
         record = json.loads((resume.parent / RUN_FILE).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
-    if not isinstance(record, dict) or record.get("run_id") != checkpoint_run_id(resume):
+    written_by = meta.get("run_id") if isinstance(meta, dict) else None  # the checkpoint's run, read above
+    if not isinstance(record, dict) or record.get("run_id") != written_by:
         return None
-    settings = {}
-    for key in RESUME_KEYS:
-        section, name = key.split(".")
-        if isinstance(record.get(section), dict) and name in record[section]:
-            settings[key] = record[section][name]
-    return settings, resume.parent / RUN_FILE
+    return _resume_settings(record), resume.parent / RUN_FILE
 
 
 def warn_changed_settings(cfg: TrainJobConfig, resume: Path) -> str | None:
