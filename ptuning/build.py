@@ -68,10 +68,7 @@ def base_model_name(cfg: ModelConfig) -> str:
 
 
 def weights_digest(folder: Path) -> str:
-    """sha256 of a built-in backbone's weight files (they are small), or of a ``.gguf`` file: recorded in
-    checkpoint metadata."""
-    if is_gguf_file(folder):
-        return file_sha256(folder)
+    """sha256 of a built-in backbone's weight files (they are small): recorded in checkpoint metadata."""
     digest = hashlib.sha256()
     for path in weight_files(folder):
         digest.update(path.read_bytes())
@@ -85,9 +82,12 @@ def base_weights_digest(cfg: ModelConfig) -> str | None:
     gigabytes at every start would cost minutes), except a folder ``python -m ptuning.convert`` wrote from a
     ``.gguf`` file and nobody changed since: it has the file's digest (:func:`~ptuning.weights.recorded_source_digest`),
     so a prefix trained on the file goes into the folder without a warning, and back."""
-    if cfg.base_model_name.startswith(BUILTIN_SCHEME) or is_gguf_file(cfg.resolved_path):
-        return weights_digest(cfg.resolved_path)
-    return recorded_source_digest(cfg.resolved_path)
+    path = cfg.resolved_path
+    if is_gguf_file(path):
+        return file_sha256(path)
+    if cfg.base_model_name.startswith(BUILTIN_SCHEME):
+        return weights_digest(path)
+    return recorded_source_digest(path)
 
 
 def load_model(cfg: ModelConfig, *, family: Family | None = None, **overrides) -> nn.Module:

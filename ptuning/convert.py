@@ -22,12 +22,10 @@ from pathlib import Path
 
 import torch
 
-from .config import ConfigError, ModelConfig, is_gguf_file
+from .config import DTYPES, ConfigError, ModelConfig, is_gguf_file
 from .export import check_out, new_folder, parse_size
-from .models.hf.gguf import gguf_config, load_gguf_causal_lm, load_gguf_tokenizer
+from .models.hf.gguf import gguf_model_config, load_gguf_causal_lm, load_gguf_tokenizer
 from .weights import CheckpointError, file_sha256, write_source_record
-
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 def gguf_file(text: str) -> Path:
@@ -60,7 +58,7 @@ def convert_gguf(source: Path, out: Path, *, dtype: str = "float32", max_shard_b
         CheckpointError: the file cannot be loaded, or ``out`` is not a new or empty folder.
     """
     check_out(out, "a conversion")  # before the (slow) load: a folder in the way fails at once
-    gguf_config(source)  # a file that is no GGUF model says so first (not "no tokenizer")
+    gguf_model_config(source)  # a file that is no GGUF model says so first (not "no tokenizer")
     tokenizer = load_gguf_tokenizer(source)
     model = load_gguf_causal_lm(source, dtype=getattr(torch, dtype))
     with new_folder(out, "a conversion") as tmp:

@@ -95,13 +95,11 @@ def base_model_path(checkpoint: str | None, model: str | None) -> Path | None:
         return None
     _, meta = read_prefix(checkpoint)
     recorded = (meta or {}).get("base_model")
-    if recorded and recorded.startswith(BUILTIN_SCHEME):
-        return ModelConfig(path=recorded).resolved_path
-    if recorded and recorded.startswith(PACKAGE_SCHEME):
+    if recorded and recorded.startswith((BUILTIN_SCHEME, PACKAGE_SCHEME)):
         try:
             return ModelConfig(path=recorded).resolved_path
         except ConfigError:
-            return None  # the package is not installed here: as a folder that is not here
+            return None  # a package that is not installed here: as a folder that is not here
     if recorded and (Path(recorded).is_dir() or is_gguf_file(recorded)):
         return Path(recorded)
     return None

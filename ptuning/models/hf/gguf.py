@@ -10,7 +10,7 @@ which is what ``python -m ptuning.convert gguf`` does. A GGUF config names no ``
 loaded model's config gets its class's name, so a saved folder is an ordinary transformers folder.
 
 Reading a GGUF file's metadata parses its whole tokenizer (seconds for a 49k-token vocabulary): the config is
-read once per file and process (:func:`gguf_config`).
+read once per file and process (:func:`gguf_model_config`).
 """
 
 from __future__ import annotations
@@ -54,9 +54,9 @@ def _unreadable(file: Path, err: BaseException, what: str) -> CheckpointError:
         try:
             size = f"{file.stat().st_size} bytes"
         except OSError:
-            size = _reason(err)
+            size = reason(err)
         return CheckpointError(f"{file}: truncated or corrupt: not a readable GGUF file ({size})")
-    return CheckpointError(f"{file}: {what} ({_reason(err)})")
+    return CheckpointError(f"{file}: {what} ({reason(err)})")
 
 
 def _check_magic(file: Path) -> None:
@@ -70,32 +70,20 @@ def _check_magic(file: Path) -> None:
         raise CheckpointError(f"{file}: not a GGUF file (it does not start with the bytes {GGUF_MAGIC!r})")
 
 
-def _reason(err: BaseException) -> str:
+def reason(err: BaseException) -> str:
+    """The last non-blank line of ``err``'s message (its type's name when it has none): the one-line reason a
+    ``CheckpointError`` gives."""
     lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
     return lines[-1] if lines else type(err).__name__
 
 
-def gguf_config(path: str | Path) -> dict:
-    """The transformers config of a ``.gguf`` file as a dict (``model_type``, sizes; ``architectures`` None).
+def gguf_model_config(path: str | Path) -> PretrainedConfig:
+    """The transformers config object of a ``.gguf`` file (``model_type``, sizes; ``architectures`` None), as
+    :func:`load_gguf_causal_lm` builds the model from it (a copy: read once per file and process).
 
     Raises:
         CheckpointError: the file cannot be read as a GGUF model (names the file and the reason).
     """
-    return _config(path).to_dict()
-
-
-def gguf_model_config(path: str | Path) -> PretrainedConfig:
-    """The transformers config object of a ``.gguf`` file, as :func:`load_gguf_causal_lm` builds the model from
-    it (a copy: read once per file and process).
-
-    Raises:
-        CheckpointError: the file cannot be read as a GGUF model.
-    """
-    return _config(path)
-
-
-def _config(path: str | Path) -> PretrainedConfig:
-    """A copy of the file's config object (read once per file and process)."""
     try:
         key = _file_key(path)
     except OSError as err:
@@ -121,7 +109,7 @@ def load_gguf_causal_lm(path: str | Path, *, dtype: torch.dtype = torch.float32)
         CheckpointError: the file is no GGUF model transformers can load (names the file).
     """
     file = Path(path).expanduser()
-    config = _config(file)  # read once per process (from_pretrained would parse the file's metadata again)
+    config = gguf_model_config(file)  # read once per process (from_pretrained would parse the file's metadata again)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             str(file.parent), gguf_file=file.name, config=config, quantization_config=GgufConfig(dequantize=True),

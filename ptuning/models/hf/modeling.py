@@ -40,7 +40,7 @@ from ...weights import CheckpointError, is_gguf_file
 from ..loss import project_and_loss
 from ..packed import PackedLayout, check_sequence_ids, packed_position_ids
 from .attention import register
-from .gguf import gguf_model_config, load_gguf_causal_lm
+from .gguf import gguf_model_config, load_gguf_causal_lm, reason
 
 
 class PrefixCausalLM:
@@ -327,8 +327,7 @@ def load_causal_lm_config(folder: str | Path):
     try:
         return AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
     except (OSError, ValueError, KeyError) as err:
-        lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
-        raise CheckpointError(f"{folder}: {lines[-1] if lines else type(err).__name__}") from None
+        raise CheckpointError(f"{folder}: {reason(err)}") from None
 
 
 def load_causal_lm(folder: str | Path, *, dtype: torch.dtype = torch.float32, device=None) -> PreTrainedModel:
@@ -353,8 +352,7 @@ def load_causal_lm(folder: str | Path, *, dtype: torch.dtype = torch.float32, de
             attn_implementation="sdpa",
         )
     except (OSError, ValueError, KeyError) as err:
-        lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
-        raise CheckpointError(f"{folder}: {lines[-1] if lines else type(err).__name__}") from None
+        raise CheckpointError(f"{folder}: {reason(err)}") from None
     problems = []
     for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
         keys = [k if isinstance(k, str) else k[0] for k in info.get(kind, [])]
