@@ -98,14 +98,9 @@ def load_data(job, template) -> dict:
 
 def plain_model(job):
     """The base model as transformers loads it (no prefix attention), float32, for the peft methods."""
-    from ptuning.models.hf.gguf import load_gguf_causal_lm
+    from ptuning.models.hf.modeling import load_causal_lm
 
-    path = job.model.resolved_path
-    if path.is_dir():
-        from ptuning.models.hf.modeling import load_causal_lm
-
-        return load_causal_lm(path)
-    return load_gguf_causal_lm(path)
+    return load_causal_lm(job.model.resolved_path)
 
 
 def template_of(job, model):
@@ -121,10 +116,10 @@ def template_of(job, model):
 class Ours:
     """The toolkit's model (prefix attention in every layer) with the recipe's prefix, or none (``base``)."""
 
-    def __init__(self, job, loaded, with_prefix: bool):
+    def __init__(self, loaded, with_prefix: bool):
         from ptuning.prefix import mark_only_prefix_trainable
 
-        self.job, self.model, self.template = job, loaded.model, loaded.template
+        self.model, self.template = loaded.model, loaded.template
         self.trainable = mark_only_prefix_trainable(self.model)[0] if with_prefix else 0
 
     def loss(self, ids, labels):
@@ -156,10 +151,11 @@ class Peft:
                                reduction="sum")
 
     def answers(self, examples: list[dict], max_new_tokens: int) -> list[tuple[str, bool]]:
+        from ptuning.evaluation.generate import batched
+
         order = sorted(range(len(examples)), key=lambda i: -len(examples[i]["input_ids"]))
         by_index = {}
-        for start in range(0, len(order), 16):
-            chunk = order[start:start + 16]
+        for chunk in batched(order, 16):
             for i, (ids, stopped) in zip(chunk, self.greedy([examples[i]["input_ids"] for i in chunk],
                                                             max_new_tokens), strict=True):
                 by_index[i] = (self.template.decode(ids), stopped)
@@ -200,25 +196,33 @@ class Peft:
         return list(zip(new, done, strict=True))
 
 
-def build(method: str, job, args):
+def peft_config(method: str, job):
+    """peft's config of a peft method: LoRA r=8 on ``q_proj`` and ``v_proj``, or prefix tuning with the recipe's
+    P and projection."""
+    from peft import LoraConfig, PrefixTuningConfig
+
+    if method == "lora":
+        return LoraConfig(task_type="CAUSAL_LM", r=8, target_modules=["q_proj", "v_proj"])
+    return PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=job.model.pre_seq_len,
+                              prefix_projection=job.model.prefix_projection)
+
+
+def build(method: str, job):
     """The method's model wrapper, the prefix initialised as the recipe says."""
     from ptuning.build import load
 
     if method in ("base", "ours"):
         with_prefix = method == "ours"
         loaded = load(job.model, **({} if with_prefix else {"pre_seq_len": None, "init": False}))
-        return Ours(job, loaded, with_prefix)
-    from peft import LoraConfig, PrefixTuningConfig, get_peft_model
+        return Ours(loaded, with_prefix)
+    from peft import get_peft_model
 
     model = plain_model(job)
     template = template_of(job, model)
     if method == "lora":
-        config = LoraConfig(task_type="CAUSAL_LM", r=8, target_modules=["q_proj", "v_proj"])
-        return Peft(get_peft_model(model, config), template, prefix=False)
+        return Peft(get_peft_model(model, peft_config(method, job)), template, prefix=False)
     initial = initial_prefix(job, model, template)
-    config = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=job.model.pre_seq_len,
-                                prefix_projection=job.model.prefix_projection)
-    peft_model = get_peft_model(model, config)
+    peft_model = get_peft_model(model, peft_config(method, job))
     encoder = peft_model.prompt_encoder["default"]
     if initial is not None:  # no projection: the embedding is the prefix itself, laid out as ours
         import torch
@@ -289,10 +293,12 @@ def train(wrapper, job, data, lr: float) -> list[float]:
 def dev_loss(wrapper, data) -> float:
     import torch
 
+    from ptuning.evaluation.generate import batched
+
     total = count = 0.0
     with torch.no_grad():
-        for start in range(0, len(data["dev"]), 16):
-            batch = data["collate"]([data["dev"][i] for i in range(start, min(start + 16, len(data["dev"])))])
+        for rows in batched(list(range(len(data["dev"]))), 16):
+            batch = data["collate"]([data["dev"][i] for i in rows])
             total += float(wrapper.loss_sum(batch["input_ids"], batch["labels"]))
             count += int((batch["labels"][:, 1:] != -100).sum())
     return total / count
@@ -323,7 +329,7 @@ def score(wrapper, job, data, max_new_tokens: int) -> dict:
         "ended_by_themselves": stopped / len(examples),
         "empty": metrics["num_empty_predictions"],
         "dev_rows": len(examples),
-        "examples": [{"docstring_body": e["prompt"].split("\n\n", 1)[-1][:300] if "\n\n" in e["prompt"] else e["prompt"][:300],
+        "examples": [{"docstring_body": e["prompt"].split("\n\n", 1)[-1][:300],
                       "reference": e["reference"], "prediction": a} for e, a in zip(examples[:EXAMPLES], answers, strict=False)],
     }
 
@@ -335,7 +341,7 @@ def run_method(method: str, args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed)
     job = recipe(args)
     start = time.perf_counter()
-    wrapper = build(method, job, args)
+    wrapper = build(method, job)
     data = load_data(job, wrapper.template)
     load_s = time.perf_counter() - start
     lr = {"ours": job.train.learning_rate, "peft-prefix": args.peft_prefix_lr or job.train.learning_rate,
@@ -351,12 +357,11 @@ def run_method(method: str, args: argparse.Namespace) -> dict:
 def timing_round(args: argparse.Namespace) -> dict:
     """The three trainable methods' steps in turns on the same batches in one process (see the module)."""
     import torch
-    from peft import LoraConfig, PrefixTuningConfig, get_peft_model
+    from peft import get_peft_model
 
     from ptuning.build import Loaded, init_prefix
     from ptuning.models.hf.family import HFFamily
     from ptuning.models.hf.modeling import attach_prefix, prefix_shape
-    from ptuning.prefix import mark_only_prefix_trainable
 
     torch.manual_seed(args.seed)
     job = recipe(args)
@@ -365,16 +370,13 @@ def timing_round(args: argparse.Namespace) -> dict:
     data = load_data(job, template)
     shape = prefix_shape(plain.config, job.model.pre_seq_len, job.model.prefix_projection)
     ours_model = attach_prefix(copy.deepcopy(plain), shape, job.model.prefix_dropout)
-    init_prefix(Loaded(HFFamily(), ours_model, template.tokenizer, template), job.model)
-    mark_only_prefix_trainable(ours_model)
+    loaded = Loaded(HFFamily(), ours_model, template.tokenizer, template)
+    init_prefix(loaded, job.model)
     wrappers = {
-        "ours": Ours(job, Loaded(HFFamily(), ours_model, template.tokenizer, template), with_prefix=True),
-        "peft-prefix": Peft(get_peft_model(copy.deepcopy(plain), PrefixTuningConfig(
-            task_type="CAUSAL_LM", num_virtual_tokens=job.model.pre_seq_len,
-            prefix_projection=job.model.prefix_projection)), template, prefix=True),
-        "lora": Peft(get_peft_model(copy.deepcopy(plain), LoraConfig(task_type="CAUSAL_LM", r=8,
-                                                                     target_modules=["q_proj", "v_proj"])),
-                     template, prefix=False),
+        "ours": Ours(loaded, with_prefix=True),
+        "peft-prefix": Peft(get_peft_model(copy.deepcopy(plain), peft_config("peft-prefix", job)), template,
+                            prefix=True),
+        "lora": Peft(get_peft_model(copy.deepcopy(plain), peft_config("lora", job)), template, prefix=False),
     }
     from ptuning.training.loop import BatchPlan
 
@@ -409,7 +411,7 @@ def child(args: argparse.Namespace) -> int:
     return 0
 
 
-def spawn(method: str, args: argparse.Namespace, argv: list[str]) -> dict:
+def spawn(method: str, argv: list[str]) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         result = Path(tmp) / "result.json"
         command = [sys.executable, __file__, *argv, "--method", method, "--result", str(result)]
@@ -578,7 +580,7 @@ def main(argv: list[str] | None = None) -> int:
                             "seed": args.seed}
     merge(results, args.merge)
     for method in chosen:
-        measured = spawn(method, args, passed)
+        measured = spawn(method, passed)
         measured["machine"] = results["machine"]
         if method == "timing":
             results["timing"] = measured
