@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from ptuning.build import base_weights_digest, model_family
+from ptuning.checkpoint import base_model_change
 from ptuning.config import ConfigError, ModelConfig, canonical_base_model, is_model_reference, package_file
 from ptuning.export import model_argument
-from ptuning.checkpoint import base_model_change
 from ptuning.weights import CheckpointError, write_source_record
 
 from .common import ROOT
