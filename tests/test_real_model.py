@@ -15,6 +15,8 @@ import hashlib
 import importlib.util
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -28,6 +30,7 @@ from ptuning.config import ModelConfig
 from ptuning.evaluation.generate import GenerationSettings
 from ptuning.training import run as train_run
 
+from .common import ROOT
 from .test_configs import compose_train
 from .test_evaluate import reset_accelerate
 
@@ -129,3 +132,22 @@ def test_the_memory_estimate_reads_the_gguf_files_shape(capsys):
     main(["--config", PRESET_PATH, "--pre-seq-len", "16", "--batch", "4", "--seq", "200"])
     out = capsys.readouterr().out
     assert "vocab 49152, hidden 576, 30 layers, 9 heads (3 key/value heads of 64)" in out, out
+
+
+def test_the_recipe_sweep_runs_train_py_and_tables_each_recipe_against_the_base_model(tmp_path):
+    """``benchmarks/sweep_real_model.py`` as its docstring runs it, at the smallest size: one recipe, two steps."""
+    results = tmp_path / "sweep.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "sweep_real_model.py"), "--only", "zeros", "--steps", "2",
+         "--batch", "2", "--train-rows", "4", "--dev-rows", "2", "--outputs", str(tmp_path / "runs"),
+         "--json", str(results)],
+        cwd=ROOT, capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    saved = json.loads(results.read_text())
+    assert saved["setup"] == {"steps": 2, "batch": 2, "train_rows": 4, "dev_rows": 2, "seed": 42}
+    (row,) = saved["results"]
+    assert row["name"] == "zeros" and "error" not in row, row
+    assert 0 <= row["rouge-l"] <= 100 and row["dev_loss"] > 0 and row["s_per_step"] > 0
+    assert "base_model" in row and row["base_model"]["dev_loss"] > 0  # the first recipe scores the base model
+    assert "| zeros |" in proc.stdout, proc.stdout
